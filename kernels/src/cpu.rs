@@ -1,0 +1,649 @@
+//! CPU reference implementations. They are the definition of correct: a faster back end must match
+//! them, so they favour clarity and exactness over tricks, and use rayon only where rows or columns
+//! are independent (the result never depends on the thread count).
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use rayon::prelude::*;
+
+use crate::{check_len, KernelError};
+
+/// Maps raw camera counts to `[0, 1]` between two percentiles of the image's own histogram, so that
+/// thresholds downstream do not depend on exposure or camera offset.
+pub fn normalize_u16(
+    src: &[u16],
+    width: usize,
+    height: usize,
+    low_percentile: f64,
+    high_percentile: f64,
+) -> Result<Vec<f32>, KernelError> {
+    check_len("src", src, width, height)?;
+    if !(0.0..=100.0).contains(&low_percentile)
+        || !(0.0..=100.0).contains(&high_percentile)
+        || low_percentile >= high_percentile
+    {
+        return Err(KernelError::Parameter {
+            name: "percentiles",
+            reason: format!("need 0 <= low < high <= 100, got {low_percentile} and {high_percentile}"),
+        });
+    }
+    let hist = histogram_u16(src);
+    let lo = percentile_from_histogram(&hist, src.len(), low_percentile) as f32;
+    let hi = percentile_from_histogram(&hist, src.len(), high_percentile) as f32;
+    let scale = if hi > lo { 1.0 / (hi - lo) } else { 0.0 };
+    Ok(src
+        .par_iter()
+        .map(|&v| ((v as f32 - lo) * scale).clamp(0.0, 1.0))
+        .collect())
+}
+
+/// Full 16-bit histogram: exact percentiles of camera data without sorting.
+pub fn histogram_u16(src: &[u16]) -> Vec<u64> {
+    src.par_chunks(1 << 16)
+        .fold(
+            || vec![0u64; 65536],
+            |mut h, chunk| {
+                for &v in chunk {
+                    h[v as usize] += 1;
+                }
+                h
+            },
+        )
+        .reduce(
+            || vec![0u64; 65536],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                a
+            },
+        )
+}
+
+/// The smallest bin value at or above `pct` percent of `total` samples.
+pub fn percentile_from_histogram(hist: &[u64], total: usize, pct: f64) -> usize {
+    if total == 0 {
+        return 0;
+    }
+    let target = ((pct / 100.0) * (total as f64 - 1.0)).round() as u64;
+    let mut acc = 0u64;
+    for (i, &c) in hist.iter().enumerate() {
+        acc += c;
+        if acc > target {
+            return i;
+        }
+    }
+    hist.len().saturating_sub(1)
+}
+
+fn gaussian_kernel(sigma: f32) -> Vec<f32> {
+    let radius = (3.0 * sigma).ceil().max(1.0) as usize;
+    let mut k: Vec<f32> = (0..=2 * radius)
+        .map(|i| {
+            let x = i as f32 - radius as f32;
+            (-x * x / (2.0 * sigma * sigma)).exp()
+        })
+        .collect();
+    let s: f32 = k.iter().sum();
+    k.iter_mut().for_each(|v| *v /= s);
+    k
+}
+
+#[inline]
+fn reflect(i: isize, n: usize) -> usize {
+    let n = n as isize;
+    let mut i = i;
+    if n == 1 {
+        return 0;
+    }
+    loop {
+        if i < 0 {
+            i = -i - 1;
+        } else if i >= n {
+            i = 2 * n - i - 1;
+        } else {
+            return i as usize;
+        }
+    }
+}
+
+/// Separable Gaussian with mirrored borders; `sigma <= 0` returns a copy.
+pub fn gaussian_blur(src: &[f32], width: usize, height: usize, sigma: f32) -> Result<Vec<f32>, KernelError> {
+    check_len("src", src, width, height)?;
+    if sigma <= 0.0 || width == 0 || height == 0 {
+        return Ok(src.to_vec());
+    }
+    let k = gaussian_kernel(sigma);
+    let r = (k.len() / 2) as isize;
+    let mut tmp = vec![0f32; src.len()];
+    tmp.par_chunks_mut(width).enumerate().for_each(|(y, row)| {
+        let s = &src[y * width..(y + 1) * width];
+        for (x, out) in row.iter_mut().enumerate() {
+            let mut acc = 0.0;
+            for (j, kv) in k.iter().enumerate() {
+                acc += kv * s[reflect(x as isize + j as isize - r, width)];
+            }
+            *out = acc;
+        }
+    });
+    let mut dst = vec![0f32; src.len()];
+    dst.par_chunks_mut(width).enumerate().for_each(|(y, row)| {
+        for (j, kv) in k.iter().enumerate() {
+            let sy = reflect(y as isize + j as isize - r, height);
+            let s = &tmp[sy * width..(sy + 1) * width];
+            for (o, v) in row.iter_mut().zip(s) {
+                *o += kv * v;
+            }
+        }
+    });
+    Ok(dst)
+}
+
+/// Otsu's threshold over a 256-bin histogram between the image's min and max. Returns the value
+/// that best separates two classes; pixels `> threshold` are foreground.
+pub fn otsu_threshold(src: &[f32]) -> f32 {
+    const BINS: usize = 256;
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &v in src {
+        if v.is_finite() {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+    }
+    if !(hi > lo) {
+        return lo;
+    }
+    let scale = (BINS as f32 - 1.0) / (hi - lo);
+    let mut hist = [0u64; BINS];
+    for &v in src {
+        if v.is_finite() {
+            hist[((v - lo) * scale) as usize] += 1;
+        }
+    }
+    let total: u64 = hist.iter().sum();
+    let sum_all: f64 = hist.iter().enumerate().map(|(i, &c)| i as f64 * c as f64).sum();
+    let (mut w0, mut sum0) = (0f64, 0f64);
+    let (mut best, mut best_t) = (-1f64, 0usize);
+    for (t, &c) in hist.iter().enumerate() {
+        w0 += c as f64;
+        sum0 += t as f64 * c as f64;
+        let w1 = total as f64 - w0;
+        if w0 == 0.0 || w1 == 0.0 {
+            continue;
+        }
+        let m0 = sum0 / w0;
+        let m1 = (sum_all - sum0) / w1;
+        let between = w0 * w1 * (m0 - m1) * (m0 - m1);
+        if between > best {
+            best = between;
+            best_t = t;
+        }
+    }
+    lo + (best_t as f32 + 0.5) / scale
+}
+
+/// 1-D squared distance transform of a sampled function (Felzenszwalb & Huttenlocher 2012): the
+/// lower envelope of parabolas rooted at the finite samples. Computed in f64 because `q²` for
+/// fields of a few thousand pixels exceeds f32's exact integer range.
+fn edt_1d(f: &[f64], out: &mut [f64], v: &mut [usize], z: &mut [f64]) {
+    let mut k: Option<usize> = None;
+    for q in 0..f.len() {
+        if !f[q].is_finite() {
+            continue;
+        }
+        let qf = q as f64;
+        loop {
+            match k {
+                None => {
+                    k = Some(0);
+                    v[0] = q;
+                    z[0] = f64::NEG_INFINITY;
+                    z[1] = f64::INFINITY;
+                    break;
+                }
+                Some(kk) => {
+                    let p = v[kk];
+                    let pf = p as f64;
+                    let s = ((f[q] + qf * qf) - (f[p] + pf * pf)) / (2.0 * (qf - pf));
+                    if s <= z[kk] {
+                        k = kk.checked_sub(1);
+                        if k.is_none() {
+                            // z[0] is -inf, so this cannot happen; kept total for safety.
+                            k = Some(0);
+                            v[0] = q;
+                            z[1] = f64::INFINITY;
+                            break;
+                        }
+                        continue;
+                    }
+                    let kk = kk + 1;
+                    v[kk] = q;
+                    z[kk] = s;
+                    z[kk + 1] = f64::INFINITY;
+                    k = Some(kk);
+                    break;
+                }
+            }
+        }
+    }
+    if k.is_none() {
+        out.iter_mut().for_each(|o| *o = f64::INFINITY);
+        return;
+    }
+    let mut k = 0usize;
+    for (q, o) in out.iter_mut().enumerate() {
+        let qf = q as f64;
+        while z[k + 1] < qf {
+            k += 1;
+        }
+        let d = qf - v[k] as f64;
+        *o = d * d + f[v[k]];
+    }
+}
+
+/// Exact Euclidean distance of every foreground pixel to the nearest background pixel (0 on
+/// background). Pixels beyond the image border count as foreground, so objects cut by the border
+/// are not artificially thinned. An image with no background gets `f32::INFINITY` everywhere.
+pub fn distance_transform(mask: &[bool], width: usize, height: usize) -> Result<Vec<f32>, KernelError> {
+    check_len("mask", mask, width, height)?;
+    let n = width.max(height);
+    if width == 0 || height == 0 {
+        return Ok(Vec::new());
+    }
+    let mut cols = vec![0f64; mask.len()];
+    // Column pass, stored transposed (x-major) so both passes work on contiguous memory.
+    cols.par_chunks_mut(height).enumerate().for_each_init(
+        || (vec![0f64; n], vec![0usize; n], vec![0f64; n + 1]),
+        |(f, v, z), (x, out)| {
+            for y in 0..height {
+                f[y] = if mask[y * width + x] { f64::INFINITY } else { 0.0 };
+            }
+            edt_1d(&f[..height], out, v, z);
+        },
+    );
+    let mut dst = vec![0f32; mask.len()];
+    dst.par_chunks_mut(width).enumerate().for_each_init(
+        || (vec![0f64; n], vec![0f64; n], vec![0usize; n], vec![0f64; n + 1]),
+        |(f, o64, v, z), (y, out)| {
+            for x in 0..width {
+                f[x] = cols[x * height + y];
+            }
+            edt_1d(&f[..width], &mut o64[..width], v, z);
+            for (o, d) in out.iter_mut().zip(o64.iter()) {
+                *o = d.sqrt() as f32;
+            }
+        },
+    );
+    Ok(dst)
+}
+
+fn find(parent: &mut [u32], mut x: u32) -> u32 {
+    while parent[x as usize] != x {
+        parent[x as usize] = parent[parent[x as usize] as usize];
+        x = parent[x as usize];
+    }
+    x
+}
+
+/// Connected components of a mask (8-connectivity when `eight`), labels `1..=n` in raster order of
+/// first appearance, 0 for background.
+pub fn connected_components(
+    mask: &[bool],
+    width: usize,
+    height: usize,
+    eight: bool,
+) -> Result<(Vec<u32>, u32), KernelError> {
+    check_len("mask", mask, width, height)?;
+    let mut labels = vec![0u32; mask.len()];
+    let mut parent: Vec<u32> = vec![0];
+    for y in 0..height {
+        for x in 0..width {
+            let i = y * width + x;
+            if !mask[i] {
+                continue;
+            }
+            let mut neigh = [0u32; 4];
+            let mut nn = 0;
+            if x > 0 && labels[i - 1] != 0 {
+                neigh[nn] = labels[i - 1];
+                nn += 1;
+            }
+            if y > 0 {
+                let up = i - width;
+                if labels[up] != 0 {
+                    neigh[nn] = labels[up];
+                    nn += 1;
+                }
+                if eight {
+                    if x > 0 && labels[up - 1] != 0 {
+                        neigh[nn] = labels[up - 1];
+                        nn += 1;
+                    }
+                    if x + 1 < width && labels[up + 1] != 0 {
+                        neigh[nn] = labels[up + 1];
+                        nn += 1;
+                    }
+                }
+            }
+            if nn == 0 {
+                let l = parent.len() as u32;
+                parent.push(l);
+                labels[i] = l;
+            } else {
+                let mut root = find(&mut parent, neigh[0]);
+                for &l in &neigh[1..nn] {
+                    let r = find(&mut parent, l);
+                    if r != root {
+                        let (a, b) = if r < root { (r, root) } else { (root, r) };
+                        parent[b as usize] = a;
+                        root = a;
+                    }
+                }
+                labels[i] = root;
+            }
+        }
+    }
+    let mut remap = vec![0u32; parent.len()];
+    let mut next = 0u32;
+    for l in labels.iter_mut() {
+        if *l == 0 {
+            continue;
+        }
+        let r = find(&mut parent, *l) as usize;
+        if remap[r] == 0 {
+            next += 1;
+            remap[r] = next;
+        }
+        *l = remap[r];
+    }
+    Ok((labels, next))
+}
+
+/// Square-window maximum filter (separable), used to find regional peaks for watershed seeds.
+pub fn max_filter(src: &[f32], width: usize, height: usize, radius: usize) -> Result<Vec<f32>, KernelError> {
+    check_len("src", src, width, height)?;
+    let mut tmp = vec![0f32; src.len()];
+    tmp.par_chunks_mut(width).enumerate().for_each(|(y, row)| {
+        let s = &src[y * width..(y + 1) * width];
+        for (x, o) in row.iter_mut().enumerate() {
+            let a = x.saturating_sub(radius);
+            let b = (x + radius + 1).min(width);
+            *o = s[a..b].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+    });
+    let mut dst = vec![0f32; src.len()];
+    dst.par_chunks_mut(width).enumerate().for_each(|(y, row)| {
+        let a = y.saturating_sub(radius);
+        let b = (y + radius + 1).min(height);
+        row.iter_mut().for_each(|o| *o = f32::NEG_INFINITY);
+        for sy in a..b {
+            for (o, &v) in row.iter_mut().zip(&tmp[sy * width..(sy + 1) * width]) {
+                *o = o.max(v);
+            }
+        }
+    });
+    Ok(dst)
+}
+
+/// Seeds for watershed: plateaus that are the maximum within `radius` and at least `min_value`,
+/// restricted to `mask`. Each plateau becomes one marker (8-connected), labelled `1..=n`.
+pub fn peak_markers(
+    src: &[f32],
+    mask: &[bool],
+    width: usize,
+    height: usize,
+    radius: usize,
+    min_value: f32,
+) -> Result<(Vec<u32>, u32), KernelError> {
+    check_len("mask", mask, width, height)?;
+    let maxed = max_filter(src, width, height, radius)?;
+    let peaks: Vec<bool> = src
+        .par_iter()
+        .zip(&maxed)
+        .zip(mask)
+        .map(|((&v, &m), &inside)| inside && v >= min_value && v >= m)
+        .collect();
+    connected_components(&peaks, width, height, true)
+}
+
+#[derive(PartialEq)]
+struct QueueItem {
+    priority: f32,
+    order: u64,
+    index: usize,
+}
+
+impl Eq for QueueItem {}
+
+impl Ord for QueueItem {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // BinaryHeap is a max-heap: invert so the lowest priority (then the oldest) pops first.
+        other
+            .priority
+            .total_cmp(&self.priority)
+            .then_with(|| other.order.cmp(&self.order))
+    }
+}
+
+impl PartialOrd for QueueItem {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Marker-controlled watershed (Meyer's flooding) of `elevation`, restricted to `mask`; 8-connected.
+/// Every masked pixel reachable from a marker gets that marker's label; ties go to the marker
+/// that reached the pixel first, which keeps the result independent of thread count.
+pub fn watershed(
+    elevation: &[f32],
+    markers: &[u32],
+    mask: &[bool],
+    width: usize,
+    height: usize,
+) -> Result<Vec<u32>, KernelError> {
+    check_len("elevation", elevation, width, height)?;
+    check_len("markers", markers, width, height)?;
+    check_len("mask", mask, width, height)?;
+    flood(markers, mask, width, height, |_, to, _| elevation[to])
+}
+
+/// Propagates labels from seeds over an intensity image (CellProfiler's "propagate"): a pixel joins
+/// the seed with the cheapest path, where a step costs the intensity difference plus
+/// `spatial_weight` times its length. Spatial weight keeps boundaries between cells of similar
+/// brightness near the midline; intensity keeps them on dark gaps.
+pub fn propagate(
+    image: &[f32],
+    seeds: &[u32],
+    mask: &[bool],
+    width: usize,
+    height: usize,
+    spatial_weight: f32,
+) -> Result<Vec<u32>, KernelError> {
+    check_len("image", image, width, height)?;
+    check_len("seeds", seeds, width, height)?;
+    check_len("mask", mask, width, height)?;
+    flood(seeds, mask, width, height, |cost, to, (from, diag)| {
+        let step = if diag { std::f32::consts::SQRT_2 } else { 1.0 };
+        cost + (image[to] - image[from]).abs() + spatial_weight * step
+    })
+}
+
+/// Shared priority flood. `next(cost_so_far, to, (from, diagonal))` gives the priority of `to`.
+fn flood(
+    seeds: &[u32],
+    mask: &[bool],
+    width: usize,
+    height: usize,
+    next: impl Fn(f32, usize, (usize, bool)) -> f32,
+) -> Result<Vec<u32>, KernelError> {
+    let mut labels = vec![0u32; seeds.len()];
+    let mut cost = vec![f32::INFINITY; seeds.len()];
+    let mut done = vec![false; seeds.len()];
+    let mut heap = BinaryHeap::new();
+    let mut order = 0u64;
+    for (i, &s) in seeds.iter().enumerate() {
+        if s != 0 {
+            labels[i] = s;
+            cost[i] = 0.0;
+            heap.push(QueueItem {
+                priority: f32::NEG_INFINITY,
+                order,
+                index: i,
+            });
+            order += 1;
+        }
+    }
+    const N8: [(isize, isize, bool); 8] = [
+        (-1, 0, false),
+        (1, 0, false),
+        (0, -1, false),
+        (0, 1, false),
+        (-1, -1, true),
+        (1, -1, true),
+        (-1, 1, true),
+        (1, 1, true),
+    ];
+    while let Some(QueueItem { index, .. }) = heap.pop() {
+        if done[index] {
+            continue;
+        }
+        done[index] = true;
+        let (x, y) = ((index % width) as isize, (index / width) as isize);
+        for (dx, dy, diag) in N8 {
+            let (nx, ny) = (x + dx, y + dy);
+            if nx < 0 || ny < 0 || nx >= width as isize || ny >= height as isize {
+                continue;
+            }
+            let j = ny as usize * width + nx as usize;
+            if done[j] || !mask[j] {
+                continue;
+            }
+            let c = next(cost[index], j, (index, diag));
+            if c < cost[j] {
+                cost[j] = c;
+                labels[j] = labels[index];
+                heap.push(QueueItem {
+                    priority: c,
+                    order,
+                    index: j,
+                });
+                order += 1;
+            }
+        }
+    }
+    Ok(labels)
+}
+
+/// Drops objects outside `[min_area, max_area]` pixels and renumbers the rest `1..=n` in raster
+/// order, so label ids are dense and stable for a given input.
+pub fn filter_by_area(labels: &[u32], min_area: usize, max_area: usize) -> (Vec<u32>, u32) {
+    let max_label = labels.iter().copied().max().unwrap_or(0) as usize;
+    let mut area = vec![0usize; max_label + 1];
+    for &l in labels {
+        area[l as usize] += 1;
+    }
+    let mut remap = vec![0u32; max_label + 1];
+    let mut next = 0u32;
+    let mut out = vec![0u32; labels.len()];
+    for (o, &l) in out.iter_mut().zip(labels) {
+        if l == 0 {
+            continue;
+        }
+        let li = l as usize;
+        if remap[li] == 0 && area[li] >= min_area && area[li] <= max_area {
+            next += 1;
+            remap[li] = next;
+        }
+        *o = remap[li];
+    }
+    (out, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn otsu_separates_two_levels() {
+        let mut v = vec![10.0f32; 1000];
+        v.extend(vec![200.0f32; 500]);
+        let t = otsu_threshold(&v);
+        assert!(t > 10.0 && t < 200.0, "{t}");
+    }
+
+    #[test]
+    fn edt_matches_brute_force() {
+        let (w, h) = (23, 17);
+        let mask: Vec<bool> = (0..w * h).map(|i| (i * 7919 % 13) != 0).collect();
+        let d = distance_transform(&mask, w, h).unwrap();
+        for y in 0..h {
+            for x in 0..w {
+                let mut best = f32::INFINITY;
+                for yy in 0..h {
+                    for xx in 0..w {
+                        if !mask[yy * w + xx] {
+                            let dd = ((x as f32 - xx as f32).powi(2) + (y as f32 - yy as f32).powi(2)).sqrt();
+                            best = best.min(dd);
+                        }
+                    }
+                }
+                let got = d[y * w + x];
+                assert!((got - best).abs() < 1e-4, "({x},{y}) {got} vs {best}");
+            }
+        }
+    }
+
+    #[test]
+    fn components_count_diagonal_only_with_eight() {
+        let mask = vec![true, false, false, true];
+        assert_eq!(connected_components(&mask, 2, 2, false).unwrap().1, 2);
+        assert_eq!(connected_components(&mask, 2, 2, true).unwrap().1, 1);
+    }
+
+    #[test]
+    fn watershed_splits_two_touching_discs() {
+        let (w, h) = (60, 30);
+        let mut mask = vec![false; w * h];
+        for y in 0..h {
+            for x in 0..w {
+                let d1 = ((x as f32 - 18.0).powi(2) + (y as f32 - 15.0).powi(2)).sqrt();
+                let d2 = ((x as f32 - 40.0).powi(2) + (y as f32 - 15.0).powi(2)).sqrt();
+                mask[y * w + x] = d1 < 12.0 || d2 < 12.0;
+            }
+        }
+        let dist = distance_transform(&mask, w, h).unwrap();
+        let (markers, n) = peak_markers(&dist, &mask, w, h, 5, 3.0).unwrap();
+        assert_eq!(n, 2);
+        let elev: Vec<f32> = dist.iter().map(|d| -d).collect();
+        let labels = watershed(&elev, &markers, &mask, w, h).unwrap();
+        assert_ne!(labels[15 * w + 18], labels[15 * w + 40]);
+        assert!(labels.iter().zip(&mask).all(|(l, m)| (*l != 0) == *m));
+    }
+
+    #[test]
+    fn blur_preserves_mean_and_rejects_bad_shape() {
+        let v: Vec<f32> = (0..100).map(|i| (i % 10) as f32).collect();
+        let b = gaussian_blur(&v, 10, 10, 1.5).unwrap();
+        let (m1, m2) = (v.iter().sum::<f32>(), b.iter().sum::<f32>());
+        assert!((m1 - m2).abs() / m1 < 1e-3);
+        assert!(gaussian_blur(&v, 11, 10, 1.0).is_err());
+    }
+
+    #[test]
+    fn filter_by_area_renumbers() {
+        let l = vec![0, 5, 5, 5, 9, 0, 7, 7, 7, 7];
+        let (out, n) = filter_by_area(&l, 3, 100);
+        assert_eq!(n, 2);
+        assert_eq!(out, vec![0, 1, 1, 1, 0, 0, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn normalize_maps_percentiles_to_unit_range() {
+        let v: Vec<u16> = (0..1000).map(|i| 100 + i as u16).collect();
+        let n = normalize_u16(&v, 100, 10, 0.0, 100.0).unwrap();
+        assert_eq!(n[0], 0.0);
+        assert_eq!(n[999], 1.0);
+        assert!(normalize_u16(&v, 100, 10, 50.0, 10.0).is_err());
+    }
+}

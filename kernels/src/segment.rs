@@ -1,0 +1,121 @@
+//! Segmentation v1: nuclei by smoothing + Otsu + distance-transform seeded watershed, cells by
+//! propagation from the nuclei over a cytoplasm channel. Parameters are physical (µm) at the
+//! config level and converted here, so that a change of objective does not need retuning.
+
+use crate::{cpu, KernelError};
+
+/// Nuclei parameters in pixels. Build them with [`NucleiParams::from_physical`] unless a test needs
+/// exact pixel values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NucleiParams {
+    pub smoothing_sigma_px: f32,
+    /// Multiplies the Otsu threshold; below 1 keeps dim nuclei, above 1 trims halos.
+    pub threshold_scale: f32,
+    /// Half-width of the window in which a distance peak must be maximal to seed an object: about
+    /// a third of a nucleus diameter splits touching pairs without cutting single ellipses.
+    pub seed_radius_px: usize,
+    /// Distance-transform peaks lower than this (pixels from the edge) do not seed: thin bridges
+    /// and debris never become objects of their own.
+    pub seed_min_depth_px: f32,
+    pub min_area_px: usize,
+    pub max_area_px: usize,
+}
+
+impl NucleiParams {
+    /// Derives every pixel parameter from the expected nucleus diameter and the pixel size.
+    pub fn from_physical(diameter_um: f64, pixel_size_um: f64) -> Result<Self, KernelError> {
+        if !(diameter_um > 0.0) || !(pixel_size_um > 0.0) {
+            return Err(KernelError::Parameter {
+                name: "diameter_um/pixel_size_um",
+                reason: format!("both must be > 0, got {diameter_um} and {pixel_size_um}"),
+            });
+        }
+        let d = diameter_um / pixel_size_um;
+        let area = std::f64::consts::PI * (d / 2.0).powi(2);
+        Ok(Self {
+            smoothing_sigma_px: (d / 12.0).clamp(0.5, 4.0) as f32,
+            threshold_scale: 1.0,
+            seed_radius_px: ((d / 3.0).round() as usize).max(1),
+            seed_min_depth_px: (d / 8.0).max(1.0) as f32,
+            min_area_px: (area * 0.15).round().max(4.0) as usize,
+            max_area_px: (area * 8.0).round() as usize,
+        })
+    }
+}
+
+/// Cell-body parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellParams {
+    pub smoothing_sigma_px: f32,
+    /// Multiplies the Otsu threshold of the cytoplasm channel: cytoplasm fades towards the cell
+    /// edge, so the foreground threshold sits below Otsu's split.
+    pub threshold_scale: f32,
+    /// Cost per pixel of distance relative to a unit change of normalised intensity.
+    pub spatial_weight: f32,
+}
+
+impl Default for CellParams {
+    fn default() -> Self {
+        Self {
+            smoothing_sigma_px: 1.5,
+            threshold_scale: 0.5,
+            spatial_weight: 0.01,
+        }
+    }
+}
+
+/// Labels nuclei `1..=n`; returns the label image and `n`.
+pub fn segment_nuclei(
+    raw: &[u16],
+    width: usize,
+    height: usize,
+    p: &NucleiParams,
+) -> Result<(Vec<u32>, u32), KernelError> {
+    let norm = cpu::normalize_u16(raw, width, height, 0.5, 99.95)?;
+    let smooth = cpu::gaussian_blur(&norm, width, height, p.smoothing_sigma_px)?;
+    let t = cpu::otsu_threshold(&smooth) * p.threshold_scale;
+    let mask: Vec<bool> = smooth.iter().map(|&v| v > t).collect();
+    let dist = cpu::distance_transform(&mask, width, height)?;
+    let dist = cpu::gaussian_blur(&dist, width, height, 1.0)?;
+    let (mut markers, mut n) = cpu::peak_markers(&dist, &mask, width, height, p.seed_radius_px, p.seed_min_depth_px)?;
+    // Foreground blobs too shallow to hold a seed still become one object each (the size filter
+    // decides whether they are kept), so no foreground is silently lost to the watershed.
+    let (components, nc) = cpu::connected_components(&mask, width, height, true)?;
+    let mut has_seed = vec![false; nc as usize + 1];
+    for (&m, &c) in markers.iter().zip(&components) {
+        if m != 0 {
+            has_seed[c as usize] = true;
+        }
+    }
+    let mut deepest = vec![(f32::NEG_INFINITY, usize::MAX); nc as usize + 1];
+    for (i, (&c, &d)) in components.iter().zip(&dist).enumerate() {
+        if c != 0 && !has_seed[c as usize] && d > deepest[c as usize].0 {
+            deepest[c as usize] = (d, i);
+        }
+    }
+    for &(_, i) in deepest.iter().skip(1) {
+        if i != usize::MAX {
+            n += 1;
+            markers[i] = n;
+        }
+    }
+    let elevation: Vec<f32> = dist.iter().map(|d| -d).collect();
+    let labels = cpu::watershed(&elevation, &markers, &mask, width, height)?;
+    Ok(cpu::filter_by_area(&labels, p.min_area_px, p.max_area_px))
+}
+
+/// Grows each nucleus into its cell over the cytoplasm channel; cell `k` contains nucleus `k`.
+pub fn segment_cells(
+    nuclei: &[u32],
+    cytoplasm_raw: &[u16],
+    width: usize,
+    height: usize,
+    p: &CellParams,
+) -> Result<Vec<u32>, KernelError> {
+    crate::check_len("nuclei", nuclei, width, height)?;
+    let norm = cpu::normalize_u16(cytoplasm_raw, width, height, 0.5, 99.5)?;
+    let smooth = cpu::gaussian_blur(&norm, width, height, p.smoothing_sigma_px)?;
+    let t = cpu::otsu_threshold(&smooth) * p.threshold_scale;
+    let mask: Vec<bool> = smooth.iter().zip(nuclei).map(|(&v, &l)| v > t || l != 0).collect();
+    cpu::propagate(&smooth, nuclei, &mask, width, height, p.spatial_weight)
+}
