@@ -1,0 +1,10 @@
+//! The liveomics daemon as a library: configuration, the registry of sources/stages/sinks, the
+//! pipeline that connects them, and telemetry. `main.rs` is a thin CLI over this.
+
+pub mod config;
+pub mod pipeline;
+pub mod registry;
+pub mod simulate;
+pub mod sink;
+pub mod stage;
+pub mod telemetry;

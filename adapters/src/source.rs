@@ -1,0 +1,73 @@
+//! The source extension point: anything that produces frames (simulator today; zenoh, instrument
+//! folders and replay in their own issues) implements [`Source`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+
+use crate::model::{AcquisitionPlan, Frame, ModelError};
+
+/// Cooperative stop request shared by the daemon and its source. Sources check it between fields,
+/// so a stop never leaves half a field in the pipeline.
+#[derive(Debug, Clone, Default)]
+pub struct StopToken(Arc<AtomicBool>);
+
+impl StopToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// The flag itself, for signal handlers that can only set an `AtomicBool`.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+}
+
+/// Why a source stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("the pipeline closed its input while the source still had frames")]
+    Disconnected,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid source configuration: {0}")]
+    Config(String),
+}
+
+/// What a source did, for the run summary.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceReport {
+    pub fields: u64,
+    pub frames: u64,
+    /// True when the source ended because a stop was requested rather than because it ran out.
+    pub stopped_early: bool,
+    /// Time spent waiting on a full pipeline: backpressure made visible.
+    pub blocked: std::time::Duration,
+}
+
+/// A producer of frames. `run` blocks on its own thread; sending on the bounded channel blocks when
+/// the pipeline is behind, which is how backpressure reaches the acquisition: frames wait, they
+/// are never dropped.
+pub trait Source: Send {
+    /// What will be acquired, known before the first frame.
+    fn plan(&self) -> &AcquisitionPlan;
+
+    /// Produces frames until the acquisition ends or `stop` is set; a stop takes effect at the next
+    /// field boundary, so every field that was started is delivered whole.
+    fn run(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError>;
+}

@@ -1,0 +1,108 @@
+//! TIFF files in and out: what `liveomics simulate --out` writes and what folder sources read.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::Path;
+
+use tiff::decoder::{Decoder, DecodingResult};
+use tiff::encoder::{colortype, TiffEncoder};
+
+/// TIFF problems always name the file, because a plate has thousands of them.
+#[derive(Debug, thiserror::Error)]
+pub enum TiffError {
+    #[error("cannot open {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a readable TIFF")]
+    Format {
+        path: String,
+        #[source]
+        source: tiff::TiffError,
+    },
+    #[error("{path}: unsupported sample type {kind} (supported: uint8, uint16, uint32, float32 grayscale)")]
+    Unsupported { path: String, kind: String },
+}
+
+/// The pixels of one TIFF page.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plane {
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+    F32(Vec<f32>),
+}
+
+fn create(path: &Path) -> Result<TiffEncoder<BufWriter<File>>, TiffError> {
+    let file = File::create(path).map_err(|source| TiffError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    TiffEncoder::new(BufWriter::new(file)).map_err(|source| TiffError::Format {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Writes a single-page grayscale TIFF.
+pub fn write_plane(path: &Path, width: usize, height: usize, plane: &Plane) -> Result<(), TiffError> {
+    let mut enc = create(path)?;
+    let (w, h) = (width as u32, height as u32);
+    let res = match plane {
+        Plane::U8(d) => enc.write_image::<colortype::Gray8>(w, h, d),
+        Plane::U16(d) => enc.write_image::<colortype::Gray16>(w, h, d),
+        Plane::U32(d) => enc.write_image::<colortype::Gray32>(w, h, d),
+        Plane::F32(d) => enc.write_image::<colortype::Gray32Float>(w, h, d),
+    };
+    res.map_err(|source| TiffError::Format {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Reads the first page of a grayscale TIFF: `(width, height, pixels)`.
+pub fn read_plane(path: &Path) -> Result<(usize, usize, Plane), TiffError> {
+    let p = || path.display().to_string();
+    let file = File::open(path).map_err(|source| TiffError::Io { path: p(), source })?;
+    let fmt = |source| TiffError::Format { path: p(), source };
+    let mut dec = Decoder::new(BufReader::new(file)).map_err(fmt)?;
+    let (w, h) = dec.dimensions().map_err(fmt)?;
+    let plane = match dec.read_image().map_err(fmt)? {
+        DecodingResult::U8(d) => Plane::U8(d),
+        DecodingResult::U16(d) => Plane::U16(d),
+        DecodingResult::U32(d) => Plane::U32(d),
+        DecodingResult::F32(d) => Plane::F32(d),
+        other => {
+            let kind = format!("{:?}", std::mem::discriminant(&other));
+            return Err(TiffError::Unsupported { path: p(), kind });
+        }
+    };
+    Ok((w as usize, h as usize, plane))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_type() {
+        let dir = std::env::temp_dir().join(format!("liveomics-tiff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for plane in [
+            Plane::U8(vec![1, 2, 3, 4, 5, 6]),
+            Plane::U16(vec![1, 2, 3, 65535, 5, 6]),
+            Plane::U32(vec![1, 2, 3, 4, 5, 70000]),
+            Plane::F32(vec![0.5, 2.0, 3.0, 4.0, 5.0, -6.0]),
+        ] {
+            let path = dir.join("x.tif");
+            write_plane(&path, 3, 2, &plane).unwrap();
+            assert_eq!(read_plane(&path).unwrap(), (3, 2, plane));
+        }
+        let junk = dir.join("junk.tif");
+        std::fs::write(&junk, b"not a tiff").unwrap();
+        assert!(matches!(read_plane(&junk), Err(TiffError::Format { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

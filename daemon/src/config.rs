@@ -1,0 +1,481 @@
+//! Configuration: typed TOML with every section `deny_unknown_fields`, units in key names, and a
+//! loader that collects *all* problems with their key paths instead of stopping at the first.
+//!
+//! Loading has three passes: TOML syntax (one error, with line and column), shape (unknown keys,
+//! wrong types: each bad key is recorded and removed, then decoding is retried so the next one is
+//! found too), and meaning (ranges, cross-references, the registry's kinds; see `validate`).
+
+use std::fmt;
+use std::path::PathBuf;
+
+use liveomics_adapters::simulator::SimulatorConfig;
+use liveomics_adapters::Invalid;
+use serde::{Deserialize, Serialize};
+
+/// The default configuration, embedded so that `liveomics run` works with no file at all.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The instrument's name: the second chunk of every zenoh key this daemon publishes.
+    pub instrument: String,
+    /// Time from a field's first frame to all sinks done; later is counted as a deadline miss.
+    pub latency_budget_ms: u64,
+    pub source: SourceConfig,
+    pub pipeline: PipelineConfig,
+    pub segmentation: SegmentationConfig,
+    pub sinks: SinksConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            instrument: "scope1".into(),
+            latency_budget_ms: 2000,
+            source: SourceConfig::default(),
+            pipeline: PipelineConfig::default(),
+            segmentation: SegmentationConfig::default(),
+            sinks: SinksConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+/// Which source runs (`kind`, a name from the registry) and each kind's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    pub kind: String,
+    pub simulator: SimulatorConfig,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            kind: "simulator".into(),
+            simulator: SimulatorConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Processing stages in order, by registered name.
+    pub stages: Vec<String>,
+    /// Frames buffered between the source and assembly; when full, the source waits.
+    pub frame_queue: usize,
+    /// Fields buffered between each pair of stages and in front of each sink.
+    pub field_queue: usize,
+    /// Threads running the stages, one field each (each also uses the shared rayon pool).
+    pub workers: usize,
+    /// How long assembly waits for a field's missing channels before passing it on incomplete.
+    pub assembly_timeout_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            stages: vec!["segment".into(), "measure".into()],
+            frame_queue: 32,
+            field_queue: 4,
+            workers: 1,
+            assembly_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentationConfig {
+    /// Channel (by name) holding the nuclear stain.
+    pub nuclei_channel: String,
+    /// Channel (by name) the cell bodies are propagated over; empty for nuclei only.
+    pub cells_channel: String,
+    /// Expected nucleus diameter; every pixel parameter is derived from it and the pixel size.
+    pub nucleus_diameter_um: f64,
+    /// Cytoplasm foreground threshold as a fraction of Otsu's.
+    pub cells_threshold_scale: f32,
+}
+
+impl Default for SegmentationConfig {
+    fn default() -> Self {
+        Self {
+            nuclei_channel: "DAPI".into(),
+            cells_channel: "ER".into(),
+            nucleus_diameter_um: 11.0,
+            cells_threshold_scale: 0.5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
+pub struct SinksConfig {
+    pub zarr: ZarrSinkConfig,
+    pub zenoh: ZenohSinkConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Zstd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZarrSinkConfig {
+    pub enabled: bool,
+    /// Directory that holds `{plate}.zarr`; relative paths are relative to the working directory.
+    pub output: PathBuf,
+    pub compression: Compression,
+    pub zstd_level: i32,
+    /// Chunk edge in pixels for the y and x axes.
+    pub chunk_px: u64,
+}
+
+impl Default for ZarrSinkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            output: PathBuf::from("out"),
+            compression: Compression::Zstd,
+            zstd_level: 3,
+            chunk_px: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZenohMode {
+    Peer,
+    Client,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZenohSinkConfig {
+    pub enabled: bool,
+    pub mode: ZenohMode,
+    /// Endpoints to connect to, e.g. `tcp/127.0.0.1:7447`.
+    pub connect: Vec<String>,
+    /// Endpoints to listen on.
+    pub listen: Vec<String>,
+    /// Multicast scouting finds peers on the LAN with no configuration; turn it off to stay private
+    /// to the explicit endpoints (tests do).
+    pub multicast_scouting: bool,
+}
+
+impl Default for ZenohSinkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            mode: ZenohMode::Peer,
+            connect: Vec::new(),
+            listen: Vec::new(),
+            multicast_scouting: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Address of the Prometheus endpoint (`/metrics`); port 0 picks a free port (logged); empty
+    /// disables it. Localhost by default: metrics are not for the whole network.
+    pub metrics_listen: String,
+    pub log_format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `liveomics=debug`; `RUST_LOG` overrides it.
+    pub log_level: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            metrics_listen: "127.0.0.1:9464".into(),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// Every problem found in a configuration. Displayed one per line, `key.path: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    pub origin: String,
+    pub errors: Vec<Invalid>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}: {} error(s)", self.origin, self.errors.len())?;
+        for e in &self.errors {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Shape errors removed per load before giving up: a file with more is not a config.
+const MAX_SHAPE_ERRORS: usize = 100;
+
+impl Config {
+    /// Parses and checks shape only; `validate` checks meaning.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigErrors> {
+        let fail = |errors| ConfigErrors {
+            origin: origin.to_string(),
+            errors,
+        };
+        let mut value: toml::Value = match toml::from_str::<toml::Table>(text) {
+            Ok(t) => toml::Value::Table(t),
+            Err(e) => {
+                let at = e
+                    .span()
+                    .map(|s| {
+                        let line = text[..s.start].matches('\n').count() + 1;
+                        let col = s.start - text[..s.start].rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+                        format!("line {line} column {col}")
+                    })
+                    .unwrap_or_default();
+                return Err(fail(vec![Invalid::new(
+                    &at,
+                    format!("TOML syntax: {}", e.message()),
+                )]));
+            }
+        };
+        let mut errors = Vec::new();
+        loop {
+            match serde_path_to_error::deserialize::<_, Config>(value.clone()) {
+                Ok(cfg) if errors.is_empty() => return Ok(cfg),
+                Ok(_) => return Err(fail(errors)),
+                Err(e) => {
+                    let segments: Vec<String> = e
+                        .path()
+                        .iter()
+                        .map(|s| match s {
+                            serde_path_to_error::Segment::Seq { index } => format!("[{index}]"),
+                            other => other.to_string(),
+                        })
+                        .collect();
+                    let message = e.inner().to_string();
+                    // An unknown key is reported at its parent; the key itself is in the message.
+                    let mut path = segments.clone();
+                    if let Some(unknown) = message
+                        .strip_prefix("unknown field `")
+                        .and_then(|r| r.split('`').next())
+                    {
+                        path.push(unknown.to_string());
+                    }
+                    let key = join_path(&path);
+                    let removed = remove_path(&mut value, &path);
+                    errors.push(Invalid::new(&key, first_line(&message)));
+                    if !removed || errors.len() >= MAX_SHAPE_ERRORS {
+                        return Err(fail(errors));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loads a file, or the embedded default when `path` is `None`; shape and meaning both checked.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Self, ConfigErrors> {
+        let (text, origin) = match path {
+            None => (DEFAULT_TOML.to_string(), "embedded default config".to_string()),
+            Some(p) => {
+                let origin = p.display().to_string();
+                match std::fs::read_to_string(p) {
+                    Ok(t) => (t, origin),
+                    Err(e) => {
+                        return Err(ConfigErrors {
+                            origin,
+                            errors: vec![Invalid::new("", format!("cannot read: {e}"))],
+                        })
+                    }
+                }
+            }
+        };
+        let cfg = Self::from_toml(&text, &origin)?;
+        let errors = crate::registry::validate(&cfg);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors { origin, errors })
+        }
+    }
+
+    /// Range checks that need no registry; the registry adds kind/stage/sink checks.
+    pub fn validate_values(&self) -> Vec<Invalid> {
+        let mut out = Vec::new();
+        if liveomics_adapters::model::Name::new(&self.instrument).is_err() {
+            out.push(Invalid::new(
+                "instrument",
+                format!("{:?} must match ^[A-Za-z0-9]+$ (it is a zenoh key chunk)", self.instrument),
+            ));
+        }
+        if self.latency_budget_ms == 0 {
+            out.push(Invalid::new("latency_budget_ms", "must be > 0"));
+        }
+        let p = &self.pipeline;
+        for (key, v, max) in [
+            ("pipeline.frame_queue", p.frame_queue, 100_000),
+            ("pipeline.field_queue", p.field_queue, 10_000),
+            ("pipeline.workers", p.workers, 256),
+        ] {
+            if v == 0 || v > max {
+                out.push(Invalid::new(key, format!("must be 1..={max}, got {v}")));
+            }
+        }
+        if p.assembly_timeout_ms == 0 {
+            out.push(Invalid::new("pipeline.assembly_timeout_ms", "must be > 0"));
+        }
+        let s = &self.segmentation;
+        if !(s.nucleus_diameter_um.is_finite() && s.nucleus_diameter_um > 0.0) {
+            out.push(Invalid::new("segmentation.nucleus_diameter_um", "must be a positive number"));
+        }
+        if !(s.cells_threshold_scale > 0.0 && s.cells_threshold_scale <= 4.0) {
+            out.push(Invalid::new("segmentation.cells_threshold_scale", "must be within (0, 4]"));
+        }
+        let z = &self.sinks.zarr;
+        if !(1..=22).contains(&z.zstd_level) {
+            out.push(Invalid::new("sinks.zarr.zstd_level", format!("must be 1..=22, got {}", z.zstd_level)));
+        }
+        if !(16..=8192).contains(&z.chunk_px) {
+            out.push(Invalid::new("sinks.zarr.chunk_px", format!("must be 16..=8192, got {}", z.chunk_px)));
+        }
+        if z.enabled && z.output.as_os_str().is_empty() {
+            out.push(Invalid::new("sinks.zarr.output", "must not be empty"));
+        }
+        for (key, list) in [("sinks.zenoh.connect", &self.sinks.zenoh.connect), ("sinks.zenoh.listen", &self.sinks.zenoh.listen)] {
+            for (i, ep) in list.iter().enumerate() {
+                if !ep.contains('/') {
+                    out.push(Invalid::new(&format!("{key}[{i}]"), format!("{ep:?} is not an endpoint like tcp/127.0.0.1:7447")));
+                }
+            }
+        }
+        let t = &self.telemetry;
+        if !t.metrics_listen.is_empty() && t.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
+            out.push(Invalid::new(
+                "telemetry.metrics_listen",
+                format!("{:?} is not an address like 127.0.0.1:9464 (empty disables)", t.metrics_listen),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&t.log_level).is_err() {
+            out.push(Invalid::new("telemetry.log_level", format!("{:?} is not a tracing filter", t.log_level)));
+        }
+        out.extend(self.source.simulator.validate().into_iter().map(|i| i.under("source.simulator")));
+        out
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
+fn join_path(segments: &[String]) -> String {
+    let mut out = String::new();
+    for s in segments {
+        if !out.is_empty() && !s.starts_with('[') {
+            out.push('.');
+        }
+        out.push_str(s);
+    }
+    out
+}
+
+/// Removes the value at `path` so decoding can continue past it; false if nothing was removed.
+fn remove_path(value: &mut toml::Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut cur = value;
+    for seg in parents {
+        cur = match (cur, seg.strip_prefix('[').and_then(|s| s.strip_suffix(']'))) {
+            (toml::Value::Array(a), Some(i)) => match i.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                Some(v) => v,
+                None => return false,
+            },
+            (toml::Value::Table(t), None) => match t.get_mut(seg) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (cur, last.strip_prefix('[').and_then(|s| s.strip_suffix(']'))) {
+        (toml::Value::Array(a), Some(i)) => match i.parse::<usize>() {
+            Ok(i) if i < a.len() => {
+                a.remove(i);
+                true
+            }
+            _ => false,
+        },
+        (toml::Value::Table(t), None) => t.remove(last).is_some(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let cfg = Config::load(None).unwrap();
+        assert_eq!(cfg.source.kind, "simulator");
+    }
+
+    #[test]
+    fn three_mistakes_three_errors_with_paths() {
+        let text = r#"
+            latency_budget_ms = "soon"
+            [pipeline]
+            workerz = 2
+            [sinks.zarr]
+            compression = "lz77"
+        "#;
+        let err = Config::from_toml(text, "t.toml").unwrap_err();
+        let keys: Vec<&str> = err.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys.len(), 3, "{err}");
+        for k in ["latency_budget_ms", "pipeline.workerz", "sinks.zarr.compression"] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn meaning_errors_are_all_reported() {
+        let text = r#"
+            instrument = "scope/1"
+            [source.simulator]
+            wells = ["B2", "Z40"]
+            [segmentation]
+            nuclei_channel = "Hoechst"
+        "#;
+        let cfg = Config::from_toml(text, "t.toml").unwrap();
+        let errs = crate::registry::validate(&cfg);
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        for k in ["instrument", "source.simulator.wells[1]", "segmentation.nuclei_channel"] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_give_a_line() {
+        let err = Config::from_toml("a = [\n", "t.toml").unwrap_err();
+        assert_eq!(err.errors.len(), 1);
+        assert!(err.errors[0].key.starts_with("line "), "{err}");
+    }
+}

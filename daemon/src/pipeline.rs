@@ -1,0 +1,547 @@
+//! The topology at run time: source → assembly → workers (stages) → one thread per sink →
+//! completion tracker. Every hand-off is a bounded crossbeam channel, so a slow sink fills its
+//! queue, then the workers', then assembly's, and finally blocks the source: frames wait, they are
+//! never dropped. Shutdown is the mini-redis pattern: the stop token ends intake at a field
+//! boundary, and each stage exits when its input channel closes because every sender upstream
+//! has been dropped, so in-flight fields drain through to the sinks before the process exits.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use liveomics_adapters::model::{AcquisitionPlan, Field, FieldKey, Frame, Pixels, WellId};
+use liveomics_adapters::source::{SourceError, SourceReport, StopToken};
+
+use crate::config::Config;
+use crate::registry::{self, SinkOptions};
+use crate::sink::{zarr::ZarrSink, SinkError};
+use crate::stage::FieldWork;
+use crate::telemetry::{self as t, Metrics};
+
+/// Why a run could not start or could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot start source {kind:?}")]
+    Source {
+        kind: String,
+        #[source]
+        source: SourceError,
+    },
+    #[error("cannot open sink {name:?}")]
+    Sink {
+        name: &'static str,
+        #[source]
+        source: SinkError,
+    },
+    #[error("cannot build stage {name:?}: {message}")]
+    Stage { name: String, message: String },
+    #[error(transparent)]
+    Telemetry(#[from] t::TelemetryError),
+    #[error("the source failed")]
+    SourceFailed(#[source] SourceError),
+    #[error("a pipeline thread panicked: {0}")]
+    Panicked(&'static str),
+    #[error("cannot spawn a thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Command-line options of a run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub sinks: SinkOptions,
+    pub stop: StopToken,
+}
+
+/// What a run did; printed at the end of `liveomics run`.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub plate: String,
+    pub output: Option<PathBuf>,
+    pub wells: usize,
+    pub fields_done: u64,
+    /// Fields at least one sink failed to write.
+    pub fields_failed: u64,
+    pub cells: u64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_max_ms: f64,
+    pub deadline_misses: u64,
+    pub latency_budget_ms: u64,
+    pub frames_rejected: u64,
+    pub fields_incomplete: u64,
+    pub elapsed: Duration,
+    pub source: SourceReport,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub sinks: Vec<&'static str>,
+}
+
+/// A sink finished a field (successfully or not).
+struct Done {
+    name: String,
+    well: WellId,
+    cells: usize,
+    received_at: Instant,
+    deadline: Instant,
+    ok: bool,
+}
+
+#[derive(Default)]
+struct AssemblyStats {
+    rejected: u64,
+    incomplete: u64,
+}
+
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, RunError> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .map_err(RunError::Spawn)
+}
+
+fn join<T>(h: JoinHandle<T>, what: &'static str) -> Result<T, RunError> {
+    h.join().map_err(|_| RunError::Panicked(what))
+}
+
+/// Runs the whole pipeline until the source ends or `opts.stop` is set, then drains and returns.
+pub fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let metrics = Metrics::install(&cfg.telemetry)?;
+    let kind = registry::source_kind(&cfg.source.kind).ok_or_else(|| RunError::Source {
+        kind: cfg.source.kind.clone(),
+        source: SourceError::Config("unknown source kind".into()),
+    })?;
+    let mut source = (kind.build)(cfg).map_err(|source| RunError::Source {
+        kind: cfg.source.kind.clone(),
+        source,
+    })?;
+    let plan = Arc::new(source.plan().clone());
+
+    // Sinks open before the first frame: an unusable output fails now, not an hour in.
+    let mut sinks = Vec::new();
+    for k in registry::SINKS.iter().filter(|k| (k.enabled)(cfg)) {
+        let sink = (k.open)(cfg, plan.clone(), &opts.sinks).map_err(|source| RunError::Sink { name: k.name, source })?;
+        sinks.push(sink);
+    }
+    let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
+    let output = cfg
+        .sinks
+        .zarr
+        .enabled
+        .then(|| ZarrSink::plate_path(&cfg.sinks.zarr.output, &plan));
+    let mut worker_stages = Vec::new();
+    for _ in 0..cfg.pipeline.workers {
+        let mut stages = Vec::new();
+        for name in &cfg.pipeline.stages {
+            let k = registry::stage_kind(name).ok_or_else(|| RunError::Stage {
+                name: name.clone(),
+                message: "unknown stage".into(),
+            })?;
+            stages.push((k.build)(cfg, &plan).map_err(|e| RunError::Stage {
+                name: name.clone(),
+                message: e.to_string(),
+            })?);
+        }
+        worker_stages.push(stages);
+    }
+    tracing::info!(
+        plate = %plan.plate,
+        wells = plan.wells.len(),
+        fields_per_well = plan.fields_per_well,
+        channels = ?plan.channels.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        size = %format!("{}x{}", plan.width, plan.height),
+        sinks = ?sink_names,
+        "acquisition starting"
+    );
+
+    let p = &cfg.pipeline;
+    let (frame_tx, frame_rx) = bounded::<Frame>(p.frame_queue);
+    let (field_tx, field_rx) = bounded::<Field>(p.field_queue);
+    let (done_tx, done_rx) = bounded::<Done>(1024);
+    let mut sink_txs = Vec::new();
+    let mut handles_sinks = Vec::new();
+    let mut queues: Vec<(String, Receiver<_>)> = Vec::new();
+    for mut sink in sinks {
+        let (tx, rx) = bounded::<Arc<FieldWork>>(p.field_queue);
+        queues.push((format!("sink_{}", sink.name()), rx.clone()));
+        sink_txs.push(tx);
+        let done_tx = done_tx.clone();
+        handles_sinks.push(spawn(&format!("sink-{}", sink.name()), move || {
+            for work in rx {
+                let t0 = Instant::now();
+                let res = sink.write(&work);
+                t::SinkWritten {
+                    sink: sink.name(),
+                    field: &work.name,
+                    elapsed: t0.elapsed(),
+                }
+                .emit();
+                if let Err(e) = &res {
+                    t::ErrorOccurred {
+                        kind: sink.name(),
+                        field: Some(&work.name),
+                        error: e,
+                    }
+                    .emit();
+                }
+                let _ = done_tx.send(Done {
+                    name: work.name.clone(),
+                    well: work.field.key.well,
+                    cells: work.records.len(),
+                    received_at: work.field.received_at,
+                    deadline: work.deadline,
+                    ok: res.is_ok(),
+                });
+            }
+            if let Err(e) = sink.finish() {
+                t::ErrorOccurred {
+                    kind: sink.name(),
+                    field: None,
+                    error: &e,
+                }
+                .emit();
+            }
+        })?);
+    }
+
+    let n_sinks = sink_txs.len();
+    let budget = Duration::from_millis(cfg.latency_budget_ms);
+    let tracker = spawn("tracker", move || track(done_rx, n_sinks))?;
+
+    let mut workers = Vec::new();
+    for (i, mut stages) in worker_stages.into_iter().enumerate() {
+        let rx = field_rx.clone();
+        let txs = sink_txs.clone();
+        let done_tx = done_tx.clone();
+        let plan = plan.clone();
+        workers.push(spawn(&format!("worker-{i}"), move || {
+            for field in rx {
+                let deadline = field.received_at + budget;
+                let mut work = FieldWork::new(field, plan.clone(), deadline);
+                for stage in stages.iter_mut() {
+                    let t0 = Instant::now();
+                    if let Err(e) = stage.process(&mut work) {
+                        t::ErrorOccurred {
+                            kind: stage.name(),
+                            field: Some(&work.name),
+                            error: &e,
+                        }
+                        .emit();
+                        continue;
+                    }
+                    t::StageCompleted {
+                        stage: stage.name(),
+                        field: &work.name,
+                        elapsed: t0.elapsed(),
+                    }
+                    .emit();
+                }
+                t::CellsMeasured {
+                    field: &work.name,
+                    cells: work.records.len(),
+                }
+                .emit();
+                let work = Arc::new(work);
+                if txs.is_empty() {
+                    let _ = done_tx.send(Done {
+                        name: work.name.clone(),
+                        well: work.field.key.well,
+                        cells: work.records.len(),
+                        received_at: work.field.received_at,
+                        deadline: work.deadline,
+                        ok: true,
+                    });
+                }
+                for tx in &txs {
+                    // A send only fails if the sink thread died; its panic is reported at join.
+                    let _ = tx.send(work.clone());
+                }
+            }
+        })?);
+    }
+    drop((field_rx, sink_txs, done_tx));
+
+    let assembly_timeout = Duration::from_millis(p.assembly_timeout_ms);
+    let asm_plan = plan.clone();
+    let frame_rx_sampled = frame_rx.clone();
+    let assembler = spawn("assembly", move || assemble(frame_rx, field_tx, &asm_plan, assembly_timeout))?;
+
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        let fields = std::mem::take(&mut queues);
+        spawn("queue-sampler", move || {
+            while sampling.load(Ordering::Relaxed) {
+                t::QueueDepth {
+                    queue: "frames",
+                    depth: frame_rx_sampled.len(),
+                }
+                .emit();
+                for (name, rx) in &fields {
+                    t::QueueDepth {
+                        queue: name,
+                        depth: rx.len(),
+                    }
+                    .emit();
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })?
+    };
+
+    let stop = opts.stop.clone();
+    let source_thread = spawn("source", move || {
+        let r = source.run(&frame_tx, &stop);
+        drop(frame_tx);
+        r
+    })?;
+
+    let source_result = join(source_thread, "source")?;
+    let asm = join(assembler, "assembly")?;
+    for w in workers {
+        join(w, "worker")?;
+    }
+    for s in handles_sinks {
+        join(s, "sink")?;
+    }
+    let tracked = join(tracker, "tracker")?;
+    sampling.store(false, Ordering::Relaxed);
+    join(sampler, "queue-sampler")?;
+    let source_report = source_result.map_err(RunError::SourceFailed)?;
+    t::SourceBlocked {
+        waited: source_report.blocked,
+    }
+    .emit();
+    let q = |p: f64| tracked.latency_us.value_at_quantile(p) as f64 / 1e3;
+    Ok(RunSummary {
+        plate: plan.plate.to_string(),
+        output,
+        wells: tracked.wells.len(),
+        fields_done: tracked.fields_done,
+        fields_failed: tracked.fields_failed,
+        cells: tracked.cells,
+        latency_p50_ms: q(0.5),
+        latency_p99_ms: q(0.99),
+        latency_max_ms: tracked.latency_us.max() as f64 / 1e3,
+        deadline_misses: tracked.misses,
+        latency_budget_ms: cfg.latency_budget_ms,
+        frames_rejected: asm.rejected,
+        fields_incomplete: asm.incomplete,
+        elapsed: started.elapsed(),
+        source: source_report,
+        metrics_addr: metrics.addr,
+        sinks: sink_names,
+    })
+}
+
+struct Tracked {
+    fields_done: u64,
+    fields_failed: u64,
+    cells: u64,
+    misses: u64,
+    wells: BTreeSet<WellId>,
+    latency_us: hdrhistogram::Histogram<u64>,
+}
+
+/// Counts sink completions; a field is done when every sink has reported it.
+fn track(rx: Receiver<Done>, n_sinks: usize) -> Tracked {
+    let mut pending: HashMap<String, (usize, bool)> = HashMap::new();
+    let mut out = Tracked {
+        fields_done: 0,
+        fields_failed: 0,
+        cells: 0,
+        misses: 0,
+        wells: BTreeSet::new(),
+        latency_us: hdrhistogram::Histogram::new(3).expect("3 significant figures is a valid precision"),
+    };
+    let need = n_sinks.max(1);
+    for d in rx {
+        let e = pending.entry(d.name.clone()).or_insert((0, true));
+        e.0 += 1;
+        e.1 &= d.ok;
+        if e.0 < need {
+            continue;
+        }
+        let (_, ok) = pending.remove(&d.name).unwrap_or((need, d.ok));
+        let now = Instant::now();
+        let latency = now - d.received_at;
+        let missed = now > d.deadline;
+        t::FieldDone {
+            field: &d.name,
+            cells: d.cells,
+            latency,
+            missed_deadline: missed,
+        }
+        .emit();
+        out.fields_done += 1;
+        out.fields_failed += u64::from(!ok);
+        out.cells += d.cells as u64;
+        out.misses += u64::from(missed);
+        out.wells.insert(d.well);
+        let _ = out.latency_us.record(latency.as_micros() as u64);
+    }
+    out
+}
+
+struct Pending {
+    channels: Vec<Option<Arc<[u16]>>>,
+    acquired_at: std::time::SystemTime,
+    received_at: Instant,
+    have: usize,
+}
+
+/// Groups frames into fields. Complete fields go on at once; a field still missing channels after
+/// `timeout` goes on incomplete with a counted warning (its raw frames are kept, never dropped).
+/// Invalid frames are rejected, logged and counted.
+fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, timeout: Duration) -> AssemblyStats {
+    let n = plan.channels.len();
+    let mut stats = AssemblyStats::default();
+    let mut pending: HashMap<FieldKey, Pending> = HashMap::new();
+    // Recently emitted fields, to recognise a late duplicate rather than start a new field.
+    let mut emitted: HashSet<FieldKey> = HashSet::new();
+    let mut emitted_order: VecDeque<FieldKey> = VecDeque::new();
+    let tick = Duration::from_millis(100).min(timeout);
+    let emit = |key: FieldKey,
+                p: Pending,
+                stats: &mut AssemblyStats,
+                emitted: &mut HashSet<FieldKey>,
+                order: &mut VecDeque<FieldKey>|
+     -> bool {
+        let missing: Vec<String> = p
+            .channels
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_none())
+            .map(|(i, _)| plan.channels[i].name.clone())
+            .collect();
+        t::FieldAssembled {
+            field: &key.to_string(),
+            missing: &missing,
+        }
+        .emit();
+        stats.incomplete += u64::from(!missing.is_empty());
+        emitted.insert(key.clone());
+        order.push_back(key.clone());
+        if order.len() > 100_000 {
+            if let Some(old) = order.pop_front() {
+                emitted.remove(&old);
+            }
+        }
+        tx.send(Field {
+            key,
+            width: plan.width,
+            height: plan.height,
+            channels: p.channels,
+            acquired_at: p.acquired_at,
+            received_at: p.received_at,
+        })
+        .is_ok()
+    };
+    loop {
+        match rx.recv_timeout(tick) {
+            Ok(frame) => {
+                let reject = |reason: &'static str, detail: String, stats: &mut AssemblyStats| {
+                    t::FrameRejected {
+                        field: &frame.key.to_string(),
+                        channel: frame.channel,
+                        reason,
+                        detail,
+                    }
+                    .emit();
+                    stats.rejected += 1;
+                };
+                if frame.key.plate != plan.plate {
+                    reject("plate", format!("plate {} is not {}", frame.key.plate, plan.plate), &mut stats);
+                    continue;
+                }
+                if frame.key.well.row >= plan.format.rows() || frame.key.well.column >= plan.format.columns() {
+                    reject("well", format!("well {} is outside the plate", frame.key.well), &mut stats);
+                    continue;
+                }
+                if frame.channel >= n {
+                    reject("channel", format!("channel index {} but the plan has {n}", frame.channel), &mut stats);
+                    continue;
+                }
+                if frame.width != plan.width || frame.height != plan.height || frame.pixels.len() != plan.width * plan.height {
+                    reject(
+                        "shape",
+                        format!(
+                            "{}x{} with {} pixels, expected {}x{}",
+                            frame.width,
+                            frame.height,
+                            frame.pixels.len(),
+                            plan.width,
+                            plan.height
+                        ),
+                        &mut stats,
+                    );
+                    continue;
+                }
+                let px = match &frame.pixels {
+                    Pixels::U16(p) => p.clone(),
+                    other => {
+                        reject("dtype", format!("{} pixels, expected uint16", other.dtype()), &mut stats);
+                        continue;
+                    }
+                };
+                if emitted.contains(&frame.key) {
+                    reject("late", "the field was already passed on".into(), &mut stats);
+                    continue;
+                }
+                t::FrameReceived {
+                    channel: &plan.channels[frame.channel].name,
+                }
+                .emit();
+                let entry = pending.entry(frame.key.clone()).or_insert_with(|| Pending {
+                    channels: vec![None; n],
+                    acquired_at: frame.acquired_at,
+                    received_at: frame.received_at,
+                    have: 0,
+                });
+                if entry.channels[frame.channel].is_some() {
+                    reject("duplicate", "channel already received for this field".into(), &mut stats);
+                    continue;
+                }
+                entry.channels[frame.channel] = Some(px);
+                entry.have += 1;
+                entry.received_at = entry.received_at.min(frame.received_at);
+                if entry.have == n {
+                    if let Some(p) = pending.remove(&frame.key) {
+                        if !emit(frame.key, p, &mut stats, &mut emitted, &mut emitted_order) {
+                            return stats;
+                        }
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let expired: Vec<FieldKey> = pending
+            .iter()
+            .filter(|(_, p)| p.received_at.elapsed() > timeout)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            if let Some(p) = pending.remove(&k) {
+                if !emit(k, p, &mut stats, &mut emitted, &mut emitted_order) {
+                    return stats;
+                }
+            }
+        }
+    }
+    // Intake is over: whatever is still pending goes on as it is; nothing that arrived is lost.
+    let mut rest: Vec<(FieldKey, Pending)> = pending.into_iter().collect();
+    rest.sort_by(|a, b| a.0.cmp(&b.0));
+    for (k, p) in rest {
+        if !emit(k, p, &mut stats, &mut emitted, &mut emitted_order) {
+            break;
+        }
+    }
+    stats
+}

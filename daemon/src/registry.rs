@@ -1,0 +1,132 @@
+//! The one table where sources, stages and sinks are registered by name. Adding a kind means one
+//! entry here plus its config section; validation, `liveomics validate` and the topology all read
+//! this table.
+
+use std::sync::Arc;
+
+use liveomics_adapters::model::AcquisitionPlan;
+use liveomics_adapters::simulator::Simulator;
+use liveomics_adapters::source::{Source, SourceError};
+use liveomics_adapters::Invalid;
+
+use crate::config::Config;
+use crate::sink::{zarr::ZarrSink, zenoh::ZenohSink, Sink, SinkError};
+use crate::stage::{MeasureStage, SegmentStage, Stage};
+
+/// How to build a source of one kind.
+#[derive(Debug)]
+pub struct SourceKind {
+    pub name: &'static str,
+    pub build: fn(&Config) -> Result<Box<dyn Source>, SourceError>,
+}
+
+/// How to build a stage; `Err` names the config key that makes it impossible.
+#[derive(Debug)]
+pub struct StageKind {
+    pub name: &'static str,
+    pub build: fn(&Config, &AcquisitionPlan) -> Result<Box<dyn Stage>, Invalid>,
+    /// Stages that must run before this one.
+    pub after: &'static [&'static str],
+}
+
+/// How to open a sink, and whether the config enables it.
+#[derive(Debug)]
+pub struct SinkKind {
+    pub name: &'static str,
+    pub enabled: fn(&Config) -> bool,
+    pub open: fn(&Config, Arc<AcquisitionPlan>, &SinkOptions) -> Result<Box<dyn Sink>, SinkError>,
+}
+
+/// Run-time options that are not configuration (command-line flags).
+#[derive(Debug, Clone, Default)]
+pub struct SinkOptions {
+    pub overwrite: bool,
+}
+
+pub const SOURCES: &[SourceKind] = &[SourceKind {
+    name: "simulator",
+    build: |cfg| Ok(Box::new(Simulator::new(cfg.source.simulator.clone())?)),
+}];
+
+pub const STAGES: &[StageKind] = &[
+    StageKind {
+        name: "segment",
+        build: |cfg, plan| Ok(Box::new(SegmentStage::new(cfg, plan)?)),
+        after: &[],
+    },
+    StageKind {
+        name: "measure",
+        build: |_, _| Ok(Box::new(MeasureStage)),
+        after: &["segment"],
+    },
+];
+
+pub const SINKS: &[SinkKind] = &[
+    SinkKind {
+        name: "zarr",
+        enabled: |cfg| cfg.sinks.zarr.enabled,
+        open: |cfg, plan, opts| Ok(Box::new(ZarrSink::open(&cfg.sinks.zarr, plan, opts.overwrite)?)),
+    },
+    SinkKind {
+        name: "zenoh",
+        enabled: |cfg| cfg.sinks.zenoh.enabled,
+        open: |cfg, _, _| Ok(Box::new(ZenohSink::open(&cfg.sinks.zenoh, &cfg.instrument)?)),
+    },
+];
+
+pub fn source_kind(name: &str) -> Option<&'static SourceKind> {
+    SOURCES.iter().find(|s| s.name == name)
+}
+
+pub fn stage_kind(name: &str) -> Option<&'static StageKind> {
+    STAGES.iter().find(|s| s.name == name)
+}
+
+fn names<T>(table: &[T], name: impl Fn(&T) -> &'static str) -> String {
+    table.iter().map(name).collect::<Vec<_>>().join(", ")
+}
+
+/// Every problem of meaning in a config: values, then the kinds and stages against this table,
+/// then the stages against the plan the source will produce (channel names exist, etc.).
+pub fn validate(cfg: &Config) -> Vec<Invalid> {
+    let mut out = cfg.validate_values();
+    let source = match source_kind(&cfg.source.kind) {
+        None => {
+            out.push(Invalid::new(
+                "source.kind",
+                format!("unknown source {:?}; known: {}", cfg.source.kind, names(SOURCES, |s| s.name)),
+            ));
+            None
+        }
+        // Source errors here are already reported by the value checks of its section.
+        Some(k) if out.is_empty() => (k.build)(cfg).ok(),
+        Some(_) => None,
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, name) in cfg.pipeline.stages.iter().enumerate() {
+        let key = format!("pipeline.stages[{i}]");
+        match stage_kind(name) {
+            None => out.push(Invalid::new(
+                &key,
+                format!("unknown stage {name:?}; known: {}", names(STAGES, |s| s.name)),
+            )),
+            Some(k) => {
+                for dep in k.after {
+                    if !seen.contains(dep) {
+                        out.push(Invalid::new(&key, format!("stage {name:?} needs {dep:?} before it")));
+                    }
+                }
+                if seen.contains(&k.name) {
+                    out.push(Invalid::new(&key, format!("stage {name:?} is listed twice")));
+                }
+                seen.push(k.name);
+                if let Some(src) = &source {
+                    if let Err(e) = (k.build)(cfg, src.plan()) {
+                        out.push(e);
+                    }
+                }
+            }
+        }
+    }
+    out
+}

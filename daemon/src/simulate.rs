@@ -1,0 +1,122 @@
+//! `liveomics simulate --out DIR`: the simulated plate as files, for tests and other tools.
+//!
+//! Layout (documented in `docs/SIMULATOR.md`):
+//! `images/{well}_f{field}_t{t}_{channel}.tif` (uint16 camera images),
+//! `truth/{well}_f{field}_t{t}_{nuclei|cells}.tif` (uint32 labels),
+//! `truth/{well}_f{field}_t{t}_{protein}_clean.tif` (float32 noise-free protein images),
+//! `truth/cells.csv` (one row per cell: latent state and gene expression) and `manifest.json`.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use liveomics_adapters::simulator::{Simulator, SimulatorConfig, LATENT};
+use liveomics_adapters::source::{Source, SourceError};
+use liveomics_adapters::tiff_io::{write_plane, Plane, TiffError};
+use serde_json::json;
+
+/// Problems writing the simulated plate; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Tiff(#[from] TiffError),
+    #[error("cannot write {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SimulateError + '_ {
+    move |source| SimulateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes every field of the configured plate; returns the number of fields written.
+pub fn write_plate(cfg: &SimulatorConfig, out: &Path) -> Result<u64, SimulateError> {
+    let sim = Simulator::new(cfg.clone())?;
+    let plan = sim.plan().clone();
+    let images = out.join("images");
+    let truth = out.join("truth");
+    std::fs::create_dir_all(&images).map_err(io(&images))?;
+    std::fs::create_dir_all(&truth).map_err(io(&truth))?;
+    let genes = sim.genes();
+    let mut csv = String::from("plate,well,field,timepoint,label,centroid_x,centroid_y,nucleus_area_px,cell_area_px,mitotic");
+    for d in 0..LATENT {
+        let _ = write!(csv, ",z{d}");
+    }
+    for g in &genes.names {
+        let _ = write!(csv, ",{g}");
+    }
+    csv.push('\n');
+    let (w, h) = (plan.width, plan.height);
+    let mut fields = 0u64;
+    let mut files = Vec::new();
+    for t in 0..plan.timepoints {
+        for &well in &plan.wells {
+            for f in 0..plan.fields_per_well {
+                let sf = sim.render(well, f, t);
+                let stem = format!("{}_f{f}_t{t}", well.name());
+                for (c, px) in sf.channels.into_iter().enumerate() {
+                    let name = format!("{stem}_{}.tif", plan.channels[c].name);
+                    write_plane(&images.join(&name), w, h, &Plane::U16(px))?;
+                    files.push(json!({"path": format!("images/{name}"), "well": well.name(), "field": f, "timepoint": t, "channel": plan.channels[c].name}));
+                }
+                write_plane(&truth.join(format!("{stem}_nuclei.tif")), w, h, &Plane::U32(sf.nuclei_labels))?;
+                write_plane(&truth.join(format!("{stem}_cells.tif")), w, h, &Plane::U32(sf.cell_labels))?;
+                for (p, img) in sf.protein_clean.into_iter().enumerate() {
+                    let name = &cfg.proteins[p].name;
+                    write_plane(&truth.join(format!("{stem}_{name}_clean.tif")), w, h, &Plane::F32(img))?;
+                }
+                for c in &sf.cells {
+                    let _ = write!(
+                        csv,
+                        "{},{},{f},{t},{},{:.3},{:.3},{},{},{}",
+                        plan.plate,
+                        well.name(),
+                        c.label,
+                        c.centroid_x,
+                        c.centroid_y,
+                        c.nucleus_area_px,
+                        c.cell_area_px,
+                        u8::from(c.mitotic)
+                    );
+                    for z in c.latent {
+                        let _ = write!(csv, ",{z:.6}");
+                    }
+                    for e in &c.expression {
+                        let _ = write!(csv, ",{e:.6}");
+                    }
+                    csv.push('\n');
+                }
+                fields += 1;
+            }
+        }
+    }
+    let csv_path = truth.join("cells.csv");
+    std::fs::write(&csv_path, csv).map_err(io(&csv_path))?;
+    let manifest = json!({
+        "plate": plan.plate.to_string(),
+        "plate_format": plan.format.wells,
+        "wells": plan.wells.iter().map(|w| w.name()).collect::<Vec<_>>(),
+        "fields_per_well": plan.fields_per_well,
+        "timepoints": plan.timepoints,
+        "width_px": w,
+        "height_px": h,
+        "pixel_size_um": plan.pixel_size_um,
+        "channels": plan.channels.iter().map(|c| json!({"name": c.name, "color": c.color})).collect::<Vec<_>>(),
+        "genes": genes.names.iter().zip(&genes.visible).map(|(n, v)| json!({"name": n, "visible": v})).collect::<Vec<_>>(),
+        "config": cfg,
+        "files": files,
+    });
+    let mpath = out.join("manifest.json");
+    let mut fh = std::fs::File::create(&mpath).map_err(io(&mpath))?;
+    fh.write_all(serde_json::to_string_pretty(&manifest).unwrap_or_default().as_bytes())
+        .map_err(io(&mpath))?;
+    Ok(fields)
+}

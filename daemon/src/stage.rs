@@ -1,0 +1,188 @@
+//! The stage extension point and the two stages of v1: segmentation and per-cell measurement.
+//!
+//! A stage transforms a [`FieldWork`] in place on a worker thread. Stages are built once per
+//! worker (they may keep scratch buffers), from the config and the acquisition plan, by the
+//! registry.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use liveomics_adapters::model::{AcquisitionPlan, Field};
+use liveomics_adapters::Invalid;
+use liveomics_kernels::segment::{self, CellParams, NucleiParams};
+
+use crate::config::Config;
+
+/// Per-cell record: what the zenoh message and (later) the tables carry for each cell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellRecord {
+    /// Label id in both the nuclei and the cell label images.
+    pub label: u32,
+    pub centroid_x_px: f32,
+    pub centroid_y_px: f32,
+    pub area_px: u32,
+    pub nucleus_area_px: u32,
+    pub bbox_min_x: u32,
+    pub bbox_min_y: u32,
+    pub bbox_max_x: u32,
+    pub bbox_max_y: u32,
+    /// Mean raw intensity over the cell, one per plan channel; NaN for a missing channel.
+    pub mean_intensity: Vec<f32>,
+}
+
+/// A field on its way through the stages to the sinks.
+#[derive(Debug)]
+pub struct FieldWork {
+    pub field: Field,
+    pub plan: Arc<AcquisitionPlan>,
+    /// When the field must be done by every sink (first frame + latency budget).
+    pub deadline: Instant,
+    pub nuclei: Option<Vec<u32>>,
+    pub cells: Option<Vec<u32>>,
+    pub records: Vec<CellRecord>,
+    /// `plate/well/fN/tN`, for logs.
+    pub name: String,
+}
+
+impl FieldWork {
+    pub fn new(field: Field, plan: Arc<AcquisitionPlan>, deadline: Instant) -> Self {
+        let name = field.key.to_string();
+        Self {
+            field,
+            plan,
+            deadline,
+            nuclei: None,
+            cells: None,
+            records: Vec::new(),
+            name,
+        }
+    }
+}
+
+/// Why a stage could not process a field. The field still goes to the sinks with what it has:
+/// raw pixels are never lost because analysis failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("channel {0:?} is missing from this field")]
+    MissingChannel(String),
+    #[error(transparent)]
+    Kernel(#[from] liveomics_kernels::KernelError),
+}
+
+/// One processing step.
+pub trait Stage: Send {
+    fn name(&self) -> &'static str;
+    fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError>;
+}
+
+/// Finds a channel by name (case-insensitive, as users type them).
+pub fn channel_index(plan: &AcquisitionPlan, name: &str) -> Option<usize> {
+    plan.channels.iter().position(|c| c.name.eq_ignore_ascii_case(name))
+}
+
+/// Nuclei, then cells propagated from them over the cytoplasm channel.
+#[derive(Debug)]
+pub struct SegmentStage {
+    nuclei_channel: usize,
+    cells_channel: Option<usize>,
+    nuclei: NucleiParams,
+    cells: CellParams,
+}
+
+impl SegmentStage {
+    pub fn new(cfg: &Config, plan: &AcquisitionPlan) -> Result<Self, Invalid> {
+        let s = &cfg.segmentation;
+        let find = |key: &str, name: &str| {
+            channel_index(plan, name).ok_or_else(|| {
+                let known: Vec<&str> = plan.channels.iter().map(|c| c.name.as_str()).collect();
+                Invalid::new(key, format!("no channel named {name:?}; channels: {}", known.join(", ")))
+            })
+        };
+        let nuclei_channel = find("segmentation.nuclei_channel", &s.nuclei_channel)?;
+        let cells_channel = if s.cells_channel.is_empty() {
+            None
+        } else {
+            Some(find("segmentation.cells_channel", &s.cells_channel)?)
+        };
+        let nuclei = NucleiParams::from_physical(s.nucleus_diameter_um, plan.pixel_size_um)
+            .map_err(|e| Invalid::new("segmentation.nucleus_diameter_um", e.to_string()))?;
+        Ok(Self {
+            nuclei_channel,
+            cells_channel,
+            nuclei,
+            cells: CellParams {
+                threshold_scale: s.cells_threshold_scale,
+                ..CellParams::default()
+            },
+        })
+    }
+}
+
+impl Stage for SegmentStage {
+    fn name(&self) -> &'static str {
+        "segment"
+    }
+
+    fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError> {
+        let f = &work.field;
+        let missing = |c: usize| StageError::MissingChannel(work.plan.channels[c].name.clone());
+        let dapi = f.channels[self.nuclei_channel]
+            .as_ref()
+            .ok_or_else(|| missing(self.nuclei_channel))?;
+        let (nuclei, _) = segment::segment_nuclei(dapi, f.width, f.height, &self.nuclei)?;
+        if let Some(c) = self.cells_channel {
+            let cyto = f.channels[c].as_ref().ok_or_else(|| missing(c))?;
+            work.cells = Some(segment::segment_cells(&nuclei, cyto, f.width, f.height, &self.cells)?);
+        }
+        work.nuclei = Some(nuclei);
+        Ok(())
+    }
+}
+
+/// Per-cell geometry and intensities over every channel that arrived.
+#[derive(Debug, Default)]
+pub struct MeasureStage;
+
+impl Stage for MeasureStage {
+    fn name(&self) -> &'static str {
+        "measure"
+    }
+
+    fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError> {
+        let Some(nuclei) = work.nuclei.as_ref() else {
+            return Ok(());
+        };
+        let f = &work.field;
+        let present: Vec<usize> = (0..f.channels.len()).filter(|&c| f.channels[c].is_some()).collect();
+        let planes: Vec<&[u16]> = present.iter().filter_map(|&c| f.channels[c].as_deref()).collect();
+        let cells = work.cells.as_ref().unwrap_or(nuclei);
+        let props = liveomics_kernels::measure::region_props(cells, &planes, f.width, f.height)?;
+        let nuc = liveomics_kernels::measure::region_props(nuclei, &[], f.width, f.height)?;
+        let mut nuc_area = vec![0u32; nuc.last().map(|p| p.label as usize + 1).unwrap_or(0)];
+        for p in &nuc {
+            nuc_area[p.label as usize] = p.area_px as u32;
+        }
+        work.records = props
+            .into_iter()
+            .map(|p| {
+                let mut mean = vec![f32::NAN; f.channels.len()];
+                for (k, &c) in present.iter().enumerate() {
+                    mean[c] = p.mean_intensity[k] as f32;
+                }
+                CellRecord {
+                    label: p.label,
+                    centroid_x_px: p.centroid_x as f32,
+                    centroid_y_px: p.centroid_y as f32,
+                    area_px: p.area_px as u32,
+                    nucleus_area_px: nuc_area.get(p.label as usize).copied().unwrap_or(0),
+                    bbox_min_x: p.bbox_min_x,
+                    bbox_min_y: p.bbox_min_y,
+                    bbox_max_x: p.bbox_max_x,
+                    bbox_max_y: p.bbox_max_y,
+                    mean_intensity: mean,
+                }
+            })
+            .collect();
+        Ok(())
+    }
+}

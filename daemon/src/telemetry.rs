@@ -1,0 +1,329 @@
+//! The one place where liveomics logs and counts. Every internal event is a struct whose `emit`
+//! writes the log line and updates the metric together, so the two never disagree. Metric names
+//! are the constants below and are documented in `docs/METRICS.md`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+pub const FRAMES_IN: &str = "liveomics_frames_in_total";
+pub const FRAMES_REJECTED: &str = "liveomics_frames_rejected_total";
+pub const FIELDS_ASSEMBLED: &str = "liveomics_fields_assembled_total";
+pub const FIELDS_INCOMPLETE: &str = "liveomics_fields_incomplete_total";
+pub const FIELDS_DONE: &str = "liveomics_fields_done_total";
+pub const CELLS: &str = "liveomics_cells_total";
+pub const STAGE_SECONDS: &str = "liveomics_stage_seconds";
+pub const SINK_SECONDS: &str = "liveomics_sink_seconds";
+pub const FIELD_LATENCY_SECONDS: &str = "liveomics_field_latency_seconds";
+pub const DEADLINE_MISSES: &str = "liveomics_deadline_misses_total";
+pub const QUEUE_DEPTH: &str = "liveomics_queue_depth";
+pub const SOURCE_BLOCKED_US: &str = "liveomics_source_blocked_microseconds_total";
+pub const ERRORS: &str = "liveomics_errors_total";
+
+/// Installs the log subscriber. `RUST_LOG` wins over the config so an operator can raise detail
+/// without editing the file.
+pub fn init_logging(cfg: &TelemetryConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let res = match cfg.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    // A second init (tests, or `run` after `validate`) keeps the first subscriber.
+    drop(res);
+}
+
+/// Errors of the metrics endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot listen for metrics on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the metrics recorder")]
+    Recorder(#[source] metrics_exporter_prometheus::BuildError),
+}
+
+/// The Prometheus recorder plus, when configured, a small HTTP endpoint serving `/metrics`. The
+/// endpoint is a plain thread on a std listener: scrapes are rare and tiny, and this keeps the
+/// daemon free of an HTTP stack it would otherwise not need.
+#[derive(Debug)]
+pub struct Metrics {
+    handle: PrometheusHandle,
+    pub addr: Option<SocketAddr>,
+}
+
+impl Metrics {
+    pub fn install(cfg: &TelemetryConfig) -> Result<Self, TelemetryError> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ])
+            .map_err(TelemetryError::Recorder)?
+            .build_recorder();
+        let handle = recorder.handle();
+        // Only the first install in a process wins (tests run several daemons in one process);
+        // later ones still serve their own handle.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        let addr = if cfg.metrics_listen.is_empty() {
+            None
+        } else {
+            let listener = TcpListener::bind(&cfg.metrics_listen).map_err(|source| TelemetryError::Bind {
+                addr: cfg.metrics_listen.clone(),
+                source,
+            })?;
+            let addr = listener.local_addr().ok();
+            let h = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-http".into())
+                .spawn(move || serve(listener, h))
+                .map_err(|source| TelemetryError::Bind {
+                    addr: cfg.metrics_listen.clone(),
+                    source,
+                })?;
+            if let Some(a) = addr {
+                info!(metrics = %format!("http://{a}/metrics"), "metrics endpoint listening");
+            }
+            addr
+        };
+        Ok(Self { handle, addr })
+    }
+
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+}
+
+fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut line = String::new();
+        let mut reader = BufReader::new(&stream);
+        if reader.read_line(&mut line).is_err() {
+            continue;
+        }
+        // Drain the request headers.
+        let mut h = String::new();
+        while reader.read_line(&mut h).map(|n| n > 2).unwrap_or(false) {
+            h.clear();
+        }
+        let (status, body) = if line.starts_with("GET /metrics") {
+            ("200 OK", handle.render())
+        } else {
+            ("404 Not Found", "see /metrics\n".to_string())
+        };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(FRAMES_IN, "Frames received from the source, by channel");
+    describe_counter!(FRAMES_REJECTED, "Frames rejected at assembly, by reason");
+    describe_counter!(FIELDS_ASSEMBLED, "Fields assembled (complete or not)");
+    describe_counter!(FIELDS_INCOMPLETE, "Fields passed on with missing channels after the assembly timeout");
+    describe_counter!(FIELDS_DONE, "Fields written by every sink");
+    describe_counter!(CELLS, "Cells segmented");
+    describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Time per field in each stage");
+    describe_histogram!(SINK_SECONDS, Unit::Seconds, "Time per field in each sink");
+    describe_histogram!(FIELD_LATENCY_SECONDS, Unit::Seconds, "First frame received to every sink done");
+    describe_counter!(DEADLINE_MISSES, "Fields done after their latency budget");
+    describe_gauge!(QUEUE_DEPTH, "Items waiting in each bounded queue");
+    describe_counter!(SOURCE_BLOCKED_US, Unit::Microseconds, "Time the source waited on a full frame queue (backpressure)");
+    describe_counter!(ERRORS, "Errors by kind; the daemon continued");
+}
+
+/// A frame arrived from the source.
+#[derive(Debug)]
+pub struct FrameReceived<'a> {
+    pub channel: &'a str,
+}
+
+impl FrameReceived<'_> {
+    pub fn emit(&self) {
+        counter!(FRAMES_IN, "channel" => self.channel.to_string()).increment(1);
+    }
+}
+
+/// A frame was refused (wrong size, dtype, channel, duplicate). It is logged with its field so
+/// an operator can find it; the daemon carries on.
+#[derive(Debug)]
+pub struct FrameRejected<'a> {
+    pub field: &'a str,
+    pub channel: usize,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+impl FrameRejected<'_> {
+    pub fn emit(&self) {
+        warn!(field = self.field, channel = self.channel, reason = self.reason, "frame rejected: {}", self.detail);
+        counter!(FRAMES_REJECTED, "reason" => self.reason).increment(1);
+    }
+}
+
+/// A field left assembly; `missing` names channels that never came.
+#[derive(Debug)]
+pub struct FieldAssembled<'a> {
+    pub field: &'a str,
+    pub missing: &'a [String],
+}
+
+impl FieldAssembled<'_> {
+    pub fn emit(&self) {
+        counter!(FIELDS_ASSEMBLED).increment(1);
+        if self.missing.is_empty() {
+            debug!(field = self.field, "field assembled");
+        } else {
+            warn!(field = self.field, missing = ?self.missing, "field incomplete after assembly timeout; passed on with missing channels");
+            counter!(FIELDS_INCOMPLETE).increment(1);
+        }
+    }
+}
+
+/// A stage finished a field.
+#[derive(Debug)]
+pub struct StageCompleted<'a> {
+    pub stage: &'static str,
+    pub field: &'a str,
+    pub elapsed: Duration,
+}
+
+impl StageCompleted<'_> {
+    pub fn emit(&self) {
+        debug!(stage = self.stage, field = self.field, ms = self.elapsed.as_secs_f64() * 1e3, "stage done");
+        histogram!(STAGE_SECONDS, "stage" => self.stage).record(self.elapsed.as_secs_f64());
+    }
+}
+
+/// Cells were measured in a field.
+#[derive(Debug)]
+pub struct CellsMeasured<'a> {
+    pub field: &'a str,
+    pub cells: usize,
+}
+
+impl CellsMeasured<'_> {
+    pub fn emit(&self) {
+        counter!(CELLS).increment(self.cells as u64);
+    }
+}
+
+/// A sink finished (or failed) a field.
+#[derive(Debug)]
+pub struct SinkWritten<'a> {
+    pub sink: &'static str,
+    pub field: &'a str,
+    pub elapsed: Duration,
+}
+
+impl SinkWritten<'_> {
+    pub fn emit(&self) {
+        debug!(sink = self.sink, field = self.field, ms = self.elapsed.as_secs_f64() * 1e3, "sink wrote field");
+        histogram!(SINK_SECONDS, "sink" => self.sink).record(self.elapsed.as_secs_f64());
+    }
+}
+
+/// Every sink is done with a field: the end-to-end latency and whether it met its deadline.
+#[derive(Debug)]
+pub struct FieldDone<'a> {
+    pub field: &'a str,
+    pub cells: usize,
+    pub latency: Duration,
+    pub missed_deadline: bool,
+}
+
+impl FieldDone<'_> {
+    pub fn emit(&self) {
+        info!(
+            field = self.field,
+            cells = self.cells,
+            latency_ms = (self.latency.as_secs_f64() * 1e3).round(),
+            missed_deadline = self.missed_deadline,
+            "field done"
+        );
+        counter!(FIELDS_DONE).increment(1);
+        histogram!(FIELD_LATENCY_SECONDS).record(self.latency.as_secs_f64());
+        if self.missed_deadline {
+            counter!(DEADLINE_MISSES).increment(1);
+        }
+    }
+}
+
+/// Queue depths, sampled periodically.
+#[derive(Debug)]
+pub struct QueueDepth<'a> {
+    pub queue: &'a str,
+    pub depth: usize,
+}
+
+impl QueueDepth<'_> {
+    pub fn emit(&self) {
+        gauge!(QUEUE_DEPTH, "queue" => self.queue.to_string()).set(self.depth as f64);
+    }
+}
+
+/// The source waited because the pipeline was full.
+#[derive(Debug)]
+pub struct SourceBlocked {
+    pub waited: Duration,
+}
+
+impl SourceBlocked {
+    pub fn emit(&self) {
+        counter!(SOURCE_BLOCKED_US).increment(self.waited.as_micros() as u64);
+        if self.waited > Duration::from_secs(1) {
+            warn!(waited_ms = self.waited.as_millis() as u64, "acquisition held back: the pipeline is behind");
+        }
+    }
+}
+
+/// Something failed but the daemon continues; `kind` is the metric label.
+#[derive(Debug)]
+pub struct ErrorOccurred<'a> {
+    pub kind: &'static str,
+    pub field: Option<&'a str>,
+    pub error: &'a (dyn std::error::Error + 'static),
+}
+
+impl ErrorOccurred<'_> {
+    pub fn emit(&self) {
+        let chain = error_chain(self.error);
+        match self.field {
+            Some(f) => error!(kind = self.kind, field = f, "{chain}"),
+            None => error!(kind = self.kind, "{chain}"),
+        }
+        counter!(ERRORS, "kind" => self.kind).increment(1);
+    }
+}
+
+/// `outer: cause: root cause`, the way an operator needs to read it.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
