@@ -16,7 +16,7 @@ use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, PlateFormat, Pixels, WellId};
+use crate::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat, WellId};
 use crate::source::{Source, SourceError, SourceReport, StopToken};
 use crate::Invalid;
 
@@ -171,7 +171,10 @@ impl SimulatorConfig {
             }
         }
         if self.fields_per_well == 0 || self.fields_per_well > 10_000 {
-            bad("fields_per_well", format!("must be 1..=10000, got {}", self.fields_per_well));
+            bad(
+                "fields_per_well",
+                format!("must be 1..=10000, got {}", self.fields_per_well),
+            );
         }
         if self.timepoints == 0 {
             bad("timepoints", "must be at least 1".into());
@@ -219,7 +222,10 @@ impl SimulatorConfig {
                 bad(&format!("proteins[{i}].name"), "must not be empty".into());
             }
             if LANDMARKS.iter().any(|(n, _)| n.eq_ignore_ascii_case(&p.name)) {
-                bad(&format!("proteins[{i}].name"), format!("{} is a landmark channel name", p.name));
+                bad(
+                    &format!("proteins[{i}].name"),
+                    format!("{} is a landmark channel name", p.name),
+                );
             }
         }
         let c = &self.camera;
@@ -390,7 +396,11 @@ impl Simulator {
         for i in 0..g {
             m.base.push(1.0 + 1.5 * rng.random::<f64>());
             let mut w = [0.0; LATENT];
-            let dims = if m.visible[i] { 0..VISIBLE_LATENT } else { VISIBLE_LATENT..LATENT };
+            let dims = if m.visible[i] {
+                0..VISIBLE_LATENT
+            } else {
+                VISIBLE_LATENT..LATENT
+            };
             for d in dims {
                 w[d] = 0.6 * normal(&mut rng);
             }
@@ -512,7 +522,10 @@ impl Simulator {
             let harmonics = |rng: &mut ChaCha8Rng, amp: f64| -> [(f64, f64); 4] {
                 let mut hs = [(0.0, 0.0); 4];
                 for (k, hk) in hs.iter_mut().enumerate() {
-                    *hk = (amp * rng.random::<f64>() / (k + 1) as f64, rng.random::<f64>() * 2.0 * PI);
+                    *hk = (
+                        amp * rng.random::<f64>() / (k + 1) as f64,
+                        rng.random::<f64>() * 2.0 * PI,
+                    );
                 }
                 hs
             };
@@ -569,7 +582,7 @@ impl Simulator {
         let mut er = vec![0f32; w * h];
         let mut prot: Vec<Vec<f32>> = vec![vec![0f32; w * h]; n_protein];
         // Per-pixel stains: rows in parallel, each pixel a pure function of geometry and textures.
-        let rows: Vec<(Vec<f32>, Vec<f32>, Vec<Vec<f32>>)> = (0..h)
+        let rows: Vec<StainRow> = (0..h)
             .into_par_iter()
             .map(|y| {
                 let mut d = vec![0f32; w];
@@ -743,6 +756,9 @@ impl Simulator {
         out
     }
 }
+
+/// One rendered row: DAPI, ER and each protein channel.
+type StainRow = (Vec<f32>, Vec<f32>, Vec<Vec<f32>>);
 
 /// Poisson sample: exact (Knuth) for small means, normal approximation above 30 where the two are
 /// indistinguishable at camera precision and the exact method would cost O(λ).
@@ -982,7 +998,8 @@ impl Source for Simulator {
 
     fn run(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError> {
         let mut report = SourceReport::default();
-        let period = (self.cfg.rate_fields_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / self.cfg.rate_fields_per_s));
+        let period =
+            (self.cfg.rate_fields_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / self.cfg.rate_fields_per_s));
         let start = Instant::now();
         let mut k = 0u32;
         for t in 0..self.plan.timepoints {
@@ -1082,7 +1099,12 @@ mod tests {
                 no += 1.0;
             }
         }
-        assert!(inside / ni > 5.0 * (outside / no), "{} vs {}", inside / ni, outside / no);
+        assert!(
+            inside / ni > 5.0 * (outside / no),
+            "{} vs {}",
+            inside / ni,
+            outside / no
+        );
     }
 
     #[test]

@@ -251,10 +251,7 @@ impl Config {
                         format!("line {line} column {col}")
                     })
                     .unwrap_or_default();
-                return Err(fail(vec![Invalid::new(
-                    &at,
-                    format!("TOML syntax: {}", e.message()),
-                )]));
+                return Err(fail(vec![Invalid::new(&at, format!("TOML syntax: {}", e.message()))]));
             }
         };
         let mut errors = Vec::new();
@@ -272,13 +269,16 @@ impl Config {
                         })
                         .collect();
                     let message = e.inner().to_string();
-                    // An unknown key is reported at its parent; the key itself is in the message.
-                    let mut path = segments.clone();
+                    // Make sure an unknown key's path ends with the key itself, whichever way the
+                    // deserializer reported it.
+                    let mut path = segments;
                     if let Some(unknown) = message
                         .strip_prefix("unknown field `")
                         .and_then(|r| r.split('`').next())
                     {
-                        path.push(unknown.to_string());
+                        if path.last().map(String::as_str) != Some(unknown) {
+                            path.push(unknown.to_string());
+                        }
                     }
                     let key = join_path(&path);
                     let removed = remove_path(&mut value, &path);
@@ -323,7 +323,10 @@ impl Config {
         if liveomics_adapters::model::Name::new(&self.instrument).is_err() {
             out.push(Invalid::new(
                 "instrument",
-                format!("{:?} must match ^[A-Za-z0-9]+$ (it is a zenoh key chunk)", self.instrument),
+                format!(
+                    "{:?} must match ^[A-Za-z0-9]+$ (it is a zenoh key chunk)",
+                    self.instrument
+                ),
             ));
         }
         if self.latency_budget_ms == 0 {
@@ -344,25 +347,43 @@ impl Config {
         }
         let s = &self.segmentation;
         if !(s.nucleus_diameter_um.is_finite() && s.nucleus_diameter_um > 0.0) {
-            out.push(Invalid::new("segmentation.nucleus_diameter_um", "must be a positive number"));
+            out.push(Invalid::new(
+                "segmentation.nucleus_diameter_um",
+                "must be a positive number",
+            ));
         }
         if !(s.cells_threshold_scale > 0.0 && s.cells_threshold_scale <= 4.0) {
-            out.push(Invalid::new("segmentation.cells_threshold_scale", "must be within (0, 4]"));
+            out.push(Invalid::new(
+                "segmentation.cells_threshold_scale",
+                "must be within (0, 4]",
+            ));
         }
         let z = &self.sinks.zarr;
         if !(1..=22).contains(&z.zstd_level) {
-            out.push(Invalid::new("sinks.zarr.zstd_level", format!("must be 1..=22, got {}", z.zstd_level)));
+            out.push(Invalid::new(
+                "sinks.zarr.zstd_level",
+                format!("must be 1..=22, got {}", z.zstd_level),
+            ));
         }
         if !(16..=8192).contains(&z.chunk_px) {
-            out.push(Invalid::new("sinks.zarr.chunk_px", format!("must be 16..=8192, got {}", z.chunk_px)));
+            out.push(Invalid::new(
+                "sinks.zarr.chunk_px",
+                format!("must be 16..=8192, got {}", z.chunk_px),
+            ));
         }
         if z.enabled && z.output.as_os_str().is_empty() {
             out.push(Invalid::new("sinks.zarr.output", "must not be empty"));
         }
-        for (key, list) in [("sinks.zenoh.connect", &self.sinks.zenoh.connect), ("sinks.zenoh.listen", &self.sinks.zenoh.listen)] {
+        for (key, list) in [
+            ("sinks.zenoh.connect", &self.sinks.zenoh.connect),
+            ("sinks.zenoh.listen", &self.sinks.zenoh.listen),
+        ] {
             for (i, ep) in list.iter().enumerate() {
                 if !ep.contains('/') {
-                    out.push(Invalid::new(&format!("{key}[{i}]"), format!("{ep:?} is not an endpoint like tcp/127.0.0.1:7447")));
+                    out.push(Invalid::new(
+                        &format!("{key}[{i}]"),
+                        format!("{ep:?} is not an endpoint like tcp/127.0.0.1:7447"),
+                    ));
                 }
             }
         }
@@ -370,13 +391,25 @@ impl Config {
         if !t.metrics_listen.is_empty() && t.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
             out.push(Invalid::new(
                 "telemetry.metrics_listen",
-                format!("{:?} is not an address like 127.0.0.1:9464 (empty disables)", t.metrics_listen),
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9464 (empty disables)",
+                    t.metrics_listen
+                ),
             ));
         }
         if tracing_subscriber::EnvFilter::try_new(&t.log_level).is_err() {
-            out.push(Invalid::new("telemetry.log_level", format!("{:?} is not a tracing filter", t.log_level)));
+            out.push(Invalid::new(
+                "telemetry.log_level",
+                format!("{:?} is not a tracing filter", t.log_level),
+            ));
         }
-        out.extend(self.source.simulator.validate().into_iter().map(|i| i.under("source.simulator")));
+        out.extend(
+            self.source
+                .simulator
+                .validate()
+                .into_iter()
+                .map(|i| i.under("source.simulator")),
+        );
         out
     }
 }
@@ -459,15 +492,15 @@ mod tests {
     fn meaning_errors_are_all_reported() {
         let text = r#"
             instrument = "scope/1"
+            latency_budget_ms = 0
             [source.simulator]
-            wells = ["B2", "Z40"]
             [segmentation]
             nuclei_channel = "Hoechst"
         "#;
         let cfg = Config::from_toml(text, "t.toml").unwrap();
         let errs = crate::registry::validate(&cfg);
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
-        for k in ["instrument", "source.simulator.wells[1]", "segmentation.nuclei_channel"] {
+        for k in ["instrument", "latency_budget_ms", "segmentation.nuclei_channel"] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
     }

@@ -14,7 +14,11 @@ use liveomics::telemetry;
 use liveomics_adapters::source::StopToken;
 
 #[derive(Debug, Parser)]
-#[command(name = "liveomics", version, about = "Live image-based omics beside a high-content screening microscope")]
+#[command(
+    name = "liveomics",
+    version,
+    about = "Live image-based omics beside a high-content screening microscope"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -122,7 +126,8 @@ fn main() -> ExitCode {
 fn install_signals(stop: &StopToken) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     for sig in [SIGINT, SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.flag()).context("cannot install signal handler")?;
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.flag())
+            .context("cannot install signal handler")?;
         signal_hook::flag::register(sig, stop.flag()).context("cannot install signal handler")?;
     }
     Ok(())
@@ -150,16 +155,27 @@ fn print_summary(s: &RunSummary) {
         s.fields_done as f64 / secs.max(1e-9),
         s.fields_failed,
         s.fields_incomplete,
-        if s.source.stopped_early { " (stopped early by signal)" } else { "" }
+        if s.source.stopped_early {
+            " (stopped early by signal)"
+        } else {
+            ""
+        }
     );
+    println!("  fields acquired  {} ({} frames)", s.source.fields, s.source.frames);
     println!("  frames rejected  {}", s.frames_rejected);
     println!("  cells            {}", s.cells);
     println!(
         "  latency          p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (first frame to all sinks done)",
         s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms
     );
-    println!("  deadline misses  {} (budget {} ms)", s.deadline_misses, s.latency_budget_ms);
-    println!("  acquisition held {:.2} s by backpressure", s.source.blocked.as_secs_f64());
+    println!(
+        "  deadline misses  {} (budget {} ms)",
+        s.deadline_misses, s.latency_budget_ms
+    );
+    println!(
+        "  acquisition held {:.2} s by backpressure",
+        s.source.blocked.as_secs_f64()
+    );
     println!("  sinks            {}", s.sinks.join(", "));
     if let Some(a) = s.metrics_addr {
         println!("  metrics          http://{a}/metrics (while running)");

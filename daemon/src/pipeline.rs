@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use liveomics_adapters::model::{AcquisitionPlan, Field, FieldKey, Frame, Pixels, WellId};
-use liveomics_adapters::source::{SourceError, SourceReport, StopToken};
+use liveomics_adapters::source::{Source, SourceError, SourceReport, StopToken};
 
 use crate::config::Config;
 use crate::registry::{self, SinkOptions};
@@ -95,10 +95,7 @@ struct AssemblyStats {
     incomplete: u64,
 }
 
-fn spawn<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<JoinHandle<T>, RunError> {
+fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<JoinHandle<T>, RunError> {
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(f)
@@ -109,24 +106,32 @@ fn join<T>(h: JoinHandle<T>, what: &'static str) -> Result<T, RunError> {
     h.join().map_err(|_| RunError::Panicked(what))
 }
 
-/// Runs the whole pipeline until the source ends or `opts.stop` is set, then drains and returns.
+/// Runs the configured source through the pipeline until it ends or `opts.stop` is set, then
+/// drains and returns.
 pub fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RunError> {
-    let started = Instant::now();
-    let metrics = Metrics::install(&cfg.telemetry)?;
     let kind = registry::source_kind(&cfg.source.kind).ok_or_else(|| RunError::Source {
         kind: cfg.source.kind.clone(),
         source: SourceError::Config("unknown source kind".into()),
     })?;
-    let mut source = (kind.build)(cfg).map_err(|source| RunError::Source {
+    let source = (kind.build)(cfg).map_err(|source| RunError::Source {
         kind: cfg.source.kind.clone(),
         source,
     })?;
+    run_source(cfg, source, opts)
+}
+
+/// Runs a given source through the configured stages and sinks (`cfg.source` is not used): the
+/// entry point for sources built outside the registry, such as tests feeding malformed frames.
+pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, opts: RunOptions) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let metrics = Metrics::install(&cfg.telemetry)?;
     let plan = Arc::new(source.plan().clone());
 
     // Sinks open before the first frame: an unusable output fails now, not an hour in.
     let mut sinks = Vec::new();
     for k in registry::SINKS.iter().filter(|k| (k.enabled)(cfg)) {
-        let sink = (k.open)(cfg, plan.clone(), &opts.sinks).map_err(|source| RunError::Sink { name: k.name, source })?;
+        let sink =
+            (k.open)(cfg, plan.clone(), &opts.sinks).map_err(|source| RunError::Sink { name: k.name, source })?;
         sinks.push(sink);
     }
     let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
@@ -270,7 +275,9 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RunError> {
     let assembly_timeout = Duration::from_millis(p.assembly_timeout_ms);
     let asm_plan = plan.clone();
     let frame_rx_sampled = frame_rx.clone();
-    let assembler = spawn("assembly", move || assemble(frame_rx, field_tx, &asm_plan, assembly_timeout))?;
+    let assembler = spawn("assembly", move || {
+        assemble(frame_rx, field_tx, &asm_plan, assembly_timeout)
+    })?;
 
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
@@ -457,18 +464,33 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, time
                     stats.rejected += 1;
                 };
                 if frame.key.plate != plan.plate {
-                    reject("plate", format!("plate {} is not {}", frame.key.plate, plan.plate), &mut stats);
+                    reject(
+                        "plate",
+                        format!("plate {} is not {}", frame.key.plate, plan.plate),
+                        &mut stats,
+                    );
                     continue;
                 }
                 if frame.key.well.row >= plan.format.rows() || frame.key.well.column >= plan.format.columns() {
-                    reject("well", format!("well {} is outside the plate", frame.key.well), &mut stats);
+                    reject(
+                        "well",
+                        format!("well {} is outside the plate", frame.key.well),
+                        &mut stats,
+                    );
                     continue;
                 }
                 if frame.channel >= n {
-                    reject("channel", format!("channel index {} but the plan has {n}", frame.channel), &mut stats);
+                    reject(
+                        "channel",
+                        format!("channel index {} but the plan has {n}", frame.channel),
+                        &mut stats,
+                    );
                     continue;
                 }
-                if frame.width != plan.width || frame.height != plan.height || frame.pixels.len() != plan.width * plan.height {
+                if frame.width != plan.width
+                    || frame.height != plan.height
+                    || frame.pixels.len() != plan.width * plan.height
+                {
                     reject(
                         "shape",
                         format!(
@@ -486,7 +508,11 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, time
                 let px = match &frame.pixels {
                     Pixels::U16(p) => p.clone(),
                     other => {
-                        reject("dtype", format!("{} pixels, expected uint16", other.dtype()), &mut stats);
+                        reject(
+                            "dtype",
+                            format!("{} pixels, expected uint16", other.dtype()),
+                            &mut stats,
+                        );
                         continue;
                     }
                 };
@@ -505,7 +531,11 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, time
                     have: 0,
                 });
                 if entry.channels[frame.channel].is_some() {
-                    reject("duplicate", "channel already received for this field".into(), &mut stats);
+                    reject(
+                        "duplicate",
+                        "channel already received for this field".into(),
+                        &mut stats,
+                    );
                     continue;
                 }
                 entry.channels[frame.channel] = Some(px);

@@ -13,6 +13,9 @@ use crate::config::Config;
 use crate::sink::{zarr::ZarrSink, zenoh::ZenohSink, Sink, SinkError};
 use crate::stage::{MeasureStage, SegmentStage, Stage};
 
+pub type BuildStage = fn(&Config, &AcquisitionPlan) -> Result<Box<dyn Stage>, Invalid>;
+pub type OpenSink = fn(&Config, Arc<AcquisitionPlan>, &SinkOptions) -> Result<Box<dyn Sink>, SinkError>;
+
 /// How to build a source of one kind.
 #[derive(Debug)]
 pub struct SourceKind {
@@ -24,7 +27,7 @@ pub struct SourceKind {
 #[derive(Debug)]
 pub struct StageKind {
     pub name: &'static str,
-    pub build: fn(&Config, &AcquisitionPlan) -> Result<Box<dyn Stage>, Invalid>,
+    pub build: BuildStage,
     /// Stages that must run before this one.
     pub after: &'static [&'static str],
 }
@@ -34,7 +37,7 @@ pub struct StageKind {
 pub struct SinkKind {
     pub name: &'static str,
     pub enabled: fn(&Config) -> bool,
-    pub open: fn(&Config, Arc<AcquisitionPlan>, &SinkOptions) -> Result<Box<dyn Sink>, SinkError>,
+    pub open: OpenSink,
 }
 
 /// Run-time options that are not configuration (command-line flags).
@@ -94,13 +97,17 @@ pub fn validate(cfg: &Config) -> Vec<Invalid> {
         None => {
             out.push(Invalid::new(
                 "source.kind",
-                format!("unknown source {:?}; known: {}", cfg.source.kind, names(SOURCES, |s| s.name)),
+                format!(
+                    "unknown source {:?}; known: {}",
+                    cfg.source.kind,
+                    names(SOURCES, |s| s.name)
+                ),
             ));
             None
         }
-        // Source errors here are already reported by the value checks of its section.
-        Some(k) if out.is_empty() => (k.build)(cfg).ok(),
-        Some(_) => None,
+        // A source that cannot be built was already reported by the value checks of its section;
+        // one that can lets the stages be checked against its plan even if other keys are wrong.
+        Some(k) => (k.build)(cfg).ok(),
     };
     let mut seen: Vec<&str> = Vec::new();
     for (i, name) in cfg.pipeline.stages.iter().enumerate() {

@@ -46,7 +46,8 @@ pub fn write_plate(cfg: &SimulatorConfig, out: &Path) -> Result<u64, SimulateErr
     std::fs::create_dir_all(&images).map_err(io(&images))?;
     std::fs::create_dir_all(&truth).map_err(io(&truth))?;
     let genes = sim.genes();
-    let mut csv = String::from("plate,well,field,timepoint,label,centroid_x,centroid_y,nucleus_area_px,cell_area_px,mitotic");
+    let mut csv =
+        String::from("plate,well,field,timepoint,label,centroid_x,centroid_y,nucleus_area_px,cell_area_px,mitotic");
     for d in 0..LATENT {
         let _ = write!(csv, ",z{d}");
     }
@@ -67,8 +68,18 @@ pub fn write_plate(cfg: &SimulatorConfig, out: &Path) -> Result<u64, SimulateErr
                     write_plane(&images.join(&name), w, h, &Plane::U16(px))?;
                     files.push(json!({"path": format!("images/{name}"), "well": well.name(), "field": f, "timepoint": t, "channel": plan.channels[c].name}));
                 }
-                write_plane(&truth.join(format!("{stem}_nuclei.tif")), w, h, &Plane::U32(sf.nuclei_labels))?;
-                write_plane(&truth.join(format!("{stem}_cells.tif")), w, h, &Plane::U32(sf.cell_labels))?;
+                write_plane(
+                    &truth.join(format!("{stem}_nuclei.tif")),
+                    w,
+                    h,
+                    &Plane::U32(sf.nuclei_labels),
+                )?;
+                write_plane(
+                    &truth.join(format!("{stem}_cells.tif")),
+                    w,
+                    h,
+                    &Plane::U32(sf.cell_labels),
+                )?;
                 for (p, img) in sf.protein_clean.into_iter().enumerate() {
                     let name = &cfg.proteins[p].name;
                     write_plane(&truth.join(format!("{stem}_{name}_clean.tif")), w, h, &Plane::F32(img))?;

@@ -95,7 +95,10 @@ impl SegmentStage {
         let find = |key: &str, name: &str| {
             channel_index(plan, name).ok_or_else(|| {
                 let known: Vec<&str> = plan.channels.iter().map(|c| c.name.as_str()).collect();
-                Invalid::new(key, format!("no channel named {name:?}; channels: {}", known.join(", ")))
+                Invalid::new(
+                    key,
+                    format!("no channel named {name:?}; channels: {}", known.join(", ")),
+                )
             })
         };
         let nuclei_channel = find("segmentation.nuclei_channel", &s.nuclei_channel)?;

@@ -140,15 +140,26 @@ fn describe() {
     describe_counter!(FRAMES_IN, "Frames received from the source, by channel");
     describe_counter!(FRAMES_REJECTED, "Frames rejected at assembly, by reason");
     describe_counter!(FIELDS_ASSEMBLED, "Fields assembled (complete or not)");
-    describe_counter!(FIELDS_INCOMPLETE, "Fields passed on with missing channels after the assembly timeout");
+    describe_counter!(
+        FIELDS_INCOMPLETE,
+        "Fields passed on with missing channels after the assembly timeout"
+    );
     describe_counter!(FIELDS_DONE, "Fields written by every sink");
     describe_counter!(CELLS, "Cells segmented");
     describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Time per field in each stage");
     describe_histogram!(SINK_SECONDS, Unit::Seconds, "Time per field in each sink");
-    describe_histogram!(FIELD_LATENCY_SECONDS, Unit::Seconds, "First frame received to every sink done");
+    describe_histogram!(
+        FIELD_LATENCY_SECONDS,
+        Unit::Seconds,
+        "First frame received to every sink done"
+    );
     describe_counter!(DEADLINE_MISSES, "Fields done after their latency budget");
     describe_gauge!(QUEUE_DEPTH, "Items waiting in each bounded queue");
-    describe_counter!(SOURCE_BLOCKED_US, Unit::Microseconds, "Time the source waited on a full frame queue (backpressure)");
+    describe_counter!(
+        SOURCE_BLOCKED_US,
+        Unit::Microseconds,
+        "Time the source waited on a full frame queue (backpressure)"
+    );
     describe_counter!(ERRORS, "Errors by kind; the daemon continued");
 }
 
@@ -176,7 +187,13 @@ pub struct FrameRejected<'a> {
 
 impl FrameRejected<'_> {
     pub fn emit(&self) {
-        warn!(field = self.field, channel = self.channel, reason = self.reason, "frame rejected: {}", self.detail);
+        warn!(
+            field = self.field,
+            channel = self.channel,
+            reason = self.reason,
+            "frame rejected: {}",
+            self.detail
+        );
         counter!(FRAMES_REJECTED, "reason" => self.reason).increment(1);
     }
 }
@@ -210,7 +227,12 @@ pub struct StageCompleted<'a> {
 
 impl StageCompleted<'_> {
     pub fn emit(&self) {
-        debug!(stage = self.stage, field = self.field, ms = self.elapsed.as_secs_f64() * 1e3, "stage done");
+        debug!(
+            stage = self.stage,
+            field = self.field,
+            ms = self.elapsed.as_secs_f64() * 1e3,
+            "stage done"
+        );
         histogram!(STAGE_SECONDS, "stage" => self.stage).record(self.elapsed.as_secs_f64());
     }
 }
@@ -238,7 +260,12 @@ pub struct SinkWritten<'a> {
 
 impl SinkWritten<'_> {
     pub fn emit(&self) {
-        debug!(sink = self.sink, field = self.field, ms = self.elapsed.as_secs_f64() * 1e3, "sink wrote field");
+        debug!(
+            sink = self.sink,
+            field = self.field,
+            ms = self.elapsed.as_secs_f64() * 1e3,
+            "sink wrote field"
+        );
         histogram!(SINK_SECONDS, "sink" => self.sink).record(self.elapsed.as_secs_f64());
     }
 }
@@ -292,7 +319,10 @@ impl SourceBlocked {
     pub fn emit(&self) {
         counter!(SOURCE_BLOCKED_US).increment(self.waited.as_micros() as u64);
         if self.waited > Duration::from_secs(1) {
-            warn!(waited_ms = self.waited.as_millis() as u64, "acquisition held back: the pipeline is behind");
+            warn!(
+                waited_ms = self.waited.as_millis() as u64,
+                "acquisition held back: the pipeline is behind"
+            );
         }
     }
 }

@@ -16,7 +16,13 @@ use crate::stage::FieldWork;
 pub fn mean_column(channel: &str) -> String {
     let clean: String = channel
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("mean_{clean}")
 }
@@ -46,7 +52,12 @@ pub fn field_metadata(work: &FieldWork, instrument: &str) -> HashMap<String, Str
         ("segmented".into(), work.nuclei.is_some().to_string()),
         (
             "channels".into(),
-            work.plan.channels.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(","),
+            work.plan
+                .channels
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
         ),
     ])
 }

@@ -250,7 +250,9 @@ impl ZarrSink {
 
     fn plate_metadata(&self) -> Value {
         let fmt = self.plan.format;
-        let rows: Vec<Value> = (0..fmt.rows()).map(|r| json!({"name": PlateFormat::row_name(r)})).collect();
+        let rows: Vec<Value> = (0..fmt.rows())
+            .map(|r| json!({"name": PlateFormat::row_name(r)}))
+            .collect();
         let columns: Vec<Value> = (0..fmt.columns())
             .map(|c| json!({"name": PlateFormat::column_name(c)}))
             .collect();

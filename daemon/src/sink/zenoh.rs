@@ -25,8 +25,11 @@ pub fn session_config(cfg: &ZenohSinkConfig) -> Result<zenoh::Config, SinkError>
     if !cfg.listen.is_empty() {
         z.insert_json5("listen/endpoints", &list(&cfg.listen)).map_err(e)?;
     }
-    z.insert_json5("scouting/multicast/enabled", if cfg.multicast_scouting { "true" } else { "false" })
-        .map_err(e)?;
+    z.insert_json5(
+        "scouting/multicast/enabled",
+        if cfg.multicast_scouting { "true" } else { "false" },
+    )
+    .map_err(e)?;
     Ok(z)
 }
 
@@ -38,7 +41,9 @@ pub struct ZenohSink {
 
 impl std::fmt::Debug for ZenohSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ZenohSink").field("instrument", &self.instrument).finish()
+        f.debug_struct("ZenohSink")
+            .field("instrument", &self.instrument)
+            .finish()
     }
 }
 

@@ -1,0 +1,48 @@
+# liveomics: the two commands of the README are `make run` and `make test`; both install what they
+# need (idempotently) into the repo: Python clients into .venv, Rust builds into target/.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := run
+
+# The Python tools (zarr 3.4, ome-zarr-models) need Python >= 3.12; take the first one present.
+PYTHON ?= $(shell for p in python3.13 python3.12 $(HOME)/.pyenv/versions/3.13*/bin/python3 $(HOME)/.pyenv/versions/3.12*/bin/python3 python3; do \
+	  if $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then echo $$p; break; fi; done)
+VENV := .venv
+PY := $(VENV)/bin/python
+REQ_HASH := $(shell sha1sum tests/requirements.txt | cut -c1-12)
+PY_STAMP := $(VENV)/.installed-$(REQ_HASH)
+BIN := target/release/liveomics
+
+.PHONY: run test build fmt lint rust-test py-test python clean
+
+$(PY_STAMP): tests/requirements.txt
+	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; install one or pass PYTHON=/path/to/python3.12"; exit 1; }
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
+python: $(PY_STAMP)
+
+build:
+	cargo build --release --locked
+
+run: build
+	$(BIN) run --overwrite
+
+fmt:
+	cargo fmt --all -- --check
+
+lint:
+	cargo clippy --release --locked --workspace --all-targets -- -D warnings
+
+rust-test:
+	cargo test --release --locked --workspace
+
+py-test: build python
+	cd tests && ../$(PY) -m pytest -q
+
+test: fmt lint rust-test py-test
+
+clean:
+	rm -rf $(VENV) out

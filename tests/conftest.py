@@ -1,0 +1,63 @@
+"""Shared helpers for the end-to-end tests: they run the real `liveomics` binary and read what it
+writes and publishes with the Python tools users run (zarr-python, ome-zarr-models, eclipse-zenoh,
+pyarrow, tifffile)."""
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(os.environ.get("LIVEOMICS_BIN", ROOT / "target" / "release" / "liveomics"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sim_toml(plate="e2e", wells=("B2", "B3"), fields=2, size=512, rate=0.0, seed=7, extra=""):
+    wells_toml = ", ".join(f'"{w}"' for w in wells)
+    return f"""
+[source.simulator]
+seed = {seed}
+plate = "{plate}"
+wells = [{wells_toml}]
+control_wells = ["{wells[0]}"]
+fields_per_well = {fields}
+width_px = {size}
+height_px = {size}
+rate_fields_per_s = {rate}
+{extra}
+"""
+
+
+def daemon_toml(out: Path, instrument: str, zenoh_port: int | None, sim: str, zenoh_enabled=True) -> str:
+    connect = f'["tcp/127.0.0.1:{zenoh_port}"]' if zenoh_port else "[]"
+    return f"""
+instrument = "{instrument}"
+latency_budget_ms = 5000
+{sim}
+[sinks.zarr]
+output = "{out}"
+[sinks.zenoh]
+enabled = {str(zenoh_enabled).lower()}
+connect = {connect}
+multicast_scouting = false
+[telemetry]
+metrics_listen = "127.0.0.1:0"
+"""
+
+
+@pytest.fixture(scope="session")
+def binary() -> Path:
+    if not BIN.exists():
+        pytest.fail(f"{BIN} not built: run `make build` (or `make test`, which builds it)")
+    return BIN
+
+
+def run(binary, *args, timeout=300, **kw):
+    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)

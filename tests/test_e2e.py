@@ -1,0 +1,186 @@
+"""End to end: the daemon on a small simulated plate, checked against the simulator's own files."""
+
+import json
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow.ipc
+import pytest
+import tifffile
+import zarr
+import zenoh
+
+from conftest import daemon_toml, free_port, run, sim_toml
+
+
+def zenoh_listener(port: int, key: str):
+    """A real zenoh peer listening on loopback (multicast scouting off, so parallel tests stay apart)."""
+    conf = zenoh.Config()
+    conf.insert_json5("mode", '"peer"')
+    conf.insert_json5("listen/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    session = zenoh.open(conf)
+    messages = []
+    sub = session.declare_subscriber(
+        key,
+        lambda s: messages.append(
+            (str(s.key_expr), s.payload.to_bytes(), s.attachment.to_bytes() if s.attachment is not None else None)
+        ),
+    )
+    return session, sub, messages
+
+
+@pytest.fixture(scope="module")
+def plate_run(binary, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    port = free_port()
+    session, sub, messages = zenoh_listener(port, "liveomics/e2etest/cells/**")
+    sim = sim_toml(plate="e2e", wells=("B2", "C5"), fields=2, size=512)
+    cfg = tmp / "run.toml"
+    cfg.write_text(daemon_toml(tmp / "out", "e2etest", port, sim))
+    proc = run(binary, "run", "--config", cfg)
+    time.sleep(0.5)  # let the last zenoh message land
+    sub.undeclare()
+    session.close()
+    truth = tmp / "truth"
+    sim_proc = run(binary, "simulate", "--config", cfg, "--out", truth)
+    assert sim_proc.returncode == 0, sim_proc.stderr
+    return proc, tmp / "out" / "e2e.zarr", truth, messages
+
+
+def test_run_exits_cleanly_and_summarises(plate_run):
+    proc, _, _, _ = plate_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fields           4 done" in proc.stdout, proc.stdout
+    assert "deadline misses" in proc.stdout and "p99" in proc.stdout
+
+
+def test_zarr_pixels_equal_simulator_and_every_field_once(plate_run):
+    _, plate, truth, _ = plate_run
+    manifest = json.loads((truth / "manifest.json").read_text())
+    root = zarr.open_group(plate, mode="r")
+    wells = root.attrs["ome"]["plate"]["wells"]
+    assert sorted(w["path"] for w in wells) == ["B/2", "C/5"]
+    for w in wells:
+        images = root[w["path"]].attrs["ome"]["well"]["images"]
+        assert [i["path"] for i in images] == ["0", "1"], "every field listed exactly once"
+        row, col = w["path"].split("/")
+        for f in ("0", "1"):
+            arr = zarr.open_array(plate / row / col / f / "0", mode="r")
+            assert arr.shape == (len(manifest["channels"]), 512, 512)
+            assert arr.dtype == np.uint16
+            for c, ch in enumerate(manifest["channels"]):
+                expected = tifffile.imread(truth / "images" / f"{row}{col}_f{f}_t0_{ch['name']}.tif")
+                np.testing.assert_array_equal(arr[c], expected)
+            labels = zarr.open_group(plate / row / col / f / "labels", mode="r")
+            assert labels.attrs["ome"]["labels"] == ["nuclei", "cells"]
+            nuc = zarr.open_array(plate / row / col / f / "labels" / "nuclei" / "0", mode="r")[0]
+            cells = zarr.open_array(plate / row / col / f / "labels" / "cells" / "0", mode="r")[0]
+            assert nuc.max() > 10
+            # Every nucleus pixel lies inside the cell with the same id.
+            inside = nuc > 0
+            assert np.array_equal(cells[inside], nuc[inside])
+
+
+def test_ome_zarr_models_validates_hcs_with_warnings_as_errors(plate_run):
+    from ome_zarr_models.v05.hcs import HCS
+
+    _, plate, _, _ = plate_run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hcs = HCS.from_zarr(zarr.open_group(plate, mode="r"))
+    assert len(hcs.attributes.ome.plate.wells) == 2
+
+
+def test_zenoh_one_message_per_field_with_cell_counts_near_truth(plate_run):
+    _, _, truth, messages = plate_run
+    keys = [k for k, _, _ in messages]
+    expected = {f"liveomics/e2etest/cells/e2e/{w}/{f}" for w in ("B2", "C5") for f in (0, 1)}
+    assert sorted(keys) == sorted(expected), "one message per field"
+    truth_cells = {}
+    with open(truth / "truth" / "cells.csv") as fh:
+        header = fh.readline().strip().split(",")
+        for line in fh:
+            row = dict(zip(header, line.strip().split(",")))
+            k = (row["well"], int(row["field"]))
+            truth_cells[k] = truth_cells.get(k, 0) + 1
+    for key, payload, attachment in messages:
+        table = pyarrow.ipc.open_stream(payload).read_all()
+        meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+        att = json.loads(attachment)
+        assert att["cells"] == meta["cells"] == str(table.num_rows)
+        well, field = key.split("/")[-2], int(key.split("/")[-1])
+        assert meta["well"] == well and meta["field"] == str(field)
+        n_truth = truth_cells[(well, field)]
+        assert abs(table.num_rows - n_truth) <= 0.10 * n_truth, f"{key}: {table.num_rows} vs truth {n_truth}"
+        cols = set(table.column_names)
+        assert {"label", "centroid_x_px", "centroid_y_px", "area_px", "mean_dapi", "mean_er"} <= cols
+        assert (table.column("area_px").to_numpy() >= table.column("nucleus_area_px").to_numpy()).all()
+
+
+def test_simulate_is_deterministic(binary, tmp_path):
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text(sim_toml(wells=("D4",), fields=1, size=256, seed=11))
+    for d in ("a", "b"):
+        assert run(binary, "simulate", "--config", cfg, "--out", tmp_path / d).returncode == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.tif"))
+    assert len(files) >= 6
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_validate_reports_three_mistakes_with_key_paths(binary, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('latency_budget_ms = "soon"\n[pipeline]\nworkerz = 2\n[sinks.zarr]\ncompression = "lz77"\n')
+    proc = run(binary, "validate", bad)
+    assert proc.returncode == 2
+    for key in ("latency_budget_ms:", "pipeline.workerz:", "sinks.zarr.compression:"):
+        assert key in proc.stderr, proc.stderr
+    assert "3 error(s)" in proc.stderr
+
+
+def test_unwritable_output_fails_before_acquisition(binary, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(daemon_toml(blocker / "out", "e2ebad", None, sim_toml(), zenoh_enabled=False))
+    proc = run(binary, "run", "--config", cfg, timeout=60)
+    assert proc.returncode == 1
+    assert "is not usable" in proc.stderr and "acquisition starting" not in proc.stderr, proc.stderr
+
+
+def test_existing_plate_needs_overwrite(binary, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(daemon_toml(tmp_path / "out", "e2eow", None, sim_toml(wells=("A1",), fields=1, size=128), zenoh_enabled=False))
+    assert run(binary, "run", "--config", cfg).returncode == 0
+    again = run(binary, "run", "--config", cfg)
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+    assert run(binary, "run", "--config", cfg, "--overwrite").returncode == 0
+
+
+def test_sigterm_mid_plate_drains_and_exits_zero(binary, tmp_path):
+    cfg = tmp_path / "c.toml"
+    sim = sim_toml(plate="stop", wells=("B2", "B3", "B4"), fields=4, size=512, rate=4.0)
+    cfg.write_text(daemon_toml(tmp_path / "out", "e2estop", None, sim, zenoh_enabled=False))
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped early by signal" in out, out
+    acquired = int(out.split("fields acquired")[1].split()[0])
+    done = int(out.split("fields           ")[1].split()[0])
+    assert 0 < acquired < 12
+    assert done == acquired, "every field that entered the pipeline is written"
+    root = zarr.open_group(tmp_path / "out" / "stop.zarr", mode="r")
+    listed = 0
+    for w in root.attrs["ome"]["plate"]["wells"]:
+        for img in root[w["path"]].attrs["ome"]["well"]["images"]:
+            arr = zarr.open_array(tmp_path / "out" / "stop.zarr" / w["path"] / img["path"] / "0", mode="r")
+            assert all(arr[c].max() > 0 for c in range(arr.shape[0])), "all channels written"
+            listed += 1
+    assert listed == acquired
