@@ -106,6 +106,7 @@ fn main() -> ExitCode {
             let opts = RunOptions {
                 sinks: SinkOptions { overwrite },
                 stop,
+                ..Default::default()
             };
             match pipeline::run(&cfg, opts).context("liveomics run failed") {
                 Ok(summary) => {

@@ -18,7 +18,7 @@ use liveomics_adapters::source::{Source, SourceError, SourceReport, StopToken};
 
 use crate::config::Config;
 use crate::registry::{self, SinkOptions};
-use crate::sink::{zarr::ZarrSink, SinkError};
+use crate::sink::{zarr::ZarrSink, Sink, SinkError};
 use crate::stage::FieldWork;
 use crate::telemetry::{self as t, Metrics};
 
@@ -49,11 +49,26 @@ pub enum RunError {
     Spawn(#[source] std::io::Error),
 }
 
-/// Command-line options of a run.
-#[derive(Debug, Clone, Default)]
+/// Options of a run that are not configuration.
+#[derive(Default)]
 pub struct RunOptions {
     pub sinks: SinkOptions,
     pub stop: StopToken,
+    /// Sinks built outside the registry, run after the configured ones (embedding, tests).
+    pub extra_sinks: Vec<Box<dyn Sink>>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("sinks", &self.sinks)
+            .field("stop", &self.stop)
+            .field(
+                "extra_sinks",
+                &self.extra_sinks.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 /// What a run did; printed at the end of `liveomics run`.
@@ -122,7 +137,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RunError> {
 
 /// Runs a given source through the configured stages and sinks (`cfg.source` is not used): the
 /// entry point for sources built outside the registry, such as tests feeding malformed frames.
-pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, opts: RunOptions) -> Result<RunSummary, RunError> {
+pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOptions) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let metrics = Metrics::install(&cfg.telemetry)?;
     let plan = Arc::new(source.plan().clone());
@@ -134,6 +149,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, opts: RunOptions) -
             (k.open)(cfg, plan.clone(), &opts.sinks).map_err(|source| RunError::Sink { name: k.name, source })?;
         sinks.push(sink);
     }
+    sinks.append(&mut opts.extra_sinks);
     let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
     let output = cfg
         .sinks

@@ -68,17 +68,26 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn install(cfg: &TelemetryConfig) -> Result<Self, TelemetryError> {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&[
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ])
-            .map_err(TelemetryError::Recorder)?
-            .build_recorder();
-        let handle = recorder.handle();
-        // Only the first install in a process wins (tests run several daemons in one process);
-        // later ones still serve their own handle.
-        let _ = metrics::set_global_recorder(recorder);
-        describe();
+        // One recorder per process: a second run in the same process (tests, embedding) shares it,
+        // and its endpoint serves the same registry.
+        static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+        let handle = match HANDLE.get() {
+            Some(h) => h.clone(),
+            None => {
+                let recorder = PrometheusBuilder::new()
+                    .set_buckets(&[
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ])
+                    .map_err(TelemetryError::Recorder)?
+                    .build_recorder();
+                let handle = HANDLE.get_or_init(|| recorder.handle()).clone();
+                // Fails only if another recorder was installed first; ours then stays unused.
+                if metrics::set_global_recorder(recorder).is_ok() {
+                    describe();
+                }
+                handle
+            }
+        };
         let addr = if cfg.metrics_listen.is_empty() {
             None
         } else {

@@ -1,5 +1,6 @@
 //! Malformed input reaches the pipeline: each bad frame is rejected, logged and counted, a field
-//! with a missing channel is passed on after the assembly timeout, and the daemon keeps going.
+//! with a missing channel is passed on after the assembly timeout, channels out of order are
+//! assembled, and the daemon keeps going.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -31,8 +32,9 @@ impl Source for FaultySource {
             report.frames += 1;
             Ok::<_, SourceError>(())
         };
+        let key0 = self.sim.render(well, 0, 0).key;
         let frame = |field: u32, c: usize, px: Pixels, w: usize, h: usize| Frame {
-            key: self.sim.render(well, 0, 0).key.with_field(field),
+            key: key0.clone().with_field(field),
             channel: c,
             width: w,
             height: h,
@@ -41,9 +43,14 @@ impl Source for FaultySource {
             received_at: Instant::now(),
         };
         let (w, h) = (self.plan.width, self.plan.height);
-        for field in 0..2u32 {
+        for field in 0..3u32 {
             let sf = self.sim.render(well, field, 0);
-            for (c, px) in sf.channels.into_iter().enumerate() {
+            let mut channels: Vec<(usize, Vec<u16>)> = sf.channels.into_iter().enumerate().collect();
+            // Field 2 arrives with its channels in reverse order.
+            if field == 2 {
+                channels.reverse();
+            }
+            for (c, px) in channels {
                 // Field 1 never gets its last channel: it must still be written, flagged incomplete.
                 if field == 1 && c == self.plan.channels.len() - 1 {
                     continue;
@@ -108,7 +115,7 @@ fn bad_frames_are_rejected_counted_and_the_run_continues() {
         summary.frames_rejected, 5,
         "duplicate, byte count, shape, dtype, channel"
     );
-    assert_eq!(summary.fields_done, 2);
+    assert_eq!(summary.fields_done, 3);
     assert_eq!(summary.fields_incomplete, 1);
     assert_eq!(summary.fields_failed, 0);
     assert!(summary.cells > 5);
@@ -118,7 +125,7 @@ fn bad_frames_are_rejected_counted_and_the_run_continues() {
             .expect("json");
     assert_eq!(
         well["attributes"]["ome"]["well"]["images"].as_array().map(|a| a.len()),
-        Some(2)
+        Some(3)
     );
     let metrics = scrape(summary.metrics_addr.expect("metrics address"));
     for reason in ["duplicate", "shape", "dtype", "channel"] {
