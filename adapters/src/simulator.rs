@@ -296,6 +296,7 @@ pub struct Simulator {
     plan: AcquisitionPlan,
     genes: GeneModel,
     controls: Vec<WellId>,
+    skip: std::collections::HashSet<FieldKey>,
 }
 
 /// SplitMix64: turns (seed, stream ids) into independent, well-mixed ChaCha seeds.
@@ -372,6 +373,7 @@ impl Simulator {
             plan,
             genes,
             controls,
+            skip: Default::default(),
         })
     }
 
@@ -996,6 +998,10 @@ impl Source for Simulator {
         &self.plan
     }
 
+    fn skip(&mut self, done: &[FieldKey]) {
+        self.skip.extend(done.iter().cloned());
+    }
+
     fn run(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError> {
         let mut report = SourceReport::default();
         let period =
@@ -1005,6 +1011,15 @@ impl Source for Simulator {
         for t in 0..self.plan.timepoints {
             for &well in &self.plan.wells {
                 for f in 0..self.plan.fields_per_well {
+                    let key = FieldKey {
+                        plate: self.plan.plate.clone(),
+                        well,
+                        field: f,
+                        timepoint: t,
+                    };
+                    if self.skip.contains(&key) {
+                        continue;
+                    }
                     if let Some(p) = period {
                         let due = start + p * k;
                         while Instant::now() < due && !stop.is_stopped() {

@@ -67,6 +67,11 @@ pub trait Source: Send {
     /// What will be acquired, known before the first frame.
     fn plan(&self) -> &AcquisitionPlan;
 
+    /// Fields already complete in the output (a resumed plate): a source that can choose what it
+    /// acquires skips them; one that cannot (a live microscope) ignores this, and the sinks
+    /// recognise the repeats.
+    fn skip(&mut self, _done: &[crate::model::FieldKey]) {}
+
     /// Produces frames until the acquisition ends or `stop` is set; a stop takes effect at the next
     /// field boundary, so every field that was started is delivered whole.
     fn run(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError>;

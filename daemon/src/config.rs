@@ -120,10 +120,12 @@ pub struct SinksConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Compression {
     None,
     Zstd,
+    BloscZstd,
+    BloscLz4,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,9 +135,18 @@ pub struct ZarrSinkConfig {
     /// Directory that holds `{plate}.zarr`; relative paths are relative to the working directory.
     pub output: PathBuf,
     pub compression: Compression,
-    pub zstd_level: i32,
-    /// Chunk edge in pixels for the y and x axes.
+    /// zstd: 1..=22; blosc: 0..=9.
+    pub compression_level: i32,
+    /// Byte shuffle before blosc (helps 16-bit camera data a lot).
+    pub shuffle: bool,
+    /// Chunk edge in pixels for y and x (the subchunk edge when sharding).
     pub chunk_px: u64,
+    /// One shard per plane (frame): few files per field, each written by one call.
+    pub shard: bool,
+    /// Resolution levels including full resolution; each next level is 2x smaller.
+    pub pyramid_levels: u32,
+    /// Write the per-cell AnnData table of each field.
+    pub tables: bool,
 }
 
 impl Default for ZarrSinkConfig {
@@ -143,9 +154,13 @@ impl Default for ZarrSinkConfig {
         Self {
             enabled: true,
             output: PathBuf::from("out"),
-            compression: Compression::Zstd,
-            zstd_level: 3,
-            chunk_px: 1024,
+            compression: Compression::BloscZstd,
+            compression_level: 1,
+            shuffle: true,
+            chunk_px: 512,
+            shard: true,
+            pyramid_levels: 3,
+            tables: true,
         }
     }
 }
@@ -359,10 +374,29 @@ impl Config {
             ));
         }
         let z = &self.sinks.zarr;
-        if !(1..=22).contains(&z.zstd_level) {
+        let levels = match z.compression {
+            Compression::Zstd => Some(1..=22),
+            Compression::BloscZstd | Compression::BloscLz4 => Some(0..=9),
+            Compression::None => None,
+        };
+        if let Some(r) = levels {
+            if !r.contains(&z.compression_level) {
+                out.push(Invalid::new(
+                    "sinks.zarr.compression_level",
+                    format!(
+                        "must be {}..={} for {:?}, got {}",
+                        r.start(),
+                        r.end(),
+                        z.compression,
+                        z.compression_level
+                    ),
+                ));
+            }
+        }
+        if !(1..=8).contains(&z.pyramid_levels) {
             out.push(Invalid::new(
-                "sinks.zarr.zstd_level",
-                format!("must be 1..=22, got {}", z.zstd_level),
+                "sinks.zarr.pyramid_levels",
+                format!("must be 1..=8, got {}", z.pyramid_levels),
             ));
         }
         if !(16..=8192).contains(&z.chunk_px) {

@@ -150,6 +150,10 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         sinks.push(sink);
     }
     sinks.append(&mut opts.extra_sinks);
+    let done: Vec<liveomics_adapters::model::FieldKey> = sinks.iter().flat_map(|s| s.completed()).collect();
+    if !done.is_empty() {
+        source.skip(&done);
+    }
     let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
     let output = cfg
         .sinks
@@ -193,6 +197,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         queues.push((format!("sink_{}", sink.name()), rx.clone()));
         sink_txs.push(tx);
         let done_tx = done_tx.clone();
+        let stop = opts.stop.clone();
         handles_sinks.push(spawn(&format!("sink-{}", sink.name()), move || {
             for work in rx {
                 let t0 = Instant::now();
@@ -210,6 +215,13 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                         error: e,
                     }
                     .emit();
+                    if e.stops_intake() && !stop.is_stopped() {
+                        tracing::error!(
+                            sink = sink.name(),
+                            "storage failed: stopping intake; complete fields stay valid"
+                        );
+                        stop.stop();
+                    }
                 }
                 let _ = done_tx.send(Done {
                     name: work.name.clone(),

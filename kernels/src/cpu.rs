@@ -560,9 +560,54 @@ pub fn filter_by_area(labels: &[u32], min_area: usize, max_area: usize) -> (Vec<
     (out, next)
 }
 
+/// Halves an image by averaging 2×2 blocks (rounded), for pyramid levels. Odd edges repeat the
+/// last row/column, so the output is `ceil(w/2) × ceil(h/2)` and covers the whole field.
+pub fn downsample2x_mean(src: &[u16], width: usize, height: usize) -> Result<(Vec<u16>, usize, usize), KernelError> {
+    check_len("src", src, width, height)?;
+    let (w2, h2) = (width.div_ceil(2), height.div_ceil(2));
+    let mut out = vec![0u16; w2 * h2];
+    out.par_chunks_mut(w2.max(1)).enumerate().for_each(|(y, row)| {
+        let (y0, y1) = (2 * y, (2 * y + 1).min(height - 1));
+        for (x, o) in row.iter_mut().enumerate() {
+            let (x0, x1) = (2 * x, (2 * x + 1).min(width - 1));
+            let s = src[y0 * width + x0] as u32
+                + src[y0 * width + x1] as u32
+                + src[y1 * width + x0] as u32
+                + src[y1 * width + x1] as u32;
+            *o = ((s + 2) / 4) as u16;
+        }
+    });
+    Ok((out, w2, h2))
+}
+
+/// Halves a label image by taking the top-left pixel of each 2×2 block: labels must not be
+/// averaged into ids that do not exist.
+pub fn downsample2x_nearest(src: &[u32], width: usize, height: usize) -> Result<(Vec<u32>, usize, usize), KernelError> {
+    check_len("src", src, width, height)?;
+    let (w2, h2) = (width.div_ceil(2), height.div_ceil(2));
+    let mut out = vec![0u32; w2 * h2];
+    out.par_chunks_mut(w2.max(1)).enumerate().for_each(|(y, row)| {
+        for (x, o) in row.iter_mut().enumerate() {
+            *o = src[2 * y * width + 2 * x];
+        }
+    });
+    Ok((out, w2, h2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn downsample_means_and_keeps_labels() {
+        let img: Vec<u16> = vec![0, 4, 8, 1, 3, 9, 100, 100, 100];
+        let (d, w, h) = downsample2x_mean(&img, 3, 3).unwrap();
+        assert_eq!((w, h), (2, 2));
+        assert_eq!(d, vec![2, 9, 100, 100]);
+        let labels: Vec<u32> = vec![1, 1, 2, 1, 1, 2, 3, 3, 3];
+        let (l, _, _) = downsample2x_nearest(&labels, 3, 3).unwrap();
+        assert_eq!(l, vec![1, 2, 3, 3]);
+    }
 
     #[test]
     fn otsu_separates_two_levels() {

@@ -16,8 +16,10 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
-    #[error("plate {path} already exists; pass --overwrite to replace it")]
-    Exists { path: String },
+    #[error("{path} holds a different plate: {reason}; nothing was written (pass --overwrite to replace it)")]
+    DifferentPlate { path: String, reason: String },
+    #[error("invalid sink configuration: {0}")]
+    Config(String),
     #[error("zarr store error at {path}")]
     Zarr {
         path: String,
@@ -26,8 +28,18 @@ pub enum SinkError {
     },
     #[error("zenoh: {0}")]
     Zenoh(String),
+    #[error(transparent)]
+    Kernel(#[from] liveomics_kernels::KernelError),
     #[error("cannot encode per-cell records")]
     Encode(#[source] arrow_schema::ArrowError),
+}
+
+impl SinkError {
+    /// Storage failures (disk full, permissions, I/O) stop intake: acquiring more frames that
+    /// cannot be kept would only lose them. Everything complete so far stays valid.
+    pub fn stops_intake(&self) -> bool {
+        matches!(self, SinkError::Output { .. } | SinkError::Zarr { .. })
+    }
 }
 
 /// A destination for processed fields.
@@ -35,6 +47,10 @@ pub trait Sink: Send {
     fn name(&self) -> &'static str;
     /// Writes one field. Called from the sink's own thread, one field at a time.
     fn write(&mut self, work: &FieldWork) -> Result<(), SinkError>;
+    /// Fields this sink already holds from an earlier run (resume); the source skips them.
+    fn completed(&self) -> Vec<liveomics_adapters::model::FieldKey> {
+        Vec::new()
+    }
     /// Called once after the last field: flush and release.
     fn finish(&mut self) -> Result<(), SinkError> {
         Ok(())

@@ -1,0 +1,141 @@
+//! Per-cell tables in the AnnData on-disk format (Zarr v3), one per image at
+//! `{image}/tables/cells`, read by `anndata.read_zarr`.
+//!
+//! Why per image and not one per plate: a table written with its field, before the field is listed
+//! in the well, is complete or absent exactly when the field is, so crash recovery needs no table
+//! surgery and a redone field cannot leave duplicate rows; fields never share a file, so writers
+//! never contend. A plate-wide table is one `anndata.concat` away (see `docs/OUTPUT.md`).
+
+use serde_json::{json, Map, Value};
+use zarrs::array::data_type;
+
+use super::node::Store;
+use crate::sink::cells_arrow::mean_column;
+use crate::sink::SinkError;
+use crate::stage::FieldWork;
+
+fn attrs(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+fn array_attrs() -> Map<String, Value> {
+    attrs(json!({"encoding-type": "array", "encoding-version": "0.2.0"}))
+}
+
+fn string_array(store: &Store, node: &str, values: &[String]) -> Result<(), SinkError> {
+    store.column(
+        node,
+        data_type::string(),
+        "",
+        values,
+        attrs(json!({"encoding-type": "string-array", "encoding-version": "0.2.0"})),
+    )
+}
+
+fn categorical(store: &Store, node: &str, value: &str, rows: usize) -> Result<(), SinkError> {
+    store.group(
+        node,
+        attrs(json!({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": false})),
+    )?;
+    store.column(
+        &format!("{node}/codes"),
+        data_type::int8(),
+        0i8,
+        &vec![0i8; rows],
+        array_attrs(),
+    )?;
+    string_array(store, &format!("{node}/categories"), &[value.to_string()])
+}
+
+fn dict(store: &Store, node: &str) -> Result<(), SinkError> {
+    store.group(
+        node,
+        attrs(json!({"encoding-type": "dict", "encoding-version": "0.1.0"})),
+    )
+}
+
+/// Writes the cells table of one field under `image` (the image group's node path).
+pub fn write_table(store: &Store, image: &str, work: &FieldWork) -> Result<(), SinkError> {
+    let root = format!("{image}/tables/cells");
+    store.remove(&root)?;
+    let r = &work.records;
+    let n = r.len();
+    let key = &work.field.key;
+    let obs = format!("{root}/obs");
+    let index: Vec<String> = r
+        .iter()
+        .map(|c| {
+            format!(
+                "{}_{}_f{}_t{}_c{}",
+                key.plate,
+                key.well.name(),
+                key.field,
+                key.timepoint,
+                c.label
+            )
+        })
+        .collect();
+    string_array(store, &format!("{obs}/_index"), &index)?;
+    let mut order: Vec<String> = Vec::new();
+    let mut u32col = |name: &str, f: &dyn Fn(usize) -> u32| -> Result<(), SinkError> {
+        let v: Vec<u32> = (0..n).map(f).collect();
+        order.push(name.to_string());
+        store.column(&format!("{obs}/{name}"), data_type::uint32(), 0u32, &v, array_attrs())
+    };
+    u32col("label", &|i| r[i].label)?;
+    u32col("field", &|_| key.field)?;
+    u32col("timepoint", &|_| key.timepoint)?;
+    u32col("area_px", &|i| r[i].area_px)?;
+    u32col("nucleus_area_px", &|i| r[i].nucleus_area_px)?;
+    u32col("bbox_min_x", &|i| r[i].bbox_min_x)?;
+    u32col("bbox_min_y", &|i| r[i].bbox_min_y)?;
+    u32col("bbox_max_x", &|i| r[i].bbox_max_x)?;
+    u32col("bbox_max_y", &|i| r[i].bbox_max_y)?;
+    let mut f32cols: Vec<(String, Vec<f32>)> = vec![
+        ("centroid_x_px".into(), r.iter().map(|c| c.centroid_x_px).collect()),
+        ("centroid_y_px".into(), r.iter().map(|c| c.centroid_y_px).collect()),
+    ];
+    for (c, ch) in work.plan.channels.iter().enumerate() {
+        f32cols.push((mean_column(&ch.name), r.iter().map(|x| x.mean_intensity[c]).collect()));
+    }
+    for (name, v) in &f32cols {
+        store.column(&format!("{obs}/{name}"), data_type::float32(), 0f32, v, array_attrs())?;
+        order.push(name.clone());
+    }
+    for (name, value) in [
+        ("plate", key.plate.to_string()),
+        ("well", key.well.name()),
+        ("region", "labels/cells".to_string()),
+    ] {
+        categorical(store, &format!("{obs}/{name}"), &value, n)?;
+        order.push(name.to_string());
+    }
+    store.group(
+        &obs,
+        attrs(json!({
+            "encoding-type": "dataframe", "encoding-version": "0.2.0",
+            "_index": "_index", "column-order": order,
+        })),
+    )?;
+    // No model predictions yet: `var` is empty and `X` absent (anndata reads it as None).
+    let var = format!("{root}/var");
+    string_array(store, &format!("{var}/_index"), &[])?;
+    store.group(
+        &var,
+        attrs(json!({
+            "encoding-type": "dataframe", "encoding-version": "0.2.0",
+            "_index": "_index", "column-order": [],
+        })),
+    )?;
+    for d in ["obsm", "varm", "obsp", "varp", "layers", "uns"] {
+        dict(store, &format!("{root}/{d}"))?;
+    }
+    store.group(&format!("{image}/tables"), Map::new())?;
+    store.group(
+        &root,
+        attrs(json!({
+            "encoding-type": "anndata", "encoding-version": "0.1.0",
+            "spatialdata_attrs": {"region": "labels/cells", "region_key": "region", "instance_key": "label"},
+        })),
+    )
+}

@@ -1,0 +1,530 @@
+//! OME-Zarr 0.5 HCS plate on the local filesystem.
+//!
+//! Layout: `{output}/{plate}.zarr/{row}/{column}/{field}/` holds the raw channels as a multiscale
+//! pyramid (`0`, `1`, … of shape `(c, y, x)`, or `(t, c, y, x)` with several timepoints), the
+//! nuclei and cell labels under `labels/` with the same pyramid, and the per-cell table under
+//! `tables/cells` (AnnData). See `docs/OUTPUT.md`.
+//!
+//! Crash safety: within a field, every array, label and table is written before the image
+//! metadata, and a field is listed in its well (and the well in the plate) only after that; all
+//! `zarr.json` documents are replaced atomically. A plate interrupted at any point is therefore
+//! valid and lists only complete fields. On restart the same plate is resumed: listed fields are
+//! skipped, anything else under an unlisted field is removed and redone. One sink thread owns the
+//! store, so no two writers ever touch the same chunk or shard.
+
+pub mod anndata;
+pub mod node;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use liveomics_adapters::model::{AcquisitionPlan, FieldKey, PlateFormat, WellId};
+use serde_json::{json, Map, Value};
+use zarrs::array::data_type;
+
+use self::node::{store_plane, Store};
+use super::{Sink, SinkError};
+use crate::config::ZarrSinkConfig;
+use crate::stage::FieldWork;
+
+const OME_VERSION: &str = "0.5";
+pub const LABEL_NAMES: [&str; 2] = ["nuclei", "cells"];
+/// Version of the liveomics layout recorded in the plate; a resume requires the same.
+const LAYOUT_VERSION: u32 = 1;
+
+/// Display window per channel, averaged over the fields seen so far, so every image opens with
+/// the same, representative contrast.
+#[derive(Debug, Clone, Default)]
+struct RunningWindow {
+    n: u64,
+    lo: f64,
+    hi: f64,
+}
+
+impl RunningWindow {
+    fn update(&mut self, px: &[u16]) {
+        let hist = liveomics_kernels::cpu::histogram_u16(px);
+        let lo = liveomics_kernels::cpu::percentile_from_histogram(&hist, px.len(), 0.1) as f64;
+        let hi = liveomics_kernels::cpu::percentile_from_histogram(&hist, px.len(), 99.9) as f64;
+        self.n += 1;
+        self.lo += (lo - self.lo) / self.n as f64;
+        self.hi += (hi - self.hi) / self.n as f64;
+    }
+
+    fn window(&self) -> (u16, u16) {
+        if self.n == 0 {
+            return (0, 65535);
+        }
+        let lo = self.lo.round() as u16;
+        (lo, (self.hi.round() as u16).max(lo.saturating_add(1)))
+    }
+}
+
+/// The zarr sink; see the module docs.
+pub struct ZarrSink {
+    store: Store,
+    plan: Arc<AcquisitionPlan>,
+    cfg: ZarrSinkConfig,
+    marker: Value,
+    /// Complete (field, timepoint) pairs per well: exactly what the metadata lists.
+    wells: BTreeMap<WellId, BTreeSet<(u32, u32)>>,
+    /// Images whose arrays exist (a later timepoint only adds pixels).
+    images: BTreeSet<(WellId, u32)>,
+    windows: Vec<RunningWindow>,
+}
+
+impl std::fmt::Debug for ZarrSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZarrSink").field("plate_dir", &self.store.root).finish()
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
+    move |source| SinkError::Output {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn ome(content: Value) -> Map<String, Value> {
+    let mut ome = content.as_object().cloned().unwrap_or_default();
+    ome.insert("version".into(), json!(OME_VERSION));
+    let mut m = Map::new();
+    m.insert("ome".into(), Value::Object(ome));
+    m
+}
+
+/// `B/3` → well id.
+fn parse_well_path(path: &str) -> Option<WellId> {
+    let (row, col) = path.split_once('/')?;
+    let r = row
+        .bytes()
+        .next()
+        .filter(|b| b.is_ascii_uppercase() && row.len() == 1)?;
+    let c: u16 = col.parse().ok().filter(|&c| c >= 1)?;
+    Some(WellId {
+        row: (r - b'A') as u16,
+        column: c - 1,
+    })
+}
+
+impl ZarrSink {
+    /// Where the plate of `plan` goes under `output`.
+    pub fn plate_path(output: &Path, plan: &AcquisitionPlan) -> PathBuf {
+        output.join(format!("{}.zarr", plan.plate))
+    }
+
+    /// What must match for a restart to resume into an existing plate.
+    fn marker(cfg: &ZarrSinkConfig, plan: &AcquisitionPlan) -> Value {
+        json!({
+            "layout": LAYOUT_VERSION,
+            "plate": plan.plate.to_string(),
+            "plate_format": plan.format.wells,
+            "channels": plan.channels.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            "width_px": plan.width,
+            "height_px": plan.height,
+            "pixel_size_um": plan.pixel_size_um,
+            "timepoints": plan.timepoints,
+            "pyramid_levels": cfg.pyramid_levels,
+            "chunk_px": cfg.chunk_px,
+            "shard": cfg.shard,
+            "compression": cfg.compression,
+        })
+    }
+
+    /// Opens the output before any frame is acquired. A new plate is created; the same plate
+    /// (same plan and layout) is resumed; a different one is an error unless `overwrite`.
+    pub fn open(cfg: &ZarrSinkConfig, plan: Arc<AcquisitionPlan>, overwrite: bool) -> Result<Self, SinkError> {
+        let out = &cfg.output;
+        std::fs::create_dir_all(out).map_err(io_err(out))?;
+        let probe = out.join(format!(".liveomics-probe-{}", std::process::id()));
+        std::fs::write(&probe, b"probe").map_err(io_err(&probe))?;
+        std::fs::remove_file(&probe).map_err(io_err(&probe))?;
+        let plate_dir = Self::plate_path(out, &plan);
+        let marker = Self::marker(cfg, &plan);
+        if plate_dir.exists() && overwrite {
+            std::fs::remove_dir_all(&plate_dir).map_err(io_err(&plate_dir))?;
+        }
+        let store = Store::open(&plate_dir, cfg)?;
+        let mut sink = Self {
+            store,
+            windows: vec![RunningWindow::default(); plan.channels.len()],
+            plan,
+            cfg: cfg.clone(),
+            marker,
+            wells: BTreeMap::new(),
+            images: BTreeSet::new(),
+        };
+        let empty = std::fs::read_dir(&plate_dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
+        if !empty {
+            sink.load_existing(&plate_dir)?;
+        }
+        sink.write_plate()?;
+        Ok(sink)
+    }
+
+    fn load_existing(&mut self, plate_dir: &Path) -> Result<(), SinkError> {
+        let different = |reason: String| SinkError::DifferentPlate {
+            path: plate_dir.display().to_string(),
+            reason,
+        };
+        let root = self
+            .store
+            .attributes("/")
+            .ok_or_else(|| different("it is not an OME-Zarr plate written by liveomics".into()))?;
+        match root.get("liveomics") {
+            Some(m) if *m == self.marker => {}
+            Some(m) => {
+                return Err(different(format!(
+                    "it was written with a different plan or layout ({m} here, {} now)",
+                    self.marker
+                )))
+            }
+            None => return Err(different("it has no liveomics marker".into())),
+        }
+        let wells = root
+            .get("ome")
+            .and_then(|o| o.get("plate"))
+            .and_then(|p| p.get("wells"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for w in wells {
+            let Some(path) = w.get("path").and_then(Value::as_str) else {
+                continue;
+            };
+            let Some(id) = parse_well_path(path) else { continue };
+            let done: BTreeSet<(u32, u32)> = self
+                .store
+                .attributes(path)
+                .and_then(|a| a.get("liveomics")?.get("complete")?.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|p| Some((p.get(0)?.as_u64()? as u32, p.get(1)?.as_u64()? as u32)))
+                .collect();
+            for &(f, _) in &done {
+                self.images.insert((id, f));
+            }
+            self.wells.insert(id, done);
+        }
+        tracing::info!(
+            plate = %plate_dir.display(),
+            complete_fields = self.wells.values().map(|s| s.len()).sum::<usize>(),
+            "resuming an existing plate: complete fields are skipped, partial ones redone"
+        );
+        Ok(())
+    }
+
+    pub fn plate_dir(&self) -> &Path {
+        &self.store.root
+    }
+
+    fn has_time(&self) -> bool {
+        self.plan.timepoints > 1
+    }
+
+    fn levels(&self) -> usize {
+        self.cfg.pyramid_levels.max(1) as usize
+    }
+
+    /// `(height, width)` of pyramid level `k`.
+    fn level_shape(&self, k: usize) -> (u64, u64) {
+        let (mut h, mut w) = (self.plan.height as u64, self.plan.width as u64);
+        for _ in 0..k {
+            h = h.div_ceil(2);
+            w = w.div_ceil(2);
+        }
+        (h, w)
+    }
+
+    fn axes(&self) -> Vec<Value> {
+        let mut axes = Vec::new();
+        if self.has_time() {
+            axes.push(json!({"name": "t", "type": "time"}));
+        }
+        axes.push(json!({"name": "c", "type": "channel"}));
+        axes.push(json!({"name": "y", "type": "space", "unit": "micrometer"}));
+        axes.push(json!({"name": "x", "type": "space", "unit": "micrometer"}));
+        axes
+    }
+
+    fn multiscales(&self, name: &str) -> Value {
+        let datasets: Vec<Value> = (0..self.levels())
+            .map(|k| {
+                let px = self.plan.pixel_size_um * (1u64 << k) as f64;
+                let mut scale = Vec::new();
+                if self.has_time() {
+                    scale.push(json!(1.0));
+                }
+                scale.extend([json!(1.0), json!(px), json!(px)]);
+                json!({"path": k.to_string(), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+            })
+            .collect();
+        json!([{"name": name, "axes": self.axes(), "datasets": datasets}])
+    }
+
+    /// Shape and dimension names of level `k` of an array with `channels` channels.
+    fn array_shape(&self, k: usize, channels: u64) -> (Vec<u64>, Vec<&'static str>) {
+        let (h, w) = self.level_shape(k);
+        if self.has_time() {
+            (
+                vec![self.plan.timepoints as u64, channels, h, w],
+                vec!["t", "c", "y", "x"],
+            )
+        } else {
+            (vec![channels, h, w], vec!["c", "y", "x"])
+        }
+    }
+
+    fn prefix(&self, t: u32, c: u64) -> Vec<u64> {
+        if self.has_time() {
+            vec![t as u64, c]
+        } else {
+            vec![c]
+        }
+    }
+
+    fn create_pyramid(&self, node: &str, channels: u64, labels: bool) -> Result<(), SinkError> {
+        for k in 0..self.levels() {
+            let (shape, dims) = self.array_shape(k, channels);
+            let path = format!("{node}/{k}");
+            if labels {
+                self.store
+                    .create_array(&path, shape, dims, data_type::uint32(), 0u32, Map::new())?;
+            } else {
+                self.store
+                    .create_array(&path, shape, dims, data_type::uint16(), 0u16, Map::new())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_raw(&self, image: &str, work: &FieldWork) -> Result<(), SinkError> {
+        let t = work.field.key.timepoint;
+        let arrays = (0..self.levels())
+            .map(|k| self.store.open_array(&format!("{image}/{k}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (c, px) in work.field.channels.iter().enumerate() {
+            let Some(px) = px else { continue };
+            let (mut plane, mut w, mut h) = (px.to_vec(), work.field.width, work.field.height);
+            for (k, array) in arrays.iter().enumerate() {
+                if k > 0 {
+                    (plane, w, h) = liveomics_kernels::cpu::downsample2x_mean(&plane, w, h)?;
+                }
+                store_plane(array, &format!("{image}/{k}"), &self.prefix(t, c as u64), &plane)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_label(&self, node: &str, t: u32, labels: &[u32]) -> Result<(), SinkError> {
+        let (mut plane, mut w, mut h) = (labels.to_vec(), self.plan.width, self.plan.height);
+        for k in 0..self.levels() {
+            if k > 0 {
+                (plane, w, h) = liveomics_kernels::cpu::downsample2x_nearest(&plane, w, h)?;
+            }
+            let path = format!("{node}/{k}");
+            let array = self.store.open_array(&path)?;
+            store_plane(&array, &path, &self.prefix(t, 0), &plane)?;
+        }
+        Ok(())
+    }
+
+    fn label_metadata(&self, name: &str, work: &FieldWork) -> Map<String, Value> {
+        let colors: Vec<Value> = work
+            .records
+            .iter()
+            .map(|r| json!({"label-value": r.label, "rgba": label_color(r.label)}))
+            .collect();
+        let properties: Vec<Value> = work
+            .records
+            .iter()
+            .map(|r| {
+                if name == "nuclei" {
+                    json!({"label-value": r.label, "area_px": r.nucleus_area_px})
+                } else {
+                    json!({
+                        "label-value": r.label, "area_px": r.area_px,
+                        "centroid_x_px": r.centroid_x_px, "centroid_y_px": r.centroid_y_px,
+                    })
+                }
+            })
+            .collect();
+        ome(json!({
+            "multiscales": self.multiscales(name),
+            "image-label": {"colors": colors, "properties": properties, "source": {"image": "../../"}},
+        }))
+    }
+
+    fn image_metadata(&self) -> Map<String, Value> {
+        let channels: Vec<Value> = self
+            .plan
+            .channels
+            .iter()
+            .zip(&self.windows)
+            .map(|(ch, win)| {
+                let (start, end) = win.window();
+                json!({
+                    "label": ch.name, "color": ch.color, "active": true,
+                    "window": {"min": 0, "max": 65535, "start": start, "end": end},
+                })
+            })
+            .collect();
+        ome(json!({
+            "multiscales": self.multiscales("raw"),
+            "omero": {"channels": channels, "rdefs": {"model": "color"}},
+        }))
+    }
+
+    fn plate_metadata(&self) -> Map<String, Value> {
+        let fmt = self.plan.format;
+        let rows: Vec<Value> = (0..fmt.rows())
+            .map(|r| json!({"name": PlateFormat::row_name(r)}))
+            .collect();
+        let columns: Vec<Value> = (0..fmt.columns())
+            .map(|c| json!({"name": PlateFormat::column_name(c)}))
+            .collect();
+        let wells: Vec<Value> = self
+            .wells
+            .keys()
+            .map(|w| {
+                json!({
+                    "path": format!("{}/{}", w.row_name(), w.column_name()),
+                    "rowIndex": w.row, "columnIndex": w.column,
+                })
+            })
+            .collect();
+        let field_count = self
+            .wells
+            .values()
+            .map(|f| f.iter().map(|(f, _)| f).collect::<BTreeSet<_>>().len())
+            .max()
+            .unwrap_or(0);
+        let mut m = Map::new();
+        if !wells.is_empty() {
+            m = ome(json!({"plate": {
+                "name": self.plan.plate.to_string(),
+                "version": OME_VERSION,
+                "rows": rows, "columns": columns, "wells": wells,
+                "field_count": field_count,
+            }}));
+        }
+        m.insert("liveomics".into(), self.marker.clone());
+        m
+    }
+
+    fn write_plate(&self) -> Result<(), SinkError> {
+        self.store.group("/", self.plate_metadata())
+    }
+
+    fn completed_fields(&self) -> Vec<FieldKey> {
+        self.wells
+            .iter()
+            .flat_map(|(w, done)| {
+                done.iter().map(|&(field, timepoint)| FieldKey {
+                    plate: self.plan.plate.clone(),
+                    well: *w,
+                    field,
+                    timepoint,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A stable, distinct colour per label id (golden-angle hue).
+fn label_color(l: u32) -> [u8; 4] {
+    let h = (l as f64 * 137.507_764) % 360.0;
+    let x = 1.0 - ((h / 60.0) % 2.0 - 1.0).abs();
+    let (r, g, b) = match (h / 60.0) as u32 {
+        0 => (1.0, x, 0.0),
+        1 => (x, 1.0, 0.0),
+        2 => (0.0, 1.0, x),
+        3 => (0.0, x, 1.0),
+        4 => (x, 0.0, 1.0),
+        _ => (1.0, 0.0, x),
+    };
+    [(r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8, 255]
+}
+
+impl Sink for ZarrSink {
+    fn name(&self) -> &'static str {
+        "zarr"
+    }
+
+    fn completed(&self) -> Vec<FieldKey> {
+        self.completed_fields()
+    }
+
+    fn write(&mut self, work: &FieldWork) -> Result<(), SinkError> {
+        let key = &work.field.key;
+        if self
+            .wells
+            .get(&key.well)
+            .is_some_and(|d| d.contains(&(key.field, key.timepoint)))
+        {
+            tracing::info!(field = %work.name, "already complete in the plate; not written again");
+            return Ok(());
+        }
+        let (row, col) = (key.well.row_name(), key.well.column_name());
+        let image = format!("/{row}/{col}/{}", key.field);
+        let new_image = !self.images.contains(&(key.well, key.field));
+        if new_image {
+            // Whatever a crash left here is not listed anywhere: start the image afresh.
+            self.store.remove(&image)?;
+            self.create_pyramid(&image, self.plan.channels.len() as u64, false)?;
+        }
+        for (c, px) in work.field.channels.iter().enumerate() {
+            if let Some(px) = px {
+                self.windows[c].update(px);
+            }
+        }
+        self.write_raw(&image, work)?;
+        let labels: Vec<(&str, &Vec<u32>)> = LABEL_NAMES
+            .iter()
+            .zip([&work.nuclei, &work.cells])
+            .filter_map(|(n, l)| l.as_ref().map(|l| (*n, l)))
+            .collect();
+        for (name, l) in &labels {
+            let node = format!("{image}/labels/{name}");
+            if new_image {
+                self.create_pyramid(&node, 1, true)?;
+            }
+            self.write_label(&node, key.timepoint, l)?;
+            self.store.group(&node, self.label_metadata(name, work))?;
+        }
+        if !labels.is_empty() {
+            let names: Vec<&str> = labels.iter().map(|(n, _)| *n).collect();
+            self.store
+                .group(&format!("{image}/labels"), ome(json!({"labels": names})))?;
+        }
+        if self.cfg.tables && work.nuclei.is_some() {
+            let table_image = if self.has_time() {
+                format!("{image}/t{}", key.timepoint)
+            } else {
+                image.clone()
+            };
+            anndata::write_table(&self.store, &table_image, work)?;
+        }
+        if new_image {
+            self.store.group(&image, self.image_metadata())?;
+            self.images.insert((key.well, key.field));
+        }
+        let new_well = !self.wells.contains_key(&key.well);
+        let done = self.wells.entry(key.well).or_default();
+        done.insert((key.field, key.timepoint));
+        let fields: BTreeSet<u32> = done.iter().map(|&(f, _)| f).collect();
+        let images: Vec<Value> = fields.iter().map(|f| json!({"path": f.to_string()})).collect();
+        let complete: Vec<Value> = done.iter().map(|&(f, t)| json!([f, t])).collect();
+        if new_well {
+            self.store.group(&format!("/{row}"), Map::new())?;
+        }
+        let mut attrs = ome(json!({"well": {"images": images}}));
+        attrs.insert("liveomics".into(), json!({"complete": complete}));
+        self.store.group(&format!("/{row}/{col}"), attrs)?;
+        self.write_plate()
+    }
+}

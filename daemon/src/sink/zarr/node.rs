@@ -1,0 +1,200 @@
+//! Zarr v3 nodes on the filesystem: metadata documents written atomically (temporary file, then
+//! rename) so a reader or a crash never sees half a `zarr.json`, and arrays with the configured
+//! chunking, sharding and compression. Chunk bytes go through zarrs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use zarrs::array::codec::api::BytesToBytesCodecTraits;
+use zarrs::array::codec::{BloscCodec, BloscCompressionLevel, BloscCompressor, BloscShuffleMode, ZstdCodec};
+use zarrs::array::{Array, ArrayBuilder, ArraySubset, DataType, Element};
+use zarrs::filesystem::FilesystemStore;
+
+use crate::config::{Compression, ZarrSinkConfig};
+use crate::sink::SinkError;
+
+/// A plate directory and the zarrs store over it.
+pub struct Store {
+    pub root: PathBuf,
+    pub zarrs: Arc<FilesystemStore>,
+    codecs: Vec<Arc<dyn BytesToBytesCodecTraits>>,
+    chunk_px: u64,
+    shard: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("root", &self.root).finish()
+    }
+}
+
+pub fn zerr<E: std::error::Error + Send + Sync + 'static>(path: &str) -> impl FnOnce(E) -> SinkError + '_ {
+    move |e| SinkError::Zarr {
+        path: path.to_string(),
+        source: Box::new(e),
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
+    move |source| SinkError::Output {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The compressor chain for a config. Blosc shuffles by the element size (`typesize`).
+pub fn codecs(cfg: &ZarrSinkConfig, typesize: usize) -> Result<Vec<Arc<dyn BytesToBytesCodecTraits>>, SinkError> {
+    let blosc = |cname| -> Result<Vec<Arc<dyn BytesToBytesCodecTraits>>, SinkError> {
+        let level = BloscCompressionLevel::try_from(cfg.compression_level.clamp(0, 9) as u8)
+            .map_err(|e| SinkError::Config(format!("blosc level: {e}")))?;
+        let shuffle = if cfg.shuffle {
+            BloscShuffleMode::Shuffle
+        } else {
+            BloscShuffleMode::NoShuffle
+        };
+        let codec = BloscCodec::new(cname, level, None, shuffle, Some(typesize))
+            .map_err(|e| SinkError::Config(format!("blosc: {e}")))?;
+        Ok(vec![Arc::new(codec)])
+    };
+    match cfg.compression {
+        Compression::None => Ok(Vec::new()),
+        Compression::Zstd => Ok(vec![Arc::new(ZstdCodec::new(cfg.compression_level, false))]),
+        Compression::BloscZstd => blosc(BloscCompressor::Zstd),
+        Compression::BloscLz4 => blosc(BloscCompressor::LZ4),
+    }
+}
+
+impl Store {
+    pub fn open(root: &Path, cfg: &ZarrSinkConfig) -> Result<Self, SinkError> {
+        std::fs::create_dir_all(root).map_err(io_err(root))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            zarrs: Arc::new(FilesystemStore::new(root).map_err(zerr("/"))?),
+            codecs: codecs(cfg, 2)?,
+            chunk_px: cfg.chunk_px,
+            shard: cfg.shard,
+        })
+    }
+
+    fn dir(&self, node: &str) -> PathBuf {
+        self.root.join(node.trim_start_matches('/'))
+    }
+
+    /// Writes `zarr.json` of `node` atomically.
+    pub fn write_metadata(&self, node: &str, doc: &Value) -> Result<(), SinkError> {
+        let dir = self.dir(node);
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let tmp = dir.join(".zarr.json.partial");
+        let bytes = serde_json::to_vec_pretty(doc).unwrap_or_default();
+        std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        let target = dir.join("zarr.json");
+        std::fs::rename(&tmp, &target).map_err(io_err(&target))
+    }
+
+    pub fn group(&self, node: &str, attributes: Map<String, Value>) -> Result<(), SinkError> {
+        self.write_metadata(
+            node,
+            &json!({"zarr_format": 3, "node_type": "group", "attributes": attributes}),
+        )
+    }
+
+    /// Reads a node's attributes, if the node exists and parses.
+    pub fn attributes(&self, node: &str) -> Option<Map<String, Value>> {
+        let text = std::fs::read_to_string(self.dir(node).join("zarr.json")).ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        v.get("attributes")?.as_object().cloned()
+    }
+
+    /// Creates an array of `shape` whose last two axes are y, x. With sharding, one shard holds a
+    /// whole plane (a frame) split into `chunk_px` subchunks, so a field is a handful of files
+    /// and each plane is written by exactly one call; without, chunks are `chunk_px` squares.
+    pub fn create_array(
+        &self,
+        node: &str,
+        shape: Vec<u64>,
+        dims: Vec<&str>,
+        dtype: DataType,
+        fill: impl Into<zarrs::array::builder::ArrayBuilderFillValue>,
+        attributes: Map<String, Value>,
+    ) -> Result<Array<FilesystemStore>, SinkError> {
+        let n = shape.len();
+        let (h, w) = (shape[n - 2], shape[n - 1]);
+        let inner: Vec<u64> = (0..n)
+            .map(|i| match i {
+                _ if i == n - 2 => self.chunk_px.min(h).max(1),
+                _ if i == n - 1 => self.chunk_px.min(w).max(1),
+                _ => 1,
+            })
+            .collect();
+        let mut b = if self.shard {
+            let outer: Vec<u64> = (0..n).map(|i| if i >= n - 2 { shape[i].max(1) } else { 1 }).collect();
+            let mut b = ArrayBuilder::new(shape, outer, dtype, fill);
+            b.subchunk_shape(inner);
+            b
+        } else {
+            ArrayBuilder::new(shape, inner, dtype, fill)
+        };
+        b.bytes_to_bytes_codecs(self.codecs.clone())
+            .dimension_names(Some(dims))
+            .attributes(attributes);
+        let array = b.build(self.zarrs.clone(), node).map_err(zerr(node))?;
+        let meta = serde_json::to_value(array.metadata()).map_err(zerr(node))?;
+        self.write_metadata(node, &meta)?;
+        Ok(array)
+    }
+
+    /// Creates a 1-D table column (no sharding: columns are small and written once).
+    pub fn column<T: Element>(
+        &self,
+        node: &str,
+        dtype: DataType,
+        fill: impl Into<zarrs::array::builder::ArrayBuilderFillValue>,
+        values: &[T],
+        attributes: Map<String, Value>,
+    ) -> Result<(), SinkError> {
+        let len = values.len() as u64;
+        let mut b = ArrayBuilder::new(vec![len], vec![len.max(1)], dtype, fill);
+        b.attributes(attributes);
+        let array = b.build(self.zarrs.clone(), node).map_err(zerr(node))?;
+        let meta = serde_json::to_value(array.metadata()).map_err(zerr(node))?;
+        self.write_metadata(node, &meta)?;
+        if len > 0 {
+            array
+                .store_array_subset(&ArraySubset::new_with_ranges(&[0..len]), values)
+                .map_err(zerr(node))?;
+        }
+        Ok(())
+    }
+
+    pub fn open_array(&self, node: &str) -> Result<Array<FilesystemStore>, SinkError> {
+        Array::open(self.zarrs.clone(), node).map_err(zerr(node))
+    }
+
+    /// Removes a node and everything under it (a partial field being redone).
+    pub fn remove(&self, node: &str) -> Result<(), SinkError> {
+        let dir = self.dir(node);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&dir)(e)),
+        }
+    }
+}
+
+/// Stores one y-x plane at `prefix` indices (e.g. `[t, c]`) of an array.
+pub fn store_plane<T: Element>(
+    array: &Array<FilesystemStore>,
+    node: &str,
+    prefix: &[u64],
+    data: &[T],
+) -> Result<(), SinkError> {
+    let shape = array.shape();
+    let n = shape.len();
+    let mut ranges: Vec<std::ops::Range<u64>> = prefix.iter().map(|&i| i..i + 1).collect();
+    ranges.push(0..shape[n - 2]);
+    ranges.push(0..shape[n - 1]);
+    array
+        .store_array_subset(&ArraySubset::new_with_ranges(&ranges), data)
+        .map_err(zerr(node))
+}
