@@ -49,6 +49,20 @@ enum Command {
     },
     /// Print the embedded default configuration.
     PrintConfig,
+    /// Benchmark helper: write uint16 TIFF frames through the zarr write path and print JSON
+    /// (used by benches/write_bench.py).
+    #[command(hide = true)]
+    BenchWrite {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        #[arg(long, default_value_t = 512)]
+        chunk_px: u64,
+        #[arg(long, default_value_t = 1)]
+        level: i32,
+        frames: Vec<PathBuf>,
+    },
 }
 
 const EXIT_CONFIG: u8 = 2;
@@ -68,6 +82,17 @@ fn main() -> ExitCode {
             print!("{DEFAULT_TOML}");
             ExitCode::SUCCESS
         }
+        Command::BenchWrite {
+            out,
+            repeat,
+            chunk_px,
+            level,
+            frames,
+        } => report(
+            liveomics::bench::write_frames(&frames, repeat, &out, chunk_px, level)
+                .context("bench-write failed")
+                .map(|r| println!("{}", serde_json::to_string(&r).unwrap_or_default())),
+        ),
         Command::Validate { file } => match load(Some(&file)) {
             Ok(_) => {
                 println!("{}: ok", file.display());

@@ -182,7 +182,9 @@ impl Store {
     }
 }
 
-/// Stores one y-x plane at `prefix` indices (e.g. `[t, c]`) of an array.
+/// Stores one y-x plane at `prefix` indices (e.g. `[t, c]`) of an array. When a plane is exactly
+/// one chunk (a shard per frame), it is stored as that chunk: no subset bookkeeping, and zarrs
+/// encodes its subchunks in parallel.
 pub fn store_plane<T: Element>(
     array: &Array<FilesystemStore>,
     node: &str,
@@ -191,6 +193,15 @@ pub fn store_plane<T: Element>(
 ) -> Result<(), SinkError> {
     let shape = array.shape();
     let n = shape.len();
+    let mut chunk: Vec<u64> = prefix.to_vec();
+    chunk.extend([0, 0]);
+    let whole = array
+        .chunk_shape(&chunk)
+        .map(|s| s[n - 2].get() == shape[n - 2] && s[n - 1].get() == shape[n - 1])
+        .unwrap_or(false);
+    if whole {
+        return array.store_chunk(&chunk, data).map_err(zerr(node));
+    }
     let mut ranges: Vec<std::ops::Range<u64>> = prefix.iter().map(|&i| i..i + 1).collect();
     ranges.push(0..shape[n - 2]);
     ranges.push(0..shape[n - 1]);

@@ -1,0 +1,195 @@
+"""The OME-Zarr output in full: pyramids, labels, tables, validators, crash-safe resume."""
+
+import json
+import random
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pytest
+import tensorstore as ts
+import tifffile
+import yaozarrs
+import zarr
+
+from conftest import daemon_toml, run, sim_toml
+
+LEVELS = 3
+
+
+def down_mean(a: np.ndarray) -> np.ndarray:
+    """2x2 mean with rounding, odd edges repeated: the definition the daemon implements."""
+    h, w = a.shape
+    p = np.pad(a.astype(np.uint32), ((0, h % 2), (0, w % 2)), mode="edge")
+    s = p[0::2, 0::2] + p[1::2, 0::2] + p[0::2, 1::2] + p[1::2, 1::2]
+    return ((s + 2) // 4).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def plate(binary, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("out")
+    cfg = tmp / "c.toml"
+    sim = sim_toml(plate="full", wells=("A1", "H12"), fields=2, size=300, seed=3)
+    cfg.write_text(daemon_toml(tmp / "out", "outtest", None, sim, zenoh_enabled=False))
+    proc = run(binary, "run", "--config", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run(binary, "simulate", "--config", cfg, "--out", tmp / "truth").returncode == 0
+    return tmp / "out" / "full.zarr", tmp / "truth"
+
+
+def images(plate: Path):
+    root = zarr.open_group(plate, mode="r")
+    for w in root.attrs["ome"]["plate"]["wells"]:
+        for img in root[w["path"]].attrs["ome"]["well"]["images"]:
+            yield w["path"], img["path"], plate / w["path"] / img["path"]
+
+
+def test_every_level_pixel_exact_with_zarr_python_and_tensorstore(plate):
+    plate, truth = plate
+    manifest = json.loads((truth / "manifest.json").read_text())
+    seen = 0
+    for well, field, path in images(plate):
+        attrs = zarr.open_group(path, mode="r").attrs["ome"]
+        datasets = attrs["multiscales"][0]["datasets"]
+        assert [d["path"] for d in datasets] == [str(k) for k in range(LEVELS)]
+        scales = [d["coordinateTransformations"][0]["scale"][-1] for d in datasets]
+        assert scales == pytest.approx([0.65 * 2**k for k in range(LEVELS)])
+        for c, ch in enumerate(manifest["channels"]):
+            expected = tifffile.imread(truth / "images" / f"{well.replace('/', '')}_f{field}_t0_{ch['name']}.tif")
+            for k in range(LEVELS):
+                z = zarr.open_array(path / str(k), mode="r")[c]
+                t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / str(k))}}).result()[c].read().result()
+                np.testing.assert_array_equal(z, expected)
+                np.testing.assert_array_equal(t, expected)
+                expected = down_mean(expected)
+        for name in ("nuclei", "cells"):
+            lab = [zarr.open_array(path / "labels" / name / str(k), mode="r")[0] for k in range(LEVELS)]
+            for k in range(1, LEVELS):
+                np.testing.assert_array_equal(lab[k], lab[k - 1][0::2, 0::2])
+                t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "labels" / name / str(k))}}).result()
+                np.testing.assert_array_equal(t[0].read().result(), lab[k])
+        seen += 1
+    assert seen == 4
+
+
+def test_validators_pass(plate):
+    from ome_zarr_models.v05.hcs import HCS
+
+    plate, _ = plate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HCS.from_zarr(zarr.open_group(plate, mode="r"))
+    yaozarrs.validate_zarr_store(str(plate))
+
+
+def test_labels_carry_colours_and_properties(plate):
+    plate, _ = plate
+    for _, _, path in images(plate):
+        cells = zarr.open_array(path / "labels" / "cells" / "0", mode="r")[0]
+        meta = zarr.open_group(path / "labels" / "cells", mode="r").attrs["ome"]["image-label"]
+        ids = set(np.unique(cells[cells > 0]).tolist())
+        assert {p["label-value"] for p in meta["properties"]} == ids
+        assert {c["label-value"] for c in meta["colors"]} == ids
+        areas = {p["label-value"]: p["area_px"] for p in meta["properties"]}
+        for l in list(ids)[:5]:
+            assert areas[l] == int((cells == l).sum())
+
+
+def test_anndata_tables_match_labels(plate):
+    plate, _ = plate
+    for well, field, path in images(plate):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = anndata.read_zarr(path / "tables" / "cells")
+        cells = zarr.open_array(path / "labels" / "cells" / "0", mode="r")[0]
+        ids = np.unique(cells[cells > 0])
+        assert a.n_obs == len(ids)
+        assert sorted(a.obs["label"].tolist()) == ids.tolist()
+        assert set(a.obs["well"]) == {well.replace("/", "")}
+        assert set(a.obs["field"]) == {int(field)}
+        assert {"centroid_x_px", "area_px", "mean_dapi", "mean_tomm20"} <= set(a.obs.columns)
+        assert a.obs.index.is_unique
+        attrs = zarr.open_group(path / "tables" / "cells", mode="r").attrs["spatialdata_attrs"]
+        assert attrs == {"region": "labels/cells", "region_key": "region", "instance_key": "label"}
+
+
+def test_different_plate_in_output_is_refused_and_untouched(binary, tmp_path):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(daemon_toml(tmp_path / "out", "diff", None, sim_toml(plate="same", wells=("A1",), fields=1, size=128), zenoh_enabled=False))
+    assert run(binary, "run", "--config", cfg).returncode == 0
+    before = (tmp_path / "out" / "same.zarr" / "zarr.json").read_bytes()
+    other = tmp_path / "b.toml"
+    other.write_text(daemon_toml(tmp_path / "out", "diff", None, sim_toml(plate="same", wells=("A1",), fields=1, size=256), zenoh_enabled=False))
+    proc = run(binary, "run", "--config", other)
+    assert proc.returncode == 1
+    assert "holds a different plate" in proc.stderr, proc.stderr
+    assert (tmp_path / "out" / "same.zarr" / "zarr.json").read_bytes() == before
+
+
+def check_complete_plate(plate: Path, truth: Path, wells, fields):
+    from ome_zarr_models.v05.hcs import HCS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HCS.from_zarr(zarr.open_group(plate, mode="r"))
+    root = zarr.open_group(plate, mode="r")
+    listed = sorted((w["path"], i["path"]) for w in root.attrs["ome"]["plate"]["wells"] for i in root[w["path"]].attrs["ome"]["well"]["images"])
+    expected = sorted((f"{w[0]}/{w[1:]}", str(f)) for w in wells for f in range(fields))
+    assert listed == expected, "every field exactly once"
+    index = []
+    for well, field, path in images(plate):
+        raw = zarr.open_array(path / "0", mode="r")[0]
+        np.testing.assert_array_equal(raw, tifffile.imread(truth / "images" / f"{well.replace('/', '')}_f{field}_t0_DAPI.tif"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = anndata.read_zarr(path / "tables" / "cells")
+        cells = zarr.open_array(path / "labels" / "cells" / "0", mode="r")[0]
+        assert a.n_obs == len(np.unique(cells[cells > 0]))
+        index.extend(a.obs.index)
+    assert len(index) == len(set(index)), "no duplicate table rows"
+
+
+def plate_state(plate: Path) -> tuple[int, int]:
+    """(fields listed, image directories present but not listed) after a kill."""
+    try:
+        root = json.loads((plate / "zarr.json").read_text())["attributes"]
+    except (FileNotFoundError, KeyError):
+        return 0, 0
+    listed = set()
+    for w in root.get("ome", {}).get("plate", {}).get("wells", []):
+        well = json.loads((plate / w["path"] / "zarr.json").read_text())["attributes"]["ome"]["well"]
+        listed |= {f"{w['path']}/{i['path']}" for i in well["images"]}
+    present = {str(p.relative_to(plate)) for p in plate.glob("*/*/*") if p.is_dir()}
+    return len(listed), len(present - listed)
+
+
+def crash_trial(binary: Path, tmp: Path, seed: int) -> tuple[int, int, int]:
+    """Kills the daemon with SIGKILL at a random point, restarts it to completion, checks the plate.
+    Returns (fields complete at the kill, partial fields at the kill, fields acquired on restart)."""
+    rng = random.Random(seed)
+    wells, fields = ("B2", "B3", "C2"), 3
+    cfg = tmp / "c.toml"
+    cfg.write_text(daemon_toml(tmp / "out", "crash", None, sim_toml(plate="crash", wells=wells, fields=fields, size=256, rate=20.0), zenoh_enabled=False))
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(rng.uniform(0.05, 1.2))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    complete, partial = plate_state(tmp / "out" / "crash.zarr")
+    again = run(binary, "run", "--config", cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    truth = tmp / "truth"
+    if not truth.exists():
+        assert run(binary, "simulate", "--config", cfg, "--out", truth).returncode == 0
+    check_complete_plate(tmp / "out" / "crash.zarr", truth, wells, fields)
+    redone = int(again.stdout.split("fields acquired")[1].split()[0])
+    assert complete + redone == len(wells) * fields, "complete fields are skipped, the rest redone"
+    return complete, partial, redone
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_then_restart_gives_every_field_once(binary, tmp_path, seed):
+    crash_trial(binary, tmp_path, seed)
