@@ -160,9 +160,8 @@ impl Store {
         let meta = serde_json::to_value(array.metadata()).map_err(zerr(node))?;
         self.write_metadata(node, &meta)?;
         if len > 0 {
-            array
-                .store_array_subset(&ArraySubset::new_with_ranges(&[0..len]), values)
-                .map_err(zerr(node))?;
+            // The column is a single chunk.
+            array.store_chunk(&[0], values).map_err(zerr(node))?;
         }
         Ok(())
     }
