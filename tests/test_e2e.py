@@ -153,13 +153,15 @@ def test_unwritable_output_fails_before_acquisition(binary, tmp_path):
     assert "is not usable" in proc.stderr and "acquisition starting" not in proc.stderr, proc.stderr
 
 
-def test_existing_plate_needs_overwrite(binary, tmp_path):
+def test_rerun_of_a_finished_plate_skips_it_and_overwrite_redoes_it(binary, tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(daemon_toml(tmp_path / "out", "e2eow", None, sim_toml(wells=("A1",), fields=1, size=128), zenoh_enabled=False))
+    cfg.write_text(daemon_toml(tmp_path / "out", "e2eow", None, sim_toml(wells=("A1",), fields=2, size=128), zenoh_enabled=False))
     assert run(binary, "run", "--config", cfg).returncode == 0
     again = run(binary, "run", "--config", cfg)
-    assert again.returncode == 1 and "--overwrite" in again.stderr
-    assert run(binary, "run", "--config", cfg, "--overwrite").returncode == 0
+    assert again.returncode == 0, again.stderr
+    assert "fields acquired  0" in again.stdout, again.stdout
+    redo = run(binary, "run", "--config", cfg, "--overwrite")
+    assert redo.returncode == 0 and "fields acquired  2" in redo.stdout, redo.stdout
 
 
 def test_sigterm_mid_plate_drains_and_exits_zero(binary, tmp_path):

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use liveomics_adapters::tiff_io::{read_plane, Plane};
+use rayon::prelude::*;
 use zarrs::array::data_type;
 
 use crate::config::{Compression, ZarrSinkConfig};
@@ -77,13 +78,18 @@ pub fn write_frames(
         0u16,
         serde_json::Map::new(),
     )?;
-    let mut times = Vec::with_capacity(n);
     let start = Instant::now();
-    for i in 0..n {
-        let t0 = Instant::now();
-        store_plane(&array, "/frames", &[i as u64], &frames[i % frames.len()].2)?;
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
+    // Frames go to the pool as the sink's planes do: each is its own shard, so they are encoded
+    // and written concurrently without ever sharing a file.
+    let mut times = (0..n)
+        .into_par_iter()
+        .with_max_len(1)
+        .map(|i| {
+            let t0 = Instant::now();
+            store_plane(&array, "/frames", &[i as u64], &frames[i % frames.len()].2)?;
+            Ok(t0.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<Vec<f64>, SinkError>>()?;
     let seconds = start.elapsed().as_secs_f64();
     times.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| times[((p * (n as f64 - 1.0)).round() as usize).min(n - 1)];

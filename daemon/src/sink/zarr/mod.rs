@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use liveomics_adapters::model::{AcquisitionPlan, FieldKey, PlateFormat, WellId};
+use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 use zarrs::array::data_type;
 
@@ -307,17 +308,22 @@ impl ZarrSink {
         let arrays = (0..self.levels())
             .map(|k| self.store.open_array(&format!("{image}/{k}")))
             .collect::<Result<Vec<_>, _>>()?;
-        for (c, px) in work.field.channels.iter().enumerate() {
-            let Some(px) = px else { continue };
-            let (mut plane, mut w, mut h) = (px.to_vec(), work.field.width, work.field.height);
-            for (k, array) in arrays.iter().enumerate() {
-                if k > 0 {
-                    (plane, w, h) = liveomics_kernels::cpu::downsample2x_mean(&plane, w, h)?;
+        // Channels are separate shards: encode and write them concurrently on the pool.
+        work.field
+            .channels
+            .par_iter()
+            .enumerate()
+            .try_for_each(|(c, px)| -> Result<(), SinkError> {
+                let Some(px) = px else { return Ok(()) };
+                let (mut plane, mut w, mut h) = (px.to_vec(), work.field.width, work.field.height);
+                for (k, array) in arrays.iter().enumerate() {
+                    if k > 0 {
+                        (plane, w, h) = liveomics_kernels::cpu::downsample2x_mean(&plane, w, h)?;
+                    }
+                    store_plane(array, &format!("{image}/{k}"), &self.prefix(t, c as u64), &plane)?;
                 }
-                store_plane(array, &format!("{image}/{k}"), &self.prefix(t, c as u64), &plane)?;
-            }
-        }
-        Ok(())
+                Ok(())
+            })
     }
 
     fn write_label(&self, node: &str, t: u32, labels: &[u32]) -> Result<(), SinkError> {
@@ -488,14 +494,16 @@ impl Sink for ZarrSink {
             .zip([&work.nuclei, &work.cells])
             .filter_map(|(n, l)| l.as_ref().map(|l| (*n, l)))
             .collect();
-        for (name, l) in &labels {
-            let node = format!("{image}/labels/{name}");
+        for (name, _) in &labels {
             if new_image {
-                self.create_pyramid(&node, 1, true)?;
+                self.create_pyramid(&format!("{image}/labels/{name}"), 1, true)?;
             }
-            self.write_label(&node, key.timepoint, l)?;
-            self.store.group(&node, self.label_metadata(name, work))?;
         }
+        labels.par_iter().try_for_each(|(name, l)| {
+            let node = format!("{image}/labels/{name}");
+            self.write_label(&node, key.timepoint, l)?;
+            self.store.group(&node, self.label_metadata(name, work))
+        })?;
         if !labels.is_empty() {
             let names: Vec<&str> = labels.iter().map(|(n, _)| *n).collect();
             self.store
