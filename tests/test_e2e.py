@@ -173,7 +173,7 @@ def test_sigterm_mid_plate_drains_and_exits_zero(binary, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert "stopped early by signal" in out, out
+    assert "intake stopped early" in out, out
     acquired = int(out.split("fields acquired")[1].split()[0])
     done = int(out.split("fields           ")[1].split()[0])
     assert 0 < acquired < 12

@@ -193,3 +193,37 @@ def crash_trial(binary: Path, tmp: Path, seed: int) -> tuple[int, int, int]:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_sigkill_then_restart_gives_every_field_once(binary, tmp_path, seed):
     crash_trial(binary, tmp_path, seed)
+
+
+def test_disk_full_stops_intake_and_keeps_complete_fields_valid(binary, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("skipped: cannot mount a small tmpfs here (needs root) to fill a disk")
+    try:
+        cfg = tmp_path / "c.toml"
+        sim = sim_toml(plate="full", wells=("A1", "A2", "A3", "A4"), fields=4, size=256)
+        cfg.write_text(daemon_toml(mnt / "out", "diskfull", None, sim, zenoh_enabled=False))
+        proc = run(binary, "run", "--config", cfg)
+        assert proc.returncode == 3, (proc.returncode, proc.stderr[-2000:])
+        assert "stopping intake" in proc.stderr and "No space left on device" in proc.stderr
+        assert "intake stopped early" in proc.stdout
+        plate = mnt / "out" / "full.zarr"
+        root = zarr.open_group(plate, mode="r")
+        if "ome" in root.attrs:
+            from ome_zarr_models.v05.hcs import HCS
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                HCS.from_zarr(root)
+            assert run(binary, "simulate", "--config", cfg, "--out", tmp_path / "truth").returncode == 0
+            listed = 0
+            for well, field, path in images(plate):
+                np.testing.assert_array_equal(
+                    zarr.open_array(path / "0", mode="r")[0],
+                    tifffile.imread(tmp_path / "truth" / "images" / f"{well.replace('/', '')}_f{field}_t0_DAPI.tif"),
+                )
+                listed += 1
+            assert listed < 16
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -182,7 +182,7 @@ fn print_summary(s: &RunSummary) {
         s.fields_failed,
         s.fields_incomplete,
         if s.source.stopped_early {
-            " (stopped early by signal)"
+            " (intake stopped early: signal or storage failure)"
         } else {
             ""
         }
