@@ -227,3 +227,29 @@ def test_disk_full_stops_intake_and_keeps_complete_fields_valid(binary, tmp_path
             assert listed < 16
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_timepoints_get_a_time_axis(binary, tmp_path):
+    from ome_zarr_models.v05.hcs import HCS
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(daemon_toml(tmp_path / "out", "time", None, sim_toml(plate="tl", wells=("C3",), fields=1, size=128, extra="timepoints = 2"), zenoh_enabled=False))
+    proc = run(binary, "run", "--config", cfg)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert run(binary, "simulate", "--config", cfg, "--out", tmp_path / "truth").returncode == 0
+    plate = tmp_path / "out" / "tl.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HCS.from_zarr(zarr.open_group(plate, mode="r"))
+    image = plate / "C" / "3" / "0"
+    axes = [a["name"] for a in zarr.open_group(image, mode="r").attrs["ome"]["multiscales"][0]["axes"]]
+    assert axes == ["t", "c", "y", "x"]
+    raw = zarr.open_array(image / "0", mode="r")
+    assert raw.shape == (2, 4, 128, 128)
+    for t in (0, 1):
+        np.testing.assert_array_equal(raw[t, 0], tifffile.imread(tmp_path / "truth" / "images" / f"C3_f0_t{t}_DAPI.tif"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            table = anndata.read_zarr(image / f"t{t}" / "tables" / "cells")
+        assert set(table.obs["timepoint"]) == {t}
+    assert zarr.open_array(image / "labels" / "cells" / "0", mode="r").shape == (2, 1, 128, 128)
