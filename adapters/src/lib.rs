@@ -1,6 +1,7 @@
 //! Acquisition for liveomics: the data model (plate, well, field, channel, frame) and the sources
 //! that produce frames. Sources know nothing of the pipeline beyond a bounded channel.
 
+pub mod folder;
 pub mod model;
 pub mod simulator;
 pub mod source;

@@ -58,6 +58,21 @@ pub struct SourceReport {
     pub stopped_early: bool,
     /// Time spent waiting on a full pipeline: backpressure made visible.
     pub blocked: std::time::Duration,
+    /// Time spent reading and decoding inputs (files), for throughput accounting.
+    pub read_time: std::time::Duration,
+    /// Inputs skipped with a reported problem.
+    pub problems: u64,
+}
+
+/// An input a source could not use (a corrupt file, a name that matches no layout). The daemon
+/// logs it with the input's name and counts it; the source carries on with everything else.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceProblem {
+    /// The input, e.g. the file path.
+    pub input: String,
+    /// Short, stable reason: the metric label.
+    pub reason: &'static str,
+    pub detail: String,
 }
 
 /// A producer of frames. `run` blocks on its own thread; sending on the bounded channel blocks when
@@ -66,6 +81,14 @@ pub struct SourceReport {
 pub trait Source: Send {
     /// What will be acquired, known before the first frame.
     fn plan(&self) -> &AcquisitionPlan;
+
+    /// Where to report inputs that were skipped; sources without such inputs ignore it.
+    fn observe(&mut self, _problems: Sender<SourceProblem>) {}
+
+    /// How many fields the source will deliver, when it knows (replay): drives a progress bar.
+    fn expected_fields(&self) -> Option<u64> {
+        None
+    }
 
     /// Fields already complete in the output (a resumed plate): a source that can choose what it
     /// acquires skips them; one that cannot (a live microscope) ignores this, and the sinks

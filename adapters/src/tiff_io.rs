@@ -82,8 +82,96 @@ pub fn read_plane(path: &Path) -> Result<(usize, usize, Plane), TiffError> {
     Ok((w as usize, h as usize, plane))
 }
 
+/// One image read from a file, with what OME-TIFF metadata says about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TiffImage {
+    pub width: usize,
+    pub height: usize,
+    pub plane: Plane,
+    /// `PhysicalSizeX` from OME-XML, in µm, when present.
+    pub pixel_size_um: Option<f64>,
+    /// Channel names from OME-XML, when present.
+    pub channel_names: Vec<String>,
+}
+
+/// Reads the first page and, if the file is an OME-TIFF, its pixel size and channel names.
+pub fn read_image(path: &Path) -> Result<TiffImage, TiffError> {
+    let p = || path.display().to_string();
+    let file = File::open(path).map_err(|source| TiffError::Io { path: p(), source })?;
+    let fmt = |source| TiffError::Format { path: p(), source };
+    let mut dec = Decoder::new(BufReader::new(file)).map_err(fmt)?;
+    let description = dec
+        .get_tag_ascii_string(tiff::tags::Tag::ImageDescription)
+        .unwrap_or_default();
+    let (w, h) = dec.dimensions().map_err(fmt)?;
+    let plane = match dec.read_image().map_err(fmt)? {
+        DecodingResult::U8(d) => Plane::U8(d),
+        DecodingResult::U16(d) => Plane::U16(d),
+        DecodingResult::U32(d) => Plane::U32(d),
+        DecodingResult::F32(d) => Plane::F32(d),
+        other => {
+            let kind = format!("{:?}", std::mem::discriminant(&other));
+            return Err(TiffError::Unsupported { path: p(), kind });
+        }
+    };
+    let (pixel_size_um, channel_names) = ome_metadata(&description);
+    Ok(TiffImage {
+        width: w as usize,
+        height: h as usize,
+        plane,
+        pixel_size_um,
+        channel_names,
+    })
+}
+
+/// Pixel size (µm) and channel names from an OME-XML description. Only the attributes we use are
+/// looked at; anything else in the XML is ignored.
+pub fn ome_metadata(xml: &str) -> (Option<f64>, Vec<String>) {
+    if !xml.contains("<OME") {
+        return (None, Vec::new());
+    }
+    let attr = |tag_start: usize, name: &str| -> Option<String> {
+        let rest = &xml[tag_start..];
+        let end = rest.find('>')?;
+        let tag = &rest[..end];
+        let key = format!(" {name}=\"");
+        let i = tag.find(&key)? + key.len();
+        let j = tag[i..].find('"')?;
+        Some(tag[i..i + j].to_string())
+    };
+    let pixel_size = xml.find("<Pixels").and_then(|i| {
+        let v: f64 = attr(i, "PhysicalSizeX")?.parse().ok()?;
+        let unit = attr(i, "PhysicalSizeXUnit").unwrap_or_else(|| "µm".into());
+        match unit.as_str() {
+            "µm" | "um" | "micron" => Some(v),
+            "nm" => Some(v / 1000.0),
+            "mm" => Some(v * 1000.0),
+            _ => None,
+        }
+    });
+    let mut channels = Vec::new();
+    let mut from = 0;
+    while let Some(i) = xml[from..].find("<Channel") {
+        let at = from + i;
+        if let Some(n) = attr(at, "Name") {
+            channels.push(n);
+        }
+        from = at + 8;
+    }
+    (pixel_size, channels)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ome_xml_pixel_size_and_channels() {
+        let xml = r#"<?xml version="1.0"?><OME><Image ID="Image:0"><Pixels DimensionOrder="XYCZT" PhysicalSizeX="0.325" PhysicalSizeXUnit="µm" SizeX="4"><Channel ID="Channel:0:0" Name="DAPI"/><Channel ID="Channel:0:1" Name="ER"/></Pixels></Image></OME>"#;
+        let (px, ch) = super::ome_metadata(xml);
+        assert_eq!(px, Some(0.325));
+        assert_eq!(ch, vec!["DAPI", "ER"]);
+        assert_eq!(super::ome_metadata("ImageJ=1.54"), (None, vec![]));
+    }
+
     use super::*;
 
     #[test]

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use liveomics_adapters::folder::{FolderConfig, Speed};
 use liveomics_adapters::simulator::SimulatorConfig;
 use liveomics_adapters::Invalid;
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,8 @@ impl Default for Config {
 pub struct SourceConfig {
     pub kind: String,
     pub simulator: SimulatorConfig,
+    pub folder: FolderConfig,
+    pub replay: ReplayConfig,
 }
 
 impl Default for SourceConfig {
@@ -56,6 +59,26 @@ impl Default for SourceConfig {
         Self {
             kind: "simulator".into(),
             simulator: SimulatorConfig::default(),
+            folder: FolderConfig::default(),
+            replay: ReplayConfig::default(),
+        }
+    }
+}
+
+/// Replay of an OME-Zarr plate written by liveomics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// The `{plate}.zarr` directory.
+    pub path: PathBuf,
+    pub speed: Speed,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            speed: Speed::Max,
         }
     }
 }
@@ -437,13 +460,26 @@ impl Config {
                 format!("{:?} is not a tracing filter", t.log_level),
             ));
         }
-        out.extend(
-            self.source
-                .simulator
-                .validate()
-                .into_iter()
-                .map(|i| i.under("source.simulator")),
-        );
+        match self.source.kind.as_str() {
+            "simulator" => out.extend(
+                self.source
+                    .simulator
+                    .validate()
+                    .into_iter()
+                    .map(|i| i.under("source.simulator")),
+            ),
+            "folder" => out.extend(
+                self.source
+                    .folder
+                    .validate()
+                    .into_iter()
+                    .map(|i| i.under("source.folder")),
+            ),
+            "replay" if self.source.replay.path.as_os_str().is_empty() => {
+                out.push(Invalid::new("source.replay.path", "the plate to replay is required"))
+            }
+            _ => {}
+        }
         out
     }
 }

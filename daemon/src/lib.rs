@@ -5,6 +5,7 @@ pub mod bench;
 pub mod config;
 pub mod pipeline;
 pub mod registry;
+pub mod replay;
 pub mod simulate;
 pub mod sink;
 pub mod stage;

@@ -7,10 +7,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use liveomics::config::{Config, DEFAULT_TOML};
+use liveomics::config::{Config, ReplayConfig, DEFAULT_TOML};
 use liveomics::pipeline::{self, RunOptions, RunSummary};
 use liveomics::registry::SinkOptions;
 use liveomics::telemetry;
+use liveomics_adapters::folder::layout::{Layout, LayoutKind};
+use liveomics_adapters::folder::Speed;
 use liveomics_adapters::source::StopToken;
 
 #[derive(Debug, Parser)]
@@ -46,6 +48,38 @@ enum Command {
         out: PathBuf,
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Name image files as this instrument does: phenix, imagexpress or cellvoyager.
+        #[arg(long, value_parser = parse_layout)]
+        layout: Option<LayoutKind>,
+        /// Write image files one by one at this rate (0: as fast as possible).
+        #[arg(long, default_value_t = 0.0)]
+        files_per_s: f64,
+    },
+    /// Re-run a finished plate (an instrument folder or a liveomics OME-Zarr plate) through the
+    /// pipeline, in acquisition order, at the original pace scaled by --speed or as fast as possible.
+    Replay {
+        /// A `{plate}.zarr` written by liveomics, or a folder of instrument TIFFs.
+        path: PathBuf,
+        /// max, realtime, or a factor like 4x.
+        #[arg(long, default_value = "max")]
+        speed: String,
+        /// Folder layout (phenix, imagexpress, cellvoyager); detected from the file names if absent.
+        #[arg(long, value_parser = parse_layout)]
+        layout: Option<LayoutKind>,
+        /// Channel names in channel-number order, comma-separated (folders only).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// Pixel size of folder images without OME-XML.
+        #[arg(long)]
+        pixel_size_um: Option<f64>,
+        /// Configuration for everything but the source (stages, sinks).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override `sinks.zarr.output`.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Print the embedded default configuration.
     PrintConfig,
@@ -100,16 +134,47 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Simulate { out, config } => {
+        Command::Simulate {
+            out,
+            config,
+            layout,
+            files_per_s,
+        } => {
             let cfg = match load(config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             report(
-                liveomics::simulate::write_plate(&cfg.source.simulator, &out)
+                liveomics::simulate::write_plate(&cfg.source.simulator, &out, layout, files_per_s)
                     .with_context(|| format!("cannot write the simulated plate to {}", out.display()))
                     .map(|n| println!("wrote {n} fields to {}", out.display())),
             )
+        }
+        Command::Replay {
+            path,
+            speed,
+            layout,
+            channels,
+            pixel_size_um,
+            config,
+            output,
+            overwrite,
+        } => {
+            let mut cfg = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Some(o) = output {
+                cfg.sinks.zarr.output = o;
+            }
+            if let Some(px) = pixel_size_um {
+                cfg.source.folder.pixel_size_um = px;
+            }
+            if let Err(e) = replay_source(&mut cfg, path, &speed, layout, channels) {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            execute(cfg, overwrite, true)
         }
         Command::Run {
             config,
@@ -123,28 +188,109 @@ fn main() -> ExitCode {
             if let Some(o) = output {
                 cfg.sinks.zarr.output = o;
             }
-            telemetry::init_logging(&cfg.telemetry);
-            let stop = StopToken::new();
-            if let Err(e) = install_signals(&stop) {
-                return report(Err(e));
+            execute(cfg, overwrite, false)
+        }
+    }
+}
+
+fn parse_layout(s: &str) -> Result<LayoutKind, String> {
+    match s {
+        "phenix" | "operetta" => Ok(LayoutKind::Phenix),
+        "imagexpress" => Ok(LayoutKind::Imagexpress),
+        "cellvoyager" => Ok(LayoutKind::Cellvoyager),
+        other => Err(format!("unknown layout {other:?}: phenix, imagexpress or cellvoyager")),
+    }
+}
+
+/// Points the config's source at `path`: the replay source for a liveomics plate, the folder
+/// source (no watching) for instrument files, with the layout detected from the names if needed.
+fn replay_source(
+    cfg: &mut Config,
+    path: PathBuf,
+    speed: &str,
+    layout: Option<LayoutKind>,
+    channels: Vec<String>,
+) -> anyhow::Result<()> {
+    let speed = Speed::try_from(speed.to_string()).map_err(anyhow::Error::msg)?;
+    if path.join("zarr.json").is_file() {
+        cfg.source.kind = "replay".into();
+        cfg.source.replay = ReplayConfig { path, speed };
+        return Ok(());
+    }
+    let f = &mut cfg.source.folder;
+    f.path = path.clone();
+    f.watch = false;
+    f.speed = speed;
+    if !channels.is_empty() {
+        f.channels = channels;
+    }
+    let format = liveomics_adapters::model::PlateFormat::new(f.plate_format)?;
+    let names: Vec<String> = std::fs::read_dir(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .flatten()
+        .flat_map(|e| {
+            if e.path().is_dir() {
+                std::fs::read_dir(e.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .collect::<Vec<_>>()
+            } else {
+                vec![e]
             }
-            let opts = RunOptions {
-                sinks: SinkOptions { overwrite },
-                stop,
-                ..Default::default()
-            };
-            match pipeline::run(&cfg, opts).context("liveomics run failed") {
-                Ok(summary) => {
-                    print_summary(&summary);
-                    if summary.fields_failed > 0 {
-                        ExitCode::from(EXIT_PARTIAL)
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                }
-                Err(e) => report(Err(e)),
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let candidates = match layout {
+        Some(l) => vec![l],
+        None => vec![LayoutKind::Phenix, LayoutKind::Imagexpress, LayoutKind::Cellvoyager],
+    };
+    let best = candidates
+        .into_iter()
+        .filter_map(|k| {
+            let l = Layout::new(k, "", format, true).ok()?;
+            let parsed: Vec<_> = names.iter().filter_map(|n| l.parse(n).ok()).collect();
+            Some((parsed.len(), k, parsed.into_iter().find_map(|p| p.plate)))
+        })
+        .max_by_key(|(n, _, _)| *n)
+        .filter(|(n, _, _)| *n > 0)
+        .ok_or_else(|| anyhow::anyhow!("no file in {} matches a known layout", path.display()))?;
+    f.layout = best.1;
+    if let Some(plate) = best.2 {
+        f.plate = plate;
+    }
+    cfg.source.kind = "folder".into();
+    let errs = liveomics::registry::validate(cfg);
+    if !errs.is_empty() {
+        let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        anyhow::bail!("{}", lines.join("; "));
+    }
+    Ok(())
+}
+
+/// Runs the pipeline with signal handling and prints the summary; the exit code says how it went.
+fn execute(cfg: Config, overwrite: bool, progress: bool) -> ExitCode {
+    telemetry::init_logging(&cfg.telemetry);
+    let stop = StopToken::new();
+    if let Err(e) = install_signals(&stop) {
+        return report(Err(e));
+    }
+    let opts = RunOptions {
+        sinks: SinkOptions { overwrite },
+        stop,
+        progress,
+        ..Default::default()
+    };
+    match pipeline::run(&cfg, opts).context("liveomics run failed") {
+        Ok(summary) => {
+            print_summary(&summary);
+            if summary.fields_failed > 0 {
+                ExitCode::from(EXIT_PARTIAL)
+            } else {
+                ExitCode::SUCCESS
             }
         }
+        Err(e) => report(Err(e)),
     }
 }
 
@@ -202,6 +348,14 @@ fn print_summary(s: &RunSummary) {
         "  acquisition held {:.2} s by backpressure",
         s.source.blocked.as_secs_f64()
     );
+    if !s.source.read_time.is_zero() {
+        println!(
+            "  input reading    {:.2} s ({:.0}% of elapsed), {} inputs skipped",
+            s.source.read_time.as_secs_f64(),
+            100.0 * s.source.read_time.as_secs_f64() / secs.max(1e-9),
+            s.source.problems
+        );
+    }
     println!("  sinks            {}", s.sinks.join(", "));
     if let Some(a) = s.metrics_addr {
         println!("  metrics          http://{a}/metrics (while running)");

@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub stop: StopToken,
     /// Sinks built outside the registry, run after the configured ones (embedding, tests).
     pub extra_sinks: Vec<Box<dyn Sink>>,
+    /// Show a progress bar on a terminal when the source knows how many fields it will deliver.
+    pub progress: bool,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -245,7 +247,31 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
 
     let n_sinks = sink_txs.len();
     let budget = Duration::from_millis(cfg.latency_budget_ms);
-    let tracker = spawn("tracker", move || track(done_rx, n_sinks))?;
+    let progress = match (opts.progress, source.expected_fields()) {
+        (true, Some(n)) => {
+            let pb = indicatif::ProgressBar::new(n);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} fields  {per_sec}  ETA {eta}  {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            Some(pb)
+        }
+        _ => None,
+    };
+    let tracker_progress = progress.clone();
+    let tracker = spawn("tracker", move || track(done_rx, n_sinks, tracker_progress))?;
+    let (problem_tx, problem_rx) = bounded::<liveomics_adapters::source::SourceProblem>(1024);
+    source.observe(problem_tx);
+    let problems = spawn("source-problems", move || {
+        for p in problem_rx {
+            t::InputRejected {
+                input: &p.input,
+                reason: p.reason,
+                detail: &p.detail,
+            }
+            .emit();
+        }
+    })?;
 
     let mut workers = Vec::new();
     for (i, mut stages) in worker_stages.into_iter().enumerate() {
@@ -346,6 +372,10 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         join(s, "sink")?;
     }
     let tracked = join(tracker, "tracker")?;
+    join(problems, "source-problems")?;
+    if let Some(pb) = progress {
+        pb.finish();
+    }
     sampling.store(false, Ordering::Relaxed);
     join(sampler, "queue-sampler")?;
     let source_report = source_result.map_err(RunError::SourceFailed)?;
@@ -385,7 +415,7 @@ struct Tracked {
 }
 
 /// Counts sink completions; a field is done when every sink has reported it.
-fn track(rx: Receiver<Done>, n_sinks: usize) -> Tracked {
+fn track(rx: Receiver<Done>, n_sinks: usize, progress: Option<indicatif::ProgressBar>) -> Tracked {
     let mut pending: HashMap<String, (usize, bool)> = HashMap::new();
     let mut out = Tracked {
         fields_done: 0,
@@ -420,6 +450,9 @@ fn track(rx: Receiver<Done>, n_sinks: usize) -> Tracked {
         out.misses += u64::from(missed);
         out.wells.insert(d.well);
         let _ = out.latency_us.record(latency.as_micros() as u64);
+        if let Some(pb) = &progress {
+            pb.inc(1);
+        }
     }
     out
 }

@@ -4,12 +4,14 @@
 
 use std::sync::Arc;
 
+use liveomics_adapters::folder::FolderSource;
 use liveomics_adapters::model::AcquisitionPlan;
 use liveomics_adapters::simulator::Simulator;
 use liveomics_adapters::source::{Source, SourceError};
 use liveomics_adapters::Invalid;
 
 use crate::config::Config;
+use crate::replay::ZarrReplay;
 use crate::sink::{zarr::ZarrSink, zenoh::ZenohSink, Sink, SinkError};
 use crate::stage::{MeasureStage, SegmentStage, Stage};
 
@@ -46,10 +48,20 @@ pub struct SinkOptions {
     pub overwrite: bool,
 }
 
-pub const SOURCES: &[SourceKind] = &[SourceKind {
-    name: "simulator",
-    build: |cfg| Ok(Box::new(Simulator::new(cfg.source.simulator.clone())?)),
-}];
+pub const SOURCES: &[SourceKind] = &[
+    SourceKind {
+        name: "simulator",
+        build: |cfg| Ok(Box::new(Simulator::new(cfg.source.simulator.clone())?)),
+    },
+    SourceKind {
+        name: "folder",
+        build: |cfg| Ok(Box::new(FolderSource::new(cfg.source.folder.clone())?)),
+    },
+    SourceKind {
+        name: "replay",
+        build: |cfg| Ok(Box::new(ZarrReplay::new(&cfg.source.replay)?)),
+    },
+];
 
 pub const STAGES: &[StageKind] = &[
     StageKind {

@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use liveomics_adapters::folder::layout::{Layout, LayoutKind, Parsed};
 use liveomics_adapters::simulator::{Simulator, SimulatorConfig, LATENT};
 use liveomics_adapters::source::{Source, SourceError};
 use liveomics_adapters::tiff_io::{write_plane, Plane, TiffError};
@@ -37,8 +38,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SimulateError + '_ {
     }
 }
 
-/// Writes every field of the configured plate; returns the number of fields written.
-pub fn write_plate(cfg: &SimulatorConfig, out: &Path) -> Result<u64, SimulateError> {
+/// Writes every field of the configured plate; returns the number of fields written. With a
+/// `layout`, image files are named as that instrument names them; with `files_per_s > 0` they
+/// appear one by one at that rate (to exercise a folder watcher), each written to a hidden
+/// temporary name and renamed, as instruments do.
+pub fn write_plate(
+    cfg: &SimulatorConfig,
+    out: &Path,
+    layout: Option<LayoutKind>,
+    files_per_s: f64,
+) -> Result<u64, SimulateError> {
     let sim = Simulator::new(cfg.clone())?;
     let plan = sim.plan().clone();
     let images = out.join("images");
@@ -64,8 +73,26 @@ pub fn write_plate(cfg: &SimulatorConfig, out: &Path) -> Result<u64, SimulateErr
                 let sf = sim.render(well, f, t);
                 let stem = format!("{}_f{f}_t{t}", well.name());
                 for (c, px) in sf.channels.into_iter().enumerate() {
-                    let name = format!("{stem}_{}.tif", plan.channels[c].name);
-                    write_plane(&images.join(&name), w, h, &Plane::U16(px))?;
+                    let parsed = Parsed {
+                        plate: Some(plan.plate.to_string()),
+                        well,
+                        field: f,
+                        channel: c,
+                        timepoint: t,
+                        plane: 0,
+                    };
+                    let name = layout
+                        .and_then(|k| Layout::file_name(k, plan.plate.as_str(), &parsed))
+                        .unwrap_or_else(|| format!("{stem}_{}.tif", plan.channels[c].name));
+                    if files_per_s > 0.0 {
+                        std::thread::sleep(std::time::Duration::from_secs_f64(1.0 / files_per_s));
+                        let tmp = images.join(format!(".{name}.partial"));
+                        write_plane(&tmp, w, h, &Plane::U16(px))?;
+                        let dst = images.join(&name);
+                        std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+                    } else {
+                        write_plane(&images.join(&name), w, h, &Plane::U16(px))?;
+                    }
                     files.push(json!({"path": format!("images/{name}"), "well": well.name(), "field": f, "timepoint": t, "channel": plan.channels[c].name}));
                 }
                 write_plane(

@@ -14,6 +14,7 @@ use crate::config::{LogFormat, TelemetryConfig};
 
 pub const FRAMES_IN: &str = "liveomics_frames_in_total";
 pub const FRAMES_REJECTED: &str = "liveomics_frames_rejected_total";
+pub const INPUTS_REJECTED: &str = "liveomics_inputs_rejected_total";
 pub const FIELDS_ASSEMBLED: &str = "liveomics_fields_assembled_total";
 pub const FIELDS_INCOMPLETE: &str = "liveomics_fields_incomplete_total";
 pub const FIELDS_DONE: &str = "liveomics_fields_done_total";
@@ -148,6 +149,10 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(FRAMES_IN, "Frames received from the source, by channel");
     describe_counter!(FRAMES_REJECTED, "Frames rejected at assembly, by reason");
+    describe_counter!(
+        INPUTS_REJECTED,
+        "Source inputs (files) skipped, by reason; each is logged with its name"
+    );
     describe_counter!(FIELDS_ASSEMBLED, "Fields assembled (complete or not)");
     describe_counter!(
         FIELDS_INCOMPLETE,
@@ -204,6 +209,26 @@ impl FrameRejected<'_> {
             self.detail
         );
         counter!(FRAMES_REJECTED, "reason" => self.reason).increment(1);
+    }
+}
+
+/// A source skipped an input (a file): logged with its name, counted by reason.
+#[derive(Debug)]
+pub struct InputRejected<'a> {
+    pub input: &'a str,
+    pub reason: &'static str,
+    pub detail: &'a str,
+}
+
+impl InputRejected<'_> {
+    pub fn emit(&self) {
+        warn!(
+            input = self.input,
+            reason = self.reason,
+            "input skipped: {}",
+            self.detail
+        );
+        counter!(INPUTS_REJECTED, "reason" => self.reason).increment(1);
     }
 }
 

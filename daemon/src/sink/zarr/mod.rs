@@ -73,6 +73,8 @@ pub struct ZarrSink {
     /// Images whose arrays exist (a later timepoint only adds pixels).
     images: BTreeSet<(WellId, u32)>,
     windows: Vec<RunningWindow>,
+    /// Acquisition time of each timepoint of each image, recorded for replay at the original pace.
+    acquired: BTreeMap<(WellId, u32), BTreeMap<u32, u128>>,
 }
 
 impl std::fmt::Debug for ZarrSink {
@@ -156,6 +158,7 @@ impl ZarrSink {
             marker,
             wells: BTreeMap::new(),
             images: BTreeSet::new(),
+            acquired: BTreeMap::new(),
         };
         let empty = std::fs::read_dir(&plate_dir)
             .map(|mut d| d.next().is_none())
@@ -365,7 +368,7 @@ impl ZarrSink {
         }))
     }
 
-    fn image_metadata(&self) -> Map<String, Value> {
+    fn image_metadata(&self, well: WellId, field: u32) -> Map<String, Value> {
         let channels: Vec<Value> = self
             .plan
             .channels
@@ -379,10 +382,17 @@ impl ZarrSink {
                 })
             })
             .collect();
-        ome(json!({
+        let acquired: Map<String, Value> = self
+            .acquired
+            .get(&(well, field))
+            .map(|m| m.iter().map(|(t, ns)| (t.to_string(), json!(ns.to_string()))).collect())
+            .unwrap_or_default();
+        let mut m = ome(json!({
             "multiscales": self.multiscales("raw"),
             "omero": {"channels": channels, "rdefs": {"model": "color"}},
-        }))
+        }));
+        m.insert("liveomics".into(), json!({"acquired_unix_ns": acquired}));
+        m
     }
 
     fn plate_metadata(&self) -> Map<String, Value> {
@@ -517,10 +527,18 @@ impl Sink for ZarrSink {
             };
             anndata::write_table(&self.store, &table_image, work)?;
         }
-        if new_image {
-            self.store.group(&image, self.image_metadata())?;
-            self.images.insert((key.well, key.field));
-        }
+        let ns = work
+            .field
+            .acquired_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        self.acquired
+            .entry((key.well, key.field))
+            .or_default()
+            .insert(key.timepoint, ns);
+        self.store.group(&image, self.image_metadata(key.well, key.field))?;
+        self.images.insert((key.well, key.field));
         let new_well = !self.wells.contains_key(&key.well);
         let done = self.wells.entry(key.well).or_default();
         done.insert((key.field, key.timepoint));

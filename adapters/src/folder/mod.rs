@@ -1,0 +1,632 @@
+//! The `folder` source: watches the directory an HCS instrument writes into (inotify through
+//! `notify`, or polling for network shares), or replays a finished one in acquisition order.
+//!
+//! A file is read only once it is complete: after a close-after-write event, or when its size and
+//! modification time have not changed for `stable_ms`. A file that decodes badly is retried when
+//! it changes; one that stays bad or keeps changing past `stuck_timeout_ms` is reported by name
+//! and counted. Nothing taken from a file name becomes a path: names are parsed into validated
+//! well ids and numbers.
+
+pub mod layout;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::Sender;
+use serde::{Deserialize, Serialize};
+
+use self::layout::{Layout, LayoutKind, NameError, Parsed};
+use crate::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat};
+use crate::source::{Source, SourceError, SourceProblem, SourceReport, StopToken};
+use crate::tiff_io::{read_image, Plane};
+use crate::Invalid;
+
+/// Replay pacing: as fast as the pipeline takes frames, or the original timing scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Speed {
+    Max,
+    /// 1.0 is real time; 4.0 four times faster.
+    Factor(f64),
+}
+
+impl TryFrom<String> for Speed {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "max" => Ok(Speed::Max),
+            "realtime" => Ok(Speed::Factor(1.0)),
+            other => other
+                .trim_end_matches(['x', 'X', '×'])
+                .parse::<f64>()
+                .ok()
+                .filter(|f| *f > 0.0 && f.is_finite())
+                .map(Speed::Factor)
+                .ok_or_else(|| format!("speed {s:?} is not max, realtime or a factor like 4x")),
+        }
+    }
+}
+
+impl From<Speed> for String {
+    fn from(s: Speed) -> String {
+        match s {
+            Speed::Max => "max".into(),
+            Speed::Factor(f) if f == 1.0 => "realtime".into(),
+            Speed::Factor(f) => format!("{f}x"),
+        }
+    }
+}
+
+const CHANNEL_COLORS: [&str; 6] = ["0000FF", "FF0000", "FFFF00", "00FF00", "FF00FF", "00FFFF"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FolderConfig {
+    /// The directory the instrument writes into (searched recursively).
+    pub path: PathBuf,
+    pub layout: LayoutKind,
+    /// Regex with named groups for `layout = "pattern"`.
+    pub pattern: String,
+    /// Whether numbers in a user pattern start at 1 (vendor layouts always do).
+    pub one_based: bool,
+    /// The plate's name in the output; file names that carry another plate name are rejected.
+    pub plate: String,
+    pub plate_format: u16,
+    /// Channel names in channel-number order (`ch1`/`w1`/`C01` is the first).
+    pub channels: Vec<String>,
+    /// Field size; 0 takes it from the first image found.
+    pub width_px: u32,
+    pub height_px: u32,
+    /// Pixel size; 0 takes it from the first image's OME-XML.
+    pub pixel_size_um: f64,
+    pub timepoints: u32,
+    /// Keep watching for new files (an acquisition in progress); false reads what is there, in
+    /// acquisition order, and ends (replay).
+    pub watch: bool,
+    /// Poll instead of inotify (network shares, where inotify sees nothing).
+    pub polling: bool,
+    pub poll_interval_ms: u64,
+    /// A file unchanged for this long counts as complete.
+    pub stable_ms: u64,
+    /// A file still changing or still unreadable after this long is reported.
+    pub stuck_timeout_ms: u64,
+    /// In watch mode, end when no new file arrived for this long (0: run until stopped).
+    pub idle_exit_ms: u64,
+    /// Replay pacing by the files' modification times.
+    pub speed: Speed,
+}
+
+impl Default for FolderConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            layout: LayoutKind::Phenix,
+            pattern: String::new(),
+            one_based: true,
+            plate: "plate".into(),
+            plate_format: 96,
+            channels: vec!["DAPI".into(), "Microtubules".into(), "ER".into()],
+            width_px: 0,
+            height_px: 0,
+            pixel_size_um: 0.0,
+            timepoints: 1,
+            watch: true,
+            polling: false,
+            poll_interval_ms: 500,
+            stable_ms: 500,
+            stuck_timeout_ms: 30_000,
+            idle_exit_ms: 0,
+            speed: Speed::Max,
+        }
+    }
+}
+
+impl FolderConfig {
+    /// Problems with this section, keys relative to it. The folder itself is checked when the
+    /// source starts (it may legitimately not exist yet when the config is validated elsewhere).
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut out = Vec::new();
+        if self.path.as_os_str().is_empty() {
+            out.push(Invalid::new("path", "the folder to watch is required"));
+        }
+        if let Err(e) = Name::new(&self.plate) {
+            out.push(Invalid::new("plate", e.to_string()));
+        }
+        match PlateFormat::new(self.plate_format) {
+            Err(e) => out.push(Invalid::new("plate_format", e.to_string())),
+            Ok(f) => {
+                if let Err(e) = Layout::new(self.layout, &self.pattern, f, self.one_based) {
+                    out.push(Invalid::new("pattern", e));
+                }
+            }
+        }
+        if self.channels.is_empty() {
+            out.push(Invalid::new("channels", "name at least one channel"));
+        }
+        if self.timepoints == 0 {
+            out.push(Invalid::new("timepoints", "must be at least 1"));
+        }
+        if (self.width_px == 0) != (self.height_px == 0) {
+            out.push(Invalid::new("width_px", "set both width_px and height_px, or neither"));
+        }
+        if !(self.pixel_size_um >= 0.0 && self.pixel_size_um.is_finite()) {
+            out.push(Invalid::new("pixel_size_um", "must be >= 0 (0: from OME-XML)"));
+        }
+        if self.stable_ms == 0 || self.poll_interval_ms == 0 {
+            out.push(Invalid::new("stable_ms", "stable_ms and poll_interval_ms must be > 0"));
+        }
+        out
+    }
+}
+
+/// Files under `dir`, recursively, skipping hidden names (editors' and writers' temporaries).
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'))
+        {
+            continue;
+        }
+        match e.file_type() {
+            Ok(t) if t.is_dir() => walk(&p, out),
+            Ok(t) if t.is_file() => out.push(p),
+            _ => {}
+        }
+    }
+}
+
+/// A file seen but not yet read.
+#[derive(Debug)]
+struct Candidate {
+    size: u64,
+    mtime: SystemTime,
+    changed_at: Instant,
+    first_seen: Instant,
+    closed: bool,
+    /// Size at which decoding last failed: retried only once the file changes.
+    failed_at: Option<u64>,
+    reported_stuck: bool,
+}
+
+/// The folder source.
+pub struct FolderSource {
+    cfg: FolderConfig,
+    plan: AcquisitionPlan,
+    layout: Layout,
+    problems: Option<Sender<SourceProblem>>,
+    skip: HashSet<FieldKey>,
+}
+
+impl std::fmt::Debug for FolderSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FolderSource").field("path", &self.cfg.path).finish()
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+impl FolderSource {
+    pub fn new(cfg: FolderConfig) -> Result<Self, SourceError> {
+        let issues = cfg.validate();
+        if !issues.is_empty() {
+            let msg: Vec<String> = issues.iter().map(|i| i.to_string()).collect();
+            return Err(SourceError::Config(msg.join("; ")));
+        }
+        if !cfg.path.is_dir() {
+            return Err(SourceError::Config(format!(
+                "{} is not a directory",
+                cfg.path.display()
+            )));
+        }
+        let format = PlateFormat::new(cfg.plate_format)?;
+        let layout = Layout::new(cfg.layout, &cfg.pattern, format, cfg.one_based).map_err(SourceError::Config)?;
+        let (mut width, mut height, mut pixel) = (cfg.width_px as usize, cfg.height_px as usize, cfg.pixel_size_um);
+        if width == 0 || pixel == 0.0 {
+            let mut files = Vec::new();
+            walk(&cfg.path, &mut files);
+            files.sort();
+            let first = files
+                .iter()
+                .find(|p| layout.parse(&file_name(p)).is_ok())
+                .ok_or_else(|| {
+                    SourceError::Config(format!(
+                    "no {:?} image in {} yet: set width_px, height_px and pixel_size_um to start on an empty folder",
+                    cfg.layout,
+                    cfg.path.display()
+                ))
+                })?;
+            let img = read_image(first).map_err(|e| SourceError::Config(e.to_string()))?;
+            if width == 0 {
+                (width, height) = (img.width, img.height);
+            }
+            if pixel == 0.0 {
+                pixel = img.pixel_size_um.ok_or_else(|| {
+                    SourceError::Config(format!(
+                        "{} has no OME-XML pixel size: set pixel_size_um",
+                        first.display()
+                    ))
+                })?;
+            }
+        }
+        let plan = AcquisitionPlan {
+            plate: Name::new(&cfg.plate)?,
+            format,
+            channels: cfg
+                .channels
+                .iter()
+                .enumerate()
+                .map(|(i, n)| ChannelInfo {
+                    name: n.clone(),
+                    color: CHANNEL_COLORS[i % CHANNEL_COLORS.len()].into(),
+                })
+                .collect(),
+            width,
+            height,
+            pixel_size_um: pixel,
+            wells: Vec::new(),
+            fields_per_well: 0,
+            timepoints: cfg.timepoints,
+        };
+        Ok(Self {
+            cfg,
+            plan,
+            layout,
+            problems: None,
+            skip: HashSet::new(),
+        })
+    }
+
+    fn problem(&self, report: &mut SourceReport, path: &Path, reason: &'static str, detail: String) {
+        report.problems += 1;
+        let p = SourceProblem {
+            input: path.display().to_string(),
+            reason,
+            detail,
+        };
+        match &self.problems {
+            Some(tx) => {
+                let _ = tx.send(p);
+            }
+            None => tracing::warn!(file = %p.input, reason, "{}", p.detail),
+        }
+    }
+
+    /// Reads one complete file into a frame. `Ok(None)`: not an image of this plate (reported).
+    /// `Err(())`: could not decode; the caller retries when the file changes.
+    fn read(&self, path: &Path, mtime: SystemTime, report: &mut SourceReport) -> Result<Option<Frame>, String> {
+        let name = file_name(path);
+        let parsed: Parsed = match self.layout.parse(&name) {
+            Ok(p) => p,
+            Err(NameError::Thumbnail) => return Ok(None),
+            Err(e @ NameError::NoMatch(_)) => {
+                self.problem(report, path, "unmatched_name", format!("{name} {e}"));
+                return Ok(None);
+            }
+            Err(NameError::Value(e)) => {
+                self.problem(report, path, "bad_name", format!("{name}: {e}"));
+                return Ok(None);
+            }
+        };
+        if let Some(p) = &parsed.plate {
+            if p != self.plan.plate.as_str() && self.cfg.layout != LayoutKind::Pattern {
+                self.problem(
+                    report,
+                    path,
+                    "plate",
+                    format!("{name} is from plate {p}, not {}", self.plan.plate),
+                );
+                return Ok(None);
+            }
+        }
+        if parsed.channel >= self.plan.channels.len() {
+            self.problem(
+                report,
+                path,
+                "channel",
+                format!(
+                    "{name}: channel {} but {} are configured",
+                    parsed.channel + 1,
+                    self.plan.channels.len()
+                ),
+            );
+            return Ok(None);
+        }
+        if parsed.timepoint >= self.plan.timepoints {
+            self.problem(
+                report,
+                path,
+                "timepoint",
+                format!("{name}: timepoint beyond `timepoints`"),
+            );
+            return Ok(None);
+        }
+        if parsed.plane > 0 {
+            self.problem(
+                report,
+                path,
+                "plane",
+                format!("{name}: z-planes other than the first are not read yet"),
+            );
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        let img = read_image(path).map_err(|e| {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(c) = src {
+                s.push_str(&format!(": {c}"));
+                src = c.source();
+            }
+            s
+        })?;
+        report.read_time += t0.elapsed();
+        let pixels = match img.plane {
+            Plane::U16(d) => Pixels::U16(Arc::from(d)),
+            Plane::U8(d) => Pixels::U16(d.into_iter().map(u16::from).collect::<Vec<_>>().into()),
+            Plane::U32(_) | Plane::F32(_) => {
+                self.problem(
+                    report,
+                    path,
+                    "dtype",
+                    format!("{name}: 32-bit pixels; uint8 or uint16 expected"),
+                );
+                return Ok(None);
+            }
+        };
+        Ok(Some(Frame {
+            key: FieldKey {
+                plate: self.plan.plate.clone(),
+                well: parsed.well,
+                field: parsed.field,
+                timepoint: parsed.timepoint,
+            },
+            channel: parsed.channel,
+            width: img.width,
+            height: img.height,
+            pixels,
+            acquired_at: mtime,
+            received_at: Instant::now(),
+        }))
+    }
+
+    fn watch_loop(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError> {
+        let mut report = SourceReport::default();
+        let (tx, rx) = crossbeam_channel::unbounded::<notify::Result<notify::Event>>();
+        let handler = move |ev| {
+            let _ = tx.send(ev);
+        };
+        let io = |e: notify::Error| SourceError::Io {
+            context: "cannot watch the folder".into(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let mut watcher: Box<dyn notify::Watcher> = if self.cfg.polling {
+            let c = notify::Config::default().with_poll_interval(Duration::from_millis(self.cfg.poll_interval_ms));
+            Box::new(notify::PollWatcher::new(handler, c).map_err(io)?)
+        } else {
+            Box::new(notify::recommended_watcher(handler).map_err(io)?)
+        };
+        watcher
+            .watch(&self.cfg.path, notify::RecursiveMode::Recursive)
+            .map_err(io)?;
+        let mut pending: BTreeMap<PathBuf, Candidate> = BTreeMap::new();
+        let mut done: HashSet<PathBuf> = HashSet::new();
+        let mut fields: HashSet<FieldKey> = HashSet::new();
+        let mut last_activity = Instant::now();
+        let stable = Duration::from_millis(self.cfg.stable_ms);
+        let stuck = Duration::from_millis(self.cfg.stuck_timeout_ms);
+        let idle = Duration::from_millis(self.cfg.idle_exit_ms);
+        let mut initial = Vec::new();
+        walk(&self.cfg.path, &mut initial);
+        let touch = |pending: &mut BTreeMap<PathBuf, Candidate>, p: PathBuf, closed: bool| {
+            let Ok(md) = std::fs::metadata(&p) else { return };
+            if !md.is_file() {
+                return;
+            }
+            let (size, mtime) = (md.len(), md.modified().unwrap_or(SystemTime::UNIX_EPOCH));
+            let now = Instant::now();
+            let c = pending.entry(p).or_insert(Candidate {
+                size,
+                mtime,
+                changed_at: now,
+                first_seen: now,
+                closed: false,
+                failed_at: None,
+                reported_stuck: false,
+            });
+            if c.size != size || c.mtime != mtime {
+                c.size = size;
+                c.mtime = mtime;
+                c.changed_at = now;
+                c.closed = false;
+            }
+            c.closed |= closed;
+        };
+        for p in initial {
+            touch(&mut pending, p, false);
+        }
+        while !stop.is_stopped() {
+            while let Ok(ev) = rx.try_recv() {
+                let Ok(ev) = ev else { continue };
+                let closed = matches!(
+                    ev.kind,
+                    notify::EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Write))
+                );
+                for p in ev.paths {
+                    let hidden = p
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with('.'));
+                    if !hidden && !done.contains(&p) {
+                        touch(&mut pending, p, closed);
+                        last_activity = Instant::now();
+                    }
+                }
+            }
+            let paths: Vec<PathBuf> = pending.keys().cloned().collect();
+            for p in paths {
+                // Polling catches size changes that produced no event (network shares).
+                touch(&mut pending, p.clone(), false);
+                let Some(c) = pending.get_mut(&p) else { continue };
+                let ready = c.size > 0 && (c.closed || c.changed_at.elapsed() >= stable) && c.failed_at != Some(c.size);
+                if !ready {
+                    if c.first_seen.elapsed() > stuck && !c.reported_stuck {
+                        c.reported_stuck = true;
+                        let msg = if c.failed_at == Some(c.size) {
+                            format!("still unreadable after {} s", stuck.as_secs())
+                        } else {
+                            format!("still being written after {} s", stuck.as_secs())
+                        };
+                        self.problem(&mut report, &p, "stuck", format!("{}: {msg}", file_name(&p)));
+                    }
+                    continue;
+                }
+                let mtime = c.mtime;
+                match self.read(&p, mtime, &mut report) {
+                    Ok(Some(frame)) => {
+                        pending.remove(&p);
+                        done.insert(p);
+                        last_activity = Instant::now();
+                        if self.skip.contains(&frame.key) {
+                            continue;
+                        }
+                        if fields.insert(frame.key.clone()) {
+                            report.fields += 1;
+                        }
+                        let t0 = Instant::now();
+                        out.send(frame).map_err(|_| SourceError::Disconnected)?;
+                        report.blocked += t0.elapsed();
+                        report.frames += 1;
+                    }
+                    Ok(None) => {
+                        pending.remove(&p);
+                        done.insert(p);
+                    }
+                    Err(e) => {
+                        if let Some(c) = pending.get_mut(&p) {
+                            c.failed_at = Some(c.size);
+                            if c.first_seen.elapsed() > stuck {
+                                let name = file_name(&p);
+                                self.problem(&mut report, &p, "unreadable", format!("{name}: {e}"));
+                                pending.remove(&p);
+                                done.insert(p);
+                            }
+                        }
+                    }
+                }
+            }
+            if !idle.is_zero() && pending.is_empty() && last_activity.elapsed() > idle {
+                return Ok(report);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        report.stopped_early = true;
+        Ok(report)
+    }
+
+    /// A finished folder, in acquisition order (modification time), paced by `speed`.
+    fn replay(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError> {
+        let mut report = SourceReport::default();
+        let mut files = Vec::new();
+        walk(&self.cfg.path, &mut files);
+        let mut files: Vec<(SystemTime, PathBuf)> = files
+            .into_iter()
+            .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+            .collect();
+        files.sort();
+        let start = Instant::now();
+        let t_first = files.first().map(|f| f.0);
+        let mut fields: HashSet<FieldKey> = HashSet::new();
+        let mut current: Option<FieldKey> = None;
+        for (mtime, p) in files {
+            if let (Speed::Factor(f), Some(t0)) = (self.cfg.speed, t_first) {
+                let offset = mtime.duration_since(t0).unwrap_or_default().div_f64(f);
+                while start.elapsed() < offset && !stop.is_stopped() {
+                    std::thread::sleep((offset - start.elapsed()).min(Duration::from_millis(50)));
+                }
+            }
+            match self.read(&p, mtime, &mut report) {
+                Ok(Some(frame)) => {
+                    // A stop takes effect between fields, so the last field is delivered whole.
+                    if stop.is_stopped() && current.as_ref() != Some(&frame.key) {
+                        report.stopped_early = true;
+                        return Ok(report);
+                    }
+                    if self.skip.contains(&frame.key) {
+                        continue;
+                    }
+                    current = Some(frame.key.clone());
+                    if fields.insert(frame.key.clone()) {
+                        report.fields += 1;
+                    }
+                    let t0 = Instant::now();
+                    out.send(frame).map_err(|_| SourceError::Disconnected)?;
+                    report.blocked += t0.elapsed();
+                    report.frames += 1;
+                }
+                Ok(None) => {}
+                Err(e) => self.problem(&mut report, &p, "unreadable", format!("{}: {e}", file_name(&p))),
+            }
+        }
+        Ok(report)
+    }
+}
+
+impl Source for FolderSource {
+    fn plan(&self) -> &AcquisitionPlan {
+        &self.plan
+    }
+
+    fn observe(&mut self, problems: Sender<SourceProblem>) {
+        self.problems = Some(problems);
+    }
+
+    fn expected_fields(&self) -> Option<u64> {
+        if self.cfg.watch {
+            return None;
+        }
+        let mut files = Vec::new();
+        walk(&self.cfg.path, &mut files);
+        let keys: HashSet<(u16, u16, u32, u32)> = files
+            .iter()
+            .filter_map(|p| self.layout.parse(&file_name(p)).ok())
+            .filter(|p| p.plane == 0)
+            .map(|p| (p.well.row, p.well.column, p.field, p.timepoint))
+            .collect();
+        Some(keys.len() as u64)
+    }
+
+    fn skip(&mut self, done: &[FieldKey]) {
+        self.skip.extend(done.iter().cloned());
+    }
+
+    fn run(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError> {
+        if self.cfg.watch {
+            self.watch_loop(out, stop)
+        } else {
+            self.replay(out, stop)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn speed_parses() {
+        assert_eq!(Speed::try_from("max".to_string()), Ok(Speed::Max));
+        assert_eq!(Speed::try_from("realtime".to_string()), Ok(Speed::Factor(1.0)));
+        assert_eq!(Speed::try_from("4x".to_string()), Ok(Speed::Factor(4.0)));
+        assert!(Speed::try_from("fast".to_string()).is_err());
+        assert!(Speed::try_from("0x".to_string()).is_err());
+    }
+}

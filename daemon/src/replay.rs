@@ -1,0 +1,271 @@
+//! The `replay` source: feeds an OME-Zarr plate written by liveomics back through the pipeline,
+//! in acquisition order (the times the zarr sink recorded per image and timepoint), at the
+//! original pace scaled by `speed`, or as fast as the pipeline takes it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Sender;
+use liveomics_adapters::folder::Speed;
+use liveomics_adapters::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat, WellId};
+use liveomics_adapters::source::{Source, SourceError, SourceReport, StopToken};
+use serde_json::Value;
+use zarrs::array::{Array, ArraySubset};
+use zarrs::filesystem::FilesystemStore;
+
+use crate::config::ReplayConfig;
+
+/// One field at one timepoint, to be replayed.
+#[derive(Debug, Clone)]
+struct Item {
+    acquired_ns: u128,
+    key: FieldKey,
+    node: String,
+}
+
+/// The replay source.
+pub struct ZarrReplay {
+    plan: AcquisitionPlan,
+    store: Arc<FilesystemStore>,
+    items: Vec<Item>,
+    speed: Speed,
+    skip: std::collections::HashSet<FieldKey>,
+}
+
+impl std::fmt::Debug for ZarrReplay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZarrReplay").field("items", &self.items.len()).finish()
+    }
+}
+
+fn bad(path: &Path, what: impl std::fmt::Display) -> SourceError {
+    SourceError::Config(format!("{}: {what}", path.display()))
+}
+
+fn attrs(root: &Path, node: &str) -> Result<Value, SourceError> {
+    let p = root.join(node).join("zarr.json");
+    let text = std::fs::read_to_string(&p).map_err(|source| SourceError::Io {
+        context: format!("cannot read {}", p.display()),
+        source,
+    })?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| bad(&p, e))?;
+    Ok(v.get("attributes").cloned().unwrap_or(Value::Null))
+}
+
+impl ZarrReplay {
+    pub fn new(cfg: &ReplayConfig) -> Result<Self, SourceError> {
+        let root: PathBuf = cfg.path.clone();
+        let top = attrs(&root, "")?;
+        let plate = top
+            .pointer("/ome/plate")
+            .ok_or_else(|| bad(&root, "not an OME-Zarr plate (no ome.plate)"))?;
+        let name = plate.get("name").and_then(Value::as_str).unwrap_or("replay");
+        let rows = plate
+            .get("rows")
+            .and_then(Value::as_array)
+            .map(|r| r.len())
+            .unwrap_or(8);
+        let format = PlateFormat::new(if rows > 8 { 384 } else { 96 })?;
+        let plate_name = Name::new(name)?;
+        let mut items = Vec::new();
+        let mut first_image: Option<String> = None;
+        for w in plate
+            .get("wells")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+        {
+            let Some(path) = w.get("path").and_then(Value::as_str) else {
+                continue;
+            };
+            let (Some(r), Some(c)) = (
+                w.get("rowIndex").and_then(Value::as_u64),
+                w.get("columnIndex").and_then(Value::as_u64),
+            ) else {
+                continue;
+            };
+            let well = WellId {
+                row: r as u16,
+                column: c as u16,
+            };
+            if well.row >= format.rows()
+                || well.column >= format.columns()
+                || path != format!("{}/{}", well.row_name(), well.column_name())
+            {
+                return Err(bad(&root, format!("well path {path:?} does not match its indices")));
+            }
+            let wa = attrs(&root, path)?;
+            for img in wa
+                .pointer("/ome/well/images")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+            {
+                let Some(f) = img.get("path").and_then(Value::as_str) else {
+                    continue;
+                };
+                let field: u32 = f
+                    .parse()
+                    .map_err(|_| bad(&root, format!("image path {f:?} is not a field number")))?;
+                let node = format!("{path}/{field}");
+                first_image.get_or_insert(node.clone());
+                let ia = attrs(&root, &node)?;
+                let times = ia
+                    .pointer("/liveomics/acquired_unix_ns")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
+                let done: Vec<u32> = wa
+                    .pointer("/liveomics/complete")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter(|p| p.get(0).and_then(Value::as_u64) == Some(field as u64))
+                            .filter_map(|p| p.get(1).and_then(Value::as_u64).map(|t| t as u32))
+                            .collect()
+                    })
+                    .unwrap_or_else(|| vec![0]);
+                for t in done {
+                    let acquired_ns = times
+                        .get(&t.to_string())
+                        .and_then(Value::as_str)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    items.push(Item {
+                        acquired_ns,
+                        key: FieldKey {
+                            plate: plate_name.clone(),
+                            well,
+                            field,
+                            timepoint: t,
+                        },
+                        node: node.clone(),
+                    });
+                }
+            }
+        }
+        let first = first_image.ok_or_else(|| bad(&root, "the plate lists no image"))?;
+        let ia = attrs(&root, &first)?;
+        let ms = ia
+            .pointer("/ome/multiscales/0")
+            .ok_or_else(|| bad(&root, "image has no multiscales"))?;
+        let dataset = ms.pointer("/datasets/0/path").and_then(Value::as_str).unwrap_or("0");
+        let scale = ms
+            .pointer("/datasets/0/coordinateTransformations/0/scale")
+            .and_then(Value::as_array)
+            .and_then(|s| s.last())
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0);
+        let channels: Vec<ChannelInfo> = ia
+            .pointer("/ome/omero/channels")
+            .and_then(Value::as_array)
+            .map(|cs| {
+                cs.iter()
+                    .map(|c| ChannelInfo {
+                        name: c.get("label").and_then(Value::as_str).unwrap_or("channel").to_string(),
+                        color: c.get("color").and_then(Value::as_str).unwrap_or("FFFFFF").to_string(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let store = Arc::new(FilesystemStore::new(&root).map_err(|e| bad(&root, e))?);
+        let array = Array::open(store.clone(), &format!("/{first}/{dataset}")).map_err(|e| bad(&root, e))?;
+        let shape = array.shape().to_vec();
+        let n = shape.len();
+        let timepoints = if n == 4 { shape[0] as u32 } else { 1 };
+        items.sort_by(|a, b| a.acquired_ns.cmp(&b.acquired_ns).then_with(|| a.key.cmp(&b.key)));
+        let plan = AcquisitionPlan {
+            plate: plate_name,
+            format,
+            channels,
+            width: shape[n - 1] as usize,
+            height: shape[n - 2] as usize,
+            pixel_size_um: scale,
+            wells: Vec::new(),
+            fields_per_well: 0,
+            timepoints,
+        };
+        Ok(Self {
+            plan,
+            store,
+            items,
+            speed: cfg.speed,
+            skip: Default::default(),
+        })
+    }
+}
+
+impl Source for ZarrReplay {
+    fn plan(&self) -> &AcquisitionPlan {
+        &self.plan
+    }
+
+    fn expected_fields(&self) -> Option<u64> {
+        Some(self.items.len() as u64)
+    }
+
+    fn skip(&mut self, done: &[FieldKey]) {
+        self.skip.extend(done.iter().cloned());
+    }
+
+    fn run(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError> {
+        let mut report = SourceReport::default();
+        let start = Instant::now();
+        let t0 = self.items.iter().map(|i| i.acquired_ns).filter(|&t| t > 0).min();
+        for item in &self.items {
+            if stop.is_stopped() {
+                report.stopped_early = true;
+                break;
+            }
+            if self.skip.contains(&item.key) {
+                continue;
+            }
+            if let (Speed::Factor(f), Some(t0)) = (self.speed, t0) {
+                let offset = Duration::from_nanos(item.acquired_ns.saturating_sub(t0) as u64).div_f64(f);
+                while start.elapsed() < offset && !stop.is_stopped() {
+                    std::thread::sleep((offset - start.elapsed()).min(Duration::from_millis(50)));
+                }
+            }
+            let node = format!("/{}/0", item.node);
+            let r0 = Instant::now();
+            let array =
+                Array::open(self.store.clone(), &node).map_err(|e| SourceError::Config(format!("{node}: {e}")))?;
+            let shape = array.shape().to_vec();
+            let n = shape.len();
+            let acquired_at = UNIX_EPOCH + Duration::from_nanos(item.acquired_ns as u64);
+            let mut frames = Vec::new();
+            for c in 0..self.plan.channels.len() as u64 {
+                let mut ranges = vec![c..c + 1, 0..shape[n - 2], 0..shape[n - 1]];
+                if n == 4 {
+                    ranges.insert(0, item.key.timepoint as u64..item.key.timepoint as u64 + 1);
+                }
+                let px: Vec<u16> = array
+                    .retrieve_array_subset(&ArraySubset::new_with_ranges(&ranges))
+                    .map_err(|e| SourceError::Config(format!("{node}: {e}")))?;
+                frames.push(Frame {
+                    key: item.key.clone(),
+                    channel: c as usize,
+                    width: shape[n - 1] as usize,
+                    height: shape[n - 2] as usize,
+                    pixels: Pixels::U16(px.into()),
+                    acquired_at: if item.acquired_ns > 0 {
+                        acquired_at
+                    } else {
+                        SystemTime::now()
+                    },
+                    received_at: Instant::now(),
+                });
+            }
+            report.read_time += r0.elapsed();
+            for f in frames {
+                let b = Instant::now();
+                out.send(f).map_err(|_| SourceError::Disconnected)?;
+                report.blocked += b.elapsed();
+                report.frames += 1;
+            }
+            report.fields += 1;
+        }
+        Ok(report)
+    }
+}
