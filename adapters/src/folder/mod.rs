@@ -53,7 +53,7 @@ impl From<Speed> for String {
     fn from(s: Speed) -> String {
         match s {
             Speed::Max => "max".into(),
-            Speed::Factor(f) if f == 1.0 => "realtime".into(),
+            Speed::Factor(1.0) => "realtime".into(),
             Speed::Factor(f) => format!("{f}x"),
         }
     }
@@ -478,14 +478,23 @@ impl FolderSource {
                 let Some(c) = pending.get_mut(&p) else { continue };
                 let ready = c.size > 0 && (c.closed || c.changed_at.elapsed() >= stable) && c.failed_at != Some(c.size);
                 if !ready {
-                    if c.first_seen.elapsed() > stuck && !c.reported_stuck {
-                        c.reported_stuck = true;
-                        let msg = if c.failed_at == Some(c.size) {
-                            format!("still unreadable after {} s", stuck.as_secs())
-                        } else {
-                            format!("still being written after {} s", stuck.as_secs())
-                        };
-                        self.problem(&mut report, &p, "stuck", format!("{}: {msg}", file_name(&p)));
+                    if c.first_seen.elapsed() > stuck {
+                        if c.failed_at == Some(c.size) {
+                            // Unchanged since it failed to decode, for the whole timeout: give up on it.
+                            let detail = format!(
+                                "{}: unreadable and unchanged for {} s (truncated or corrupt)",
+                                file_name(&p),
+                                stuck.as_secs_f64()
+                            );
+                            pending.remove(&p);
+                            self.problem(&mut report, &p, "unreadable", detail);
+                            done.insert(p);
+                        } else if !c.reported_stuck {
+                            c.reported_stuck = true;
+                            let detail =
+                                format!("{}: still being written after {} s", file_name(&p), stuck.as_secs_f64());
+                            self.problem(&mut report, &p, "stuck", detail);
+                        }
                     }
                     continue;
                 }

@@ -1,0 +1,164 @@
+"""Instrument folders: watch files appear (some written slowly in pieces), replay finished plates."""
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from conftest import BIN, run, sim_toml
+
+CHANNELS = ["DAPI", "Microtubules", "ER", "TOMM20"]
+
+
+def folder_toml(watch_dir: Path, out: Path, layout: str, plate: str, polling=False, extra="") -> str:
+    return f"""
+instrument = "folders"
+[source]
+kind = "folder"
+[source.folder]
+path = "{watch_dir}"
+layout = "{layout}"
+plate = "{plate}"
+channels = {json.dumps(CHANNELS)}
+width_px = 256
+height_px = 256
+pixel_size_um = 0.65
+polling = {str(polling).lower()}
+poll_interval_ms = 100
+stable_ms = 300
+stuck_timeout_ms = 4000
+idle_exit_ms = 2500
+{extra}
+[pipeline]
+assembly_timeout_ms = 2000
+[sinks.zarr]
+output = "{out}"
+[sinks.zenoh]
+enabled = false
+[telemetry]
+metrics_listen = ""
+"""
+
+
+def stage(binary, tmp: Path, layout: str) -> tuple[Path, dict]:
+    cfg = tmp / "sim.toml"
+    cfg.write_text(sim_toml(plate="P1", wells=("B2", "C5"), fields=2, size=256, seed=5))
+    staged = tmp / "staged"
+    assert run(binary, "simulate", "--config", cfg, "--out", staged, "--layout", layout).returncode == 0
+    return staged, json.loads((staged / "manifest.json").read_text())
+
+
+def feed(files: list[Path], dest: Path, slow_every: int = 3):
+    """Copies files into the watched folder over time; every `slow_every`-th one in three pieces
+    with pauses longer than the daemon's stable_ms, as a slow network writer would."""
+    for i, src in enumerate(files):
+        data = src.read_bytes()
+        target = dest / src.name
+        if i % slow_every == 0:
+            with open(target, "wb") as fh:
+                for k in range(3):
+                    fh.write(data[k * len(data) // 3 : (k + 1) * len(data) // 3])
+                    fh.flush()
+                    time.sleep(0.45)
+        else:
+            target.write_bytes(data)
+            time.sleep(0.02)
+
+
+def check_plate(plate: Path, staged: Path, manifest: dict):
+    from ome_zarr_models.v05.hcs import HCS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HCS.from_zarr(zarr.open_group(plate, mode="r"))
+    root = zarr.open_group(plate, mode="r")
+    listed = sorted((w["path"], i["path"]) for w in root.attrs["ome"]["plate"]["wells"] for i in root[w["path"]].attrs["ome"]["well"]["images"])
+    assert listed == [("B/2", "0"), ("B/2", "1"), ("C/5", "0"), ("C/5", "1")], "every field once"
+    for f in manifest["files"]:
+        well = f["well"]
+        arr = zarr.open_array(plate / well[0] / well[1:] / str(f["field"]) / "0", mode="r")
+        c = CHANNELS.index(f["channel"])
+        np.testing.assert_array_equal(arr[c], tifffile.imread(staged / f["path"]), err_msg=f["path"])
+
+
+@pytest.mark.parametrize("layout,polling", [("phenix", False), ("imagexpress", False), ("cellvoyager", True)])
+def test_watched_folder_becomes_the_plate(binary, tmp_path, layout, polling):
+    staged, manifest = stage(binary, tmp_path, layout)
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(folder_toml(watch, tmp_path / "out", layout, "P1", polling=polling))
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)
+    files = sorted((staged / "images").iterdir(), key=lambda p: p.name)
+    feed(files, watch)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "fields           4 done" in out and "frames rejected  0" in out, out
+    assert "0 inputs skipped" in out, out
+    check_plate(tmp_path / "out" / "P1.zarr", staged, manifest)
+
+
+def test_bad_files_are_reported_by_name_and_the_rest_survives(binary, tmp_path):
+    staged, manifest = stage(binary, tmp_path, "phenix")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    files = sorted((staged / "images").iterdir())
+    # One field loses a channel; one file is truncated for good; a stray file matches no layout.
+    missing = next(p for p in files if p.name.startswith("r03c05f02") and "-ch4" in p.name)
+    for p in files:
+        if p != missing:
+            shutil.copy(p, watch / p.name)
+    broken = watch / "r03c05f02p01-ch4sk1fk1fl1.tiff"
+    broken.write_bytes(missing.read_bytes()[:5000])
+    (watch / "notes.txt").write_text("operator notes")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(folder_toml(watch, tmp_path / "out", "phenix", "P1", extra="").replace("stuck_timeout_ms = 4000", "stuck_timeout_ms = 1500"))
+    proc = run(binary, "run", "--config", cfg, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "r03c05f02p01-ch4sk1fk1fl1.tiff" in proc.stderr and "unreadable" in proc.stderr
+    assert "notes.txt" in proc.stderr and "unmatched_name" in proc.stderr
+    assert "2 inputs skipped" in proc.stdout, proc.stdout
+    assert "fields           4 done" in proc.stdout and "1 incomplete" in proc.stdout, proc.stdout
+    root = zarr.open_group(tmp_path / "out" / "P1.zarr", mode="r")
+    images = root["C/5"].attrs["ome"]["well"]["images"]
+    assert [i["path"] for i in images] == ["0", "1"], "the incomplete field is still written"
+
+
+def test_replaying_the_plate_reproduces_the_cell_records(binary, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        sim_toml(plate="orig", wells=("B2", "B3"), fields=2, size=256, seed=9)
+        + f'\n[sinks.zarr]\noutput = "{tmp_path / "a"}"\n[sinks.zenoh]\nenabled = false\n[telemetry]\nmetrics_listen = ""\n'
+    )
+    assert run(binary, "run", "--config", cfg).returncode == 0
+    proc = run(binary, "replay", tmp_path / "a" / "orig.zarr", "--config", cfg, "--output", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fields           4 done" in proc.stdout, proc.stdout
+    for well, field in [("B/2", 0), ("B/2", 1), ("B/3", 0), ("B/3", 1)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = anndata.read_zarr(tmp_path / "a" / "orig.zarr" / well / str(field) / "tables" / "cells").obs
+            b = anndata.read_zarr(tmp_path / "b" / "orig.zarr" / well / str(field) / "tables" / "cells").obs
+        assert len(a) > 5
+        for col in ("label", "area_px", "centroid_x_px", "centroid_y_px", "mean_dapi", "mean_tomm20"):
+            np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy(), err_msg=f"{well}/{field} {col}")
+
+
+def test_replay_of_a_vendor_folder_detects_its_layout(binary, tmp_path):
+    staged, manifest = stage(binary, tmp_path, "imagexpress")
+    proc = run(
+        binary, "replay", staged / "images", "--channels", ",".join(CHANNELS), "--pixel-size-um", "0.65",
+        "--output", tmp_path / "out",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_plate(tmp_path / "out" / "P1.zarr", staged, manifest)
