@@ -162,3 +162,22 @@ def test_replay_of_a_vendor_folder_detects_its_layout(binary, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_plate(tmp_path / "out" / "P1.zarr", staged, manifest)
+
+
+def test_tiled_compressed_bigtiff_ome_files_are_read_with_their_pixel_size(binary, tmp_path):
+    staged, manifest = stage(binary, tmp_path, "phenix")
+    vendor = tmp_path / "vendor"
+    vendor.mkdir()
+    for f in (staged / "images").iterdir():
+        tifffile.imwrite(
+            vendor / f.name, tifffile.imread(f), tile=(128, 128), compression="zlib", bigtiff=True,
+            ome=True, metadata={"PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "µm", "axes": "YX"},
+        )
+    proc = run(binary, "replay", vendor, "--channels", ",".join(CHANNELS), "--output", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plate = tmp_path / "out" / "plate.zarr"
+    scale = zarr.open_group(plate / "B" / "2" / "0", mode="r").attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale[-1] == pytest.approx(0.5)
+    for f in manifest["files"][:4]:
+        arr = zarr.open_array(plate / f["well"][0] / f["well"][1:] / str(f["field"]) / "0", mode="r")
+        np.testing.assert_array_equal(arr[CHANNELS.index(f["channel"])], tifffile.imread(staged / f["path"]))
