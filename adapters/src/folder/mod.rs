@@ -479,10 +479,10 @@ impl FolderSource {
                 let ready = c.size > 0 && (c.closed || c.changed_at.elapsed() >= stable) && c.failed_at != Some(c.size);
                 if !ready {
                     if c.first_seen.elapsed() > stuck {
-                        if c.failed_at == Some(c.size) {
-                            // Unchanged since it failed to decode, for the whole timeout: give up on it.
+                        if c.failed_at == Some(c.size) || c.changed_at.elapsed() > stuck {
+                            // Unchanged since it failed to decode (or empty) for the whole timeout.
                             let detail = format!(
-                                "{}: unreadable and unchanged for {} s (truncated or corrupt)",
+                                "{}: unreadable or empty, unchanged for {} s (truncated or corrupt)",
                                 file_name(&p),
                                 stuck.as_secs_f64()
                             );
