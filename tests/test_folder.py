@@ -181,3 +181,13 @@ def test_tiled_compressed_bigtiff_ome_files_are_read_with_their_pixel_size(binar
     for f in manifest["files"][:4]:
         arr = zarr.open_array(plate / f["well"][0] / f["well"][1:] / str(f["field"]) / "0", mode="r")
         np.testing.assert_array_equal(arr[CHANNELS.index(f["channel"])], tifffile.imread(staged / f["path"]))
+
+
+def test_replay_refuses_to_write_into_its_own_input(binary, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(sim_toml(plate="self", wells=("A1",), fields=1, size=128) + f'\n[sinks.zarr]\noutput = "{tmp_path}"\n[sinks.zenoh]\nenabled = false\n')
+    assert run(binary, "run", "--config", cfg).returncode == 0
+    before = (tmp_path / "self.zarr" / "zarr.json").read_bytes()
+    proc = run(binary, "replay", tmp_path / "self.zarr", "--config", cfg, "--overwrite")
+    assert proc.returncode == 2 and "plate it reads" in proc.stderr, proc.stderr
+    assert (tmp_path / "self.zarr" / "zarr.json").read_bytes() == before

@@ -253,3 +253,18 @@ def test_timepoints_get_a_time_axis(binary, tmp_path):
             table = anndata.read_zarr(image / f"t{t}" / "tables" / "cells")
         assert set(table.obs["timepoint"]) == {t}
     assert zarr.open_array(image / "labels" / "cells" / "0", mode="r").shape == (2, 1, 128, 128)
+
+
+@pytest.mark.parametrize("size", [1000, 1021])
+def test_sizes_that_are_not_chunk_multiples(binary, tmp_path, size):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(daemon_toml(tmp_path / "out", "sizes", None, sim_toml(plate="odd", wells=("A1",), fields=1, size=size), zenoh_enabled=False))
+    proc = run(binary, "run", "--config", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run(binary, "simulate", "--config", cfg, "--out", tmp_path / "truth").returncode == 0
+    plate = tmp_path / "out" / "odd.zarr"
+    yaozarrs.validate_zarr_store(str(plate))
+    expected = tifffile.imread(tmp_path / "truth" / "images" / "A1_f0_t0_DAPI.tif")
+    for k in range(LEVELS):
+        np.testing.assert_array_equal(zarr.open_array(plate / "A" / "1" / "0" / str(k), mode="r")[0], expected)
+        expected = down_mean(expected)

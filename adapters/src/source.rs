@@ -95,7 +95,9 @@ pub trait Source: Send {
     /// recognise the repeats.
     fn skip(&mut self, _done: &[crate::model::FieldKey]) {}
 
-    /// Produces frames until the acquisition ends or `stop` is set; a stop takes effect at the next
-    /// field boundary, so every field that was started is delivered whole.
+    /// Produces frames until the acquisition ends or `stop` is set. A source that drives the
+    /// acquisition stops at the next field boundary, so every field it started is delivered whole;
+    /// one that only watches (a folder) stops at once, and a field it cut short is written
+    /// incomplete and redone when the plate is resumed.
     fn run(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError>;
 }

@@ -64,22 +64,8 @@ pub fn write_plane(path: &Path, width: usize, height: usize, plane: &Plane) -> R
 
 /// Reads the first page of a grayscale TIFF: `(width, height, pixels)`.
 pub fn read_plane(path: &Path) -> Result<(usize, usize, Plane), TiffError> {
-    let p = || path.display().to_string();
-    let file = File::open(path).map_err(|source| TiffError::Io { path: p(), source })?;
-    let fmt = |source| TiffError::Format { path: p(), source };
-    let mut dec = Decoder::new(BufReader::new(file)).map_err(fmt)?;
-    let (w, h) = dec.dimensions().map_err(fmt)?;
-    let plane = match dec.read_image().map_err(fmt)? {
-        DecodingResult::U8(d) => Plane::U8(d),
-        DecodingResult::U16(d) => Plane::U16(d),
-        DecodingResult::U32(d) => Plane::U32(d),
-        DecodingResult::F32(d) => Plane::F32(d),
-        other => {
-            let kind = format!("{:?}", std::mem::discriminant(&other));
-            return Err(TiffError::Unsupported { path: p(), kind });
-        }
-    };
-    Ok((w as usize, h as usize, plane))
+    let img = read_image(path)?;
+    Ok((img.width, img.height, img.plane))
 }
 
 /// One image read from a file, with what OME-TIFF metadata says about it.

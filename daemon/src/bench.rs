@@ -60,6 +60,9 @@ pub fn write_frames(
         return Err(BenchError::Size(inputs[i].clone()));
     }
     let n = frames.len() * repeat;
+    if n == 0 {
+        return Err(BenchError::Empty);
+    }
     let cfg = ZarrSinkConfig {
         compression: Compression::BloscZstd,
         compression_level: level,

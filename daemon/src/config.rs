@@ -170,6 +170,9 @@ pub struct ZarrSinkConfig {
     pub pyramid_levels: u32,
     /// Write the per-cell AnnData table of each field.
     pub tables: bool,
+    /// Flush a field's files to the disk before listing it, so a power loss cannot leave a listed
+    /// field with missing data.
+    pub fsync: bool,
 }
 
 impl Default for ZarrSinkConfig {
@@ -184,6 +187,7 @@ impl Default for ZarrSinkConfig {
             shard: true,
             pyramid_levels: 3,
             tables: true,
+            fsync: true,
         }
     }
 }

@@ -213,6 +213,22 @@ fn replay_source(
 ) -> anyhow::Result<()> {
     let speed = Speed::try_from(speed.to_string()).map_err(anyhow::Error::msg)?;
     if path.join("zarr.json").is_file() {
+        // Writing the replay into the plate it reads would resume (or, with --overwrite, delete) it.
+        let input = path.canonicalize()?;
+        if cfg.sinks.zarr.enabled {
+            let out = cfg
+                .sinks
+                .zarr
+                .output
+                .canonicalize()
+                .unwrap_or_else(|_| cfg.sinks.zarr.output.clone());
+            if input.parent() == Some(out.as_path()) {
+                anyhow::bail!(
+                    "the replay would write into the plate it reads ({}); choose another --output",
+                    input.display()
+                );
+            }
+        }
         cfg.source.kind = "replay".into();
         cfg.source.replay = ReplayConfig { path, speed };
         return Ok(());
@@ -294,12 +310,16 @@ fn execute(cfg: Config, overwrite: bool, progress: bool) -> ExitCode {
     }
 }
 
-/// First SIGINT/SIGTERM: stop intake and drain. Second: exit at once with 130.
+/// First SIGINT/SIGTERM: stop intake and drain. Second: exit at once with 130. Signals keep their
+/// own flag: a stop requested by the pipeline itself (storage failure) must not turn the operator's
+/// first Ctrl-C into an immediate exit.
 fn install_signals(stop: &StopToken) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
+    let signalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [SIGINT, SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.flag())
+        signal_hook::flag::register_conditional_shutdown(sig, 130, signalled.clone())
             .context("cannot install signal handler")?;
+        signal_hook::flag::register(sig, signalled.clone()).context("cannot install signal handler")?;
         signal_hook::flag::register(sig, stop.flag()).context("cannot install signal handler")?;
     }
     Ok(())

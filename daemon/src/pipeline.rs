@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -106,6 +105,19 @@ struct Done {
     ok: bool,
 }
 
+impl Done {
+    fn of(work: &FieldWork, ok: bool) -> Self {
+        Self {
+            name: work.name.clone(),
+            well: work.field.key.well,
+            cells: work.records.len(),
+            received_at: work.field.received_at,
+            deadline: work.deadline,
+            ok,
+        }
+    }
+}
+
 #[derive(Default)]
 struct AssemblyStats {
     rejected: u64,
@@ -193,15 +205,19 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     let (done_tx, done_rx) = bounded::<Done>(1024);
     let mut sink_txs = Vec::new();
     let mut handles_sinks = Vec::new();
-    let mut queues: Vec<(String, Receiver<_>)> = Vec::new();
     for mut sink in sinks {
         let (tx, rx) = bounded::<Arc<FieldWork>>(p.field_queue);
-        queues.push((format!("sink_{}", sink.name()), rx.clone()));
         sink_txs.push(tx);
         let done_tx = done_tx.clone();
         let stop = opts.stop.clone();
+        let queue = format!("sink_{}", sink.name());
         handles_sinks.push(spawn(&format!("sink-{}", sink.name()), move || {
-            for work in rx {
+            while let Ok(work) = rx.recv() {
+                t::QueueDepth {
+                    queue: &queue,
+                    depth: rx.len(),
+                }
+                .emit();
                 let t0 = Instant::now();
                 let res = sink.write(&work);
                 t::SinkWritten {
@@ -225,14 +241,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                         stop.stop();
                     }
                 }
-                let _ = done_tx.send(Done {
-                    name: work.name.clone(),
-                    well: work.field.key.well,
-                    cells: work.records.len(),
-                    received_at: work.field.received_at,
-                    deadline: work.deadline,
-                    ok: res.is_ok(),
-                });
+                let _ = done_tx.send(Done::of(&work, res.is_ok()));
             }
             if let Err(e) = sink.finish() {
                 t::ErrorOccurred {
@@ -280,7 +289,12 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         let done_tx = done_tx.clone();
         let plan = plan.clone();
         workers.push(spawn(&format!("worker-{i}"), move || {
-            for field in rx {
+            while let Ok(field) = rx.recv() {
+                t::QueueDepth {
+                    queue: "fields",
+                    depth: rx.len(),
+                }
+                .emit();
                 let deadline = field.received_at + budget;
                 let mut work = FieldWork::new(field, plan.clone(), deadline);
                 for stage in stages.iter_mut() {
@@ -308,14 +322,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                 .emit();
                 let work = Arc::new(work);
                 if txs.is_empty() {
-                    let _ = done_tx.send(Done {
-                        name: work.name.clone(),
-                        well: work.field.key.well,
-                        cells: work.records.len(),
-                        received_at: work.field.received_at,
-                        deadline: work.deadline,
-                        ok: true,
-                    });
+                    let _ = done_tx.send(Done::of(&work, true));
                 }
                 for tx in &txs {
                     // A send only fails if the sink thread died; its panic is reported at join.
@@ -328,33 +335,9 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
 
     let assembly_timeout = Duration::from_millis(p.assembly_timeout_ms);
     let asm_plan = plan.clone();
-    let frame_rx_sampled = frame_rx.clone();
     let assembler = spawn("assembly", move || {
         assemble(frame_rx, field_tx, &asm_plan, assembly_timeout)
     })?;
-
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let sampling = sampling.clone();
-        let fields = std::mem::take(&mut queues);
-        spawn("queue-sampler", move || {
-            while sampling.load(Ordering::Relaxed) {
-                t::QueueDepth {
-                    queue: "frames",
-                    depth: frame_rx_sampled.len(),
-                }
-                .emit();
-                for (name, rx) in &fields {
-                    t::QueueDepth {
-                        queue: name,
-                        depth: rx.len(),
-                    }
-                    .emit();
-                }
-                std::thread::sleep(Duration::from_millis(250));
-            }
-        })?
-    };
 
     let stop = opts.stop.clone();
     let source_thread = spawn("source", move || {
@@ -376,8 +359,6 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     if let Some(pb) = progress {
         pb.finish();
     }
-    sampling.store(false, Ordering::Relaxed);
-    join(sampler, "queue-sampler")?;
     let source_report = source_result.map_err(RunError::SourceFailed)?;
     t::SourceBlocked {
         waited: source_report.blocked,
@@ -481,39 +462,42 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, time
                 emitted: &mut HashSet<FieldKey>,
                 order: &mut VecDeque<FieldKey>|
      -> bool {
-        let missing: Vec<String> = p
-            .channels
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.is_none())
-            .map(|(i, _)| plan.channels[i].name.clone())
-            .collect();
-        t::FieldAssembled {
-            field: &key.to_string(),
-            missing: &missing,
-        }
-        .emit();
-        stats.incomplete += u64::from(!missing.is_empty());
-        emitted.insert(key.clone());
-        order.push_back(key.clone());
-        if order.len() > 100_000 {
-            if let Some(old) = order.pop_front() {
-                emitted.remove(&old);
-            }
-        }
-        tx.send(Field {
+        let field = Field {
             key,
             width: plan.width,
             height: plan.height,
             channels: p.channels,
             acquired_at: p.acquired_at,
             received_at: p.received_at,
-        })
-        .is_ok()
+        };
+        let missing: Vec<String> = field
+            .missing_channels()
+            .into_iter()
+            .map(|i| plan.channels[i].name.clone())
+            .collect();
+        t::FieldAssembled {
+            field: &field.key.to_string(),
+            missing: &missing,
+        }
+        .emit();
+        stats.incomplete += u64::from(!missing.is_empty());
+        emitted.insert(field.key.clone());
+        order.push_back(field.key.clone());
+        if order.len() > 100_000 {
+            if let Some(old) = order.pop_front() {
+                emitted.remove(&old);
+            }
+        }
+        tx.send(field).is_ok()
     };
     loop {
         match rx.recv_timeout(tick) {
             Ok(frame) => {
+                t::QueueDepth {
+                    queue: "frames",
+                    depth: rx.len(),
+                }
+                .emit();
                 let reject = |reason: &'static str, detail: String, stats: &mut AssemblyStats| {
                     t::FrameRejected {
                         field: &frame.key.to_string(),
@@ -536,6 +520,14 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, time
                     reject(
                         "well",
                         format!("well {} is outside the plate", frame.key.well),
+                        &mut stats,
+                    );
+                    continue;
+                }
+                if frame.key.timepoint >= plan.timepoints {
+                    reject(
+                        "timepoint",
+                        format!("timepoint {} but the plan has {}", frame.key.timepoint, plan.timepoints),
                         &mut stats,
                     );
                     continue;
@@ -581,10 +573,6 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, time
                     reject("late", "the field was already passed on".into(), &mut stats);
                     continue;
                 }
-                t::FrameReceived {
-                    channel: &plan.channels[frame.channel].name,
-                }
-                .emit();
                 let entry = pending.entry(frame.key.clone()).or_insert_with(|| Pending {
                     channels: vec![None; n],
                     acquired_at: frame.acquired_at,
@@ -599,6 +587,10 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, time
                     );
                     continue;
                 }
+                t::FrameReceived {
+                    channel: &plan.channels[frame.channel].name,
+                }
+                .emit();
                 entry.channels[frame.channel] = Some(px);
                 entry.have += 1;
                 entry.received_at = entry.received_at.min(frame.received_at);

@@ -121,6 +121,22 @@ pub fn validate(cfg: &Config) -> Vec<Invalid> {
         // one that can lets the stages be checked against its plan even if other keys are wrong.
         Some(k) => (k.build)(cfg).ok(),
     };
+    if let Some(src) = &source {
+        // Channel names become column names (`mean_{name}`) and are matched case-insensitively.
+        let mut columns = std::collections::BTreeMap::new();
+        for c in &src.plan().channels {
+            let col = crate::sink::cells_arrow::mean_column(&c.name);
+            if let Some(prev) = columns.insert(col.clone(), c.name.clone()) {
+                out.push(Invalid::new(
+                    &format!("source.{}", cfg.source.kind),
+                    format!(
+                        "channels {prev:?} and {:?} are the same name once normalised ({col})",
+                        c.name
+                    ),
+                ));
+            }
+        }
+    }
     let mut seen: Vec<&str> = Vec::new();
     for (i, name) in cfg.pipeline.stages.iter().enumerate() {
         let key = format!("pipeline.stages[{i}]");

@@ -116,16 +116,23 @@ impl ZarrReplay {
                     .and_then(Value::as_object)
                     .cloned()
                     .unwrap_or_default();
-                let done: Vec<u32> = wa
-                    .pointer("/liveomics/complete")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter(|p| p.get(0).and_then(Value::as_u64) == Some(field as u64))
-                            .filter_map(|p| p.get(1).and_then(Value::as_u64).map(|t| t as u32))
-                            .collect()
-                    })
-                    .unwrap_or_else(|| vec![0]);
+                let pairs = |key: &str| -> Vec<u32> {
+                    wa.pointer(&format!("/liveomics/{key}"))
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter(|p| p.get(0).and_then(Value::as_u64) == Some(field as u64))
+                                .filter_map(|p| p.get(1).and_then(Value::as_u64).map(|t| t as u32))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                let mut done = pairs("complete");
+                done.extend(pairs("incomplete"));
+                done.sort_unstable();
+                if done.is_empty() {
+                    done.push(0);
+                }
                 for t in done {
                     let acquired_ns = times
                         .get(&t.to_string())
@@ -202,7 +209,7 @@ impl Source for ZarrReplay {
     }
 
     fn expected_fields(&self) -> Option<u64> {
-        Some(self.items.len() as u64)
+        Some(self.items.iter().filter(|i| !self.skip.contains(&i.key)).count() as u64)
     }
 
     fn skip(&mut self, done: &[FieldKey]) {

@@ -133,10 +133,19 @@ impl Stage for SegmentStage {
             .as_ref()
             .ok_or_else(|| missing(self.nuclei_channel))?;
         let (nuclei, _) = segment::segment_nuclei(dapi, f.width, f.height, &self.nuclei)?;
-        if let Some(c) = self.cells_channel {
-            let cyto = f.channels[c].as_ref().ok_or_else(|| missing(c))?;
-            work.cells = Some(segment::segment_cells(&nuclei, cyto, f.width, f.height, &self.cells)?);
-        }
+        let cells = match self.cells_channel {
+            // Without the cytoplasm channel the nuclei still stand; the error is reported.
+            Some(c) => match f.channels[c].as_ref() {
+                Some(cyto) => Some(segment::segment_cells(&nuclei, cyto, f.width, f.height, &self.cells)?),
+                None => {
+                    let err = missing(c);
+                    work.nuclei = Some(nuclei);
+                    return Err(err);
+                }
+            },
+            None => None,
+        };
+        work.cells = cells;
         work.nuclei = Some(nuclei);
         Ok(())
     }

@@ -43,6 +43,29 @@ pub enum NameError {
     Value(String),
 }
 
+/// ImageXpress puts time-lapse and z-stacks in `TimePoint_N` / `ZStep_N` folders with the same file
+/// names inside; those folder numbers (1-based) set the timepoint and plane.
+pub fn with_folders(kind: LayoutKind, mut p: Parsed, path: &std::path::Path) -> Parsed {
+    if kind != LayoutKind::Imagexpress {
+        return p;
+    }
+    for comp in path.parent().into_iter().flat_map(|d| d.components()) {
+        let c = comp.as_os_str().to_string_lossy();
+        let num = |prefix: &str| {
+            c.strip_prefix(prefix)
+                .and_then(|n| n.parse::<u32>().ok())
+                .and_then(|n| n.checked_sub(1))
+        };
+        if let Some(t) = num("TimePoint_") {
+            p.timepoint = t;
+        }
+        if let Some(z) = num("ZStep_") {
+            p.plane = z;
+        }
+    }
+    p
+}
+
 /// A compiled layout.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -53,9 +76,9 @@ pub struct Layout {
     one_based: bool,
 }
 
-const PHENIX: &str = r"^r(?P<row>\d{1,2})c(?P<column>\d{1,2})f(?P<field>\d{1,4})p(?P<plane>\d{1,3})-ch(?P<channel>\d{1,2})sk(?P<timepoint>\d{1,5})fk\d+fl\d+\.tiff?$";
-const IMAGEXPRESS: &str = r"^(?P<plate>[A-Za-z0-9]+)_(?P<well>[A-Pa-p]\d{2})_s(?P<field>\d{1,4})_w(?P<channel>\d{1,2})(?P<thumb>_thumb[0-9A-Fa-f-]*)?\.tiff?$";
-const CELLVOYAGER: &str = r"^(?P<plate>[A-Za-z0-9]+)_(?P<well>[A-Pa-p]\d{2})_T(?P<timepoint>\d{4})F(?P<field>\d{3})L\d{2}A\d{2}Z(?P<plane>\d{2})C(?P<channel>\d{2})\.tiff?$";
+const PHENIX: &str = r"(?i)^r(?P<row>\d{1,2})c(?P<column>\d{1,2})f(?P<field>\d{1,4})p(?P<plane>\d{1,3})-ch(?P<channel>\d{1,2})sk(?P<timepoint>\d{1,5})fk\d+fl\d+\.tiff?$";
+const IMAGEXPRESS: &str = r"(?i)^(?P<plate>[A-Za-z0-9]+)_(?P<well>[A-Pa-p]\d{2})_s(?P<field>\d{1,4})_w(?P<channel>\d{1,2})(?P<thumb>_thumb[0-9A-Fa-f-]*)?\.tiff?$";
+const CELLVOYAGER: &str = r"(?i)^(?P<plate>[A-Za-z0-9]+)_(?P<well>[A-Pa-p]\d{2})_T(?P<timepoint>\d{4})F(?P<field>\d{3})L\d{2}A\d{2}Z(?P<plane>\d{2})C(?P<channel>\d{2})\.tiff?$";
 
 impl Layout {
     /// Compiles a layout; a user pattern must have `channel`, `field` and `well` (or `row` and
@@ -205,6 +228,18 @@ mod tests {
             (p.well.name().as_str(), p.field, p.channel, p.timepoint),
             ("B3", 2, 1, 0)
         );
+    }
+
+    #[test]
+    fn imagexpress_folders_give_timepoint_and_plane() {
+        let ix = Layout::new(LayoutKind::Imagexpress, "", p96(), true).unwrap();
+        let p = ix.parse("P1_B03_s2_w1.TIF").unwrap();
+        let p = with_folders(
+            LayoutKind::Imagexpress,
+            p,
+            std::path::Path::new("/x/TimePoint_3/ZStep_2/P1_B03_s2_w1.TIF"),
+        );
+        assert_eq!((p.timepoint, p.plane), (2, 1));
     }
 
     #[test]

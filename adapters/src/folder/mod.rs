@@ -305,7 +305,7 @@ impl FolderSource {
     fn read(&self, path: &Path, mtime: SystemTime, report: &mut SourceReport) -> Result<Option<Frame>, String> {
         let name = file_name(path);
         let parsed: Parsed = match self.layout.parse(&name) {
-            Ok(p) => p,
+            Ok(p) => layout::with_folders(self.cfg.layout, p, path),
             Err(NameError::Thumbnail) => return Ok(None),
             Err(e @ NameError::NoMatch(_)) => {
                 self.problem(report, path, "unmatched_name", format!("{name} {e}"));
@@ -317,7 +317,7 @@ impl FolderSource {
             }
         };
         if let Some(p) = &parsed.plate {
-            if p != self.plan.plate.as_str() && self.cfg.layout != LayoutKind::Pattern {
+            if p != self.plan.plate.as_str() {
                 self.problem(
                     report,
                     path,
@@ -604,11 +604,23 @@ impl Source for FolderSource {
         }
         let mut files = Vec::new();
         walk(&self.cfg.path, &mut files);
-        let keys: HashSet<(u16, u16, u32, u32)> = files
+        let keys: HashSet<FieldKey> = files
             .iter()
-            .filter_map(|p| self.layout.parse(&file_name(p)).ok())
+            .filter_map(|p| {
+                Some(layout::with_folders(
+                    self.cfg.layout,
+                    self.layout.parse(&file_name(p)).ok()?,
+                    p,
+                ))
+            })
             .filter(|p| p.plane == 0)
-            .map(|p| (p.well.row, p.well.column, p.field, p.timepoint))
+            .map(|p| FieldKey {
+                plate: self.plan.plate.clone(),
+                well: p.well,
+                field: p.field,
+                timepoint: p.timepoint,
+            })
+            .filter(|k| !self.skip.contains(k))
             .collect();
         Some(keys.len() as u64)
     }

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 use zarrs::array::data_type;
 
-use self::node::{store_plane, Store};
+use self::node::{io_err, store_plane, Store};
 use super::{Sink, SinkError};
 use crate::config::ZarrSinkConfig;
 use crate::stage::FieldWork;
@@ -68,8 +68,10 @@ pub struct ZarrSink {
     plan: Arc<AcquisitionPlan>,
     cfg: ZarrSinkConfig,
     marker: Value,
-    /// Complete (field, timepoint) pairs per well: exactly what the metadata lists.
+    /// Written (field, timepoint) pairs per well: exactly what the metadata lists.
     wells: BTreeMap<WellId, BTreeSet<(u32, u32)>>,
+    /// Written pairs that lacked channels: listed (readable) but redone if they come again.
+    incomplete: BTreeMap<WellId, BTreeSet<(u32, u32)>>,
     /// Images whose arrays exist (a later timepoint only adds pixels).
     images: BTreeSet<(WellId, u32)>,
     windows: Vec<RunningWindow>,
@@ -80,13 +82,6 @@ pub struct ZarrSink {
 impl std::fmt::Debug for ZarrSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ZarrSink").field("plate_dir", &self.store.root).finish()
-    }
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
-    move |source| SinkError::Output {
-        path: path.display().to_string(),
-        source,
     }
 }
 
@@ -159,6 +154,7 @@ impl ZarrSink {
             wells: BTreeMap::new(),
             images: BTreeSet::new(),
             acquired: BTreeMap::new(),
+            incomplete: BTreeMap::new(),
         };
         let empty = std::fs::read_dir(&plate_dir)
             .map(|mut d| d.next().is_none())
@@ -201,18 +197,34 @@ impl ZarrSink {
                 continue;
             };
             let Some(id) = parse_well_path(path) else { continue };
-            let done: BTreeSet<(u32, u32)> = self
-                .store
-                .attributes(path)
-                .and_then(|a| a.get("liveomics")?.get("complete")?.as_array().cloned())
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|p| Some((p.get(0)?.as_u64()? as u32, p.get(1)?.as_u64()? as u32)))
-                .collect();
-            for &(f, _) in &done {
+            let pairs = |key: &str| -> BTreeSet<(u32, u32)> {
+                self.store
+                    .attributes(path)
+                    .and_then(|a| a.get("liveomics")?.get(key)?.as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|p| Some((p.get(0)?.as_u64()? as u32, p.get(1)?.as_u64()? as u32)))
+                    .collect()
+            };
+            let (done, incomplete) = (pairs("complete"), pairs("incomplete"));
+            for &(f, _) in done.iter().chain(&incomplete) {
                 self.images.insert((id, f));
+                let times = self
+                    .store
+                    .attributes(&format!("{path}/{f}"))
+                    .and_then(|a| a.get("liveomics")?.get("acquired_unix_ns")?.as_object().cloned())
+                    .unwrap_or_default();
+                let entry = self.acquired.entry((id, f)).or_default();
+                for (t, ns) in times {
+                    if let (Ok(t), Some(ns)) = (t.parse(), ns.as_str().and_then(|v| v.parse().ok())) {
+                        entry.insert(t, ns);
+                    }
+                }
             }
-            self.wells.insert(id, done);
+            let mut listed = done;
+            listed.extend(incomplete.iter().copied());
+            self.wells.insert(id, listed);
+            self.incomplete.insert(id, incomplete);
         }
         tracing::info!(
             plate = %plate_dir.display(),
@@ -440,12 +452,15 @@ impl ZarrSink {
         self.wells
             .iter()
             .flat_map(|(w, done)| {
-                done.iter().map(|&(field, timepoint)| FieldKey {
-                    plate: self.plan.plate.clone(),
-                    well: *w,
-                    field,
-                    timepoint,
-                })
+                let incomplete = self.incomplete.get(w);
+                done.iter()
+                    .filter(move |p| !incomplete.is_some_and(|i| i.contains(p)))
+                    .map(|&(field, timepoint)| FieldKey {
+                        plate: self.plan.plate.clone(),
+                        well: *w,
+                        field,
+                        timepoint,
+                    })
             })
             .collect()
     }
@@ -477,11 +492,10 @@ impl Sink for ZarrSink {
 
     fn write(&mut self, work: &FieldWork) -> Result<(), SinkError> {
         let key = &work.field.key;
-        if self
-            .wells
-            .get(&key.well)
-            .is_some_and(|d| d.contains(&(key.field, key.timepoint)))
-        {
+        let pair = (key.field, key.timepoint);
+        let listed = self.wells.get(&key.well).is_some_and(|d| d.contains(&pair));
+        let was_incomplete = self.incomplete.get(&key.well).is_some_and(|d| d.contains(&pair));
+        if listed && !was_incomplete {
             tracing::info!(field = %work.name, "already complete in the plate; not written again");
             return Ok(());
         }
@@ -505,8 +519,10 @@ impl Sink for ZarrSink {
             .filter_map(|(n, l)| l.as_ref().map(|l| (*n, l)))
             .collect();
         for (name, _) in &labels {
-            if new_image {
-                self.create_pyramid(&format!("{image}/labels/{name}"), 1, true)?;
+            // A later timepoint may be the first one segmented: create what is missing.
+            let node = format!("{image}/labels/{name}");
+            if new_image || !self.store.exists(&format!("{node}/0")) {
+                self.create_pyramid(&node, 1, true)?;
             }
         }
         labels.par_iter().try_for_each(|(name, l)| {
@@ -521,7 +537,9 @@ impl Sink for ZarrSink {
         }
         if self.cfg.tables && work.nuclei.is_some() {
             let table_image = if self.has_time() {
-                format!("{image}/t{}", key.timepoint)
+                let node = format!("{image}/t{}", key.timepoint);
+                self.store.group(&node, Map::new())?;
+                node
             } else {
                 image.clone()
             };
@@ -539,17 +557,31 @@ impl Sink for ZarrSink {
             .insert(key.timepoint, ns);
         self.store.group(&image, self.image_metadata(key.well, key.field))?;
         self.images.insert((key.well, key.field));
+        if self.cfg.fsync {
+            self.store.sync_tree(&image)?;
+        }
         let new_well = !self.wells.contains_key(&key.well);
         let done = self.wells.entry(key.well).or_default();
-        done.insert((key.field, key.timepoint));
+        done.insert(pair);
+        let incomplete = self.incomplete.entry(key.well).or_default();
+        if work.field.missing_channels().is_empty() {
+            incomplete.remove(&pair);
+        } else {
+            incomplete.insert(pair);
+        }
         let fields: BTreeSet<u32> = done.iter().map(|&(f, _)| f).collect();
         let images: Vec<Value> = fields.iter().map(|f| json!({"path": f.to_string()})).collect();
-        let complete: Vec<Value> = done.iter().map(|&(f, t)| json!([f, t])).collect();
+        let complete: Vec<Value> = done
+            .iter()
+            .filter(|p| !incomplete.contains(p))
+            .map(|&(f, t)| json!([f, t]))
+            .collect();
+        let missing: Vec<Value> = incomplete.iter().map(|&(f, t)| json!([f, t])).collect();
         if new_well {
             self.store.group(&format!("/{row}"), Map::new())?;
         }
         let mut attrs = ome(json!({"well": {"images": images}}));
-        attrs.insert("liveomics".into(), json!({"complete": complete}));
+        attrs.insert("liveomics".into(), json!({"complete": complete, "incomplete": missing}));
         self.store.group(&format!("/{row}/{col}"), attrs)?;
         self.write_plate()
     }

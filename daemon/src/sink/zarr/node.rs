@@ -21,6 +21,7 @@ pub struct Store {
     codecs: Vec<Arc<dyn BytesToBytesCodecTraits>>,
     chunk_px: u64,
     shard: bool,
+    pub fsync: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -36,7 +37,7 @@ pub fn zerr<E: std::error::Error + Send + Sync + 'static>(path: &str) -> impl Fn
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
+pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
     move |source| SinkError::Output {
         path: path.display().to_string(),
         source,
@@ -74,6 +75,7 @@ impl Store {
             codecs: codecs(cfg, 2)?,
             chunk_px: cfg.chunk_px,
             shard: cfg.shard,
+            fsync: cfg.fsync,
         })
     }
 
@@ -87,9 +89,20 @@ impl Store {
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let tmp = dir.join(".zarr.json.partial");
         let bytes = serde_json::to_vec_pretty(doc).unwrap_or_default();
-        std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        std::io::Write::write_all(&mut f, &bytes).map_err(io_err(&tmp))?;
+        if self.fsync {
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
+        drop(f);
         let target = dir.join("zarr.json");
-        std::fs::rename(&tmp, &target).map_err(io_err(&target))
+        std::fs::rename(&tmp, &target).map_err(io_err(&target))?;
+        if self.fsync {
+            std::fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(&dir))?;
+        }
+        Ok(())
     }
 
     pub fn group(&self, node: &str, attributes: Map<String, Value>) -> Result<(), SinkError> {
@@ -119,16 +132,23 @@ impl Store {
         attributes: Map<String, Value>,
     ) -> Result<Array<FilesystemStore>, SinkError> {
         let n = shape.len();
-        let (h, w) = (shape[n - 2], shape[n - 1]);
+        let (ch, sh) = subchunk(shape[n - 2], self.chunk_px);
+        let (cw, sw) = subchunk(shape[n - 1], self.chunk_px);
         let inner: Vec<u64> = (0..n)
             .map(|i| match i {
-                _ if i == n - 2 => self.chunk_px.min(h).max(1),
-                _ if i == n - 1 => self.chunk_px.min(w).max(1),
+                _ if i == n - 2 => ch,
+                _ if i == n - 1 => cw,
                 _ => 1,
             })
             .collect();
         let mut b = if self.shard {
-            let outer: Vec<u64> = (0..n).map(|i| if i >= n - 2 { shape[i].max(1) } else { 1 }).collect();
+            let outer: Vec<u64> = (0..n)
+                .map(|i| match i {
+                    _ if i == n - 2 => sh,
+                    _ if i == n - 1 => sw,
+                    _ => 1,
+                })
+                .collect();
             let mut b = ArrayBuilder::new(shape, outer, dtype, fill);
             b.subchunk_shape(inner);
             b
@@ -166,6 +186,29 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a node's metadata exists.
+    pub fn exists(&self, node: &str) -> bool {
+        self.dir(node).join("zarr.json").is_file()
+    }
+
+    /// Flushes every file under `node` and the directories to the disk, so that metadata listing
+    /// the node can never reach the disk before the data it lists (power loss, kernel crash).
+    pub fn sync_tree(&self, node: &str) -> Result<(), SinkError> {
+        fn walk(dir: &Path) -> std::io::Result<()> {
+            for e in std::fs::read_dir(dir)? {
+                let e = e?;
+                if e.file_type()?.is_dir() {
+                    walk(&e.path())?;
+                } else {
+                    std::fs::File::open(e.path())?.sync_all()?;
+                }
+            }
+            std::fs::File::open(dir)?.sync_all()
+        }
+        let dir = self.dir(node);
+        walk(&dir).map_err(io_err(&dir))
+    }
+
     pub fn open_array(&self, node: &str) -> Result<Array<FilesystemStore>, SinkError> {
         Array::open(self.zarrs.clone(), node).map_err(zerr(node))
     }
@@ -179,6 +222,20 @@ impl Store {
             Err(e) => Err(io_err(&dir)(e)),
         }
     }
+}
+
+/// Subchunk edge and shard edge for an axis of `dim` pixels. Sharding needs subchunks that tile the
+/// shard exactly: prefer a divisor of `dim` between `want/2` and `want` (2160 → 432), so one shard
+/// is exactly one plane; otherwise round the shard up to whole subchunks (it overhangs the edge).
+pub fn subchunk(dim: u64, want: u64) -> (u64, u64) {
+    let want = want.max(1);
+    if dim <= want {
+        return (dim.max(1), dim.max(1));
+    }
+    if let Some(d) = (want.div_ceil(2)..=want).rev().find(|d| dim.is_multiple_of(*d)) {
+        return (d, dim);
+    }
+    (want, dim.div_ceil(want) * want)
 }
 
 /// Stores one y-x plane at `prefix` indices (e.g. `[t, c]`) of an array. When a plane is exactly
@@ -207,4 +264,23 @@ pub fn store_plane<T: Element>(
     array
         .store_array_subset(&ArraySubset::new_with_ranges(&ranges), data)
         .map_err(zerr(node))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subchunk;
+
+    #[test]
+    fn subchunks_tile_their_shard() {
+        assert_eq!(subchunk(2048, 512), (512, 2048));
+        assert_eq!(subchunk(2160, 512), (432, 2160));
+        assert_eq!(subchunk(1080, 512), (360, 1080));
+        assert_eq!(subchunk(300, 512), (300, 300));
+        assert_eq!(subchunk(1021, 512), (512, 1024));
+        for dim in 1..3000u64 {
+            let (c, s) = subchunk(dim, 512);
+            assert_eq!(s % c, 0, "{dim}");
+            assert!(s >= dim && c <= 512, "{dim}");
+        }
+    }
 }
