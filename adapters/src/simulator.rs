@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat, WellId};
-use crate::source::{Source, SourceError, SourceReport, StopToken};
+use crate::source::{wait_until, Source, SourceError, SourceReport, StopToken};
 use crate::Invalid;
 
 /// Latent dimensions per cell: the first [`VISIBLE_LATENT`] shape the images, the rest only drive
@@ -1021,10 +1021,7 @@ impl Source for Simulator {
                         continue;
                     }
                     if let Some(p) = period {
-                        let due = start + p * k;
-                        while Instant::now() < due && !stop.is_stopped() {
-                            std::thread::sleep((due - Instant::now()).min(Duration::from_millis(50)));
-                        }
+                        wait_until(start + p * k, stop);
                     }
                     if stop.is_stopped() {
                         report.stopped_early = true;
@@ -1043,10 +1040,7 @@ impl Source for Simulator {
                             acquired_at,
                             received_at: Instant::now(),
                         };
-                        let t0 = Instant::now();
-                        out.send(frame).map_err(|_| SourceError::Disconnected)?;
-                        report.blocked += t0.elapsed();
-                        report.frames += 1;
+                        report.send(out, frame)?;
                     }
                     report.fields += 1;
                 }

@@ -101,3 +101,24 @@ pub trait Source: Send {
     /// incomplete and redone when the plate is resumed.
     fn run(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError>;
 }
+
+impl SourceReport {
+    /// Sends a frame downstream, blocking while the pipeline is full, and accounts for it: every
+    /// source hands frames over through this, so backpressure is measured the same way everywhere.
+    pub fn send(&mut self, out: &Sender<Frame>, frame: Frame) -> Result<(), SourceError> {
+        let t0 = std::time::Instant::now();
+        out.send(frame).map_err(|_| SourceError::Disconnected)?;
+        self.blocked += t0.elapsed();
+        self.frames += 1;
+        Ok(())
+    }
+}
+
+/// Sleeps until `due` or until a stop is requested, whichever comes first (pacing a simulated or
+/// replayed acquisition without making a stop wait).
+pub fn wait_until(due: std::time::Instant, stop: &StopToken) {
+    use std::time::{Duration, Instant};
+    while Instant::now() < due && !stop.is_stopped() {
+        std::thread::sleep((due - Instant::now()).min(Duration::from_millis(50)));
+    }
+}

@@ -160,13 +160,10 @@ fn main() -> ExitCode {
             output,
             overwrite,
         } => {
-            let mut cfg = match load(config.as_deref()) {
+            let mut cfg = match load_with_output(config.as_deref(), output) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            if let Some(o) = output {
-                cfg.sinks.zarr.output = o;
-            }
             if let Some(px) = pixel_size_um {
                 cfg.source.folder.pixel_size_um = px;
             }
@@ -180,17 +177,20 @@ fn main() -> ExitCode {
             config,
             overwrite,
             output,
-        } => {
-            let mut cfg = match load(config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            if let Some(o) = output {
-                cfg.sinks.zarr.output = o;
-            }
-            execute(cfg, overwrite, false)
-        }
+        } => match load_with_output(config.as_deref(), output) {
+            Ok(cfg) => execute(cfg, overwrite, false),
+            Err(code) => code,
+        },
     }
+}
+
+/// Loads the config and applies `--output`.
+fn load_with_output(path: Option<&std::path::Path>, output: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let mut cfg = load(path)?;
+    if let Some(o) = output {
+        cfg.sinks.zarr.output = o;
+    }
+    Ok(cfg)
 }
 
 fn parse_layout(s: &str) -> Result<LayoutKind, String> {

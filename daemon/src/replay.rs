@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::Sender;
 use liveomics_adapters::folder::Speed;
 use liveomics_adapters::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat, WellId};
-use liveomics_adapters::source::{Source, SourceError, SourceReport, StopToken};
+use liveomics_adapters::source::{wait_until, Source, SourceError, SourceReport, StopToken};
 use serde_json::Value;
 use zarrs::array::{Array, ArraySubset};
 use zarrs::filesystem::FilesystemStore;
@@ -229,10 +229,10 @@ impl Source for ZarrReplay {
                 continue;
             }
             if let (Speed::Factor(f), Some(t0)) = (self.speed, t0) {
-                let offset = Duration::from_nanos(item.acquired_ns.saturating_sub(t0) as u64).div_f64(f);
-                while start.elapsed() < offset && !stop.is_stopped() {
-                    std::thread::sleep((offset - start.elapsed()).min(Duration::from_millis(50)));
-                }
+                wait_until(
+                    start + Duration::from_nanos(item.acquired_ns.saturating_sub(t0) as u64).div_f64(f),
+                    stop,
+                );
             }
             let node = format!("/{}/0", item.node);
             let r0 = Instant::now();
@@ -266,10 +266,7 @@ impl Source for ZarrReplay {
             }
             report.read_time += r0.elapsed();
             for f in frames {
-                let b = Instant::now();
-                out.send(f).map_err(|_| SourceError::Disconnected)?;
-                report.blocked += b.elapsed();
-                report.frames += 1;
+                report.send(out, f)?;
             }
             report.fields += 1;
         }

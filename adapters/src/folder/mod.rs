@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use self::layout::{Layout, LayoutKind, NameError, Parsed};
 use crate::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat};
-use crate::source::{Source, SourceError, SourceProblem, SourceReport, StopToken};
+use crate::source::{wait_until, Source, SourceError, SourceProblem, SourceReport, StopToken};
 use crate::tiff_io::{read_image, Plane};
 use crate::Invalid;
 
@@ -510,10 +510,7 @@ impl FolderSource {
                         if fields.insert(frame.key.clone()) {
                             report.fields += 1;
                         }
-                        let t0 = Instant::now();
-                        out.send(frame).map_err(|_| SourceError::Disconnected)?;
-                        report.blocked += t0.elapsed();
-                        report.frames += 1;
+                        report.send(out, frame)?;
                     }
                     Ok(None) => {
                         pending.remove(&p);
@@ -557,10 +554,7 @@ impl FolderSource {
         let mut current: Option<FieldKey> = None;
         for (mtime, p) in files {
             if let (Speed::Factor(f), Some(t0)) = (self.cfg.speed, t_first) {
-                let offset = mtime.duration_since(t0).unwrap_or_default().div_f64(f);
-                while start.elapsed() < offset && !stop.is_stopped() {
-                    std::thread::sleep((offset - start.elapsed()).min(Duration::from_millis(50)));
-                }
+                wait_until(start + mtime.duration_since(t0).unwrap_or_default().div_f64(f), stop);
             }
             match self.read(&p, mtime, &mut report) {
                 Ok(Some(frame)) => {
@@ -576,10 +570,7 @@ impl FolderSource {
                     if fields.insert(frame.key.clone()) {
                         report.fields += 1;
                     }
-                    let t0 = Instant::now();
-                    out.send(frame).map_err(|_| SourceError::Disconnected)?;
-                    report.blocked += t0.elapsed();
-                    report.frames += 1;
+                    report.send(out, frame)?;
                 }
                 Ok(None) => {}
                 Err(e) => self.problem(&mut report, &p, "unreadable", format!("{}: {e}", file_name(&p))),
