@@ -191,3 +191,27 @@ def test_replay_refuses_to_write_into_its_own_input(binary, tmp_path):
     proc = run(binary, "replay", tmp_path / "self.zarr", "--config", cfg, "--overwrite")
     assert proc.returncode == 2 and "plate it reads" in proc.stderr, proc.stderr
     assert (tmp_path / "self.zarr" / "zarr.json").read_bytes() == before
+
+
+def test_an_incomplete_field_is_completed_when_its_file_arrives_later(binary, tmp_path):
+    staged, manifest = stage(binary, tmp_path, "phenix")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    files = sorted((staged / "images").iterdir())
+    late = next(p for p in files if p.name.startswith("r02c02f01") and "-ch3" in p.name)
+    for p in files:
+        if p != late:
+            shutil.copy(p, watch / p.name)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(folder_toml(watch, tmp_path / "out", "phenix", "P1"))
+    first = run(binary, "run", "--config", cfg)
+    assert first.returncode == 0 and "1 incomplete" in first.stdout, first.stdout
+    well = json.loads((tmp_path / "out" / "P1.zarr" / "B" / "2" / "zarr.json").read_text())["attributes"]["liveomics"]
+    assert well["incomplete"] == [[0, 0]]
+    shutil.copy(late, watch / late.name)
+    second = run(binary, "run", "--config", cfg)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "fields acquired  1" in second.stdout, second.stdout
+    well = json.loads((tmp_path / "out" / "P1.zarr" / "B" / "2" / "zarr.json").read_text())["attributes"]
+    assert well["liveomics"]["incomplete"] == [] and [i["path"] for i in well["ome"]["well"]["images"]] == ["0", "1"]
+    check_plate(tmp_path / "out" / "P1.zarr", staged, manifest)
