@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use liveomics_adapters::folder::{FolderConfig, Speed};
 use liveomics_adapters::simulator::SimulatorConfig;
 use liveomics_adapters::Invalid;
+
+use crate::zenoh_source::ZenohSourceConfig;
 use serde::{Deserialize, Serialize};
 
 /// The default configuration, embedded so that `liveomics run` works with no file at all.
@@ -52,6 +54,7 @@ pub struct SourceConfig {
     pub simulator: SimulatorConfig,
     pub folder: FolderConfig,
     pub replay: ReplayConfig,
+    pub zenoh: ZenohSourceConfig,
 }
 
 impl Default for SourceConfig {
@@ -61,6 +64,7 @@ impl Default for SourceConfig {
             simulator: SimulatorConfig::default(),
             folder: FolderConfig::default(),
             replay: ReplayConfig::default(),
+            zenoh: ZenohSourceConfig::default(),
         }
     }
 }
@@ -478,6 +482,13 @@ impl Config {
                     .validate()
                     .into_iter()
                     .map(|i| i.under("source.folder")),
+            ),
+            "zenoh" => out.extend(
+                self.source
+                    .zenoh
+                    .validate()
+                    .into_iter()
+                    .map(|i| i.under("source.zenoh")),
             ),
             "replay" if self.source.replay.path.as_os_str().is_empty() => {
                 out.push(Invalid::new("source.replay.path", "the plate to replay is required"))

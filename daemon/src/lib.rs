@@ -10,3 +10,4 @@ pub mod simulate;
 pub mod sink;
 pub mod stage;
 pub mod telemetry;
+pub mod zenoh_source;

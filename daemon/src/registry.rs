@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::replay::ZarrReplay;
 use crate::sink::{zarr::ZarrSink, zenoh::ZenohSink, Sink, SinkError};
 use crate::stage::{MeasureStage, SegmentStage, Stage};
+use crate::zenoh_source::ZenohSource;
 
 pub type BuildStage = fn(&Config, &AcquisitionPlan) -> Result<Box<dyn Stage>, Invalid>;
 pub type OpenSink = fn(&Config, Arc<AcquisitionPlan>, &SinkOptions) -> Result<Box<dyn Sink>, SinkError>;
@@ -56,6 +57,10 @@ pub const SOURCES: &[SourceKind] = &[
     SourceKind {
         name: "folder",
         build: |cfg| Ok(Box::new(FolderSource::new(cfg.source.folder.clone())?)),
+    },
+    SourceKind {
+        name: "zenoh",
+        build: |cfg| Ok(Box::new(ZenohSource::new(&cfg.source.zenoh, &cfg.instrument)?)),
     },
     SourceKind {
         name: "replay",

@@ -36,6 +36,7 @@ pub fn init_logging(cfg: &TelemetryConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let res = match cfg.log_format {
         LogFormat::Text => builder.try_init(),

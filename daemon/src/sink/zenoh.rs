@@ -11,23 +11,33 @@ use crate::stage::FieldWork;
 /// Builds a zenoh session config from ours: peer mode needs no router; explicit endpoints and
 /// multicast scouting are both configurable so tests can stay private to loopback.
 pub fn session_config(cfg: &ZenohSinkConfig) -> Result<zenoh::Config, SinkError> {
+    connection_config(cfg.mode, &cfg.connect, &cfg.listen, cfg.multicast_scouting).map_err(SinkError::Zenoh)
+}
+
+/// The session config for a mode, endpoints and scouting choice (shared by the zenoh sink and source).
+pub fn connection_config(
+    mode: ZenohMode,
+    connect: &[String],
+    listen: &[String],
+    multicast_scouting: bool,
+) -> Result<zenoh::Config, String> {
     let mut z = zenoh::Config::default();
-    let e = |e: zenoh::Error| SinkError::Zenoh(e.to_string());
-    let mode = match cfg.mode {
+    let e = |e: zenoh::Error| e.to_string();
+    let mode = match mode {
         ZenohMode::Peer => "\"peer\"",
         ZenohMode::Client => "\"client\"",
     };
     z.insert_json5("mode", mode).map_err(e)?;
     let list = |v: &[String]| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
-    if !cfg.connect.is_empty() {
-        z.insert_json5("connect/endpoints", &list(&cfg.connect)).map_err(e)?;
+    if !connect.is_empty() {
+        z.insert_json5("connect/endpoints", &list(connect)).map_err(e)?;
     }
-    if !cfg.listen.is_empty() {
-        z.insert_json5("listen/endpoints", &list(&cfg.listen)).map_err(e)?;
+    if !listen.is_empty() {
+        z.insert_json5("listen/endpoints", &list(listen)).map_err(e)?;
     }
     z.insert_json5(
         "scouting/multicast/enabled",
-        if cfg.multicast_scouting { "true" } else { "false" },
+        if multicast_scouting { "true" } else { "false" },
     )
     .map_err(e)?;
     Ok(z)

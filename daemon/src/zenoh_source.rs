@@ -1,0 +1,320 @@
+//! The `zenoh` source: frames published by the microscope's control software (or anything else)
+//! on `liveomics/{instrument}/frames/{plate}/{well}/{field}/{channel}`; the payload is the raw
+//! pixels (row-major, little-endian), the attachment a JSON header (docs/PROTOCOL.md).
+//!
+//! Everything from the network is untrusted: every key chunk is validated before it becomes an id,
+//! the byte count must match the declared shape and dtype, and a bad frame is reported (logged with
+//! its key, counted) and dropped while the rest go on. The subscriber's queue is a FIFO that blocks
+//! zenoh's receive path when full, so a slow pipeline pushes back on the publisher instead of
+//! losing frames.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Sender;
+use liveomics_adapters::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat, WellId};
+use liveomics_adapters::source::{Source, SourceError, SourceProblem, SourceReport, StopToken};
+use liveomics_adapters::Invalid;
+use serde::{Deserialize, Serialize};
+use zenoh::Wait;
+
+use crate::config::ZenohMode;
+use crate::sink::zenoh::connection_config;
+
+const CHANNEL_COLORS: [&str; 6] = ["0000FF", "FF0000", "FFFF00", "00FF00", "FF00FF", "00FFFF"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZenohSourceConfig {
+    /// The only plate accepted (the output plate's name).
+    pub plate: String,
+    pub plate_format: u16,
+    /// Channel names as they appear in the key; the order is the output's channel order.
+    pub channels: Vec<String>,
+    pub width_px: u32,
+    pub height_px: u32,
+    pub pixel_size_um: f64,
+    pub timepoints: u32,
+    /// End after this long without a frame (0: run until stopped).
+    pub idle_exit_ms: u64,
+    /// Subscriber queue, in frames; when full, zenoh's receive path waits (backpressure).
+    pub queue_frames: usize,
+    pub mode: ZenohMode,
+    pub connect: Vec<String>,
+    pub listen: Vec<String>,
+    pub multicast_scouting: bool,
+}
+
+impl Default for ZenohSourceConfig {
+    fn default() -> Self {
+        Self {
+            plate: "plate".into(),
+            plate_format: 96,
+            channels: vec!["DAPI".into(), "Microtubules".into(), "ER".into()],
+            width_px: 2048,
+            height_px: 2048,
+            pixel_size_um: 0.65,
+            timepoints: 1,
+            idle_exit_ms: 0,
+            queue_frames: 64,
+            mode: ZenohMode::Peer,
+            connect: Vec::new(),
+            listen: Vec::new(),
+            multicast_scouting: true,
+        }
+    }
+}
+
+impl ZenohSourceConfig {
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut out = Vec::new();
+        if let Err(e) = Name::new(&self.plate) {
+            out.push(Invalid::new("plate", e.to_string()));
+        }
+        if let Err(e) = PlateFormat::new(self.plate_format) {
+            out.push(Invalid::new("plate_format", e.to_string()));
+        }
+        if self.channels.is_empty() {
+            out.push(Invalid::new("channels", "name at least one channel"));
+        }
+        for (i, c) in self.channels.iter().enumerate() {
+            if Name::new(c).is_err() {
+                out.push(Invalid::new(
+                    &format!("channels[{i}]"),
+                    format!("{c:?} must match ^[A-Za-z0-9]+$ (it is a key chunk)"),
+                ));
+            }
+        }
+        for (k, v) in [("width_px", self.width_px), ("height_px", self.height_px)] {
+            if !(1..=16384).contains(&v) {
+                out.push(Invalid::new(k, format!("must be 1..=16384, got {v}")));
+            }
+        }
+        if !(self.pixel_size_um > 0.0 && self.pixel_size_um.is_finite()) {
+            out.push(Invalid::new("pixel_size_um", "must be > 0"));
+        }
+        if self.timepoints == 0 || self.queue_frames == 0 {
+            out.push(Invalid::new("timepoints", "timepoints and queue_frames must be >= 1"));
+        }
+        out
+    }
+}
+
+/// The JSON header carried as the zenoh attachment of each frame.
+#[derive(Debug, Clone, Deserialize)]
+struct Header {
+    /// `[height, width]`.
+    shape: [usize; 2],
+    dtype: String,
+    #[serde(default)]
+    timepoint: u32,
+    #[serde(default)]
+    acquired_unix_ns: Option<u64>,
+}
+
+/// The zenoh source.
+#[derive(Debug)]
+pub struct ZenohSource {
+    cfg: ZenohSourceConfig,
+    instrument: String,
+    plan: AcquisitionPlan,
+    problems: Option<Sender<SourceProblem>>,
+    skip: std::collections::HashSet<FieldKey>,
+}
+
+impl ZenohSource {
+    pub fn new(cfg: &ZenohSourceConfig, instrument: &str) -> Result<Self, SourceError> {
+        let issues = cfg.validate();
+        if !issues.is_empty() {
+            let msg: Vec<String> = issues.iter().map(|i| i.to_string()).collect();
+            return Err(SourceError::Config(msg.join("; ")));
+        }
+        let plan = AcquisitionPlan {
+            plate: Name::new(&cfg.plate)?,
+            format: PlateFormat::new(cfg.plate_format)?,
+            channels: cfg
+                .channels
+                .iter()
+                .enumerate()
+                .map(|(i, n)| ChannelInfo {
+                    name: n.clone(),
+                    color: CHANNEL_COLORS[i % CHANNEL_COLORS.len()].into(),
+                })
+                .collect(),
+            width: cfg.width_px as usize,
+            height: cfg.height_px as usize,
+            pixel_size_um: cfg.pixel_size_um,
+            wells: Vec::new(),
+            fields_per_well: 0,
+            timepoints: cfg.timepoints,
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            instrument: Name::new(instrument)?.to_string(),
+            plan,
+            problems: None,
+            skip: Default::default(),
+        })
+    }
+
+    /// The key expression this source subscribes to.
+    pub fn key_expr(&self) -> String {
+        format!("liveomics/{}/frames/{}/*/*/*", self.instrument, self.plan.plate)
+    }
+
+    /// Turns one sample into a frame, or says why not.
+    fn frame(&self, key: &str, payload: &[u8], attachment: Option<&[u8]>) -> Result<Frame, (&'static str, String)> {
+        let parts: Vec<&str> = key.split('/').collect();
+        let [_, _, _, plate, well, field, channel] = parts.as_slice() else {
+            return Err((
+                "key",
+                format!("{key}: expected liveomics/{{instrument}}/frames/{{plate}}/{{well}}/{{field}}/{{channel}}"),
+            ));
+        };
+        for chunk in [plate, well, field, channel] {
+            if Name::new(chunk).is_err() {
+                return Err(("key", format!("{key}: {chunk:?} is not a name (^[A-Za-z0-9]+$)")));
+            }
+        }
+        let well = WellId::parse(well, self.plan.format).map_err(|e| ("key", format!("{key}: {e}")))?;
+        let field: u32 = field
+            .parse()
+            .map_err(|_| ("key", format!("{key}: field {field:?} is not a number")))?;
+        let channel = self
+            .plan
+            .channels
+            .iter()
+            .position(|c| c.name.eq_ignore_ascii_case(channel))
+            .ok_or_else(|| ("channel", format!("{key}: channel {channel:?} is not configured")))?;
+        let header: Header = attachment
+            .ok_or_else(|| ("header", format!("{key}: no attachment with the frame header")))
+            .and_then(|a| serde_json::from_slice(a).map_err(|e| ("header", format!("{key}: bad header: {e}"))))?;
+        let [h, w] = header.shape;
+        let n = h
+            .checked_mul(w)
+            .ok_or_else(|| ("shape", format!("{key}: shape overflows")))?;
+        let pixels = match header.dtype.as_str() {
+            "uint16" | "<u2" if payload.len() == n * 2 => Pixels::U16(pixels_from_le_bytes(payload)),
+            "uint8" | "|u1" if payload.len() == n => {
+                Pixels::U16(payload.iter().map(|&b| u16::from(b)).collect::<Vec<_>>().into())
+            }
+            "uint16" | "<u2" | "uint8" | "|u1" => {
+                return Err((
+                    "bytes",
+                    format!("{key}: {} bytes for a {h}x{w} {} frame", payload.len(), header.dtype),
+                ))
+            }
+            other => return Err(("dtype", format!("{key}: dtype {other:?}; uint16 or uint8 expected"))),
+        };
+        let acquired_at = header
+            .acquired_unix_ns
+            .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns))
+            .unwrap_or_else(SystemTime::now);
+        Ok(Frame {
+            key: FieldKey {
+                plate: self.plan.plate.clone(),
+                well,
+                field,
+                timepoint: header.timepoint,
+            },
+            channel,
+            width: w,
+            height: h,
+            pixels,
+            acquired_at,
+            received_at: Instant::now(),
+        })
+    }
+}
+
+impl Source for ZenohSource {
+    fn plan(&self) -> &AcquisitionPlan {
+        &self.plan
+    }
+
+    fn observe(&mut self, problems: Sender<SourceProblem>) {
+        self.problems = Some(problems);
+    }
+
+    fn skip(&mut self, done: &[FieldKey]) {
+        self.skip.extend(done.iter().cloned());
+    }
+
+    fn run(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError> {
+        let mut report = SourceReport::default();
+        let c = &self.cfg;
+        let zcfg =
+            connection_config(c.mode, &c.connect, &c.listen, c.multicast_scouting).map_err(SourceError::Config)?;
+        let zerr = |e: zenoh::Error| SourceError::Io {
+            context: "zenoh".into(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let session = zenoh::open(zcfg).wait().map_err(zerr)?;
+        let subscriber = session
+            .declare_subscriber(self.key_expr())
+            .with(zenoh::handlers::FifoChannel::new(c.queue_frames))
+            .wait()
+            .map_err(zerr)?;
+        tracing::info!(key = %self.key_expr(), "listening for frames");
+        let idle = Duration::from_millis(c.idle_exit_ms);
+        let mut last = Instant::now();
+        let mut fields = std::collections::HashSet::new();
+        while !stop.is_stopped() {
+            let sample = match subscriber.recv_timeout(Duration::from_millis(100)) {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    if !idle.is_zero() && last.elapsed() > idle {
+                        break;
+                    }
+                    continue;
+                }
+                Err(_) => break,
+            };
+            last = Instant::now();
+            let key = sample.key_expr().as_str().to_string();
+            let payload = sample.payload().to_bytes();
+            let attachment = sample.attachment().map(|a| a.to_bytes());
+            let r0 = Instant::now();
+            let parsed = self.frame(&key, &payload, attachment.as_deref());
+            report.read_time += r0.elapsed();
+            match parsed {
+                Ok(frame) => {
+                    if self.skip.contains(&frame.key) {
+                        continue;
+                    }
+                    if fields.insert(frame.key.clone()) {
+                        report.fields += 1;
+                    }
+                    report.send(out, frame)?;
+                }
+                Err((reason, detail)) => {
+                    report.problems += 1;
+                    let p = SourceProblem {
+                        input: key,
+                        reason,
+                        detail,
+                    };
+                    match &self.problems {
+                        Some(tx) => {
+                            let _ = tx.send(p);
+                        }
+                        None => tracing::warn!(input = %p.input, reason, "{}", p.detail),
+                    }
+                }
+            }
+        }
+        report.stopped_early = stop.is_stopped();
+        drop(subscriber);
+        let _ = session.close().wait();
+        Ok(report)
+    }
+}
+
+/// Little-endian uint16 bytes to pixels (the wire format is little-endian whatever the host).
+fn pixels_from_le_bytes(bytes: &[u8]) -> Arc<[u16]> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect::<Vec<_>>()
+        .into()
+}

@@ -1,0 +1,86 @@
+"""Frames in over zenoh from a real Python publisher: the plate is written from them, bad frames
+are reported by key and counted, the rest go through."""
+
+import json
+import subprocess
+import time
+import warnings
+
+import numpy as np
+import tifffile
+import zarr
+import zenoh
+
+from conftest import free_port, run, sim_toml
+
+CHANNELS = ["DAPI", "Microtubules", "ER", "TOMM20"]
+
+
+def test_frames_published_over_zenoh_become_the_plate(binary, tmp_path):
+    sim = tmp_path / "sim.toml"
+    sim.write_text(sim_toml(plate="Z1", wells=("B2", "C5"), fields=2, size=256, seed=4))
+    assert run(binary, "simulate", "--config", sim, "--out", tmp_path / "staged").returncode == 0
+    manifest = json.loads((tmp_path / "staged" / "manifest.json").read_text())
+    port = free_port()
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f"""
+instrument = "scopeZ"
+[source]
+kind = "zenoh"
+[source.zenoh]
+plate = "Z1"
+channels = {json.dumps(CHANNELS)}
+width_px = 256
+height_px = 256
+pixel_size_um = 0.65
+idle_exit_ms = 2500
+listen = ["tcp/127.0.0.1:{port}"]
+multicast_scouting = false
+[sinks.zarr]
+output = "{tmp_path / 'out'}"
+[sinks.zenoh]
+enabled = false
+[telemetry]
+metrics_listen = ""
+"""
+    )
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if "listening for frames" in line:
+            break
+    conf = zenoh.Config()
+    conf.insert_json5("mode", '"peer"')
+    conf.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    session = zenoh.open(conf)
+    time.sleep(0.5)
+    header = lambda h, w, dtype="uint16": json.dumps({"shape": [h, w], "dtype": dtype, "timepoint": 0}).encode()
+    for f in manifest["files"]:
+        px = tifffile.imread(tmp_path / "staged" / f["path"])
+        key = f"liveomics/scopeZ/frames/Z1/{f['well']}/{f['field']}/{f['channel']}"
+        session.put(key, px.astype("<u2").tobytes(), attachment=header(*px.shape))
+    bad = np.zeros((256, 256), "<u2").tobytes()
+    session.put("liveomics/scopeZ/frames/Z1/B2/0/DAPI", bad[:1000], attachment=header(256, 256))  # byte count
+    session.put("liveomics/scopeZ/frames/Z1/B2/0/GFP", bad, attachment=header(256, 256))  # channel
+    session.put("liveomics/scopeZ/frames/Z1/Z99/0/DAPI", bad, attachment=header(256, 256))  # well
+    session.put("liveomics/scopeZ/frames/Z1/B2/0/DAPI", bad)  # no header
+    session.put("liveomics/scopeZ/frames/Z1/B2/0/DAPI", bad, attachment=header(256, 256, "float64"))  # dtype
+    out, err = proc.communicate(timeout=120)
+    session.close()
+    assert proc.returncode == 0, err[-3000:]
+    assert "fields           4 done" in out, out
+    assert "5 inputs skipped" in out, out
+    for reason in ("bytes", "channel", "key", "header", "dtype"):
+        assert f'reason="{reason}"' in err or f"reason={reason}" in err.replace('"', ""), reason
+    from ome_zarr_models.v05.hcs import HCS
+
+    plate = tmp_path / "out" / "Z1.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HCS.from_zarr(zarr.open_group(plate, mode="r"))
+    for f in manifest["files"]:
+        arr = zarr.open_array(plate / f["well"][0] / f["well"][1:] / str(f["field"]) / "0", mode="r")
+        np.testing.assert_array_equal(arr[CHANNELS.index(f["channel"])], tifffile.imread(tmp_path / "staged" / f["path"]))
