@@ -251,6 +251,22 @@ pub struct ChannelInfo {
     pub color: String,
 }
 
+impl ChannelInfo {
+    /// Channels named by configuration, coloured in the order fluorescence viewers use
+    /// (blue, red, yellow, green, magenta, cyan).
+    pub fn from_names(names: &[String]) -> Vec<ChannelInfo> {
+        const COLORS: [&str; 6] = ["0000FF", "FF0000", "FFFF00", "00FF00", "FF00FF", "00FFFF"];
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| ChannelInfo {
+                name: n.clone(),
+                color: COLORS[i % COLORS.len()].into(),
+            })
+            .collect()
+    }
+}
+
 /// All channels of one field, assembled. `channels[c]` is `None` when channel `c` never arrived
 /// before the assembly timeout.
 #[derive(Debug, Clone)]

@@ -122,3 +122,24 @@ pub fn wait_until(due: std::time::Instant, stop: &StopToken) {
         std::thread::sleep((due - Instant::now()).min(Duration::from_millis(50)));
     }
 }
+
+/// Where a source reports skipped inputs: to the daemon when it is observing, else to the log.
+#[derive(Debug, Clone, Default)]
+pub struct Problems(Option<Sender<SourceProblem>>);
+
+impl Problems {
+    pub fn new(tx: Sender<SourceProblem>) -> Self {
+        Self(Some(tx))
+    }
+
+    /// Reports one skipped input and counts it in `report`.
+    pub fn report(&self, report: &mut SourceReport, input: String, reason: &'static str, detail: String) {
+        report.problems += 1;
+        match &self.0 {
+            Some(tx) => {
+                let _ = tx.send(SourceProblem { input, reason, detail });
+            }
+            None => tracing::warn!(input = %input, reason, "{detail}"),
+        }
+    }
+}

@@ -13,15 +13,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
 use liveomics_adapters::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat, WellId};
-use liveomics_adapters::source::{Source, SourceError, SourceProblem, SourceReport, StopToken};
+use liveomics_adapters::source::{Problems, Source, SourceError, SourceProblem, SourceReport, StopToken};
 use liveomics_adapters::Invalid;
 use serde::{Deserialize, Serialize};
 use zenoh::Wait;
 
 use crate::config::ZenohMode;
 use crate::sink::zenoh::connection_config;
-
-const CHANNEL_COLORS: [&str; 6] = ["0000FF", "FF0000", "FFFF00", "00FF00", "FF00FF", "00FFFF"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -118,7 +116,7 @@ pub struct ZenohSource {
     cfg: ZenohSourceConfig,
     instrument: String,
     plan: AcquisitionPlan,
-    problems: Option<Sender<SourceProblem>>,
+    problems: Problems,
     skip: std::collections::HashSet<FieldKey>,
 }
 
@@ -132,15 +130,7 @@ impl ZenohSource {
         let plan = AcquisitionPlan {
             plate: Name::new(&cfg.plate)?,
             format: PlateFormat::new(cfg.plate_format)?,
-            channels: cfg
-                .channels
-                .iter()
-                .enumerate()
-                .map(|(i, n)| ChannelInfo {
-                    name: n.clone(),
-                    color: CHANNEL_COLORS[i % CHANNEL_COLORS.len()].into(),
-                })
-                .collect(),
+            channels: ChannelInfo::from_names(&cfg.channels),
             width: cfg.width_px as usize,
             height: cfg.height_px as usize,
             pixel_size_um: cfg.pixel_size_um,
@@ -152,7 +142,7 @@ impl ZenohSource {
             cfg: cfg.clone(),
             instrument: Name::new(instrument)?.to_string(),
             plan,
-            problems: None,
+            problems: Problems::default(),
             skip: Default::default(),
         })
     }
@@ -233,7 +223,7 @@ impl Source for ZenohSource {
     }
 
     fn observe(&mut self, problems: Sender<SourceProblem>) {
-        self.problems = Some(problems);
+        self.problems = Problems::new(problems);
     }
 
     fn skip(&mut self, done: &[FieldKey]) {
@@ -287,20 +277,7 @@ impl Source for ZenohSource {
                     }
                     report.send(out, frame)?;
                 }
-                Err((reason, detail)) => {
-                    report.problems += 1;
-                    let p = SourceProblem {
-                        input: key,
-                        reason,
-                        detail,
-                    };
-                    match &self.problems {
-                        Some(tx) => {
-                            let _ = tx.send(p);
-                        }
-                        None => tracing::warn!(input = %p.input, reason, "{}", p.detail),
-                    }
-                }
+                Err((reason, detail)) => self.problems.report(&mut report, key, reason, detail),
             }
         }
         report.stopped_early = stop.is_stopped();

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use self::layout::{Layout, LayoutKind, NameError, Parsed};
 use crate::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat};
-use crate::source::{wait_until, Source, SourceError, SourceProblem, SourceReport, StopToken};
+use crate::source::{wait_until, Problems, Source, SourceError, SourceProblem, SourceReport, StopToken};
 use crate::tiff_io::{read_image, Plane};
 use crate::Invalid;
 
@@ -58,8 +58,6 @@ impl From<Speed> for String {
         }
     }
 }
-
-const CHANNEL_COLORS: [&str; 6] = ["0000FF", "FF0000", "FFFF00", "00FF00", "FF00FF", "00FFFF"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -198,7 +196,7 @@ pub struct FolderSource {
     cfg: FolderConfig,
     plan: AcquisitionPlan,
     layout: Layout,
-    problems: Option<Sender<SourceProblem>>,
+    problems: Problems,
     skip: HashSet<FieldKey>,
 }
 
@@ -260,15 +258,7 @@ impl FolderSource {
         let plan = AcquisitionPlan {
             plate: Name::new(&cfg.plate)?,
             format,
-            channels: cfg
-                .channels
-                .iter()
-                .enumerate()
-                .map(|(i, n)| ChannelInfo {
-                    name: n.clone(),
-                    color: CHANNEL_COLORS[i % CHANNEL_COLORS.len()].into(),
-                })
-                .collect(),
+            channels: ChannelInfo::from_names(&cfg.channels),
             width,
             height,
             pixel_size_um: pixel,
@@ -280,24 +270,13 @@ impl FolderSource {
             cfg,
             plan,
             layout,
-            problems: None,
+            problems: Problems::default(),
             skip: HashSet::new(),
         })
     }
 
     fn problem(&self, report: &mut SourceReport, path: &Path, reason: &'static str, detail: String) {
-        report.problems += 1;
-        let p = SourceProblem {
-            input: path.display().to_string(),
-            reason,
-            detail,
-        };
-        match &self.problems {
-            Some(tx) => {
-                let _ = tx.send(p);
-            }
-            None => tracing::warn!(file = %p.input, reason, "{}", p.detail),
-        }
+        self.problems.report(report, path.display().to_string(), reason, detail);
     }
 
     /// Reads one complete file into a frame. `Ok(None)`: not an image of this plate (reported).
@@ -586,7 +565,7 @@ impl Source for FolderSource {
     }
 
     fn observe(&mut self, problems: Sender<SourceProblem>) {
-        self.problems = Some(problems);
+        self.problems = Problems::new(problems);
     }
 
     fn expected_fields(&self) -> Option<u64> {
