@@ -331,7 +331,7 @@ impl FieldDone<'_> {
     }
 }
 
-/// Queue depths, sampled periodically.
+/// A queue's depth, updated by its consumer each time it takes an item.
 #[derive(Debug)]
 pub struct QueueDepth<'a> {
     pub queue: &'a str,
