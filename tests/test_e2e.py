@@ -186,3 +186,36 @@ def test_sigterm_mid_plate_drains_and_exits_zero(binary, tmp_path):
             assert all(arr[c].max() > 0 for c in range(arr.shape[0])), "all channels written"
             listed += 1
     assert listed == acquired
+
+
+def test_liveliness_status_and_summary_for_late_joiners(binary, tmp_path):
+    port = free_port()
+    session, sub, _ = zenoh_listener(port, "liveomics/e2estate/cells/**")
+    statuses = []
+    status_sub = session.declare_subscriber("liveomics/e2estate/status", lambda s: statuses.append(json.loads(s.payload.to_bytes())))
+    cfg = tmp_path / "c.toml"
+    sim = sim_toml(plate="st", wells=("B2", "B3"), fields=3, size=256, rate=3.0)
+    cfg.write_text(daemon_toml(tmp_path / "out", "e2estate", port, sim))
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    summary = None
+    alive = []
+    deadline = time.time() + 30
+    while time.time() < deadline and summary is None:
+        time.sleep(0.3)
+        alive = [r for r in session.liveliness().get("liveomics/e2estate/alive") if r.ok is not None]
+        replies = [r.ok for r in session.get("liveomics/e2estate/summary/st") if r.ok is not None]
+        if replies:
+            got = json.loads(replies[0].payload.to_bytes())
+            if got["fields_done"] >= 1:
+                summary = got
+    out, err = proc.communicate(timeout=120)
+    time.sleep(0.5)
+    assert proc.returncode == 0, err[-3000:]
+    assert alive, "the daemon's liveliness token is visible while it runs"
+    assert summary is not None and summary["state"] == "running" and summary["wells"], summary
+    assert statuses and statuses[-1]["state"] == "finished" and statuses[-1]["fields_done"] == 6, statuses[-3:]
+    gone = [r for r in session.liveliness().get("liveomics/e2estate/alive") if r.ok is not None]
+    assert not gone, "the token disappears with the daemon"
+    status_sub.undeclare()
+    sub.undeclare()
+    session.close()

@@ -90,7 +90,13 @@ pub const SINKS: &[SinkKind] = &[
     SinkKind {
         name: "zenoh",
         enabled: |cfg| cfg.sinks.zenoh.enabled,
-        open: |cfg, _, _| Ok(Box::new(ZenohSink::open(&cfg.sinks.zenoh, &cfg.instrument)?)),
+        open: |cfg, plan, _| {
+            Ok(Box::new(ZenohSink::open(
+                &cfg.sinks.zenoh,
+                &cfg.instrument,
+                plan.plate.as_str(),
+            )?))
+        },
     },
 ];
 

@@ -43,10 +43,32 @@ pub fn connection_config(
     Ok(z)
 }
 
-/// The zenoh sink.
+/// Per-well state of the plate so far: what late joiners get from the summary queryable.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct WellSummary {
+    fields: u64,
+    cells: u64,
+    mean_cell_area_px: f64,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct PlateSummary {
+    plate: String,
+    state: &'static str,
+    fields_done: u64,
+    cells: u64,
+    wells: std::collections::BTreeMap<String, WellSummary>,
+}
+
+/// The zenoh sink. Besides one message per field it keeps a liveliness token
+/// (`liveomics/{instrument}/alive`), publishes the daemon's status on `liveomics/{instrument}/status`
+/// after every field, and answers `liveomics/{instrument}/summary/{plate}` with the plate so far.
 pub struct ZenohSink {
     session: Session,
     instrument: String,
+    summary: std::sync::Arc<std::sync::Mutex<PlateSummary>>,
+    _token: zenoh::liveliness::LivelinessToken,
+    _queryable: zenoh::query::Queryable<()>,
 }
 
 impl std::fmt::Debug for ZenohSink {
@@ -58,15 +80,66 @@ impl std::fmt::Debug for ZenohSink {
 }
 
 impl ZenohSink {
-    pub fn open(cfg: &ZenohSinkConfig, instrument: &str) -> Result<Self, SinkError> {
+    pub fn open(cfg: &ZenohSinkConfig, instrument: &str, plate: &str) -> Result<Self, SinkError> {
+        let e = |what: &str| {
+            let what = what.to_string();
+            move |err: zenoh::Error| SinkError::Zenoh(format!("{what}: {err}"))
+        };
         let session = zenoh::open(session_config(cfg)?)
             .wait()
-            .map_err(|e| SinkError::Zenoh(format!("cannot open session: {e}")))?;
+            .map_err(e("cannot open session"))?;
         tracing::info!(zid = %session.zid(), mode = ?cfg.mode, "zenoh session open");
+        let token = session
+            .liveliness()
+            .declare_token(format!("liveomics/{instrument}/alive"))
+            .wait()
+            .map_err(e("cannot declare the liveliness token"))?;
+        let summary = std::sync::Arc::new(std::sync::Mutex::new(PlateSummary {
+            plate: plate.to_string(),
+            state: "running",
+            ..Default::default()
+        }));
+        let shared = summary.clone();
+        let key = format!("liveomics/{instrument}/summary/{plate}");
+        let reply_key = key.clone();
+        let queryable = session
+            .declare_queryable(key)
+            .callback(move |query| {
+                let body = shared
+                    .lock()
+                    .map(|s| serde_json::to_vec(&*s).unwrap_or_default())
+                    .unwrap_or_default();
+                if let Err(err) = query.reply(reply_key.clone(), body).wait() {
+                    tracing::warn!("cannot answer a summary query: {err}");
+                }
+            })
+            .wait()
+            .map_err(e("cannot declare the summary queryable"))?;
         Ok(Self {
             session,
             instrument: instrument.to_string(),
+            summary,
+            _token: token,
+            _queryable: queryable,
         })
+    }
+
+    fn publish_status(&self) -> Result<(), SinkError> {
+        let body = self
+            .summary
+            .lock()
+            .map(|s| {
+                serde_json::to_vec(&serde_json::json!({
+                    "state": s.state, "plate": s.plate, "fields_done": s.fields_done, "cells": s.cells,
+                }))
+                .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        self.session
+            .put(format!("liveomics/{}/status", self.instrument), body)
+            .encoding("application/json")
+            .wait()
+            .map_err(|e| SinkError::Zenoh(e.to_string()))
     }
 
     /// The key of a field's per-cell message. Every chunk is a validated name.
@@ -90,10 +163,26 @@ impl Sink for ZenohSink {
             .encoding("application/vnd.apache.arrow.stream")
             .attachment(attachment)
             .wait()
-            .map_err(|e| SinkError::Zenoh(e.to_string()))
+            .map_err(|e| SinkError::Zenoh(e.to_string()))?;
+        if let Ok(mut s) = self.summary.lock() {
+            let n = work.records.len() as u64;
+            let area: f64 = work.records.iter().map(|r| r.area_px as f64).sum();
+            s.fields_done += 1;
+            s.cells += n;
+            let w = s.wells.entry(work.field.key.well.name()).or_default();
+            let total = w.mean_cell_area_px * w.cells as f64 + area;
+            w.fields += 1;
+            w.cells += n;
+            w.mean_cell_area_px = if w.cells > 0 { total / w.cells as f64 } else { 0.0 };
+        }
+        self.publish_status()
     }
 
     fn finish(&mut self) -> Result<(), SinkError> {
+        if let Ok(mut s) = self.summary.lock() {
+            s.state = "finished";
+        }
+        self.publish_status()?;
         self.session.close().wait().map_err(|e| SinkError::Zenoh(e.to_string()))
     }
 }
