@@ -74,6 +74,20 @@ def feed(files: list[Path], dest: Path, slow_every: int = 3):
             time.sleep(0.02)
 
 
+def stage_without(binary, tmp: Path, prefix: str, channel: str):
+    """Stages a Phenix plate and copies all but one file (the `channel` of field `prefix`) into a
+    watched folder; returns (staged, manifest, watch, the file held back)."""
+    staged, manifest = stage(binary, tmp, "phenix")
+    watch = tmp / "watch"
+    watch.mkdir()
+    files = sorted((staged / "images").iterdir())
+    held = next(p for p in files if p.name.startswith(prefix) and f"-{channel}" in p.name)
+    for p in files:
+        if p != held:
+            shutil.copy(p, watch / p.name)
+    return staged, manifest, watch, held
+
+
 def check_plate(plate: Path, staged: Path, manifest: dict):
     from ome_zarr_models.v05.hcs import HCS
 
@@ -109,15 +123,8 @@ def test_watched_folder_becomes_the_plate(binary, tmp_path, layout, polling):
 
 
 def test_bad_files_are_reported_by_name_and_the_rest_survives(binary, tmp_path):
-    staged, manifest = stage(binary, tmp_path, "phenix")
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    files = sorted((staged / "images").iterdir())
     # One field loses a channel; one file is truncated for good; a stray file matches no layout.
-    missing = next(p for p in files if p.name.startswith("r03c05f02") and "-ch4" in p.name)
-    for p in files:
-        if p != missing:
-            shutil.copy(p, watch / p.name)
+    staged, manifest, watch, missing = stage_without(binary, tmp_path, "r03c05f02", "ch4")
     broken = watch / "r03c05f02p01-ch4sk1fk1fl1.tiff"
     broken.write_bytes(missing.read_bytes()[:5000])
     (watch / "notes.txt").write_text("operator notes")
@@ -194,14 +201,7 @@ def test_replay_refuses_to_write_into_its_own_input(binary, tmp_path):
 
 
 def test_an_incomplete_field_is_completed_when_its_file_arrives_later(binary, tmp_path):
-    staged, manifest = stage(binary, tmp_path, "phenix")
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    files = sorted((staged / "images").iterdir())
-    late = next(p for p in files if p.name.startswith("r02c02f01") and "-ch3" in p.name)
-    for p in files:
-        if p != late:
-            shutil.copy(p, watch / p.name)
+    staged, manifest, watch, late = stage_without(binary, tmp_path, "r02c02f01", "ch3")
     cfg = tmp_path / "run.toml"
     cfg.write_text(folder_toml(watch, tmp_path / "out", "phenix", "P1"))
     first = run(binary, "run", "--config", cfg)

@@ -244,6 +244,31 @@ pub struct AcquisitionPlan {
     pub timepoints: u32,
 }
 
+impl AcquisitionPlan {
+    /// A plan for a source that does not know in advance which wells and fields will come (a
+    /// watched folder, frames over the network): only the plate, channels and field geometry.
+    pub fn open_ended(
+        plate: &str,
+        plate_format: u16,
+        channels: &[String],
+        (width, height): (usize, usize),
+        pixel_size_um: f64,
+        timepoints: u32,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            plate: Name::new(plate)?,
+            format: PlateFormat::new(plate_format)?,
+            channels: ChannelInfo::from_names(channels),
+            width,
+            height,
+            pixel_size_um,
+            wells: Vec::new(),
+            fields_per_well: 0,
+            timepoints,
+        })
+    }
+}
+
 /// A channel's name and display colour (`RRGGBB`), as OME-Zarr viewers show it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChannelInfo {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
-use liveomics_adapters::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat, WellId};
+use liveomics_adapters::model::{AcquisitionPlan, FieldKey, Frame, Name, Pixels, PlateFormat, WellId};
 use liveomics_adapters::source::{Problems, Source, SourceError, SourceProblem, SourceReport, StopToken};
 use liveomics_adapters::Invalid;
 use serde::{Deserialize, Serialize};
@@ -127,17 +127,14 @@ impl ZenohSource {
             let msg: Vec<String> = issues.iter().map(|i| i.to_string()).collect();
             return Err(SourceError::Config(msg.join("; ")));
         }
-        let plan = AcquisitionPlan {
-            plate: Name::new(&cfg.plate)?,
-            format: PlateFormat::new(cfg.plate_format)?,
-            channels: ChannelInfo::from_names(&cfg.channels),
-            width: cfg.width_px as usize,
-            height: cfg.height_px as usize,
-            pixel_size_um: cfg.pixel_size_um,
-            wells: Vec::new(),
-            fields_per_well: 0,
-            timepoints: cfg.timepoints,
-        };
+        let plan = AcquisitionPlan::open_ended(
+            &cfg.plate,
+            cfg.plate_format,
+            &cfg.channels,
+            (cfg.width_px as usize, cfg.height_px as usize),
+            cfg.pixel_size_um,
+            cfg.timepoints,
+        )?;
         Ok(Self {
             cfg: cfg.clone(),
             instrument: Name::new(instrument)?.to_string(),

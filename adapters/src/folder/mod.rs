@@ -18,7 +18,7 @@ use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 
 use self::layout::{Layout, LayoutKind, NameError, Parsed};
-use crate::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat};
+use crate::model::{AcquisitionPlan, FieldKey, Frame, Name, Pixels, PlateFormat};
 use crate::source::{wait_until, Problems, Source, SourceError, SourceProblem, SourceReport, StopToken};
 use crate::tiff_io::{read_image, Plane};
 use crate::Invalid;
@@ -255,17 +255,14 @@ impl FolderSource {
                 })?;
             }
         }
-        let plan = AcquisitionPlan {
-            plate: Name::new(&cfg.plate)?,
-            format,
-            channels: ChannelInfo::from_names(&cfg.channels),
-            width,
-            height,
-            pixel_size_um: pixel,
-            wells: Vec::new(),
-            fields_per_well: 0,
-            timepoints: cfg.timepoints,
-        };
+        let plan = AcquisitionPlan::open_ended(
+            &cfg.plate,
+            cfg.plate_format,
+            &cfg.channels,
+            (width, height),
+            pixel,
+            cfg.timepoints,
+        )?;
         Ok(Self {
             cfg,
             plan,

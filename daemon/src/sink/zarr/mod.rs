@@ -22,7 +22,8 @@ use std::sync::Arc;
 use liveomics_adapters::model::{AcquisitionPlan, FieldKey, PlateFormat, WellId};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
-use zarrs::array::data_type;
+use zarrs::array::{data_type, Array};
+use zarrs::filesystem::FilesystemStore;
 
 use self::node::{io_err, store_plane, Store};
 use super::{Sink, SinkError};
@@ -61,6 +62,9 @@ impl RunningWindow {
         (lo, (self.hi.round() as u16).max(lo.saturating_add(1)))
     }
 }
+
+/// A 2x reduction of a plane: `(pixels, width, height) -> (pixels, width, height)`.
+type Halve<T> = fn(&[T], usize, usize) -> Result<(Vec<T>, usize, usize), liveomics_kernels::KernelError>;
 
 /// The zarr sink; see the module docs.
 pub struct ZarrSink {
@@ -318,40 +322,63 @@ impl ZarrSink {
         Ok(())
     }
 
+    fn open_levels(&self, node: &str) -> Result<Vec<Array<FilesystemStore>>, SinkError> {
+        (0..self.levels())
+            .map(|k| self.store.open_array(&format!("{node}/{k}")))
+            .collect()
+    }
+
+    /// Writes one plane into every level of a pyramid: level 0 straight from `full` (no copy),
+    /// each next level by `halve` from the previous one.
+    fn write_pyramid<T: zarrs::array::Element>(
+        &self,
+        node: &str,
+        arrays: &[Array<FilesystemStore>],
+        prefix: &[u64],
+        full: &[T],
+        halve: Halve<T>,
+    ) -> Result<(), SinkError> {
+        let (mut w, mut h) = (self.plan.width, self.plan.height);
+        let mut level: Option<Vec<T>> = None;
+        for (k, array) in arrays.iter().enumerate() {
+            if k > 0 {
+                let (next, w2, h2) = halve(level.as_deref().unwrap_or(full), w, h)?;
+                (level, w, h) = (Some(next), w2, h2);
+            }
+            store_plane(array, &format!("{node}/{k}"), prefix, level.as_deref().unwrap_or(full))?;
+        }
+        Ok(())
+    }
+
     fn write_raw(&self, image: &str, work: &FieldWork) -> Result<(), SinkError> {
         let t = work.field.key.timepoint;
-        let arrays = (0..self.levels())
-            .map(|k| self.store.open_array(&format!("{image}/{k}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let arrays = self.open_levels(image)?;
         // Channels are separate shards: encode and write them concurrently on the pool.
         work.field
             .channels
             .par_iter()
             .enumerate()
-            .try_for_each(|(c, px)| -> Result<(), SinkError> {
-                let Some(px) = px else { return Ok(()) };
-                let (mut plane, mut w, mut h) = (px.to_vec(), work.field.width, work.field.height);
-                for (k, array) in arrays.iter().enumerate() {
-                    if k > 0 {
-                        (plane, w, h) = liveomics_kernels::cpu::downsample2x_mean(&plane, w, h)?;
-                    }
-                    store_plane(array, &format!("{image}/{k}"), &self.prefix(t, c as u64), &plane)?;
-                }
-                Ok(())
+            .try_for_each(|(c, px)| match px {
+                Some(px) => self.write_pyramid(
+                    image,
+                    &arrays,
+                    &self.prefix(t, c as u64),
+                    px,
+                    liveomics_kernels::cpu::downsample2x_mean,
+                ),
+                None => Ok(()),
             })
     }
 
     fn write_label(&self, node: &str, t: u32, labels: &[u32]) -> Result<(), SinkError> {
-        let (mut plane, mut w, mut h) = (labels.to_vec(), self.plan.width, self.plan.height);
-        for k in 0..self.levels() {
-            if k > 0 {
-                (plane, w, h) = liveomics_kernels::cpu::downsample2x_nearest(&plane, w, h)?;
-            }
-            let path = format!("{node}/{k}");
-            let array = self.store.open_array(&path)?;
-            store_plane(&array, &path, &self.prefix(t, 0), &plane)?;
-        }
-        Ok(())
+        let arrays = self.open_levels(node)?;
+        self.write_pyramid(
+            node,
+            &arrays,
+            &self.prefix(t, 0),
+            labels,
+            liveomics_kernels::cpu::downsample2x_nearest,
+        )
     }
 
     fn label_metadata(&self, name: &str, work: &FieldWork) -> Map<String, Value> {
