@@ -1,0 +1,341 @@
+//! Dynamic batching of per-cell work across fields. Fields arrive from several workers with
+//! different cell counts; one thread per model gathers their crops into batches, earliest
+//! deadline first, and sends each field back exactly its own rows. A batch waits for more work
+//! at most `max_queue_delay`, and never past the point where the earliest deadline could no
+//! longer be met: the latency budget decides, not the batch size. Batch sizes are rounded up to
+//! a few fixed buckets (padding with zeros) so that providers that compile per shape
+//! (TensorRT, CUDA graphs) compile a handful of shapes, not one per batch.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+
+use crate::error::ModelError;
+use crate::model::Model;
+use crate::tensor::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOptions {
+    pub max_batch: usize,
+    pub max_queue_delay: Duration,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: 64,
+            max_queue_delay: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Batch sizes used: powers of two up to `max_batch`, and `max_batch` itself.
+pub fn buckets(max_batch: usize) -> Vec<usize> {
+    let mut b: Vec<usize> = std::iter::successors(Some(1usize), |&x| Some(x * 2))
+        .take_while(|&x| x < max_batch)
+        .collect();
+    b.push(max_batch.max(1));
+    b
+}
+
+type Reply = Sender<Result<Tensor, ModelError>>;
+
+struct Request {
+    deadline: Instant,
+    seq: u64,
+    arrived: Instant,
+    /// Preprocessed samples, `n` of them, each `sample_len` long.
+    data: Vec<f32>,
+    n: usize,
+    reply: Reply,
+}
+
+impl PartialEq for Request {
+    fn eq(&self, o: &Self) -> bool {
+        (self.deadline, self.seq) == (o.deadline, o.seq)
+    }
+}
+impl Eq for Request {}
+impl PartialOrd for Request {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Request {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.deadline, self.seq).cmp(&(o.deadline, o.seq))
+    }
+}
+
+/// Per-batch statistics, for metrics and tests.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchStats {
+    pub samples: usize,
+    pub padded_to: usize,
+    pub requests: usize,
+    pub run_time: Duration,
+}
+
+/// Handle to a model's batching thread; cloneable, shared by workers. The thread ends when the
+/// last handle is dropped.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    model: Arc<Model>,
+    tx: Sender<Request>,
+    _thread: Arc<JoinOnDrop>,
+}
+
+#[derive(Debug)]
+struct JoinOnDrop(Option<JoinHandle<()>>);
+impl Drop for JoinOnDrop {
+    fn drop(&mut self) {
+        // The sender is dropped with the Batcher's fields after this; the thread exits on its own.
+        self.0.take();
+    }
+}
+
+impl Batcher {
+    /// `on_batch` is called after every batch (metrics).
+    pub fn new(model: Arc<Model>, opts: BatchOptions, on_batch: impl Fn(&BatchStats) + Send + 'static) -> Result<Self, ModelError> {
+        let d = &model.descr.inputs[0];
+        if model.descr.inputs.len() != 1 || model.descr.outputs.len() != 1 || d.batch_axis() != Some(0) {
+            return Err(ModelError::Shape {
+                model: model.name().to_string(),
+                message: "per-cell batching needs one input and one output with the batch axis first".into(),
+            });
+        }
+        let (tx, rx) = bounded::<Request>(1024);
+        let m = Arc::clone(&model);
+        let handle = std::thread::Builder::new()
+            .name(format!("batch-{}", model.name()))
+            .spawn(move || batch_loop(&m, opts, &rx, on_batch))
+            .map_err(|source| ModelError::Io {
+                path: "thread".into(),
+                source,
+            })?;
+        Ok(Self {
+            model,
+            tx,
+            _thread: Arc::new(JoinOnDrop(Some(handle))),
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Queues `samples` (shape `[n, ...]` as the model's input) and returns where the `[n, ...]`
+    /// output will arrive. Preprocessing runs here, on the caller's thread, so the batching
+    /// thread only runs the model.
+    pub fn submit(&self, mut samples: Tensor, deadline: Instant) -> Result<Receiver<Result<Tensor, ModelError>>, ModelError> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = samples.shape.first().copied().unwrap_or(0);
+        let mut check = samples.clone();
+        check.shape[0] = 1;
+        check.data.truncate(check.shape.iter().product());
+        self.model.check_input(0, &check)?;
+        self.model.preprocess(0, &mut samples);
+        let (reply, rx) = bounded(1);
+        self.tx
+            .send(Request {
+                deadline,
+                seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                arrived: Instant::now(),
+                data: samples.data,
+                n,
+                reply,
+            })
+            .map_err(|_| ModelError::BatcherGone {
+                model: self.model.name().to_string(),
+            })?;
+        Ok(rx)
+    }
+
+    /// Submits and waits.
+    pub fn run(&self, samples: Tensor, deadline: Instant) -> Result<Tensor, ModelError> {
+        if samples.shape.first() == Some(&0) {
+            let mut shape = self.output_sample_shape();
+            shape.insert(0, 0);
+            return Ok(Tensor::new(shape, Vec::new()));
+        }
+        self.submit(samples, deadline)?.recv().map_err(|_| ModelError::BatcherGone {
+            model: self.model.name().to_string(),
+        })?
+    }
+
+    fn output_sample_shape(&self) -> Vec<usize> {
+        self.model.descr.outputs[0].axes[1..]
+            .iter()
+            .map(|a| match a.size {
+                crate::description::AxisSize::Fixed(n) => n,
+                _ => 0,
+            })
+            .collect()
+    }
+}
+
+fn batch_loop(model: &Model, opts: BatchOptions, rx: &Receiver<Request>, on_batch: impl Fn(&BatchStats)) {
+    let buckets = buckets(opts.max_batch);
+    let mut pending: BinaryHeap<Reverse<Request>> = BinaryHeap::new();
+    // Smoothed run time of a full batch: how long before a deadline a batch must start.
+    let mut est_run = Duration::from_millis(1);
+    loop {
+        if pending.is_empty() {
+            match rx.recv() {
+                Ok(r) => pending.push(Reverse(r)),
+                Err(_) => return,
+            }
+        }
+        // Wait for more work while the batch is not full, the oldest request has not waited
+        // max_queue_delay, and the earliest deadline still has slack.
+        loop {
+            let queued: usize = pending.iter().map(|r| r.0.n).sum();
+            if queued >= opts.max_batch {
+                break;
+            }
+            let oldest = pending.iter().map(|r| r.0.arrived).min().unwrap_or_else(Instant::now);
+            let earliest = pending.peek().map(|r| r.0.deadline).unwrap_or_else(Instant::now);
+            let until = (oldest + opts.max_queue_delay).min(earliest.checked_sub(est_run).unwrap_or(earliest));
+            let now = Instant::now();
+            if until <= now {
+                break;
+            }
+            match rx.recv_timeout(until - now) {
+                Ok(r) => pending.push(Reverse(r)),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let mut batch = Vec::new();
+        let mut total = 0;
+        while let Some(Reverse(r)) = pending.peek() {
+            if !batch.is_empty() && total + r.n > opts.max_batch {
+                break;
+            }
+            total += r.n;
+            if let Some(Reverse(r)) = pending.pop() {
+                batch.push(r);
+            }
+        }
+        let t0 = Instant::now();
+        let padded = run_batch(model, &buckets, &mut batch, total);
+        let run_time = t0.elapsed();
+        est_run = (est_run * 7 + run_time) / 8;
+        on_batch(&BatchStats {
+            samples: total,
+            padded_to: padded,
+            requests: batch.len(),
+            run_time,
+        });
+    }
+}
+
+/// Runs one batch (in bucket-sized pieces when a single request is larger than the largest
+/// bucket) and answers each request with its own rows. Returns the padded size.
+fn run_batch(model: &Model, buckets: &[usize], batch: &mut [Request], total: usize) -> usize {
+    let sample_shape: Vec<usize> = {
+        let mut s: Vec<usize> = model.descr.inputs[0]
+            .axes
+            .iter()
+            .map(|a| match a.size {
+                crate::description::AxisSize::Fixed(n) => n,
+                _ => 0,
+            })
+            .collect();
+        s.remove(0);
+        s
+    };
+    let sample_len: usize = batch
+        .first()
+        .map(|r| r.data.len() / r.n.max(1))
+        .unwrap_or_else(|| sample_shape.iter().product());
+    let max = buckets.last().copied().unwrap_or(1);
+    let mut all: Vec<f32> = Vec::with_capacity(total * sample_len);
+    for r in batch.iter_mut() {
+        all.append(&mut r.data);
+    }
+    let mut outputs: Vec<f32> = Vec::new();
+    let mut out_sample: Option<Vec<usize>> = None;
+    let mut padded_total = 0;
+    let mut failure: Option<ModelError> = None;
+    let mut done = 0;
+    while done < total {
+        let n = (total - done).min(max);
+        let bucket = buckets.iter().copied().find(|&b| b >= n).unwrap_or(max);
+        padded_total += bucket;
+        let mut data = all[done * sample_len..(done + n) * sample_len].to_vec();
+        data.resize(bucket * sample_len, 0.0);
+        let mut shape = vec![bucket];
+        shape.extend(infer_sample_shape(&sample_shape, sample_len));
+        let input = Tensor::new(shape, data);
+        match model.infer(&[&input]) {
+            Ok(mut o) => {
+                let o = o.remove(0);
+                let per = o.data.len() / bucket;
+                out_sample.get_or_insert_with(|| o.shape[1..].to_vec());
+                outputs.extend_from_slice(&o.data[..n * per]);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+        done += n;
+    }
+    let mut offset = 0;
+    for r in batch.iter() {
+        let result = match (&failure, &out_sample) {
+            (Some(e), _) => Err(ModelError::Shape {
+                model: model.name().to_string(),
+                message: format!("batch failed: {e}"),
+            }),
+            (None, Some(s)) => {
+                let per: usize = s.iter().product();
+                let mut shape = vec![r.n];
+                shape.extend(s);
+                let mut t = Tensor::new(shape, outputs[offset * per..(offset + r.n) * per].to_vec());
+                model.postprocess(0, &mut t);
+                Ok(t)
+            }
+            (None, None) => Err(ModelError::Shape {
+                model: model.name().to_string(),
+                message: "empty batch".into(),
+            }),
+        };
+        offset += r.n;
+        // The field may have been abandoned (worker shut down); nothing to answer then.
+        let _ = r.reply.send(result);
+    }
+    padded_total
+}
+
+/// The declared sample shape with its free axes filled from the actual sample length (crops are
+/// square, so one free pair of space axes is resolved as a square).
+fn infer_sample_shape(declared: &[usize], sample_len: usize) -> Vec<usize> {
+    let known: usize = declared.iter().filter(|&&d| d > 0).product();
+    let free = declared.iter().filter(|&&d| d == 0).count();
+    let rest = sample_len / known.max(1);
+    let side = match free {
+        0 => 1,
+        1 => rest,
+        _ => (rest as f64).powf(1.0 / free as f64).round() as usize,
+    };
+    declared.iter().map(|&d| if d == 0 { side } else { d }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_sizes() {
+        assert_eq!(buckets(64), vec![1, 2, 4, 8, 16, 32, 64]);
+        assert_eq!(buckets(48), vec![1, 2, 4, 8, 16, 32, 48]);
+        assert_eq!(buckets(1), vec![1]);
+        assert_eq!(infer_sample_shape(&[3, 0, 0], 3 * 64 * 64), vec![3, 64, 64]);
+    }
+}

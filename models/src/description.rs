@@ -1,0 +1,461 @@
+//! bioimage.io model descriptions, format 0.5, as far as liveomics runs them: ONNX weights,
+//! tensor axes, pre/postprocessing, test tensors, and the `config.liveomics` section. Anything the
+//! runtime does not implement is an error naming the field, never silently ignored: a model that
+//! runs with a step skipped gives wrong numbers that look right.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+use crate::error::ModelError;
+use crate::process::Proc;
+
+/// What a model is for in the daemon; decides what it is fed and where its outputs go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Whole-field model whose output is a foreground (or boundary) probability map.
+    Segmentation,
+    /// Whole-field model: landmark channels in, protein images out.
+    VirtualStain,
+    /// Per-cell crops in, one value per gene or protein out.
+    CellOmics,
+    /// Field features in, pooled per well.
+    WellOmics,
+}
+
+/// The `config.liveomics` section of a description.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveomicsConfig {
+    pub role: Option<Role>,
+    /// Acquisition channel feeding each model input channel, in order.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// Names of the output channels or features (genes, proteins).
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    /// Crop side in pixels for per-cell models.
+    pub crop_size: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AxisKind {
+    Batch,
+    Channel { names: Vec<String> },
+    Index,
+    Space,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AxisSize {
+    /// Batch axis without a fixed size, or an output axis whose size the data decides.
+    Any,
+    Fixed(usize),
+    /// `min + n * step` for any n >= 0.
+    Parameterized { min: usize, step: usize },
+    /// Same as another tensor's axis, plus an offset.
+    Reference { tensor: String, axis: String, offset: i64 },
+}
+
+impl AxisSize {
+    /// Smallest valid size >= `want` (None when the size is fixed below `want`... or any size).
+    pub fn fit(&self, want: usize) -> Option<usize> {
+        match *self {
+            AxisSize::Any => Some(want),
+            AxisSize::Fixed(n) => (n >= want).then_some(n),
+            AxisSize::Parameterized { min, step } => {
+                if want <= min || step == 0 {
+                    Some(min)
+                } else {
+                    Some(min + (want - min).div_ceil(step) * step)
+                }
+            }
+            AxisSize::Reference { .. } => None,
+        }
+    }
+
+    pub fn accepts(&self, n: usize) -> bool {
+        match *self {
+            AxisSize::Any => true,
+            AxisSize::Fixed(m) => n == m,
+            AxisSize::Parameterized { min, step } => n >= min && (step == 0 && n == min || step > 0 && (n - min) % step == 0),
+            AxisSize::Reference { .. } => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Axis {
+    pub id: String,
+    pub kind: AxisKind,
+    pub size: AxisSize,
+    /// Pixels at each border of an output that the model cannot compute correctly.
+    pub halo: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorDescr {
+    pub id: String,
+    pub axes: Vec<Axis>,
+    pub test_tensor: Option<PathBuf>,
+    pub processing: Vec<Proc>,
+}
+
+impl TensorDescr {
+    pub fn axis(&self, id: &str) -> Option<usize> {
+        self.axes.iter().position(|a| a.id == id)
+    }
+
+    /// Indices of the space axes, in order (usually y then x).
+    pub fn space_axes(&self) -> Vec<usize> {
+        (0..self.axes.len()).filter(|&i| self.axes[i].kind == AxisKind::Space).collect()
+    }
+
+    pub fn batch_axis(&self) -> Option<usize> {
+        self.axes.iter().position(|a| a.kind == AxisKind::Batch)
+    }
+
+    pub fn halo(&self) -> usize {
+        self.axes.iter().map(|a| a.halo).max().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Description {
+    pub name: String,
+    /// The folder the description lives in; relative sources resolve against it.
+    pub root: PathBuf,
+    pub inputs: Vec<TensorDescr>,
+    pub outputs: Vec<TensorDescr>,
+    pub weights: PathBuf,
+    pub weights_sha256: Option<String>,
+    pub liveomics: LiveomicsConfig,
+}
+
+#[derive(Deserialize)]
+struct RawDescription {
+    name: String,
+    format_version: String,
+    #[serde(rename = "type")]
+    kind: String,
+    inputs: Vec<RawTensor>,
+    outputs: Vec<RawTensor>,
+    weights: BTreeMap<String, Value>,
+    #[serde(default)]
+    config: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct RawTensor {
+    id: String,
+    axes: Vec<Value>,
+    test_tensor: Option<FileRef>,
+    #[serde(default)]
+    preprocessing: Vec<RawProc>,
+    #[serde(default)]
+    postprocessing: Vec<RawProc>,
+}
+
+#[derive(Deserialize)]
+struct FileRef {
+    source: String,
+    sha256: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct RawProc {
+    pub id: String,
+    #[serde(default)]
+    pub kwargs: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnnxWeights {
+    source: String,
+    sha256: Option<String>,
+    #[serde(default)]
+    opset_version: Option<u32>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    parent: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    authors: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    comment: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    external_data: Option<Value>,
+}
+
+/// Finds the description in a folder (or takes the file itself).
+pub fn description_path(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        for name in ["bioimageio.yaml", "rdf.yaml"] {
+            let p = path.join(name);
+            if p.exists() {
+                return p;
+            }
+        }
+        return path.join("bioimageio.yaml");
+    }
+    path.to_path_buf()
+}
+
+impl Description {
+    /// Reads and checks a description. `path` is the YAML file or the folder holding it.
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let file = description_path(path);
+        let model = file.display().to_string();
+        let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let err = |key: &str, message: String| ModelError::Description {
+            model: model.clone(),
+            key: key.to_string(),
+            message,
+        };
+        let raw: RawDescription = serde_yaml_ng::from_str(&text).map_err(|e| err("(document)", e.to_string()))?;
+        if raw.kind != "model" {
+            return Err(err("type", format!("is {:?}; only \"model\" descriptions run", raw.kind)));
+        }
+        if !raw.format_version.starts_with("0.5") {
+            return Err(err(
+                "format_version",
+                format!(
+                    "is {:?}; liveomics reads format 0.5 (convert with bioimageio.spec's update_format)",
+                    raw.format_version
+                ),
+            ));
+        }
+        let root = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let onnx = match raw.weights.get("onnx") {
+            Some(v) => serde_yaml_ng::from_value::<OnnxWeights>(v.clone()).map_err(|e| err("weights.onnx", e.to_string()))?,
+            None => {
+                let have: Vec<&str> = raw.weights.keys().map(String::as_str).collect();
+                return Err(err(
+                    "weights.onnx",
+                    format!(
+                        "missing; this model has {} weights, and liveomics runs ONNX only (export with torch.onnx.export)",
+                        have.join(", ")
+                    ),
+                ));
+            }
+        };
+        if let Some(op) = onnx.opset_version {
+            if op > 23 {
+                return Err(err(
+                    "weights.onnx.opset_version",
+                    format!("{op} is newer than ONNX Runtime 1.31 implements (<= 23)"),
+                ));
+            }
+        }
+        let liveomics = match raw.config.get("liveomics") {
+            Some(v) => serde_yaml_ng::from_value::<LiveomicsConfig>(v.clone())
+                .map_err(|e| err("config.liveomics", e.to_string()))?,
+            None => LiveomicsConfig::default(),
+        };
+        let tensors = |list: Vec<RawTensor>, what: &str, output: bool| -> Result<Vec<TensorDescr>, ModelError> {
+            list.into_iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let key = format!("{what}[{i}]");
+                    let axes = t
+                        .axes
+                        .iter()
+                        .enumerate()
+                        .map(|(j, a)| parse_axis(a, output).map_err(|m| err(&format!("{key}.axes[{j}]"), m)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let mut ids: Vec<&str> = axes.iter().map(|a| a.id.as_str()).collect();
+                    ids.sort_unstable();
+                    if ids.windows(2).any(|w| w[0] == w[1]) {
+                        return Err(err(&format!("{key}.axes"), "two axes have the same id".into()));
+                    }
+                    let procs = if output { &t.postprocessing } else { &t.preprocessing };
+                    let stage = if output { "postprocessing" } else { "preprocessing" };
+                    let processing = procs
+                        .iter()
+                        .enumerate()
+                        .map(|(j, p)| Proc::parse(p, &axes, output).map_err(|m| err(&format!("{key}.{stage}[{j}]"), m)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let test_tensor = t.test_tensor.map(|f| (root.join(&f.source), f.sha256));
+                    if let Some((p, Some(sum))) = &test_tensor {
+                        verify_sha256(&model, p, sum)?;
+                    }
+                    Ok(TensorDescr {
+                        id: t.id,
+                        axes,
+                        test_tensor: test_tensor.map(|(p, _)| p),
+                        processing,
+                    })
+                })
+                .collect()
+        };
+        let inputs = tensors(raw.inputs, "inputs", false)?;
+        let outputs = tensors(raw.outputs, "outputs", true)?;
+        if inputs.is_empty() || outputs.is_empty() {
+            return Err(err("inputs/outputs", "a model needs at least one of each".into()));
+        }
+        for (i, o) in outputs.iter().enumerate() {
+            for (j, a) in o.axes.iter().enumerate() {
+                if let AxisSize::Reference { tensor, axis, .. } = &a.size {
+                    let found = inputs
+                        .iter()
+                        .chain(outputs.iter())
+                        .any(|t| &t.id == tensor && t.axis(axis).is_some());
+                    if !found {
+                        return Err(err(
+                            &format!("outputs[{i}].axes[{j}].size"),
+                            format!("refers to {tensor}.{axis}, which no tensor has"),
+                        ));
+                    }
+                }
+            }
+        }
+        let weights = root.join(&onnx.source);
+        if !weights.exists() {
+            return Err(ModelError::Io {
+                path: weights,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "weights file missing"),
+            });
+        }
+        Ok(Self {
+            name: raw.name,
+            root,
+            inputs,
+            outputs,
+            weights,
+            weights_sha256: onnx.sha256,
+            liveomics,
+        })
+    }
+
+    /// Checks the weights file against its sha256 (reads it once; about 10 ms per 10 MB).
+    pub fn verify_weights(&self) -> Result<(), ModelError> {
+        match &self.weights_sha256 {
+            Some(sum) => verify_sha256(&self.name, &self.weights, sum),
+            None => Ok(()),
+        }
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn verify_sha256(model: &str, path: &Path, expected: &str) -> Result<(), ModelError> {
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let actual = sha256_hex(&bytes);
+    if !actual.eq_ignore_ascii_case(expected) {
+        return Err(ModelError::Checksum {
+            model: model.to_string(),
+            path: path.to_path_buf(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+fn as_usize(v: &Value, what: &str) -> Result<usize, String> {
+    v.as_u64()
+        .map(|n| n as usize)
+        .ok_or_else(|| format!("{what} must be a non-negative integer, got {v:?}"))
+}
+
+fn parse_axis(v: &Value, output: bool) -> Result<Axis, String> {
+    let map = v.as_mapping().ok_or("an axis must be a mapping")?;
+    let get = |k: &str| map.get(Value::String(k.into()));
+    let kind_name = get("type").and_then(Value::as_str).ok_or("axis has no `type`")?;
+    let default_id = match kind_name {
+        "batch" => "batch",
+        "channel" => "channel",
+        "index" => "index",
+        "space" => "x",
+        "time" => return Err("time axes are not supported (liveomics runs per field, not per time series)".into()),
+        other => return Err(format!("unknown axis type {other:?}")),
+    };
+    let id = get("id").and_then(Value::as_str).unwrap_or(default_id).to_string();
+    let kind = match kind_name {
+        "batch" => AxisKind::Batch,
+        "channel" => {
+            let names = get("channel_names")
+                .and_then(Value::as_sequence)
+                .ok_or("channel axis needs channel_names")?
+                .iter()
+                .map(|n| n.as_str().map(str::to_string).ok_or("channel names must be strings"))
+                .collect::<Result<Vec<_>, _>>()?;
+            AxisKind::Channel { names }
+        }
+        "index" => AxisKind::Index,
+        _ => AxisKind::Space,
+    };
+    if let Some(unit) = get("unit").and_then(Value::as_str) {
+        if kind == AxisKind::Space && !matches!(unit, "micrometer" | "pixel" | "nanometer") {
+            return Err(format!("space unit {unit:?} is not supported"));
+        }
+    }
+    let size = match (&kind, get("size")) {
+        (AxisKind::Channel { names }, None) => AxisSize::Fixed(names.len()),
+        (AxisKind::Batch, None) => AxisSize::Any,
+        (_, Some(s)) if s.is_u64() => AxisSize::Fixed(as_usize(s, "size")?),
+        (_, Some(Value::Mapping(m))) => {
+            let f = |k: &str| m.get(Value::String(k.into()));
+            if let (Some(min), Some(step)) = (f("min"), f("step")) {
+                AxisSize::Parameterized {
+                    min: as_usize(min, "size.min")?,
+                    step: as_usize(step, "size.step")?,
+                }
+            } else if let (Some(t), Some(a)) = (f("tensor_id"), f("axis_id")) {
+                AxisSize::Reference {
+                    tensor: t.as_str().ok_or("size.tensor_id must be a string")?.into(),
+                    axis: a.as_str().ok_or("size.axis_id must be a string")?.into(),
+                    offset: f("offset").and_then(Value::as_i64).unwrap_or(0),
+                }
+            } else if output && f("max").is_some() {
+                AxisSize::Any
+            } else {
+                return Err("size must be an integer, {min, step} or {tensor_id, axis_id[, offset]}".into());
+            }
+        }
+        (AxisKind::Index, None) if output => AxisSize::Any,
+        (_, None) => return Err("axis has no size".into()),
+        (_, Some(other)) => return Err(format!("size {other:?} is not understood")),
+    };
+    let halo = match get("halo") {
+        Some(h) if output => as_usize(h, "halo")?,
+        Some(_) => return Err("halo is only allowed on output axes".into()),
+        None => 0,
+    };
+    if let Some(scale) = get("scale").and_then(Value::as_f64) {
+        if (scale - 1.0).abs() > 1e-9 && kind == AxisKind::Space && output {
+            return Err(format!("output scale {scale} (resampling outputs) is not supported"));
+        }
+    }
+    Ok(Axis { id, kind, size, halo })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_fit_and_accept() {
+        let p = AxisSize::Parameterized { min: 64, step: 16 };
+        assert_eq!(p.fit(10), Some(64));
+        assert_eq!(p.fit(65), Some(80));
+        assert!(p.accepts(96) && !p.accepts(70) && !p.accepts(48));
+        assert_eq!(AxisSize::Fixed(512).fit(600), None);
+    }
+}

@@ -1,0 +1,21 @@
+//! The model runtime: ONNX Runtime loaded at run time, bioimage.io model descriptions (format
+//! 0.5), execution-provider fallback, whole-field tiling and per-cell dynamic batching. The
+//! daemon's inference stage and `liveomics models` are thin layers over this crate.
+
+pub mod batch;
+pub mod description;
+pub mod error;
+pub mod model;
+pub mod npy;
+pub mod process;
+pub mod runtime;
+pub mod tensor;
+pub mod tile;
+
+pub use batch::{BatchOptions, Batcher};
+pub use description::{Description, Role};
+pub use error::ModelError;
+pub use model::{CheckReport, Model};
+pub use runtime::{Provider, RuntimeOptions};
+pub use tensor::Tensor;
+pub use tile::TileOptions;

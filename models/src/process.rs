@@ -1,0 +1,446 @@
+//! The bioimage.io pre- and postprocessing operations, applied to whole tensors on the CPU.
+//! Statistics (mean, std, percentiles) are computed over the `axes` the description names,
+//! independently for every index of the other axes, as bioimageio.core does.
+
+use serde::Deserialize;
+
+use crate::description::{Axis, RawProc};
+use crate::tensor::Tensor;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(f32),
+    Many(Vec<f32>),
+}
+
+impl OneOrMany {
+    fn values(self) -> Vec<f32> {
+        match self {
+            OneOrMany::One(v) => vec![v],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// One operation with its parameters resolved against the tensor's axes (axis names become
+/// positions, so a typo in an axis name fails at load time).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Proc {
+    ZeroMeanUnitVariance {
+        reduce: Option<Vec<usize>>,
+        eps: f32,
+    },
+    /// Per-index values along `axis` (or one value for all).
+    FixedZeroMeanUnitVariance {
+        mean: Vec<f32>,
+        std: Vec<f32>,
+        axis: Option<usize>,
+        eps: f32,
+    },
+    ScaleRange {
+        reduce: Option<Vec<usize>>,
+        min_percentile: f32,
+        max_percentile: f32,
+        eps: f32,
+    },
+    ScaleLinear {
+        gain: Vec<f32>,
+        offset: Vec<f32>,
+        axis: Option<usize>,
+    },
+    Clip {
+        min: f32,
+        max: f32,
+    },
+    Binarize {
+        threshold: Vec<f32>,
+        axis: Option<usize>,
+    },
+    /// Rounding to an integer dtype, saturating; floats pass unchanged.
+    EnsureDtype {
+        integer_range: Option<(f32, f32)>,
+    },
+    Sigmoid,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ZmuvArgs {
+    axes: Option<Vec<String>>,
+    #[serde(default = "default_eps")]
+    eps: f32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixedZmuvArgs {
+    mean: OneOrMany,
+    std: OneOrMany,
+    axis: Option<String>,
+    #[serde(default = "default_eps")]
+    eps: f32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleRangeArgs {
+    axes: Option<Vec<String>>,
+    #[serde(default)]
+    min_percentile: f32,
+    #[serde(default = "hundred")]
+    max_percentile: f32,
+    #[serde(default = "default_eps")]
+    eps: f32,
+    reference_tensor: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleLinearArgs {
+    #[serde(default = "one")]
+    gain: OneOrMany,
+    #[serde(default = "zero")]
+    offset: OneOrMany,
+    axis: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClipArgs {
+    min: Option<f32>,
+    max: Option<f32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BinarizeArgs {
+    threshold: OneOrMany,
+    axis: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DtypeArgs {
+    dtype: String,
+}
+
+fn default_eps() -> f32 {
+    1e-6
+}
+fn hundred() -> f32 {
+    100.0
+}
+fn one() -> OneOrMany {
+    OneOrMany::One(1.0)
+}
+fn zero() -> OneOrMany {
+    OneOrMany::One(0.0)
+}
+
+fn axis_position(axes: &[Axis], id: &str) -> Result<usize, String> {
+    axes.iter().position(|a| a.id == id).ok_or_else(|| {
+        let known: Vec<&str> = axes.iter().map(|a| a.id.as_str()).collect();
+        format!("axis {id:?} is not an axis of this tensor ({})", known.join(", "))
+    })
+}
+
+fn positions(axes: &[Axis], ids: Option<Vec<String>>) -> Result<Option<Vec<usize>>, String> {
+    ids.map(|ids| ids.iter().map(|id| axis_position(axes, id)).collect()).transpose()
+}
+
+impl Proc {
+    pub(crate) fn parse(raw: &RawProc, axes: &[Axis], output: bool) -> Result<Self, String> {
+        fn args<T: serde::de::DeserializeOwned>(raw: &RawProc) -> Result<T, String> {
+            let v = if raw.kwargs.is_null() {
+                serde_yaml_ng::Value::Mapping(Default::default())
+            } else {
+                raw.kwargs.clone()
+            };
+            serde_yaml_ng::from_value(v).map_err(|e| format!("kwargs of {}: {e}", raw.id))
+        }
+        let per_axis = |values: Vec<f32>, axis: Option<String>, what: &str| -> Result<(Vec<f32>, Option<usize>), String> {
+            let axis = axis.map(|a| axis_position(axes, &a)).transpose()?;
+            if values.len() != 1 && axis.is_none() {
+                return Err(format!("{what} has {} values but no axis", values.len()));
+            }
+            Ok((values, axis))
+        };
+        Ok(match raw.id.as_str() {
+            "zero_mean_unit_variance" => {
+                let a: ZmuvArgs = args(raw)?;
+                Proc::ZeroMeanUnitVariance {
+                    reduce: positions(axes, a.axes)?,
+                    eps: a.eps,
+                }
+            }
+            "fixed_zero_mean_unit_variance" => {
+                let a: FixedZmuvArgs = args(raw)?;
+                let (mean, axis) = per_axis(a.mean.values(), a.axis.clone(), "mean")?;
+                let (std, _) = per_axis(a.std.values(), a.axis, "std")?;
+                if mean.len() != std.len() {
+                    return Err("mean and std have different lengths".into());
+                }
+                Proc::FixedZeroMeanUnitVariance {
+                    mean,
+                    std,
+                    axis,
+                    eps: a.eps,
+                }
+            }
+            "scale_range" => {
+                let a: ScaleRangeArgs = args(raw)?;
+                if let Some(r) = a.reference_tensor {
+                    return Err(format!(
+                        "scale_range with reference_tensor {r:?} is not supported (statistics of another tensor)"
+                    ));
+                }
+                if !(0.0..100.0).contains(&a.min_percentile) || !(a.max_percentile > a.min_percentile && a.max_percentile <= 100.0) {
+                    return Err(format!(
+                        "percentiles must satisfy 0 <= min < max <= 100, got {} and {}",
+                        a.min_percentile, a.max_percentile
+                    ));
+                }
+                Proc::ScaleRange {
+                    reduce: positions(axes, a.axes)?,
+                    min_percentile: a.min_percentile,
+                    max_percentile: a.max_percentile,
+                    eps: a.eps,
+                }
+            }
+            "scale_linear" => {
+                let a: ScaleLinearArgs = args(raw)?;
+                let (gain, axis) = per_axis(a.gain.values(), a.axis.clone(), "gain")?;
+                let (offset, _) = per_axis(a.offset.values(), a.axis, "offset")?;
+                Proc::ScaleLinear { gain, offset, axis }
+            }
+            "clip" => {
+                let a: ClipArgs = args(raw)?;
+                Proc::Clip {
+                    min: a.min.unwrap_or(f32::NEG_INFINITY),
+                    max: a.max.unwrap_or(f32::INFINITY),
+                }
+            }
+            "binarize" => {
+                let a: BinarizeArgs = args(raw)?;
+                let (threshold, axis) = per_axis(a.threshold.values(), a.axis, "threshold")?;
+                Proc::Binarize { threshold, axis }
+            }
+            "ensure_dtype" => {
+                let a: DtypeArgs = args(raw)?;
+                let integer_range = match a.dtype.as_str() {
+                    "float32" | "float64" => None,
+                    "uint8" => Some((0.0, 255.0)),
+                    "int8" => Some((-128.0, 127.0)),
+                    "uint16" => Some((0.0, 65535.0)),
+                    "int16" => Some((-32768.0, 32767.0)),
+                    "uint32" => Some((0.0, u32::MAX as f32)),
+                    "int32" => Some((i32::MIN as f32, i32::MAX as f32)),
+                    "bool" => Some((0.0, 1.0)),
+                    other => return Err(format!("ensure_dtype to {other:?} is not supported")),
+                };
+                Proc::EnsureDtype { integer_range }
+            }
+            "sigmoid" if output => {
+                args::<ClipArgs>(raw)?;
+                Proc::Sigmoid
+            }
+            "sigmoid" => Proc::Sigmoid,
+            "scale_mean_variance" => {
+                return Err("scale_mean_variance (matching another tensor's statistics) is not supported".into())
+            }
+            other => return Err(format!("unknown operation {other:?}")),
+        })
+    }
+
+    pub fn apply(&self, t: &mut Tensor) {
+        match self {
+            Proc::ZeroMeanUnitVariance { reduce, eps } => {
+                let groups = Groups::new(&t.shape, reduce.as_deref());
+                let mut sum = vec![0f64; groups.count];
+                let mut sq = vec![0f64; groups.count];
+                let mut n = vec![0usize; groups.count];
+                groups.for_each(|i, g| {
+                    let v = t.data[i] as f64;
+                    sum[g] += v;
+                    n[g] += 1;
+                });
+                let mean: Vec<f64> = sum.iter().zip(&n).map(|(s, &k)| s / k.max(1) as f64).collect();
+                groups.for_each(|i, g| {
+                    let d = t.data[i] as f64 - mean[g];
+                    sq[g] += d * d;
+                });
+                let std: Vec<f64> = sq.iter().zip(&n).map(|(s, &k)| (s / k.max(1) as f64).sqrt()).collect();
+                groups.for_each(|i, g| {
+                    t.data[i] = ((t.data[i] as f64 - mean[g]) / (std[g] + *eps as f64)) as f32;
+                });
+            }
+            Proc::FixedZeroMeanUnitVariance { mean, std, axis, eps } => {
+                per_index(t, *axis, |v, k| (v - pick(mean, k)) / (pick(std, k) + eps));
+            }
+            Proc::ScaleRange {
+                reduce,
+                min_percentile,
+                max_percentile,
+                eps,
+            } => {
+                let groups = Groups::new(&t.shape, reduce.as_deref());
+                let mut values: Vec<Vec<f32>> = vec![Vec::new(); groups.count];
+                groups.for_each(|i, g| values[g].push(t.data[i]));
+                let bounds: Vec<(f32, f32)> = values
+                    .iter_mut()
+                    .map(|v| (percentile(v, *min_percentile), percentile(v, *max_percentile)))
+                    .collect();
+                groups.for_each(|i, g| {
+                    let (lo, hi) = bounds[g];
+                    t.data[i] = (t.data[i] - lo) / (hi - lo + eps);
+                });
+            }
+            Proc::ScaleLinear { gain, offset, axis } => {
+                per_index(t, *axis, |v, k| v * pick(gain, k) + pick(offset, k));
+            }
+            Proc::Clip { min, max } => t.data.iter_mut().for_each(|v| *v = v.clamp(*min, *max)),
+            Proc::Binarize { threshold, axis } => {
+                per_index(t, *axis, |v, k| if v > pick(threshold, k) { 1.0 } else { 0.0 });
+            }
+            Proc::EnsureDtype { integer_range } => {
+                if let Some((lo, hi)) = integer_range {
+                    t.data.iter_mut().for_each(|v| *v = v.trunc().clamp(*lo, *hi));
+                }
+            }
+            Proc::Sigmoid => t.data.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+        }
+    }
+}
+
+fn pick(values: &[f32], k: usize) -> f32 {
+    if values.len() == 1 {
+        values[0]
+    } else {
+        values[k]
+    }
+}
+
+/// Applies `f(value, index along axis)` to every element.
+fn per_index(t: &mut Tensor, axis: Option<usize>, f: impl Fn(f32, usize) -> f32) {
+    match axis {
+        None => t.data.iter_mut().for_each(|v| *v = f(*v, 0)),
+        Some(a) => {
+            let inner: usize = t.shape[a + 1..].iter().product();
+            let len = t.shape[a];
+            for (i, v) in t.data.iter_mut().enumerate() {
+                *v = f(*v, (i / inner.max(1)) % len.max(1));
+            }
+        }
+    }
+}
+
+/// numpy's default (linear) percentile; NaNs are ignored.
+fn percentile(values: &mut [f32], p: f32) -> f32 {
+    let mut n = values.len();
+    let mut w = 0;
+    for i in 0..n {
+        if !values[i].is_nan() {
+            values[w] = values[i];
+            w += 1;
+        }
+    }
+    n = w;
+    if n == 0 {
+        return 0.0;
+    }
+    let v = &mut values[..n];
+    let pos = p as f64 / 100.0 * (n - 1) as f64;
+    let lo = pos.floor() as usize;
+    let frac = (pos - lo as f64) as f32;
+    let (_, &mut a, rest) = v.select_nth_unstable_by(lo, |x, y| x.total_cmp(y));
+    if frac == 0.0 || rest.is_empty() {
+        return a;
+    }
+    let b = rest.iter().copied().fold(f32::INFINITY, f32::min);
+    a + (b - a) * frac
+}
+
+/// Maps each flat index to the group of elements that share statistics: those equal on every
+/// axis that is not reduced.
+struct Groups<'a> {
+    shape: &'a [usize],
+    /// Group stride per axis (0 for reduced axes).
+    gstride: Vec<usize>,
+    count: usize,
+}
+
+impl<'a> Groups<'a> {
+    fn new(shape: &'a [usize], reduce: Option<&[usize]>) -> Self {
+        let mut gstride = vec![0; shape.len()];
+        let mut count = 1;
+        for d in (0..shape.len()).rev() {
+            let reduced = reduce.is_none_or(|r| r.contains(&d));
+            if !reduced {
+                gstride[d] = count;
+                count *= shape[d];
+            }
+        }
+        Self { shape, gstride, count }
+    }
+
+    fn for_each(&self, mut f: impl FnMut(usize, usize)) {
+        let total: usize = self.shape.iter().product();
+        if self.count == 1 {
+            (0..total).for_each(|i| f(i, 0));
+            return;
+        }
+        let mut idx = vec![0usize; self.shape.len()];
+        let mut g = 0;
+        for i in 0..total {
+            f(i, g);
+            for d in (0..self.shape.len()).rev() {
+                idx[d] += 1;
+                g += self.gstride[d];
+                if idx[d] < self.shape[d] {
+                    break;
+                }
+                g -= self.gstride[d] * idx[d];
+                idx[d] = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_mean_per_channel() {
+        let mut t = Tensor::new(vec![1, 2, 2], vec![1.0, 3.0, 10.0, 30.0]);
+        Proc::ZeroMeanUnitVariance {
+            reduce: Some(vec![0, 2]),
+            eps: 0.0,
+        }
+        .apply(&mut t);
+        assert_eq!(t.data, vec![-1.0, 1.0, -1.0, 1.0]);
+    }
+
+    #[test]
+    fn percentiles_match_numpy() {
+        let mut v: Vec<f32> = (0..11).map(|i| i as f32).collect();
+        assert_eq!(percentile(&mut v, 50.0), 5.0);
+        let mut v = vec![1.0, 2.0, 3.0, 4.0];
+        assert!((percentile(&mut v, 25.0) - 1.75).abs() < 1e-6);
+        let mut v = vec![f32::NAN, 2.0];
+        assert_eq!(percentile(&mut v, 99.0), 2.0);
+    }
+
+    #[test]
+    fn per_axis_linear() {
+        let mut t = Tensor::new(vec![2, 2], vec![1.0, 1.0, 1.0, 1.0]);
+        Proc::ScaleLinear {
+            gain: vec![2.0, 3.0],
+            offset: vec![0.0, 1.0],
+            axis: Some(0),
+        }
+        .apply(&mut t);
+        assert_eq!(t.data, vec![2.0, 2.0, 4.0, 4.0]);
+    }
+}

@@ -1,0 +1,269 @@
+//! Finding and loading ONNX Runtime, and creating sessions on the first execution provider that
+//! works. ORT is loaded at run time (`load-dynamic`) so that one binary runs with the CPU wheel or
+//! the GPU wheel, whichever the site installed; and it can be loaded only once per process, so the
+//! environment is a process-wide singleton.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use ort::ep::ExecutionProvider;
+use ort::session::Session;
+
+use crate::error::ModelError;
+
+/// An execution provider as named in config (`tensorrt`, `cuda`, `cuda:1`, `cpu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    TensorRt { device: i32 },
+    Cuda { device: i32 },
+    Cpu,
+}
+
+impl Provider {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (name, dev) = match s.split_once(':') {
+            Some((n, d)) => (n, Some(d.parse::<i32>().map_err(|_| format!("bad device index in {s:?}"))?)),
+            None => (s, None),
+        };
+        let device = dev.unwrap_or(0);
+        match name {
+            "tensorrt" => Ok(Provider::TensorRt { device }),
+            "cuda" => Ok(Provider::Cuda { device }),
+            "cpu" if dev.is_none() => Ok(Provider::Cpu),
+            _ => Err(format!("unknown execution provider {s:?}; known: tensorrt[:N], cuda[:N], cpu")),
+        }
+    }
+
+    /// The label used in logs and in the `provider` metric label.
+    pub fn label(&self) -> String {
+        match self {
+            Provider::TensorRt { device } => format!("tensorrt:{device}"),
+            Provider::Cuda { device } => format!("cuda:{device}"),
+            Provider::Cpu => "cpu".into(),
+        }
+    }
+}
+
+/// How sessions are created; one per daemon, from the `[inference]` config section.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    pub ort_library: Option<PathBuf>,
+    pub providers: Vec<Provider>,
+    /// Threads inside one operator; 0 lets ORT decide (one per core).
+    pub intra_threads: usize,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            ort_library: None,
+            providers: vec![Provider::Cuda { device: 0 }, Provider::Cpu],
+            intra_threads: 0,
+        }
+    }
+}
+
+/// The loaded ONNX Runtime.
+#[derive(Debug)]
+pub struct Runtime {
+    pub library: PathBuf,
+    env: ort::environment::Environment,
+}
+
+static RUNTIME: OnceLock<Mutex<Option<Arc<Runtime>>>> = OnceLock::new();
+
+fn lib_in(capi: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(capi)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so") || n == "libonnxruntime.dylib" || n == "onnxruntime.dll")
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+fn venv_candidates(root: &Path) -> Vec<PathBuf> {
+    let lib = root.join(".venv/lib");
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&lib) {
+        for e in rd.flatten() {
+            out.push(e.path().join("site-packages/onnxruntime/capi"));
+        }
+    }
+    if out.is_empty() {
+        out.push(lib.join("python3.*/site-packages/onnxruntime/capi"));
+    }
+    out
+}
+
+/// Where ONNX Runtime is looked for, in order: config, `ORT_DYLIB_PATH`, the repo's `.venv`
+/// (next to the working directory, the executable's build tree, or the source tree), then the
+/// active Python's `onnxruntime` package.
+pub fn find_library(configured: Option<&Path>) -> Result<PathBuf, ModelError> {
+    let mut tried = Vec::new();
+    if let Some(p) = configured {
+        if p.is_file() {
+            return Ok(p.to_path_buf());
+        }
+        tried.push(format!("inference.ort_library = {} (not a file)", p.display()));
+        return Err(ModelError::OrtNotFound { tried });
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        tried.push(format!("ORT_DYLIB_PATH = {} (not a file)", p.display()));
+    } else {
+        tried.push("ORT_DYLIB_PATH (not set)".into());
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.push(cwd);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        // target/release/liveomics -> the repo root.
+        if let Some(r) = exe.ancestors().nth(3) {
+            roots.push(r.to_path_buf());
+        }
+    }
+    if let Some(r) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
+        roots.push(r.to_path_buf());
+    }
+    roots.dedup();
+    for root in roots {
+        for capi in venv_candidates(&root) {
+            if let Some(p) = lib_in(&capi) {
+                return Ok(p);
+            }
+            tried.push(format!("{}/libonnxruntime.so*", capi.display()));
+        }
+    }
+    for py in ["python3", "python"] {
+        let out = std::process::Command::new(py)
+            .args(["-c", "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("capi");
+                if let Some(p) = lib_in(&dir) {
+                    return Ok(p);
+                }
+                tried.push(format!("{py}: {}/libonnxruntime.so*", dir.display()));
+            }
+            _ => tried.push(format!("{py} -c 'import onnxruntime' (no such module)")),
+        }
+    }
+    Err(ModelError::OrtNotFound { tried })
+}
+
+/// The process's ONNX Runtime, loading it on first use.
+pub fn runtime(configured: Option<&Path>) -> Result<Arc<Runtime>, ModelError> {
+    let cell = RUNTIME.get_or_init(|| Mutex::new(None));
+    let mut slot = cell.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(rt) = slot.as_ref() {
+        if let Some(want) = configured {
+            if want != rt.library {
+                return Err(ModelError::OrtAlreadyLoaded {
+                    loaded: rt.library.clone(),
+                    requested: want.to_path_buf(),
+                });
+            }
+        }
+        return Ok(Arc::clone(rt));
+    }
+    let library = find_library(configured)?;
+    let load_err = |message: String| ModelError::OrtLoad {
+        path: library.clone(),
+        message,
+    };
+    let env = ort::init_from(&library)
+        .map_err(|e| load_err(e.to_string()))?
+        .with_name("liveomics")
+        .build()
+        .map_err(|e| load_err(e.to_string()))?;
+    tracing::info!(library = %library.display(), "ONNX Runtime loaded");
+    let rt = Arc::new(Runtime { library, env });
+    *slot = Some(Arc::clone(&rt));
+    Ok(rt)
+}
+
+/// A session and the provider it runs on.
+#[derive(Debug)]
+pub struct BuiltSession {
+    pub session: Session,
+    pub provider: Provider,
+    /// Why each provider before it was skipped.
+    pub skipped: Vec<String>,
+}
+
+impl Runtime {
+    /// Creates a session on the first provider of `opts.providers` that registers. A provider
+    /// that is listed but cannot run (no GPU wheel, no device, no driver) is skipped with its
+    /// reason; if none is left, the error lists every reason. ORT itself would fall back to CPU
+    /// silently, so each GPU provider is registered with `error_on_failure`.
+    pub fn session(&self, model: &str, weights: &Path, opts: &RuntimeOptions) -> Result<BuiltSession, ModelError> {
+        let bytes = std::fs::read(weights).map_err(|source| ModelError::Io {
+            path: weights.to_path_buf(),
+            source,
+        })?;
+        let mut skipped = Vec::new();
+        for &p in &opts.providers {
+            match self.try_session(model, &bytes, p, opts) {
+                Ok(session) => {
+                    return Ok(BuiltSession {
+                        session,
+                        provider: p,
+                        skipped,
+                    })
+                }
+                Err(reason) => skipped.push(format!("{}: {reason}", p.label())),
+            }
+        }
+        Err(ModelError::NoProvider {
+            model: model.to_string(),
+            tried: opts.providers.iter().map(Provider::label).collect(),
+            reasons: skipped,
+        })
+    }
+
+    fn try_session(&self, model: &str, bytes: &[u8], p: Provider, opts: &RuntimeOptions) -> Result<Session, String> {
+        let ort_err = |e: ort::Error| e.to_string();
+        let mut b = Session::builder(&self.env).map_err(ort_err)?;
+        if opts.intra_threads > 0 {
+            b = b.with_intra_threads(opts.intra_threads).map_err(|e| e.to_string())?;
+        }
+        let ep = match p {
+            Provider::Cpu => None,
+            Provider::Cuda { device } => {
+                if !ort::ep::CUDA::is_available().unwrap_or(false) {
+                    return Err("this ONNX Runtime has no CUDA provider (install onnxruntime-gpu==1.31.1)".into());
+                }
+                Some(ort::ep::CUDA::default().with_device_id(device).build().error_on_failure())
+            }
+            Provider::TensorRt { device } => {
+                if !ort::ep::TensorRT::is_available().unwrap_or(false) {
+                    return Err("this ONNX Runtime has no TensorRT provider (install onnxruntime-gpu and TensorRT)".into());
+                }
+                Some(ort::ep::TensorRT::default().with_device_id(device).build().error_on_failure())
+            }
+        };
+        if let Some(ep) = ep {
+            b = b.with_execution_providers([ep]).map_err(|e| e.to_string())?;
+        }
+        let session = b.commit_from_memory(bytes).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("Unsupported model IR version") || msg.contains("IR version") {
+                format!("{msg} (ONNX Runtime 1.31 reads IR <= 13; re-export with model.ir_version = 13 or lower)")
+            } else {
+                msg
+            }
+        })?;
+        tracing::debug!(model, provider = %p.label(), "session created");
+        Ok(session)
+    }
+}
