@@ -108,6 +108,10 @@ impl Batcher {
                 message: "per-cell batching needs one input and one output with the batch axis first".into(),
             });
         }
+        let mut opts = opts;
+        if let Some(n) = model.fixed_batch(0) {
+            opts.max_batch = n;
+        }
         let (tx, rx) = bounded::<Request>(1024);
         let m = Arc::clone(&model);
         let handle = std::thread::Builder::new()

@@ -24,6 +24,8 @@ pub struct Model {
     session: Mutex<Session>,
     input_names: Vec<String>,
     output_names: Vec<String>,
+    /// Input dimensions as the ONNX graph declares them (-1 where free).
+    input_dims: Vec<Vec<i64>>,
 }
 
 /// Outcome of running a model's own test tensors.
@@ -98,6 +100,18 @@ impl Model {
             Ok(names)
         };
         let input_names = pair("input", &descr.inputs, session.inputs())?;
+        let input_dims = input_names
+            .iter()
+            .map(|n| {
+                session
+                    .inputs()
+                    .iter()
+                    .find(|o| o.name() == n)
+                    .and_then(|o| o.dtype().tensor_shape())
+                    .map(|s| s.iter().copied().collect())
+                    .unwrap_or_default()
+            })
+            .collect();
         let output_names = pair("output", &descr.outputs, session.outputs())?;
         tracing::info!(model = %descr.name, provider = %built.provider.label(), "model loaded");
         Ok(Self {
@@ -107,7 +121,16 @@ impl Model {
             session: Mutex::new(session),
             input_names,
             output_names,
+            input_dims,
         })
+    }
+
+    /// The batch size the ONNX graph fixes for input `i`, if it fixes one (exports often do,
+    /// even when the description leaves the batch axis free).
+    pub fn fixed_batch(&self, i: usize) -> Option<usize> {
+        let b = self.descr.inputs[i].batch_axis()?;
+        let d = *self.input_dims.get(i)?.get(b)?;
+        (d > 0).then_some(d as usize)
     }
 
     pub fn name(&self) -> &str {

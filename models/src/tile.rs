@@ -119,9 +119,10 @@ impl Model {
         let xs = starts(w, tw, 2 * halo + opts.overlap);
         let tiles: Vec<(usize, usize)> = ys.iter().flat_map(|&y| xs.iter().map(move |&x| (y, x))).collect();
         let batch_axis = din.batch_axis();
-        let per_run = match batch_axis.map(|b| &din.axes[b].size) {
-            Some(AxisSize::Any) => opts.batch.max(1),
-            Some(s) if s.accepts(opts.batch) => opts.batch.max(1),
+        let per_run = match (batch_axis.map(|b| &din.axes[b].size), self.fixed_batch(0)) {
+            (_, Some(n)) => n,
+            (Some(AxisSize::Any), None) => opts.batch.max(1),
+            (Some(s), None) if s.accepts(opts.batch) => opts.batch.max(1),
             _ => 1,
         };
         let mut acc: Option<Tensor> = None;
