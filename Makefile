@@ -36,7 +36,7 @@ fmt:
 lint:
 	cargo clippy --release --locked --workspace --all-targets -- -D warnings
 
-rust-test:
+rust-test: python
 	cargo test --release --locked --workspace
 
 py-test: build python

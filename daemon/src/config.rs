@@ -28,6 +28,7 @@ pub struct Config {
     pub source: SourceConfig,
     pub pipeline: PipelineConfig,
     pub segmentation: SegmentationConfig,
+    pub inference: InferenceConfig,
     pub sinks: SinksConfig,
     pub telemetry: TelemetryConfig,
 }
@@ -40,6 +41,7 @@ impl Default for Config {
             source: SourceConfig::default(),
             pipeline: PipelineConfig::default(),
             segmentation: SegmentationConfig::default(),
+            inference: InferenceConfig::default(),
             sinks: SinksConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
@@ -236,6 +238,61 @@ pub enum LogFormat {
     Json,
 }
 
+/// ONNX models and how they run (the `inference` stage).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Path to libonnxruntime; empty searches ORT_DYLIB_PATH, the repo's .venv, then Python.
+    pub ort_library: PathBuf,
+    /// Execution providers in order of preference: `tensorrt[:N]`, `cuda[:N]`, `cpu`. The first
+    /// that registers runs the model; which one is logged and exported as a metric label.
+    pub providers: Vec<String>,
+    /// Threads inside one ONNX operator; 0 lets ONNX Runtime use one per core.
+    pub intra_threads: usize,
+    /// Most cell crops per `session.run` for per-cell models.
+    pub max_batch: usize,
+    /// Longest a per-cell batch waits for more fields (never past the earliest field's deadline).
+    pub max_queue_delay_ms: u64,
+    /// Tile side for whole-field models (rounded to a size the model accepts).
+    pub tile_px: usize,
+    /// Blend width between tiles, beyond the model's halo.
+    pub tile_overlap_px: usize,
+    pub models: Vec<ModelConfig>,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            ort_library: PathBuf::new(),
+            providers: vec!["cuda".into(), "cpu".into()],
+            intra_threads: 0,
+            max_batch: 64,
+            max_queue_delay_ms: 5,
+            tile_px: 512,
+            tile_overlap_px: 16,
+            models: Vec::new(),
+        }
+    }
+}
+
+/// One model the inference stage runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Short name (`^[A-Za-z0-9_-]+$`): metric label and prefix of the model's output columns.
+    pub name: String,
+    /// The model's folder or its bioimageio.yaml.
+    pub path: PathBuf,
+    /// `segmentation`, `virtual-stain`, `cell-omics` or `well-omics`; overrides the
+    /// description's `config.liveomics.role` (third-party models have none).
+    #[serde(default)]
+    pub role: String,
+    /// Acquisition channels feeding the model's input channels, in order; overrides the
+    /// description's `config.liveomics.channels`.
+    #[serde(default)]
+    pub channels: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
@@ -391,6 +448,7 @@ impl Config {
         if p.assembly_timeout_ms == 0 {
             out.push(Invalid::new("pipeline.assembly_timeout_ms", "must be > 0"));
         }
+        out.extend(self.inference.validate_values());
         let s = &self.segmentation;
         if !(s.nucleus_diameter_um.is_finite() && s.nucleus_diameter_um > 0.0) {
             out.push(Invalid::new(
@@ -543,6 +601,78 @@ fn remove_path(value: &mut toml::Value, path: &[String]) -> bool {
         },
         (toml::Value::Table(t), None) => t.remove(last).is_some(),
         _ => false,
+    }
+}
+
+impl InferenceConfig {
+    /// Checks of values alone; model files are checked when the stage is built against the plan.
+    pub fn validate_values(&self) -> Vec<Invalid> {
+        let mut out = Vec::new();
+        if self.providers.is_empty() {
+            out.push(Invalid::new(
+                "inference.providers",
+                "list at least one provider (e.g. [\"cpu\"])",
+            ));
+        }
+        for (i, p) in self.providers.iter().enumerate() {
+            if let Err(e) = liveomics_models::Provider::parse(p) {
+                out.push(Invalid::new(&format!("inference.providers[{i}]"), e));
+            }
+        }
+        if self.max_batch == 0 || self.max_batch > 4096 {
+            out.push(Invalid::new(
+                "inference.max_batch",
+                format!("must be 1..=4096, got {}", self.max_batch),
+            ));
+        }
+        if self.tile_px < 16 {
+            out.push(Invalid::new(
+                "inference.tile_px",
+                format!("must be >= 16, got {}", self.tile_px),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = format!("inference.models[{i}]");
+            let ok = !m.name.is_empty()
+                && m.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !ok {
+                out.push(Invalid::new(
+                    &format!("{key}.name"),
+                    format!("{:?} must match ^[A-Za-z0-9_-]+$", m.name),
+                ));
+            }
+            if !names.insert(m.name.as_str()) {
+                out.push(Invalid::new(
+                    &format!("{key}.name"),
+                    format!("{:?} is used twice", m.name),
+                ));
+            }
+            if !m.role.is_empty() && crate::inference::parse_role(&m.role).is_none() {
+                out.push(Invalid::new(
+                    &format!("{key}.role"),
+                    format!(
+                        "unknown role {:?}; known: segmentation, virtual-stain, cell-omics, well-omics",
+                        m.role
+                    ),
+                ));
+            }
+        }
+        out
+    }
+
+    pub fn runtime_options(&self) -> liveomics_models::RuntimeOptions {
+        liveomics_models::RuntimeOptions {
+            ort_library: (!self.ort_library.as_os_str().is_empty()).then(|| self.ort_library.clone()),
+            providers: self
+                .providers
+                .iter()
+                .filter_map(|p| liveomics_models::Provider::parse(p).ok())
+                .collect(),
+            intra_threads: self.intra_threads,
+        }
     }
 }
 

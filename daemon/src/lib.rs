@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod inference;
 pub mod pipeline;
 pub mod registry;
 pub mod replay;

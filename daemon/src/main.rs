@@ -81,6 +81,11 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Check and run ONNX models described by bioimage.io descriptions.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
     /// Print the embedded default configuration.
     PrintConfig,
     /// Benchmark helper: write uint16 TIFF frames through the zarr write path and print JSON
@@ -99,6 +104,69 @@ enum Command {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct RuntimeArgs {
+    /// Execution providers in order of preference, comma-separated: tensorrt[:N], cuda[:N], cpu.
+    #[arg(long, value_delimiter = ',', default_value = "cuda,cpu")]
+    providers: Vec<String>,
+    /// libonnxruntime to load (default: ORT_DYLIB_PATH, the repo's .venv, then Python's onnxruntime).
+    #[arg(long)]
+    ort_library: Option<PathBuf>,
+    /// Threads inside one ONNX operator (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    intra_threads: usize,
+}
+
+impl RuntimeArgs {
+    fn options(&self) -> anyhow::Result<liveomics_models::RuntimeOptions> {
+        Ok(liveomics_models::RuntimeOptions {
+            ort_library: self.ort_library.clone(),
+            providers: self
+                .providers
+                .iter()
+                .map(|p| liveomics_models::Provider::parse(p).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()?,
+            intra_threads: self.intra_threads,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// Load each model (folder or bioimageio.yaml), run its test tensors through
+    /// preprocessing, inference and postprocessing, and compare with its expected outputs.
+    /// Prints pass/fail, max abs error, the execution provider used and the latency; exit 1 on
+    /// any failure.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Largest accepted absolute error.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f32,
+        /// Timed runs after the check (the median is printed).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
+    /// Run a model on a .npy input and write the output as .npy (float32).
+    Predict {
+        path: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// Bare session.run: no pre- or postprocessing.
+        #[arg(long, conflicts_with = "tiled")]
+        raw: bool,
+        /// Run by tiles of this side (whole-field models).
+        #[arg(long)]
+        tiled: Option<usize>,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
+}
+
 const EXIT_CONFIG: u8 = 2;
 const EXIT_PARTIAL: u8 = 3;
 
@@ -112,6 +180,7 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Models { command } => models(command),
         Command::PrintConfig => {
             print!("{DEFAULT_TOML}");
             ExitCode::SUCCESS
@@ -181,6 +250,86 @@ fn main() -> ExitCode {
             Ok(cfg) => execute(cfg, overwrite, false),
             Err(code) => code,
         },
+    }
+}
+
+fn models(cmd: ModelsCommand) -> ExitCode {
+    use liveomics_models::{npy, Model, TileOptions};
+    telemetry::init_logging(&liveomics::config::TelemetryConfig {
+        log_level: "warn".into(),
+        ..Default::default()
+    });
+    match cmd {
+        ModelsCommand::Check {
+            paths,
+            tolerance,
+            runs,
+            runtime,
+        } => {
+            let opts = match runtime.options() {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let mut failed = 0;
+            for p in &paths {
+                let result = Model::load(p, &opts).and_then(|m| Ok((m.check(runs)?, m.descr.name.clone())));
+                match result {
+                    Ok((r, name)) => {
+                        let worst = r.max_abs_error.iter().map(|(_, e)| *e).fold(0.0f32, f32::max);
+                        let pass = worst <= tolerance;
+                        failed += usize::from(!pass);
+                        println!("{}  {name} ({})", if pass { "PASS" } else { "FAIL" }, p.display());
+                        let errs: Vec<String> = r.max_abs_error.iter().map(|(id, e)| format!("{id} {e:.3e}")).collect();
+                        println!(
+                            "      provider {}  latency {:.1} ms (median of {})  max abs error {} (tolerance {tolerance:e})",
+                            r.provider.label(),
+                            r.latency.as_secs_f64() * 1e3,
+                            runs.max(1),
+                            errs.join(", ")
+                        );
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        println!("FAIL  {}\n      {}", p.display(), telemetry::error_chain(&e));
+                    }
+                }
+            }
+            if failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        ModelsCommand::Predict {
+            path,
+            input,
+            output,
+            raw,
+            tiled,
+            runtime,
+        } => report((|| -> anyhow::Result<()> {
+            let m = Model::load(&path, &runtime.options()?)?;
+            let x = npy::read(&input)?;
+            let y = if raw {
+                m.infer(&[&x])?.remove(0)
+            } else if let Some(tile) = tiled {
+                m.run_tiled(
+                    x,
+                    &TileOptions {
+                        tile,
+                        ..TileOptions::default()
+                    },
+                )?
+            } else {
+                m.run(vec![x])?.remove(0)
+            };
+            npy::write(&output, &y)?;
+            eprintln!("{}: {:?} on {}", m.descr.name, y.shape, m.provider.label());
+            Ok(())
+        })()),
     }
 }
 

@@ -184,7 +184,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
             })?;
             stages.push((k.build)(cfg, &plan).map_err(|e| RunError::Stage {
                 name: name.clone(),
-                message: e.to_string(),
+                message: e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
             })?);
         }
         worker_stages.push(stages);

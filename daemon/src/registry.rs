@@ -11,12 +11,13 @@ use liveomics_adapters::source::{Source, SourceError};
 use liveomics_adapters::Invalid;
 
 use crate::config::Config;
+use crate::inference::InferenceStage;
 use crate::replay::ZarrReplay;
 use crate::sink::{zarr::ZarrSink, zenoh::ZenohSink, Sink, SinkError};
 use crate::stage::{MeasureStage, SegmentStage, Stage};
 use crate::zenoh_source::ZenohSource;
 
-pub type BuildStage = fn(&Config, &AcquisitionPlan) -> Result<Box<dyn Stage>, Invalid>;
+pub type BuildStage = fn(&Config, &AcquisitionPlan) -> Result<Box<dyn Stage>, Vec<Invalid>>;
 pub type OpenSink = fn(&Config, Arc<AcquisitionPlan>, &SinkOptions) -> Result<Box<dyn Sink>, SinkError>;
 
 /// How to build a source of one kind.
@@ -26,7 +27,7 @@ pub struct SourceKind {
     pub build: fn(&Config) -> Result<Box<dyn Source>, SourceError>,
 }
 
-/// How to build a stage; `Err` names the config key that makes it impossible.
+/// How to build a stage; `Err` names every config key that makes it impossible.
 #[derive(Debug)]
 pub struct StageKind {
     pub name: &'static str,
@@ -71,13 +72,18 @@ pub const SOURCES: &[SourceKind] = &[
 pub const STAGES: &[StageKind] = &[
     StageKind {
         name: "segment",
-        build: |cfg, plan| Ok(Box::new(SegmentStage::new(cfg, plan)?)),
+        build: |cfg, plan| Ok(Box::new(SegmentStage::new(cfg, plan).map_err(|e| vec![e])?)),
         after: &[],
     },
     StageKind {
         name: "measure",
         build: |_, _| Ok(Box::new(MeasureStage)),
         after: &["segment"],
+    },
+    StageKind {
+        name: "inference",
+        build: |cfg, plan| Ok(Box::new(InferenceStage::new(cfg, plan)?)),
+        after: &[],
     },
 ];
 
@@ -168,7 +174,7 @@ pub fn validate(cfg: &Config) -> Vec<Invalid> {
                 seen.push(k.name);
                 if let Some(src) = &source {
                     if let Err(e) = (k.build)(cfg, src.plan()) {
-                        out.push(e);
+                        out.extend(e);
                     }
                 }
             }

@@ -40,6 +40,12 @@ pub struct FieldWork {
     pub nuclei: Option<Vec<u32>>,
     pub cells: Option<Vec<u32>>,
     pub records: Vec<CellRecord>,
+    /// Per-cell model outputs, one `(column, values)` per model output, aligned with `records`.
+    pub cell_predictions: Vec<(String, Vec<f32>)>,
+    /// Whole-field model outputs.
+    pub images: Vec<crate::inference::ModelImage>,
+    /// Models that failed on this field: their predictions are missing, not zero.
+    pub failed_models: Vec<String>,
     /// `plate/well/fN/tN`, for logs.
     pub name: String,
 }
@@ -54,6 +60,9 @@ impl FieldWork {
             nuclei: None,
             cells: None,
             records: Vec::new(),
+            cell_predictions: Vec::new(),
+            images: Vec::new(),
+            failed_models: Vec::new(),
             name,
         }
     }
@@ -67,6 +76,8 @@ pub enum StageError {
     MissingChannel(String),
     #[error(transparent)]
     Kernel(#[from] liveomics_kernels::KernelError),
+    #[error(transparent)]
+    Model(Box<liveomics_models::ModelError>),
 }
 
 /// One processing step.

@@ -26,6 +26,10 @@ pub const DEADLINE_MISSES: &str = "liveomics_deadline_misses_total";
 pub const QUEUE_DEPTH: &str = "liveomics_queue_depth";
 pub const SOURCE_BLOCKED_US: &str = "liveomics_source_blocked_microseconds_total";
 pub const ERRORS: &str = "liveomics_errors_total";
+pub const MODEL_SECONDS: &str = "liveomics_model_seconds";
+pub const MODEL_FAILURES: &str = "liveomics_model_failures_total";
+pub const MODEL_BATCH_SIZE: &str = "liveomics_model_batch_size";
+pub const MODEL_INFO: &str = "liveomics_model_info";
 
 /// Installs the log subscriber. `RUST_LOG` wins over the config so an operator can raise detail
 /// without editing the file.
@@ -176,6 +180,112 @@ fn describe() {
         "Time the source waited on a full frame queue (backpressure)"
     );
     describe_counter!(ERRORS, "Errors by kind; the daemon continued");
+    describe_histogram!(
+        MODEL_SECONDS,
+        Unit::Seconds,
+        "Time per field in each model (pre, inference, post), by model and execution provider"
+    );
+    describe_counter!(
+        MODEL_FAILURES,
+        "Fields a model failed on, by model; raw data and segmentation were still written"
+    );
+    describe_histogram!(
+        MODEL_BATCH_SIZE,
+        "Cell crops per session.run of per-cell models (before padding), by model"
+    );
+    describe_gauge!(
+        MODEL_INFO,
+        "1 per loaded model, labelled with its role and the execution provider it runs on"
+    );
+}
+
+/// A model's session was created.
+#[derive(Debug)]
+pub struct ModelLoaded<'a> {
+    pub model: &'a str,
+    pub role: &'a str,
+    pub provider: &'a str,
+    pub skipped: &'a [String],
+}
+
+impl ModelLoaded<'_> {
+    pub fn emit(&self) {
+        info!(
+            model = self.model,
+            role = self.role,
+            provider = self.provider,
+            skipped = ?self.skipped,
+            "model ready"
+        );
+        gauge!(MODEL_INFO, "model" => self.model.to_string(), "role" => self.role.to_string(), "provider" => self.provider.to_string()).set(1.0);
+    }
+}
+
+/// A model ran on one field.
+#[derive(Debug)]
+pub struct ModelRan<'a> {
+    pub model: &'a str,
+    pub provider: &'a str,
+    pub field: &'a str,
+    pub items: usize,
+    pub elapsed: Duration,
+}
+
+impl ModelRan<'_> {
+    pub fn emit(&self) {
+        debug!(
+            model = self.model,
+            provider = self.provider,
+            field = self.field,
+            items = self.items,
+            ms = self.elapsed.as_secs_f64() * 1e3,
+            "model ran"
+        );
+        histogram!(MODEL_SECONDS, "model" => self.model.to_string(), "provider" => self.provider.to_string())
+            .record(self.elapsed.as_secs_f64());
+    }
+}
+
+/// A model failed on a field; the field goes on without its predictions.
+#[derive(Debug)]
+pub struct ModelFailed<'a> {
+    pub model: &'a str,
+    pub field: &'a str,
+    pub error: &'a (dyn std::error::Error + 'static),
+}
+
+impl ModelFailed<'_> {
+    pub fn emit(&self) {
+        error!(
+            model = self.model,
+            field = self.field,
+            "model failed: {}",
+            error_chain(self.error)
+        );
+        counter!(MODEL_FAILURES, "model" => self.model.to_string()).increment(1);
+    }
+}
+
+/// A per-cell batch ran.
+#[derive(Debug)]
+pub struct BatchRan<'a> {
+    pub model: &'a str,
+    pub samples: usize,
+    pub padded_to: usize,
+    pub requests: usize,
+}
+
+impl BatchRan<'_> {
+    pub fn emit(&self) {
+        debug!(
+            model = self.model,
+            samples = self.samples,
+            padded_to = self.padded_to,
+            fields = self.requests,
+            "batch ran"
+        );
+        histogram!(MODEL_BATCH_SIZE, "model" => self.model.to_string()).record(self.samples as f64);
+    }
 }
 
 /// A frame arrived from the source.

@@ -692,3 +692,70 @@ mod tests {
         assert!(normalize_u16(&v, 100, 10, 50.0, 10.0).is_err());
     }
 }
+
+/// Gathers `centers.len()` crops of `size`x`size` pixels centred on each `(x, y)` from every
+/// channel into one contiguous N x C x S x S f32 batch, zero outside the image: the input layout
+/// of per-cell models, built in one pass so the batch can go to the model without a copy.
+pub fn crop_gather_u16(
+    channels: &[&[u16]],
+    width: usize,
+    height: usize,
+    centers: &[(f32, f32)],
+    size: usize,
+) -> Result<Vec<f32>, KernelError> {
+    for c in channels {
+        check_len("crop_gather channel", c, width, height)?;
+    }
+    if size == 0 {
+        return Err(KernelError::Parameter {
+            name: "size",
+            reason: "crop size must be > 0".into(),
+        });
+    }
+    let per_crop = channels.len() * size * size;
+    let mut out = vec![0f32; centers.len() * per_crop];
+    if per_crop == 0 {
+        return Ok(out);
+    }
+    out.par_chunks_mut(per_crop)
+        .zip(centers.par_iter())
+        .for_each(|(crop, &(cx, cy))| {
+            // Top-left so that the centre pixel sits at size/2 (the same convention for odd and even sizes).
+            let x0 = cx.round() as isize - (size / 2) as isize;
+            let y0 = cy.round() as isize - (size / 2) as isize;
+            for (c, src) in channels.iter().enumerate() {
+                let plane = &mut crop[c * size * size..(c + 1) * size * size];
+                for dy in 0..size {
+                    let y = y0 + dy as isize;
+                    if y < 0 || y >= height as isize {
+                        continue;
+                    }
+                    let row = &src[y as usize * width..(y as usize + 1) * width];
+                    for dx in 0..size {
+                        let x = x0 + dx as isize;
+                        if x >= 0 && x < width as isize {
+                            plane[dy * size + dx] = row[x as usize] as f32;
+                        }
+                    }
+                }
+            }
+        });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod crop_tests {
+    use super::*;
+
+    #[test]
+    fn crops_are_centred_and_zero_padded() {
+        let (w, h) = (5, 4);
+        let a: Vec<u16> = (0..20).collect();
+        let b: Vec<u16> = (100..120).collect();
+        let out = crop_gather_u16(&[&a, &b], w, h, &[(2.0, 2.0), (0.0, 0.0)], 3).unwrap();
+        assert_eq!(out.len(), 2 * 2 * 9);
+        assert_eq!(&out[..9], &[6.0, 7.0, 8.0, 11.0, 12.0, 13.0, 16.0, 17.0, 18.0]);
+        assert_eq!(&out[9..12], &[106.0, 107.0, 108.0]);
+        assert_eq!(&out[18..27], &[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 5.0, 6.0]);
+    }
+}

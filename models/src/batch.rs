@@ -100,7 +100,11 @@ impl Drop for JoinOnDrop {
 
 impl Batcher {
     /// `on_batch` is called after every batch (metrics).
-    pub fn new(model: Arc<Model>, opts: BatchOptions, on_batch: impl Fn(&BatchStats) + Send + 'static) -> Result<Self, ModelError> {
+    pub fn new(
+        model: Arc<Model>,
+        opts: BatchOptions,
+        on_batch: impl Fn(&BatchStats) + Send + 'static,
+    ) -> Result<Self, ModelError> {
         let d = &model.descr.inputs[0];
         if model.descr.inputs.len() != 1 || model.descr.outputs.len() != 1 || d.batch_axis() != Some(0) {
             return Err(ModelError::Shape {
@@ -135,7 +139,11 @@ impl Batcher {
     /// Queues `samples` (shape `[n, ...]` as the model's input) and returns where the `[n, ...]`
     /// output will arrive. Preprocessing runs here, on the caller's thread, so the batching
     /// thread only runs the model.
-    pub fn submit(&self, mut samples: Tensor, deadline: Instant) -> Result<Receiver<Result<Tensor, ModelError>>, ModelError> {
+    pub fn submit(
+        &self,
+        mut samples: Tensor,
+        deadline: Instant,
+    ) -> Result<Receiver<Result<Tensor, ModelError>>, ModelError> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = samples.shape.first().copied().unwrap_or(0);
         let mut check = samples.clone();
@@ -166,9 +174,11 @@ impl Batcher {
             shape.insert(0, 0);
             return Ok(Tensor::new(shape, Vec::new()));
         }
-        self.submit(samples, deadline)?.recv().map_err(|_| ModelError::BatcherGone {
-            model: self.model.name().to_string(),
-        })?
+        self.submit(samples, deadline)?
+            .recv()
+            .map_err(|_| ModelError::BatcherGone {
+                model: self.model.name().to_string(),
+            })?
     }
 
     fn output_sample_shape(&self) -> Vec<usize> {

@@ -55,9 +55,16 @@ pub enum AxisSize {
     Any,
     Fixed(usize),
     /// `min + n * step` for any n >= 0.
-    Parameterized { min: usize, step: usize },
+    Parameterized {
+        min: usize,
+        step: usize,
+    },
     /// Same as another tensor's axis, plus an offset.
-    Reference { tensor: String, axis: String, offset: i64 },
+    Reference {
+        tensor: String,
+        axis: String,
+        offset: i64,
+    },
 }
 
 impl AxisSize {
@@ -81,7 +88,9 @@ impl AxisSize {
         match *self {
             AxisSize::Any => true,
             AxisSize::Fixed(m) => n == m,
-            AxisSize::Parameterized { min, step } => n >= min && (step == 0 && n == min || step > 0 && (n - min) % step == 0),
+            AxisSize::Parameterized { min, step } => {
+                n >= min && (step == 0 && n == min || step > 0 && (n - min).is_multiple_of(step))
+            }
             AxisSize::Reference { .. } => true,
         }
     }
@@ -111,7 +120,9 @@ impl TensorDescr {
 
     /// Indices of the space axes, in order (usually y then x).
     pub fn space_axes(&self) -> Vec<usize> {
-        (0..self.axes.len()).filter(|&i| self.axes[i].kind == AxisKind::Space).collect()
+        (0..self.axes.len())
+            .filter(|&i| self.axes[i].kind == AxisKind::Space)
+            .collect()
     }
 
     pub fn batch_axis(&self) -> Option<usize> {
@@ -223,7 +234,10 @@ impl Description {
         };
         let raw: RawDescription = serde_yaml_ng::from_str(&text).map_err(|e| err("(document)", e.to_string()))?;
         if raw.kind != "model" {
-            return Err(err("type", format!("is {:?}; only \"model\" descriptions run", raw.kind)));
+            return Err(err(
+                "type",
+                format!("is {:?}; only \"model\" descriptions run", raw.kind),
+            ));
         }
         if !raw.format_version.starts_with("0.5") {
             return Err(err(
@@ -236,7 +250,9 @@ impl Description {
         }
         let root = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let onnx = match raw.weights.get("onnx") {
-            Some(v) => serde_yaml_ng::from_value::<OnnxWeights>(v.clone()).map_err(|e| err("weights.onnx", e.to_string()))?,
+            Some(v) => {
+                serde_yaml_ng::from_value::<OnnxWeights>(v.clone()).map_err(|e| err("weights.onnx", e.to_string()))?
+            }
             None => {
                 let have: Vec<&str> = raw.weights.keys().map(String::as_str).collect();
                 return Err(err(

@@ -26,7 +26,11 @@ pub enum ModelError {
     /// A description field that is malformed, missing, or names a feature liveomics does not
     /// implement; `key` is the path inside the description (`inputs[0].axes[2].size`).
     #[error("{model}: {key}: {message}")]
-    Description { model: String, key: String, message: String },
+    Description {
+        model: String,
+        key: String,
+        message: String,
+    },
     #[error("{model}: {} has sha256 {actual}, the description says {expected}", path.display())]
     Checksum {
         model: String,
@@ -40,7 +44,11 @@ pub enum ModelError {
     #[error("{model}: {message}")]
     Shape { model: String, message: String },
     #[error("{model}: output {output:?} has {count} non-finite values (NaN or infinite)")]
-    NonFinite { model: String, output: String, count: usize },
+    NonFinite {
+        model: String,
+        output: String,
+        count: usize,
+    },
     #[error("{model}: none of the execution providers {tried:?} could be registered:\n  {}", reasons.join("\n  "))]
     NoProvider {
         model: String,

@@ -54,51 +54,52 @@ impl Model {
             model: descr.name.clone(),
             message,
         };
-        let pair = |what: &str, descrs: &[TensorDescr], outlets: &[ort::value::Outlet]| -> Result<Vec<String>, ModelError> {
-            if descrs.len() != outlets.len() {
-                return Err(shape_err(format!(
-                    "the description has {} {what}s, the ONNX graph has {}",
-                    descrs.len(),
-                    outlets.len()
-                )));
-            }
-            let mut names = Vec::new();
-            for (i, d) in descrs.iter().enumerate() {
-                // Match by name when the export kept the ids, else by position.
-                let o = outlets.iter().find(|o| o.name() == d.id).unwrap_or(&outlets[i]);
-                if let Some(ty) = o.dtype().tensor_type() {
-                    if ty != ort::value::TensorElementType::Float32 {
-                        return Err(shape_err(format!(
-                            "{what} {:?} is {ty:?} in the ONNX graph; liveomics feeds and reads float32",
-                            o.name()
-                        )));
-                    }
+        let pair =
+            |what: &str, descrs: &[TensorDescr], outlets: &[ort::value::Outlet]| -> Result<Vec<String>, ModelError> {
+                if descrs.len() != outlets.len() {
+                    return Err(shape_err(format!(
+                        "the description has {} {what}s, the ONNX graph has {}",
+                        descrs.len(),
+                        outlets.len()
+                    )));
                 }
-                if let Some(shape) = o.dtype().tensor_shape() {
-                    if shape.len() != d.axes.len() {
-                        return Err(shape_err(format!(
-                            "{what} {:?} has {} axes in the description ({}) but rank {} in the ONNX graph",
-                            d.id,
-                            d.axes.len(),
-                            d.axes.iter().map(|a| a.id.as_str()).collect::<Vec<_>>().join(","),
-                            shape.len()
-                        )));
+                let mut names = Vec::new();
+                for (i, d) in descrs.iter().enumerate() {
+                    // Match by name when the export kept the ids, else by position.
+                    let o = outlets.iter().find(|o| o.name() == d.id).unwrap_or(&outlets[i]);
+                    if let Some(ty) = o.dtype().tensor_type() {
+                        if ty != ort::value::TensorElementType::Float32 {
+                            return Err(shape_err(format!(
+                                "{what} {:?} is {ty:?} in the ONNX graph; liveomics feeds and reads float32",
+                                o.name()
+                            )));
+                        }
                     }
-                    for (a, &dim) in d.axes.iter().zip(shape.iter()) {
-                        if let AxisSize::Fixed(n) = a.size {
-                            if dim > 0 && dim as usize != n {
-                                return Err(shape_err(format!(
-                                    "{what} {:?} axis {:?} is {n} in the description but {dim} in the ONNX graph",
-                                    d.id, a.id
-                                )));
+                    if let Some(shape) = o.dtype().tensor_shape() {
+                        if shape.len() != d.axes.len() {
+                            return Err(shape_err(format!(
+                                "{what} {:?} has {} axes in the description ({}) but rank {} in the ONNX graph",
+                                d.id,
+                                d.axes.len(),
+                                d.axes.iter().map(|a| a.id.as_str()).collect::<Vec<_>>().join(","),
+                                shape.len()
+                            )));
+                        }
+                        for (a, &dim) in d.axes.iter().zip(shape.iter()) {
+                            if let AxisSize::Fixed(n) = a.size {
+                                if dim > 0 && dim as usize != n {
+                                    return Err(shape_err(format!(
+                                        "{what} {:?} axis {:?} is {n} in the description but {dim} in the ONNX graph",
+                                        d.id, a.id
+                                    )));
+                                }
                             }
                         }
                     }
+                    names.push(o.name().to_string());
                 }
-                names.push(o.name().to_string());
-            }
-            Ok(names)
-        };
+                Ok(names)
+            };
         let input_names = pair("input", &descr.inputs, session.inputs())?;
         let input_dims = input_names
             .iter()
@@ -214,7 +215,11 @@ impl Model {
         if inputs.len() != self.descr.inputs.len() {
             return Err(ModelError::Shape {
                 model: self.descr.name.clone(),
-                message: format!("{} inputs given, the model takes {}", inputs.len(), self.descr.inputs.len()),
+                message: format!(
+                    "{} inputs given, the model takes {}",
+                    inputs.len(),
+                    self.descr.inputs.len()
+                ),
             });
         }
         for (i, t) in inputs.iter_mut().enumerate() {
@@ -253,7 +258,10 @@ impl Model {
         for ((d, e), g) in self.descr.outputs.iter().zip(&expected).zip(&got) {
             let err = g.max_abs_diff(e).ok_or_else(|| ModelError::Shape {
                 model: self.descr.name.clone(),
-                message: format!("output {:?} has shape {:?}, the test tensor {:?}", d.id, g.shape, e.shape),
+                message: format!(
+                    "output {:?} has shape {:?}, the test tensor {:?}",
+                    d.id, g.shape, e.shape
+                ),
             })?;
             max_abs_error.push((d.id.clone(), err));
         }

@@ -146,7 +146,8 @@ fn axis_position(axes: &[Axis], id: &str) -> Result<usize, String> {
 }
 
 fn positions(axes: &[Axis], ids: Option<Vec<String>>) -> Result<Option<Vec<usize>>, String> {
-    ids.map(|ids| ids.iter().map(|id| axis_position(axes, id)).collect()).transpose()
+    ids.map(|ids| ids.iter().map(|id| axis_position(axes, id)).collect())
+        .transpose()
 }
 
 impl Proc {
@@ -159,13 +160,14 @@ impl Proc {
             };
             serde_yaml_ng::from_value(v).map_err(|e| format!("kwargs of {}: {e}", raw.id))
         }
-        let per_axis = |values: Vec<f32>, axis: Option<String>, what: &str| -> Result<(Vec<f32>, Option<usize>), String> {
-            let axis = axis.map(|a| axis_position(axes, &a)).transpose()?;
-            if values.len() != 1 && axis.is_none() {
-                return Err(format!("{what} has {} values but no axis", values.len()));
-            }
-            Ok((values, axis))
-        };
+        let per_axis =
+            |values: Vec<f32>, axis: Option<String>, what: &str| -> Result<(Vec<f32>, Option<usize>), String> {
+                let axis = axis.map(|a| axis_position(axes, &a)).transpose()?;
+                if values.len() != 1 && axis.is_none() {
+                    return Err(format!("{what} has {} values but no axis", values.len()));
+                }
+                Ok((values, axis))
+            };
         Ok(match raw.id.as_str() {
             "zero_mean_unit_variance" => {
                 let a: ZmuvArgs = args(raw)?;
@@ -195,7 +197,10 @@ impl Proc {
                         "scale_range with reference_tensor {r:?} is not supported (statistics of another tensor)"
                     ));
                 }
-                if !(0.0..100.0).contains(&a.min_percentile) || !(a.max_percentile > a.min_percentile && a.max_percentile <= 100.0) {
+                let ordered = (0.0..100.0).contains(&a.min_percentile)
+                    && a.max_percentile > a.min_percentile
+                    && a.max_percentile <= 100.0;
+                if !ordered {
                     return Err(format!(
                         "percentiles must satisfy 0 <= min < max <= 100, got {} and {}",
                         a.min_percentile, a.max_percentile

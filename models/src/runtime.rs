@@ -22,7 +22,10 @@ pub enum Provider {
 impl Provider {
     pub fn parse(s: &str) -> Result<Self, String> {
         let (name, dev) = match s.split_once(':') {
-            Some((n, d)) => (n, Some(d.parse::<i32>().map_err(|_| format!("bad device index in {s:?}"))?)),
+            Some((n, d)) => (
+                n,
+                Some(d.parse::<i32>().map_err(|_| format!("bad device index in {s:?}"))?),
+            ),
             None => (s, None),
         };
         let device = dev.unwrap_or(0);
@@ -30,7 +33,9 @@ impl Provider {
             "tensorrt" => Ok(Provider::TensorRt { device }),
             "cuda" => Ok(Provider::Cuda { device }),
             "cpu" if dev.is_none() => Ok(Provider::Cpu),
-            _ => Err(format!("unknown execution provider {s:?}; known: tensorrt[:N], cuda[:N], cpu")),
+            _ => Err(format!(
+                "unknown execution provider {s:?}; known: tensorrt[:N], cuda[:N], cpu"
+            )),
         }
     }
 
@@ -77,9 +82,9 @@ fn lib_in(capi: &Path) -> Option<PathBuf> {
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libonnxruntime.so") || n == "libonnxruntime.dylib" || n == "onnxruntime.dll")
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libonnxruntime.so") || n == "libonnxruntime.dylib" || n == "onnxruntime.dll"
+            })
         })
         .collect();
     found.sort();
@@ -145,7 +150,10 @@ pub fn find_library(configured: Option<&Path>) -> Result<PathBuf, ModelError> {
     }
     for py in ["python3", "python"] {
         let out = std::process::Command::new(py)
-            .args(["-c", "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))"])
+            .args([
+                "-c",
+                "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+            ])
             .output();
         match out {
             Ok(o) if o.status.success() => {
@@ -243,13 +251,25 @@ impl Runtime {
                 if !ort::ep::CUDA::is_available().unwrap_or(false) {
                     return Err("this ONNX Runtime has no CUDA provider (install onnxruntime-gpu==1.31.1)".into());
                 }
-                Some(ort::ep::CUDA::default().with_device_id(device).build().error_on_failure())
+                Some(
+                    ort::ep::CUDA::default()
+                        .with_device_id(device)
+                        .build()
+                        .error_on_failure(),
+                )
             }
             Provider::TensorRt { device } => {
                 if !ort::ep::TensorRT::is_available().unwrap_or(false) {
-                    return Err("this ONNX Runtime has no TensorRT provider (install onnxruntime-gpu and TensorRT)".into());
+                    return Err(
+                        "this ONNX Runtime has no TensorRT provider (install onnxruntime-gpu and TensorRT)".into(),
+                    );
                 }
-                Some(ort::ep::TensorRT::default().with_device_id(device).build().error_on_failure())
+                Some(
+                    ort::ep::TensorRT::default()
+                        .with_device_id(device)
+                        .build()
+                        .error_on_failure(),
+                )
             }
         };
         if let Some(ep) = ep {

@@ -37,7 +37,9 @@ fn starts(len: usize, t: usize, min_overlap: usize) -> Vec<usize> {
     }
     let stride = t.saturating_sub(min_overlap).max(1);
     let n = (len - t).div_ceil(stride) + 1;
-    (0..n).map(|k| ((k * (len - t)) as f64 / (n - 1) as f64).round() as usize).collect()
+    (0..n)
+        .map(|k| ((k * (len - t)) as f64 / (n - 1) as f64).round() as usize)
+        .collect()
 }
 
 /// Weight of position `i` of a tile starting at `s`, length `t`, in a field of length `len`.
@@ -83,17 +85,25 @@ impl Model {
                 && axes[..axes.len() - 2].iter().all(|a| a.kind != AxisKind::Space)
         };
         if !space_last(&din.axes) || !space_last(&dout.axes) {
-            return Err(shape_err("tiling needs the last two axes of input and output to be y, x".into()));
+            return Err(shape_err(
+                "tiling needs the last two axes of input and output to be y, x".into(),
+            ));
         }
         for a in &dout.axes[dout.axes.len() - 2..] {
             if let AxisSize::Reference { offset, .. } = a.size {
                 if offset != 0 {
-                    return Err(shape_err(format!("output axis {:?} has offset {offset}; tiling needs same-size outputs", a.id)));
+                    return Err(shape_err(format!(
+                        "output axis {:?} has offset {offset}; tiling needs same-size outputs",
+                        a.id
+                    )));
                 }
             }
         }
         if input.shape.len() != rank {
-            return Err(shape_err(format!("field shape {:?} does not have the model's {rank} axes", input.shape)));
+            return Err(shape_err(format!(
+                "field shape {:?} does not have the model's {rank} axes",
+                input.shape
+            )));
         }
         let (h, w) = (input.shape[rank - 2], input.shape[rank - 1]);
         let lead: usize = input.shape[..rank - 2].iter().product();

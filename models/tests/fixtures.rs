@@ -1,6 +1,8 @@
 //! The runtime against the fixture models (models/fixtures, written by make_fixtures.py with
 //! Python onnxruntime): parity, tiling, batching, and every bad-input path of the issue.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
+
 mod common;
 
 use std::sync::Arc;
@@ -134,7 +136,9 @@ fn bad_models_fail_with_clear_errors() {
     }
     let load_err = |d: &tempfile::TempDir| Model::load(d.path(), &common::cpu()).unwrap_err();
 
-    let d = broken_copy("fcn", |p| std::fs::write(p.join("weights.onnx"), b"not an onnx file").unwrap());
+    let d = broken_copy("fcn", |p| {
+        std::fs::write(p.join("weights.onnx"), b"not an onnx file").unwrap()
+    });
     let e = load_err(&d);
     assert!(matches!(e, ModelError::Checksum { .. }), "{e}");
 
@@ -171,9 +175,14 @@ fn bad_models_fail_with_clear_errors() {
 
     let d = broken_copy("fcn", |p| edit_yaml(p, "zero_mean_unit_variance", "histogram_equalize"));
     let e = load_err(&d).to_string();
-    assert!(e.contains("inputs[0].preprocessing[0]") && e.contains("histogram_equalize"), "{e}");
+    assert!(
+        e.contains("inputs[0].preprocessing[0]") && e.contains("histogram_equalize"),
+        "{e}"
+    );
 
-    let d = broken_copy("fcn", |p| edit_yaml(p, "kwargs: {axes: [x, y]}", "kwargs: {axes: [x, z]}"));
+    let d = broken_copy("fcn", |p| {
+        edit_yaml(p, "kwargs: {axes: [x, y]}", "kwargs: {axes: [x, z]}")
+    });
     let e = load_err(&d).to_string();
     assert!(e.contains("\"z\" is not an axis"), "{e}");
 

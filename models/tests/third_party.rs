@@ -1,6 +1,8 @@
 //! A real third-party bioimage.io model (../shared/models/unet2d_nuclei_broad) through the whole
 //! path: description, sha256, session, preprocessing, inference, postprocessing.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
+
 mod common;
 
 use liveomics_models::Model;

@@ -50,6 +50,7 @@ pub fn field_metadata(work: &FieldWork, instrument: &str) -> HashMap<String, Str
         ("pixel_size_um".into(), work.plan.pixel_size_um.to_string()),
         ("cells".into(), work.records.len().to_string()),
         ("segmented".into(), work.nuclei.is_some().to_string()),
+        ("failed_models".into(), work.failed_models.join(",")),
         (
             "channels".into(),
             work.plan
@@ -90,6 +91,9 @@ pub fn encode(work: &FieldWork, instrument: &str) -> Result<Vec<u8>, ArrowError>
     ];
     for (c, ch) in work.plan.channels.iter().enumerate() {
         cols.push(f32col(&mean_column(&ch.name), &|i| r[i].mean_intensity[c]));
+    }
+    for (name, values) in &work.cell_predictions {
+        cols.push(f32col(name, &|i| values[i]));
     }
     let (fields, arrays): (Vec<Field>, Vec<ArrayRef>) = cols.into_iter().unzip();
     let schema = Arc::new(Schema::new_with_metadata(fields, field_metadata(work, instrument)));

@@ -98,6 +98,9 @@ pub fn write_table(store: &Store, image: &str, work: &FieldWork) -> Result<(), S
     for (c, ch) in work.plan.channels.iter().enumerate() {
         f32cols.push((mean_column(&ch.name), r.iter().map(|x| x.mean_intensity[c]).collect()));
     }
+    for (name, values) in &work.cell_predictions {
+        f32cols.push((name.clone(), values.clone()));
+    }
     for (name, v) in &f32cols {
         store.column(&format!("{obs}/{name}"), data_type::float32(), 0f32, v, array_attrs())?;
         order.push(name.clone());

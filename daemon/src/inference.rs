@@ -1,0 +1,415 @@
+//! The `inference` stage: runs the configured ONNX models on each field (whole-field roles, by
+//! tiles) or on its cells (per-cell roles, crops batched across fields). Sessions are created
+//! once per process and shared by every worker; a model that fails on a field is logged and
+//! counted, and the field goes on to the sinks with its raw data and segmentation.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use liveomics_adapters::model::AcquisitionPlan;
+use liveomics_adapters::Invalid;
+use liveomics_kernels::cpu::crop_gather_u16;
+use liveomics_models::description::{AxisKind, AxisSize, Description};
+use liveomics_models::{BatchOptions, Batcher, Model, ModelError, Role, Tensor, TileOptions};
+
+use crate::config::{Config, ModelConfig};
+use crate::stage::{channel_index, FieldWork, Stage, StageError};
+use crate::telemetry as t;
+
+pub fn parse_role(s: &str) -> Option<Role> {
+    match s {
+        "segmentation" => Some(Role::Segmentation),
+        "virtual-stain" => Some(Role::VirtualStain),
+        "cell-omics" => Some(Role::CellOmics),
+        "well-omics" => Some(Role::WellOmics),
+        _ => None,
+    }
+}
+
+pub fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Segmentation => "segmentation",
+        Role::VirtualStain => "virtual-stain",
+        Role::CellOmics => "cell-omics",
+        Role::WellOmics => "well-omics",
+    }
+}
+
+/// Column of a per-cell model output in the cell tables: `{model}.{output}`, with anything but
+/// letters, digits, `_` and `-` in the output name replaced by `_` (it becomes a zarr node name).
+pub fn prediction_column(model: &str, output: &str) -> String {
+    let clean: String = output
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{model}.{clean}")
+}
+
+/// An image a whole-field model produced: `[K, H, W]`, one plane per output channel.
+#[derive(Debug, Clone)]
+pub struct ModelImage {
+    pub model: String,
+    pub role: Role,
+    pub channels: Vec<String>,
+    pub data: Tensor,
+}
+
+/// A model ready to run, shared by all workers.
+#[derive(Debug)]
+struct Loaded {
+    name: String,
+    role: Role,
+    /// Plan channel feeding each model input channel.
+    channels: Vec<usize>,
+    model: Arc<Model>,
+    batcher: Option<Batcher>,
+    crop: usize,
+    outputs: Vec<String>,
+    provider: String,
+}
+
+type Cache = Mutex<Vec<(String, Arc<Loaded>)>>;
+static LOADED: Cache = Mutex::new(Vec::new());
+
+#[derive(Debug)]
+pub struct InferenceStage {
+    models: Vec<Arc<Loaded>>,
+    tile: TileOptions,
+}
+
+fn description_checks(
+    i: usize,
+    m: &ModelConfig,
+    d: &Description,
+    cfg: &Config,
+    plan: &AcquisitionPlan,
+) -> Result<(Role, Vec<usize>, usize), Invalid> {
+    let key = format!("inference.models[{i}]");
+    let role = if m.role.is_empty() {
+        d.liveomics.role.ok_or_else(|| {
+            Invalid::new(
+                &format!("{key}.role"),
+                format!(
+                    "the description of {:?} has no config.liveomics.role; set one here",
+                    d.name
+                ),
+            )
+        })?
+    } else {
+        parse_role(&m.role).ok_or_else(|| Invalid::new(&format!("{key}.role"), format!("unknown role {:?}", m.role)))?
+    };
+    if role == Role::WellOmics {
+        return Err(Invalid::new(
+            &format!("{key}.role"),
+            "well-omics models (per-well pooling) are not supported by this version",
+        ));
+    }
+    let input = &d.inputs[0];
+    if d.inputs.len() != 1 || d.outputs.len() != 1 {
+        return Err(Invalid::new(
+            &key,
+            format!(
+                "{:?} has {} inputs and {} outputs; the stage runs one-input, one-output models",
+                d.name,
+                d.inputs.len(),
+                d.outputs.len()
+            ),
+        ));
+    }
+    let kinds: Vec<&AxisKind> = input.axes.iter().map(|a| &a.kind).collect();
+    let layout_ok = matches!(
+        kinds.as_slice(),
+        [
+            AxisKind::Batch,
+            AxisKind::Channel { .. },
+            AxisKind::Space,
+            AxisKind::Space
+        ]
+    );
+    if !layout_ok {
+        return Err(Invalid::new(
+            &key,
+            format!("{:?}: input axes must be batch, channel, y, x", d.name),
+        ));
+    }
+    let n_in = match &input.axes[1].size {
+        AxisSize::Fixed(n) => *n,
+        other => {
+            return Err(Invalid::new(
+                &key,
+                format!("{:?}: the channel axis must have a fixed size, not {other:?}", d.name),
+            ))
+        }
+    };
+    let names: Vec<String> = if !m.channels.is_empty() {
+        m.channels.clone()
+    } else if !d.liveomics.channels.is_empty() {
+        d.liveomics.channels.clone()
+    } else if let AxisKind::Channel { names } = &input.axes[1].kind {
+        names.clone()
+    } else {
+        Vec::new()
+    };
+    if names.len() != n_in {
+        return Err(Invalid::new(
+            &format!("{key}.channels"),
+            format!(
+                "{:?} takes {n_in} channels, {} are mapped ({})",
+                d.name,
+                names.len(),
+                names.join(", ")
+            ),
+        ));
+    }
+    let channels = names
+        .iter()
+        .map(|n| {
+            channel_index(plan, n).ok_or_else(|| {
+                let known: Vec<&str> = plan.channels.iter().map(|c| c.name.as_str()).collect();
+                Invalid::new(
+                    &format!("{key}.channels"),
+                    format!("no acquisition channel {n:?}; channels: {}", known.join(", ")),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut crop = 0;
+    if role == Role::CellOmics {
+        let stages = &cfg.pipeline.stages;
+        let pos = |s: &str| stages.iter().position(|x| x == s);
+        if !matches!((pos("measure"), pos("inference")), (Some(a), Some(b)) if a < b) {
+            return Err(Invalid::new(
+                &format!("{key}.role"),
+                "a cell-omics model needs the \"measure\" stage before \"inference\"",
+            ));
+        }
+        crop = match (&input.axes[2].size, d.liveomics.crop_size) {
+            (AxisSize::Fixed(n), Some(c)) if *n != c => {
+                return Err(Invalid::new(
+                    &key,
+                    format!(
+                        "{:?}: config.liveomics.crop_size {c} but the input is {n} pixels",
+                        d.name
+                    ),
+                ))
+            }
+            (AxisSize::Fixed(n), _) => *n,
+            (s, Some(c)) if s.accepts(c) => c,
+            (s, Some(c)) => {
+                return Err(Invalid::new(
+                    &key,
+                    format!("{:?}: crop size {c} is not accepted by the input ({s:?})", d.name),
+                ))
+            }
+            (s, None) => {
+                return Err(Invalid::new(
+                    &key,
+                    format!(
+                        "{:?}: input size {s:?} is not fixed and no config.liveomics.crop_size is given",
+                        d.name
+                    ),
+                ))
+            }
+        };
+    }
+    Ok((role, channels, crop))
+}
+
+impl InferenceStage {
+    /// Loads every configured model (once per process); the error lists every model that
+    /// cannot run, each under its key.
+    pub fn new(cfg: &Config, plan: &AcquisitionPlan) -> Result<Self, Vec<Invalid>> {
+        let mut models = Vec::new();
+        let mut errors = Vec::new();
+        for (i, m) in cfg.inference.models.iter().enumerate() {
+            match load(cfg, plan, i, m) {
+                Ok(l) => models.push(l),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let inf = &cfg.inference;
+        Ok(Self {
+            models,
+            tile: TileOptions {
+                tile: inf.tile_px,
+                overlap: inf.tile_overlap_px,
+                batch: 4,
+            },
+        })
+    }
+}
+
+/// Loads model `i` (description checks against the plan, session, batcher), or returns the one
+/// already loaded for the same settings: workers share sessions.
+fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Result<Arc<Loaded>, Invalid> {
+    let inf = &cfg.inference;
+    let opts = inf.runtime_options();
+    let key = format!("inference.models[{i}]");
+    let cache_key = format!(
+        "{m:?}|{opts:?}|{}|{}|{:?}",
+        inf.max_batch, inf.max_queue_delay_ms, plan.channels
+    );
+    let mut cache = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, l)) = cache.iter().find(|(k, _)| *k == cache_key) {
+        return Ok(Arc::clone(l));
+    }
+    let d = Description::load(&m.path).map_err(|e| Invalid::new(&format!("{key}.path"), e.to_string()))?;
+    let (role, channels, crop) = description_checks(i, m, &d, cfg, plan)?;
+    let model =
+        Arc::new(Model::load(&m.path, &opts).map_err(|e| Invalid::new(&format!("{key}.path"), t::error_chain(&e)))?);
+    let provider = model.provider.label();
+    t::ModelLoaded {
+        model: &m.name,
+        role: role_name(role),
+        provider: &provider,
+        skipped: &model.skipped,
+    }
+    .emit();
+    let outputs = {
+        let named = model.output_channels(0);
+        if !d.liveomics.outputs.is_empty() {
+            d.liveomics.outputs.clone()
+        } else {
+            named
+        }
+    };
+    let batcher = if role == Role::CellOmics {
+        let name = m.name.clone();
+        Some(
+            Batcher::new(
+                Arc::clone(&model),
+                BatchOptions {
+                    max_batch: inf.max_batch,
+                    max_queue_delay: std::time::Duration::from_millis(inf.max_queue_delay_ms),
+                },
+                move |s| {
+                    t::BatchRan {
+                        model: &name,
+                        samples: s.samples,
+                        padded_to: s.padded_to,
+                        requests: s.requests,
+                    }
+                    .emit()
+                },
+            )
+            .map_err(|e| Invalid::new(&key, e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let l = Arc::new(Loaded {
+        name: m.name.clone(),
+        role,
+        channels,
+        model,
+        batcher,
+        crop,
+        outputs,
+        provider,
+    });
+    cache.push((cache_key, Arc::clone(&l)));
+    Ok(l)
+}
+
+impl InferenceStage {
+    fn run_one(&self, l: &Loaded, work: &mut FieldWork) -> Result<usize, StageError> {
+        let f = &work.field;
+        let planes = l
+            .channels
+            .iter()
+            .map(|&c| {
+                f.channels[c]
+                    .as_deref()
+                    .ok_or_else(|| StageError::MissingChannel(work.plan.channels[c].name.clone()))
+            })
+            .collect::<Result<Vec<&[u16]>, _>>()?;
+        match l.role {
+            Role::CellOmics => {
+                let Some(batcher) = &l.batcher else { return Ok(0) };
+                let centers: Vec<(f32, f32)> = work
+                    .records
+                    .iter()
+                    .map(|r| (r.centroid_x_px, r.centroid_y_px))
+                    .collect();
+                let crops = crop_gather_u16(&planes, f.width, f.height, &centers, l.crop)?;
+                let n = centers.len();
+                let out = batcher.run(Tensor::new(vec![n, planes.len(), l.crop, l.crop], crops), work.deadline)?;
+                let per = out.data.len().checked_div(n).unwrap_or(l.outputs.len());
+                for k in 0..per {
+                    let name = l.outputs.get(k).cloned().unwrap_or_else(|| format!("out{k}"));
+                    let values = (0..n).map(|c| out.data[c * per + k]).collect();
+                    work.cell_predictions.push((prediction_column(&l.name, &name), values));
+                }
+                Ok(n)
+            }
+            _ => {
+                let mut data = Vec::with_capacity(planes.len() * f.width * f.height);
+                for p in &planes {
+                    data.extend(p.iter().map(|&v| v as f32));
+                }
+                let input = Tensor::new(vec![1, planes.len(), f.height, f.width], data);
+                let mut out = l.model.run_tiled(input, &self.tile)?;
+                let k = out.data.len() / (f.width * f.height);
+                out.shape = vec![k, f.height, f.width];
+                work.images.push(ModelImage {
+                    model: l.name.clone(),
+                    role: l.role,
+                    channels: l.outputs.clone(),
+                    data: out,
+                });
+                Ok(1)
+            }
+        }
+    }
+}
+
+impl From<ModelError> for StageError {
+    fn from(e: ModelError) -> Self {
+        StageError::Model(Box::new(e))
+    }
+}
+
+impl Stage for InferenceStage {
+    fn name(&self) -> &'static str {
+        "inference"
+    }
+
+    /// Runs every model; one failing does not stop the others. Returns the first failure (all
+    /// are logged and counted).
+    fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError> {
+        let mut first_err = None;
+        for l in &self.models {
+            let t0 = Instant::now();
+            match self.run_one(l, work) {
+                Ok(items) => t::ModelRan {
+                    model: &l.name,
+                    provider: &l.provider,
+                    field: &work.name,
+                    items,
+                    elapsed: t0.elapsed(),
+                }
+                .emit(),
+                Err(e) => {
+                    t::ModelFailed {
+                        model: &l.name,
+                        field: &work.name,
+                        error: &e,
+                    }
+                    .emit();
+                    work.failed_models.push(l.name.clone());
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
