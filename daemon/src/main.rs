@@ -88,6 +88,10 @@ enum Command {
     },
     /// Print the embedded default configuration.
     PrintConfig,
+    /// Benchmark: model path overhead (tiling, batching, pre/postprocessing) against bare
+    /// session.run on the same tiles and batches; prints one JSON line per measurement.
+    #[command(hide = true)]
+    BenchModels(BenchModelsArgs),
     /// Benchmark helper: write uint16 TIFF frames through the zarr write path and print JSON
     /// (used by benches/write_bench.py).
     #[command(hide = true)]
@@ -102,6 +106,30 @@ enum Command {
         level: i32,
         frames: Vec<PathBuf>,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchModelsArgs {
+    /// Whole-field model run by tiles.
+    #[arg(long)]
+    tiled: Option<PathBuf>,
+    #[arg(long, default_value_t = 2160)]
+    field_px: usize,
+    #[arg(long, default_value_t = 512)]
+    tile: usize,
+    /// Per-cell model run through the batcher.
+    #[arg(long)]
+    batched: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    fields: usize,
+    #[arg(long, default_value_t = 200)]
+    cells: usize,
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -181,6 +209,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Models { command } => models(command),
+        Command::BenchModels(a) => report((|| -> anyhow::Result<()> {
+            let opts = a.runtime.options()?;
+            if let Some(p) = &a.tiled {
+                let m = liveomics_models::Model::load(p, &opts)?;
+                let r = liveomics::bench::tiled_overhead(&m, a.field_px, a.tile, a.reps)?;
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            if let Some(p) = &a.batched {
+                let m = std::sync::Arc::new(liveomics_models::Model::load(p, &opts)?);
+                for _ in 0..a.reps.max(1) {
+                    let r = liveomics::bench::batched_overhead(std::sync::Arc::clone(&m), a.fields, a.cells, a.max_batch)?;
+                    println!("{}", serde_json::to_string(&r)?);
+                }
+            }
+            Ok(())
+        })()),
         Command::PrintConfig => {
             print!("{DEFAULT_TOML}");
             ExitCode::SUCCESS

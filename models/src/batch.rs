@@ -78,6 +78,8 @@ pub struct BatchStats {
     pub padded_to: usize,
     pub requests: usize,
     pub run_time: Duration,
+    /// Time inside `session.run` alone.
+    pub infer_time: Duration,
 }
 
 /// Handle to a model's batching thread; cloneable, shared by workers. The thread ends when the
@@ -146,10 +148,7 @@ impl Batcher {
     ) -> Result<Receiver<Result<Tensor, ModelError>>, ModelError> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = samples.shape.first().copied().unwrap_or(0);
-        let mut check = samples.clone();
-        check.shape[0] = 1;
-        check.data.truncate(check.shape.iter().product());
-        self.model.check_input(0, &check)?;
+        self.model.check_input_axes(0, &samples, true)?;
         self.model.preprocess(0, &mut samples);
         let (reply, rx) = bounded(1);
         self.tx
@@ -236,7 +235,7 @@ fn batch_loop(model: &Model, opts: BatchOptions, rx: &Receiver<Request>, on_batc
             }
         }
         let t0 = Instant::now();
-        let padded = run_batch(model, &buckets, &mut batch, total);
+        let (padded, infer_time) = run_batch(model, &buckets, &mut batch, total);
         let run_time = t0.elapsed();
         est_run = (est_run * 7 + run_time) / 8;
         on_batch(&BatchStats {
@@ -244,13 +243,16 @@ fn batch_loop(model: &Model, opts: BatchOptions, rx: &Receiver<Request>, on_batc
             padded_to: padded,
             requests: batch.len(),
             run_time,
+            infer_time,
         });
     }
 }
 
 /// Runs one batch (in bucket-sized pieces when a single request is larger than the largest
-/// bucket) and answers each request with its own rows. Returns the padded size.
-fn run_batch(model: &Model, buckets: &[usize], batch: &mut [Request], total: usize) -> usize {
+/// bucket) and answers each request with its own rows. Returns the padded size and the time
+/// spent in `session.run`.
+fn run_batch(model: &Model, buckets: &[usize], batch: &mut [Request], total: usize) -> (usize, Duration) {
+    let mut infer_time = Duration::ZERO;
     let sample_shape: Vec<usize> = {
         let mut s: Vec<usize> = model.descr.inputs[0]
             .axes
@@ -268,7 +270,7 @@ fn run_batch(model: &Model, buckets: &[usize], batch: &mut [Request], total: usi
         .map(|r| r.data.len() / r.n.max(1))
         .unwrap_or_else(|| sample_shape.iter().product());
     let max = buckets.last().copied().unwrap_or(1);
-    let mut all: Vec<f32> = Vec::with_capacity(total * sample_len);
+    let mut all: Vec<f32> = Vec::with_capacity(total.div_ceil(max) * max * sample_len);
     for r in batch.iter_mut() {
         all.append(&mut r.data);
     }
@@ -281,12 +283,25 @@ fn run_batch(model: &Model, buckets: &[usize], batch: &mut [Request], total: usi
         let n = (total - done).min(max);
         let bucket = buckets.iter().copied().find(|&b| b >= n).unwrap_or(max);
         padded_total += bucket;
-        let mut data = all[done * sample_len..(done + n) * sample_len].to_vec();
-        data.resize(bucket * sample_len, 0.0);
-        let mut shape = vec![bucket];
-        shape.extend(infer_sample_shape(&sample_shape, sample_len));
-        let input = Tensor::new(shape, data);
-        match model.infer(&[&input]) {
+        // One batch in one piece (the common case) runs on the gathered buffer without a copy.
+        let input = if done == 0 && n == total {
+            all.resize(bucket * sample_len, 0.0);
+            Tensor::new(
+                std::iter::once(bucket).chain(infer_sample_shape(&sample_shape, sample_len)).collect(),
+                std::mem::take(&mut all),
+            )
+        } else {
+            let mut data = all[done * sample_len..(done + n) * sample_len].to_vec();
+            data.resize(bucket * sample_len, 0.0);
+            Tensor::new(
+                std::iter::once(bucket).chain(infer_sample_shape(&sample_shape, sample_len)).collect(),
+                data,
+            )
+        };
+        let t0 = Instant::now();
+        let result = model.infer(&[&input]);
+        infer_time += t0.elapsed();
+        match result {
             Ok(mut o) => {
                 let o = o.remove(0);
                 let per = o.data.len() / bucket;
@@ -324,7 +339,7 @@ fn run_batch(model: &Model, buckets: &[usize], batch: &mut [Request], total: usi
         // The field may have been abandoned (worker shut down); nothing to answer then.
         let _ = r.reply.send(result);
     }
-    padded_total
+    (padded_total, infer_time)
 }
 
 /// The declared sample shape with its free axes filled from the actual sample length (crops are

@@ -140,6 +140,12 @@ impl Model {
 
     /// Checks that `t` fits input `i`'s declared axes.
     pub fn check_input(&self, i: usize, t: &Tensor) -> Result<(), ModelError> {
+        self.check_input_axes(i, t, false)
+    }
+
+    /// [`Model::check_input`], optionally ignoring the batch size (the batcher splits batches to
+    /// what the model takes).
+    pub fn check_input_axes(&self, i: usize, t: &Tensor, any_batch: bool) -> Result<(), ModelError> {
         let d = &self.descr.inputs[i];
         if t.shape.len() != d.axes.len() {
             return Err(ModelError::Shape {
@@ -148,7 +154,7 @@ impl Model {
             });
         }
         for (a, &n) in d.axes.iter().zip(&t.shape) {
-            if !a.size.accepts(n) {
+            if !(any_batch && a.kind == AxisKind::Batch || a.size.accepts(n)) {
                 return Err(ModelError::Shape {
                     model: self.descr.name.clone(),
                     message: format!("input {:?} axis {:?} cannot be {n} (allowed: {:?})", d.id, a.id, a.size),

@@ -2,6 +2,7 @@
 //! Statistics (mean, std, percentiles) are computed over the `axes` the description names,
 //! independently for every index of the other axes, as bioimageio.core does.
 
+use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::description::{Axis, RawProc};
@@ -260,6 +261,22 @@ impl Proc {
 
     pub fn apply(&self, t: &mut Tensor) {
         match self {
+            Proc::ZeroMeanUnitVariance { reduce, eps } if contiguous(&t.shape, reduce.as_deref()).is_some() => {
+                let len = contiguous(&t.shape, reduce.as_deref()).unwrap_or(t.data.len()).max(1);
+                let eps = *eps as f64;
+                let f = |chunk: &mut [f32]| {
+                    let n = chunk.len().max(1) as f64;
+                    let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / n;
+                    let var = chunk.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                    let (m, inv) = (mean as f32, (1.0 / (var.sqrt() + eps)) as f32);
+                    chunk.iter_mut().for_each(|v| *v = (*v - m) * inv);
+                };
+                if t.data.len() >= PARALLEL_MIN && len < t.data.len() {
+                    t.data.par_chunks_mut(len).for_each(f);
+                } else {
+                    t.data.chunks_mut(len).for_each(f);
+                }
+            }
             Proc::ZeroMeanUnitVariance { reduce, eps } => {
                 let groups = Groups::new(&t.shape, reduce.as_deref());
                 let mut sum = vec![0f64; groups.count];
@@ -313,9 +330,30 @@ impl Proc {
                     t.data.iter_mut().for_each(|v| *v = v.trunc().clamp(*lo, *hi));
                 }
             }
-            Proc::Sigmoid => t.data.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+            Proc::Sigmoid => {
+                let f = |v: &mut f32| *v = 1.0 / (1.0 + (-*v).exp());
+                if t.data.len() >= PARALLEL_MIN {
+                    t.data.par_iter_mut().for_each(f);
+                } else {
+                    t.data.iter_mut().for_each(f);
+                }
+            }
         }
     }
+}
+
+/// Below this many elements, threads cost more than they save.
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// When the reduced axes are exactly the trailing ones (the usual `[y, x]` or `[c, y, x]`),
+/// each group is one contiguous run of this many elements.
+fn contiguous(shape: &[usize], reduce: Option<&[usize]>) -> Option<usize> {
+    let Some(r) = reduce else {
+        return Some(shape.iter().product());
+    };
+    let k = shape.len().checked_sub(r.len())?;
+    let trailing = (k..shape.len()).all(|d| r.contains(&d));
+    trailing.then(|| shape[k..].iter().product())
 }
 
 fn pick(values: &[f32], k: usize) -> f32 {

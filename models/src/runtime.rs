@@ -245,6 +245,10 @@ impl Runtime {
         if opts.intra_threads > 0 {
             b = b.with_intra_threads(opts.intra_threads).map_err(|e| e.to_string())?;
         }
+        // ORT's pool threads busy-wait after each run by default; in a daemon whose other stages
+        // (segmentation, zarr writing) need the same cores, that steals the time they need.
+        b = b.with_intra_op_spinning(false).map_err(|e| e.to_string())?;
+        b = b.with_inter_op_spinning(false).map_err(|e| e.to_string())?;
         let ep = match p {
             Provider::Cpu => None,
             Provider::Cuda { device } => {

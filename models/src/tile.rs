@@ -67,7 +67,18 @@ fn reflect(i: isize, len: usize) -> usize {
 impl Model {
     /// Runs a single-input, single-output model whose last two axes are space (y, x) on a field
     /// `input` of shape `[1?, C?, H, W]` as the description lays it out, by tiles.
-    pub fn run_tiled(&self, mut input: Tensor, opts: &TileOptions) -> Result<Tensor, ModelError> {
+    pub fn run_tiled(&self, input: Tensor, opts: &TileOptions) -> Result<Tensor, ModelError> {
+        self.run_tiled_timed(input, opts).map(|(t, _)| t)
+    }
+
+    /// [`Model::run_tiled`], also returning the time spent inside `session.run` (for the
+    /// overhead benchmark: everything else is tiling, pre- and postprocessing).
+    pub fn run_tiled_timed(
+        &self,
+        mut input: Tensor,
+        opts: &TileOptions,
+    ) -> Result<(Tensor, std::time::Duration), ModelError> {
+        let mut infer_time = std::time::Duration::ZERO;
         let name = self.descr.name.clone();
         let shape_err = |message: String| ModelError::Shape {
             model: name.clone(),
@@ -150,8 +161,10 @@ impl Model {
                     for ty in 0..th {
                         let sy = reflect((y0 + ty) as isize, h);
                         let row = &plane[sy * w..(sy + 1) * w];
-                        for tx in 0..tw {
-                            data.push(row[reflect((x0 + tx) as isize, w)]);
+                        if x0 + tw <= w {
+                            data.extend_from_slice(&row[x0..x0 + tw]);
+                        } else {
+                            data.extend((0..tw).map(|tx| row[reflect((x0 + tx) as isize, w)]));
                         }
                     }
                 }
@@ -160,7 +173,9 @@ impl Model {
                 shape[b] = group.len();
             }
             let tile_in = Tensor::new(shape, data);
+            let t0 = std::time::Instant::now();
             let out = self.infer(&[&tile_in])?.remove(0);
+            infer_time += t0.elapsed();
             let orank = out.shape.len();
             if out.shape[orank - 2] != th || out.shape[orank - 1] != tw {
                 return Err(shape_err(format!("output tile {:?} is not {th}x{tw}", out.shape)));
@@ -178,36 +193,35 @@ impl Model {
                 Tensor::zeros(s)
             });
             for (k, &(y0, x0)) in group.iter().enumerate() {
-                for ty in 0..th.min(h - y0.min(h)) {
+                let wx: Vec<f32> = (0..tw.min(w - x0)).map(|tx| weight(tx, x0, tw, w, halo, opts.overlap)).collect();
+                for ty in 0..th.min(h - y0) {
                     let wy = weight(ty, y0, th, h, halo, opts.overlap);
-                    if wy == 0.0 || y0 + ty >= h {
+                    if wy == 0.0 {
                         continue;
                     }
-                    for tx in 0..tw {
-                        if x0 + tx >= w {
-                            break;
-                        }
-                        let wt = wy * weight(tx, x0, tw, w, halo, opts.overlap);
-                        if wt == 0.0 {
-                            continue;
-                        }
-                        let dst = (y0 + ty) * w + x0 + tx;
-                        wsum[dst] += wt;
-                        for l in 0..out_lead {
-                            acc.data[l * h * w + dst] += wt * out.data[((k * out_lead + l) * th + ty) * tw + tx];
+                    let dst = (y0 + ty) * w + x0;
+                    for (s, &wxv) in wsum[dst..dst + wx.len()].iter_mut().zip(&wx) {
+                        *s += wy * wxv;
+                    }
+                    for l in 0..out_lead {
+                        let src = ((k * out_lead + l) * th + ty) * tw;
+                        let a = &mut acc.data[l * h * w + dst..l * h * w + dst + wx.len()];
+                        for ((a, &o), &wxv) in a.iter_mut().zip(&out.data[src..src + wx.len()]).zip(&wx) {
+                            *a += wy * wxv * o;
                         }
                     }
                 }
             }
         }
         let mut out = acc.ok_or_else(|| shape_err("no tiles".into()))?;
-        for l in 0..out_lead {
-            for (v, &s) in out.data[l * h * w..(l + 1) * h * w].iter_mut().zip(&wsum) {
-                *v /= s;
+        let inv: Vec<f32> = wsum.iter().map(|&s| 1.0 / s).collect();
+        for plane in out.data.chunks_mut(h * w) {
+            for (v, &s) in plane.iter_mut().zip(&inv) {
+                *v *= s;
             }
         }
         self.postprocess(0, &mut out);
-        Ok(out)
+        Ok((out, infer_time))
     }
 }
 
