@@ -300,7 +300,7 @@ fn main() -> ExitCode {
 fn models(cmd: ModelsCommand) -> ExitCode {
     use liveomics_models::{npy, Model, TileOptions};
     telemetry::init_logging(&liveomics::config::TelemetryConfig {
-        log_level: "warn".into(),
+        log_level: "error".into(),
         ..Default::default()
     });
     match cmd {
@@ -319,9 +319,9 @@ fn models(cmd: ModelsCommand) -> ExitCode {
             };
             let mut failed = 0;
             for p in &paths {
-                let result = Model::load(p, &opts).and_then(|m| Ok((m.check(runs)?, m.descr.name.clone())));
+                let result = Model::load(p, &opts).and_then(|m| Ok((m.check(runs)?, m.descr.name.clone(), m.skipped)));
                 match result {
-                    Ok((r, name)) => {
+                    Ok((r, name, skipped)) => {
                         let worst = r.max_abs_error.iter().map(|(_, e)| *e).fold(0.0f32, f32::max);
                         let pass = worst <= tolerance;
                         failed += usize::from(!pass);
@@ -334,6 +334,9 @@ fn models(cmd: ModelsCommand) -> ExitCode {
                             runs.max(1),
                             errs.join(", ")
                         );
+                        for s in skipped {
+                            println!("      skipped {s}");
+                        }
                     }
                     Err(e) => {
                         failed += 1;
