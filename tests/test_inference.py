@@ -141,3 +141,45 @@ path = "{tmp_path / 'missing'}"
     assert p.returncode == 2
     for needle in ("inference.providers[1]", "inference.models[0].channels", "Phalloidin", "inference.models[1].name"):
         assert needle in p.stderr, p.stderr
+
+
+def test_model_failing_at_run_time_leaves_raw_data_and_segmentation(binary, tmp_path):
+    """A model whose output is NaN on real fields: each field is still written whole, the failure
+    is logged and counted, the other models keep running."""
+    broken = tmp_path / "nan_model"
+    broken.mkdir()
+    for f in (FIXTURES / "sqrt").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    y = (broken / "bioimageio.yaml").read_text()
+    y = y.replace("    test_tensor: {source: test_input.npy",
+                  "    preprocessing:\n      - id: scale_linear\n        kwargs: {gain: -1.0}\n"
+                  "    test_tensor: {source: test_input.npy", 1)
+    (broken / "bioimageio.yaml").write_text(y)
+    cfg = tmp_path / "c.toml"
+    sim = sim_toml(plate="nan", wells=("B2",), fields=2, size=256, seed=2)
+    toml = daemon_toml(tmp_path / "out", "nantest", None, sim, zenoh_enabled=False)
+    toml += f"""
+[pipeline]
+stages = ["segment", "measure", "inference"]
+[inference]
+providers = ["cpu"]
+[[inference.models]]
+name = "nan"
+path = "{broken}"
+role = "segmentation"
+[[inference.models]]
+name = "cellnet"
+path = "{FIXTURES / 'cellnet'}"
+"""
+    cfg.write_text(toml)
+    p = run(binary, "run", "--config", cfg)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("model failed") == 2 and "non-finite" in p.stderr
+    for field in ("0", "1"):
+        path = tmp_path / "out" / "nan.zarr" / "B" / "2" / field
+        assert zarr.open_array(path / "0", mode="r").shape[-2:] == (256, 256)
+        assert (zarr.open_array(path / "labels" / "cells" / "0", mode="r")[:] > 0).any()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = anndata.read_zarr(path / "tables" / "cells")
+        assert "cellnet.GENE0" in a.obs.columns and np.isfinite(a.obs["cellnet.GENE0"]).all()

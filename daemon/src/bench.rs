@@ -203,7 +203,10 @@ pub fn batched_overhead(
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     let session_run_ms = infer.lock().unwrap_or_else(|e| e.into_inner()).as_secs_f64() * 1e3;
     Ok(OverheadResult {
-        what: format!("batched {} crops {sample:?}, max_batch {max_batch}", batcher.model().name()),
+        what: format!(
+            "batched {} crops {sample:?}, max_batch {max_batch}",
+            batcher.model().name()
+        ),
         items: fields * cells,
         total_ms,
         session_run_ms,

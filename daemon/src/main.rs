@@ -219,7 +219,8 @@ fn main() -> ExitCode {
             if let Some(p) = &a.batched {
                 let m = std::sync::Arc::new(liveomics_models::Model::load(p, &opts)?);
                 for _ in 0..a.reps.max(1) {
-                    let r = liveomics::bench::batched_overhead(std::sync::Arc::clone(&m), a.fields, a.cells, a.max_batch)?;
+                    let r =
+                        liveomics::bench::batched_overhead(std::sync::Arc::clone(&m), a.fields, a.cells, a.max_batch)?;
                     println!("{}", serde_json::to_string(&r)?);
                 }
             }

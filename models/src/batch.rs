@@ -287,14 +287,18 @@ fn run_batch(model: &Model, buckets: &[usize], batch: &mut [Request], total: usi
         let input = if done == 0 && n == total {
             all.resize(bucket * sample_len, 0.0);
             Tensor::new(
-                std::iter::once(bucket).chain(infer_sample_shape(&sample_shape, sample_len)).collect(),
+                std::iter::once(bucket)
+                    .chain(infer_sample_shape(&sample_shape, sample_len))
+                    .collect(),
                 std::mem::take(&mut all),
             )
         } else {
             let mut data = all[done * sample_len..(done + n) * sample_len].to_vec();
             data.resize(bucket * sample_len, 0.0);
             Tensor::new(
-                std::iter::once(bucket).chain(infer_sample_shape(&sample_shape, sample_len)).collect(),
+                std::iter::once(bucket)
+                    .chain(infer_sample_shape(&sample_shape, sample_len))
+                    .collect(),
                 data,
             )
         };

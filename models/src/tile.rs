@@ -193,7 +193,9 @@ impl Model {
                 Tensor::zeros(s)
             });
             for (k, &(y0, x0)) in group.iter().enumerate() {
-                let wx: Vec<f32> = (0..tw.min(w - x0)).map(|tx| weight(tx, x0, tw, w, halo, opts.overlap)).collect();
+                let wx: Vec<f32> = (0..tw.min(w - x0))
+                    .map(|tx| weight(tx, x0, tw, w, halo, opts.overlap))
+                    .collect();
                 for ty in 0..th.min(h - y0) {
                     let wy = weight(ty, y0, th, h, halo, opts.overlap);
                     if wy == 0.0 {
