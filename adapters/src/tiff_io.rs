@@ -110,6 +110,60 @@ pub fn read_image(path: &Path) -> Result<TiffImage, TiffError> {
     })
 }
 
+/// Every channel of a 2-D image file: the pages of a multi-page TIFF (how ImageJ, tifffile and
+/// OME-TIFF store `(C, Y, X)`), or the samples of an interleaved (RGB) page. All channels share
+/// the first page's size; pages of another size (thumbnails, pyramids) end the channel list.
+pub fn read_channels(path: &Path) -> Result<(usize, usize, Vec<Plane>), TiffError> {
+    let p = || path.display().to_string();
+    let file = File::open(path).map_err(|source| TiffError::Io { path: p(), source })?;
+    let fmt = |source| TiffError::Format { path: p(), source };
+    let mut dec = Decoder::new(BufReader::new(file)).map_err(fmt)?;
+    let (w, h) = dec.dimensions().map_err(fmt)?;
+    let mut planes = Vec::new();
+    loop {
+        let samples = match dec.colortype().map_err(fmt)? {
+            tiff::ColorType::Gray(_) => 1,
+            tiff::ColorType::RGB(_) => 3,
+            tiff::ColorType::RGBA(_) => 4,
+            tiff::ColorType::GrayA(_) => 2,
+            other => {
+                return Err(TiffError::Unsupported {
+                    path: p(),
+                    kind: format!("{other:?}"),
+                })
+            }
+        };
+        let data = dec.read_image().map_err(fmt)?;
+        macro_rules! split {
+            ($v:expr, $variant:ident) => {{
+                for s in 0..samples {
+                    planes.push(Plane::$variant(
+                        $v.iter().skip(s).step_by(samples).copied().collect(),
+                    ));
+                }
+            }};
+        }
+        match data {
+            DecodingResult::U8(d) => split!(d, U8),
+            DecodingResult::U16(d) => split!(d, U16),
+            DecodingResult::U32(d) => split!(d, U32),
+            DecodingResult::F32(d) => split!(d, F32),
+            other => {
+                let kind = format!("{:?}", std::mem::discriminant(&other));
+                return Err(TiffError::Unsupported { path: p(), kind });
+            }
+        }
+        if !dec.more_images() {
+            break;
+        }
+        dec.next_image().map_err(fmt)?;
+        if dec.dimensions().map_err(fmt)? != (w, h) {
+            break;
+        }
+    }
+    Ok((w as usize, h as usize, planes))
+}
+
 /// Pixel size (µm) and channel names from an OME-XML description. Only the attributes we use are
 /// looked at; anything else in the XML is ignored.
 pub fn ome_metadata(xml: &str) -> (Option<f64>, Vec<String>) {

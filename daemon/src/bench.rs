@@ -213,3 +213,68 @@ pub fn batched_overhead(
         ratio: total_ms / session_run_ms,
     })
 }
+
+/// One image through nuclei segmentation and per-nucleus measurement (`liveomics bench-segment`).
+#[derive(Debug, serde::Serialize)]
+pub struct SegmentBench {
+    pub file: String,
+    pub width: usize,
+    pub height: usize,
+    pub nuclei: u32,
+    /// Best of the repeats, segmentation + region properties, TIFF reading excluded.
+    pub best_ms: f64,
+    pub median_ms: f64,
+}
+
+/// Times the daemon's nuclei segmentation (smoothing, Otsu, distance transform, seeds, watershed,
+/// size filter) plus region properties on each file, and writes the labels to `out_dir` for the
+/// accuracy comparison in `benches/segment_bench.py`.
+pub fn segment_files(
+    files: &[PathBuf],
+    out_dir: &Path,
+    pixel_size_um: f64,
+    diameter_um: f64,
+    repeat: usize,
+) -> Result<Vec<SegmentBench>, crate::segment_cli::SegmentError> {
+    use liveomics_kernels::segment::{segment_nuclei, NucleiParams};
+    let params = NucleiParams::from_physical(diameter_um, pixel_size_um)?;
+    let mut out = Vec::new();
+    for f in files {
+        let (w, h, planes) = liveomics_adapters::tiff_io::read_channels(f)?;
+        let mut notes = Vec::new();
+        let img = crate::segment_cli::to_u16(&planes[0], &mut notes);
+        let mut times = Vec::new();
+        let mut result = (Vec::new(), 0);
+        for _ in 0..repeat.max(1) {
+            let t0 = Instant::now();
+            result = segment_nuclei(&img, w, h, &params)?;
+            let props = liveomics_kernels::measure::region_props(&result.0, &[&img], w, h)?;
+            std::hint::black_box(props);
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        write_plane_u32(&out_dir.join(&name), w, h, &result.0)?;
+        out.push(SegmentBench {
+            file: name,
+            width: w,
+            height: h,
+            nuclei: result.1,
+            best_ms: times[0],
+            median_ms: times[times.len() / 2],
+        });
+    }
+    Ok(out)
+}
+
+fn write_plane_u32(path: &Path, w: usize, h: usize, labels: &[u32]) -> Result<(), crate::segment_cli::SegmentError> {
+    Ok(liveomics_adapters::tiff_io::write_plane(
+        path,
+        w,
+        h,
+        &liveomics_adapters::tiff_io::Plane::U32(labels.to_vec()),
+    )?)
+}

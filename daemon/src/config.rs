@@ -135,7 +135,7 @@ impl Default for SegmentationConfig {
             nuclei_channel: "DAPI".into(),
             cells_channel: "ER".into(),
             nucleus_diameter_um: 11.0,
-            cells_threshold_scale: 0.5,
+            cells_threshold_scale: 0.3,
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod inference;
 pub mod pipeline;
 pub mod registry;
 pub mod replay;
+pub mod segment_cli;
 pub mod simulate;
 pub mod sink;
 pub mod stage;

@@ -81,6 +81,29 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Segment nuclei (and cells) in a TIFF with the daemon's segmentation; writes uint32 label TIFFs.
+    Segment {
+        /// 2-D TIFF, one channel or several (pages or interleaved samples); uint8/16/32 or float32.
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Cell label image (needs --cells-channel).
+        #[arg(long, requires = "cells_channel")]
+        cells_out: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        nuclei_channel: usize,
+        #[arg(long)]
+        cells_channel: Option<usize>,
+        /// Pixel size; defaults to the OME-XML PhysicalSizeX, else 0.65.
+        #[arg(long)]
+        pixel_size_um: Option<f64>,
+        /// Expected nucleus diameter: every pixel parameter is derived from it.
+        #[arg(long, default_value_t = 11.0)]
+        diameter_um: f64,
+        /// auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Check and run ONNX models described by bioimage.io descriptions.
     Models {
         #[command(subcommand)]
@@ -92,6 +115,20 @@ enum Command {
     /// session.run on the same tiles and batches; prints one JSON line per measurement.
     #[command(hide = true)]
     BenchModels(BenchModelsArgs),
+    /// Benchmark helper for benches/segment_bench.py: nuclei segmentation + region properties per
+    /// TIFF, labels written to --out-dir, one JSON line per file.
+    #[command(hide = true)]
+    BenchSegment {
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[arg(long, default_value_t = 0.65)]
+        pixel_size_um: f64,
+        #[arg(long, default_value_t = 11.0)]
+        diameter_um: f64,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        files: Vec<PathBuf>,
+    },
     /// Benchmark helper: write uint16 TIFF frames through the zarr write path and print JSON
     /// (used by benches/write_bench.py).
     #[command(hide = true)]
@@ -209,6 +246,76 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Models { command } => models(command),
+        Command::Segment {
+            input,
+            out,
+            cells_out,
+            nuclei_channel,
+            cells_channel,
+            pixel_size_um,
+            diameter_um,
+            device,
+        } => {
+            telemetry::init_logging(&liveomics::config::TelemetryConfig::default());
+            let pixel_size_um = pixel_size_um
+                .or_else(|| {
+                    liveomics_adapters::tiff_io::read_image(&input)
+                        .ok()
+                        .and_then(|i| i.pixel_size_um)
+                })
+                .unwrap_or(0.65);
+            let req = liveomics::segment_cli::SegmentRequest {
+                input,
+                out,
+                cells_out,
+                nuclei_channel,
+                cells_channel,
+                pixel_size_um,
+                diameter_um,
+                device,
+            };
+            match liveomics::segment_cli::segment_file(&req) {
+                Ok(r) => {
+                    for n in &r.notes {
+                        tracing::warn!("{n}");
+                    }
+                    println!(
+                        "{}x{}: {} nuclei{} in {:.1} ms -> {}",
+                        r.width,
+                        r.height,
+                        r.nuclei,
+                        r.cells.map(|c| format!(", {c} cells")).unwrap_or_default(),
+                        r.elapsed.as_secs_f64() * 1e3,
+                        req.out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(
+                    e @ (liveomics::segment_cli::SegmentError::Channel { .. }
+                    | liveomics::segment_cli::SegmentError::NoCuda(_)
+                    | liveomics::segment_cli::SegmentError::Device(_)),
+                ) => {
+                    eprintln!("error: {}", telemetry::error_chain(&e));
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Err(e) => {
+                    eprintln!("error: {}", telemetry::error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::BenchSegment {
+            out_dir,
+            pixel_size_um,
+            diameter_um,
+            repeat,
+            files,
+        } => report((|| -> anyhow::Result<()> {
+            for r in liveomics::bench::segment_files(&files, &out_dir, pixel_size_um, diameter_um, repeat)? {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
+        })()),
         Command::BenchModels(a) => report((|| -> anyhow::Result<()> {
             let opts = a.runtime.options()?;
             if let Some(p) = &a.tiled {

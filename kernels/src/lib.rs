@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod measure;
+pub mod metrics;
 pub mod segment;
 
 /// Errors are about shapes and parameters: the kernels never see untrusted bytes directly, but a

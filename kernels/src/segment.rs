@@ -50,7 +50,11 @@ pub struct CellParams {
     /// Multiplies the Otsu threshold of the cytoplasm channel: cytoplasm fades towards the cell
     /// edge, so the foreground threshold sits below Otsu's split.
     pub threshold_scale: f32,
-    /// Cost per pixel of distance relative to a unit change of normalised intensity.
+    /// Cost per pixel of distance relative to a unit change of normalised intensity. Textured
+    /// cytoplasm (reticular ER, filaments) makes intensity a poor boundary cue inside a cell, so
+    /// distance dominates: boundaries between touching cells fall near the midline between
+    /// nuclei, bent by the dark gaps between them (chosen on simulator seed 77; held-out
+    /// AP in daemon/tests/segmentation_ap.rs).
     pub spatial_weight: f32,
 }
 
@@ -58,8 +62,8 @@ impl Default for CellParams {
     fn default() -> Self {
         Self {
             smoothing_sigma_px: 1.5,
-            threshold_scale: 0.5,
-            spatial_weight: 0.01,
+            threshold_scale: 0.3,
+            spatial_weight: 1.0,
         }
     }
 }

@@ -1,0 +1,150 @@
+//! `liveomics segment`: the daemon's segmentation on an image file, for checking parameters on
+//! real data and for comparing with other tools. Reads a 2-D single- or multi-channel TIFF
+//! (uint8, uint16, uint32 or float32), writes uint32 label TIFFs.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use liveomics_adapters::tiff_io::{read_channels, write_plane, Plane, TiffError};
+use liveomics_kernels::segment::{segment_cells, segment_nuclei, CellParams, NucleiParams};
+use liveomics_kernels::KernelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    #[error(transparent)]
+    Tiff(#[from] TiffError),
+    #[error("{path}: has {have} channel(s); --{which}-channel {want} does not exist (channels count from 0)")]
+    Channel {
+        path: PathBuf,
+        which: &'static str,
+        have: usize,
+        want: usize,
+    },
+    #[error("{0}: the image is empty (0 pixels)")]
+    Empty(PathBuf),
+    #[error("--device {0}: the CUDA kernels are not in this build; use --device cpu or auto")]
+    NoCuda(String),
+    #[error("--device {0}: expected auto, cpu or cuda:N")]
+    Device(String),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+}
+
+/// What `segment` was asked to do.
+#[derive(Debug, Clone)]
+pub struct SegmentRequest {
+    pub input: PathBuf,
+    pub out: PathBuf,
+    pub cells_out: Option<PathBuf>,
+    pub nuclei_channel: usize,
+    pub cells_channel: Option<usize>,
+    pub pixel_size_um: f64,
+    pub diameter_um: f64,
+    pub device: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SegmentReport {
+    pub width: usize,
+    pub height: usize,
+    pub nuclei: u32,
+    pub cells: Option<u32>,
+    pub elapsed: Duration,
+    /// Why the result may be empty or the input was adjusted (NaN, constant image, ...).
+    pub notes: Vec<String>,
+}
+
+/// Brings any supported sample type to the u16 the kernels take, noting what was changed.
+/// Float images are mapped linearly from their finite range; NaN and infinities become the
+/// minimum (background) and are counted.
+pub fn to_u16(plane: &Plane, notes: &mut Vec<String>) -> Vec<u16> {
+    match plane {
+        Plane::U16(v) => v.clone(),
+        Plane::U8(v) => v.iter().map(|&x| x as u16 * 257).collect(),
+        Plane::U32(v) => {
+            let max = v.iter().copied().max().unwrap_or(0);
+            if max <= u16::MAX as u32 {
+                v.iter().map(|&x| x as u16).collect()
+            } else {
+                notes.push(format!("uint32 values up to {max} scaled to 16 bits"));
+                v.iter().map(|&x| (x as u64 * 65535 / max as u64) as u16).collect()
+            }
+        }
+        Plane::F32(v) => {
+            let bad = v.iter().filter(|x| !x.is_finite()).count();
+            let (lo, hi) = v
+                .iter()
+                .filter(|x| x.is_finite())
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+            if bad > 0 {
+                notes.push(format!("{bad} NaN or infinite pixel(s) treated as background"));
+            }
+            if !(hi > lo) {
+                notes.push("no finite intensity range (constant or all-NaN image)".into());
+                return vec![0; v.len()];
+            }
+            let scale = 65535.0 / (hi - lo) as f64;
+            v.iter()
+                .map(|&x| {
+                    if x.is_finite() {
+                        ((x - lo) as f64 * scale).round() as u16
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError> {
+    match req.device.as_str() {
+        "cpu" => {}
+        "auto" => tracing::info!("device auto: running on CPU (the CUDA kernels are not in this build)"),
+        d if d.starts_with("cuda") => return Err(SegmentError::NoCuda(d.into())),
+        d => return Err(SegmentError::Device(d.into())),
+    }
+    let t0 = Instant::now();
+    let (w, h, planes) = read_channels(&req.input)?;
+    if w == 0 || h == 0 || planes.is_empty() {
+        return Err(SegmentError::Empty(req.input.clone()));
+    }
+    let channel = |which: &'static str, k: usize| {
+        planes.get(k).ok_or(SegmentError::Channel {
+            path: req.input.clone(),
+            which,
+            have: planes.len(),
+            want: k,
+        })
+    };
+    let mut notes = Vec::new();
+    let dapi = to_u16(channel("nuclei", req.nuclei_channel)?, &mut notes);
+    let cyto = match req.cells_channel {
+        Some(k) => Some(to_u16(channel("cells", k)?, &mut notes)),
+        None => None,
+    };
+    let params = NucleiParams::from_physical(req.diameter_um, req.pixel_size_um)?;
+    let (nuclei, n) = segment_nuclei(&dapi, w, h, &params)?;
+    if n == 0 {
+        notes.push("no nuclei found (empty, saturated or featureless nuclear channel?)".into());
+    }
+    write_labels(&req.out, w, h, &nuclei)?;
+    let mut cells_n = None;
+    if let (Some(cyto), Some(path)) = (cyto, &req.cells_out) {
+        let cells = segment_cells(&nuclei, &cyto, w, h, &CellParams::default())?;
+        cells_n = Some(n);
+        write_labels(path, w, h, &cells)?;
+    }
+    Ok(SegmentReport {
+        width: w,
+        height: h,
+        nuclei: n,
+        cells: cells_n,
+        elapsed: t0.elapsed(),
+        notes,
+    })
+}
+
+fn write_labels(path: &Path, w: usize, h: usize, labels: &[u32]) -> Result<(), SegmentError> {
+    Ok(write_plane(path, w, h, &Plane::U32(labels.to_vec()))?)
+}

@@ -1,0 +1,95 @@
+"""`liveomics segment` on TIFF files: multi-channel input, sample types, and the bad inputs of the
+kernels issue (empty, saturated, no cells, all cells, NaN) giving valid label images, not panics."""
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import run
+
+
+def ap50(pred, truth):
+    p, t = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
+    both = (p > 0) & (t > 0)
+    pairs, inter = np.unique(np.stack([p[both], t[both]]), axis=1, return_counts=True)
+    area_p, area_t = np.bincount(p), np.bincount(t)
+    tp = int((inter / (area_p[pairs[0]] + area_t[pairs[1]] - inter) > 0.5).sum())
+    n_p, n_t = int((area_p[1:] > 0).sum()), int((area_t[1:] > 0).sum())
+    return tp / max(n_p + n_t - tp, 1)
+
+
+@pytest.fixture(scope="module")
+def field(binary, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seg")
+    cfg = tmp / "c.toml"
+    cfg.write_text('[source.simulator]\nseed = 31\nwells = ["B2"]\ncontrol_wells = ["B2"]\n'
+                   'fields_per_well = 1\nwidth_px = 512\nheight_px = 512\n')
+    assert run(binary, "simulate", "--config", cfg, "--out", tmp / "sim").returncode == 0
+    img = {c: tifffile.imread(tmp / "sim" / "images" / f"B2_f0_t0_{c}.tif") for c in ("DAPI", "ER")}
+    truth = {k: tifffile.imread(tmp / "sim" / "truth" / f"B2_f0_t0_{k}.tif") for k in ("nuclei", "cells")}
+    return tmp, img, truth
+
+
+def test_multichannel_tiff_gives_nuclei_and_cells(binary, field, tmp_path):
+    _, img, truth = field
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, np.stack([img["ER"], img["DAPI"]]))  # pages: channel 0 = ER, 1 = DAPI
+    p = run(binary, "segment", src, "--out", tmp_path / "n.tif", "--cells-out", tmp_path / "c.tif",
+            "--nuclei-channel", 1, "--cells-channel", 0, "--pixel-size-um", 0.65, "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    nuclei, cells = tifffile.imread(tmp_path / "n.tif"), tifffile.imread(tmp_path / "c.tif")
+    assert nuclei.dtype == np.uint32 and nuclei.shape == (512, 512)
+    assert ap50(nuclei, truth["nuclei"]) >= 0.9
+    assert ap50(cells, truth["cells"]) >= 0.8
+    assert set(np.unique(cells)) >= set(np.unique(nuclei))
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+def test_other_sample_types(binary, field, tmp_path, kind):
+    _, img, truth = field
+    dapi = img["DAPI"].astype(np.float32)
+    if kind == "uint8":
+        data = (dapi / dapi.max() * 255).astype(np.uint8)
+    else:
+        data = dapi / 1000.0
+        data[:3, :3] = np.nan
+    tifffile.imwrite(tmp_path / "in.tif", data)
+    p = run(binary, "segment", tmp_path / "in.tif", "--out", tmp_path / "n.tif", "--pixel-size-um", 0.65)
+    assert p.returncode == 0, p.stderr
+    assert ap50(tifffile.imread(tmp_path / "n.tif"), truth["nuclei"]) >= 0.85
+    if kind == "float32":
+        assert "9 NaN or infinite pixel(s)" in p.stderr
+
+
+def disk_field(value_in, value_out, size=256):
+    yy, xx = np.mgrid[:size, :size]
+    return np.where((yy - 128) ** 2 + (xx - 128) ** 2 < 40 ** 2, value_in, value_out).astype(np.uint16)
+
+
+@pytest.mark.parametrize("name,data", [
+    ("empty", np.zeros((256, 256), np.uint16)),
+    ("saturated", np.full((256, 256), 65535, np.uint16)),
+    ("no cells", (np.random.default_rng(1).normal(100, 2, (256, 256))).astype(np.uint16)),
+    ("all cells", np.full((256, 256), 30000, np.uint16) + disk_field(100, 0)),
+    ("all nan", np.full((64, 64), np.nan, np.float32)),
+])
+def test_degenerate_images_give_valid_labels(binary, tmp_path, name, data):
+    tifffile.imwrite(tmp_path / "in.tif", data)
+    p = run(binary, "segment", tmp_path / "in.tif", "--out", tmp_path / "n.tif")
+    assert p.returncode == 0, p.stderr
+    labels = tifffile.imread(tmp_path / "n.tif")
+    assert labels.shape == data.shape and labels.dtype == np.uint32
+    if name in ("empty", "saturated", "all nan"):
+        assert labels.max() == 0 and "no nuclei found" in p.stderr
+
+
+def test_bad_requests_fail_clearly(binary, tmp_path):
+    (tmp_path / "junk.tif").write_bytes(b"II*\x00garbage")
+    p = run(binary, "segment", tmp_path / "junk.tif", "--out", tmp_path / "n.tif")
+    assert p.returncode == 1 and "junk.tif" in p.stderr and "not a readable TIFF" in p.stderr
+    tifffile.imwrite(tmp_path / "one.tif", np.zeros((8, 8), np.uint16))
+    p = run(binary, "segment", tmp_path / "one.tif", "--out", tmp_path / "n.tif", "--nuclei-channel", 2)
+    assert p.returncode == 2 and "has 1 channel(s)" in p.stderr
+    p = run(binary, "segment", tmp_path / "one.tif", "--out", tmp_path / "n.tif", "--device", "cuda:0")
+    assert p.returncode == 2 and "CUDA kernels are not in this build" in p.stderr
+    assert not (tmp_path / "n.tif").exists()
