@@ -266,8 +266,15 @@ impl Proc {
                 let eps = *eps as f64;
                 let f = |chunk: &mut [f32]| {
                     let n = chunk.len().max(1) as f64;
-                    let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / n;
-                    let var = chunk.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                    // One pass for both moments, shifted by the first value so that large
+                    // offsets (camera baselines) do not cancel catastrophically.
+                    let shift = chunk.first().copied().unwrap_or(0.0) as f64;
+                    let (s1, s2) = chunk.iter().fold((0f64, 0f64), |(a, b), &v| {
+                        let d = v as f64 - shift;
+                        (a + d, b + d * d)
+                    });
+                    let mean = shift + s1 / n;
+                    let var = (s2 / n - (s1 / n) * (s1 / n)).max(0.0);
                     let (m, inv) = (mean as f32, (1.0 / (var.sqrt() + eps)) as f32);
                     chunk.iter_mut().for_each(|v| *v = (*v - m) * inv);
                 };
