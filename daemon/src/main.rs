@@ -82,28 +82,7 @@ enum Command {
         overwrite: bool,
     },
     /// Segment nuclei (and cells) in a TIFF with the daemon's segmentation; writes uint32 label TIFFs.
-    Segment {
-        /// 2-D TIFF, one channel or several (pages or interleaved samples); uint8/16/32 or float32.
-        input: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        /// Cell label image (needs --cells-channel).
-        #[arg(long, requires = "cells_channel")]
-        cells_out: Option<PathBuf>,
-        #[arg(long, default_value_t = 0)]
-        nuclei_channel: usize,
-        #[arg(long)]
-        cells_channel: Option<usize>,
-        /// Pixel size; defaults to the OME-XML PhysicalSizeX, else 0.65.
-        #[arg(long)]
-        pixel_size_um: Option<f64>,
-        /// Expected nucleus diameter: every pixel parameter is derived from it.
-        #[arg(long, default_value_t = 11.0)]
-        diameter_um: f64,
-        /// auto, cpu or cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    Segment(liveomics::segment_cli::SegmentRequest),
     /// Check and run ONNX models described by bioimage.io descriptions.
     Models {
         #[command(subcommand)]
@@ -246,34 +225,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Models { command } => models(command),
-        Command::Segment {
-            input,
-            out,
-            cells_out,
-            nuclei_channel,
-            cells_channel,
-            pixel_size_um,
-            diameter_um,
-            device,
-        } => {
+        Command::Segment(req) => {
             telemetry::init_logging(&liveomics::config::TelemetryConfig::default());
-            let pixel_size_um = pixel_size_um
-                .or_else(|| {
-                    liveomics_adapters::tiff_io::read_image(&input)
-                        .ok()
-                        .and_then(|i| i.pixel_size_um)
-                })
-                .unwrap_or(0.65);
-            let req = liveomics::segment_cli::SegmentRequest {
-                input,
-                out,
-                cells_out,
-                nuclei_channel,
-                cells_channel,
-                pixel_size_um,
-                diameter_um,
-                device,
-            };
             match liveomics::segment_cli::segment_file(&req) {
                 Ok(r) => {
                     for n in &r.notes {

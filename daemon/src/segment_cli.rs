@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use liveomics_adapters::tiff_io::{read_channels, write_plane, Plane, TiffError};
+use liveomics_adapters::tiff_io::{read_channels, read_image, write_plane, Plane, TiffError};
 use liveomics_kernels::segment::{segment_cells, segment_nuclei, CellParams, NucleiParams};
 use liveomics_kernels::KernelError;
 
@@ -30,16 +30,28 @@ pub enum SegmentError {
     Kernel(#[from] KernelError),
 }
 
-/// What `segment` was asked to do.
-#[derive(Debug, Clone)]
+/// What `segment` was asked to do (the command line of `liveomics segment`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct SegmentRequest {
+    /// 2-D TIFF, one channel or several (pages or interleaved samples); uint8/16/32 or float32.
     pub input: PathBuf,
+    #[arg(long)]
     pub out: PathBuf,
+    /// Cell label image (needs --cells-channel).
+    #[arg(long, requires = "cells_channel")]
     pub cells_out: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
     pub nuclei_channel: usize,
+    #[arg(long)]
     pub cells_channel: Option<usize>,
-    pub pixel_size_um: f64,
+    /// Pixel size; defaults to the OME-XML PhysicalSizeX, else 0.65.
+    #[arg(long)]
+    pub pixel_size_um: Option<f64>,
+    /// Expected nucleus diameter: every pixel parameter is derived from it.
+    #[arg(long, default_value_t = 11.0)]
     pub diameter_um: f64,
+    /// auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
 }
 
@@ -123,7 +135,11 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
         Some(k) => Some(to_u16(channel("cells", k)?, &mut notes)),
         None => None,
     };
-    let params = NucleiParams::from_physical(req.diameter_um, req.pixel_size_um)?;
+    let pixel_size_um = req
+        .pixel_size_um
+        .or_else(|| read_image(&req.input).ok().and_then(|i| i.pixel_size_um))
+        .unwrap_or(0.65);
+    let params = NucleiParams::from_physical(req.diameter_um, pixel_size_um)?;
     let (nuclei, n) = segment_nuclei(&dapi, w, h, &params)?;
     if n == 0 {
         notes.push("no nuclei found (empty, saturated or featureless nuclear channel?)".into());

@@ -242,23 +242,20 @@ impl Model {
 
     /// Runs the description's test inputs and compares with its test outputs.
     pub fn check(&self, timed_runs: usize) -> Result<CheckReport, ModelError> {
-        let missing = |id: &str| ModelError::Description {
-            model: self.descr.name.clone(),
-            key: format!("{id}.test_tensor"),
-            message: "missing; `models check` needs the model's test tensors".into(),
+        let read = |tensors: &[TensorDescr]| {
+            tensors
+                .iter()
+                .map(|d| {
+                    npy::read(d.test_tensor.as_deref().ok_or_else(|| ModelError::Description {
+                        model: self.descr.name.clone(),
+                        key: format!("{}.test_tensor", d.id),
+                        message: "missing; `models check` needs the model's test tensors".into(),
+                    })?)
+                })
+                .collect::<Result<Vec<_>, _>>()
         };
-        let inputs = self
-            .descr
-            .inputs
-            .iter()
-            .map(|d| npy::read(d.test_tensor.as_deref().ok_or_else(|| missing(&d.id))?))
-            .collect::<Result<Vec<_>, _>>()?;
-        let expected = self
-            .descr
-            .outputs
-            .iter()
-            .map(|d| npy::read(d.test_tensor.as_deref().ok_or_else(|| missing(&d.id))?))
-            .collect::<Result<Vec<_>, _>>()?;
+        let inputs = read(&self.descr.inputs)?;
+        let expected = read(&self.descr.outputs)?;
         let got = self.run(inputs.clone())?;
         let mut max_abs_error = Vec::new();
         for ((d, e), g) in self.descr.outputs.iter().zip(&expected).zip(&got) {
