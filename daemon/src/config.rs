@@ -125,6 +125,8 @@ pub struct SegmentationConfig {
     pub cells_channel: String,
     /// Expected nucleus diameter; every pixel parameter is derived from it and the pixel size.
     pub nucleus_diameter_um: f64,
+    /// Automatic threshold of the nuclear channel: `otsu`, or `triangle` for sparse or dim nuclei.
+    pub nuclei_threshold: NucleiThreshold,
     /// Cytoplasm foreground threshold as a fraction of Otsu's.
     pub cells_threshold_scale: f32,
 }
@@ -135,6 +137,7 @@ impl Default for SegmentationConfig {
             nuclei_channel: "DAPI".into(),
             cells_channel: "ER".into(),
             nucleus_diameter_um: 11.0,
+            nuclei_threshold: NucleiThreshold::Otsu,
             cells_threshold_scale: 0.3,
         }
     }
@@ -236,6 +239,22 @@ impl Default for ZenohSinkConfig {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NucleiThreshold {
+    Otsu,
+    Triangle,
+}
+
+impl From<NucleiThreshold> for liveomics_kernels::segment::ThresholdMethod {
+    fn from(t: NucleiThreshold) -> Self {
+        match t {
+            NucleiThreshold::Otsu => Self::Otsu,
+            NucleiThreshold::Triangle => Self::Triangle,
+        }
+    }
 }
 
 /// ONNX models and how they run (the `inference` stage).

@@ -53,6 +53,9 @@ pub struct SegmentRequest {
     /// auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Automatic threshold of the nuclear channel.
+    #[arg(long, value_enum, default_value_t = crate::config::NucleiThreshold::Otsu)]
+    pub threshold: crate::config::NucleiThreshold,
 }
 
 #[derive(Debug, Clone)]
@@ -139,7 +142,8 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
         .pixel_size_um
         .or_else(|| read_image(&req.input).ok().and_then(|i| i.pixel_size_um))
         .unwrap_or(0.65);
-    let params = NucleiParams::from_physical(req.diameter_um, pixel_size_um)?;
+    let mut params = NucleiParams::from_physical(req.diameter_um, pixel_size_um)?;
+    params.threshold = req.threshold.into();
     let (nuclei, n) = segment_nuclei(&dapi, w, h, &params)?;
     if n == 0 {
         notes.push("no nuclei found (empty, saturated or featureless nuclear channel?)".into());

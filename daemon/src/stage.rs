@@ -118,8 +118,9 @@ impl SegmentStage {
         } else {
             Some(find("segmentation.cells_channel", &s.cells_channel)?)
         };
-        let nuclei = NucleiParams::from_physical(s.nucleus_diameter_um, plan.pixel_size_um)
+        let mut nuclei = NucleiParams::from_physical(s.nucleus_diameter_um, plan.pixel_size_um)
             .map_err(|e| Invalid::new("segmentation.nucleus_diameter_um", e.to_string()))?;
+        nuclei.threshold = s.nuclei_threshold.into();
         Ok(Self {
             nuclei_channel,
             cells_channel,

@@ -150,9 +150,9 @@ pub fn gaussian_blur(src: &[f32], width: usize, height: usize, sigma: f32) -> Re
     Ok(dst)
 }
 
-/// Otsu's threshold over a 256-bin histogram between the image's min and max. Returns the value
-/// that best separates two classes; pixels `> threshold` are foreground.
-pub fn otsu_threshold(src: &[f32]) -> f32 {
+/// 256-bin histogram of the finite values between their min and max: `(lo, bins per unit,
+/// counts)`, or `None` when there is no range (constant, empty or all-NaN image).
+fn histogram_f32(src: &[f32]) -> Option<(f32, f32, [u64; 256])> {
     const BINS: usize = 256;
     const CHUNK: usize = 1 << 16;
     let (lo, hi) = src
@@ -167,7 +167,7 @@ pub fn otsu_threshold(src: &[f32]) -> f32 {
             |(a, b), (c, d)| (a.min(c), b.max(d)),
         );
     if !(hi > lo) {
-        return lo;
+        return None;
     }
     let scale = (BINS as f32 - 1.0) / (hi - lo);
     let hist = src
@@ -186,6 +186,15 @@ pub fn otsu_threshold(src: &[f32]) -> f32 {
                 a
             },
         );
+    Some((lo, scale, hist))
+}
+
+/// Otsu's threshold over a 256-bin histogram between the image's min and max. Returns the value
+/// that best separates two classes; pixels `> threshold` are foreground.
+pub fn otsu_threshold(src: &[f32]) -> f32 {
+    let Some((lo, scale, hist)) = histogram_f32(src) else {
+        return src.iter().copied().find(|v| v.is_finite()).unwrap_or(0.0);
+    };
     let total: u64 = hist.iter().sum();
     let sum_all: f64 = hist.iter().enumerate().map(|(i, &c)| i as f64 * c as f64).sum();
     let (mut w0, mut sum0) = (0f64, 0f64);
@@ -206,6 +215,40 @@ pub fn otsu_threshold(src: &[f32]) -> f32 {
         }
     }
     lo + (best_t as f32 + 0.5) / scale
+}
+
+/// The triangle threshold (Zack et al. 1977): the histogram bin farthest from the line joining
+/// the histogram's peak to the end of its longer tail. Where foreground is a small, dim fraction
+/// of the field (sparse wells, weak stains) Otsu splits the background peak; the triangle
+/// method keeps to its foot.
+pub fn triangle_threshold(src: &[f32]) -> f32 {
+    let Some((lo, scale, hist)) = histogram_f32(src) else {
+        return src.iter().copied().find(|v| v.is_finite()).unwrap_or(0.0);
+    };
+    let first = hist.iter().position(|&c| c > 0).unwrap_or(0);
+    let last = hist.iter().rposition(|&c| c > 0).unwrap_or(255);
+    let peak = (0..256).max_by_key(|&i| (hist[i], std::cmp::Reverse(i))).unwrap_or(0);
+    // Walk from the peak towards the longer tail; the line runs peak -> tail end.
+    let (end, step): (usize, isize) = if last - peak >= peak - first {
+        (last, 1)
+    } else {
+        (first, -1)
+    };
+    let (x0, y0) = (peak as f64, hist[peak] as f64);
+    let (x1, y1) = (end as f64, hist[end] as f64);
+    let (dx, dy) = (x1 - x0, y1 - y0);
+    let norm = (dx * dx + dy * dy).sqrt().max(1e-12);
+    let mut best = (0f64, peak);
+    let mut i = peak as isize;
+    while i != end as isize {
+        let (x, y) = (i as f64, hist[i as usize] as f64);
+        let d = (dy * x - dx * y + x1 * y0 - y1 * x0).abs() / norm;
+        if d > best.0 {
+            best = (d, i as usize);
+        }
+        i += step;
+    }
+    lo + (best.1 as f32 + 0.5) / scale
 }
 
 /// 1-D squared distance transform of a sampled function (Felzenszwalb & Huttenlocher 2012): the
@@ -873,6 +916,17 @@ pub fn crop_gather_u16(
 #[cfg(test)]
 mod crop_tests {
     use super::*;
+
+    #[test]
+    fn triangle_sits_at_the_foot_of_the_background_peak() {
+        // 95 % background around 100 (spread 100..110), 5 % dim foreground spread 150..1000.
+        let mut v: Vec<f32> = (0..9500).map(|i| 100.0 + (i % 11) as f32).collect();
+        v.extend((0..500).map(|i| 150.0 + (i as f32) * 1.7));
+        let t = triangle_threshold(&v);
+        assert!(t > 105.0 && t < 200.0, "triangle {t}");
+        assert_eq!(triangle_threshold(&[3.0; 10]), 3.0);
+        assert_eq!(otsu_threshold(&[f32::NAN, 2.0, 2.0]), 2.0);
+    }
 
     #[test]
     fn running_max_matches_naive() {

@@ -4,12 +4,32 @@
 
 use crate::{cpu, KernelError};
 
+/// How the foreground threshold of a smoothed channel is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ThresholdMethod {
+    /// Otsu's between-class variance: robust when foreground is a sizeable fraction.
+    #[default]
+    Otsu,
+    /// Zack's triangle: for sparse or dim foreground on a dominant background peak.
+    Triangle,
+}
+
+impl ThresholdMethod {
+    pub fn threshold(self, smooth: &[f32]) -> f32 {
+        match self {
+            ThresholdMethod::Otsu => cpu::otsu_threshold(smooth),
+            ThresholdMethod::Triangle => cpu::triangle_threshold(smooth),
+        }
+    }
+}
+
 /// Nuclei parameters in pixels. Build them with [`NucleiParams::from_physical`] unless a test needs
 /// exact pixel values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NucleiParams {
     pub smoothing_sigma_px: f32,
-    /// Multiplies the Otsu threshold; below 1 keeps dim nuclei, above 1 trims halos.
+    pub threshold: ThresholdMethod,
+    /// Multiplies the automatic threshold; below 1 keeps dim nuclei, above 1 trims halos.
     pub threshold_scale: f32,
     /// Half-width of the window in which a distance peak must be maximal to seed an object: about
     /// a third of a nucleus diameter splits touching pairs without cutting single ellipses.
@@ -34,6 +54,7 @@ impl NucleiParams {
         let area = std::f64::consts::PI * (d / 2.0).powi(2);
         Ok(Self {
             smoothing_sigma_px: (d / 12.0).clamp(0.5, 4.0) as f32,
+            threshold: ThresholdMethod::Otsu,
             threshold_scale: 1.0,
             seed_radius_px: ((d / 3.0).round() as usize).max(1),
             seed_min_depth_px: (d / 8.0).max(1.0) as f32,
@@ -77,7 +98,7 @@ pub fn segment_nuclei(
 ) -> Result<(Vec<u32>, u32), KernelError> {
     let norm = cpu::normalize_u16(raw, width, height, 0.5, 99.95)?;
     let smooth = cpu::gaussian_blur(&norm, width, height, p.smoothing_sigma_px)?;
-    let t = cpu::otsu_threshold(&smooth) * p.threshold_scale;
+    let t = p.threshold.threshold(&smooth) * p.threshold_scale;
     let mask: Vec<bool> = smooth.iter().map(|&v| v > t).collect();
     let dist = cpu::distance_transform(&mask, width, height)?;
     let dist = cpu::gaussian_blur(&dist, width, height, 1.0)?;
