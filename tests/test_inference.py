@@ -183,3 +183,51 @@ path = "{FIXTURES / 'cellnet'}"
             warnings.simplefilter("ignore")
             a = anndata.read_zarr(path / "tables" / "cells")
         assert "cellnet.GENE0" in a.obs.columns and np.isfinite(a.obs["cellnet.GENE0"]).all()
+
+
+def test_live_well_table_example_prints_predictions(binary, tmp_path):
+    """docs/examples/live_well_table.py, run as a user would, against a daemon running a per-cell
+    model; per-well readouts are also published on liveomics/{instrument}/wells/{plate}/{well}."""
+    import json as _json
+    import subprocess
+    import sys
+
+    import zenoh as _zenoh
+
+    from conftest import free_port
+
+    port, port2 = free_port(), free_port()
+    example = subprocess.Popen([sys.executable, str(ROOT / "docs" / "examples" / "live_well_table.py"),
+                                "--instrument", "livetest", "--listen", f"tcp/127.0.0.1:{port}", "--fields", "4"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert example.stdout.readline().strip() == "listening"
+    wells = []
+    conf = _zenoh.Config()
+    conf.insert_json5("listen/endpoints", _json.dumps([f"tcp/127.0.0.1:{port2}"]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    watcher = _zenoh.open(conf)
+    watcher.declare_subscriber("liveomics/livetest/wells/live/*", lambda s: wells.append(_json.loads(s.payload.to_bytes())))
+    cfg = tmp_path / "c.toml"
+    sim = sim_toml(plate="live", wells=("B2", "C3"), fields=2, size=256, seed=5, rate=2.0)
+    toml = daemon_toml(tmp_path / "out", "livetest", None, sim).replace(
+        "connect = []", f'connect = ["tcp/127.0.0.1:{port}", "tcp/127.0.0.1:{port2}"]')
+    toml += f"""
+[pipeline]
+stages = ["segment", "measure", "inference"]
+[inference]
+providers = ["cpu"]
+[[inference.models]]
+name = "cellnet"
+path = "{FIXTURES / 'cellnet'}"
+"""
+    cfg.write_text(toml)
+    p = run(binary, "run", "--config", cfg)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out, err = example.communicate(timeout=60)
+    watcher.close()
+    assert example.returncode == 0, err
+    last = out.strip().split("after 4 fields")[-1]
+    assert "B2" in last and "C3" in last and "cellnet.GENE0" in last, out
+    assert len(wells) == 4 and {w["well"] for w in wells} == {"B2", "C3"}
+    assert {"fields", "cells", "mean_cell_area_px", "predictions"} <= set(wells[-1])
+    assert max(w["fields"] for w in wells) == 2 and "cellnet.GENE0" in wells[-1]["predictions"]

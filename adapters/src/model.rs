@@ -213,6 +213,18 @@ impl Pixels {
     }
 }
 
+/// Where and why a frame was acquired, when the source knows: what a closed loop needs to send
+/// the microscope back to the same place, and to recognise the answer to a follow-up request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Origin {
+    /// Stage position `[x, y, z]` in µm.
+    pub stage_um: Option<[f64; 3]>,
+    /// The acquisition event's index as the control software numbers it (useq: `{"p":1,"c":0}`).
+    pub event_index: Option<String>,
+    /// Set when the frame answers a follow-up request.
+    pub followup_id: Option<String>,
+}
+
 /// One channel of one field, as a camera delivers it.
 #[derive(Debug, Clone)]
 pub struct Frame {
@@ -226,6 +238,7 @@ pub struct Frame {
     pub acquired_at: SystemTime,
     /// Monotonic time the frame entered liveomics; latency is measured from here.
     pub received_at: Instant,
+    pub origin: Origin,
 }
 
 /// What a source promises to deliver, known before the first frame, so that sinks can write plate
@@ -303,6 +316,8 @@ pub struct Field {
     pub acquired_at: SystemTime,
     /// Monotonic arrival of the field's first frame.
     pub received_at: Instant,
+    /// The first frame's origin.
+    pub origin: Origin,
 }
 
 impl Field {

@@ -1039,6 +1039,7 @@ impl Source for Simulator {
                             pixels: Pixels::U16(Arc::from(px)),
                             acquired_at,
                             received_at: Instant::now(),
+                            origin: Default::default(),
                         };
                         report.send(out, frame)?;
                     }

@@ -30,6 +30,8 @@ pub struct Config {
     pub segmentation: SegmentationConfig,
     pub inference: InferenceConfig,
     pub sinks: SinksConfig,
+    /// Rules that send the microscope back (the `followup` sink; needs a zenoh connection).
+    pub closed_loop: crate::sink::followup::ClosedLoopConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -43,6 +45,7 @@ impl Default for Config {
             segmentation: SegmentationConfig::default(),
             inference: InferenceConfig::default(),
             sinks: SinksConfig::default(),
+            closed_loop: Default::default(),
             telemetry: TelemetryConfig::default(),
         }
     }

@@ -442,6 +442,7 @@ struct Pending {
     channels: Vec<Option<Arc<[u16]>>>,
     acquired_at: std::time::SystemTime,
     received_at: Instant,
+    origin: liveomics_adapters::model::Origin,
     have: usize,
 }
 
@@ -469,6 +470,7 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, time
             channels: p.channels,
             acquired_at: p.acquired_at,
             received_at: p.received_at,
+            origin: p.origin,
         };
         let missing: Vec<String> = field
             .missing_channels()
@@ -577,6 +579,7 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, time
                     channels: vec![None; n],
                     acquired_at: frame.acquired_at,
                     received_at: frame.received_at,
+                    origin: frame.origin.clone(),
                     have: 0,
                 });
                 if entry.channels[frame.channel].is_some() {

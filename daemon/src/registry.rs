@@ -104,6 +104,11 @@ pub const SINKS: &[SinkKind] = &[
             )?))
         },
     },
+    SinkKind {
+        name: "followup",
+        enabled: |cfg| cfg.closed_loop.enabled,
+        open: |cfg, plan, _| Ok(Box::new(crate::sink::followup::FollowupSink::open(cfg, &plan)?)),
+    },
 ];
 
 pub fn source_kind(name: &str) -> Option<&'static SourceKind> {
@@ -153,6 +158,9 @@ pub fn validate(cfg: &Config) -> Vec<Invalid> {
                 ));
             }
         }
+    }
+    if let Some(src) = &source {
+        out.extend(crate::sink::followup::validate(cfg, src.plan()));
     }
     let mut seen: Vec<&str> = Vec::new();
     for (i, name) in cfg.pipeline.stages.iter().enumerate() {

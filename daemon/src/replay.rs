@@ -262,6 +262,7 @@ impl Source for ZarrReplay {
                         SystemTime::now()
                     },
                     received_at: Instant::now(),
+                    origin: Default::default(),
                 });
             }
             report.read_time += r0.elapsed();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
-use liveomics_adapters::model::{AcquisitionPlan, FieldKey, Frame, Name, Pixels, PlateFormat, WellId};
+use liveomics_adapters::model::{AcquisitionPlan, FieldKey, Frame, Name, Origin, Pixels, PlateFormat, WellId};
 use liveomics_adapters::source::{Problems, Source, SourceError, SourceProblem, SourceReport, StopToken};
 use liveomics_adapters::Invalid;
 use serde::{Deserialize, Serialize};
@@ -108,6 +108,15 @@ struct Header {
     timepoint: u32,
     #[serde(default)]
     acquired_unix_ns: Option<u64>,
+    /// Stage position `[x, y, z]` in µm.
+    #[serde(default)]
+    stage_um: Option<[f64; 3]>,
+    /// The acquisition event's index (useq-schema `MDAEvent.index`), kept as given.
+    #[serde(default)]
+    event_index: Option<serde_json::Value>,
+    /// The follow-up request this frame answers.
+    #[serde(default)]
+    followup_id: Option<String>,
 }
 
 /// The zenoh source.
@@ -180,8 +189,9 @@ impl ZenohSource {
         let n = h
             .checked_mul(w)
             .ok_or_else(|| ("shape", format!("{key}: shape overflows")))?;
+        let bytes16 = n.saturating_mul(2);
         let pixels = match header.dtype.as_str() {
-            "uint16" | "<u2" if payload.len() == n * 2 => Pixels::U16(pixels_from_le_bytes(payload)),
+            "uint16" | "<u2" if payload.len() == bytes16 => Pixels::U16(pixels_from_le_bytes(payload)),
             "uint8" | "|u1" if payload.len() == n => {
                 Pixels::U16(payload.iter().map(|&b| u16::from(b)).collect::<Vec<_>>().into())
             }
@@ -210,6 +220,11 @@ impl ZenohSource {
             pixels,
             acquired_at,
             received_at: Instant::now(),
+            origin: Origin {
+                stage_um: header.stage_um.filter(|p| p.iter().all(|v| v.is_finite())),
+                event_index: header.event_index.map(|v| v.to_string()),
+                followup_id: header.followup_id.filter(|id| id.len() <= 128),
+            },
         })
     }
 }
@@ -291,4 +306,82 @@ fn pixels_from_le_bytes(bytes: &[u8]) -> Arc<[u16]> {
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
         .collect::<Vec<_>>()
         .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// Property test of the frame decoder: keys, payloads and headers from the network, mutated
+    /// at random from valid ones or made of noise, never panic; the valid frame still parses.
+    #[test]
+    fn malformed_input_never_panics() {
+        let cfg = ZenohSourceConfig {
+            plate: "P1".into(),
+            channels: vec!["DAPI".into(), "ER".into()],
+            width_px: 4,
+            height_px: 4,
+            ..ZenohSourceConfig::default()
+        };
+        let src = ZenohSource::new(&cfg, "scope1").unwrap();
+        let key = "liveomics/scope1/frames/P1/B2/0/DAPI";
+        let header = br#"{"shape":[4,4],"dtype":"uint16","timepoint":0,"acquired_unix_ns":1,"stage_um":[1.0,2.0,3.0],"event_index":{"p":1,"c":0},"followup_id":"r-1"}"#;
+        let payload = vec![7u8; 32];
+        let ok = src.frame(key, &payload, Some(header)).unwrap();
+        assert_eq!(ok.origin.stage_um, Some([1.0, 2.0, 3.0]));
+        assert_eq!(ok.origin.followup_id.as_deref(), Some("r-1"));
+        let specials: [&[u8]; 8] = [
+            br#"{"shape":[18446744073709551615,18446744073709551615],"dtype":"uint16"}"#,
+            br#"{"shape":[9223372036854775807,3],"dtype":"uint16"}"#,
+            br#"{"shape":[4],"dtype":"uint16"}"#,
+            br#"{"shape":[4,4],"dtype":7}"#,
+            br#"{"shape":[4,4],"dtype":"uint16","stage_um":[1e309,0,0]}"#,
+            br#"{"shape":[4,4],"dtype":"uint16","followup_id":""}"#,
+            b"",
+            b"\xff\xfe{",
+        ];
+        let keys = [
+            key,
+            "liveomics/scope1/frames/P1/B2/0",
+            "liveomics/scope1/frames/P1/../0/DAPI",
+            "liveomics/scope1/frames/P1/B2/-1/DAPI",
+            "liveomics/scope1/frames/P1/Z99/0/DAPI",
+            "liveomics/scope1/frames/P1/B2/99999999999999999999/DAPI",
+            "//////",
+            "",
+        ];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for i in 0..20_000 {
+            let k = if rng.random_bool(0.8) {
+                keys[rng.random_range(0..keys.len())].to_string()
+            } else {
+                (0..rng.random_range(0..60))
+                    .map(|_| rng.random_range(32u8..127) as char)
+                    .collect()
+            };
+            let mut att: Vec<u8> = match i % 3 {
+                0 => header.to_vec(),
+                1 => specials[rng.random_range(0..specials.len())].to_vec(),
+                _ => (0..rng.random_range(0..80)).map(|_| rng.random()).collect(),
+            };
+            for _ in 0..rng.random_range(0..4) {
+                if !att.is_empty() {
+                    let j = rng.random_range(0..att.len());
+                    att[j] = rng.random();
+                }
+            }
+            if rng.random_bool(0.1) {
+                att.truncate(rng.random_range(0..=att.len()));
+            }
+            let pl: Vec<u8> = vec![1; rng.random_range(0..70)];
+            let attachment = if rng.random_bool(0.05) {
+                None
+            } else {
+                Some(att.as_slice())
+            };
+            let _ = src.frame(&k, &pl, attachment);
+        }
+    }
 }

@@ -41,6 +41,7 @@ impl Source for FaultySource {
             pixels: px,
             acquired_at: SystemTime::now(),
             received_at: Instant::now(),
+            origin: Default::default(),
         };
         let (w, h) = (self.plan.width, self.plan.height);
         for field in 0..3u32 {

@@ -371,6 +371,7 @@ impl FolderSource {
             pixels,
             acquired_at: mtime,
             received_at: Instant::now(),
+            origin: Default::default(),
         }))
     }
 

@@ -2,6 +2,7 @@
 //! its own bounded queue, so a slow sink slows the pipeline (backpressure) instead of losing data.
 
 pub mod cells_arrow;
+pub mod followup;
 pub mod zarr;
 pub mod zenoh;
 

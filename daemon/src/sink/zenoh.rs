@@ -43,12 +43,18 @@ pub fn connection_config(
     Ok(z)
 }
 
-/// Per-well state of the plate so far: what late joiners get from the summary queryable.
+/// Per-well state of the plate so far: what late joiners get from the summary queryable, and
+/// what `liveomics/{instrument}/wells/{plate}/{well}` carries after every field of the well.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 struct WellSummary {
+    well: String,
     fields: u64,
     cells: u64,
     mean_cell_area_px: f64,
+    /// Mean over the well's cells so far of every per-cell model output (`{model}.{output}`).
+    predictions: std::collections::BTreeMap<String, f64>,
+    #[serde(skip)]
+    prediction_cells: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -169,11 +175,31 @@ impl Sink for ZenohSink {
             let area: f64 = work.records.iter().map(|r| r.area_px as f64).sum();
             s.fields_done += 1;
             s.cells += n;
-            let w = s.wells.entry(work.field.key.well.name()).or_default();
+            let well = work.field.key.well.name();
+            let w = s.wells.entry(well.clone()).or_default();
+            w.well = well;
             let total = w.mean_cell_area_px * w.cells as f64 + area;
             w.fields += 1;
             w.cells += n;
             w.mean_cell_area_px = if w.cells > 0 { total / w.cells as f64 } else { 0.0 };
+            for (name, values) in &work.cell_predictions {
+                let finite: Vec<f64> = values.iter().filter(|v| v.is_finite()).map(|&v| v as f64).collect();
+                let k = w.prediction_cells.entry(name.clone()).or_default();
+                let m = w.predictions.entry(name.clone()).or_default();
+                let sum = *m * *k as f64 + finite.iter().sum::<f64>();
+                *k += finite.len() as u64;
+                *m = if *k > 0 { sum / *k as f64 } else { 0.0 };
+            }
+            let body = serde_json::to_vec(&*w).unwrap_or_default();
+            let k = &work.field.key;
+            self.session
+                .put(
+                    format!("liveomics/{}/wells/{}/{}", self.instrument, k.plate, k.well.name()),
+                    body,
+                )
+                .encoding("application/json")
+                .wait()
+                .map_err(|e| SinkError::Zenoh(e.to_string()))?;
         }
         self.publish_status()
     }

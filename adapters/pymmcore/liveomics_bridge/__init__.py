@@ -1,0 +1,6 @@
+"""Micro-Manager (pymmcore-plus) to the liveomics daemon over zenoh, and the daemon's follow-up
+requests back into the running acquisition."""
+
+from .bridge import Bridge, frame_key, well_and_field
+
+__all__ = ["Bridge", "frame_key", "well_and_field"]

@@ -1,0 +1,235 @@
+"""The bridge: frames out, follow-up requests in."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import useq
+import zenoh
+
+log = logging.getLogger("liveomics_bridge")
+
+NAME = re.compile(r"^[A-Za-z0-9]+$")
+_STOP = object()
+
+
+def well_and_field(event: useq.MDAEvent) -> tuple[str, int]:
+    """The `{well}` and `{field}` key chunks of an event: from `metadata["liveomics"]` for
+    follow-ups, else from useq's position name (`A1_0000`), else position index."""
+    lo = (event.metadata or {}).get("liveomics")
+    if lo:
+        return str(lo["well"]), int(lo["field"])
+    name = event.pos_name or ""
+    m = re.match(r"^([A-Za-z]+[0-9]+)_(\d+)$", name)
+    if m:
+        return m.group(1), int(m.group(2))
+    if NAME.match(name):
+        return name, int(event.index.get("g", 0))
+    return "A1", int(event.index.get("p", 0))
+
+
+def frame_key(instrument: str, plate: str, event: useq.MDAEvent) -> str:
+    well, fld = well_and_field(event)
+    channel = event.channel.config if event.channel else "Default"
+    for chunk in (instrument, plate, well, channel):
+        if not NAME.match(chunk):
+            raise ValueError(f"{chunk!r} is not a key chunk (^[A-Za-z0-9]+$)")
+    return f"liveomics/{instrument}/frames/{plate}/{well}/{fld}/{channel}"
+
+
+@dataclass
+class _Request:
+    id: str
+    events: int
+    trigger: tuple[str, int]
+    received_ns: int
+    requested_ns: int = 0
+    started_ns: int | None = None
+    acquired: int = 0
+
+
+@dataclass
+class Stats:
+    frames: int = 0
+    blocked_s: float = 0.0
+    requests: int = 0
+    rejected_requests: int = 0
+    reaction_ms: list[float] = field(default_factory=list)
+    # The two parts of the reaction: the daemon deciding (trigger frame out -> request
+    # published) and the acquisition getting to it (request received -> event started).
+    decision_ms: list[float] = field(default_factory=list)
+    queue_ms: list[float] = field(default_factory=list)
+
+
+class Bridge:
+    """Runs MDAs on `core` and streams them to the daemon.
+
+    `session_config` is a `zenoh.Config` (peer mode with multicast scouting if None)."""
+
+    def __init__(self, core, instrument: str, plate: str, session_config=None, queue_frames: int = 64,
+                 idle_s: float = 3.0):
+        for chunk in (instrument, plate):
+            if not NAME.match(chunk):
+                raise ValueError(f"{chunk!r} must match ^[A-Za-z0-9]+$")
+        self.core, self.instrument, self.plate = core, instrument, plate
+        self.idle_s = idle_s
+        self.session = zenoh.open(session_config or zenoh.Config())
+        self.frames: queue.Queue = queue.Queue(maxsize=queue_frames)
+        self.events: queue.Queue = queue.Queue()
+        # Follow-ups go ahead of the plan's remaining events: the point is to react while the
+        # sample is still under the objective.
+        self.followups: queue.Queue = queue.Queue()
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._requests: dict[str, _Request] = {}
+        self._last_frame_ns: dict[tuple[str, int], int] = {}
+        self._publisher = threading.Thread(target=self._publish_loop, name="liveomics-publish", daemon=True)
+        self._publisher.start()
+        base = f"liveomics/{instrument}/followup/{plate}"
+        self._ack_key = f"{base}/ack"
+        self._sub = self.session.declare_subscriber(base, self._on_request)
+        core.mda.events.frameReady.connect(self._on_frame)
+        core.mda.events.eventStarted.connect(self._on_event_started)
+
+    # -- frames out -------------------------------------------------------------------------
+    def _on_frame(self, img: np.ndarray, event: useq.MDAEvent, meta=None) -> None:
+        """Acquisition thread: hand off and return; block (never drop) when the queue is full."""
+        item = (np.ascontiguousarray(img), event, time.time_ns())
+        try:
+            self.frames.put_nowait(item)
+        except queue.Full:
+            log.warning("frame queue full (%d): acquisition waits for the publisher", self.frames.maxsize)
+            t0 = time.perf_counter()
+            self.frames.put(item)
+            self.stats.blocked_s += time.perf_counter() - t0
+
+    def _publish_loop(self) -> None:
+        while True:
+            item = self.frames.get()
+            if item is _STOP:
+                return
+            img, event, acquired_ns = item
+            try:
+                self._publish(img, event, acquired_ns)
+            except Exception:  # a bad frame must not stop the stream
+                log.exception("cannot publish frame of %s", event)
+
+    def _publish(self, img: np.ndarray, event: useq.MDAEvent, acquired_ns: int) -> None:
+        key = frame_key(self.instrument, self.plate, event)
+        if img.dtype not in (np.uint16, np.uint8):
+            img = img.astype(np.uint16)
+        lo = (event.metadata or {}).get("liveomics") or {}
+        header = {
+            "shape": list(img.shape[-2:]),
+            "dtype": "uint16" if img.dtype == np.uint16 else "uint8",
+            "timepoint": int(event.index.get("t", 0)),
+            "acquired_unix_ns": acquired_ns,
+            "stage_um": [event.x_pos or 0.0, event.y_pos or 0.0, event.z_pos or 0.0],
+            "event_index": {str(k): int(v) for k, v in event.index.items()},
+        }
+        if lo.get("followup_id"):
+            header["followup_id"] = lo["followup_id"]
+        self.session.put(key, img.astype(img.dtype.newbyteorder("<"), copy=False).tobytes(),
+                         attachment=json.dumps(header).encode())
+        self.stats.frames += 1
+        well, fld = well_and_field(event)
+        with self._lock:
+            self._last_frame_ns[(well, fld)] = time.time_ns()
+            rid = lo.get("followup_id")
+            if rid in self._requests:
+                r = self._requests[rid]
+                r.acquired += 1
+                if r.acquired == r.events:
+                    self._ack(rid, "done")
+
+    # -- follow-ups in ----------------------------------------------------------------------
+    def _ack(self, rid: str, state: str, **extra) -> None:
+        self.session.put(self._ack_key, json.dumps({"id": rid, "state": state, **extra}).encode())
+
+    def _on_request(self, sample) -> None:
+        """zenoh thread: validate with useq, queue the events, acknowledge."""
+        try:
+            req = json.loads(sample.payload.to_bytes())
+            rid = str(req["id"])
+            events = [useq.MDAEvent(**e) for e in req["events"]]
+            trigger = (str(req["well"]), int(req["trigger"]["field"]))
+            not_before = int(req.get("not_before_unix_ns") or 0)
+            requested = int(req.get("requested_unix_ns") or 0)
+        except Exception as e:  # malformed request: say so, keep running
+            self.stats.rejected_requests += 1
+            log.warning("follow-up request rejected: %s", e)
+            return
+        with self._lock:
+            if rid in self._requests:
+                log.warning("duplicate follow-up request %s ignored", rid)
+                return
+            self._requests[rid] = _Request(rid, len(events), trigger, time.time_ns(), requested)
+            self.stats.requests += 1
+        delay = max(0.0, (not_before - time.time_ns()) / 1e9)
+        if delay > 0:
+            threading.Timer(delay, lambda: [self.followups.put(e) for e in events]).start()
+        else:
+            for e in events:
+                self.followups.put(e)
+        self._ack(rid, "scheduled", events=len(events))
+        log.info("follow-up %s scheduled: %d events", rid, len(events))
+
+    def _on_event_started(self, event: useq.MDAEvent) -> None:
+        rid = ((event.metadata or {}).get("liveomics") or {}).get("followup_id")
+        if not rid:
+            return
+        with self._lock:
+            r = self._requests.get(rid)
+            if r is None or r.started_ns is not None:
+                return
+            r.started_ns = time.time_ns()
+            last = self._last_frame_ns.get(r.trigger)
+        if last is not None:
+            # From the trigger field's last frame leaving the bridge to the follow-up starting.
+            self.stats.reaction_ms.append((r.started_ns - last) / 1e6)
+            if r.requested_ns:
+                self.stats.decision_ms.append((r.requested_ns - last) / 1e6)
+            self.stats.queue_ms.append((r.started_ns - r.received_ns) / 1e6)
+        self._ack(rid, "started")
+
+    def _outstanding(self) -> bool:
+        with self._lock:
+            return any(r.acquired < r.events for r in self._requests.values())
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, sequence: useq.MDASequence) -> Stats:
+        """Runs `sequence`, then whatever follow-ups arrive, until `idle_s` passes with no new
+        event and no request outstanding."""
+        for e in sequence:
+            self.events.put(e)
+
+        def feed():
+            while True:
+                for q in (self.followups, self.events):
+                    try:
+                        yield q.get_nowait()
+                        break
+                    except queue.Empty:
+                        continue
+                else:
+                    try:
+                        yield self.followups.get(timeout=self.idle_s)
+                    except queue.Empty:
+                        if not self._outstanding() and self.events.empty():
+                            return
+
+        self.core.mda.run(feed())
+        return self.stats
+
+    def close(self) -> None:
+        self.frames.put(_STOP)
+        self._publisher.join(timeout=30)
+        self._sub.undeclare()
+        self.session.close()

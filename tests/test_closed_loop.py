@@ -1,0 +1,160 @@
+"""The closed loop with the real Micro-Manager device layer (pymmcore-plus + mm-test-adapters,
+DemoCamera): the bridge runs a small plate, frames reach the daemon over zenoh, a rule fires, the
+follow-up request (valid useq-schema MDAEvents) is executed by pymmcore-plus, and its frames come
+back tagged with the follow-up id and are written as another field of the well (numbered from
+`closed_loop.followup_field_base`, 1000)."""
+
+import json
+import subprocess
+import threading
+import time
+
+import pytest
+import useq
+import zarr
+import zenoh
+
+from conftest import free_port
+
+pymmcore_plus = pytest.importorskip("pymmcore_plus")
+mm_test_adapters = pytest.importorskip("mm_test_adapters")
+from liveomics_bridge import Bridge  # noqa: E402
+
+
+def demo_core():
+    core = pymmcore_plus.CMMCorePlus()
+    core.setDeviceAdapterSearchPaths([mm_test_adapters.device_adapter_path()])
+    core.loadSystemConfiguration()
+    core.setExposure(5)
+    return core
+
+
+def zconf(port):
+    conf = zenoh.Config()
+    conf.insert_json5("mode", '"peer"')
+    conf.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    return conf
+
+
+def start_daemon(binary, tmp_path, port, extra=""):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"""
+instrument = "mm"
+latency_budget_ms = 5000
+[source]
+kind = "zenoh"
+[source.zenoh]
+plate = "MM1"
+channels = ["DAPI", "FITC"]
+width_px = 512
+height_px = 512
+pixel_size_um = 1.0
+idle_exit_ms = 6000
+listen = ["tcp/127.0.0.1:{port}"]
+multicast_scouting = false
+[segmentation]
+nuclei_channel = "DAPI"
+cells_channel = "FITC"
+nucleus_diameter_um = 10.0
+[sinks.zarr]
+output = "{tmp_path / 'out'}"
+[sinks.zenoh]
+connect = ["tcp/127.0.0.1:{port}"]
+multicast_scouting = false
+[telemetry]
+metrics_listen = ""
+{extra}
+""")
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "listening for frames" in line:
+            break
+    else:
+        proc.kill()
+        pytest.fail("daemon did not start: " + "".join(lines))
+    return proc, lines
+
+
+RULE = """
+[closed_loop]
+enabled = true
+max_followups_per_plate = 1
+request_timeout_ms = 20000
+[[closed_loop.rules]]
+name = "more"
+metric = "cells"
+scope = "field"
+comparison = ">="
+threshold = 0
+wells = ["A1"]
+action = { kind = "more_fields", fields = 1, spacing_um = 300.0 }
+"""
+
+
+def test_rule_fires_and_the_followup_is_acquired_and_written(binary, tmp_path):
+    port = free_port()
+    proc, head = start_daemon(binary, tmp_path, port, RULE)
+    requests, acks = [], []
+    watcher = zenoh.open(zconf(port))
+    watcher.declare_subscriber("liveomics/mm/followup/MM1", lambda s: requests.append(json.loads(s.payload.to_bytes())))
+    watcher.declare_subscriber("liveomics/mm/followup/MM1/ack", lambda s: acks.append(json.loads(s.payload.to_bytes())))
+    core = demo_core()
+    bridge = Bridge(core, "mm", "MM1", zconf(port), idle_s=4.0)
+    time.sleep(0.5)
+    plan = useq.WellPlatePlan(plate=96, a1_center_xy=(0, 0), selected_wells=([0, 0], [0, 1]),
+                              well_points_plan=useq.GridRowsColumns(rows=1, columns=2))
+    try:
+        stats = bridge.run(useq.MDASequence(stage_positions=plan, channels=["DAPI", "FITC"]))
+    finally:
+        bridge.close()
+    out, err = proc.communicate(timeout=120)
+    watcher.close()
+    assert proc.returncode == 0, err[-3000:]
+    # The request: one, from the rule, with valid useq events at a new field of A1.
+    assert len(requests) == 1, requests
+    req = requests[0]
+    assert req["rule"] == "more" and req["well"] == "A1" and req["fields"] == [1000]
+    events = [useq.MDAEvent(**e) for e in req["events"]]
+    assert [e.channel.config for e in events] == ["DAPI", "FITC"]
+    assert all(e.metadata["liveomics"]["followup_id"] == req["id"] for e in events)
+    assert events[0].x_pos == pytest.approx(req["events"][0]["x_pos"])
+    # Executed by pymmcore-plus, acknowledged, and written as field 2 of A1.
+    assert [a["state"] for a in acks if a["id"] == req["id"]] == ["scheduled", "started", "done"]
+    assert stats.frames == 2 * 2 * 2 + 2 and stats.requests == 1 and len(stats.reaction_ms) == 1
+    assert "follow-up acknowledged" in err and "follow-up field received" in err
+    plate = zarr.open_group(tmp_path / "out" / "MM1.zarr", mode="r")
+    a1 = [img["path"] for img in plate["A/1"].attrs["ome"]["well"]["images"]]
+    assert sorted(a1) == ["0", "1", "1000"]
+    assert zarr.open_array(tmp_path / "out" / "MM1.zarr" / "A" / "1" / "1000" / "0", mode="r").shape[-2:] == (512, 512)
+    a2 = [img["path"] for img in plate["A/2"].attrs["ome"]["well"]["images"]]
+    assert sorted(a2) == ["0", "1"]
+
+
+def test_malformed_requests_are_rejected_and_the_bridge_goes_on(tmp_path):
+    port = free_port()
+    listener = zenoh.Config()
+    listener.insert_json5("listen/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+    listener.insert_json5("scouting/multicast/enabled", "false")
+    hub = zenoh.open(listener)
+    frames = []
+    hub.declare_subscriber("liveomics/mm/frames/**", lambda s: frames.append(str(s.key_expr)))
+    bridge = Bridge(demo_core(), "mm", "MM2", zconf(port), idle_s=1.0)
+    time.sleep(0.5)
+    for bad in (b"not json", b'{"id": "x"}', json.dumps({"id": "y", "well": "A1", "trigger": {"field": 0},
+                                                           "events": [{"x_pos": "far"}]}).encode()):
+        hub.put("liveomics/mm/followup/MM2", bad)
+    time.sleep(0.5)
+    seq = useq.MDASequence(stage_positions=[useq.Position(x=0, y=0, name="B3_0000")], channels=["DAPI"])
+    try:
+        stats = bridge.run(seq)
+    finally:
+        bridge.close()
+    hub.close()
+    assert stats.rejected_requests == 3 and stats.requests == 0
+    assert frames == ["liveomics/mm/frames/MM2/B3/0/DAPI"]
