@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
@@ -82,7 +83,6 @@ class Bridge:
         self.idle_s = idle_s
         self.session = zenoh.open(session_config or zenoh.Config())
         self.frames: queue.Queue = queue.Queue(maxsize=queue_frames)
-        self.events: queue.Queue = queue.Queue()
         # Follow-ups go ahead of the plan's remaining events: the point is to react while the
         # sample is still under the objective.
         self.followups: queue.Queue = queue.Queue()
@@ -206,24 +206,35 @@ class Bridge:
     # -- running ----------------------------------------------------------------------------
     def run(self, sequence: useq.MDASequence) -> Stats:
         """Runs `sequence`, then whatever follow-ups arrive, until `idle_s` passes with no new
-        event and no request outstanding."""
-        for e in sequence:
-            self.events.put(e)
+        event and no request outstanding. Follow-ups go ahead of the plan's remaining events, but
+        only between positions: a field's channels are never split by a detour."""
+        plan = collections.deque(sequence)
+
+        def boundary(last) -> bool:
+            if last is None or not plan:
+                return True
+            nxt = plan[0]
+            return (nxt.index.get("p"), nxt.index.get("t"), nxt.index.get("g")) != (
+                last.index.get("p"), last.index.get("t"), last.index.get("g"))
 
         def feed():
+            last = None
             while True:
-                for q in (self.followups, self.events):
+                if boundary(last):
                     try:
-                        yield q.get_nowait()
-                        break
-                    except queue.Empty:
+                        yield self.followups.get_nowait()
                         continue
-                else:
-                    try:
-                        yield self.followups.get(timeout=self.idle_s)
                     except queue.Empty:
-                        if not self._outstanding() and self.events.empty():
-                            return
+                        pass
+                if plan:
+                    last = plan.popleft()
+                    yield last
+                    continue
+                try:
+                    yield self.followups.get(timeout=self.idle_s)
+                except queue.Empty:
+                    if not self._outstanding():
+                        return
 
         self.core.mda.run(feed())
         return self.stats
