@@ -158,3 +158,28 @@ def test_malformed_requests_are_rejected_and_the_bridge_goes_on(tmp_path):
     hub.close()
     assert stats.rejected_requests == 3 and stats.requests == 0
     assert frames == ["liveomics/mm/frames/MM2/B3/0/DAPI"]
+
+
+def test_bridge_leaving_mid_plate_is_reported_and_resumed(binary, tmp_path):
+    """The bridge goes away after the first field and a new one comes back for the second: the
+    daemon says the bridge was lost, keeps waiting, takes the rest, and warns at the end that the
+    bridge left again (the plate may be incomplete). Nothing acquired is lost."""
+    port = free_port()
+    proc, _ = start_daemon(binary, tmp_path, port)
+    for field in (0, 1):
+        bridge = Bridge(demo_core(), "mm", "MM1", zconf(port), idle_s=0.3)
+        time.sleep(0.5)
+        seq = useq.MDASequence(stage_positions=[useq.Position(x=field * 100.0, y=0, name=f"A1_{field:04d}")],
+                               channels=["DAPI", "FITC"])
+        try:
+            assert bridge.run(seq).frames == 2
+        finally:
+            bridge.close()
+        time.sleep(1.0)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("acquisition bridge connected") == 2, err[-3000:]
+    assert err.count("acquisition bridge lost") == 2
+    assert "did not come back" in err
+    plate = zarr.open_group(tmp_path / "out" / "MM1.zarr", mode="r")
+    assert sorted(img["path"] for img in plate["A/1"].attrs["ome"]["well"]["images"]) == ["0", "1"]

@@ -27,6 +27,7 @@ pub const QUEUE_DEPTH: &str = "liveomics_queue_depth";
 pub const SOURCE_BLOCKED_US: &str = "liveomics_source_blocked_microseconds_total";
 pub const ERRORS: &str = "liveomics_errors_total";
 pub const MODEL_SECONDS: &str = "liveomics_model_seconds";
+pub const BRIDGE_CONNECTED: &str = "liveomics_bridge_connected";
 pub const MODEL_FAILURES: &str = "liveomics_model_failures_total";
 pub const MODEL_BATCH_SIZE: &str = "liveomics_model_batch_size";
 pub const MODEL_INFO: &str = "liveomics_model_info";
@@ -197,6 +198,27 @@ fn describe() {
         MODEL_INFO,
         "1 per loaded model, labelled with its role and the execution provider it runs on"
     );
+}
+
+/// The acquisition bridge came or went (its zenoh liveliness token).
+#[derive(Debug)]
+pub struct BridgeLiveliness<'a> {
+    pub key: &'a str,
+    pub alive: bool,
+}
+
+impl BridgeLiveliness<'_> {
+    pub fn emit(&self) {
+        if self.alive {
+            info!(key = self.key, "acquisition bridge connected");
+        } else {
+            warn!(
+                key = self.key,
+                "acquisition bridge lost: fields in flight go on incomplete after the assembly timeout; waiting for it to return"
+            );
+        }
+        gauge!(BRIDGE_CONNECTED).set(if self.alive { 1.0 } else { 0.0 });
+    }
 }
 
 /// A model's session was created.

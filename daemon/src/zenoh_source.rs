@@ -257,11 +257,31 @@ impl Source for ZenohSource {
             .with(zenoh::handlers::FifoChannel::new(c.queue_frames))
             .wait()
             .map_err(zerr)?;
+        let bridge_key = format!("liveomics/{}/bridge/{}", self.instrument, self.plan.plate);
+        let liveliness = session
+            .liveliness()
+            .declare_subscriber(&bridge_key)
+            .history(true)
+            .with(zenoh::handlers::FifoChannel::new(16))
+            .wait()
+            .map_err(zerr)?;
+        let mut bridge_alive: Option<bool> = None;
         tracing::info!(key = %self.key_expr(), "listening for frames");
         let idle = Duration::from_millis(c.idle_exit_ms);
         let mut last = Instant::now();
         let mut fields = std::collections::HashSet::new();
         while !stop.is_stopped() {
+            while let Ok(Some(s)) = liveliness.try_recv() {
+                let alive = s.kind() == zenoh::sample::SampleKind::Put;
+                if bridge_alive != Some(alive) {
+                    bridge_alive = Some(alive);
+                    crate::telemetry::BridgeLiveliness {
+                        key: &bridge_key,
+                        alive,
+                    }
+                    .emit();
+                }
+            }
             let sample = match subscriber.recv_timeout(Duration::from_millis(100)) {
                 Ok(Some(s)) => s,
                 Ok(None) => {
@@ -293,6 +313,10 @@ impl Source for ZenohSource {
             }
         }
         report.stopped_early = stop.is_stopped();
+        if bridge_alive == Some(false) {
+            tracing::warn!(key = %bridge_key, "the acquisition bridge left and did not come back: the plate may be incomplete");
+        }
+        drop(liveliness);
         drop(subscriber);
         let _ = session.close().wait();
         Ok(report)

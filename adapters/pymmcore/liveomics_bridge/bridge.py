@@ -95,6 +95,8 @@ class Bridge:
         base = f"liveomics/{instrument}/followup/{plate}"
         self._ack_key = f"{base}/ack"
         self._sub = self.session.declare_subscriber(base, self._on_request)
+        # The daemon watches this token: when the bridge goes away mid-plate it says so and waits.
+        self._token = self.session.liveliness().declare_token(f"liveomics/{instrument}/bridge/{plate}")
         core.mda.events.frameReady.connect(self._on_frame)
         core.mda.events.eventStarted.connect(self._on_event_started)
 
@@ -243,4 +245,5 @@ class Bridge:
         self.frames.put(_STOP)
         self._publisher.join(timeout=30)
         self._sub.undeclare()
+        self._token.undeclare()
         self.session.close()
