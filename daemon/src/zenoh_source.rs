@@ -266,6 +266,9 @@ impl Source for ZenohSource {
             .wait()
             .map_err(zerr)?;
         let mut bridge_alive: Option<bool> = None;
+        // Publisher's acquisition time to arrival here, for frames whose header carries it
+        // (same host or synchronised clocks): the transport's share of the latency budget.
+        let mut transit_us = hdrhistogram::Histogram::<u64>::new(3).ok();
         tracing::info!(key = %self.key_expr(), "listening for frames");
         let idle = Duration::from_millis(c.idle_exit_ms);
         let mut last = Instant::now();
@@ -301,6 +304,10 @@ impl Source for ZenohSource {
             report.read_time += r0.elapsed();
             match parsed {
                 Ok(frame) => {
+                    if let (Some(h), Ok(d)) = (transit_us.as_mut(), SystemTime::now().duration_since(frame.acquired_at))
+                    {
+                        let _ = h.record(d.as_micros() as u64);
+                    }
                     if self.skip.contains(&frame.key) {
                         continue;
                     }
@@ -313,6 +320,15 @@ impl Source for ZenohSource {
             }
         }
         report.stopped_early = stop.is_stopped();
+        if let Some(h) = transit_us.filter(|h| h.len() > 0) {
+            tracing::info!(
+                frames = h.len(),
+                p50_ms = h.value_at_quantile(0.5) as f64 / 1e3,
+                p99_ms = h.value_at_quantile(0.99) as f64 / 1e3,
+                max_ms = h.max() as f64 / 1e3,
+                "frame transit (acquired_unix_ns in the header to arrival)"
+            );
+        }
         if bridge_alive == Some(false) {
             tracing::warn!(key = %bridge_key, "the acquisition bridge left and did not come back: the plate may be incomplete");
         }
