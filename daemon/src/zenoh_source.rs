@@ -320,7 +320,7 @@ impl Source for ZenohSource {
             }
         }
         report.stopped_early = stop.is_stopped();
-        if let Some(h) = transit_us.filter(|h| h.len() > 0) {
+        if let Some(h) = transit_us.filter(|h| !h.is_empty()) {
             tracing::info!(
                 frames = h.len(),
                 p50_ms = h.value_at_quantile(0.5) as f64 / 1e3,
