@@ -61,7 +61,8 @@ metrics_listen = ""
     for f in manifest["files"]:
         px = tifffile.imread(tmp_path / "staged" / f["path"])
         key = f"liveomics/scopeZ/frames/Z1/{f['well']}/{f['field']}/{f['channel']}"
-        session.put(key, px.astype("<u2").tobytes(), attachment=header(*px.shape))
+        session.put(key, px.astype("<u2").tobytes(), attachment=header(*px.shape),
+                    congestion_control=zenoh.CongestionControl.BLOCK)
     bad = np.zeros((256, 256), "<u2").tobytes()
     session.put("liveomics/scopeZ/frames/Z1/B2/0/DAPI", bad[:1000], attachment=header(256, 256))  # byte count
     session.put("liveomics/scopeZ/frames/Z1/B2/0/GFP", bad, attachment=header(256, 256))  # channel

@@ -269,6 +269,7 @@ impl Source for ZenohSource {
         // Publisher's acquisition time to arrival here, for frames whose header carries it
         // (same host or synchronised clocks): the transport's share of the latency budget.
         let mut transit_us = hdrhistogram::Histogram::<u64>::new(3).ok();
+        let mut span: Option<(Instant, Instant, u64)> = None;
         tracing::info!(key = %self.key_expr(), "listening for frames");
         let idle = Duration::from_millis(c.idle_exit_ms);
         let mut last = Instant::now();
@@ -308,6 +309,10 @@ impl Source for ZenohSource {
                     {
                         let _ = h.record(d.as_micros() as u64);
                     }
+                    let now = Instant::now();
+                    let s = span.get_or_insert((now, now, 0));
+                    s.1 = now;
+                    s.2 += payload.len() as u64;
                     if self.skip.contains(&frame.key) {
                         continue;
                     }
@@ -321,8 +326,11 @@ impl Source for ZenohSource {
         }
         report.stopped_early = stop.is_stopped();
         if let Some(h) = transit_us.filter(|h| !h.is_empty()) {
+            let (first, last, bytes) = span.unwrap_or((Instant::now(), Instant::now(), 0));
+            let secs = (last - first).as_secs_f64();
             tracing::info!(
                 frames = h.len(),
+                ingest_mb_s = if secs > 0.0 { bytes as f64 / 1e6 / secs } else { 0.0 },
                 p50_ms = h.value_at_quantile(0.5) as f64 / 1e3,
                 p99_ms = h.value_at_quantile(0.99) as f64 / 1e3,
                 max_ms = h.max() as f64 / 1e3,

@@ -75,13 +75,24 @@ class Bridge:
     `session_config` is a `zenoh.Config` (peer mode with multicast scouting if None)."""
 
     def __init__(self, core, instrument: str, plate: str, session_config=None, queue_frames: int = 64,
-                 idle_s: float = 3.0):
+                 idle_s: float = 3.0, shm_bytes: int = 256 * 1024 * 1024):
         for chunk in (instrument, plate):
             if not NAME.match(chunk):
                 raise ValueError(f"{chunk!r} must match ^[A-Za-z0-9]+$")
         self.core, self.instrument, self.plate = core, instrument, plate
         self.idle_s = idle_s
         self.session = zenoh.open(session_config or zenoh.Config())
+        # Frames are written into zenoh shared memory: a daemon on the same host maps them instead
+        # of receiving a copy over the socket; zenoh copies them onto the network otherwise.
+        self._shm = None
+        if shm_bytes:
+            try:
+                from zenoh import shm
+
+                self._shm = shm.ShmProvider.default_backend(shm_bytes)
+                self._shm_policy = shm.BlockOn(shm.GarbageCollect())
+            except Exception as e:  # no SHM in this zenoh build or platform: plain puts
+                log.info("zenoh shared memory not available (%s): frames are sent as bytes", e)
         self.frames: queue.Queue = queue.Queue(maxsize=queue_frames)
         # Follow-ups go ahead of the plan's remaining events: the point is to react while the
         # sample is still under the objective.
@@ -138,8 +149,15 @@ class Bridge:
         }
         if lo.get("followup_id"):
             header["followup_id"] = lo["followup_id"]
-        self.session.put(key, img.astype(img.dtype.newbyteorder("<"), copy=False).tobytes(),
-                         attachment=json.dumps(header).encode())
+        data = img.astype(img.dtype.newbyteorder("<"), copy=False).tobytes()
+        payload = data
+        if self._shm is not None:
+            buf = self._shm.alloc(len(data), policy=self._shm_policy)
+            buf[:] = data
+            payload = buf
+        # BLOCK: when zenoh's queue is full the publisher waits; the default would drop the frame.
+        self.session.put(key, payload, attachment=json.dumps(header).encode(),
+                         congestion_control=zenoh.CongestionControl.BLOCK)
         self.stats.frames += 1
         well, fld = well_and_field(event)
         with self._lock:
@@ -153,7 +171,8 @@ class Bridge:
 
     # -- follow-ups in ----------------------------------------------------------------------
     def _ack(self, rid: str, state: str, **extra) -> None:
-        self.session.put(self._ack_key, json.dumps({"id": rid, "state": state, **extra}).encode())
+        self.session.put(self._ack_key, json.dumps({"id": rid, "state": state, **extra}).encode(),
+                         congestion_control=zenoh.CongestionControl.BLOCK)
 
     def _on_request(self, sample) -> None:
         """zenoh thread: validate with useq, queue the events, acknowledge."""

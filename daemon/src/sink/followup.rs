@@ -503,6 +503,7 @@ impl Sink for FollowupSink {
             self.session
                 .put(&topic, serde_json::to_vec(&request).unwrap_or_default())
                 .encoding("application/json")
+                .congestion_control(zenoh::qos::CongestionControl::Block)
                 .wait()
                 .map_err(|e| SinkError::Zenoh(e.to_string()))?;
             tracing::info!(id = %id, rule = %rule.name, field = %work.name, value, "follow-up requested");

@@ -167,6 +167,7 @@ impl Sink for ZenohSink {
         self.session
             .put(Self::cells_key(&self.instrument, work), payload)
             .encoding("application/vnd.apache.arrow.stream")
+            .congestion_control(zenoh::qos::CongestionControl::Block)
             .attachment(attachment)
             .wait()
             .map_err(|e| SinkError::Zenoh(e.to_string()))?;
