@@ -117,6 +117,10 @@ struct Header {
     /// The follow-up request this frame answers.
     #[serde(default)]
     followup_id: Option<String>,
+    /// Pixel size the camera reports; must agree with the configured one (within 1 %), since
+    /// the plate's physical scale is written from the configuration.
+    #[serde(default)]
+    pixel_size_um: Option<f64>,
 }
 
 /// The zenoh source.
@@ -185,6 +189,17 @@ impl ZenohSource {
         let header: Header = attachment
             .ok_or_else(|| ("header", format!("{key}: no attachment with the frame header")))
             .and_then(|a| serde_json::from_slice(a).map_err(|e| ("header", format!("{key}: bad header: {e}"))))?;
+        if let Some(px) = header.pixel_size_um {
+            let want = self.plan.pixel_size_um;
+            if !(px.is_finite() && (px - want).abs() <= 0.01 * want) {
+                return Err((
+                    "pixel_size",
+                    format!(
+                        "{key}: pixel size {px} µm in the header, {want} µm configured (source.zenoh.pixel_size_um)"
+                    ),
+                ));
+            }
+        }
         let [h, w] = header.shape;
         let n = h
             .checked_mul(w)
@@ -375,11 +390,13 @@ mod tests {
         };
         let src = ZenohSource::new(&cfg, "scope1").unwrap();
         let key = "liveomics/scope1/frames/P1/B2/0/DAPI";
-        let header = br#"{"shape":[4,4],"dtype":"uint16","timepoint":0,"acquired_unix_ns":1,"stage_um":[1.0,2.0,3.0],"event_index":{"p":1,"c":0},"followup_id":"r-1"}"#;
+        let header = br#"{"shape":[4,4],"dtype":"uint16","timepoint":0,"acquired_unix_ns":1,"stage_um":[1.0,2.0,3.0],"event_index":{"p":1,"c":0},"followup_id":"r-1","pixel_size_um":0.65}"#;
         let payload = vec![7u8; 32];
         let ok = src.frame(key, &payload, Some(header)).unwrap();
         assert_eq!(ok.origin.stage_um, Some([1.0, 2.0, 3.0]));
         assert_eq!(ok.origin.followup_id.as_deref(), Some("r-1"));
+        let wrong_scale = br#"{"shape":[4,4],"dtype":"uint16","pixel_size_um":0.325}"#;
+        assert_eq!(src.frame(key, &payload, Some(wrong_scale)).unwrap_err().0, "pixel_size");
         let specials: [&[u8]; 8] = [
             br#"{"shape":[18446744073709551615,18446744073709551615],"dtype":"uint16"}"#,
             br#"{"shape":[9223372036854775807,3],"dtype":"uint16"}"#,

@@ -147,6 +147,9 @@ class Bridge:
             "stage_um": [event.x_pos or 0.0, event.y_pos or 0.0, event.z_pos or 0.0],
             "event_index": {str(k): int(v) for k, v in event.index.items()},
         }
+        px = self.core.getPixelSizeUm()
+        if px and px > 0:
+            header["pixel_size_um"] = px
         if lo.get("followup_id"):
             header["followup_id"] = lo["followup_id"]
         data = img.astype(img.dtype.newbyteorder("<"), copy=False).tobytes()
