@@ -108,3 +108,45 @@ def test_bad_requests_fail_clearly(binary, tmp_path):
     p = run(binary, "segment", tmp_path / "one.tif", "--out", tmp_path / "n.tif", "--device", "cuda:0")
     assert p.returncode == 2 and "CUDA kernels are not in this build" in p.stderr
     assert not (tmp_path / "n.tif").exists()
+
+
+def test_probability_map_segmentation_with_the_shared_unet(binary, tmp_path):
+    """A real third-party U-Net's foreground probability replaces the threshold; the same seeded
+    watershed splits the nuclei. Accuracy against the simulator's truth."""
+    from pathlib import Path
+
+    from conftest import ROOT, daemon_toml, sim_toml
+
+    unet = ROOT.parent / "shared" / "models" / "unet2d_nuclei_broad"
+    if not unet.exists():
+        pytest.skip("skipped: no ../shared")
+    import zarr
+
+    sim = sim_toml(plate="prob", wells=("B2",), fields=2, size=512, seed=41)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(daemon_toml(tmp_path / "out", "probtest", None, sim, zenoh_enabled=False) + f"""
+[segmentation]
+probability_model = "unet"
+[inference]
+providers = ["cpu"]
+[[inference.models]]
+name = "unet"
+path = "{unet}"
+role = "segmentation"
+channels = ["DAPI"]
+""")
+    p = run(binary, "run", "--config", cfg)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert run(binary, "simulate", "--config", cfg, "--out", tmp_path / "truth").returncode == 0
+    for field in (0, 1):
+        labels = zarr.open_array(tmp_path / "out" / "prob.zarr" / "B" / "2" / str(field) / "labels" / "nuclei" / "0",
+                                 mode="r")[:]
+        labels = labels.reshape(labels.shape[-2:])
+        truth = tifffile.imread(Path(tmp_path) / "truth" / "truth" / f"B2_f{field}_t0_nuclei.tif")
+        a = ap50(labels, truth)
+        print(f"U-Net probability segmentation, field {field}: nuclei AP@0.5 {a:.3f}")
+        assert a >= 0.85, field
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg.read_text().replace('probability_model = "unet"', 'probability_model = "nope"'))
+    v = run(binary, "validate", bad)
+    assert v.returncode == 2 and "segmentation.probability_model" in v.stderr

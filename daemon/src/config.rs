@@ -130,6 +130,11 @@ pub struct SegmentationConfig {
     pub nucleus_diameter_um: f64,
     /// Automatic threshold of the nuclear channel: `otsu`, or `triangle` for sparse or dim nuclei.
     pub nuclei_threshold: NucleiThreshold,
+    /// Name of an `[[inference.models]]` entry with the segmentation role: its foreground
+    /// probability (first output channel, > `probability_threshold`) replaces the automatic
+    /// threshold, and the same seeded watershed splits touching nuclei. Empty: threshold-based.
+    pub probability_model: String,
+    pub probability_threshold: f32,
     /// Cytoplasm foreground threshold as a fraction of Otsu's.
     pub cells_threshold_scale: f32,
 }
@@ -141,6 +146,8 @@ impl Default for SegmentationConfig {
             cells_channel: "ER".into(),
             nucleus_diameter_um: 11.0,
             nuclei_threshold: NucleiThreshold::Otsu,
+            probability_model: String::new(),
+            probability_threshold: 0.5,
             cells_threshold_scale: 0.3,
         }
     }

@@ -228,6 +228,10 @@ impl InferenceStage {
         let mut models = Vec::new();
         let mut errors = Vec::new();
         for (i, m) in cfg.inference.models.iter().enumerate() {
+            // The segmentation stage runs its probability model itself, before segmenting.
+            if m.name == cfg.segmentation.probability_model {
+                continue;
+            }
             match load(cfg, plan, i, m) {
                 Ok(l) => models.push(l),
                 Err(e) => errors.push(e),
@@ -369,6 +373,74 @@ impl InferenceStage {
                 Ok(1)
             }
         }
+    }
+}
+
+/// A whole-field model whose first output channel is a foreground probability, run by the
+/// segmentation stage (`segmentation.probability_model`).
+#[derive(Debug, Clone)]
+pub struct ProbabilityModel {
+    model: Arc<Loaded>,
+    tile: TileOptions,
+}
+
+impl ProbabilityModel {
+    /// Loads (or shares) the inference model named `name`; it must have the segmentation role.
+    pub fn new(cfg: &Config, plan: &AcquisitionPlan, name: &str) -> Result<Self, Invalid> {
+        let key = "segmentation.probability_model";
+        let (i, m) = cfg
+            .inference
+            .models
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = cfg.inference.models.iter().map(|m| m.name.as_str()).collect();
+                Invalid::new(
+                    key,
+                    format!("no [[inference.models]] named {name:?}; models: {}", known.join(", ")),
+                )
+            })?;
+        let model = load(cfg, plan, i, m)?;
+        if model.role != Role::Segmentation {
+            return Err(Invalid::new(
+                key,
+                format!("model {name:?} has role {}, not segmentation", role_name(model.role)),
+            ));
+        }
+        Ok(Self {
+            model,
+            tile: TileOptions {
+                tile: cfg.inference.tile_px,
+                overlap: cfg.inference.tile_overlap_px,
+                batch: 4,
+            },
+        })
+    }
+
+    /// The foreground probability of the field, `H * W`, with the model's latency recorded.
+    pub fn probability(&self, work: &FieldWork) -> Result<Vec<f32>, StageError> {
+        let t0 = Instant::now();
+        let inf = InferenceStage {
+            models: Vec::new(),
+            tile: self.tile,
+        };
+        let mut scratch = FieldWork::new(work.field.clone(), Arc::clone(&work.plan), work.deadline);
+        inf.run_one(&self.model, &mut scratch)?;
+        let image = scratch
+            .images
+            .pop()
+            .ok_or_else(|| StageError::MissingChannel("probability".into()))?;
+        let n = work.field.width * work.field.height;
+        t::ModelRan {
+            model: &self.model.name,
+            provider: &self.model.provider,
+            field: &work.name,
+            items: 1,
+            elapsed: t0.elapsed(),
+        }
+        .emit();
+        Ok(image.data.data[..n].to_vec())
     }
 }
 

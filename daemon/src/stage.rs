@@ -94,6 +94,7 @@ pub fn channel_index(plan: &AcquisitionPlan, name: &str) -> Option<usize> {
 /// Nuclei, then cells propagated from them over the cytoplasm channel.
 #[derive(Debug)]
 pub struct SegmentStage {
+    probability: Option<(crate::inference::ProbabilityModel, f32)>,
     nuclei_channel: usize,
     cells_channel: Option<usize>,
     nuclei: NucleiParams,
@@ -121,7 +122,22 @@ impl SegmentStage {
         let mut nuclei = NucleiParams::from_physical(s.nucleus_diameter_um, plan.pixel_size_um)
             .map_err(|e| Invalid::new("segmentation.nucleus_diameter_um", e.to_string()))?;
         nuclei.threshold = s.nuclei_threshold.into();
+        let probability = if s.probability_model.is_empty() {
+            None
+        } else {
+            if !(s.probability_threshold > 0.0 && s.probability_threshold < 1.0) {
+                return Err(Invalid::new(
+                    "segmentation.probability_threshold",
+                    "must be within (0, 1)",
+                ));
+            }
+            Some((
+                crate::inference::ProbabilityModel::new(cfg, plan, &s.probability_model)?,
+                s.probability_threshold,
+            ))
+        };
         Ok(Self {
+            probability,
             nuclei_channel,
             cells_channel,
             nuclei,
@@ -144,7 +160,13 @@ impl Stage for SegmentStage {
         let dapi = f.channels[self.nuclei_channel]
             .as_ref()
             .ok_or_else(|| missing(self.nuclei_channel))?;
-        let (nuclei, _) = segment::segment_nuclei(dapi, f.width, f.height, &self.nuclei)?;
+        let (nuclei, _) = match &self.probability {
+            Some((model, threshold)) => {
+                let prob = model.probability(work)?;
+                segment::segment_nuclei_probability(&prob, f.width, f.height, *threshold, &self.nuclei)?
+            }
+            None => segment::segment_nuclei(dapi, f.width, f.height, &self.nuclei)?,
+        };
         let cells = match self.cells_channel {
             // Without the cytoplasm channel the nuclei still stand; the error is reported.
             Some(c) => match f.channels[c].as_ref() {

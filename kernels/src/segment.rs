@@ -100,12 +100,37 @@ pub fn segment_nuclei(
     let smooth = cpu::gaussian_blur(&norm, width, height, p.smoothing_sigma_px)?;
     let t = p.threshold.threshold(&smooth) * p.threshold_scale;
     let mask: Vec<bool> = smooth.iter().map(|&v| v > t).collect();
-    let dist = cpu::distance_transform(&mask, width, height)?;
+    split_foreground(&mask, width, height, p)
+}
+
+/// Nuclei from a foreground probability map (e.g. a U-Net's output): pixels above `threshold`
+/// are foreground, and touching nuclei are split by the same seeded watershed as the
+/// threshold path. NaN probabilities count as background.
+pub fn segment_nuclei_probability(
+    prob: &[f32],
+    width: usize,
+    height: usize,
+    threshold: f32,
+    p: &NucleiParams,
+) -> Result<(Vec<u32>, u32), KernelError> {
+    crate::check_len("probability", prob, width, height)?;
+    let mask: Vec<bool> = prob.iter().map(|&v| v > threshold).collect();
+    split_foreground(&mask, width, height, p)
+}
+
+/// Distance-transform seeds, watershed within the mask, size filter: labels `1..=n`.
+fn split_foreground(
+    mask: &[bool],
+    width: usize,
+    height: usize,
+    p: &NucleiParams,
+) -> Result<(Vec<u32>, u32), KernelError> {
+    let dist = cpu::distance_transform(mask, width, height)?;
     let dist = cpu::gaussian_blur(&dist, width, height, 1.0)?;
-    let (mut markers, mut n) = cpu::peak_markers(&dist, &mask, width, height, p.seed_radius_px, p.seed_min_depth_px)?;
+    let (mut markers, mut n) = cpu::peak_markers(&dist, mask, width, height, p.seed_radius_px, p.seed_min_depth_px)?;
     // Foreground blobs too shallow to hold a seed still become one object each (the size filter
     // decides whether they are kept), so no foreground is silently lost to the watershed.
-    let (components, nc) = cpu::connected_components(&mask, width, height, true)?;
+    let (components, nc) = cpu::connected_components(mask, width, height, true)?;
     let mut has_seed = vec![false; nc as usize + 1];
     for (&m, &c) in markers.iter().zip(&components) {
         if m != 0 {
@@ -125,7 +150,7 @@ pub fn segment_nuclei(
         }
     }
     let elevation: Vec<f32> = dist.iter().map(|d| -d).collect();
-    let labels = cpu::watershed(&elevation, &markers, &mask, width, height)?;
+    let labels = cpu::watershed(&elevation, &markers, mask, width, height)?;
     Ok(cpu::filter_by_area(&labels, p.min_area_px, p.max_area_px))
 }
 
