@@ -327,15 +327,7 @@ fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Resu
 impl InferenceStage {
     fn run_one(&self, l: &Loaded, work: &mut FieldWork) -> Result<usize, StageError> {
         let f = &work.field;
-        let planes = l
-            .channels
-            .iter()
-            .map(|&c| {
-                f.channels[c]
-                    .as_deref()
-                    .ok_or_else(|| StageError::MissingChannel(work.plan.channels[c].name.clone()))
-            })
-            .collect::<Result<Vec<&[u16]>, _>>()?;
+        let planes = model_planes(l, work)?;
         match l.role {
             Role::CellOmics => {
                 let Some(batcher) = &l.batcher else { return Ok(0) };
@@ -356,24 +348,48 @@ impl InferenceStage {
                 Ok(n)
             }
             _ => {
-                let mut data = Vec::with_capacity(planes.len() * f.width * f.height);
-                for p in &planes {
-                    data.extend(p.iter().map(|&v| v as f32));
-                }
-                let input = Tensor::new(vec![1, planes.len(), f.height, f.width], data);
-                let mut out = l.model.run_tiled(input, &self.tile)?;
-                let k = out.data.len() / (f.width * f.height);
-                out.shape = vec![k, f.height, f.width];
+                let data = run_field_model(l, &self.tile, &planes, f.width, f.height)?;
                 work.images.push(ModelImage {
                     model: l.name.clone(),
                     role: l.role,
                     channels: l.outputs.clone(),
-                    data: out,
+                    data,
                 });
                 Ok(1)
             }
         }
     }
+}
+
+/// The acquisition channels a model takes, in its input order.
+fn model_planes<'a>(l: &Loaded, work: &'a FieldWork) -> Result<Vec<&'a [u16]>, StageError> {
+    l.channels
+        .iter()
+        .map(|&c| {
+            work.field.channels[c]
+                .as_deref()
+                .ok_or_else(|| StageError::MissingChannel(work.plan.channels[c].name.clone()))
+        })
+        .collect()
+}
+
+/// A whole-field model on the field's planes, by tiles: `[K, H, W]`.
+fn run_field_model(
+    l: &Loaded,
+    tile: &TileOptions,
+    planes: &[&[u16]],
+    width: usize,
+    height: usize,
+) -> Result<Tensor, StageError> {
+    let mut data = Vec::with_capacity(planes.len() * width * height);
+    for p in planes {
+        data.extend(p.iter().map(|&v| v as f32));
+    }
+    let input = Tensor::new(vec![1, planes.len(), height, width], data);
+    let mut out = l.model.run_tiled(input, tile)?;
+    let k = out.data.len() / (width * height);
+    out.shape = vec![k, height, width];
+    Ok(out)
 }
 
 /// A whole-field model whose first output channel is a foreground probability, run by the
@@ -421,17 +437,9 @@ impl ProbabilityModel {
     /// The foreground probability of the field, `H * W`, with the model's latency recorded.
     pub fn probability(&self, work: &FieldWork) -> Result<Vec<f32>, StageError> {
         let t0 = Instant::now();
-        let inf = InferenceStage {
-            models: Vec::new(),
-            tile: self.tile,
-        };
-        let mut scratch = FieldWork::new(work.field.clone(), Arc::clone(&work.plan), work.deadline);
-        inf.run_one(&self.model, &mut scratch)?;
-        let image = scratch
-            .images
-            .pop()
-            .ok_or_else(|| StageError::MissingChannel("probability".into()))?;
-        let n = work.field.width * work.field.height;
+        let (w, h) = (work.field.width, work.field.height);
+        let planes = model_planes(&self.model, work)?;
+        let mut out = run_field_model(&self.model, &self.tile, &planes, w, h)?;
         t::ModelRan {
             model: &self.model.name,
             provider: &self.model.provider,
@@ -440,7 +448,8 @@ impl ProbabilityModel {
             elapsed: t0.elapsed(),
         }
         .emit();
-        Ok(image.data.data[..n].to_vec())
+        out.data.truncate(w * h);
+        Ok(out.data)
     }
 }
 
