@@ -17,6 +17,17 @@ FIXTURES = ROOT / "models" / "fixtures"
 SHARED_UNET = ROOT.parent / "shared" / "models" / "unet2d_nuclei_broad"
 
 
+def inference_toml(*models, workers=1, **settings) -> str:
+    """The pipeline with the inference stage and `[inference]` on CPU, with one
+    `[[inference.models]]` per `(name, path, extra keys)`."""
+    out = f'[pipeline]\nstages = ["segment", "measure", "inference"]\nworkers = {workers}\n[inference]\nproviders = ["cpu"]\n'
+    out += "".join(f"{k} = {v}\n" for k, v in settings.items())
+    for name, path, *extra in models:
+        out += f'[[inference.models]]\nname = "{name}"\npath = "{path}"\n'
+        out += "".join(f'{k} = "{v}"\n' for e in extra for k, v in e.items())
+    return out
+
+
 def shipped_models():
     """Every model folder the project ships (fixtures and reference models), plus the shared
     third-party U-Net when ../shared is there."""
@@ -83,20 +94,7 @@ def test_daemon_writes_per_cell_predictions_python_reproduces(binary, tmp_path):
     cfg = tmp_path / "c.toml"
     sim = sim_toml(plate="inf", wells=("B2", "C3"), fields=2, size=400, seed=11)
     toml = daemon_toml(tmp_path / "out", "inftest", None, sim, zenoh_enabled=False)
-    toml += f"""
-[pipeline]
-stages = ["segment", "measure", "inference"]
-workers = 2
-[inference]
-providers = ["cpu"]
-max_batch = 16
-[[inference.models]]
-name = "cellnet"
-path = "{FIXTURES / 'cellnet'}"
-[[inference.models]]
-name = "fg"
-path = "{FIXTURES / 'fcn'}"
-"""
+    toml += inference_toml(("cellnet", FIXTURES / "cellnet"), ("fg", FIXTURES / "fcn"), workers=2, max_batch=16)
     cfg.write_text(toml)
     p = run(binary, "run", "--config", cfg)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -158,19 +156,7 @@ def test_model_failing_at_run_time_leaves_raw_data_and_segmentation(binary, tmp_
     cfg = tmp_path / "c.toml"
     sim = sim_toml(plate="nan", wells=("B2",), fields=2, size=256, seed=2)
     toml = daemon_toml(tmp_path / "out", "nantest", None, sim, zenoh_enabled=False)
-    toml += f"""
-[pipeline]
-stages = ["segment", "measure", "inference"]
-[inference]
-providers = ["cpu"]
-[[inference.models]]
-name = "nan"
-path = "{broken}"
-role = "segmentation"
-[[inference.models]]
-name = "cellnet"
-path = "{FIXTURES / 'cellnet'}"
-"""
+    toml += inference_toml(("nan", broken, {"role": "segmentation"}), ("cellnet", FIXTURES / "cellnet"))
     cfg.write_text(toml)
     p = run(binary, "run", "--config", cfg)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -211,15 +197,7 @@ def test_live_well_table_example_prints_predictions(binary, tmp_path):
     sim = sim_toml(plate="live", wells=("B2", "C3"), fields=2, size=256, seed=5, rate=2.0)
     toml = daemon_toml(tmp_path / "out", "livetest", None, sim).replace(
         "connect = []", f'connect = ["tcp/127.0.0.1:{port}", "tcp/127.0.0.1:{port2}"]')
-    toml += f"""
-[pipeline]
-stages = ["segment", "measure", "inference"]
-[inference]
-providers = ["cpu"]
-[[inference.models]]
-name = "cellnet"
-path = "{FIXTURES / 'cellnet'}"
-"""
+    toml += inference_toml(("cellnet", FIXTURES / "cellnet"))
     cfg.write_text(toml)
     p = run(binary, "run", "--config", cfg)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -9,7 +9,6 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
@@ -82,22 +81,12 @@ pub struct BatchStats {
     pub infer_time: Duration,
 }
 
-/// Handle to a model's batching thread; cloneable, shared by workers. The thread ends when the
-/// last handle is dropped.
+/// Handle to a model's batching thread; cloneable, shared by workers. The thread ends by itself
+/// when the last handle (and with it the last sender) is dropped.
 #[derive(Debug, Clone)]
 pub struct Batcher {
     model: Arc<Model>,
     tx: Sender<Request>,
-    _thread: Arc<JoinOnDrop>,
-}
-
-#[derive(Debug)]
-struct JoinOnDrop(Option<JoinHandle<()>>);
-impl Drop for JoinOnDrop {
-    fn drop(&mut self) {
-        // The sender is dropped with the Batcher's fields after this; the thread exits on its own.
-        self.0.take();
-    }
 }
 
 impl Batcher {
@@ -120,18 +109,14 @@ impl Batcher {
         }
         let (tx, rx) = bounded::<Request>(1024);
         let m = Arc::clone(&model);
-        let handle = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name(format!("batch-{}", model.name()))
             .spawn(move || batch_loop(&m, opts, &rx, on_batch))
             .map_err(|source| ModelError::Io {
                 path: "thread".into(),
                 source,
             })?;
-        Ok(Self {
-            model,
-            tx,
-            _thread: Arc::new(JoinOnDrop(Some(handle))),
-        })
+        Ok(Self { model, tx })
     }
 
     pub fn model(&self) -> &Arc<Model> {
