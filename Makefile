@@ -13,7 +13,7 @@ REQ_HASH := $(shell sha1sum tests/requirements.txt | cut -c1-12)
 PY_STAMP := $(VENV)/.installed-$(REQ_HASH)
 BIN := target/release/liveomics
 
-.PHONY: run test build fmt lint rust-test py-test python clean
+.PHONY: run test build fmt lint rust-test py-test python clean train-env train-models
 
 $(PY_STAMP): tests/requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; install one or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -43,6 +43,17 @@ py-test: build python
 	cd tests && ../$(PY) -m pytest -q
 
 test: fmt lint rust-test py-test
+
+# The reference models' training environment (jax on CPU) and the seeded training run; the
+# exported ONNX files are committed, so `make test` needs neither.
+train-env:
+	$(PYTHON) -m venv .venv-train
+	.venv-train/bin/python -m pip install --quiet --disable-pip-version-check -r models/train/requirements.txt
+
+TRAIN_PLATE ?= /tmp/liveomics-train
+train-models: build
+	$(BIN) simulate --config models/train/train_plate.toml --out $(TRAIN_PLATE)
+	cd models/train && ../../.venv-train/bin/python train.py --plate $(TRAIN_PLATE)
 
 clean:
 	rm -rf $(VENV) out

@@ -64,6 +64,8 @@ def test_rust_equals_python_onnxruntime(binary, tmp_path, model):
     if model.name == "sqrt":
         pytest.skip("sqrt is the NaN fixture: its output is NaN by design")
     sess = ort.InferenceSession(str(model / "weights.onnx"), providers=["CPUExecutionProvider"])
+    if len(sess.get_inputs()) > 1:
+        pytest.skip("multi-input model (the diffusion denoiser): test_seed_models checks it against Python")
     x = random_input(sess, np.random.default_rng(5))
     np.save(tmp_path / "x.npy", x)
     p = run(binary, "models", "predict", model, "--raw", "--providers", "cpu",

@@ -77,6 +77,10 @@ impl Default for CameraConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SimulatorConfig {
     pub seed: u64,
+    /// Seed of the gene model (how expression loads on the latent state): a property of the cell
+    /// line, not of the plate, so that models trained on one plate apply to plates simulated
+    /// with other seeds. Absent: `seed`.
+    pub gene_seed: Option<u64>,
     pub plate: String,
     /// 96 or 384.
     pub plate_format: u16,
@@ -111,6 +115,7 @@ impl Default for SimulatorConfig {
     fn default() -> Self {
         Self {
             seed: 1,
+            gene_seed: None,
             plate: "sim".into(),
             plate_format: 96,
             wells: vec!["B2".into(), "B3".into()],
@@ -386,7 +391,7 @@ impl Simulator {
     }
 
     fn gene_model(cfg: &SimulatorConfig) -> GeneModel {
-        let mut rng = rng_for(&[cfg.seed, STREAM_GENES]);
+        let mut rng = rng_for(&[cfg.gene_seed.unwrap_or(cfg.seed), STREAM_GENES]);
         let g = cfg.genes as usize;
         let width = g.to_string().len().max(3);
         let mut m = GeneModel {

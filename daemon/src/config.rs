@@ -312,7 +312,8 @@ pub struct ModelConfig {
     pub name: String,
     /// The model's folder or its bioimageio.yaml.
     pub path: PathBuf,
-    /// `segmentation`, `virtual-stain`, `cell-omics` or `well-omics`; overrides the
+    /// `segmentation`, `virtual-stain`, `virtual-stain-diffusion`, `cell-omics` or
+    /// `well-omics`; overrides the
     /// description's `config.liveomics.role` (third-party models have none).
     #[serde(default)]
     pub role: String,
@@ -320,6 +321,28 @@ pub struct ModelConfig {
     /// description's `config.liveomics.channels`.
     #[serde(default)]
     pub channels: Vec<String>,
+    /// virtual-stain-diffusion: the proteins sampled for every field, from the description's
+    /// `config.liveomics.proteins`. A full proteome cannot run live; choose a panel.
+    #[serde(default)]
+    pub panel: Vec<String>,
+    /// virtual-stain-diffusion: the cell line conditioning the sampler (default: the
+    /// description's first).
+    #[serde(default)]
+    pub cell_line: String,
+    /// virtual-stain-diffusion: Euler steps per sample (default: the description's sampler).
+    #[serde(default)]
+    pub steps: Option<usize>,
+    /// virtual-stain-diffusion: most denoiser evaluations (`panel size x steps`) per field; a
+    /// configuration above it is refused at startup, because it could not keep up.
+    #[serde(default = "default_protein_steps")]
+    pub max_protein_steps_per_field: usize,
+    /// virtual-stain-diffusion: seed of the sampling noise (combined with the field's key).
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_protein_steps() -> usize {
+    200
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,14 +3,17 @@
 //! once per process and shared by every worker; a model that fails on a field is logged and
 //! counted, and the field goes on to the sinks with its raw data and segmentation.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use liveomics_adapters::model::AcquisitionPlan;
+use liveomics_adapters::model::{AcquisitionPlan, WellId};
 use liveomics_adapters::Invalid;
 use liveomics_kernels::cpu::crop_gather_u16;
 use liveomics_models::description::{AxisKind, AxisSize, Description};
-use liveomics_models::{BatchOptions, Batcher, Model, ModelError, Role, Tensor, TileOptions};
+use liveomics_models::{
+    BatchOptions, Batcher, Diffusion, Model, ModelError, Pool, Role, Tensor, TileOptions, WellModel,
+};
 
 use crate::config::{Config, ModelConfig};
 use crate::stage::{channel_index, FieldWork, Stage, StageError};
@@ -20,6 +23,7 @@ pub fn parse_role(s: &str) -> Option<Role> {
     match s {
         "segmentation" => Some(Role::Segmentation),
         "virtual-stain" => Some(Role::VirtualStain),
+        "virtual-stain-diffusion" => Some(Role::VirtualStainDiffusion),
         "cell-omics" => Some(Role::CellOmics),
         "well-omics" => Some(Role::WellOmics),
         _ => None,
@@ -30,6 +34,7 @@ pub fn role_name(r: Role) -> &'static str {
     match r {
         Role::Segmentation => "segmentation",
         Role::VirtualStain => "virtual-stain",
+        Role::VirtualStainDiffusion => "virtual-stain-diffusion",
         Role::CellOmics => "cell-omics",
         Role::WellOmics => "well-omics",
     }
@@ -60,9 +65,135 @@ pub struct ModelImage {
     pub data: Tensor,
 }
 
+/// The readout of a well-omics model for one well, after the fields seen so far.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WellReadout {
+    pub model: String,
+    pub plate: String,
+    pub well: String,
+    /// Fields pooled so far.
+    pub fields: usize,
+    pub tiles: usize,
+    /// Output names (genes), aligned with `values` and `spread`.
+    pub outputs: Vec<String>,
+    /// The head on the features pooled over every tile of every field so far.
+    pub values: Vec<f32>,
+    /// Standard deviation across fields of the per-field readouts (0 with one field): how much
+    /// the readout still depends on which fields were imaged.
+    pub spread: Vec<f32>,
+}
+
+#[derive(Debug, Default)]
+struct WellState {
+    pool: Pool,
+    fields: BTreeSet<(u32, u32)>,
+    per_field: Vec<Vec<f32>>,
+    last: Option<WellReadout>,
+}
+
+/// What a model is beyond its main network.
+#[derive(Debug)]
+enum Kind {
+    Plain,
+    Diffusion {
+        diffusion: Arc<Diffusion>,
+        /// Protein names and their label ids.
+        panel: Vec<(String, usize)>,
+        cell_line: usize,
+        steps: usize,
+        seed: u64,
+    },
+    Well {
+        model: Arc<WellModel>,
+        wells: Mutex<BTreeMap<(String, WellId), WellState>>,
+    },
+}
+
+/// Label of a virtual channel in the OME-Zarr image: direct models give `TOMM20 (virtual)`,
+/// diffusion models `TOMM20 (virtual diffusion)` (sampled, not a regression).
+pub fn virtual_label(role: Role, protein: &str) -> String {
+    match role {
+        Role::VirtualStainDiffusion => format!("{protein} (virtual diffusion)"),
+        _ => format!("{protein} (virtual)"),
+    }
+}
+
+/// Whether an OME-Zarr channel label is one of ours for a model output (replay skips those:
+/// they were computed, not acquired).
+pub fn is_virtual_label(label: &str) -> bool {
+    label.ends_with(" (virtual)") || label.ends_with(" (virtual diffusion)")
+}
+
+/// A virtual channel the zarr sink adds after the acquired ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VirtualChannel {
+    pub model: String,
+    pub output: String,
+    pub label: String,
+}
+
+/// The virtual channels the configured models will produce, in config order. Read from the
+/// descriptions only (no sessions), so the zarr sink can size its images before the first field.
+pub fn virtual_channels(cfg: &Config) -> Vec<VirtualChannel> {
+    let mut out = Vec::new();
+    if !cfg.pipeline.stages.iter().any(|s| s == "inference") {
+        return out;
+    }
+    for m in &cfg.inference.models {
+        let Ok(d) = Description::load(&m.path) else { continue };
+        let role = if m.role.is_empty() {
+            d.liveomics.role
+        } else {
+            parse_role(&m.role)
+        };
+        let names: Vec<String> = match role {
+            Some(Role::VirtualStain) if !d.liveomics.outputs.is_empty() => d.liveomics.outputs.clone(),
+            Some(Role::VirtualStain) => d.outputs[0]
+                .axes
+                .iter()
+                .find_map(|a| match &a.kind {
+                    AxisKind::Channel { names } => Some(names.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default(),
+            Some(Role::VirtualStainDiffusion) => m.panel.clone(),
+            _ => continue,
+        };
+        for n in names {
+            out.push(VirtualChannel {
+                model: m.name.clone(),
+                label: virtual_label(role.unwrap_or(Role::VirtualStain), &n),
+                output: n,
+            });
+        }
+    }
+    out
+}
+
+/// The latest readout of every well of every well-omics model loaded in this process.
+pub fn well_readouts() -> Vec<WellReadout> {
+    let cache = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out = Vec::new();
+    for (_, l) in cache.iter() {
+        if let Kind::Well { wells, .. } = &l.kind {
+            let wells = wells.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(wells.values().filter_map(|w| w.last.clone()));
+        }
+    }
+    out
+}
+
+/// Stable 64-bit FNV-1a: the sampling seed of a field must not change with the Rust version.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// A model ready to run, shared by all workers.
 #[derive(Debug)]
 struct Loaded {
+    kind: Kind,
     name: String,
     role: Role,
     /// Plan channel feeding each model input channel.
@@ -104,11 +235,14 @@ fn description_checks(
     } else {
         parse_role(&m.role).ok_or_else(|| Invalid::new(&format!("{key}.role"), format!("unknown role {:?}", m.role)))?
     };
-    if role == Role::WellOmics {
+    if role != Role::VirtualStainDiffusion && !m.panel.is_empty() {
         return Err(Invalid::new(
-            &format!("{key}.role"),
-            "well-omics models (per-well pooling) are not supported by this version",
+            &format!("{key}.panel"),
+            "only virtual-stain-diffusion models take a panel",
         ));
+    }
+    if role == Role::VirtualStainDiffusion {
+        return diffusion_checks(&key, m, d, plan).map(|c| (role, c, 0));
     }
     let input = &d.inputs[0];
     if d.inputs.len() != 1 || d.outputs.len() != 1 {
@@ -167,18 +301,22 @@ fn description_checks(
             ),
         ));
     }
-    let channels = names
-        .iter()
-        .map(|n| {
-            channel_index(plan, n).ok_or_else(|| {
-                let known: Vec<&str> = plan.channels.iter().map(|c| c.name.as_str()).collect();
-                Invalid::new(
-                    &format!("{key}.channels"),
-                    format!("no acquisition channel {n:?}; channels: {}", known.join(", ")),
-                )
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let channels = plan_channels(&key, &names, plan)?;
+    if role == Role::WellOmics {
+        for (axis, side, what) in [(2, plan.height, "height"), (3, plan.width, "width")] {
+            if let AxisSize::Fixed(t) = input.axes[axis].size {
+                if side < t {
+                    return Err(Invalid::new(
+                        &key,
+                        format!(
+                            "{:?}: the field {what} ({side} px) is smaller than its {t} px tile",
+                            d.name
+                        ),
+                    ));
+                }
+            }
+        }
+    }
     let mut crop = 0;
     if role == Role::CellOmics {
         let stages = &cfg.pipeline.stages;
@@ -219,6 +357,103 @@ fn description_checks(
         };
     }
     Ok((role, channels, crop))
+}
+
+fn plan_channels(key: &str, names: &[String], plan: &AcquisitionPlan) -> Result<Vec<usize>, Invalid> {
+    names
+        .iter()
+        .map(|n| {
+            channel_index(plan, n).ok_or_else(|| {
+                let known: Vec<&str> = plan.channels.iter().map(|c| c.name.as_str()).collect();
+                Invalid::new(
+                    &format!("{key}.channels"),
+                    format!("no acquisition channel {n:?}; channels: {}", known.join(", ")),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Panel, cell line and step budget of a diffusion model, against its description.
+fn diffusion_checks(
+    key: &str,
+    m: &ModelConfig,
+    d: &Description,
+    plan: &AcquisitionPlan,
+) -> Result<Vec<usize>, Invalid> {
+    let lv = &d.liveomics;
+    let names = if m.channels.is_empty() {
+        &lv.channels
+    } else {
+        &m.channels
+    };
+    if names.is_empty() {
+        return Err(Invalid::new(
+            &format!("{key}.channels"),
+            format!(
+                "{:?} names no landmark channels (config.liveomics.channels); map them here",
+                d.name
+            ),
+        ));
+    }
+    let channels = plan_channels(key, names, plan)?;
+    if m.panel.is_empty() {
+        return Err(Invalid::new(
+            &format!("{key}.panel"),
+            format!("choose the proteins to sample, from: {}", lv.proteins.join(", ")),
+        ));
+    }
+    let unknown: Vec<&str> = m
+        .panel
+        .iter()
+        .filter(|p| !lv.proteins.iter().any(|q| q.eq_ignore_ascii_case(p)) || p.eq_ignore_ascii_case("none"))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Invalid::new(
+            &format!("{key}.panel"),
+            format!(
+                "{} not in the vocabulary of {:?} ({})",
+                unknown.join(", "),
+                d.name,
+                lv.proteins.join(", ")
+            ),
+        ));
+    }
+    if !m.cell_line.is_empty() && !lv.cell_lines.iter().any(|c| c.eq_ignore_ascii_case(&m.cell_line)) {
+        return Err(Invalid::new(
+            &format!("{key}.cell_line"),
+            format!(
+                "{:?} is not a cell line of {:?} ({})",
+                m.cell_line,
+                d.name,
+                lv.cell_lines.join(", ")
+            ),
+        ));
+    }
+    let Some(sampler) = lv.sampler else {
+        return Err(Invalid::new(
+            key,
+            format!("{:?} has no config.liveomics.sampler", d.name),
+        ));
+    };
+    let steps = m.steps.unwrap_or(sampler.steps);
+    if steps == 0 {
+        return Err(Invalid::new(&format!("{key}.steps"), "must be > 0"));
+    }
+    let cost = steps.saturating_mul(m.panel.len());
+    if cost > m.max_protein_steps_per_field {
+        return Err(Invalid::new(
+            &format!("{key}.panel"),
+            format!(
+                "{} proteins x {steps} steps = {cost} denoiser runs per field, above \
+                 max_protein_steps_per_field = {}: shrink the panel or the steps",
+                m.panel.len(),
+                m.max_protein_steps_per_field
+            ),
+        ));
+    }
+    Ok(channels)
 }
 
 impl InferenceStage {
@@ -268,8 +503,39 @@ fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Resu
     }
     let d = Description::load(&m.path).map_err(|e| Invalid::new(&format!("{key}.path"), e.to_string()))?;
     let (role, channels, crop) = description_checks(i, m, &d, cfg, plan)?;
-    let model =
-        Arc::new(Model::load(&m.path, &opts).map_err(|e| Invalid::new(&format!("{key}.path"), t::error_chain(&e)))?);
+    let path_err = |e: ModelError| Invalid::new(&format!("{key}.path"), t::error_chain(&e));
+    let (model, kind) = match role {
+        Role::VirtualStainDiffusion => {
+            let diffusion = Arc::new(Diffusion::load(&m.path, &opts).map_err(path_err)?);
+            let panel = m
+                .panel
+                .iter()
+                .filter_map(|p| diffusion.protein_id(p).map(|id| (p.clone(), id)))
+                .collect();
+            let cell_line = if m.cell_line.is_empty() {
+                0
+            } else {
+                diffusion.cell_line_id(&m.cell_line).unwrap_or(0)
+            };
+            let kind = Kind::Diffusion {
+                steps: m.steps.unwrap_or(diffusion.sampler.steps),
+                diffusion: Arc::clone(&diffusion),
+                panel,
+                cell_line,
+                seed: m.seed,
+            };
+            (Arc::clone(&diffusion.denoiser), kind)
+        }
+        Role::WellOmics => {
+            let well = Arc::new(WellModel::load(&m.path, &opts).map_err(path_err)?);
+            let kind = Kind::Well {
+                model: Arc::clone(&well),
+                wells: Mutex::new(BTreeMap::new()),
+            };
+            (Arc::clone(&well.encoder), kind)
+        }
+        _ => (Arc::new(Model::load(&m.path, &opts).map_err(path_err)?), Kind::Plain),
+    };
     let provider = model.provider.label();
     t::ModelLoaded {
         model: &m.name,
@@ -310,7 +576,12 @@ fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Resu
     } else {
         None
     };
+    let outputs = match &kind {
+        Kind::Diffusion { panel, .. } => panel.iter().map(|(p, _)| p.clone()).collect(),
+        _ => outputs,
+    };
     let l = Arc::new(Loaded {
+        kind,
         name: m.name.clone(),
         role,
         channels,
@@ -347,6 +618,70 @@ impl InferenceStage {
                 }
                 Ok(n)
             }
+            Role::VirtualStainDiffusion => {
+                let Kind::Diffusion {
+                    diffusion,
+                    panel,
+                    cell_line,
+                    steps,
+                    seed,
+                } = &l.kind
+                else {
+                    return Ok(0);
+                };
+                let mut data = Vec::with_capacity(planes.len() * f.width * f.height);
+                for p in &planes {
+                    data.extend(p.iter().map(|&v| v as f32));
+                }
+                let input = Tensor::new(vec![1, planes.len(), f.height, f.width], data);
+                let k = &f.key;
+                let field_seed = fnv1a(&format!(
+                    "{seed}/{}/{}/{}/{}",
+                    k.plate,
+                    k.well.name(),
+                    k.field,
+                    k.timepoint
+                ));
+                let ids: Vec<usize> = panel.iter().map(|(_, id)| *id).collect();
+                let out = diffusion.generate(&input, &ids, *cell_line, *steps, field_seed, || {})?;
+                work.images.push(ModelImage {
+                    model: l.name.clone(),
+                    role: l.role,
+                    channels: l.outputs.clone(),
+                    data: out,
+                });
+                Ok(panel.len() * steps)
+            }
+            Role::WellOmics => {
+                let Kind::Well { model, wells } = &l.kind else {
+                    return Ok(0);
+                };
+                let feats = model.field_features(&planes, f.width, f.height)?;
+                let mut field_pool = Pool::default();
+                field_pool.add(&feats.data, model.features);
+                let field_values = model.readout(&field_pool)?;
+                let k = &f.key;
+                let mut wells = wells.lock().unwrap_or_else(|e| e.into_inner());
+                let st = wells.entry((k.plate.to_string(), k.well)).or_default();
+                if st.fields.insert((k.field, k.timepoint)) {
+                    st.pool.add(&feats.data, model.features);
+                    st.per_field.push(field_values);
+                }
+                let values = model.readout(&st.pool)?;
+                let readout = WellReadout {
+                    model: l.name.clone(),
+                    plate: k.plate.to_string(),
+                    well: k.well.name(),
+                    fields: st.fields.len(),
+                    tiles: st.pool.tiles,
+                    outputs: l.outputs.clone(),
+                    spread: spread(&st.per_field, values.len()),
+                    values,
+                };
+                st.last = Some(readout.clone());
+                work.well_readouts.push(readout);
+                Ok(feats.shape.first().copied().unwrap_or(0))
+            }
             _ => {
                 let data = run_field_model(l, &self.tile, &planes, f.width, f.height)?;
                 work.images.push(ModelImage {
@@ -359,6 +694,21 @@ impl InferenceStage {
             }
         }
     }
+}
+
+/// Sample standard deviation across fields of each output (0 with fewer than two fields).
+fn spread(per_field: &[Vec<f32>], n: usize) -> Vec<f32> {
+    let k = per_field.len();
+    if k < 2 {
+        return vec![0.0; n];
+    }
+    (0..n)
+        .map(|g| {
+            let mean = per_field.iter().map(|v| v[g] as f64).sum::<f64>() / k as f64;
+            let var = per_field.iter().map(|v| (v[g] as f64 - mean).powi(2)).sum::<f64>() / (k - 1) as f64;
+            var.sqrt() as f32
+        })
+        .collect()
 }
 
 /// The acquisition channels a model takes, in its input order.

@@ -193,6 +193,32 @@ enum ModelsCommand {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// Sample virtual protein images with a virtual-stain-diffusion model (EDM Euler steps).
+    Sample {
+        path: PathBuf,
+        /// Raw landmark planes, float32 `[1, C, H, W]` in the description's channel order.
+        #[arg(long)]
+        landmarks: PathBuf,
+        /// Proteins to sample (comma-separated names from the model's vocabulary).
+        #[arg(long, value_delimiter = ',', required = true)]
+        proteins: Vec<String>,
+        /// Cell line (default: the model's first).
+        #[arg(long)]
+        cell_line: Option<String>,
+        /// Euler steps (default: the description's sampler).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Initial standard normal noise `[K, latent channels, h, w]`; without it, --seed.
+        #[arg(long)]
+        noise: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Images `[K, H, W]` in photoelectrons.
+        #[arg(long)]
+        output: PathBuf,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
     /// Run a model on a .npy input and write the output as .npy (float32).
     Predict {
         path: PathBuf,
@@ -359,7 +385,8 @@ fn main() -> ExitCode {
 }
 
 fn models(cmd: ModelsCommand) -> ExitCode {
-    use liveomics_models::{npy, Model, TileOptions};
+    use liveomics_models::diffusion::Noise;
+    use liveomics_models::{npy, Component, Diffusion, Model, TileOptions};
     telemetry::init_logging(&liveomics::config::TelemetryConfig {
         log_level: "error".into(),
         ..Default::default()
@@ -380,7 +407,16 @@ fn models(cmd: ModelsCommand) -> ExitCode {
             };
             let mut failed = 0;
             for p in &paths {
-                let result = Model::load(p, &opts).and_then(|m| Ok((m.check(runs)?, m.descr.name.clone(), m.skipped)));
+                let result = Model::load(p, &opts).and_then(|m| {
+                    let mut report = m.check(runs)?;
+                    for name in m.descr.liveomics.components.keys() {
+                        let c = Component::load(&m.descr, name, &opts)?;
+                        if let Some(err) = c.check()? {
+                            report.max_abs_error.push((name.clone(), err));
+                        }
+                    }
+                    Ok((report, m.descr.name.clone(), m.skipped))
+                });
                 match result {
                     Ok((r, name, skipped)) => {
                         let worst = r.max_abs_error.iter().map(|(_, e)| *e).fold(0.0f32, f32::max);
@@ -411,6 +447,56 @@ fn models(cmd: ModelsCommand) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
+        ModelsCommand::Sample {
+            path,
+            landmarks,
+            proteins,
+            cell_line,
+            steps,
+            noise,
+            seed,
+            output,
+            runtime,
+        } => report((|| -> anyhow::Result<()> {
+            let d = Diffusion::load(&path, &runtime.options()?)?;
+            let ids = proteins
+                .iter()
+                .map(|p| {
+                    d.protein_id(p).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{p:?} is not in the vocabulary of {}: {}",
+                            d.name(),
+                            d.denoiser.descr.liveomics.proteins.join(", ")
+                        )
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let line = match &cell_line {
+                Some(c) => d
+                    .cell_line_id(c)
+                    .ok_or_else(|| anyhow::anyhow!("{c:?} is not a cell line of {}", d.name()))?,
+                None => 0,
+            };
+            let x = npy::read(&landmarks)?;
+            let noise = match &noise {
+                Some(p) => Noise::Given(npy::read(p)?),
+                None => Noise::Seed(seed),
+            };
+            let steps = steps.unwrap_or(d.sampler.steps);
+            let t0 = std::time::Instant::now();
+            let y = d.generate_from(&x, &ids, line, steps, noise, || {})?;
+            let secs = t0.elapsed().as_secs_f64();
+            npy::write(&output, &y)?;
+            eprintln!(
+                "{}: {:?} in {:.2} s ({steps} steps, {:.1} ms per protein-step) on {}",
+                d.name(),
+                y.shape,
+                secs,
+                secs * 1e3 / (steps * ids.len()).max(1) as f64,
+                d.denoiser.provider.label()
+            );
+            Ok(())
+        })()),
         ModelsCommand::Predict {
             path,
             input,
@@ -592,6 +678,41 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// The well-omics plate readout: per model, the genes that vary most across wells, each well's
+/// value (natural log abundance) with its spread across fields.
+fn print_plate_readout(readouts: &[liveomics::inference::WellReadout]) {
+    const TOP: usize = 5;
+    let mut models: Vec<&str> = readouts.iter().map(|r| r.model.as_str()).collect();
+    models.dedup();
+    for model in models {
+        let wells: Vec<_> = readouts.iter().filter(|r| r.model == model).collect();
+        let Some(first) = wells.first() else { continue };
+        let n = wells.len() as f64;
+        let mut order: Vec<(usize, f64)> = (0..first.outputs.len())
+            .map(|g| {
+                let mean = wells.iter().map(|w| w.values[g] as f64).sum::<f64>() / n;
+                let var = wells.iter().map(|w| (w.values[g] as f64 - mean).powi(2)).sum::<f64>() / n;
+                (g, var)
+            })
+            .collect();
+        order.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let top: Vec<usize> = order.iter().take(TOP).map(|&(g, _)| g).collect();
+        println!();
+        println!(
+            "plate readout ({model}, ln abundance ± spread across fields; the {TOP} genes that vary most across wells)"
+        );
+        let head: Vec<String> = top.iter().map(|&g| format!("{:>14}", first.outputs[g])).collect();
+        println!("  well   fields {}", head.join(""));
+        for w in &wells {
+            let cells: Vec<String> = top
+                .iter()
+                .map(|&g| format!("{:>14}", format!("{:.2}±{:.2}", w.values[g], w.spread[g])))
+                .collect();
+            println!("  {:<6} {:>6} {}", w.well, w.fields, cells.join(""));
+        }
+    }
+}
+
 fn print_summary(s: &RunSummary) {
     let secs = s.elapsed.as_secs_f64();
     println!();
@@ -638,6 +759,7 @@ fn print_summary(s: &RunSummary) {
         println!("  metrics          http://{a}/metrics (while running)");
     }
     println!("  elapsed          {secs:.1} s");
+    print_plate_readout(&s.well_readouts);
     if let Some(out) = &s.output {
         println!("  output           {}", out.display());
         println!();

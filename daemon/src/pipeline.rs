@@ -93,6 +93,8 @@ pub struct RunSummary {
     pub source: SourceReport,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub sinks: Vec<&'static str>,
+    /// Final well-omics readout of every well of this plate.
+    pub well_readouts: Vec<crate::inference::WellReadout>,
 }
 
 /// A sink finished a field (successfully or not).
@@ -383,6 +385,10 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         source: source_report,
         metrics_addr: metrics.addr,
         sinks: sink_names,
+        well_readouts: crate::inference::well_readouts()
+            .into_iter()
+            .filter(|r| r.plate == plan.plate.as_str())
+            .collect(),
     })
 }
 

@@ -91,7 +91,15 @@ pub const SINKS: &[SinkKind] = &[
     SinkKind {
         name: "zarr",
         enabled: |cfg| cfg.sinks.zarr.enabled,
-        open: |cfg, plan, opts| Ok(Box::new(ZarrSink::open(&cfg.sinks.zarr, plan, opts.overwrite)?)),
+        open: |cfg, plan, opts| {
+            let virtual_channels = crate::inference::virtual_channels(cfg);
+            Ok(Box::new(ZarrSink::open(
+                &cfg.sinks.zarr,
+                plan,
+                virtual_channels,
+                opts.overwrite,
+            )?))
+        },
     },
     SinkKind {
         name: "zenoh",

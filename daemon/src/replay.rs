@@ -169,6 +169,10 @@ impl ZarrReplay {
             .and_then(Value::as_array)
             .map(|cs| {
                 cs.iter()
+                    .filter(|c| {
+                        let label = c.get("label").and_then(Value::as_str).unwrap_or("");
+                        !crate::inference::is_virtual_label(label)
+                    })
                     .map(|c| ChannelInfo {
                         name: c.get("label").and_then(Value::as_str).unwrap_or("channel").to_string(),
                         color: c.get("color").and_then(Value::as_str).unwrap_or("FFFFFF").to_string(),

@@ -46,6 +46,8 @@ pub struct FieldWork {
     pub images: Vec<crate::inference::ModelImage>,
     /// Models that failed on this field: their predictions are missing, not zero.
     pub failed_models: Vec<String>,
+    /// Well-omics readouts of this field's well, updated with this field.
+    pub well_readouts: Vec<crate::inference::WellReadout>,
     /// `plate/well/fN/tN`, for logs.
     pub name: String,
 }
@@ -63,6 +65,7 @@ impl FieldWork {
             cell_predictions: Vec::new(),
             images: Vec::new(),
             failed_models: Vec::new(),
+            well_readouts: Vec::new(),
             name,
         }
     }

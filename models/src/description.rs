@@ -20,6 +20,9 @@ pub enum Role {
     Segmentation,
     /// Whole-field model: landmark channels in, protein images out.
     VirtualStain,
+    /// ProtiCelli's inference shape: encoder, EDM denoiser and decoder components, sampled one
+    /// protein at a time (`diffusion.rs`).
+    VirtualStainDiffusion,
     /// Per-cell crops in, one value per gene or protein out.
     CellOmics,
     /// Field features in, pooled per well.
@@ -39,6 +42,60 @@ pub struct LiveomicsConfig {
     pub outputs: Vec<String>,
     /// Crop side in pixels for per-cell models.
     pub crop_size: Option<usize>,
+    /// Protein label vocabulary of a diffusion model, in the order of its label ids.
+    #[serde(default)]
+    pub proteins: Vec<String>,
+    /// Cell-line vocabulary of a diffusion model, in the order of its cell-line ids.
+    #[serde(default)]
+    pub cell_lines: Vec<String>,
+    /// Image pixels per latent pixel of a diffusion model's encoder.
+    pub downsample: Option<usize>,
+    /// EDM sampling schedule of a diffusion model.
+    pub sampler: Option<SamplerConfig>,
+    /// Further ONNX networks of a multi-part model (`encoder`/`decoder`, `head`).
+    #[serde(default)]
+    pub components: BTreeMap<String, ComponentRef>,
+    /// How a well-omics model pools tile features per well.
+    pub pooling: Option<Pooling>,
+}
+
+/// The EDM schedule (Karras et al. 2022) a diffusion model was trained for.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplerConfig {
+    pub sigma_max: f64,
+    pub sigma_min: f64,
+    pub rho: f64,
+    pub steps: usize,
+    pub sigma_data: f64,
+}
+
+/// Tile-feature pooling of a well-omics model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pooling {
+    Mean,
+    Max,
+    /// Mean and max concatenated (the head takes twice the features).
+    MeanMax,
+}
+
+/// An extra ONNX network of a model, checked like the main weights.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentRef {
+    pub source: String,
+    pub sha256: Option<String>,
+    /// Test tensors (npy, relative to the description) that `models check` reproduces.
+    pub test_input: Option<String>,
+    pub test_output: Option<String>,
+    /// Per-channel normalisation applied to the input (`(x - mean) / std`).
+    #[serde(default)]
+    pub mean: Vec<f32>,
+    #[serde(default)]
+    pub std: Vec<f32>,
+    /// Factor applied to the output.
+    pub gain: Option<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -334,6 +391,30 @@ impl Description {
                 }
             }
         }
+        for (name, c) in &liveomics.components {
+            let key = format!("config.liveomics.components.{name}");
+            let path = root.join(&c.source);
+            if !path.exists() {
+                return Err(err(&format!("{key}.source"), format!("{} is missing", path.display())));
+            }
+            if c.mean.len() != c.std.len() || c.std.iter().any(|s| !(*s > 0.0)) {
+                return Err(err(&key, "mean and std need the same length and std > 0".into()));
+            }
+            for t in [&c.test_input, &c.test_output].into_iter().flatten() {
+                if !root.join(t).exists() {
+                    return Err(err(&key, format!("test tensor {t} is missing")));
+                }
+            }
+        }
+        if let Some(s) = &liveomics.sampler {
+            let ok = s.sigma_max > s.sigma_min && s.sigma_min > 0.0 && s.rho > 0.0 && s.steps > 0 && s.sigma_data > 0.0;
+            if !ok {
+                return Err(err(
+                    "config.liveomics.sampler",
+                    "needs sigma_max > sigma_min > 0, rho > 0, steps > 0, sigma_data > 0".into(),
+                ));
+            }
+        }
         let weights = root.join(&onnx.source);
         if !weights.exists() {
             return Err(ModelError::Io {
@@ -367,7 +448,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn verify_sha256(model: &str, path: &Path, expected: &str) -> Result<(), ModelError> {
+pub(crate) fn verify_sha256(model: &str, path: &Path, expected: &str) -> Result<(), ModelError> {
     let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,

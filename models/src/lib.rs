@@ -3,7 +3,9 @@
 //! daemon's inference stage and `liveomics models` are thin layers over this crate.
 
 pub mod batch;
+pub mod component;
 pub mod description;
+pub mod diffusion;
 pub mod error;
 pub mod model;
 pub mod npy;
@@ -11,11 +13,15 @@ pub mod process;
 pub mod runtime;
 pub mod tensor;
 pub mod tile;
+pub mod well;
 
 pub use batch::{BatchOptions, Batcher};
+pub use component::Component;
 pub use description::{Description, Role};
+pub use diffusion::Diffusion;
 pub use error::ModelError;
 pub use model::{CheckReport, Model};
 pub use runtime::{Provider, RuntimeOptions};
 pub use tensor::Tensor;
 pub use tile::TileOptions;
+pub use well::{Pool, WellModel};

@@ -178,42 +178,13 @@ impl Model {
 
     /// Bare `session.run` on already preprocessed inputs; checks outputs for NaN.
     pub fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, ModelError> {
-        let ort_err = |what: &str, source: ort::Error| ModelError::Ort {
-            model: self.descr.name.clone(),
-            what: what.to_string(),
-            source,
-        };
-        let values = inputs
-            .iter()
-            .map(|t| {
-                let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-                TensorRef::from_array_view((shape, t.data.as_slice())).map_err(|e| ort_err("input tensor", e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let named: Vec<(String, ort::session::SessionInputValue<'_>)> = self
-            .input_names
-            .iter()
-            .cloned()
-            .zip(values.into_iter().map(Into::into))
-            .collect();
-        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        let outputs = session.run(named).map_err(|e| ort_err("run", e))?;
-        let mut out = Vec::with_capacity(self.output_names.len());
-        for name in &self.output_names {
-            let (shape, data) = outputs[name.as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(|e| ort_err("output tensor", e))?;
-            let bad = data.iter().filter(|v| !v.is_finite()).count();
-            if bad > 0 {
-                return Err(ModelError::NonFinite {
-                    model: self.descr.name.clone(),
-                    output: name.clone(),
-                    count: bad,
-                });
-            }
-            out.push(Tensor::new(shape.iter().map(|&d| d as usize).collect(), data.to_vec()));
-        }
-        Ok(out)
+        run_session(
+            &self.session,
+            &self.descr.name,
+            &self.input_names,
+            &self.output_names,
+            inputs,
+        )
     }
 
     /// Pre-processing, inference and post-processing for inputs shaped as the description says.
@@ -293,4 +264,50 @@ impl Model {
             })
             .unwrap_or_default()
     }
+}
+
+/// One `session.run` with float32 inputs bound to `input_names` in order; every output is read
+/// as float32 and checked for NaN/inf (a model that emits NaN fails loudly, not downstream).
+pub(crate) fn run_session(
+    session: &Mutex<Session>,
+    model: &str,
+    input_names: &[String],
+    output_names: &[String],
+    inputs: &[&Tensor],
+) -> Result<Vec<Tensor>, ModelError> {
+    let ort_err = |what: &str, source: ort::Error| ModelError::Ort {
+        model: model.to_string(),
+        what: what.to_string(),
+        source,
+    };
+    let values = inputs
+        .iter()
+        .map(|t| {
+            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            TensorRef::from_array_view((shape, t.data.as_slice())).map_err(|e| ort_err("input tensor", e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let named: Vec<(String, ort::session::SessionInputValue<'_>)> = input_names
+        .iter()
+        .cloned()
+        .zip(values.into_iter().map(Into::into))
+        .collect();
+    let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
+    let outputs = session.run(named).map_err(|e| ort_err("run", e))?;
+    let mut out = Vec::with_capacity(output_names.len());
+    for name in output_names {
+        let (shape, data) = outputs[name.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| ort_err("output tensor", e))?;
+        let bad = data.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(ModelError::NonFinite {
+                model: model.to_string(),
+                output: name.clone(),
+                count: bad,
+            });
+        }
+        out.push(Tensor::new(shape.iter().map(|&d| d as usize).collect(), data.to_vec()));
+    }
+    Ok(out)
 }

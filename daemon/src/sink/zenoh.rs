@@ -53,6 +53,9 @@ struct WellSummary {
     mean_cell_area_px: f64,
     /// Mean over the well's cells so far of every per-cell model output (`{model}.{output}`).
     predictions: std::collections::BTreeMap<String, f64>,
+    /// Well-omics readouts by model: bulk abundance per gene from the features pooled over the
+    /// well's fields so far, with the number of fields and the spread across fields.
+    bulk: std::collections::BTreeMap<String, crate::inference::WellReadout>,
     #[serde(skip)]
     prediction_cells: std::collections::BTreeMap<String, u64>,
 }
@@ -190,6 +193,9 @@ impl Sink for ZenohSink {
                 let sum = *m * *k as f64 + finite.iter().sum::<f64>();
                 *k += finite.len() as u64;
                 *m = if *k > 0 { sum / *k as f64 } else { 0.0 };
+            }
+            for r in &work.well_readouts {
+                w.bulk.insert(r.model.clone(), r.clone());
             }
             let body = serde_json::to_vec(&*w).unwrap_or_default();
             let k = &work.field.key;

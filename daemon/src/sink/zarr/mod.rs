@@ -28,6 +28,7 @@ use zarrs::filesystem::FilesystemStore;
 use self::node::{io_err, store_plane, Store};
 use super::{Sink, SinkError};
 use crate::config::ZarrSinkConfig;
+use crate::inference::VirtualChannel;
 use crate::stage::FieldWork;
 
 const OME_VERSION: &str = "0.5";
@@ -81,7 +82,14 @@ pub struct ZarrSink {
     windows: Vec<RunningWindow>,
     /// Acquisition time of each timepoint of each image, recorded for replay at the original pace.
     acquired: BTreeMap<(WellId, u32), BTreeMap<u32, u128>>,
+    /// Model outputs written as channels after the acquired ones (`TOMM20 (virtual)`).
+    virtual_channels: Vec<VirtualChannel>,
+    /// Well-omics readouts per well and model, with the readout after each field (convergence).
+    bulk: BTreeMap<WellId, BTreeMap<String, BulkHistory>>,
 }
+
+/// The latest well-omics readout of a well and the readout after each of its fields.
+type BulkHistory = (crate::inference::WellReadout, Vec<Vec<f32>>);
 
 impl std::fmt::Debug for ZarrSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -118,8 +126,8 @@ impl ZarrSink {
     }
 
     /// What must match for a restart to resume into an existing plate.
-    fn marker(cfg: &ZarrSinkConfig, plan: &AcquisitionPlan) -> Value {
-        json!({
+    fn marker(cfg: &ZarrSinkConfig, plan: &AcquisitionPlan, virtual_channels: &[VirtualChannel]) -> Value {
+        let mut m = json!({
             "layout": LAYOUT_VERSION,
             "plate": plan.plate.to_string(),
             "plate_format": plan.format.wells,
@@ -132,26 +140,37 @@ impl ZarrSink {
             "chunk_px": cfg.chunk_px,
             "shard": cfg.shard,
             "compression": cfg.compression,
-        })
+        });
+        if !virtual_channels.is_empty() {
+            m["virtual_channels"] = json!(virtual_channels.iter().map(|v| v.label.as_str()).collect::<Vec<_>>());
+        }
+        m
     }
 
     /// Opens the output before any frame is acquired. A new plate is created; the same plate
     /// (same plan and layout) is resumed; a different one is an error unless `overwrite`.
-    pub fn open(cfg: &ZarrSinkConfig, plan: Arc<AcquisitionPlan>, overwrite: bool) -> Result<Self, SinkError> {
+    pub fn open(
+        cfg: &ZarrSinkConfig,
+        plan: Arc<AcquisitionPlan>,
+        virtual_channels: Vec<VirtualChannel>,
+        overwrite: bool,
+    ) -> Result<Self, SinkError> {
         let out = &cfg.output;
         std::fs::create_dir_all(out).map_err(io_err(out))?;
         let probe = out.join(format!(".liveomics-probe-{}", std::process::id()));
         std::fs::write(&probe, b"probe").map_err(io_err(&probe))?;
         std::fs::remove_file(&probe).map_err(io_err(&probe))?;
         let plate_dir = Self::plate_path(out, &plan);
-        let marker = Self::marker(cfg, &plan);
+        let marker = Self::marker(cfg, &plan, &virtual_channels);
         if plate_dir.exists() && overwrite {
             std::fs::remove_dir_all(&plate_dir).map_err(io_err(&plate_dir))?;
         }
         let store = Store::open(&plate_dir, cfg)?;
         let mut sink = Self {
             store,
-            windows: vec![RunningWindow::default(); plan.channels.len()],
+            windows: vec![RunningWindow::default(); plan.channels.len() + virtual_channels.len()],
+            virtual_channels,
+            bulk: BTreeMap::new(),
             plan,
             cfg: cfg.clone(),
             marker,
@@ -350,9 +369,38 @@ impl ZarrSink {
         Ok(())
     }
 
-    fn write_raw(&self, image: &str, work: &FieldWork) -> Result<(), SinkError> {
+    /// The virtual channels of this field as camera-like planes (photoelectrons, rounded and
+    /// clamped to u16), with their channel index; a model that failed on the field has none.
+    fn virtual_planes(&self, work: &FieldWork) -> Vec<(usize, Vec<u16>)> {
+        let n = work.field.width * work.field.height;
+        let base = self.plan.channels.len();
+        self.virtual_channels
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let img = work.images.iter().find(|m| m.model == v.model)?;
+                let k = img.channels.iter().position(|c| *c == v.output)?;
+                let plane = img.data.data.get(k * n..(k + 1) * n)?;
+                Some((
+                    base + i,
+                    plane.iter().map(|&x| x.round().clamp(0.0, 65535.0) as u16).collect(),
+                ))
+            })
+            .collect()
+    }
+
+    fn write_raw(&self, image: &str, work: &FieldWork, virtual_planes: &[(usize, Vec<u16>)]) -> Result<(), SinkError> {
         let t = work.field.key.timepoint;
         let arrays = self.open_levels(image)?;
+        virtual_planes.par_iter().try_for_each(|(c, px)| {
+            self.write_pyramid(
+                image,
+                &arrays,
+                &self.prefix(t, *c as u64),
+                px,
+                liveomics_kernels::cpu::downsample2x_mean,
+            )
+        })?;
         // Channels are separate shards: encode and write them concurrently on the pool.
         work.field
             .channels
@@ -408,15 +456,28 @@ impl ZarrSink {
     }
 
     fn image_metadata(&self, well: WellId, field: u32) -> Map<String, Value> {
-        let channels: Vec<Value> = self
+        let acquired_channels = self
             .plan
             .channels
             .iter()
+            .map(|c| (c.name.as_str(), c.color.as_str(), true));
+        // Virtual channels take the colour of the acquired channel of the same protein, if any.
+        let virtual_channels = self.virtual_channels.iter().map(|v| {
+            let color = self
+                .plan
+                .channels
+                .iter()
+                .find(|c| c.name.eq_ignore_ascii_case(&v.output))
+                .map_or("FFFFFF", |c| c.color.as_str());
+            (v.label.as_str(), color, false)
+        });
+        let channels: Vec<Value> = acquired_channels
+            .chain(virtual_channels)
             .zip(&self.windows)
-            .map(|(ch, win)| {
+            .map(|((label, color, active), win)| {
                 let (start, end) = win.window();
                 json!({
-                    "label": ch.name, "color": ch.color, "active": true,
+                    "label": label, "color": color, "active": active,
                     "window": {"min": 0, "max": 65535, "start": start, "end": end},
                 })
             })
@@ -532,14 +593,19 @@ impl Sink for ZarrSink {
         if new_image {
             // Whatever a crash left here is not listed anywhere: start the image afresh.
             self.store.remove(&image)?;
-            self.create_pyramid(&image, self.plan.channels.len() as u64, false)?;
+            let channels = self.plan.channels.len() + self.virtual_channels.len();
+            self.create_pyramid(&image, channels as u64, false)?;
         }
         for (c, px) in work.field.channels.iter().enumerate() {
             if let Some(px) = px {
                 self.windows[c].update(px);
             }
         }
-        self.write_raw(&image, work)?;
+        let virtual_planes = self.virtual_planes(work);
+        for (c, px) in &virtual_planes {
+            self.windows[*c].update(px);
+        }
+        self.write_raw(&image, work, &virtual_planes)?;
         let labels: Vec<(&str, &Vec<u32>)> = LABEL_NAMES
             .iter()
             .zip([&work.nuclei, &work.cells])
@@ -607,8 +673,27 @@ impl Sink for ZarrSink {
         if new_well {
             self.store.group(&format!("/{row}"), Map::new())?;
         }
+        let bulk = self.bulk.entry(key.well).or_default();
+        for r in &work.well_readouts {
+            let (last, history) = bulk.entry(r.model.clone()).or_insert_with(|| (r.clone(), Vec::new()));
+            if history.len() < r.fields {
+                history.push(r.values.clone());
+            }
+            *last = r.clone();
+        }
+        let bulk: Map<String, Value> = bulk
+            .iter()
+            .map(|(model, (r, history))| {
+                let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
+                v["history"] = json!(history);
+                (model.clone(), v)
+            })
+            .collect();
         let mut attrs = ome(json!({"well": {"images": images}}));
-        attrs.insert("liveomics".into(), json!({"complete": complete, "incomplete": missing}));
+        attrs.insert(
+            "liveomics".into(),
+            json!({"complete": complete, "incomplete": missing, "bulk": bulk}),
+        );
         self.store.group(&format!("/{row}/{col}"), attrs)?;
         self.write_plate()
     }

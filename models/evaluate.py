@@ -1,0 +1,256 @@
+"""Scores the reference models on a held-out simulated plate (a seed not used in training) from
+what the daemon wrote, against the simulator's ground truth. Prints a report and writes JSON.
+
+    target/release/liveomics simulate --config models/train/heldout_plate.toml --out /tmp/heldout
+    target/release/liveomics run --config models/train/heldout_plate.toml --output /tmp/heldout-out
+    .venv/bin/python models/evaluate.py --truth /tmp/heldout --zarr /tmp/heldout-out/heldout.zarr \\
+        --train-truth /tmp/train [--diffusion-fields 4]
+
+Direct virtual staining: Pearson r per protein over the pixels inside truth cells, pooled over the
+plate. Cell-omics: segmented cells are matched to truth cells (the truth label under the segmented
+centroid); Pearson r per gene between predicted and true ln abundance. Well-omics: per gene across
+wells, r^2 of the final readout against the true ln bulk abundance (ln of the mean over the well's
+cells), and Image2Omics' "predictable" criterion: r^2 with p < 0.05 and per-well SMAPE below the
+training-mean baseline's by a one-sided Wilcoxon signed-rank test, p < 0.05. Convergence: the same
+r^2 after 1, 2, ... fields. Diffusion: Pearson r and PSNR of sampled images against the truth at
+several step counts (run through `liveomics models sample`).
+"""
+
+import argparse
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import anndata
+import numpy as np
+import tifffile
+import zarr
+from scipy import stats
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def truth_cells(folder):
+    rows = list(csv.DictReader(open(pathlib.Path(folder) / "truth" / "cells.csv")))
+    genes = [k for k in rows[0] if k.startswith("G")]
+    return rows, genes
+
+
+def well_bulk(rows, genes):
+    by = {}
+    for r in rows:
+        by.setdefault(r["well"], []).append([float(r[g]) for g in genes])
+    return {w: np.log(np.mean(v, axis=0)) for w, v in by.items()}
+
+
+def split_well(name):
+    return name[0], str(int(name[1:]))
+
+
+def pearson(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 3 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def virtual_staining(manifest, truth, plate):
+    """Pooled within-cell Pearson r of every `X (virtual)` channel against its clean truth."""
+    out = {}
+    wells = manifest["wells"]
+    for well in wells:
+        row, col = split_well(well)
+        for f in range(manifest["fields_per_well"]):
+            node = plate[f"{row}/{col}/{f}"]
+            labels = [c["label"] for c in node.attrs["ome"]["omero"]["channels"]]
+            raw = node["0"]
+            mask = tifffile.imread(truth / "truth" / f"{well}_f{f}_t0_cells.tif") > 0
+            for c, label in enumerate(labels):
+                if not label.endswith(" (virtual)"):
+                    continue
+                protein = label[: -len(" (virtual)")]
+                path = truth / "truth" / f"{well}_f{f}_t0_{protein}_clean.tif"
+                if not path.exists():
+                    continue
+                pred = np.asarray(raw[c] if raw.ndim == 3 else raw[0, c], np.float64)[mask]
+                want = tifffile.imread(path).astype(np.float64)[mask]
+                acc = out.setdefault(protein, [0.0, 0.0, 0.0, 0.0, 0.0, 0])
+                acc[0] += pred.sum()
+                acc[1] += want.sum()
+                acc[2] += (pred * pred).sum()
+                acc[3] += (want * want).sum()
+                acc[4] += (pred * want).sum()
+                acc[5] += pred.size
+    result = {}
+    for p, (sx, sy, sxx, syy, sxy, n) in out.items():
+        cov = sxy / n - sx / n * sy / n
+        result[p] = cov / np.sqrt((sxx / n - (sx / n) ** 2) * (syy / n - (sy / n) ** 2))
+    return result
+
+
+def cell_omics(manifest, truth, plate, rows, genes, model):
+    index = {(r["well"], int(r["field"]), int(r["label"])): r for r in rows}
+    pred, want = [], []
+    for well in manifest["wells"]:
+        row, col = split_well(well)
+        for f in range(manifest["fields_per_well"]):
+            a = anndata.read_zarr(plate.store.root / row / col / str(f) / "tables" / "cells")
+            cols = [f"{model}.{g}" for g in genes]
+            if not set(cols) <= set(a.obs.columns):
+                continue
+            labels = tifffile.imread(truth / "truth" / f"{well}_f{f}_t0_cells.tif")
+            for (_, o) in a.obs.iterrows():
+                y, x = int(round(o["centroid_y_px"])), int(round(o["centroid_x_px"]))
+                t = index.get((well, f, int(labels[y, x])))
+                if t is None:
+                    continue
+                pred.append([o[c] for c in cols])
+                want.append([np.log(float(t[g])) for g in genes])
+    pred, want = np.array(pred), np.array(want)
+    return {g: pearson(pred[:, i], want[:, i]) for i, g in enumerate(genes)}, len(pred)
+
+
+def smape(pred, true):
+    return 2 * np.abs(pred - true) / (np.abs(pred) + np.abs(true))
+
+
+def well_omics(manifest, plate, rows, genes, train_rows, model):
+    bulk = well_bulk(rows, genes)
+    train_mean = np.mean(list(well_bulk(train_rows, genes).values()), axis=0)
+    final, history = {}, {}
+    for well in manifest["wells"]:
+        row, col = split_well(well)
+        b = plate[f"{row}/{col}"].attrs.get("liveomics", {}).get("bulk", {}).get(model)
+        if b:
+            final[well] = np.array(b["values"])
+            history[well] = [np.array(h) for h in b["history"]]
+    wells = sorted(final)
+    pred = np.stack([final[w] for w in wells])
+    true = np.stack([bulk[w] for w in wells])
+    per_gene = {}
+    for i, g in enumerate(genes):
+        r, p = stats.pearsonr(pred[:, i], true[:, i])
+        s_model = smape(np.exp(pred[:, i]), np.exp(true[:, i]))
+        s_base = smape(np.exp(np.full(len(wells), train_mean[i])), np.exp(true[:, i]))
+        w = stats.wilcoxon(s_model, s_base, alternative="less")
+        per_gene[g] = {"r2": float(r * r), "r": float(r), "p_r": float(p), "smape": float(s_model.mean()),
+                       "smape_baseline": float(s_base.mean()), "p_wilcoxon": float(w.pvalue),
+                       "predictable": bool(r > 0 and p < 0.05 and w.pvalue < 0.05)}
+    n_max = min(len(h) for h in history.values())
+    convergence = []
+    for n in range(1, n_max + 1):
+        pn = np.stack([history[w][n - 1] for w in wells])
+        r2 = [stats.pearsonr(pn[:, i], true[:, i])[0] ** 2 for i in range(len(genes))]
+        dist = float(np.mean(np.abs(pn - pred)))
+        convergence.append({"fields": n, "r2_per_gene": r2, "mean_abs_to_final": dist})
+    return per_gene, convergence, len(wells)
+
+
+def diffusion(truth, manifest, fields, steps_list, binary):
+    model = ROOT / "models" / "proticelli_tiny"
+    out = {}
+    wells = manifest["wells"][:fields]
+    proteins = ["TOMM20", "CALR", "ATP1A1", "HNRNPA1"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        for steps in steps_list:
+            rs = {p: [] for p in proteins}
+            ps = {p: [] for p in proteins}
+            t0 = time.time()
+            for well in wells:
+                lm = np.stack([tifffile.imread(truth / "images" / f"{well}_f0_t0_{c}.tif")
+                               for c in ["DAPI", "Microtubules", "ER"]]).astype(np.float32)[None]
+                np.save(tmp / "lm.npy", lm)
+                subprocess.run([binary, "models", "sample", str(model), "--landmarks", str(tmp / "lm.npy"),
+                                "--proteins", ",".join(proteins), "--steps", str(steps), "--seed", "1",
+                                "--output", str(tmp / "out.npy"), "--providers", "cpu"],
+                               check=True, capture_output=True)
+                got = np.load(tmp / "out.npy")
+                mask = tifffile.imread(truth / "truth" / f"{well}_f0_t0_cells.tif") > 0
+                for k, p in enumerate(proteins):
+                    want = tifffile.imread(truth / "truth" / f"{well}_f0_t0_{p}_clean.tif")
+                    rs[p].append(pearson(got[k][mask], want[mask]))
+                    mse = float(np.mean((got[k] - want) ** 2))
+                    ps[p].append(10 * np.log10(float(want.max()) ** 2 / mse))
+            out[steps] = {p: {"pearson_r": float(np.mean(rs[p])), "psnr_db": float(np.mean(ps[p]))}
+                          for p in proteins}
+            out[steps]["seconds_per_field"] = (time.time() - t0) / len(wells)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--truth", required=True, type=pathlib.Path, help="`liveomics simulate` folder of the plate")
+    ap.add_argument("--zarr", required=True, type=pathlib.Path, help="the plate.zarr the daemon wrote")
+    ap.add_argument("--train-truth", required=True, type=pathlib.Path, help="the training plate (baseline)")
+    ap.add_argument("--cell-model", default="cellomics")
+    ap.add_argument("--well-model", default="wellomics")
+    ap.add_argument("--diffusion-fields", type=int, default=0, help="held-out fields to sample (0: skip)")
+    ap.add_argument("--diffusion-steps", default="10,25,50")
+    ap.add_argument("--binary", default=str(ROOT / "target" / "release" / "liveomics"))
+    ap.add_argument("--json", type=pathlib.Path, help="write the figures here")
+    args = ap.parse_args()
+    manifest = json.loads((args.truth / "manifest.json").read_text())
+    visible = {g["name"]: g["visible"] for g in manifest["genes"]}
+    plate = zarr.open_group(args.zarr, mode="r")
+    rows, genes = truth_cells(args.truth)
+    train_rows, _ = truth_cells(args.train_truth)
+    report = {"plate": manifest["plate"], "seed": manifest["config"]["seed"]}
+    ok = True
+
+    vs = virtual_staining(manifest, args.truth, plate)
+    report["virtual_stain_pearson_r"] = vs
+    print("direct virtual staining: Pearson r within cells (must be >= 0.8)")
+    for p, r in vs.items():
+        print(f"  {p:10s} {r:.3f}")
+        ok &= r >= 0.8
+
+    co, n_cells = cell_omics(manifest, args.truth, plate, rows, genes, args.cell_model)
+    report["cell_omics_pearson_r"] = co
+    print(f"cell-omics: Pearson r per gene over {n_cells} matched cells (visible >= 0.7, invisible |r| <= 0.2)")
+    for g, r in co.items():
+        good = r >= 0.7 if visible[g] else abs(r) <= 0.2
+        ok &= good
+        print(f"  {g} {'visible  ' if visible[g] else 'invisible'} {r:+.3f} {'ok' if good else 'FAIL'}")
+
+    wo, conv, n_wells = well_omics(manifest, plate, rows, genes, train_rows, args.well_model)
+    report["well_omics"] = wo
+    report["well_omics_convergence"] = conv
+    n_pred = sum(v["predictable"] for v in wo.values())
+    print(f"well-omics over {n_wells} wells: r^2 per gene (visible >= 0.8), Image2Omics predictable")
+    for g, v in wo.items():
+        good = v["r2"] >= 0.8 if visible[g] else True
+        ok &= good
+        print(f"  {g} {'visible  ' if visible[g] else 'invisible'} r2 {v['r2']:.3f} (p {v['p_r']:.1e})  "
+              f"SMAPE {v['smape']:.3f} vs baseline {v['smape_baseline']:.3f} (Wilcoxon p {v['p_wilcoxon']:.1e})  "
+              f"{'predictable' if v['predictable'] else '-'}")
+    print(f"  predictable genes: {n_pred}/{len(wo)} ({100 * n_pred / len(wo):.0f}%)")
+    report["predictable_fraction"] = n_pred / len(wo)
+    print("well-omics convergence: mean r^2 of visible genes, mean |readout - final| vs fields imaged")
+    vis_idx = [i for i, g in enumerate(genes) if visible[g]]
+    for c in conv:
+        print(f"  {c['fields']} fields: r2 {np.mean([c['r2_per_gene'][i] for i in vis_idx]):.3f}  "
+              f"|d| {c['mean_abs_to_final']:.3f}")
+
+    if args.diffusion_fields > 0:
+        steps = [int(s) for s in args.diffusion_steps.split(",")]
+        d = diffusion(args.truth, manifest, args.diffusion_fields, steps, args.binary)
+        report["diffusion"] = d
+        print(f"diffusion sampler on {args.diffusion_fields} held-out fields: Pearson r within cells, PSNR")
+        for s, v in d.items():
+            line = "  ".join(f"{p} r {x['pearson_r']:.3f} PSNR {x['psnr_db']:.1f} dB" for p, x in v.items()
+                             if isinstance(x, dict))
+            print(f"  {s:3d} steps ({v['seconds_per_field']:.1f} s/field for 4 proteins): {line}")
+
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=float))
+    print("all must-show thresholds met" if ok else "SOME THRESHOLDS NOT MET")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

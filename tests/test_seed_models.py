@@ -1,0 +1,228 @@
+"""The four reference models (models/README.md) from the outside: their descriptions pass
+bioimageio.spec, Rust reproduces their Python-onnxruntime test tensors, the diffusion sampler
+equals a Python reference of the same EDM Euler schedule, and the daemon writes virtual channels,
+per-cell predictions and live per-well readouts."""
+
+import json
+import re
+import threading
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+import zarr
+import zenoh
+
+from conftest import ROOT, daemon_toml, free_port, run, sim_toml
+from test_inference import inference_toml
+
+MODELS = ROOT / "models"
+REFERENCE = ["virtual_stain_unet", "proticelli_tiny", "cell_omics_cnn", "well_omics_mil"]
+LANDMARKS = ["DAPI", "Microtubules", "ER"]
+# The simulated cell line the reference models were trained on (models/train/*.toml).
+SIM = """gene_seed = 7
+proteins = [
+  { name = "TOMM20", localization = "mitochondria" },
+  { name = "CALR", localization = "er" },
+  { name = "ATP1A1", localization = "membrane" },
+  { name = "HNRNPA1", localization = "nuclear" },
+]"""
+
+
+@pytest.mark.parametrize("name", REFERENCE)
+def test_description_passes_bioimageio_spec(name):
+    from bioimageio.spec import load_description
+
+    d = load_description(MODELS / name / "bioimageio.yaml", perform_io_checks=True)
+    assert d.validation_summary.status in ("passed", "valid-format"), d.validation_summary.format()
+
+
+def test_models_check_reproduces_python_test_tensors(binary):
+    """The test outputs were computed with Python onnxruntime (models/train/train.py); `models
+    check` runs the main weights and every component in Rust and must match them to 1e-5."""
+    p = run(binary, "models", "check", "--providers", "cpu", "--runs", "1", "--tolerance", "1e-5",
+            *[MODELS / n for n in REFERENCE])
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("PASS") == len(REFERENCE)
+    for component in ("encoder", "decoder", "head"):
+        assert re.search(rf"{component} \d\.\d+e-?\d+", p.stdout), p.stdout
+
+
+def test_reference_models_are_small_and_loadable_by_ir9_runtimes():
+    import onnx
+
+    total = 0
+    for f in MODELS.glob("*/*.onnx"):
+        if f.parent.name == "fixtures":
+            continue
+        m = onnx.load(f)
+        assert m.ir_version <= 13 and all(o.version <= 21 for o in m.opset_import), f
+        total += f.stat().st_size
+    for f in MODELS.glob("*/*.npy"):
+        total += f.stat().st_size
+    assert 0 < total <= 10 * 2**20, total
+
+
+def edm_sigmas(smax, smin, rho, steps):
+    i = np.arange(steps, dtype=np.float64)
+    s = (smax ** (1 / rho) + i / (steps - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    return np.append(s, 0.0)
+
+
+def python_sampler(folder, landmarks, proteins, steps, noise):
+    """The reference: ProtiCelli's Euler sampler over the EDM schedule, written from the paper's
+    description with onnxruntime, independent of the Rust code."""
+    cfg = yaml.safe_load((folder / "bioimageio.yaml").read_text())["config"]["liveomics"]
+    comp, sam = cfg["components"], cfg["sampler"]
+    cpu = ["CPUExecutionProvider"]
+    enc = ort.InferenceSession(str(folder / comp["encoder"]["source"]), providers=cpu)
+    den = ort.InferenceSession(str(folder / "weights.onnx"), providers=cpu)
+    dec = ort.InferenceSession(str(folder / comp["decoder"]["source"]), providers=cpu)
+    mean = np.array(comp["encoder"]["mean"], np.float32)[None, :, None, None]
+    std = np.array(comp["encoder"]["std"], np.float32)[None, :, None, None]
+    cond = enc.run(None, {enc.get_inputs()[0].name: (landmarks - mean) / std})[0]
+    b = len(proteins)
+    cond = np.repeat(cond, b, axis=0)
+    ids = np.array([cfg["proteins"].index(p) for p in proteins], np.float32)
+    sig = edm_sigmas(sam["sigma_max"], sam["sigma_min"], sam["rho"], steps)
+    x = noise * np.float32(sig[0])
+    names = [i.name for i in den.get_inputs()]
+    for s, nxt in zip(sig[:-1], sig[1:]):
+        feed = [x, np.full(b, s, np.float32), cond, ids, np.zeros(b, np.float32)]
+        d = den.run(None, dict(zip(names, feed)))[0]
+        x = x + (x - d) * np.float32((nxt - s) / s)
+    img = dec.run(None, {dec.get_inputs()[0].name: x})[0] * np.float32(comp["decoder"]["gain"])
+    return img[:, 0]
+
+
+def test_diffusion_sampler_equals_python_reference(binary, tmp_path):
+    folder = MODELS / "proticelli_tiny"
+    raw = np.load(folder / "test_encoder_input.npy")  # [1, 3, 128, 128] raw landmarks
+    cfg = yaml.safe_load((folder / "bioimageio.yaml").read_text())["config"]["liveomics"]
+    proteins, steps = ["TOMM20", "CALR"], 12
+    down = cfg["downsample"]
+    noise = np.random.default_rng(3).standard_normal(
+        (len(proteins), 4, raw.shape[2] // down, raw.shape[3] // down)).astype(np.float32)
+    np.save(tmp_path / "lm.npy", raw)
+    np.save(tmp_path / "noise.npy", noise)
+    p = run(binary, "models", "sample", folder, "--landmarks", tmp_path / "lm.npy", "--proteins",
+            ",".join(proteins), "--steps", steps, "--noise", tmp_path / "noise.npy", "--providers", "cpu",
+            "--output", tmp_path / "y.npy")
+    assert p.returncode == 0, p.stderr
+    got = np.load(tmp_path / "y.npy")
+    want = python_sampler(folder, raw, proteins, steps, noise)
+    assert got.shape == want.shape == (2, 128, 128)
+    scale = max(1.0, float(np.abs(want).max()))
+    assert np.abs(got - want).max() <= 1e-4 * scale, np.abs(got - want).max()
+    # Different proteins from the same noise and landmarks are different images.
+    assert np.abs(got[0] - got[1]).mean() > 1.0
+
+
+def seed_models_toml(panel='["TOMM20"]', steps=4, budget=200):
+    return inference_toml(
+        ("vstain", MODELS / "virtual_stain_unet"),
+        ("cellomics", MODELS / "cell_omics_cnn"),
+        ("wellomics", MODELS / "well_omics_mil"),
+        workers=2,
+    ) + (f'[[inference.models]]\nname = "diffusion"\npath = "{MODELS / "proticelli_tiny"}"\n'
+         f"panel = {panel}\nsteps = {steps}\nmax_protein_steps_per_field = {budget}\n")
+
+
+def test_daemon_writes_virtual_channels_cell_predictions_and_live_well_readouts(binary, tmp_path):
+    port = free_port()
+    wells = ("B2", "B3", "C4")
+    cfg = daemon_toml(tmp_path / "out", "seedtest", port,
+                      sim_toml(plate="seeds", wells=wells, fields=2, extra=SIM)) + seed_models_toml()
+    (tmp_path / "c.toml").write_text(cfg)
+    v = run(binary, "validate", tmp_path / "c.toml")
+    assert v.returncode == 0, v.stdout + v.stderr
+
+    conf = zenoh.Config()
+    conf.insert_json5("listen/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    got = []
+    lock = threading.Lock()
+
+    def on(sample):
+        with lock:
+            got.append(json.loads(bytes(sample.payload.to_bytes())))
+
+    with zenoh.open(conf) as session:
+        sub = session.declare_subscriber("liveomics/seedtest/wells/seeds/*", on)
+        p = run(binary, "run", "--config", tmp_path / "c.toml", timeout=600)
+        time.sleep(0.5)
+        sub.undeclare()
+    out, err = p.stdout, p.stderr
+    assert p.returncode == 0, err
+    # The end-of-run summary prints the plate readout.
+    assert "plate readout (wellomics" in out, out
+    for w in wells:
+        assert re.search(rf"^\s+{w}\s+2\s", out, re.M), out
+
+    plate = zarr.open_group(tmp_path / "out" / "seeds.zarr", mode="r")
+    from ome_zarr_models.v05.image import Image
+
+    img = plate["B/3/0"]
+    Image.from_zarr(img)
+    labels = [c["label"] for c in img.attrs["ome"]["omero"]["channels"]]
+    assert labels[:7] == LANDMARKS + ["TOMM20", "CALR", "ATP1A1", "HNRNPA1"]
+    assert labels[7:] == ["CALR (virtual)", "ATP1A1 (virtual)", "HNRNPA1 (virtual)", "TOMM20 (virtual diffusion)"]
+    raw = np.asarray(img["0"])
+    assert raw.shape[0] == 11
+    truth_like = raw[4].astype(float)  # acquired CALR
+    virtual = raw[7].astype(float)
+    assert virtual.max() > 100 and np.corrcoef(truth_like.ravel(), virtual.ravel())[0, 1] > 0.5
+    assert raw[10].max() > 0  # the diffusion sample was written
+
+    import anndata
+
+    a = anndata.read_zarr(tmp_path / "out" / "seeds.zarr" / "B" / "3" / "0" / "tables" / "cells")
+    genes = [f"cellomics.G{i:03d}" for i in range(1, 17)]
+    assert set(genes) <= set(a.obs.columns)
+    assert np.isfinite(a.obs[genes].to_numpy()).all() and a.n_obs > 5
+
+    # Per-well readouts: after every field, with the field count and a spread.
+    by_well = {}
+    for m in got:
+        b = m["bulk"]["wellomics"]
+        by_well.setdefault(m["well"], []).append(b["fields"])
+        assert len(b["values"]) == len(b["spread"]) == len(b["outputs"]) == 16
+    assert set(by_well) == set(wells), by_well
+    for w, counts in by_well.items():
+        assert sorted(counts) == [1, 2], (w, counts)
+    well_attrs = plate["C/4"].attrs["liveomics"]["bulk"]["wellomics"]
+    assert well_attrs["fields"] == 2 and len(well_attrs["history"]) == 2
+    assert all(s >= 0 for s in well_attrs["spread"]) and any(s > 0 for s in well_attrs["spread"])
+
+
+@pytest.mark.parametrize(
+    "models_toml, key, message",
+    [
+        (seed_models_toml(panel='["TOMM20", "GFP"]'), "inference.models[3].panel", "GFP not in the vocabulary"),
+        (seed_models_toml(panel='["TOMM20", "CALR"]', steps=50, budget=60), "inference.models[3].panel",
+         "2 proteins x 50 steps = 100 denoiser runs per field, above max_protein_steps_per_field = 60"),
+    ],
+)
+def test_panel_problems_are_config_errors(binary, tmp_path, models_toml, key, message):
+    cfg = daemon_toml(tmp_path / "out", "bad", None, sim_toml(extra=SIM), zenoh_enabled=False) + models_toml
+    (tmp_path / "c.toml").write_text(cfg)
+    p = run(binary, "validate", tmp_path / "c.toml")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert key in p.stderr and message in p.stderr, p.stderr
+
+
+def test_crop_size_the_model_does_not_accept_is_a_config_error(binary, tmp_path):
+    """A copy of the cell-omics description that asks for 64 px crops of its 96 px input."""
+    folder = tmp_path / "cellomics64"
+    folder.mkdir()
+    for f in (MODELS / "cell_omics_cnn").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    y = (folder / "bioimageio.yaml").read_text().replace("crop_size: 96", "crop_size: 64")
+    (folder / "bioimageio.yaml").write_text(y)
+    cfg = daemon_toml(tmp_path / "out", "bad", None, sim_toml(extra=SIM), zenoh_enabled=False) + inference_toml(
+        ("cells", folder))
+    (tmp_path / "c.toml").write_text(cfg)
+    p = run(binary, "validate", tmp_path / "c.toml")
+    assert p.returncode == 2 and "inference.models[0]" in p.stderr and "crop_size 64" in p.stderr, p.stderr
