@@ -208,6 +208,9 @@ def main():
     for p, r in vs.items():
         print(f"  {p:10s} {r:.3f}")
         ok &= r >= 0.8
+    if not vs:
+        print("  no virtual channels in the plate (was a virtual-stain model configured?)")
+        ok = False
 
     co, n_cells = cell_omics(manifest, args.truth, plate, rows, genes, args.cell_model)
     report["cell_omics_pearson_r"] = co

@@ -195,7 +195,10 @@ impl Sink for ZenohSink {
                 *m = if *k > 0 { sum / *k as f64 } else { 0.0 };
             }
             for r in &work.well_readouts {
-                w.bulk.insert(r.model.clone(), r.clone());
+                // Fields finish out of order across workers: never replace a readout by an older one.
+                if w.bulk.get(&r.model).is_none_or(|old| old.fields <= r.fields) {
+                    w.bulk.insert(r.model.clone(), r.clone());
+                }
             }
             let body = serde_json::to_vec(&*w).unwrap_or_default();
             let k = &work.field.key;

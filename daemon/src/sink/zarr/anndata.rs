@@ -120,9 +120,11 @@ pub fn write_table(store: &Store, image: &str, work: &FieldWork) -> Result<(), S
             "_index": "_index", "column-order": order,
         })),
     )?;
-    // No model predictions yet: `var` is empty and `X` absent (anndata reads it as None).
+    // Per-cell model outputs are the variables: `X` is cells x outputs (also in `obs`, by name,
+    // for tools that read columns). Without per-cell models `var` is empty and `X` absent.
     let var = format!("{root}/var");
-    string_array(store, &format!("{var}/_index"), &[])?;
+    let names: Vec<String> = work.cell_predictions.iter().map(|(n, _)| n.clone()).collect();
+    string_array(store, &format!("{var}/_index"), &names)?;
     store.group(
         &var,
         attrs(json!({
@@ -130,6 +132,16 @@ pub fn write_table(store: &Store, image: &str, work: &FieldWork) -> Result<(), S
             "_index": "_index", "column-order": [],
         })),
     )?;
+    if !names.is_empty() {
+        let g = names.len();
+        let mut x = vec![0f32; n * g];
+        for (j, (_, values)) in work.cell_predictions.iter().enumerate() {
+            for (i, v) in values.iter().enumerate().take(n) {
+                x[i * g + j] = *v;
+            }
+        }
+        store.matrix(&format!("{root}/X"), n, g, &x, array_attrs())?;
+    }
     for d in ["obsm", "varm", "obsp", "varp", "layers", "uns"] {
         dict(store, &format!("{root}/{d}"))?;
     }

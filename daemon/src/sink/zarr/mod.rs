@@ -675,11 +675,18 @@ impl Sink for ZarrSink {
         }
         let bulk = self.bulk.entry(key.well).or_default();
         for r in &work.well_readouts {
+            // Workers finish out of order: a readout is filed under its own field count, and the
+            // latest is the one that pooled the most fields.
             let (last, history) = bulk.entry(r.model.clone()).or_insert_with(|| (r.clone(), Vec::new()));
             if history.len() < r.fields {
-                history.push(r.values.clone());
+                history.resize(r.fields, Vec::new());
             }
-            *last = r.clone();
+            if let Some(slot) = r.fields.checked_sub(1).and_then(|i| history.get_mut(i)) {
+                *slot = r.values.clone();
+            }
+            if r.fields >= last.fields {
+                *last = r.clone();
+            }
         }
         let bulk: Map<String, Value> = bulk
             .iter()

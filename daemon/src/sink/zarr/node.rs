@@ -186,6 +186,32 @@ impl Store {
         Ok(())
     }
 
+    /// Creates a dense row-major 2-D float32 matrix `rows x cols` in one chunk (AnnData `X`).
+    pub fn matrix(
+        &self,
+        node: &str,
+        rows: usize,
+        cols: usize,
+        values: &[f32],
+        attributes: Map<String, Value>,
+    ) -> Result<(), SinkError> {
+        let (r, c) = (rows as u64, cols as u64);
+        let mut b = ArrayBuilder::new(
+            vec![r, c],
+            vec![r.max(1), c.max(1)],
+            zarrs::array::data_type::float32(),
+            0f32,
+        );
+        b.attributes(attributes);
+        let array = b.build(self.zarrs.clone(), node).map_err(zerr(node))?;
+        let meta = serde_json::to_value(array.metadata()).map_err(zerr(node))?;
+        self.write_metadata(node, &meta)?;
+        if rows > 0 && cols > 0 {
+            array.store_chunk(&[0, 0], values).map_err(zerr(node))?;
+        }
+        Ok(())
+    }
+
     /// Whether a node's metadata exists.
     pub fn exists(&self, node: &str) -> bool {
         self.dir(node).join("zarr.json").is_file()
