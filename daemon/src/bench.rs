@@ -129,8 +129,14 @@ pub fn tiled_overhead(
 ) -> Result<OverheadResult, liveomics_models::ModelError> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let data: Vec<f32> = (0..field_px * field_px).map(|_| rng.random::<f32>() * 4000.0).collect();
-    let input = liveomics_models::Tensor::new(vec![1, 1, field_px, field_px], data);
+    let channels = match model.descr.inputs[0].axes.get(1).map(|a| &a.size) {
+        Some(liveomics_models::description::AxisSize::Fixed(c)) => *c,
+        _ => 1,
+    };
+    let data: Vec<f32> = (0..channels * field_px * field_px)
+        .map(|_| rng.random::<f32>() * 4000.0)
+        .collect();
+    let input = liveomics_models::Tensor::new(vec![1, channels, field_px, field_px], data);
     let opts = liveomics_models::TileOptions {
         tile,
         ..Default::default()
@@ -226,6 +232,91 @@ pub fn batched_overhead(
         total_ms,
         session_run_ms,
         ratio: total_ms / session_run_ms,
+    })
+}
+
+/// Cost of a seed-model role on one simulated field (`liveomics bench-models --well/--diffusion`).
+#[derive(Debug, serde::Serialize)]
+pub struct RoleCost {
+    pub what: String,
+    pub provider: String,
+    /// Best of the repetitions, whole field.
+    pub ms_per_field: f64,
+    /// Diffusion: per denoiser evaluation of one protein.
+    pub ms_per_protein_step: Option<f64>,
+}
+
+/// Landmark planes of a simulated field of the training cell line (the models' domain).
+fn landmark_field(field_px: usize) -> Result<Vec<Vec<u16>>, liveomics_models::ModelError> {
+    let cfg = liveomics_adapters::simulator::SimulatorConfig {
+        gene_seed: Some(7),
+        width_px: field_px as u32,
+        height_px: field_px as u32,
+        ..Default::default()
+    };
+    let sim = liveomics_adapters::simulator::Simulator::new(cfg).map_err(|e| liveomics_models::ModelError::Shape {
+        model: "simulator".into(),
+        message: e.to_string(),
+    })?;
+    let f = sim.render(liveomics_adapters::model::WellId { row: 1, column: 2 }, 0, 0);
+    Ok(f.channels.into_iter().take(3).collect())
+}
+
+/// Well-omics: tile features of one field, pooled, and the head.
+pub fn well_cost(
+    m: &liveomics_models::WellModel,
+    field_px: usize,
+    reps: usize,
+) -> Result<RoleCost, liveomics_models::ModelError> {
+    let planes = landmark_field(field_px)?;
+    let refs: Vec<&[u16]> = planes.iter().map(Vec::as_slice).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        let f = m.field_features(&refs, field_px, field_px)?;
+        let mut pool = liveomics_models::Pool::default();
+        pool.add(&f.data, m.features);
+        m.readout(&pool)?;
+        best = best.min(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(RoleCost {
+        what: format!("well-omics {} {field_px}x{field_px}", m.name()),
+        provider: m.encoder.provider.label(),
+        ms_per_field: best,
+        ms_per_protein_step: None,
+    })
+}
+
+/// Diffusion: encode, `steps` Euler steps for a panel of `panel` proteins, decode.
+pub fn diffusion_cost(
+    d: &liveomics_models::Diffusion,
+    field_px: usize,
+    panel: usize,
+    steps: usize,
+    reps: usize,
+) -> Result<RoleCost, liveomics_models::ModelError> {
+    let planes = landmark_field(field_px)?;
+    let mut data = Vec::with_capacity(3 * field_px * field_px);
+    for p in &planes {
+        data.extend(p.iter().map(|&v| v as f32));
+    }
+    let input = liveomics_models::Tensor::new(vec![1, 3, field_px, field_px], data);
+    let vocab = d.denoiser.descr.liveomics.proteins.len();
+    let ids: Vec<usize> = (0..panel).map(|i| 1 + i % vocab.saturating_sub(1).max(1)).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        d.generate(&input, &ids, 0, steps, 1, || {})?;
+        best = best.min(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(RoleCost {
+        what: format!(
+            "diffusion {} {field_px}x{field_px}, panel {panel}, {steps} steps",
+            d.name()
+        ),
+        provider: d.denoiser.provider.label(),
+        ms_per_field: best,
+        ms_per_protein_step: Some(best / (panel * steps).max(1) as f64),
     })
 }
 

@@ -142,6 +142,16 @@ struct BenchModelsArgs {
     cells: usize,
     #[arg(long, default_value_t = 64)]
     max_batch: usize,
+    /// Well-omics model: tile features + pooling + head on a simulated field of --field-px.
+    #[arg(long)]
+    well: Option<PathBuf>,
+    /// Diffusion model: a simulated field of --field-px, --panel proteins, --steps Euler steps.
+    #[arg(long)]
+    diffusion: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    panel: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
     #[arg(long, default_value_t = 3)]
     reps: usize,
     #[command(flatten)]
@@ -309,6 +319,16 @@ fn main() -> ExitCode {
                         liveomics::bench::batched_overhead(std::sync::Arc::clone(&m), a.fields, a.cells, a.max_batch)?;
                     println!("{}", serde_json::to_string(&r)?);
                 }
+            }
+            if let Some(p) = &a.well {
+                let m = liveomics_models::WellModel::load(p, &opts)?;
+                let r = liveomics::bench::well_cost(&m, a.field_px, a.reps)?;
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            if let Some(p) = &a.diffusion {
+                let d = liveomics_models::Diffusion::load(p, &opts)?;
+                let r = liveomics::bench::diffusion_cost(&d, a.field_px, a.panel, a.steps, a.reps)?;
+                println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())
         })()),

@@ -268,27 +268,25 @@ fn run_batch(model: &Model, buckets: &[usize], batch: &mut [Request], total: usi
         let n = (total - done).min(max);
         let bucket = buckets.iter().copied().find(|&b| b >= n).unwrap_or(max);
         padded_total += bucket;
-        // One batch in one piece (the common case) runs on the gathered buffer without a copy.
-        let input = if done == 0 && n == total {
+        let shape: Vec<usize> = std::iter::once(bucket)
+            .chain(infer_sample_shape(&sample_shape, sample_len))
+            .collect();
+        // A piece that fills its bucket runs on a view of the gathered buffer; only a partial
+        // last piece is copied, to be padded (and a single piece is padded in place).
+        let padded: Vec<f32>;
+        let data: &[f32] = if n == bucket {
+            &all[done * sample_len..(done + n) * sample_len]
+        } else if done == 0 && n == total {
             all.resize(bucket * sample_len, 0.0);
-            Tensor::new(
-                std::iter::once(bucket)
-                    .chain(infer_sample_shape(&sample_shape, sample_len))
-                    .collect(),
-                std::mem::take(&mut all),
-            )
+            &all
         } else {
-            let mut data = all[done * sample_len..(done + n) * sample_len].to_vec();
-            data.resize(bucket * sample_len, 0.0);
-            Tensor::new(
-                std::iter::once(bucket)
-                    .chain(infer_sample_shape(&sample_shape, sample_len))
-                    .collect(),
-                data,
-            )
+            let mut d = all[done * sample_len..(done + n) * sample_len].to_vec();
+            d.resize(bucket * sample_len, 0.0);
+            padded = d;
+            &padded
         };
         let t0 = Instant::now();
-        let result = model.infer(&[&input]);
+        let result = model.infer_views(&[(&shape, data)]);
         infer_time += t0.elapsed();
         match result {
             Ok(mut o) => {

@@ -60,7 +60,8 @@ impl Component {
 
     /// Bare `session.run`.
     pub fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, ModelError> {
-        run_session(&self.session, &self.name, &self.input_names, &self.output_names, inputs)
+        let views: Vec<(&[usize], &[f32])> = inputs.iter().map(|t| (t.shape.as_slice(), t.data.as_slice())).collect();
+        run_session(&self.session, &self.name, &self.input_names, &self.output_names, &views)
     }
 
     /// Normalises the channels of `input` (axis 1), runs, and scales output 0 by `gain`.

@@ -178,6 +178,13 @@ impl Model {
 
     /// Bare `session.run` on already preprocessed inputs; checks outputs for NaN.
     pub fn infer(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, ModelError> {
+        let views: Vec<(&[usize], &[f32])> = inputs.iter().map(|t| (t.shape.as_slice(), t.data.as_slice())).collect();
+        self.infer_views(&views)
+    }
+
+    /// [`Model::infer`] on borrowed `(shape, data)` views: the batcher runs slices of its gathered
+    /// buffer without copying them.
+    pub fn infer_views(&self, inputs: &[(&[usize], &[f32])]) -> Result<Vec<Tensor>, ModelError> {
         run_session(
             &self.session,
             &self.descr.name,
@@ -273,7 +280,7 @@ pub(crate) fn run_session(
     model: &str,
     input_names: &[String],
     output_names: &[String],
-    inputs: &[&Tensor],
+    inputs: &[(&[usize], &[f32])],
 ) -> Result<Vec<Tensor>, ModelError> {
     let ort_err = |what: &str, source: ort::Error| ModelError::Ort {
         model: model.to_string(),
@@ -282,9 +289,9 @@ pub(crate) fn run_session(
     };
     let values = inputs
         .iter()
-        .map(|t| {
-            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-            TensorRef::from_array_view((shape, t.data.as_slice())).map_err(|e| ort_err("input tensor", e))
+        .map(|&(shape, data)| {
+            let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            TensorRef::from_array_view((shape, data)).map_err(|e| ort_err("input tensor", e))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let named: Vec<(String, ort::session::SessionInputValue<'_>)> = input_names

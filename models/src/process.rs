@@ -376,10 +376,12 @@ fn per_index(t: &mut Tensor, axis: Option<usize>, f: impl Fn(f32, usize) -> f32)
     match axis {
         None => t.data.iter_mut().for_each(|v| *v = f(*v, 0)),
         Some(a) => {
-            let inner: usize = t.shape[a + 1..].iter().product();
-            let len = t.shape[a];
-            for (i, v) in t.data.iter_mut().enumerate() {
-                *v = f(*v, (i / inner.max(1)) % len.max(1));
+            // Runs of `inner` values share their index along the axis: no division per value.
+            let inner: usize = t.shape[a + 1..].iter().product::<usize>().max(1);
+            let len = t.shape[a].max(1);
+            for (j, run) in t.data.chunks_mut(inner).enumerate() {
+                let k = j % len;
+                run.iter_mut().for_each(|v| *v = f(*v, k));
             }
         }
     }

@@ -59,6 +59,9 @@ class J:
     def add(self, a, b):
         return a + b
 
+    def sinh(self, x):
+        return jnp.sinh(x)
+
     def mul(self, a, b):
         return a * b
 
@@ -142,6 +145,9 @@ class O:
 
     def add(self, a, b):
         return self.node("Add", [a, b])
+
+    def sinh(self, x):
+        return self.node("Sinh", [x])
 
     def mul(self, a, b):
         return self.node("Mul", [a, b])
@@ -240,12 +246,15 @@ def encoder(ops, x, groups=0):
     return [ops.from_batch(z, groups) if groups else z]
 
 
-def decoder(ops, z):
+def decoder(ops, z, sinh=False):
+    """Latent -> image; with `sinh` the image is brought back from the asinh space the
+    autoencoder was trained in (bright outliers compressed) to linear intensity."""
     r = ops.relu
     h = r(ops.conv(z, "dec1"))
     h = r(ops.conv(ops.up(h), "dec2"))
     h = r(ops.conv(ops.up(h), "dec3"))
-    return [ops.conv(h, "dec4")]
+    y = ops.conv(h, "dec4")
+    return [ops.sinh(y) if sinh else y]
 
 
 FREQS = np.array([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0], np.float32) / 8.0
