@@ -137,6 +137,12 @@ pub struct SegmentationConfig {
     pub probability_threshold: f32,
     /// Cytoplasm foreground threshold as a fraction of Otsu's.
     pub cells_threshold_scale: f32,
+    /// Divide uneven illumination (vignetting) out of the nuclear channel before thresholding: a
+    /// smooth background is estimated per field from tiles of four nucleus diameters
+    /// (`kernels/src/illumination.rs`). Worth it when corners are much dimmer than the centre.
+    pub illumination_correction: bool,
+    /// Camera offset removed before dividing (ADU at zero light).
+    pub camera_offset_adu: f64,
 }
 
 impl Default for SegmentationConfig {
@@ -149,6 +155,8 @@ impl Default for SegmentationConfig {
             probability_model: String::new(),
             probability_threshold: 0.5,
             cells_threshold_scale: 0.3,
+            illumination_correction: false,
+            camera_offset_adu: 100.0,
         }
     }
 }
@@ -512,6 +520,12 @@ impl Config {
             out.push(Invalid::new(
                 "segmentation.cells_threshold_scale",
                 "must be within (0, 4]",
+            ));
+        }
+        if !(s.camera_offset_adu.is_finite() && (0.0..65535.0).contains(&s.camera_offset_adu)) {
+            out.push(Invalid::new(
+                "segmentation.camera_offset_adu",
+                "must be within [0, 65535)",
             ));
         }
         let z = &self.sinks.zarr;

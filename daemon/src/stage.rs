@@ -125,6 +125,12 @@ impl SegmentStage {
         let mut nuclei = NucleiParams::from_physical(s.nucleus_diameter_um, plan.pixel_size_um)
             .map_err(|e| Invalid::new("segmentation.nucleus_diameter_um", e.to_string()))?;
         nuclei.threshold = s.nuclei_threshold.into();
+        nuclei.illumination = s.illumination_correction.then(|| {
+            liveomics_kernels::segment::Illumination::for_nucleus_px(
+                s.nucleus_diameter_um / plan.pixel_size_um,
+                s.camera_offset_adu as f32,
+            )
+        });
         let probability = if s.probability_model.is_empty() {
             None
         } else {

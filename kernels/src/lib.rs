@@ -5,6 +5,7 @@
 //! compared pixel for pixel. `segment` composes them into the segmentation the daemon runs.
 
 pub mod cpu;
+pub mod illumination;
 pub mod measure;
 pub mod metrics;
 pub mod segment;

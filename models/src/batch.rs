@@ -255,10 +255,17 @@ fn run_batch(model: &Model, buckets: &[usize], batch: &mut [Request], total: usi
         .map(|r| r.data.len() / r.n.max(1))
         .unwrap_or_else(|| sample_shape.iter().product());
     let max = buckets.last().copied().unwrap_or(1);
-    let mut all: Vec<f32> = Vec::with_capacity(total.div_ceil(max) * max * sample_len);
-    for r in batch.iter_mut() {
-        all.append(&mut r.data);
-    }
+    // A batch of one request (a field with more cells than max_batch) runs on that request's own
+    // buffer; only several small requests are gathered into one.
+    let mut all: Vec<f32> = if batch.len() == 1 {
+        std::mem::take(&mut batch[0].data)
+    } else {
+        let mut all = Vec::with_capacity(total.div_ceil(max) * max * sample_len);
+        for r in batch.iter_mut() {
+            all.append(&mut r.data);
+        }
+        all
+    };
     let mut outputs: Vec<f32> = Vec::new();
     let mut out_sample: Option<Vec<usize>> = None;
     let mut padded_total = 0;
