@@ -59,8 +59,9 @@ def pearson(a, b):
 
 
 def virtual_staining(manifest, truth, plate):
-    """Pooled within-cell Pearson r of every `X (virtual)` channel against its clean truth."""
-    out = {}
+    """Within-cell Pearson r of every `X (virtual)` channel against its clean truth: pooled over
+    the plate, and the median over fields."""
+    out, per_field = {}, {}
     wells = manifest["wells"]
     for well in wells:
         row, col = split_well(well)
@@ -78,6 +79,7 @@ def virtual_staining(manifest, truth, plate):
                     continue
                 pred = np.asarray(raw[c] if raw.ndim == 3 else raw[0, c], np.float64)[mask]
                 want = tifffile.imread(path).astype(np.float64)[mask]
+                per_field.setdefault(protein, []).append(pearson(pred, want))
                 acc = out.setdefault(protein, [0.0, 0.0, 0.0, 0.0, 0.0, 0])
                 acc[0] += pred.sum()
                 acc[1] += want.sum()
@@ -88,7 +90,8 @@ def virtual_staining(manifest, truth, plate):
     result = {}
     for p, (sx, sy, sxx, syy, sxy, n) in out.items():
         cov = sxy / n - sx / n * sy / n
-        result[p] = cov / np.sqrt((sxx / n - (sx / n) ** 2) * (syy / n - (sy / n) ** 2))
+        pooled = cov / np.sqrt((sxx / n - (sx / n) ** 2) * (syy / n - (sy / n) ** 2))
+        result[p] = {"pooled": float(pooled), "median_per_field": float(np.nanmedian(per_field[p]))}
     return result
 
 
@@ -204,10 +207,11 @@ def main():
 
     vs = virtual_staining(manifest, args.truth, plate)
     report["virtual_stain_pearson_r"] = vs
-    print("direct virtual staining: Pearson r within cells (must be >= 0.8)")
+    print("direct virtual staining: Pearson r within cells, pooled over the plate and median per field "
+          "(must be >= 0.8)")
     for p, r in vs.items():
-        print(f"  {p:10s} {r:.3f}")
-        ok &= r >= 0.8
+        print(f"  {p:10s} pooled {r['pooled']:.3f}  median per field {r['median_per_field']:.3f}")
+        ok &= min(r["pooled"], r["median_per_field"]) >= 0.8
     if not vs:
         print("  no virtual channels in the plate (was a virtual-stain model configured?)")
         ok = False

@@ -7,6 +7,7 @@ import json
 import re
 import threading
 import time
+import warnings
 
 import numpy as np
 import onnxruntime as ort
@@ -162,10 +163,12 @@ def test_daemon_writes_virtual_channels_cell_predictions_and_live_well_readouts(
         assert re.search(rf"^\s+{w}\s+2\s", out, re.M), out
 
     plate = zarr.open_group(tmp_path / "out" / "seeds.zarr", mode="r")
-    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.hcs import HCS
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HCS.from_zarr(plate)
     img = plate["B/3/0"]
-    Image.from_zarr(img)
     labels = [c["label"] for c in img.attrs["ome"]["omero"]["channels"]]
     assert labels[:7] == LANDMARKS + ["TOMM20", "CALR", "ATP1A1", "HNRNPA1"]
     assert labels[7:] == ["CALR (virtual)", "ATP1A1 (virtual)", "HNRNPA1 (virtual)", "TOMM20 (virtual diffusion)"]

@@ -215,7 +215,7 @@ mod tests {
         for y in 0..h {
             for x in 0..w {
                 let (dx, dy) = (x as f32 / w as f32 - 0.5, y as f32 / h as f32 - 0.5);
-                let v = 1.0 - (dx * dx + dy * dy) as f32;
+                let v = 1.0 - (dx * dx + dy * dy);
                 let mut e = 40.0;
                 for &(bx, by) in &blobs {
                     let d2 = ((x as f32 - bx as f32).powi(2) + (y as f32 - by as f32).powi(2)) / 64.0;
