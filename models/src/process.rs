@@ -305,7 +305,10 @@ impl Proc {
                 });
             }
             Proc::FixedZeroMeanUnitVariance { mean, std, axis, eps } => {
-                per_index(t, *axis, |v, k| (v - pick(mean, k)) / (pick(std, k) + eps));
+                affine_per_index(t, *axis, |k| {
+                    let inv = 1.0 / (pick(std, k) + eps);
+                    (inv, -pick(mean, k) * inv)
+                });
             }
             Proc::ScaleRange {
                 reduce,
@@ -326,7 +329,7 @@ impl Proc {
                 });
             }
             Proc::ScaleLinear { gain, offset, axis } => {
-                per_index(t, *axis, |v, k| v * pick(gain, k) + pick(offset, k));
+                affine_per_index(t, *axis, |k| (pick(gain, k), pick(offset, k)));
             }
             Proc::Clip { min, max } => t.data.iter_mut().for_each(|v| *v = v.clamp(*min, *max)),
             Proc::Binarize { threshold, axis } => {
@@ -372,6 +375,20 @@ fn pick(values: &[f32], k: usize) -> f32 {
 }
 
 /// Applies `f(value, index along axis)` to every element.
+/// `v * a + b` with `(a, b)` chosen by the index along `axis`: one multiply-add per value (the
+/// per-cell path normalises every crop on the submitting thread, beside the running model).
+fn affine_per_index(t: &mut Tensor, axis: Option<usize>, ab: impl Fn(usize) -> (f32, f32)) {
+    let (inner, len) = match axis {
+        None => (t.data.len().max(1), 1),
+        Some(a) => (t.shape[a + 1..].iter().product::<usize>().max(1), t.shape[a].max(1)),
+    };
+    let coef: Vec<(f32, f32)> = (0..len).map(&ab).collect();
+    for (j, run) in t.data.chunks_mut(inner).enumerate() {
+        let (a, b) = coef[j % len];
+        run.iter_mut().for_each(|v| *v = *v * a + b);
+    }
+}
+
 fn per_index(t: &mut Tensor, axis: Option<usize>, f: impl Fn(f32, usize) -> f32) {
     match axis {
         None => t.data.iter_mut().for_each(|v| *v = f(*v, 0)),
