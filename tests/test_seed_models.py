@@ -87,11 +87,12 @@ def python_sampler(folder, landmarks, proteins, steps, noise):
     b = len(proteins)
     cond = np.repeat(cond, b, axis=0)
     ids = np.array([cfg["proteins"].index(p) for p in proteins], np.float32)
+    line = np.float32(next(i for i, c in enumerate(cfg["cell_lines"]) if c != "none"))
     sig = edm_sigmas(sam["sigma_max"], sam["sigma_min"], sam["rho"], steps)
     x = noise * np.float32(sig[0])
     names = [i.name for i in den.get_inputs()]
     for s, nxt in zip(sig[:-1], sig[1:]):
-        feed = [x, np.full(b, s, np.float32), cond, ids, np.zeros(b, np.float32)]
+        feed = [x, np.full(b, s, np.float32), cond, ids, np.full(b, line, np.float32)]
         d = den.run(None, dict(zip(names, feed)))[0]
         x = x + (x - d) * np.float32((nxt - s) / s)
     img = dec.run(None, {dec.get_inputs()[0].name: x})[0] * np.float32(comp["decoder"]["gain"])

@@ -306,7 +306,7 @@ pub fn diffusion_cost(
     let mut best = f64::INFINITY;
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
-        d.generate(&input, &ids, 0, steps, 1, || {})?;
+        d.generate(&input, &ids, d.default_cell_line(), steps, 1, || {})?;
         best = best.min(t0.elapsed().as_secs_f64() * 1e3);
     }
     Ok(RoleCost {

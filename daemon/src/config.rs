@@ -334,7 +334,7 @@ pub struct ModelConfig {
     #[serde(default)]
     pub panel: Vec<String>,
     /// virtual-stain-diffusion: the cell line conditioning the sampler (default: the
-    /// description's first).
+    /// description's first that is not `none`).
     #[serde(default)]
     pub cell_line: String,
     /// virtual-stain-diffusion: Euler steps per sample (default: the description's sampler).

@@ -513,7 +513,7 @@ fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Resu
                 .filter_map(|p| diffusion.protein_id(p).map(|id| (p.clone(), id)))
                 .collect();
             let cell_line = if m.cell_line.is_empty() {
-                0
+                diffusion.default_cell_line()
             } else {
                 diffusion.cell_line_id(&m.cell_line).unwrap_or(0)
             };

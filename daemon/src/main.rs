@@ -212,7 +212,7 @@ enum ModelsCommand {
         /// Proteins to sample (comma-separated names from the model's vocabulary).
         #[arg(long, value_delimiter = ',', required = true)]
         proteins: Vec<String>,
-        /// Cell line (default: the model's first).
+        /// Cell line (default: the model's first that is not `none`).
         #[arg(long)]
         cell_line: Option<String>,
         /// Euler steps (default: the description's sampler).
@@ -495,7 +495,7 @@ fn models(cmd: ModelsCommand) -> ExitCode {
                 Some(c) => d
                     .cell_line_id(c)
                     .ok_or_else(|| anyhow::anyhow!("{c:?} is not a cell line of {}", d.name()))?,
-                None => 0,
+                None => d.default_cell_line(),
             };
             let x = npy::read(&landmarks)?;
             let noise = match &noise {

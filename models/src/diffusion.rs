@@ -112,6 +112,13 @@ impl Diffusion {
         v.iter().position(|p| p.eq_ignore_ascii_case(name))
     }
 
+    /// The cell line used when none is configured: the first that is not `none` (the
+    /// unconditioned label), else the first.
+    pub fn default_cell_line(&self) -> usize {
+        let v = &self.denoiser.descr.liveomics.cell_lines;
+        v.iter().position(|c| !c.eq_ignore_ascii_case("none")).unwrap_or(0)
+    }
+
     pub fn cell_line_id(&self, name: &str) -> Option<usize> {
         let v = &self.denoiser.descr.liveomics.cell_lines;
         v.iter().position(|p| p.eq_ignore_ascii_case(name))

@@ -305,9 +305,11 @@ impl Proc {
                 });
             }
             Proc::FixedZeroMeanUnitVariance { mean, std, axis, eps } => {
-                affine_per_index(t, *axis, |k| {
-                    let inv = 1.0 / (pick(std, k) + eps);
-                    (inv, -pick(mean, k) * inv)
+                // `(v - mean) / (std + eps)` exactly as numpy computes it (a multiply by the
+                // reciprocal differs in the last bit, and outputs in the thousands show it).
+                for_each_run(t, *axis, |k, run| {
+                    let (m, d) = (pick(mean, k), pick(std, k) + eps);
+                    run.iter_mut().for_each(|v| *v = (*v - m) / d);
                 });
             }
             Proc::ScaleRange {
@@ -329,7 +331,10 @@ impl Proc {
                 });
             }
             Proc::ScaleLinear { gain, offset, axis } => {
-                affine_per_index(t, *axis, |k| (pick(gain, k), pick(offset, k)));
+                for_each_run(t, *axis, |k, run| {
+                    let (g, o) = (pick(gain, k), pick(offset, k));
+                    run.iter_mut().for_each(|v| *v = *v * g + o);
+                });
             }
             Proc::Clip { min, max } => t.data.iter_mut().for_each(|v| *v = v.clamp(*min, *max)),
             Proc::Binarize { threshold, axis } => {
@@ -375,17 +380,15 @@ fn pick(values: &[f32], k: usize) -> f32 {
 }
 
 /// Applies `f(value, index along axis)` to every element.
-/// `v * a + b` with `(a, b)` chosen by the index along `axis`: one multiply-add per value (the
-/// per-cell path normalises every crop on the submitting thread, beside the running model).
-fn affine_per_index(t: &mut Tensor, axis: Option<usize>, ab: impl Fn(usize) -> (f32, f32)) {
+/// Calls `f(k, run)` for each run of values that share index `k` along `axis` (the whole
+/// tensor with `k = 0` without an axis): per-run constants, no index arithmetic per value.
+fn for_each_run(t: &mut Tensor, axis: Option<usize>, mut f: impl FnMut(usize, &mut [f32])) {
     let (inner, len) = match axis {
         None => (t.data.len().max(1), 1),
         Some(a) => (t.shape[a + 1..].iter().product::<usize>().max(1), t.shape[a].max(1)),
     };
-    let coef: Vec<(f32, f32)> = (0..len).map(&ab).collect();
     for (j, run) in t.data.chunks_mut(inner).enumerate() {
-        let (a, b) = coef[j % len];
-        run.iter_mut().for_each(|v| *v = *v * a + b);
+        f(j % len, run);
     }
 }
 

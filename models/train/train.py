@@ -32,7 +32,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LANDMARKS = ["DAPI", "Microtubules", "ER"]
 VSTAIN_PROTEINS = ["CALR", "ATP1A1", "HNRNPA1"]
 DIFFUSION_PROTEINS = ["none", "TOMM20", "CALR", "ATP1A1", "HNRNPA1"]
-CELL_LINES = ["sim-default"]
+# "none" (id 0) is the unconditioned cell line, as ProtiCelli's "none" protein label: a zero
+# embedding added at export; the simulated line is id 1.
+CELL_LINES = ["none", "sim-default"]
 CROP = 96
 TILE = 256
 # Optimiser steps per network at --steps-scale 1 (about 75 min on 2 CPU cores in all).
@@ -351,8 +353,9 @@ def train_diffusion(plate, rng, steps):
         return jnp.mean(weight[:, None, None, None] * (d - y) ** 2)
 
     den = fit("denoiser", den_loss,
-              nets.denoiser_init(jax.random.PRNGKey(3), 3 * nets.LATENT, len(DIFFUSION_PROTEINS), len(CELL_LINES)),
+              nets.denoiser_init(jax.random.PRNGKey(3), 3 * nets.LATENT, len(DIFFUSION_PROTEINS), len(CELL_LINES) - 1),
               den_batches(), steps["denoiser"], 1e-3)
+    den["line"] = jnp.concatenate([jnp.zeros_like(den["line"][:1]), den["line"]])
 
     enc_model = nets.export(lambda o, x: nets.encoder(o, x, groups=3), ae, [("landmarks", [None, 3, None, None])],
                             [("latent", [None, 3 * nets.LATENT, None, None])], "liveomics tiny encoder")
@@ -369,7 +372,7 @@ def train_diffusion(plate, rng, steps):
     z_lm = save_onnx(enc_model, folder / "encoder.onnx",
                      lambda x: [nets.encoder(nets.J(ae), jnp.asarray(x), groups=3)[0]], [lm_norm])[0]
     noisy = np.random.default_rng(5).standard_normal((1, nets.LATENT, 32, 32)).astype(np.float32)
-    den_in = [noisy, np.array([2.5], np.float32), z_lm, np.array([1.0], np.float32), np.array([0.0], np.float32)]
+    den_in = [noisy, np.array([2.5], np.float32), z_lm, np.array([1.0], np.float32), np.array([1.0], np.float32)]
     den_out = save_onnx(den_model, folder / "weights.onnx",
                         lambda *a: nets.denoiser(nets.J(den), *[jnp.asarray(v) for v in a],
                                                  sigma_data=EDM["sigma_data"]), den_in)[0]
