@@ -200,12 +200,13 @@ def export(forward, params, inputs, outputs, doc):
 
 # ---- the four reference networks -------------------------------------------------------------
 
-def unet_init(key, cin, cout):
+def unet_init(key, cin, cout, w=8):
     ks = jax.random.split(key, 12)
-    spec = [("e1a", cin, 8), ("e1b", 8, 8), ("e2a", 8, 16), ("e2b", 16, 16), ("e3a", 16, 32), ("e3b", 32, 32),
-            ("mid", 32, 32), ("u3", 64, 32), ("u2", 48, 16), ("u1", 24, 8)]
+    spec = [("e1a", cin, w), ("e1b", w, w), ("e2a", w, 2 * w), ("e2b", 2 * w, 2 * w), ("e3a", 2 * w, 4 * w),
+            ("e3b", 4 * w, 4 * w), ("mid", 4 * w, 4 * w), ("u3", 8 * w, 4 * w), ("u2", 6 * w, 2 * w),
+            ("u1", 3 * w, w)]
     p = {n: init_conv(k, a, b, 3) for k, (n, a, b) in zip(ks, spec)}
-    p["out"] = init_conv(ks[11], 8, cout, 1)
+    p["out"] = init_conv(ks[11], w, cout, 1)
     return p
 
 

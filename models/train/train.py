@@ -29,8 +29,10 @@ import tifffile
 import nets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+SUFFIX = ""
 LANDMARKS = ["DAPI", "Microtubules", "ER"]
 VSTAIN_PROTEINS = ["CALR", "ATP1A1", "HNRNPA1"]
+VSTAIN_WIDTH = 8  # channels of the U-Net's full-resolution level (then 2x, 4x)
 DIFFUSION_PROTEINS = ["none", "TOMM20", "CALR", "ATP1A1", "HNRNPA1"]
 # "none" (id 0) is the unconditioned cell line, as ProtiCelli's "none" protein label: a zero
 # embedding added at export; the simulated line is id 1.
@@ -194,7 +196,7 @@ def norm_landmarks_for(plate, lm):
 # ---- 1. direct virtual staining ------------------------------------------------------------
 
 def train_vstain(plate, rng, steps):
-    folder = ROOT / "virtual_stain_unet"
+    folder = ROOT / ("virtual_stain_unet" + SUFFIX)
     folder.mkdir(exist_ok=True)
     k = len(VSTAIN_PROTEINS)
     x_all = np.stack([plate.norm(d["landmarks"]) for d in plate.fields])
@@ -223,7 +225,8 @@ def train_vstain(plate, rng, steps):
         x, y = batch
         return jnp.mean((nets.unet(nets.J(p), x)[0] - y) ** 2)
 
-    params = fit("virtual-stain", loss, nets.unet_init(jax.random.PRNGKey(1), 3, k), batches(), steps["vstain"], 1e-3)
+    params = fit("virtual-stain", loss, nets.unet_init(jax.random.PRNGKey(1), 3, k, VSTAIN_WIDTH), batches(),
+                 steps["vstain"], 1e-3)
 
     def linear(ops, x):
         return [ops.sinh(nets.unet(ops, x)[0])]
@@ -650,7 +653,11 @@ def main():
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every network's step count")
     ap.add_argument("--seed", type=int, default=20261121)
     ap.add_argument("--max-wells", type=int, help="train on the first N wells only (smoke runs)")
+    ap.add_argument("--vstain-width", type=int, default=VSTAIN_WIDTH)
+    ap.add_argument("--out-suffix", default="", help="write model folders as NAME+SUFFIX (experiments)")
     args = ap.parse_args()
+    globals()["VSTAIN_WIDTH"] = args.vstain_width
+    globals()["SUFFIX"] = args.out_suffix
     plate = Plate(args.plate, args.max_wells)
     print(f"plate {args.plate}: {len(plate.fields)} fields")
     for name, fn in [("vstain", train_vstain), ("diffusion", train_diffusion), ("cellomics", train_cellomics),
