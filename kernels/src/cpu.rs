@@ -19,6 +19,19 @@ pub fn normalize_u16(
     high_percentile: f64,
 ) -> Result<Vec<f32>, KernelError> {
     check_len("src", src, width, height)?;
+    check_percentiles(low_percentile, high_percentile)?;
+    let hist = histogram_u16(src);
+    let lo = percentile_from_histogram(&hist, src.len(), low_percentile) as f32;
+    let hi = percentile_from_histogram(&hist, src.len(), high_percentile) as f32;
+    let scale = if hi > lo { 1.0 / (hi - lo) } else { 0.0 };
+    Ok(src
+        .par_iter()
+        .map(|&v| ((v as f32 - lo) * scale).clamp(0.0, 1.0))
+        .collect())
+}
+
+/// `0 <= low < high <= 100`, or an error naming both.
+pub(crate) fn check_percentiles(low_percentile: f64, high_percentile: f64) -> Result<(), KernelError> {
     if !(0.0..=100.0).contains(&low_percentile)
         || !(0.0..=100.0).contains(&high_percentile)
         || low_percentile >= high_percentile
@@ -28,14 +41,7 @@ pub fn normalize_u16(
             reason: format!("need 0 <= low < high <= 100, got {low_percentile} and {high_percentile}"),
         });
     }
-    let hist = histogram_u16(src);
-    let lo = percentile_from_histogram(&hist, src.len(), low_percentile) as f32;
-    let hi = percentile_from_histogram(&hist, src.len(), high_percentile) as f32;
-    let scale = if hi > lo { 1.0 / (hi - lo) } else { 0.0 };
-    Ok(src
-        .par_iter()
-        .map(|&v| ((v as f32 - lo) * scale).clamp(0.0, 1.0))
-        .collect())
+    Ok(())
 }
 
 /// Full 16-bit histogram: exact percentiles of camera data without sorting.

@@ -166,15 +166,7 @@ pub fn flatten_u16(
 
 /// Percentile normalisation of a float image to [0, 1] (NaN counts as 0).
 pub fn normalize_f32(src: &[f32], low_percentile: f64, high_percentile: f64) -> Result<Vec<f32>, KernelError> {
-    if !(0.0..=100.0).contains(&low_percentile)
-        || !(0.0..=100.0).contains(&high_percentile)
-        || low_percentile >= high_percentile
-    {
-        return Err(KernelError::Parameter {
-            name: "percentiles",
-            reason: format!("need 0 <= low < high <= 100, got {low_percentile} and {high_percentile}"),
-        });
-    }
+    crate::cpu::check_percentiles(low_percentile, high_percentile)?;
     if src.is_empty() {
         return Ok(Vec::new());
     }

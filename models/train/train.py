@@ -186,6 +186,23 @@ def readme(folder, title, body):
         "`models/evaluate.py` on a plate simulated with a seed not used in training.\n")
 
 
+def landmark_input(tensor_id, size, test_tensor):
+    """The description's input block for raw landmark planes, y and x sized `size`."""
+    return f"""  - id: {tensor_id}
+    axes:
+      - type: batch
+      - type: channel
+        channel_names: [{", ".join(LANDMARKS)}]
+      - id: y
+        type: space
+        size: {size}
+      - id: x
+        type: space
+        size: {size}
+    test_tensor: {test_tensor}
+"""
+
+
 def norm_landmarks_for(plate, lm):
     """What fixed_zero_mean_unit_variance does to the raw landmark planes (rounded like the yaml)."""
     mean = np.array([round(float(v), 4) for v in plate.mean], np.float32)
@@ -242,20 +259,8 @@ def train_vstain(plate, rng, steps):
     names = ", ".join(VSTAIN_PROTEINS)
     text = header("liveomics virtual staining U-Net",
                   "Landmark stains (DAPI, microtubules, ER) to noise-free images of proteins that were not stained.",
-                  ["virtual-staining", "fluorescence", "2d", "liveomics"]) + f"""inputs:
-  - id: landmarks
-    axes:
-      - type: batch
-      - type: channel
-        channel_names: [{", ".join(LANDMARKS)}]
-      - id: y
-        type: space
-        size: {{min: 128, step: 8}}
-      - id: x
-        type: space
-        size: {{min: 128, step: 8}}
-    test_tensor: {npy(folder, "test_input.npy", test_in)}
-    preprocessing:
+                  ["virtual-staining", "fluorescence", "2d", "liveomics"]) + "inputs:\n" + landmark_input(
+        "landmarks", "{min: 128, step: 8}", npy(folder, "test_input.npy", test_in)) + f"""    preprocessing:
 {fixed_zmuv(plate)}outputs:
   - id: proteins
     axes:
@@ -290,7 +295,7 @@ def train_vstain(plate, rng, steps):
 # ---- 2. diffusion (ProtiCelli shape, tiny) -------------------------------------------------
 
 def train_diffusion(plate, rng, steps):
-    folder = ROOT / "proticelli_tiny"
+    folder = ROOT / ("proticelli_tiny" + SUFFIX)
     folder.mkdir(exist_ok=True)
     x_all = np.stack([plate.norm(d["landmarks"]) for d in plate.fields])
     prot_names = DIFFUSION_PROTEINS[1:]
@@ -454,7 +459,7 @@ def gene_stats(plate):
 
 
 def train_cellomics(plate, rng, steps):
-    folder = ROOT / "cell_omics_cnn"
+    folder = ROOT / ("cell_omics_cnn" + SUFFIX)
     folder.mkdir(exist_ok=True)
     crops, targets = [], []
     mu, sd = gene_stats(plate)
@@ -494,20 +499,8 @@ def train_cellomics(plate, rng, steps):
     genes = ", ".join(plate.genes)
     text = header("liveomics per-cell abundance CNN",
                   "A 96 px crop around each segmented cell to the log abundance of each gene.",
-                  ["image-to-omics", "single-cell", "2d", "liveomics"]) + f"""inputs:
-  - id: crops
-    axes:
-      - type: batch
-      - type: channel
-        channel_names: [{", ".join(LANDMARKS)}]
-      - id: y
-        type: space
-        size: {CROP}
-      - id: x
-        type: space
-        size: {CROP}
-    test_tensor: {npy(folder, "test_input.npy", raw)}
-    preprocessing:
+                  ["image-to-omics", "single-cell", "2d", "liveomics"]) + "inputs:\n" + landmark_input(
+        "crops", CROP, npy(folder, "test_input.npy", raw)) + f"""    preprocessing:
 {fixed_zmuv(plate)}outputs:
   - id: abundance
     axes:
@@ -534,7 +527,7 @@ def train_cellomics(plate, rng, steps):
 # ---- 4. well-omics (Image2Omics shape) -----------------------------------------------------
 
 def train_wellomics(plate, rng, steps):
-    folder = ROOT / "well_omics_mil"
+    folder = ROOT / ("well_omics_mil" + SUFFIX)
     folder.mkdir(exist_ok=True)
     tiles, tile_cells, tile_well = [], [], []
     wells = sorted({d["well"] for d in plate.fields})
@@ -605,20 +598,8 @@ def train_wellomics(plate, rng, steps):
     text = header("liveomics well-omics MIL",
                   "Image2Omics shape: a tile encoder to a feature vector, features pooled per well, a head to the "
                   "log bulk abundance of each gene in the well.",
-                  ["image-to-omics", "bulk", "2d", "liveomics"]) + f"""inputs:
-  - id: tiles
-    axes:
-      - type: batch
-      - type: channel
-        channel_names: [{", ".join(LANDMARKS)}]
-      - id: y
-        type: space
-        size: {TILE}
-      - id: x
-        type: space
-        size: {TILE}
-    test_tensor: {npy(folder, "test_input.npy", raw)}
-    preprocessing:
+                  ["image-to-omics", "bulk", "2d", "liveomics"]) + "inputs:\n" + landmark_input(
+        "tiles", TILE, npy(folder, "test_input.npy", raw)) + f"""    preprocessing:
 {fixed_zmuv(plate)}outputs:
   - id: features
     axes:
