@@ -296,11 +296,8 @@ pub fn diffusion_cost(
     reps: usize,
 ) -> Result<RoleCost, liveomics_models::ModelError> {
     let planes = landmark_field(field_px)?;
-    let mut data = Vec::with_capacity(3 * field_px * field_px);
-    for p in &planes {
-        data.extend(p.iter().map(|&v| v as f32));
-    }
-    let input = liveomics_models::Tensor::new(vec![1, 3, field_px, field_px], data);
+    let refs: Vec<&[u16]> = planes.iter().map(Vec::as_slice).collect();
+    let input = crate::inference::planes_tensor(&refs, field_px, field_px);
     let vocab = d.denoiser.descr.liveomics.proteins.len();
     let ids: Vec<usize> = (0..panel).map(|i| 1 + i % vocab.saturating_sub(1).max(1)).collect();
     let mut best = f64::INFINITY;

@@ -629,11 +629,7 @@ impl InferenceStage {
                 else {
                     return Ok(0);
                 };
-                let mut data = Vec::with_capacity(planes.len() * f.width * f.height);
-                for p in &planes {
-                    data.extend(p.iter().map(|&v| v as f32));
-                }
-                let input = Tensor::new(vec![1, planes.len(), f.height, f.width], data);
+                let input = planes_tensor(&planes, f.width, f.height);
                 let k = &f.key;
                 let field_seed = fnv1a(&format!(
                     "{seed}/{}/{}/{}/{}",
@@ -723,6 +719,15 @@ fn model_planes<'a>(l: &Loaded, work: &'a FieldWork) -> Result<Vec<&'a [u16]>, S
         .collect()
 }
 
+/// Camera planes as one `(1, C, H, W)` float tensor, the input of every whole-field role.
+pub fn planes_tensor(planes: &[&[u16]], width: usize, height: usize) -> Tensor {
+    let mut data = Vec::with_capacity(planes.len() * width * height);
+    for p in planes {
+        data.extend(p.iter().map(|&v| v as f32));
+    }
+    Tensor::new(vec![1, planes.len(), height, width], data)
+}
+
 /// A whole-field model on the field's planes, by tiles: `[K, H, W]`.
 fn run_field_model(
     l: &Loaded,
@@ -731,12 +736,7 @@ fn run_field_model(
     width: usize,
     height: usize,
 ) -> Result<Tensor, StageError> {
-    let mut data = Vec::with_capacity(planes.len() * width * height);
-    for p in planes {
-        data.extend(p.iter().map(|&v| v as f32));
-    }
-    let input = Tensor::new(vec![1, planes.len(), height, width], data);
-    let mut out = l.model.run_tiled(input, tile)?;
+    let mut out = l.model.run_tiled(planes_tensor(planes, width, height), tile)?;
     let k = out.data.len() / (width * height);
     out.shape = vec![k, height, width];
     Ok(out)

@@ -28,6 +28,8 @@ pub struct Diffusion {
     pub decoder: Component,
     pub sampler: SamplerConfig,
     pub downsample: usize,
+    /// Channels of the latent the denoiser takes (its first input's channel axis).
+    pub latent_channels: usize,
 }
 
 /// The EDM schedule: `steps` sigmas from `sigma_max` down to `sigma_min` with exponent `rho`,
@@ -91,11 +93,22 @@ impl Diffusion {
                 ),
             });
         }
+        let latent_channels = match d.inputs[0].axes.get(1).map(|a| &a.size) {
+            Some(crate::description::AxisSize::Fixed(n)) => *n,
+            other => {
+                return Err(ModelError::Description {
+                    model: d.name.clone(),
+                    key: "inputs[0].axes[1]".into(),
+                    message: format!("the noisy latent needs a fixed channel axis, not {other:?}"),
+                })
+            }
+        };
         let encoder = Component::load(d, "encoder", opts)?;
         let decoder = Component::load(d, "decoder", opts)?;
         Ok(Self {
             sampler,
             downsample,
+            latent_channels,
             encoder,
             decoder,
             denoiser,
@@ -215,15 +228,7 @@ impl Diffusion {
     ) -> Result<Tensor, ModelError> {
         let (h, w) = (landmarks.shape[2], landmarks.shape[3]);
         let (cond, ph, pw) = self.encode(landmarks)?;
-        let latent_c = self.denoiser.descr.inputs[0]
-            .axes
-            .get(1)
-            .and_then(|a| match a.size {
-                crate::description::AxisSize::Fixed(n) => Some(n),
-                _ => None,
-            })
-            .unwrap_or(4);
-        let shape = vec![proteins.len(), latent_c, cond.shape[2], cond.shape[3]];
+        let shape = vec![proteins.len(), self.latent_channels, cond.shape[2], cond.shape[3]];
         let noise = match noise {
             Noise::Seed(seed) => seeded_noise(shape, seed),
             Noise::Given(t) if t.shape == shape => t,
