@@ -17,7 +17,7 @@ import zarr
 import zenoh
 
 from conftest import ROOT, daemon_toml, free_port, run, sim_toml
-from test_inference import inference_toml
+from test_inference import crops, inference_toml
 
 MODELS = ROOT / "models"
 REFERENCE = ["virtual_stain_unet", "proticelli_tiny", "cell_omics_cnn", "well_omics_mil"]
@@ -188,6 +188,17 @@ def test_daemon_writes_virtual_channels_cell_predictions_and_live_well_readouts(
     assert np.isfinite(a.obs[genes].to_numpy()).all() and a.n_obs > 5
     assert list(a.var_names) == genes and a.X.shape == (a.n_obs, 16)
     assert np.array_equal(np.asarray(a.X), a.obs[genes].to_numpy())
+    # The model's fixed zero-mean/unit-variance runs inside the crop gather; Python onnxruntime
+    # on crops of the written raw channels, preprocessed as a whole batch, gives the same values.
+    descr = yaml.safe_load((MODELS / "cell_omics_cnn" / "bioimageio.yaml").read_text())
+    pre = descr["inputs"][0]["preprocessing"][0]["kwargs"]
+    post = descr["outputs"][0]["postprocessing"][0]["kwargs"]
+    centers = [(np.floor(x + 0.5), np.floor(y + 0.5)) for x, y in zip(a.obs["centroid_x_px"], a.obs["centroid_y_px"])]
+    x = crops(raw[:3].astype(np.float32), centers, 96)
+    x = (x - np.float32(pre["mean"])[None, :, None, None]) / np.float32(pre["std"])[None, :, None, None]
+    sess = ort.InferenceSession(str(MODELS / "cell_omics_cnn" / "weights.onnx"), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"crops": x.astype(np.float32)})[0] * np.float32(post["gain"]) + np.float32(post["offset"])
+    assert np.abs(a.obs[genes].to_numpy() - want).max() <= 1e-4
 
     # Per-well readouts: after every field, with the field count and a spread.
     by_well = {}

@@ -115,8 +115,15 @@ pub struct OverheadResult {
     pub items: usize,
     pub total_ms: f64,
     pub session_run_ms: f64,
-    /// total / session.run: 1.10 means pre/post-processing, tiling and batching add 10 %.
+    /// What the path is compared with: `session.run` alone (tiled), or gathering the crops and
+    /// `session.run` on the same batches (batched).
+    pub baseline: &'static str,
+    pub baseline_ms: f64,
+    /// total / baseline: 1.10 means pre/post-processing, tiling and batching add 10 %.
     pub ratio: f64,
+    /// Batched: whether the model's preprocessing ran inside the crop gather.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fused_preprocessing: Option<bool>,
 }
 
 /// Whole-field tiling: `field_px`^2 field through `run_tiled` (preprocess, tiles, blend,
@@ -157,57 +164,119 @@ pub fn tiled_overhead(
         items: 1,
         total_ms,
         session_run_ms,
+        baseline: "session.run",
+        baseline_ms: session_run_ms,
         ratio: total_ms / session_run_ms,
+        fused_preprocessing: None,
     })
 }
 
-/// Per-cell batching: `fields` fields of `cells` crops each, submitted from two threads through
-/// the batcher (preprocess, queue, bucket padding, split, postprocess).
+/// Per-cell batching as the daemon runs it: `fields` fields of `cells` crops cut from the
+/// landmark planes of a simulated field (the model's elementwise preprocessing fused into the
+/// gather when it has one), submitted from two threads through the batcher (queue, bucket
+/// padding, split, postprocessing). The baseline, on the same crops in the same process, is what
+/// no path can avoid: gather the crops and call `session.run` on the same batch shapes.
 pub fn batched_overhead(
     model: std::sync::Arc<liveomics_models::Model>,
     fields: usize,
     cells: usize,
     max_batch: usize,
 ) -> Result<OverheadResult, liveomics_models::ModelError> {
+    use liveomics_kernels::cpu::{crop_gather_u16_with, CropSpec};
     use rand::{Rng, SeedableRng};
     use std::sync::{Arc, Mutex};
+    let shape_err = |message: String| liveomics_models::ModelError::Shape {
+        model: model.name().to_string(),
+        message,
+    };
     let d = &model.descr.inputs[0];
-    let sample: Vec<usize> = d.axes[1..]
-        .iter()
-        .map(|a| match a.size {
-            liveomics_models::description::AxisSize::Fixed(n) => n,
-            _ => 32,
-        })
+    let fixed = |i: usize| match d.axes.get(i).map(|a| &a.size) {
+        Some(liveomics_models::description::AxisSize::Fixed(n)) => Ok(*n),
+        _ => Err(shape_err(format!(
+            "input axis {i} must have a fixed size for --batched"
+        ))),
+    };
+    let (channels, size) = (fixed(1)?, fixed(2)?);
+    let field_px = 1024;
+    let landmarks = landmark_field(field_px)?;
+    let planes: Vec<&[u16]> = (0..channels)
+        .map(|c| landmarks[c % landmarks.len()].as_slice())
         .collect();
-    let per: usize = sample.iter().product();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
-    let inputs: Vec<liveomics_models::Tensor> = (0..fields)
+    let centers: Vec<Vec<(f32, f32)>> = (0..fields)
         .map(|_| {
-            let mut shape = vec![cells];
-            shape.extend(&sample);
-            liveomics_models::Tensor::new(shape, (0..cells * per).map(|_| rng.random::<f32>() * 500.0).collect())
+            (0..cells)
+                .map(|_| {
+                    (
+                        rng.random::<f32>() * field_px as f32,
+                        rng.random::<f32>() * field_px as f32,
+                    )
+                })
+                .collect()
         })
         .collect();
+    let spec = CropSpec { size, scale: 1.0 };
+    let gather = |c: &[(f32, f32)], pre: &(dyn Fn(usize, &mut [f32]) + Sync)| {
+        crop_gather_u16_with(&planes, field_px, field_px, c, spec, pre)
+            .map(|v| liveomics_models::Tensor::new(vec![c.len(), channels, size, size], v))
+            .map_err(|e| shape_err(e.to_string()))
+    };
+    let pre = model.plane_preprocessor(0);
+    let buckets = liveomics_models::buckets(max_batch);
+    let per = channels * size * size;
+
+    // Baseline: gather each field and run it in the batcher's pieces (full buckets, then the
+    // rest padded to its bucket) with bare session.run.
+    let t0 = Instant::now();
+    let mut baseline_run = std::time::Duration::ZERO;
+    for c in &centers {
+        let t = gather(c, &|_, _| {})?;
+        let mut done = 0;
+        while done < c.len() {
+            let n = (c.len() - done).min(max_batch);
+            let bucket = buckets.iter().copied().find(|&b| b >= n).unwrap_or(max_batch);
+            let rows = &t.data[done * per..(done + n) * per];
+            let padded: Vec<f32>;
+            let piece = if n == bucket {
+                rows
+            } else {
+                padded = rows
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0.0, (bucket - n) * per))
+                    .collect();
+                &padded
+            };
+            let t1 = Instant::now();
+            model.infer_views(&[(&[bucket, channels, size, size], piece)])?;
+            baseline_run += t1.elapsed();
+            done += n;
+        }
+    }
+    let baseline_ms = t0.elapsed().as_secs_f64() * 1e3;
+
     let infer = Arc::new(Mutex::new(std::time::Duration::ZERO));
     let infer2 = Arc::clone(&infer);
     let batcher = liveomics_models::Batcher::new(
-        model,
+        Arc::clone(&model),
         liveomics_models::BatchOptions {
             max_batch,
             max_queue_delay: std::time::Duration::from_millis(2),
         },
         move |s| *infer2.lock().unwrap_or_else(|e| e.into_inner()) += s.infer_time,
     )?;
-    let mut a = inputs;
-    let b = a.split_off(fields / 2);
+    let (a, b) = centers.split_at(fields / 2);
     let t0 = Instant::now();
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     // Each thread queues all its fields, then collects: the batcher is never starved, so the
     // ratio is the cost of the path, not of a caller waiting between fields.
-    let work = |fields: Vec<liveomics_models::Tensor>| -> Result<(), liveomics_models::ModelError> {
+    let work = |fields: &[Vec<(f32, f32)>]| -> Result<(), liveomics_models::ModelError> {
         let pending = fields
-            .into_iter()
-            .map(|t| batcher.submit(t, deadline))
+            .iter()
+            .map(|c| match &pre {
+                Some(pre) => batcher.submit_prepared(gather(c, pre)?, deadline),
+                None => batcher.submit(gather(c, &|_, _| {})?, deadline),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         for rx in pending {
             rx.recv().map_err(|_| liveomics_models::ModelError::BatcherGone {
@@ -225,13 +294,17 @@ pub fn batched_overhead(
     let session_run_ms = infer.lock().unwrap_or_else(|e| e.into_inner()).as_secs_f64() * 1e3;
     Ok(OverheadResult {
         what: format!(
-            "batched {} crops {sample:?}, max_batch {max_batch}",
-            batcher.model().name()
+            "batched {} crops [{channels}, {size}, {size}], max_batch {max_batch} (baseline session.run {:.1} ms)",
+            batcher.model().name(),
+            baseline_run.as_secs_f64() * 1e3
         ),
         items: fields * cells,
         total_ms,
         session_run_ms,
-        ratio: total_ms / session_run_ms,
+        baseline: "crop gather + session.run",
+        baseline_ms,
+        ratio: total_ms / baseline_ms,
+        fused_preprocessing: Some(pre.is_some()),
     })
 }
 

@@ -347,6 +347,15 @@ pub struct ModelConfig {
     /// virtual-stain-diffusion: seed of the sampling noise (combined with the field's key).
     #[serde(default)]
     pub seed: u64,
+    /// cell-omics: field pixels per crop pixel. A model trained at another pixel size gets crops
+    /// resampled to its scale: its training pixel size over the camera's (e.g. 2.0 for a 0.65 µm
+    /// model on 0.325 µm pixels).
+    #[serde(default = "default_crop_scale")]
+    pub crop_scale: f32,
+}
+
+fn default_crop_scale() -> f32 {
+    1.0
 }
 
 fn default_protein_steps() -> usize {
@@ -723,6 +732,12 @@ impl InferenceConfig {
                         "unknown role {:?}; known: segmentation, virtual-stain, cell-omics, well-omics",
                         m.role
                     ),
+                ));
+            }
+            if !(m.crop_scale.is_finite() && m.crop_scale > 0.0) {
+                out.push(Invalid::new(
+                    &format!("{key}.crop_scale"),
+                    format!("must be a finite number > 0, got {}", m.crop_scale),
                 ));
             }
         }

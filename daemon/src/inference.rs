@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use liveomics_adapters::model::{AcquisitionPlan, WellId};
 use liveomics_adapters::Invalid;
-use liveomics_kernels::cpu::crop_gather_u16;
+use liveomics_kernels::cpu::{crop_gather_u16_with, CropSpec};
 use liveomics_models::description::{AxisKind, AxisSize, Description};
 use liveomics_models::{
     BatchOptions, Batcher, Diffusion, Model, ModelError, Pool, Role, Tensor, TileOptions, WellModel,
@@ -200,7 +200,7 @@ struct Loaded {
     channels: Vec<usize>,
     model: Arc<Model>,
     batcher: Option<Batcher>,
-    crop: usize,
+    crop: CropSpec,
     outputs: Vec<String>,
     provider: String,
 }
@@ -587,7 +587,10 @@ fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Resu
         channels,
         model,
         batcher,
-        crop,
+        crop: CropSpec {
+            size: crop,
+            scale: m.crop_scale,
+        },
         outputs,
         provider,
     });
@@ -607,9 +610,20 @@ impl InferenceStage {
                     .iter()
                     .map(|r| (r.centroid_x_px, r.centroid_y_px))
                     .collect();
-                let crops = crop_gather_u16(&planes, f.width, f.height, &centers, l.crop)?;
                 let n = centers.len();
-                let out = batcher.run(Tensor::new(vec![n, planes.len(), l.crop, l.crop], crops), work.deadline)?;
+                let shape = vec![n, planes.len(), l.crop.size, l.crop.size];
+                // Elementwise preprocessing runs inside the gather, on each crop plane while it
+                // is in cache; anything else runs on the whole batch in the batcher.
+                let out = match l.model.plane_preprocessor(0) {
+                    Some(pre) => {
+                        let crops = crop_gather_u16_with(&planes, f.width, f.height, &centers, l.crop, &pre)?;
+                        batcher.run_prepared(Tensor::new(shape, crops), work.deadline)?
+                    }
+                    None => {
+                        let crops = crop_gather_u16_with(&planes, f.width, f.height, &centers, l.crop, &|_, _| {})?;
+                        batcher.run(Tensor::new(shape, crops), work.deadline)?
+                    }
+                };
                 let per = out.data.len().checked_div(n).unwrap_or(l.outputs.len());
                 for k in 0..per {
                     let name = l.outputs.get(k).cloned().unwrap_or_else(|| format!("out{k}"));

@@ -23,6 +23,26 @@ fn evaluate(seed: u64, density: f64, touching: f64, fields: u32) -> Score {
 }
 
 fn evaluate_with(seed: u64, density: f64, touching: f64, fields: u32, vignetting: f64, correct: bool) -> Score {
+    evaluate_cells(
+        seed,
+        density,
+        touching,
+        fields,
+        vignetting,
+        correct,
+        &CellParams::default(),
+    )
+}
+
+fn evaluate_cells(
+    seed: u64,
+    density: f64,
+    touching: f64,
+    fields: u32,
+    vignetting: f64,
+    correct: bool,
+    cp: &CellParams,
+) -> Score {
     let camera = liveomics_adapters::simulator::CameraConfig {
         vignetting,
         ..Default::default()
@@ -46,7 +66,6 @@ fn evaluate_with(seed: u64, density: f64, touching: f64, fields: u32, vignetting
     let illumination = correct
         .then(|| Illumination::for_nucleus_px(cfg.nucleus_diameter_um / cfg.pixel_size_um, camera.offset_adu as f32));
     np.illumination = illumination;
-    let cp = CellParams::default();
     let (mut tp_n, mut all_n, mut tp_c, mut all_c) = ([0usize; 2], [0usize; 2], [0usize; 2], [0usize; 2]);
     let mut objects = 0;
     for f in 0..fields {
@@ -54,7 +73,7 @@ fn evaluate_with(seed: u64, density: f64, touching: f64, fields: u32, vignetting
         let (w, h) = (field.width, field.height);
         let (nuclei, _) = segment_nuclei(&field.channels[0], w, h, &np).unwrap();
         let er = sim.plan().channels.iter().position(|c| c.name == "ER").unwrap();
-        let cells = segment_cells(&nuclei, &field.channels[er], w, h, &cp).unwrap();
+        let cells = segment_cells(&nuclei, &field.channels[er], w, h, cp).unwrap();
         let mn = match_labels(&nuclei, &field.nuclei_labels, &[0.5, 0.7]).unwrap();
         let mc = match_labels(&cells, &field.cell_labels, &[0.5, 0.7]).unwrap();
         for k in 0..2 {
@@ -115,4 +134,26 @@ fn illumination_correction_recovers_vignetted_corners() {
     );
     assert!(corrected.nuclei[0] > plain.nuclei[0] + 0.02 || corrected.cells[0] > plain.cells[0] + 0.02);
     assert!(default_corrected.nuclei[0] >= 0.90);
+}
+
+/// How the cell defaults were chosen: a sweep on tuning seed 77, confluent (never on the held-out
+/// seeds above). `cargo test --release -p liveomics --test segmentation_ap -- --ignored --nocapture`
+/// On 2026-11-21 every setting gave cells AP@0.5 0.848-0.860; the defaults (0.3, 1.0) gave 0.860.
+#[test]
+#[ignore = "tuning sweep, minutes; run by hand"]
+fn sweep_cell_parameters_on_the_tuning_seed() {
+    for scale in [0.15f32, 0.2, 0.3, 0.45] {
+        for weight in [0.6f32, 1.0, 1.6, 2.5] {
+            let cp = CellParams {
+                threshold_scale: scale,
+                spatial_weight: weight,
+                ..CellParams::default()
+            };
+            let s = evaluate_cells(77, 900.0, 0.35, 3, 0.15, false, &cp);
+            eprintln!(
+                "threshold_scale {scale} spatial_weight {weight}: cells AP@0.5 {:.3} AP@0.7 {:.3}",
+                s.cells[0], s.cells[1]
+            );
+        }
+    }
 }

@@ -879,13 +879,55 @@ pub fn crop_gather_u16(
     centers: &[(f32, f32)],
     size: usize,
 ) -> Result<Vec<f32>, KernelError> {
+    crop_gather_u16_with(
+        channels,
+        width,
+        height,
+        centers,
+        CropSpec { size, scale: 1.0 },
+        &|_, _| {},
+    )
+}
+
+/// How crops are cut from a field.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CropSpec {
+    /// Crop side in output pixels (the model's input size).
+    pub size: usize,
+    /// Field pixels per crop pixel. 1 copies pixels; another value resamples a window of
+    /// `size * scale` field pixels bilinearly, for a model trained at another pixel size
+    /// (e.g. 2.0 feeds a 0.65 µm model from a 0.325 µm camera). Bilinear sampling does not
+    /// low-pass first, so scales above 2 alias fine texture.
+    pub scale: f32,
+}
+
+/// [`crop_gather_u16`] with resampling, and `per_plane(channel, plane)` applied to every crop
+/// plane right after it is written, while it is still in cache: the model's elementwise
+/// preprocessing done here saves a pass over the whole batch in memory (the batch of a per-cell
+/// model is larger than the last-level cache). Padding is written before `per_plane` runs, so
+/// it sees exactly what a whole-tensor preprocessing would see.
+pub fn crop_gather_u16_with(
+    channels: &[&[u16]],
+    width: usize,
+    height: usize,
+    centers: &[(f32, f32)],
+    spec: CropSpec,
+    per_plane: &(dyn Fn(usize, &mut [f32]) + Sync),
+) -> Result<Vec<f32>, KernelError> {
     for c in channels {
         check_len("crop_gather channel", c, width, height)?;
     }
+    let size = spec.size;
     if size == 0 {
         return Err(KernelError::Parameter {
             name: "size",
             reason: "crop size must be > 0".into(),
+        });
+    }
+    if !(spec.scale.is_finite() && spec.scale > 0.0) {
+        return Err(KernelError::Parameter {
+            name: "scale",
+            reason: format!("crop scale must be finite and > 0, got {}", spec.scale),
         });
     }
     let per_crop = channels.len() * size * size;
@@ -893,30 +935,71 @@ pub fn crop_gather_u16(
     if per_crop == 0 {
         return Ok(out);
     }
+    let (w, h) = (width as isize, height as isize);
     out.par_chunks_mut(per_crop)
         .zip(centers.par_iter())
         .for_each(|(crop, &(cx, cy))| {
-            // Top-left so that the centre pixel sits at size/2 (the same convention for odd and even sizes).
-            let x0 = cx.round() as isize - (size / 2) as isize;
-            let y0 = cy.round() as isize - (size / 2) as isize;
+            // The centre pixel sits at size/2 (the same convention for odd and even sizes).
+            let (rx, ry) = (cx.round() as isize, cy.round() as isize);
             for (c, src) in channels.iter().enumerate() {
                 let plane = &mut crop[c * size * size..(c + 1) * size * size];
-                for dy in 0..size {
-                    let y = y0 + dy as isize;
-                    if y < 0 || y >= height as isize {
-                        continue;
-                    }
-                    let row = &src[y as usize * width..(y as usize + 1) * width];
-                    for dx in 0..size {
-                        let x = x0 + dx as isize;
-                        if x >= 0 && x < width as isize {
-                            plane[dy * size + dx] = row[x as usize] as f32;
+                if spec.scale == 1.0 {
+                    let (x0, y0) = (rx - (size / 2) as isize, ry - (size / 2) as isize);
+                    // Columns of the crop that fall inside the image, the same for every row.
+                    let (a, b) = (
+                        (-x0).clamp(0, size as isize) as usize,
+                        (w - x0).clamp(0, size as isize) as usize,
+                    );
+                    for dy in 0..size {
+                        let y = y0 + dy as isize;
+                        if y < 0 || y >= h || a >= b {
+                            continue;
+                        }
+                        let row = &src[y as usize * width..(y as usize + 1) * width];
+                        let from = &row[(x0 + a as isize) as usize..(x0 + b as isize) as usize];
+                        for (o, &v) in plane[dy * size + a..dy * size + b].iter_mut().zip(from) {
+                            *o = v as f32;
                         }
                     }
+                } else {
+                    resample_plane(src, width, height, (rx, ry), spec, plane);
                 }
+                per_plane(c, plane);
             }
         });
     Ok(out)
+}
+
+/// Bilinear samples at `scale` spacing around `(rx, ry)`; a sample whose 2x2 neighbourhood
+/// leaves the image reads zeros there, as the unscaled crop's padding does.
+fn resample_plane(
+    src: &[u16],
+    width: usize,
+    height: usize,
+    (rx, ry): (isize, isize),
+    spec: CropSpec,
+    plane: &mut [f32],
+) {
+    let size = spec.size;
+    let half = size as f32 / 2.0;
+    let at = |x: isize, y: isize| -> f32 {
+        if x < 0 || y < 0 || x >= width as isize || y >= height as isize {
+            0.0
+        } else {
+            src[y as usize * width + x as usize] as f32
+        }
+    };
+    for dy in 0..size {
+        let sy = ry as f32 + (dy as f32 - half + 0.5) * spec.scale - 0.5;
+        let (y0, fy) = (sy.floor() as isize, sy - sy.floor());
+        for dx in 0..size {
+            let sx = rx as f32 + (dx as f32 - half + 0.5) * spec.scale - 0.5;
+            let (x0, fx) = (sx.floor() as isize, sx - sx.floor());
+            let top = at(x0, y0) * (1.0 - fx) + at(x0 + 1, y0) * fx;
+            let bottom = at(x0, y0 + 1) * (1.0 - fx) + at(x0 + 1, y0 + 1) * fx;
+            plane[dy * size + dx] = top * (1.0 - fy) + bottom * fy;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -961,5 +1044,47 @@ mod crop_tests {
         assert_eq!(&out[..9], &[6.0, 7.0, 8.0, 11.0, 12.0, 13.0, 16.0, 17.0, 18.0]);
         assert_eq!(&out[9..12], &[106.0, 107.0, 108.0]);
         assert_eq!(&out[18..27], &[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 5.0, 6.0]);
+        // A crop wider than the image on both sides, and one entirely outside it.
+        let wide = crop_gather_u16(&[&a], w, h, &[(2.0, 1.0), (40.0, 40.0)], 9).unwrap();
+        assert_eq!(&wide[4 * 9..5 * 9], &[0.0, 0.0, 5.0, 6.0, 7.0, 8.0, 9.0, 0.0, 0.0]);
+        assert!(wide[81..].iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn per_plane_sees_padding_and_its_channel() {
+        let (w, h) = (5, 4);
+        let a: Vec<u16> = (0..20).collect();
+        let b: Vec<u16> = (100..120).collect();
+        let spec = CropSpec { size: 3, scale: 1.0 };
+        let f = |c: usize, p: &mut [f32]| p.iter_mut().for_each(|v| *v = (*v - 1.0) / (c as f32 + 2.0));
+        let out = crop_gather_u16_with(&[&a, &b], w, h, &[(0.0, 0.0)], spec, &f).unwrap();
+        let mut want = crop_gather_u16(&[&a, &b], w, h, &[(0.0, 0.0)], 3).unwrap();
+        f(0, &mut want[..9]);
+        f(1, &mut want[9..]);
+        assert_eq!(out, want);
+        assert_eq!(out[0], -0.5);
+    }
+
+    #[test]
+    fn rescaled_crops_sample_the_field_at_the_scale() {
+        // A linear ramp is reproduced exactly by bilinear sampling: value = x + 10 y.
+        let (w, h) = (40, 40);
+        let ramp: Vec<u16> = (0..w * h).map(|i| ((i % w) + 10 * (i / w)) as u16).collect();
+        let spec = CropSpec { size: 4, scale: 2.0 };
+        let out = crop_gather_u16_with(&[&ramp], w, h, &[(20.0, 20.0)], spec, &|_, _| {}).unwrap();
+        // Samples at 20 + (d - 2 + 0.5) * 2 - 0.5 = 16.5, 18.5, 20.5, 22.5.
+        let xs = [16.5f32, 18.5, 20.5, 22.5];
+        for (dy, y) in xs.iter().enumerate() {
+            for (dx, x) in xs.iter().enumerate() {
+                assert!((out[dy * 4 + dx] - (x + 10.0 * y)).abs() < 1e-3, "{dx},{dy}");
+            }
+        }
+        // Scale 1 through the resampling path equals the copying path.
+        let one = crop_gather_u16(&[&ramp], w, h, &[(3.0, 37.0)], 8).unwrap();
+        let mut plane = vec![0f32; 64];
+        resample_plane(&ramp, w, h, (3, 37), CropSpec { size: 8, scale: 1.0 }, &mut plane);
+        assert_eq!(one, plane);
+        let bad = CropSpec { size: 4, scale: 0.0 };
+        assert!(crop_gather_u16_with(&[&ramp], w, h, &[(1.0, 1.0)], bad, &|_, _| {}).is_err());
     }
 }

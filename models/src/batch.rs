@@ -131,10 +131,25 @@ impl Batcher {
         mut samples: Tensor,
         deadline: Instant,
     ) -> Result<Receiver<Result<Tensor, ModelError>>, ModelError> {
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = samples.shape.first().copied().unwrap_or(0);
         self.model.check_input_axes(0, &samples, true)?;
         self.model.preprocess(0, &mut samples);
+        self.enqueue(samples, deadline)
+    }
+
+    /// [`Batcher::submit`] for samples already preprocessed, by the crop gather with
+    /// [`Model::plane_preprocessor`].
+    pub fn submit_prepared(
+        &self,
+        samples: Tensor,
+        deadline: Instant,
+    ) -> Result<Receiver<Result<Tensor, ModelError>>, ModelError> {
+        self.model.check_input_axes(0, &samples, true)?;
+        self.enqueue(samples, deadline)
+    }
+
+    fn enqueue(&self, samples: Tensor, deadline: Instant) -> Result<Receiver<Result<Tensor, ModelError>>, ModelError> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = samples.shape.first().copied().unwrap_or(0);
         let (reply, rx) = bounded(1);
         self.tx
             .send(Request {
@@ -153,16 +168,28 @@ impl Batcher {
 
     /// Submits and waits.
     pub fn run(&self, samples: Tensor, deadline: Instant) -> Result<Tensor, ModelError> {
+        self.wait(samples, deadline, false)
+    }
+
+    /// [`Batcher::submit_prepared`] and waits.
+    pub fn run_prepared(&self, samples: Tensor, deadline: Instant) -> Result<Tensor, ModelError> {
+        self.wait(samples, deadline, true)
+    }
+
+    fn wait(&self, samples: Tensor, deadline: Instant, prepared: bool) -> Result<Tensor, ModelError> {
         if samples.shape.first() == Some(&0) {
             let mut shape = self.output_sample_shape();
             shape.insert(0, 0);
             return Ok(Tensor::new(shape, Vec::new()));
         }
-        self.submit(samples, deadline)?
-            .recv()
-            .map_err(|_| ModelError::BatcherGone {
-                model: self.model.name().to_string(),
-            })?
+        let rx = if prepared {
+            self.submit_prepared(samples, deadline)?
+        } else {
+            self.submit(samples, deadline)?
+        };
+        rx.recv().map_err(|_| ModelError::BatcherGone {
+            model: self.model.name().to_string(),
+        })?
     }
 
     fn output_sample_shape(&self) -> Vec<usize> {

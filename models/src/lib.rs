@@ -15,7 +15,7 @@ pub mod tensor;
 pub mod tile;
 pub mod well;
 
-pub use batch::{BatchOptions, Batcher};
+pub use batch::{buckets, BatchOptions, Batcher};
 pub use component::Component;
 pub use description::{Description, Role};
 pub use diffusion::Diffusion;

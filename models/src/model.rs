@@ -170,6 +170,26 @@ impl Model {
         }
     }
 
+    /// Input `i`'s preprocessing as `f(channel, plane)` when every step is elementwise per channel
+    /// (`fixed_zero_mean_unit_variance`, `scale_linear`, `clip`, ...), for inputs laid out
+    /// `[batch, channel, ...]`: the crop gather applies it to each plane while the plane is in
+    /// cache, and the batch goes to [`crate::Batcher::submit_prepared`]. `None` when a step needs
+    /// statistics of the data (`zero_mean_unit_variance`, `scale_range`) or another layout.
+    pub fn plane_preprocessor(&self, i: usize) -> Option<impl Fn(usize, &mut [f32]) + Sync + '_> {
+        let input = &self.descr.inputs[i];
+        let channel = input
+            .axes
+            .iter()
+            .position(|a| matches!(a.kind, crate::description::AxisKind::Channel { .. }));
+        let layout_ok = matches!(
+            input.axes.first().map(|a| &a.kind),
+            Some(crate::description::AxisKind::Batch)
+        ) && channel.is_none_or(|c| c == 1);
+        let steps = &input.processing;
+        (layout_ok && steps.iter().all(|p| p.is_elementwise_per(channel)))
+            .then_some(move |c: usize, plane: &mut [f32]| steps.iter().for_each(|p| p.apply_run(c, plane)))
+    }
+
     pub fn postprocess(&self, i: usize, t: &mut Tensor) {
         for p in &self.descr.outputs[i].processing {
             p.apply(t);

@@ -304,13 +304,11 @@ impl Proc {
                     t.data[i] = ((t.data[i] as f64 - mean[g]) / (std[g] + *eps as f64)) as f32;
                 });
             }
-            Proc::FixedZeroMeanUnitVariance { mean, std, axis, eps } => {
-                // `(v - mean) / (std + eps)` exactly as numpy computes it (a multiply by the
-                // reciprocal differs in the last bit, and outputs in the thousands show it).
-                for_each_run(t, *axis, |k, run| {
-                    let (m, d) = (pick(mean, k), pick(std, k) + eps);
-                    run.iter_mut().for_each(|v| *v = (*v - m) / d);
-                });
+            Proc::FixedZeroMeanUnitVariance { axis, .. }
+            | Proc::ScaleLinear { axis, .. }
+            | Proc::Binarize { axis, .. } => {
+                let axis = *axis;
+                for_each_run(t, axis, |k, run| self.apply_run(k, run));
             }
             Proc::ScaleRange {
                 reduce,
@@ -330,31 +328,64 @@ impl Proc {
                     t.data[i] = (t.data[i] - lo) / (hi - lo + eps);
                 });
             }
-            Proc::ScaleLinear { gain, offset, axis } => {
-                for_each_run(t, *axis, |k, run| {
-                    let (g, o) = (pick(gain, k), pick(offset, k));
-                    run.iter_mut().for_each(|v| *v = *v * g + o);
-                });
-            }
-            Proc::Clip { min, max } => t.data.iter_mut().for_each(|v| *v = v.clamp(*min, *max)),
-            Proc::Binarize { threshold, axis } => {
-                per_index(t, *axis, |v, k| if v > pick(threshold, k) { 1.0 } else { 0.0 });
-            }
-            Proc::EnsureDtype { integer_range } => {
-                if let Some((lo, hi)) = integer_range {
-                    t.data.iter_mut().for_each(|v| *v = v.trunc().clamp(*lo, *hi));
-                }
-            }
+            Proc::Clip { .. } | Proc::EnsureDtype { .. } => self.apply_run(0, &mut t.data),
             Proc::Sigmoid => {
-                let f = |v: &mut f32| *v = 1.0 / (1.0 + (-*v).exp());
                 if t.data.len() >= PARALLEL_MIN {
-                    t.data.par_iter_mut().for_each(f);
+                    t.data.par_iter_mut().for_each(sigmoid);
                 } else {
-                    t.data.iter_mut().for_each(f);
+                    t.data.iter_mut().for_each(sigmoid);
                 }
             }
         }
     }
+}
+
+impl Proc {
+    /// Whether the operation maps each value on its own, with parameters that depend at most on
+    /// the value's index along `channel_axis`: then it can run plane by plane, where the data
+    /// is made (the crop gather), instead of as a pass over the whole batch.
+    pub fn is_elementwise_per(&self, channel_axis: Option<usize>) -> bool {
+        match self {
+            Proc::FixedZeroMeanUnitVariance { axis, .. }
+            | Proc::ScaleLinear { axis, .. }
+            | Proc::Binarize { axis, .. } => axis.is_none() || *axis == channel_axis,
+            Proc::Clip { .. } | Proc::EnsureDtype { .. } | Proc::Sigmoid => true,
+            Proc::ZeroMeanUnitVariance { .. } | Proc::ScaleRange { .. } => false,
+        }
+    }
+
+    /// An elementwise operation on values whose index along its axis is `k` (see
+    /// [`Proc::is_elementwise_per`]); statistics-based operations leave `run` alone.
+    pub fn apply_run(&self, k: usize, run: &mut [f32]) {
+        match self {
+            Proc::FixedZeroMeanUnitVariance { mean, std, eps, .. } => {
+                // `(v - mean) / (std + eps)` exactly as numpy computes it (a multiply by the
+                // reciprocal differs in the last bit, and outputs in the thousands show it).
+                let (m, d) = (pick(mean, k), pick(std, k) + eps);
+                run.iter_mut().for_each(|v| *v = (*v - m) / d);
+            }
+            Proc::ScaleLinear { gain, offset, .. } => {
+                let (g, o) = (pick(gain, k), pick(offset, k));
+                run.iter_mut().for_each(|v| *v = *v * g + o);
+            }
+            Proc::Binarize { threshold, .. } => {
+                let th = pick(threshold, k);
+                run.iter_mut().for_each(|v| *v = if *v > th { 1.0 } else { 0.0 });
+            }
+            Proc::Clip { min, max } => run.iter_mut().for_each(|v| *v = v.clamp(*min, *max)),
+            Proc::EnsureDtype { integer_range } => {
+                if let Some((lo, hi)) = integer_range {
+                    run.iter_mut().for_each(|v| *v = v.trunc().clamp(*lo, *hi));
+                }
+            }
+            Proc::Sigmoid => run.iter_mut().for_each(sigmoid),
+            Proc::ZeroMeanUnitVariance { .. } | Proc::ScaleRange { .. } => {}
+        }
+    }
+}
+
+fn sigmoid(v: &mut f32) {
+    *v = 1.0 / (1.0 + (-*v).exp());
 }
 
 /// Below this many elements, threads cost more than they save.
@@ -379,7 +410,6 @@ fn pick(values: &[f32], k: usize) -> f32 {
     }
 }
 
-/// Applies `f(value, index along axis)` to every element.
 /// Calls `f(k, run)` for each run of values that share index `k` along `axis` (the whole
 /// tensor with `k = 0` without an axis): per-run constants, no index arithmetic per value.
 fn for_each_run(t: &mut Tensor, axis: Option<usize>, mut f: impl FnMut(usize, &mut [f32])) {
@@ -389,21 +419,6 @@ fn for_each_run(t: &mut Tensor, axis: Option<usize>, mut f: impl FnMut(usize, &m
     };
     for (j, run) in t.data.chunks_mut(inner).enumerate() {
         f(j % len, run);
-    }
-}
-
-fn per_index(t: &mut Tensor, axis: Option<usize>, f: impl Fn(f32, usize) -> f32) {
-    match axis {
-        None => t.data.iter_mut().for_each(|v| *v = f(*v, 0)),
-        Some(a) => {
-            // Runs of `inner` values share their index along the axis: no division per value.
-            let inner: usize = t.shape[a + 1..].iter().product::<usize>().max(1);
-            let len = t.shape[a].max(1);
-            for (j, run) in t.data.chunks_mut(inner).enumerate() {
-                let k = j % len;
-                run.iter_mut().for_each(|v| *v = f(*v, k));
-            }
-        }
     }
 }
 
@@ -514,5 +529,49 @@ mod tests {
         }
         .apply(&mut t);
         assert_eq!(t.data, vec![2.0, 2.0, 4.0, 4.0]);
+    }
+
+    #[test]
+    fn plane_by_plane_equals_whole_tensor_for_elementwise_steps() {
+        // [n=2, c=3, 2x2]: every elementwise step run per (crop, channel) plane must give the
+        // whole-tensor result bit for bit, because the crop gather applies them that way.
+        let data: Vec<f32> = (0..24).map(|i| (i as f32 - 7.0) * 13.7).collect();
+        let steps = [
+            Proc::FixedZeroMeanUnitVariance {
+                mean: vec![1.0, 2.0, 3.0],
+                std: vec![3.0, 7.0, 11.0],
+                axis: Some(1),
+                eps: 1e-6,
+            },
+            Proc::ScaleLinear {
+                gain: vec![0.5],
+                offset: vec![-1.0],
+                axis: None,
+            },
+            Proc::Clip { min: -5.0, max: 5.0 },
+            Proc::Binarize {
+                threshold: vec![0.0, 1.0, -1.0],
+                axis: Some(1),
+            },
+            Proc::Sigmoid,
+        ];
+        for step in &steps {
+            assert!(step.is_elementwise_per(Some(1)), "{step:?}");
+            let mut whole = Tensor::new(vec![2, 3, 2, 2], data.clone());
+            step.apply(&mut whole);
+            let mut planes = data.clone();
+            for (j, plane) in planes.chunks_mut(4).enumerate() {
+                step.apply_run(j % 3, plane);
+            }
+            assert_eq!(whole.data, planes, "{step:?}");
+        }
+        let stats = Proc::ZeroMeanUnitVariance { reduce: None, eps: 0.0 };
+        assert!(!stats.is_elementwise_per(Some(1)));
+        let other_axis = Proc::ScaleLinear {
+            gain: vec![1.0, 2.0],
+            offset: vec![0.0, 0.0],
+            axis: Some(2),
+        };
+        assert!(!other_axis.is_elementwise_per(Some(1)));
     }
 }

@@ -62,6 +62,14 @@ class J:
     def sinh(self, x):
         return jnp.sinh(x)
 
+    def asinh(self, x):
+        return jnp.arcsinh(x)
+
+    def affine_ch(self, x, gain, offset):
+        # Fixed per-channel constants (not trained).
+        g, o = jax.lax.stop_gradient(gain), jax.lax.stop_gradient(offset)
+        return x * g[None, :, None, None] + o[None, :, None, None]
+
     def mul(self, a, b):
         return a * b
 
@@ -149,6 +157,14 @@ class O:
     def sinh(self, x):
         return self.node("Sinh", [x])
 
+    def asinh(self, x):
+        return self.node("Asinh", [x])
+
+    def affine_ch(self, x, gain, offset):
+        g = self.const(np.asarray(gain, np.float32).reshape(1, -1, 1, 1), "gain")
+        o = self.const(np.asarray(offset, np.float32).reshape(1, -1, 1, 1), "offset")
+        return self.node("Add", [self.node("Mul", [x, g]), o])
+
     def mul(self, a, b):
         return self.node("Mul", [a, b])
 
@@ -200,26 +216,42 @@ def export(forward, params, inputs, outputs, doc):
 
 # ---- the four reference networks -------------------------------------------------------------
 
-def unet_init(key, cin, cout, w=8):
-    ks = jax.random.split(key, 12)
-    spec = [("e1a", cin, w), ("e1b", w, w), ("e2a", w, 2 * w), ("e2b", 2 * w, 2 * w), ("e3a", 2 * w, 4 * w),
-            ("e3b", 4 * w, 4 * w), ("mid", 4 * w, 4 * w), ("u3", 8 * w, 4 * w), ("u2", 6 * w, 2 * w),
-            ("u1", 3 * w, w)]
+def unet_init(key, cin, cout, w=8, levels=3):
+    widths = [w * 2**i for i in range(levels)]
+    spec = []
+    for i, cw in enumerate(widths):
+        spec += [(f"e{i + 1}a", widths[i - 1] if i else cin, cw), (f"e{i + 1}b", cw, cw)]
+    spec.append(("mid", widths[-1], widths[-1]))
+    for i in reversed(range(levels)):
+        spec.append((f"u{i + 1}", (widths[i + 1] if i + 1 < levels else widths[-1]) + widths[i], widths[i]))
+    ks = jax.random.split(key, len(spec) + 2)
     p = {n: init_conv(k, a, b, 3) for k, (n, a, b) in zip(ks, spec)}
-    p["out"] = init_conv(ks[11], w, cout, 1)
+    p["out"] = init_conv(ks[-1], w, cout, 1)
     return p
 
 
 def unet(ops, x):
-    """Direct virtual staining: three levels plus a bottleneck at 1/8 (receptive field ~90 px)."""
+    """Direct virtual staining: `levels` levels (three or four, from the parameters) plus a
+    bottleneck at 1/8 or 1/16; four levels see a whole cell (receptive field ~190 px) from any
+    pixel in it, which is what predicting the cell's level needs. With `inlog` parameters the
+    input is widened by asinh of each landmark (`unet_init` then takes twice the channels)."""
     r = ops.relu
-    e1 = r(ops.conv(r(ops.conv(x, "e1a")), "e1b"))
-    e2 = r(ops.conv(r(ops.conv(ops.pool(e1), "e2a")), "e2b"))
-    e3 = r(ops.conv(r(ops.conv(ops.pool(e2), "e3a")), "e3b"))
-    m = r(ops.conv(ops.pool(e3), "mid"))
-    u = r(ops.conv(ops.cat(ops.up(m), e3), "u3"))
-    u = r(ops.conv(ops.cat(ops.up(u), e2), "u2"))
-    u = r(ops.conv(ops.cat(ops.up(u), e1), "u1"))
+    levels = sum(1 for name in ops.p if name.startswith("e") and name.endswith("a"))
+    if "inlog" in ops.p:
+        # Landmarks also in asinh (log-like) units: the stains are products (a cell's brightness
+        # times a radial profile times a texture), which a log turns into sums a convolution
+        # can separate; the linear channels are kept beside them.
+        lg = ops.p["inlog"]
+        x = ops.cat(x, ops.asinh(ops.affine_ch(x, lg["gain"], lg["offset"])))
+    skips, h = [], x
+    for i in range(levels):
+        if i:
+            h = ops.pool(h)
+        h = r(ops.conv(r(ops.conv(h, f"e{i + 1}a")), f"e{i + 1}b"))
+        skips.append(h)
+    u = r(ops.conv(ops.pool(h), "mid"))
+    for i in reversed(range(levels)):
+        u = r(ops.conv(ops.cat(ops.up(u), skips[i]), f"u{i + 1}"))
     return [ops.conv(u, "out")]
 
 

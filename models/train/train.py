@@ -32,7 +32,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUFFIX = ""
 LANDMARKS = ["DAPI", "Microtubules", "ER"]
 VSTAIN_PROTEINS = ["CALR", "ATP1A1", "HNRNPA1"]
-VSTAIN_WIDTH = 8  # channels of the U-Net's full-resolution level (then 2x, 4x)
+VSTAIN_WIDTH = 8  # channels of the U-Net's full-resolution level (then 2x, 4x, 8x)
+VSTAIN_LEVELS = 3
+VSTAIN_HALO = 32  # output pixels a tile edge spoils (the effective receptive field, not the theoretical one)
+# Weight of the per-cell level term in the virtual-staining loss (the pixel term has weight 1).
+VSTAIN_CELL_WEIGHT = 0.0
+VSTAIN_LOG_INPUT = False
 DIFFUSION_PROTEINS = ["none", "TOMM20", "CALR", "ATP1A1", "HNRNPA1"]
 # "none" (id 0) is the unconditioned cell line, as ProtiCelli's "none" protein label: a zero
 # embedding added at export; the simulated line is id 1.
@@ -224,6 +229,8 @@ def train_vstain(plate, rng, steps):
     scale = np.array([np.percentile(y_all[:, c][y_all[:, c] > 0], 90) for c in range(k)], np.float32)
     y_all = np.arcsinh(y_all / scale[None, :, None, None]).astype(np.float32)
     size = 128
+    masks = np.stack([d["cells_mask"] for d in plate.fields]).astype(np.int32)
+    max_label = int(masks.max()) + 1
 
     def batches():
         while True:
@@ -231,18 +238,48 @@ def train_vstain(plate, rng, steps):
             ys, xs = rng.integers(0, x_all.shape[2] - size, 16), rng.integers(0, x_all.shape[3] - size, 16)
             xb = np.stack([x_all[i, :, y:y + size, x:x + size] for i, y, x in zip(idx, ys, xs)])
             yb = np.stack([y_all[i, :, y:y + size, x:x + size] for i, y, x in zip(idx, ys, xs)])
+            mb = np.stack([masks[i, y:y + size, x:x + size] for i, y, x in zip(idx, ys, xs)])
             flip = rng.integers(0, 2, 2)
             if flip[0]:
-                xb, yb = xb[..., ::-1], yb[..., ::-1]
+                xb, yb, mb = xb[..., ::-1], yb[..., ::-1], mb[..., ::-1]
             if flip[1]:
-                xb, yb = xb[..., ::-1, :], yb[..., ::-1, :]
-            yield jnp.asarray(xb.copy()), jnp.asarray(yb.copy())
+                xb, yb, mb = xb[..., ::-1, :], yb[..., ::-1, :], mb[..., ::-1, :]
+            # One segment id per (patch, cell); background is segment 0 of every patch.
+            seg = mb + max_label * np.arange(16)[:, None, None]
+            yield jnp.asarray(xb.copy()), jnp.asarray(yb.copy()), jnp.asarray(seg.copy()), jnp.asarray(mb.copy() > 0)
+
+    n_seg = 16 * max_label
 
     def loss(p, batch, key):
-        x, y = batch
-        return jnp.mean((nets.unet(nets.J(p), x)[0] - y) ** 2)
+        # Pixels in asinh space, plus each cell's mean intensity (in linear units, compared in
+        # asinh space): the level of a cell is what the evaluation's within-cell r is most
+        # sensitive to, and a per-pixel loss only learns it indirectly.
+        x, y, seg, inside = batch
+        out = nets.unet(nets.J(p), x)[0]
+        pixel = jnp.mean((out - y) ** 2)
+        w = inside.astype(jnp.float32)[:, None]
+        ids = jnp.broadcast_to(seg[:, None], out.shape).transpose(1, 0, 2, 3).reshape(k, -1)
 
-    params = fit("virtual-stain", loss, nets.unet_init(jax.random.PRNGKey(1), 3, k, VSTAIN_WIDTH), batches(),
+        def cell_means(v):
+            v = (v * w).transpose(1, 0, 2, 3).reshape(k, -1)
+            return jax.vmap(lambda row, i: jax.ops.segment_sum(row, i, n_seg))(v, ids)
+
+        count = jax.ops.segment_sum(w.reshape(-1), seg.reshape(-1), n_seg)
+        pred_m = cell_means(jnp.sinh(jnp.clip(out, -8.0, 8.0))) / jnp.maximum(count, 1.0)
+        true_m = cell_means(jnp.sinh(y)) / jnp.maximum(count, 1.0)
+        err = (jnp.arcsinh(pred_m) - jnp.arcsinh(true_m)) ** 2
+        cell = jnp.sum(err * count) / jnp.maximum(k * jnp.sum(count), 1.0)
+        return pixel + VSTAIN_CELL_WEIGHT * cell if VSTAIN_CELL_WEIGHT else pixel
+
+    init = nets.unet_init(jax.random.PRNGKey(1), 6 if VSTAIN_LOG_INPUT else 3, k, VSTAIN_WIDTH, VSTAIN_LEVELS)
+    if VSTAIN_LOG_INPUT:
+        # asinh((raw - background) / (std / 10)) from the normalised input x = (raw - mean) / std:
+        # background is each channel's 1st percentile, so the log-like range starts just above it.
+        lm = np.stack([d["landmarks"] for d in plate.fields[:32]]).astype(np.float32)
+        bg = np.percentile(lm, 1, axis=(0, 2, 3)).astype(np.float32)
+        init["inlog"] = {"gain": jnp.full((3,), 10.0, jnp.float32),
+                         "offset": jnp.asarray(10.0 * (plate.mean - bg) / plate.std, jnp.float32)}
+    params = fit("virtual-stain", loss, init, batches(),
                  steps["vstain"], 1e-3)
 
     def linear(ops, x):
@@ -260,7 +297,7 @@ def train_vstain(plate, rng, steps):
     text = header("liveomics virtual staining U-Net",
                   "Landmark stains (DAPI, microtubules, ER) to noise-free images of proteins that were not stained.",
                   ["virtual-staining", "fluorescence", "2d", "liveomics"]) + "inputs:\n" + landmark_input(
-        "landmarks", "{min: 128, step: 8}", npy(folder, "test_input.npy", test_in)) + f"""    preprocessing:
+        "landmarks", f"{{min: 128, step: {2 ** VSTAIN_LEVELS}}}", npy(folder, "test_input.npy", test_in)) + f"""    preprocessing:
 {fixed_zmuv(plate)}outputs:
   - id: proteins
     axes:
@@ -270,11 +307,11 @@ def train_vstain(plate, rng, steps):
       - id: y
         type: space
         size: {{tensor_id: landmarks, axis_id: y}}
-        halo: 32
+        halo: {VSTAIN_HALO}
       - id: x
         type: space
         size: {{tensor_id: landmarks, axis_id: x}}
-        halo: 32
+        halo: {VSTAIN_HALO}
     test_tensor: {npy(folder, "test_output.npy", test_out)}
     postprocessing:
       - id: scale_linear
@@ -288,7 +325,8 @@ def train_vstain(plate, rng, steps):
     (folder / "bioimageio.yaml").write_text(text.replace(str(folder) + "/", ""))
     readme(folder, "Direct virtual staining (U-Net)",
            f"Input: raw landmark planes {LANDMARKS}. Output: noise-free images of {VSTAIN_PROTEINS} in "
-           "photoelectrons, one channel each. Fully convolutional (any size that is a multiple of 8); halo 32.")
+           "photoelectrons, one channel each. Fully convolutional (any size that is a multiple of "
+           f"{2 ** VSTAIN_LEVELS}); halo {VSTAIN_HALO}.")
     return params
 
 
@@ -635,9 +673,15 @@ def main():
     ap.add_argument("--seed", type=int, default=20261121)
     ap.add_argument("--max-wells", type=int, help="train on the first N wells only (smoke runs)")
     ap.add_argument("--vstain-width", type=int, default=VSTAIN_WIDTH)
+    ap.add_argument("--vstain-levels", type=int, default=VSTAIN_LEVELS)
+    ap.add_argument("--vstain-log-input", type=int, default=int(VSTAIN_LOG_INPUT))
+    ap.add_argument("--vstain-cell-weight", type=float, default=VSTAIN_CELL_WEIGHT)
     ap.add_argument("--out-suffix", default="", help="write model folders as NAME+SUFFIX (experiments)")
     args = ap.parse_args()
     globals()["VSTAIN_WIDTH"] = args.vstain_width
+    globals()["VSTAIN_LEVELS"] = args.vstain_levels
+    globals()["VSTAIN_LOG_INPUT"] = bool(args.vstain_log_input)
+    globals()["VSTAIN_CELL_WEIGHT"] = args.vstain_cell_weight
     globals()["SUFFIX"] = args.out_suffix
     plate = Plate(args.plate, args.max_wells)
     print(f"plate {args.plate}: {len(plate.fields)} fields")
