@@ -314,11 +314,8 @@ fn main() -> ExitCode {
             }
             if let Some(p) = &a.batched {
                 let m = std::sync::Arc::new(liveomics_models::Model::load(p, &opts)?);
-                for _ in 0..a.reps.max(1) {
-                    let r =
-                        liveomics::bench::batched_overhead(std::sync::Arc::clone(&m), a.fields, a.cells, a.max_batch)?;
-                    println!("{}", serde_json::to_string(&r)?);
-                }
+                let r = liveomics::bench::batched_overhead(m, a.fields, a.cells, a.max_batch, a.reps)?;
+                println!("{}", serde_json::to_string(&r)?);
             }
             if let Some(p) = &a.well {
                 let m = liveomics_models::WellModel::load(p, &opts)?;

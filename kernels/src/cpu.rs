@@ -392,98 +392,103 @@ pub fn connected_components(
     eight: bool,
 ) -> Result<(Vec<u32>, u32), KernelError> {
     check_len("mask", mask, width, height)?;
-    let mut labels = vec![0u32; mask.len()];
+    let points = (0..mask.len()).filter(|&i| mask[i]);
+    Ok(label_points(points, mask.len(), width, eight))
+}
+
+/// Connected components of the pixels listed in `points` (raster order) in an image of `len`
+/// pixels, labelled like [`connected_components`]: for sparse sets (peaks, leftovers) it costs
+/// the points, not the image.
+pub fn label_pixels(points: &[usize], len: usize, width: usize, eight: bool) -> (Vec<u32>, u32) {
+    label_points(points.iter().copied(), len, width, eight)
+}
+
+/// Two-pass union-find labelling of the pixels `points` yields (in raster order) in an image of
+/// `len` pixels: the dense and the sparse (peak) cases share it, and the sparse one touches only
+/// its points instead of every pixel.
+fn label_points(points: impl Iterator<Item = usize> + Clone, len: usize, width: usize, eight: bool) -> (Vec<u32>, u32) {
+    let mut labels = vec![0u32; len];
     let mut parent: Vec<u32> = vec![0];
-    for y in 0..height {
-        for x in 0..width {
-            let i = y * width + x;
-            if !mask[i] {
-                continue;
-            }
-            let mut neigh = [0u32; 4];
-            let mut nn = 0;
-            if x > 0 && labels[i - 1] != 0 {
-                neigh[nn] = labels[i - 1];
+    for i in points.clone() {
+        let (x, y) = (i % width, i / width);
+        let mut neigh = [0u32; 4];
+        let mut nn = 0;
+        if x > 0 && labels[i - 1] != 0 {
+            neigh[nn] = labels[i - 1];
+            nn += 1;
+        }
+        if y > 0 {
+            let up = i - width;
+            if labels[up] != 0 {
+                neigh[nn] = labels[up];
                 nn += 1;
             }
-            if y > 0 {
-                let up = i - width;
-                if labels[up] != 0 {
-                    neigh[nn] = labels[up];
+            if eight {
+                if x > 0 && labels[up - 1] != 0 {
+                    neigh[nn] = labels[up - 1];
                     nn += 1;
                 }
-                if eight {
-                    if x > 0 && labels[up - 1] != 0 {
-                        neigh[nn] = labels[up - 1];
-                        nn += 1;
-                    }
-                    if x + 1 < width && labels[up + 1] != 0 {
-                        neigh[nn] = labels[up + 1];
-                        nn += 1;
-                    }
+                if x + 1 < width && labels[up + 1] != 0 {
+                    neigh[nn] = labels[up + 1];
+                    nn += 1;
                 }
             }
-            if nn == 0 {
-                let l = parent.len() as u32;
-                parent.push(l);
-                labels[i] = l;
-            } else {
-                let mut root = find(&mut parent, neigh[0]);
-                for &l in &neigh[1..nn] {
-                    let r = find(&mut parent, l);
-                    if r != root {
-                        let (a, b) = if r < root { (r, root) } else { (root, r) };
-                        parent[b as usize] = a;
-                        root = a;
-                    }
+        }
+        if nn == 0 {
+            let l = parent.len() as u32;
+            parent.push(l);
+            labels[i] = l;
+        } else {
+            let mut root = find(&mut parent, neigh[0]);
+            for &l in &neigh[1..nn] {
+                let r = find(&mut parent, l);
+                if r != root {
+                    let (a, b) = if r < root { (r, root) } else { (root, r) };
+                    parent[b as usize] = a;
+                    root = a;
                 }
-                labels[i] = root;
             }
+            labels[i] = root;
         }
     }
     let mut remap = vec![0u32; parent.len()];
     let mut next = 0u32;
-    for l in labels.iter_mut() {
-        if *l == 0 {
-            continue;
-        }
-        let r = find(&mut parent, *l) as usize;
+    for i in points {
+        let r = find(&mut parent, labels[i]) as usize;
         if remap[r] == 0 {
             next += 1;
             remap[r] = next;
         }
-        *l = remap[r];
+        labels[i] = remap[r];
     }
-    Ok((labels, next))
+    (labels, next)
 }
 
 /// Maximum over `[x - r, x + r]` for every `x` in three comparisons per pixel whatever `r`
 /// (van Herk / Gil-Werman): block-wise prefix maxima `g` and suffix maxima `h` over the row
-/// padded with -inf, then `out[x] = max(h[x], g[x + 2r])` in padded coordinates.
+/// padded with -inf, then `out[x] = max(h[x], g[x + 2r])` in padded coordinates. Blocks are
+/// walked as slices, so there is no division or border test per pixel.
 fn running_max_1d(src: &[f32], out: &mut [f32], r: usize, g: &mut [f32], h: &mut [f32]) {
     let k = 2 * r + 1;
     let n = src.len() + 2 * r;
-    let padded = |i: usize| {
-        if i >= r && i - r < src.len() {
-            src[i - r]
-        } else {
-            f32::NEG_INFINITY
+    // The padded row goes into `h` first; each block's suffix maxima then overwrite it in place.
+    h[..r].fill(f32::NEG_INFINITY);
+    h[r..r + src.len()].copy_from_slice(src);
+    h[r + src.len()..n].fill(f32::NEG_INFINITY);
+    for (gb, hb) in g[..n].chunks_mut(k).zip(h[..n].chunks_mut(k)) {
+        let mut m = f32::NEG_INFINITY;
+        for (gi, &v) in gb.iter_mut().zip(hb.iter()) {
+            m = m.max(v);
+            *gi = m;
         }
-    };
-    for i in 0..n {
-        let v = padded(i);
-        g[i] = if i % k == 0 { v } else { g[i - 1].max(v) };
+        let mut m = f32::NEG_INFINITY;
+        for hi in hb.iter_mut().rev() {
+            m = m.max(*hi);
+            *hi = m;
+        }
     }
-    for i in (0..n).rev() {
-        let v = padded(i);
-        h[i] = if i % k == k - 1 || i == n - 1 {
-            v
-        } else {
-            h[i + 1].max(v)
-        };
-    }
-    for (x, o) in out.iter_mut().enumerate() {
-        *o = h[x].max(g[x + 2 * r]);
+    for ((o, &hv), &gv) in out.iter_mut().zip(&h[..]).zip(&g[2 * r..]) {
+        *o = hv.max(gv);
     }
 }
 
@@ -521,13 +526,14 @@ pub fn peak_markers(
 ) -> Result<(Vec<u32>, u32), KernelError> {
     check_len("mask", mask, width, height)?;
     let maxed = max_filter(src, width, height, radius)?;
-    let peaks: Vec<bool> = src
-        .par_iter()
-        .zip(&maxed)
-        .zip(mask)
-        .map(|((&v, &m), &inside)| inside && v >= min_value && v >= m)
+    // Peaks are a few pixels per object: label only them, not the whole image.
+    let peaks: Vec<usize> = (0..height)
+        .into_par_iter()
+        .flat_map_iter(|y| {
+            (y * width..(y + 1) * width).filter(|&i| mask[i] && src[i] >= min_value && src[i] >= maxed[i])
+        })
         .collect();
-    connected_components(&peaks, width, height, true)
+    Ok(label_points(peaks.iter().copied(), src.len(), width, true))
 }
 
 #[derive(PartialEq)]
@@ -1048,6 +1054,27 @@ mod crop_tests {
         let wide = crop_gather_u16(&[&a], w, h, &[(2.0, 1.0), (40.0, 40.0)], 9).unwrap();
         assert_eq!(&wide[4 * 9..5 * 9], &[0.0, 0.0, 5.0, 6.0, 7.0, 8.0, 9.0, 0.0, 0.0]);
         assert!(wide[81..].iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn sparse_peak_labels_equal_dense_components() {
+        let (w, h) = (97, 61);
+        // Smooth bumps with plateaus (quantised) so that peaks are sometimes several pixels.
+        let src: Vec<f32> = (0..w * h)
+            .map(|i| {
+                let (x, y) = ((i % w) as f32, (i / w) as f32);
+                (((x * 0.31).sin() + (y * 0.23).cos() + (x * y * 0.002).sin()) * 4.0).round()
+            })
+            .collect();
+        let mask: Vec<bool> = (0..w * h).map(|i| i % 13 != 0).collect();
+        let (labels, n) = peak_markers(&src, &mask, w, h, 3, -2.0).unwrap();
+        let maxed = max_filter(&src, w, h, 3).unwrap();
+        let dense: Vec<bool> = (0..w * h)
+            .map(|i| mask[i] && src[i] >= -2.0 && src[i] >= maxed[i])
+            .collect();
+        let (want, m) = connected_components(&dense, w, h, true).unwrap();
+        assert!(n > 5);
+        assert_eq!((labels, n), (want, m));
     }
 
     #[test]

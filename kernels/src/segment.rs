@@ -2,6 +2,8 @@
 //! propagation from the nuclei over a cytoplasm channel. Parameters are physical (µm) at the
 //! config level and converted here, so that a change of objective does not need retuning.
 
+use rayon::prelude::*;
+
 use crate::{cpu, KernelError};
 
 /// How the foreground threshold of a smoothed channel is chosen.
@@ -169,30 +171,24 @@ fn split_foreground(
 ) -> Result<(Vec<u32>, u32), KernelError> {
     let dist = cpu::distance_transform(mask, width, height)?;
     let dist = cpu::gaussian_blur(&dist, width, height, 1.0)?;
-    let (mut markers, mut n) = cpu::peak_markers(&dist, mask, width, height, p.seed_radius_px, p.seed_min_depth_px)?;
-    // Foreground blobs too shallow to hold a seed still become one object each (the size filter
-    // decides whether they are kept), so no foreground is silently lost to the watershed.
-    let (components, nc) = cpu::connected_components(mask, width, height, true)?;
-    let mut has_seed = vec![false; nc as usize + 1];
-    for (&m, &c) in markers.iter().zip(&components) {
-        if m != 0 {
-            has_seed[c as usize] = true;
+    let (markers, n) = cpu::peak_markers(&dist, mask, width, height, p.seed_radius_px, p.seed_min_depth_px)?;
+    // Flood from the deepest points outwards: the elevation is the negated distance, in place.
+    let mut elevation = dist;
+    elevation.iter_mut().for_each(|d| *d = -*d);
+    let mut labels = cpu::watershed(&elevation, &markers, mask, width, height)?;
+    // Foreground blobs too shallow to hold a seed are what the flood did not reach (it fills
+    // every 8-connected blob that has a seed). Each still becomes one object (the size filter
+    // decides whether it is kept), so no foreground is silently lost.
+    let left: Vec<usize> = (0..height)
+        .into_par_iter()
+        .flat_map_iter(|y| (y * width..(y + 1) * width).filter(|&i| mask[i] && labels[i] == 0))
+        .collect();
+    if !left.is_empty() {
+        let (blobs, _) = cpu::label_pixels(&left, labels.len(), width, true);
+        for &i in &left {
+            labels[i] = n + blobs[i];
         }
     }
-    let mut deepest = vec![(f32::NEG_INFINITY, usize::MAX); nc as usize + 1];
-    for (i, (&c, &d)) in components.iter().zip(&dist).enumerate() {
-        if c != 0 && !has_seed[c as usize] && d > deepest[c as usize].0 {
-            deepest[c as usize] = (d, i);
-        }
-    }
-    for &(_, i) in deepest.iter().skip(1) {
-        if i != usize::MAX {
-            n += 1;
-            markers[i] = n;
-        }
-    }
-    let elevation: Vec<f32> = dist.iter().map(|d| -d).collect();
-    let labels = cpu::watershed(&elevation, &markers, mask, width, height)?;
     Ok(cpu::filter_by_area(&labels, p.min_area_px, p.max_area_px))
 }
 
