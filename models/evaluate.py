@@ -108,6 +108,40 @@ def virtual_staining(manifest, truth, plate):
     return result
 
 
+# How the simulator reads a cell's latent state z into what a landmark image shows
+# (adapters/src/simulator.rs, place_cells): (coefficient on z, independent noise sd) of the log
+# of cell radius, nucleus size, DAPI brightness, microtubule density and ER brightness.
+READOUTS = [({0: 0.12}, 0.12), ({1: 0.10}, 0.08), ({1: 0.15}, 0.10), ({2: 0.25}, 0.10), ({0: 0.2, 2: -0.2}, 0.10)]
+
+
+def level_ceiling(rows, manifest):
+    """The best per-cell linear r any image model could reach for each protein's level: the
+    reported gene's log abundance predicted from the five morphology readouts measured exactly
+    (simulated with the simulator's own noise), plus the well's mean latent state (what seeing
+    many cells of a well could add). Least squares on one half of the cells, scored on the other;
+    the prediction exp(mean + residual variance / 2) is the conditional mean in linear units."""
+    rng = np.random.default_rng(0)
+    z = np.array([[float(r[f"z{i}"]) for i in range(6)] for r in rows])
+    feats = np.stack([sum(c * z[:, d] for d, c in coef.items()) + sd * rng.standard_normal(len(z))
+                      for coef, sd in READOUTS], axis=1)
+    wells = np.array([r["well"] for r in rows])
+    well_mean = np.zeros((len(z), 3))
+    for w in set(wells):
+        well_mean[wells == w] = z[wells == w, :3].mean(axis=0)
+    x = np.c_[feats, well_mean, np.ones(len(z))]
+    half = len(z) // 2
+    visible = max(1, manifest["config"]["visible_genes"])
+    out = {}
+    for i, p in enumerate(pr["name"] for pr in manifest["config"]["proteins"]):
+        gene = manifest["genes"][i % visible]["name"]
+        y = np.log(np.array([float(r[gene]) for r in rows]))
+        b, *_ = np.linalg.lstsq(x[:half], y[:half], rcond=None)
+        resid = y[:half] - x[:half] @ b
+        pred = np.exp(x[half:] @ b + resid.var() / 2)
+        out[p] = {"gene": gene, "log_sd": float(y.std()), "level_r_ceiling": pearson(pred, np.exp(y[half:]))}
+    return out
+
+
 def cell_omics(manifest, truth, plate, rows, genes, model):
     index = {(r["well"], int(r["field"]), int(r["label"])): r for r in rows}
     pred, want = [], []
@@ -229,6 +263,15 @@ def main():
     if not vs:
         print("  no virtual channels in the plate (was a virtual-stain model configured?)")
         ok = False
+    else:
+        ceiling = level_ceiling(rows, manifest)
+        report["virtual_stain_level_ceiling"] = ceiling
+        print("  ceiling of the per-cell level r from exact morphology readouts (see level_ceiling):")
+        for p in vs:
+            c = ceiling.get(p)
+            if c:
+                print(f"  {p:10s} reports {c['gene']} (log sd {c['log_sd']:.2f} across cells): "
+                      f"level r ceiling {c['level_r_ceiling']:.3f}")
 
     co, n_cells = cell_omics(manifest, args.truth, plate, rows, genes, args.cell_model)
     report["cell_omics_pearson_r"] = co
