@@ -718,12 +718,34 @@ fn flood(
 }
 
 /// Drops objects outside `[min_area, max_area]` pixels and renumbers the rest `1..=n` in raster
-/// order, so label ids are dense and stable for a given input.
-pub fn filter_by_area(labels: &[u32], min_area: usize, max_area: usize) -> (Vec<u32>, u32) {
+/// order, so label ids are dense and stable for a given input. An object touching the image
+/// border is only held to `min_area_at_border`: it is cut by the field of view, not debris, and
+/// dropping it would hand its pixels' cell to its neighbours.
+pub fn filter_by_area(
+    labels: &[u32],
+    width: usize,
+    min_area: usize,
+    min_area_at_border: usize,
+    max_area: usize,
+) -> (Vec<u32>, u32) {
     let max_label = labels.iter().copied().max().unwrap_or(0) as usize;
     let mut area = vec![0usize; max_label + 1];
     for &l in labels {
         area[l as usize] += 1;
+    }
+    let mut at_border = vec![false; max_label + 1];
+    if width > 0 {
+        let height = labels.len() / width;
+        let rows = [0, height.saturating_sub(1)];
+        for y in rows {
+            for &l in &labels[y * width..(y + 1) * width] {
+                at_border[l as usize] = true;
+            }
+        }
+        for y in 0..height {
+            at_border[labels[y * width] as usize] = true;
+            at_border[labels[y * width + width - 1] as usize] = true;
+        }
     }
     let mut remap = vec![0u32; max_label + 1];
     let mut next = 0u32;
@@ -733,7 +755,8 @@ pub fn filter_by_area(labels: &[u32], min_area: usize, max_area: usize) -> (Vec<
             continue;
         }
         let li = l as usize;
-        if remap[li] == 0 && area[li] >= min_area && area[li] <= max_area {
+        let min = if at_border[li] { min_area_at_border } else { min_area };
+        if remap[li] == 0 && area[li] >= min && area[li] <= max_area {
             next += 1;
             remap[li] = next;
         }
@@ -859,10 +882,18 @@ mod tests {
 
     #[test]
     fn filter_by_area_renumbers() {
-        let l = vec![0, 5, 5, 5, 9, 0, 7, 7, 7, 7];
-        let (out, n) = filter_by_area(&l, 3, 100);
-        assert_eq!(n, 2);
-        assert_eq!(out, vec![0, 1, 1, 1, 0, 0, 2, 2, 2, 2]);
+        // 5 x 3: only the middle row's middle pixels are away from the border.
+        let l = vec![
+            0, 0, 0, 0, 4, //
+            0, 5, 5, 9, 0, //
+            7, 7, 7, 7, 0,
+        ];
+        let (out, n) = filter_by_area(&l, 5, 2, 1, 100);
+        // 9 is interior and below 2 px: dropped; 4 touches the border and keeps its 1 px.
+        assert_eq!(n, 3);
+        assert_eq!(out, vec![0, 0, 0, 0, 1, 0, 2, 2, 0, 0, 3, 3, 3, 3, 0]);
+        let (_, strict) = filter_by_area(&l, 5, 2, 2, 100);
+        assert_eq!(strict, 2);
     }
 
     #[test]

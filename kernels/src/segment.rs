@@ -40,6 +40,8 @@ pub struct NucleiParams {
     /// and debris never become objects of their own.
     pub seed_min_depth_px: f32,
     pub min_area_px: usize,
+    /// The smaller floor for objects touching the image border (cut by the field of view).
+    pub min_area_at_border_px: usize,
     pub max_area_px: usize,
     /// Divide out uneven illumination before thresholding (off: percentile normalisation of
     /// the raw image).
@@ -102,6 +104,7 @@ impl NucleiParams {
             seed_radius_px: ((d / 3.0).round() as usize).max(1),
             seed_min_depth_px: (d / 8.0).max(1.0) as f32,
             min_area_px: (area * 0.15).round().max(4.0) as usize,
+            min_area_at_border_px: (area * 0.02).round().max(4.0) as usize,
             max_area_px: (area * 8.0).round() as usize,
             illumination: None,
         })
@@ -189,7 +192,13 @@ fn split_foreground(
             labels[i] = n + blobs[i];
         }
     }
-    Ok(cpu::filter_by_area(&labels, p.min_area_px, p.max_area_px))
+    Ok(cpu::filter_by_area(
+        &labels,
+        width,
+        p.min_area_px,
+        p.min_area_at_border_px,
+        p.max_area_px,
+    ))
 }
 
 /// Grows each nucleus into its cell over the cytoplasm channel; cell `k` contains nucleus `k`.
