@@ -734,8 +734,7 @@ pub fn filter_by_area(
         area[l as usize] += 1;
     }
     let mut at_border = vec![false; max_label + 1];
-    if width > 0 {
-        let height = labels.len() / width;
+    if let Some(height) = labels.len().checked_div(width) {
         let rows = [0, height.saturating_sub(1)];
         for y in rows {
             for &l in &labels[y * width..(y + 1) * width] {
