@@ -734,7 +734,7 @@ pub fn filter_by_area(
         area[l as usize] += 1;
     }
     let mut at_border = vec![false; max_label + 1];
-    if let Some(height) = labels.len().checked_div(width) {
+    if let Some(height) = labels.len().checked_div(width).filter(|&h| h > 0) {
         let rows = [0, height.saturating_sub(1)];
         for y in rows {
             for &l in &labels[y * width..(y + 1) * width] {
@@ -893,6 +893,7 @@ mod tests {
         assert_eq!(out, vec![0, 0, 0, 0, 1, 0, 2, 2, 0, 0, 3, 3, 3, 3, 0]);
         let (_, strict) = filter_by_area(&l, 5, 2, 2, 100);
         assert_eq!(strict, 2);
+        assert_eq!(filter_by_area(&[], 5, 2, 2, 100), (vec![], 0));
     }
 
     #[test]
