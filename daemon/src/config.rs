@@ -792,8 +792,17 @@ mod tests {
             [source.simulator]
             [segmentation]
             nuclei_channel = "Hoechst"
+            [[inference.models]]
+            name = "cells"
+            path = "models/cell_omics_cnn"
+            crop_scale = 0.0
         "#;
         let cfg = Config::from_toml(text, "t.toml").unwrap();
+        let errs = cfg.inference.validate_values();
+        assert!(
+            errs.iter().any(|e| e.key == "inference.models[0].crop_scale"),
+            "{errs:?}"
+        );
         let errs = crate::registry::validate(&cfg);
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
         for k in ["instrument", "latency_budget_ms", "segmentation.nuclei_channel"] {

@@ -613,7 +613,7 @@ impl InferenceStage {
                 let n = centers.len();
                 let shape = vec![n, planes.len(), l.crop.size, l.crop.size];
                 // Elementwise preprocessing runs inside the gather, on each crop plane while it
-                // is in cache; anything else runs on the whole batch in the batcher.
+                // is in cache; anything else runs on the whole batch as it is submitted.
                 let out = match l.model.plane_preprocessor(0) {
                     Some(pre) => {
                         let crops = crop_gather_u16_with(&planes, f.width, f.height, &centers, l.crop, &pre)?;
