@@ -150,3 +150,32 @@ channels = ["DAPI"]
     bad.write_text(cfg.read_text().replace('probability_model = "unet"', 'probability_model = "nope"'))
     v = run(binary, "validate", bad)
     assert v.returncode == 2 and "segmentation.probability_model" in v.stderr
+
+
+def test_daemon_can_exclude_objects_cut_by_the_field_edge(binary, tmp_path):
+    """`segmentation.exclude_border_objects`: no nucleus or cell label touches the edge, the two
+    label images keep one numbering, and the per-cell table lists exactly the kept cells."""
+    import anndata
+    import zarr
+
+    from conftest import daemon_toml, sim_toml
+
+    def run_with(flag):
+        out = tmp_path / f"out{flag}"
+        cfg = tmp_path / f"c{flag}.toml"
+        cfg.write_text(daemon_toml(out, "edge", None, sim_toml(plate="edge", wells=("B2",), fields=1, seed=43),
+                                   zenoh_enabled=False) + f"[segmentation]\nexclude_border_objects = {flag}\n")
+        p = run(binary, "run", "--config", cfg)
+        assert p.returncode == 0, p.stderr[-3000:]
+        field = out / "edge.zarr" / "B" / "2" / "0"
+        read = lambda k: zarr.open_array(field / "labels" / k / "0", mode="r")[:].reshape(512, 512)  # noqa: E731
+        return read("nuclei"), read("cells"), anndata.read_zarr(field / "tables" / "cells")
+
+    nuclei, cells, table = run_with("true")
+    all_nuclei, _, all_table = run_with("false")
+    edge = lambda img: np.unique(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]))  # noqa: E731
+    assert set(edge(nuclei)) == {0} and set(edge(cells)) == {0}
+    assert set(edge(all_nuclei)) - {0}, "the test field has no object at its edge"
+    kept = set(np.unique(cells)) - {0}
+    assert kept == set(np.unique(nuclei)) - {0} == set(range(1, len(kept) + 1))
+    assert table.n_obs == len(kept) < all_table.n_obs

@@ -143,6 +143,10 @@ pub struct SegmentationConfig {
     pub illumination_correction: bool,
     /// Camera offset removed before dividing (ADU at zero light).
     pub camera_offset_adu: f64,
+    /// Drop cells (with their nuclei) that touch the field's edge: a cut cell biases per-cell
+    /// area and intensity. Off by default, because the fields tile the well and counts, well
+    /// readouts and follow-up triggers want every cell.
+    pub exclude_border_objects: bool,
 }
 
 impl Default for SegmentationConfig {
@@ -157,6 +161,7 @@ impl Default for SegmentationConfig {
             cells_threshold_scale: 0.3,
             illumination_correction: false,
             camera_offset_adu: 100.0,
+            exclude_border_objects: false,
         }
     }
 }

@@ -102,6 +102,7 @@ pub struct SegmentStage {
     cells_channel: Option<usize>,
     nuclei: NucleiParams,
     cells: CellParams,
+    exclude_border: bool,
 }
 
 impl SegmentStage {
@@ -154,6 +155,7 @@ impl SegmentStage {
                 threshold_scale: s.cells_threshold_scale,
                 ..CellParams::default()
             },
+            exclude_border: s.exclude_border_objects,
         })
     }
 }
@@ -169,7 +171,7 @@ impl Stage for SegmentStage {
         let dapi = f.channels[self.nuclei_channel]
             .as_ref()
             .ok_or_else(|| missing(self.nuclei_channel))?;
-        let (nuclei, _) = match &self.probability {
+        let (mut nuclei, _) = match &self.probability {
             Some((model, threshold)) => {
                 let prob = model.probability(work)?;
                 segment::segment_nuclei_probability(&prob, f.width, f.height, *threshold, &self.nuclei)?
@@ -188,6 +190,10 @@ impl Stage for SegmentStage {
             },
             None => None,
         };
+        let mut cells = cells;
+        if self.exclude_border {
+            segment::exclude_border_objects(&mut nuclei, cells.as_deref_mut(), f.width, f.height)?;
+        }
         work.cells = cells;
         work.nuclei = Some(nuclei);
         Ok(())

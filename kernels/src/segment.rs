@@ -218,3 +218,82 @@ pub fn segment_cells(
     let mask: Vec<bool> = smooth.iter().zip(nuclei).map(|(&v, &l)| v > t || l != 0).collect();
     cpu::propagate(&smooth, nuclei, &mask, width, height, p.spatial_weight)
 }
+
+/// Removes every object that touches the image border from `nuclei` and `cells` (label `k` in
+/// one is label `k` in the other, so an object goes from both if either touches) and renumbers
+/// the rest `1..=n` in the same order in both. Returns `n`.
+pub fn exclude_border_objects(
+    nuclei: &mut [u32],
+    cells: Option<&mut [u32]>,
+    width: usize,
+    height: usize,
+) -> Result<u32, KernelError> {
+    crate::check_len("nuclei", nuclei, width, height)?;
+    if let Some(c) = cells.as_deref() {
+        crate::check_len("cells", c, width, height)?;
+    }
+    if width == 0 || height == 0 {
+        return Ok(0);
+    }
+    let max = nuclei
+        .iter()
+        .chain(cells.as_deref().into_iter().flatten())
+        .copied()
+        .max()
+        .unwrap_or(0) as usize;
+    let mut touches = vec![false; max + 1];
+    for img in std::iter::once(&*nuclei).chain(cells.as_deref()) {
+        for y in [0, height.saturating_sub(1)] {
+            img[y * width..(y + 1) * width]
+                .iter()
+                .for_each(|&l| touches[l as usize] = true);
+        }
+        for y in 0..height {
+            touches[img[y * width] as usize] = true;
+            touches[img[y * width + width - 1] as usize] = true;
+        }
+    }
+    let mut remap = vec![0u32; max + 1];
+    let mut n = 0;
+    for (l, r) in remap.iter_mut().enumerate().skip(1) {
+        if !touches[l] {
+            n += 1;
+            *r = n;
+        }
+    }
+    nuclei.iter_mut().for_each(|l| *l = remap[*l as usize]);
+    if let Some(c) = cells {
+        c.iter_mut().for_each(|l| *l = remap[*l as usize]);
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn border_objects_leave_both_images_and_the_rest_is_renumbered() {
+        // 5 x 4: object 1's nucleus is interior but its cell reaches the left edge; object 2 is
+        // interior in both; object 3 touches the bottom.
+        let mut nuclei = vec![
+            0, 0, 0, 0, 0, //
+            0, 1, 0, 2, 0, //
+            0, 0, 0, 0, 0, //
+            0, 0, 3, 0, 0,
+        ];
+        let mut cells = vec![
+            0, 0, 0, 0, 0, //
+            1, 1, 2, 2, 0, //
+            0, 0, 2, 2, 0, //
+            0, 0, 3, 0, 0,
+        ];
+        let n = exclude_border_objects(&mut nuclei, Some(&mut cells), 5, 4).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(nuclei.iter().filter(|&&l| l == 1).count(), 1);
+        assert_eq!(nuclei[8], 1);
+        assert_eq!(cells, vec![0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]);
+        let mut empty: Vec<u32> = vec![];
+        assert_eq!(exclude_border_objects(&mut empty, None, 0, 0).unwrap(), 0);
+    }
+}
