@@ -216,8 +216,8 @@ def export(forward, params, inputs, outputs, doc):
 
 # ---- the four reference networks -------------------------------------------------------------
 
-def unet_init(key, cin, cout, w=8, levels=3):
-    widths = [w * 2**i for i in range(levels)]
+def unet_init(key, cin, cout, w=8, levels=3, max_width=None):
+    widths = [min(w * 2**i, max_width or w * 2**i) for i in range(levels)]
     spec = []
     for i, cw in enumerate(widths):
         spec += [(f"e{i + 1}a", widths[i - 1] if i else cin, cw), (f"e{i + 1}b", cw, cw)]

@@ -34,10 +34,19 @@ LANDMARKS = ["DAPI", "Microtubules", "ER"]
 VSTAIN_PROTEINS = ["CALR", "ATP1A1", "HNRNPA1"]
 VSTAIN_WIDTH = 8  # channels of the U-Net's full-resolution level (then 2x, 4x, 8x)
 VSTAIN_LEVELS = 3
-VSTAIN_HALO = 32  # output pixels a tile edge spoils (the effective receptive field, not the theoretical one)
+
+
+def vstain_halo():
+    """Output pixels a tile edge spoils: the effective receptive field, not the theoretical one
+    (32 for three levels, 48 for four)."""
+    return 16 * (VSTAIN_LEVELS - 1)
+
+
 # Weight of the per-cell level term in the virtual-staining loss (the pixel term has weight 1).
 VSTAIN_CELL_WEIGHT = 0.0
 VSTAIN_LOG_INPUT = False
+VSTAIN_MAX_WIDTH = None  # cap on the channels of the deeper levels (cost)
+VSTAIN_LEVEL_LOSS = "asinh"  # per-cell level term: "asinh" (relative) or "linear" (as the pooled r weighs it)
 DIFFUSION_PROTEINS = ["none", "TOMM20", "CALR", "ATP1A1", "HNRNPA1"]
 # "none" (id 0) is the unconditioned cell line, as ProtiCelli's "none" protein label: a zero
 # embedding added at export; the simulated line is id 1.
@@ -267,11 +276,19 @@ def train_vstain(plate, rng, steps):
         count = jax.ops.segment_sum(w.reshape(-1), seg.reshape(-1), n_seg)
         pred_m = cell_means(jnp.sinh(jnp.clip(out, -8.0, 8.0))) / jnp.maximum(count, 1.0)
         true_m = cell_means(jnp.sinh(y)) / jnp.maximum(count, 1.0)
-        err = (jnp.arcsinh(pred_m) - jnp.arcsinh(true_m)) ** 2
-        cell = jnp.sum(err * count) / jnp.maximum(k * jnp.sum(count), 1.0)
+        if VSTAIN_LEVEL_LOSS == "linear":
+            # Squared error of each cell's mean in linear units, relative to the batch's signal
+            # per protein: bright cells weigh as much as they do in a pooled Pearson r.
+            num = jnp.sum((pred_m - true_m) ** 2 * count, axis=1)
+            den = jnp.sum(true_m**2 * count, axis=1) + 1e-6
+            cell = jnp.mean(num / den)
+        else:
+            err = (jnp.arcsinh(pred_m) - jnp.arcsinh(true_m)) ** 2
+            cell = jnp.sum(err * count) / jnp.maximum(k * jnp.sum(count), 1.0)
         return pixel + VSTAIN_CELL_WEIGHT * cell if VSTAIN_CELL_WEIGHT else pixel
 
-    init = nets.unet_init(jax.random.PRNGKey(1), 6 if VSTAIN_LOG_INPUT else 3, k, VSTAIN_WIDTH, VSTAIN_LEVELS)
+    init = nets.unet_init(jax.random.PRNGKey(1), 6 if VSTAIN_LOG_INPUT else 3, k, VSTAIN_WIDTH, VSTAIN_LEVELS,
+                          VSTAIN_MAX_WIDTH)
     if VSTAIN_LOG_INPUT:
         # asinh((raw - background) / (std / 10)) from the normalised input x = (raw - mean) / std:
         # background is each channel's 1st percentile, so the log-like range starts just above it.
@@ -307,11 +324,11 @@ def train_vstain(plate, rng, steps):
       - id: y
         type: space
         size: {{tensor_id: landmarks, axis_id: y}}
-        halo: {VSTAIN_HALO}
+        halo: {vstain_halo()}
       - id: x
         type: space
         size: {{tensor_id: landmarks, axis_id: x}}
-        halo: {VSTAIN_HALO}
+        halo: {vstain_halo()}
     test_tensor: {npy(folder, "test_output.npy", test_out)}
     postprocessing:
       - id: scale_linear
@@ -326,7 +343,7 @@ def train_vstain(plate, rng, steps):
     readme(folder, "Direct virtual staining (U-Net)",
            f"Input: raw landmark planes {LANDMARKS}. Output: noise-free images of {VSTAIN_PROTEINS} in "
            "photoelectrons, one channel each. Fully convolutional (any size that is a multiple of "
-           f"{2 ** VSTAIN_LEVELS}); halo {VSTAIN_HALO}.")
+           f"{2 ** VSTAIN_LEVELS}); halo {vstain_halo()}.")
     return params
 
 
@@ -675,12 +692,16 @@ def main():
     ap.add_argument("--vstain-width", type=int, default=VSTAIN_WIDTH)
     ap.add_argument("--vstain-levels", type=int, default=VSTAIN_LEVELS)
     ap.add_argument("--vstain-log-input", type=int, default=int(VSTAIN_LOG_INPUT))
+    ap.add_argument("--vstain-max-width", type=int, default=VSTAIN_MAX_WIDTH)
+    ap.add_argument("--vstain-level-loss", choices=["asinh", "linear"], default=VSTAIN_LEVEL_LOSS)
     ap.add_argument("--vstain-cell-weight", type=float, default=VSTAIN_CELL_WEIGHT)
     ap.add_argument("--out-suffix", default="", help="write model folders as NAME+SUFFIX (experiments)")
     args = ap.parse_args()
     globals()["VSTAIN_WIDTH"] = args.vstain_width
     globals()["VSTAIN_LEVELS"] = args.vstain_levels
     globals()["VSTAIN_LOG_INPUT"] = bool(args.vstain_log_input)
+    globals()["VSTAIN_MAX_WIDTH"] = args.vstain_max_width
+    globals()["VSTAIN_LEVEL_LOSS"] = args.vstain_level_loss
     globals()["VSTAIN_CELL_WEIGHT"] = args.vstain_cell_weight
     globals()["SUFFIX"] = args.out_suffix
     plate = Plate(args.plate, args.max_wells)
