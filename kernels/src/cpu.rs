@@ -527,12 +527,7 @@ pub fn peak_markers(
     check_len("mask", mask, width, height)?;
     let maxed = max_filter(src, width, height, radius)?;
     // Peaks are a few pixels per object: label only them, not the whole image.
-    let peaks: Vec<usize> = (0..height)
-        .into_par_iter()
-        .flat_map_iter(|y| {
-            (y * width..(y + 1) * width).filter(|&i| mask[i] && src[i] >= min_value && src[i] >= maxed[i])
-        })
-        .collect();
+    let peaks = pixels_where(width, height, |i| mask[i] && src[i] >= min_value && src[i] >= maxed[i]);
     Ok(label_points(peaks.iter().copied(), src.len(), width, true))
 }
 
@@ -734,18 +729,7 @@ pub fn filter_by_area(
         area[l as usize] += 1;
     }
     let mut at_border = vec![false; max_label + 1];
-    if let Some(height) = labels.len().checked_div(width).filter(|&h| h > 0) {
-        let rows = [0, height.saturating_sub(1)];
-        for y in rows {
-            for &l in &labels[y * width..(y + 1) * width] {
-                at_border[l as usize] = true;
-            }
-        }
-        for y in 0..height {
-            at_border[labels[y * width] as usize] = true;
-            at_border[labels[y * width + width - 1] as usize] = true;
-        }
-    }
+    mark_border_labels(labels, width, &mut at_border);
     let mut remap = vec![0u32; max_label + 1];
     let mut next = 0u32;
     let mut out = vec![0u32; labels.len()];
@@ -762,6 +746,32 @@ pub fn filter_by_area(
         *o = remap[li];
     }
     (out, next)
+}
+
+/// Sets `touches[l]` for every label `l` on the outermost rows and columns of a `width`-wide
+/// label image (`touches` must cover its largest label; an empty image marks nothing).
+pub fn mark_border_labels(labels: &[u32], width: usize, touches: &mut [bool]) {
+    let Some(height) = labels.len().checked_div(width).filter(|&h| h > 0) else {
+        return;
+    };
+    for y in [0, height - 1] {
+        for &l in &labels[y * width..(y + 1) * width] {
+            touches[l as usize] = true;
+        }
+    }
+    for y in 0..height {
+        touches[labels[y * width] as usize] = true;
+        touches[labels[y * width + width - 1] as usize] = true;
+    }
+}
+
+/// Indices of the pixels of a `width` x `height` image where `keep(i)` holds, in raster order,
+/// computed row-parallel: the input of [`label_pixels`] for sparse sets.
+pub fn pixels_where(width: usize, height: usize, keep: impl Fn(usize) -> bool + Sync) -> Vec<usize> {
+    (0..height)
+        .into_par_iter()
+        .flat_map_iter(|y| (y * width..(y + 1) * width).filter(|&i| keep(i)))
+        .collect()
 }
 
 /// Halves an image by averaging 2×2 blocks (rounded), for pyramid levels. Odd edges repeat the

@@ -2,8 +2,6 @@
 //! propagation from the nuclei over a cytoplasm channel. Parameters are physical (µm) at the
 //! config level and converted here, so that a change of objective does not need retuning.
 
-use rayon::prelude::*;
-
 use crate::{cpu, KernelError};
 
 /// How the foreground threshold of a smoothed channel is chosen.
@@ -182,10 +180,7 @@ fn split_foreground(
     // Foreground blobs too shallow to hold a seed are what the flood did not reach (it fills
     // every 8-connected blob that has a seed). Each still becomes one object (the size filter
     // decides whether it is kept), so no foreground is silently lost.
-    let left: Vec<usize> = (0..height)
-        .into_par_iter()
-        .flat_map_iter(|y| (y * width..(y + 1) * width).filter(|&i| mask[i] && labels[i] == 0))
-        .collect();
+    let left = cpu::pixels_where(width, height, |i| mask[i] && labels[i] == 0);
     if !left.is_empty() {
         let (blobs, _) = cpu::label_pixels(&left, labels.len(), width, true);
         for &i in &left {
@@ -232,9 +227,6 @@ pub fn exclude_border_objects(
     if let Some(c) = cells.as_deref() {
         crate::check_len("cells", c, width, height)?;
     }
-    if width == 0 || height == 0 {
-        return Ok(0);
-    }
     let max = nuclei
         .iter()
         .chain(cells.as_deref().into_iter().flatten())
@@ -243,15 +235,7 @@ pub fn exclude_border_objects(
         .unwrap_or(0) as usize;
     let mut touches = vec![false; max + 1];
     for img in std::iter::once(&*nuclei).chain(cells.as_deref()) {
-        for y in [0, height.saturating_sub(1)] {
-            img[y * width..(y + 1) * width]
-                .iter()
-                .for_each(|&l| touches[l as usize] = true);
-        }
-        for y in 0..height {
-            touches[img[y * width] as usize] = true;
-            touches[img[y * width + width - 1] as usize] = true;
-        }
+        cpu::mark_border_labels(img, width, &mut touches);
     }
     let mut remap = vec![0u32; max + 1];
     let mut n = 0;
