@@ -106,7 +106,11 @@ def test_bad_requests_fail_clearly(binary, tmp_path):
     p = run(binary, "segment", tmp_path / "one.tif", "--out", tmp_path / "n.tif", "--nuclei-channel", 2)
     assert p.returncode == 2 and "has 1 channel(s)" in p.stderr
     p = run(binary, "segment", tmp_path / "one.tif", "--out", tmp_path / "n.tif", "--device", "cuda:0")
-    assert p.returncode == 2 and "CUDA kernels are not in this build" in p.stderr
+    # This machine has no NVIDIA driver: asking for a GPU by number is refused with the reason
+    # (`auto` would fall back to the CPU); with a driver and device the run would succeed.
+    if p.returncode == 0:
+        pytest.skip("a CUDA device is present: cuda:0 is valid here")
+    assert p.returncode == 2 and "--device cuda:0: no usable CUDA device" in p.stderr, p.stderr
     assert not (tmp_path / "n.tif").exists()
 
 

@@ -28,6 +28,8 @@ pub struct Config {
     pub source: SourceConfig,
     pub pipeline: PipelineConfig,
     pub segmentation: SegmentationConfig,
+    /// Where the image kernels (segmentation) run.
+    pub compute: ComputeConfig,
     pub inference: InferenceConfig,
     pub sinks: SinksConfig,
     /// Rules that send the microscope back (the `followup` sink; needs a zenoh connection).
@@ -43,11 +45,28 @@ impl Default for Config {
             source: SourceConfig::default(),
             pipeline: PipelineConfig::default(),
             segmentation: SegmentationConfig::default(),
+            compute: ComputeConfig::default(),
             inference: InferenceConfig::default(),
             sinks: SinksConfig::default(),
             closed_loop: Default::default(),
             telemetry: TelemetryConfig::default(),
         }
+    }
+}
+
+/// The image kernels' back end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComputeConfig {
+    /// `auto` (CUDA device 0 when a driver and device exist, else the CPU, with the reason
+    /// logged), `cpu`, or `cuda:N` (that device or a startup error). Models choose their own
+    /// execution providers (`inference.models[].providers`).
+    pub device: String,
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        Self { device: "auto".into() }
     }
 }
 
@@ -522,6 +541,9 @@ impl Config {
         if p.assembly_timeout_ms == 0 {
             out.push(Invalid::new("pipeline.assembly_timeout_ms", "must be > 0"));
         }
+        if let Err(e) = self.compute.device.parse::<liveomics_kernels::gpu::DeviceRequest>() {
+            out.push(Invalid::new("compute.device", e));
+        }
         out.extend(self.inference.validate_values());
         let s = &self.segmentation;
         if !(s.nucleus_diameter_um.is_finite() && s.nucleus_diameter_um > 0.0) {
@@ -797,6 +819,8 @@ mod tests {
             [source.simulator]
             [segmentation]
             nuclei_channel = "Hoechst"
+            [compute]
+            device = "gpu0"
             [[inference.models]]
             name = "cells"
             path = "models/cell_omics_cnn"
@@ -810,7 +834,7 @@ mod tests {
         );
         let errs = crate::registry::validate(&cfg);
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
-        for k in ["instrument", "latency_budget_ms", "segmentation.nuclei_channel"] {
+        for k in ["instrument", "latency_budget_ms", "segmentation.nuclei_channel", "compute.device"] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
     }

@@ -281,7 +281,10 @@ fn main() -> ExitCode {
                 }
                 Err(
                     e @ (liveomics::segment_cli::SegmentError::Channel { .. }
-                    | liveomics::segment_cli::SegmentError::NoCuda(_)
+                    | liveomics::segment_cli::SegmentError::Gpu {
+                        source: liveomics_kernels::gpu::GpuError::Unavailable(_),
+                        ..
+                    }
                     | liveomics::segment_cli::SegmentError::Device(_)),
                 ) => {
                     eprintln!("error: {}", telemetry::error_chain(&e));

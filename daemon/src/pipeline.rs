@@ -191,6 +191,18 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         }
         worker_stages.push(stages);
     }
+    if cfg.pipeline.stages.iter().any(|s| s == "segment") {
+        let (compute, fallback) = crate::stage::shared_compute(&cfg.compute.device).map_err(|e| RunError::Stage {
+            name: "segment".into(),
+            message: e.to_string(),
+        })?;
+        crate::telemetry::ComputeSelected {
+            requested: &cfg.compute.device,
+            device: &compute.describe(),
+            fallback_reason: fallback.as_deref(),
+        }
+        .emit();
+    }
     tracing::info!(
         plate = %plan.plate,
         wells = plan.wells.len(),

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use liveomics_adapters::tiff_io::{read_channels, read_image, write_plane, Plane, TiffError};
-use liveomics_kernels::segment::{segment_cells, segment_nuclei, CellParams, NucleiParams};
+use liveomics_kernels::gpu::{Compute, DeviceRequest, GpuError};
+use liveomics_kernels::segment::{CellParams, NucleiParams};
 use liveomics_kernels::KernelError;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,10 +23,10 @@ pub enum SegmentError {
     },
     #[error("{0}: the image is empty (0 pixels)")]
     Empty(PathBuf),
-    #[error("--device {0}: the CUDA kernels are not in this build; use --device cpu or auto")]
-    NoCuda(String),
-    #[error("--device {0}: expected auto, cpu or cuda:N")]
+    #[error("--device {0}")]
     Device(String),
+    #[error("--device {device}: {source}")]
+    Gpu { device: String, source: GpuError },
     #[error(transparent)]
     Kernel(#[from] KernelError),
 }
@@ -113,11 +114,15 @@ pub fn to_u16(plane: &Plane, notes: &mut Vec<String>) -> Vec<u16> {
 }
 
 pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError> {
-    match req.device.as_str() {
-        "cpu" => {}
-        "auto" => tracing::info!("device auto: running on CPU (the CUDA kernels are not in this build)"),
-        d if d.starts_with("cuda") => return Err(SegmentError::NoCuda(d.into())),
-        d => return Err(SegmentError::Device(d.into())),
+    let request: DeviceRequest = req.device.parse().map_err(SegmentError::Device)?;
+    let gpu_err = |source| SegmentError::Gpu {
+        device: req.device.clone(),
+        source,
+    };
+    let (compute, fallback) = Compute::select(request).map_err(gpu_err)?;
+    match fallback {
+        Some(reason) => tracing::info!(%reason, "device auto: running on the CPU"),
+        None => tracing::info!(device = %compute.describe(), "segmenting"),
     }
     let t0 = Instant::now();
     let (w, h, planes) = read_channels(&req.input)?;
@@ -144,14 +149,16 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
         .unwrap_or(0.65);
     let mut params = NucleiParams::from_physical(req.diameter_um, pixel_size_um)?;
     params.threshold = req.threshold.into();
-    let (nuclei, n) = segment_nuclei(&dapi, w, h, &params)?;
+    let (nuclei, n) = compute.segment_nuclei(&dapi, w, h, &params).map_err(gpu_err)?;
     if n == 0 {
         notes.push("no nuclei found (empty, saturated or featureless nuclear channel?)".into());
     }
     write_labels(&req.out, w, h, &nuclei)?;
     let mut cells_n = None;
     if let (Some(cyto), Some(path)) = (cyto, &req.cells_out) {
-        let cells = segment_cells(&nuclei, &cyto, w, h, &CellParams::default())?;
+        let cells = compute
+            .segment_cells(&nuclei, &cyto, w, h, &CellParams::default())
+            .map_err(gpu_err)?;
         cells_n = Some(n);
         write_labels(path, w, h, &cells)?;
     }

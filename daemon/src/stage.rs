@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use liveomics_adapters::model::{AcquisitionPlan, Field};
 use liveomics_adapters::Invalid;
+use liveomics_kernels::gpu::{Compute, DeviceRequest};
 use liveomics_kernels::segment::{self, CellParams, NucleiParams};
 
 use crate::config::Config;
@@ -80,6 +81,8 @@ pub enum StageError {
     #[error(transparent)]
     Kernel(#[from] liveomics_kernels::KernelError),
     #[error(transparent)]
+    Gpu(#[from] liveomics_kernels::gpu::GpuError),
+    #[error(transparent)]
     Model(Box<liveomics_models::ModelError>),
 }
 
@@ -103,6 +106,24 @@ pub struct SegmentStage {
     nuclei: NucleiParams,
     cells: CellParams,
     exclude_border: bool,
+    compute: Compute,
+}
+
+/// The back end for `compute.device`, opened once per process and shared by every worker's
+/// stage (one CUDA context and one compile of the kernels, whatever the number of workers), with
+/// the reason `auto` fell back to the CPU. The pipeline reports it once logging is up
+/// ([`crate::telemetry::ComputeSelected`]).
+pub fn shared_compute(device: &str) -> Result<(Compute, Option<String>), Invalid> {
+    type Opened = (DeviceRequest, Compute, Option<String>);
+    static OPEN: std::sync::Mutex<Vec<Opened>> = std::sync::Mutex::new(Vec::new());
+    let req: DeviceRequest = device.parse().map_err(|e: String| Invalid::new("compute.device", e))?;
+    let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, c, why)) = open.iter().find(|(r, _, _)| *r == req) {
+        return Ok((c.clone(), why.clone()));
+    }
+    let (compute, fallback) = Compute::select(req).map_err(|e| Invalid::new("compute.device", e.to_string()))?;
+    open.push((req, compute.clone(), fallback.clone()));
+    Ok((compute, fallback))
 }
 
 impl SegmentStage {
@@ -156,6 +177,7 @@ impl SegmentStage {
                 ..CellParams::default()
             },
             exclude_border: s.exclude_border_objects,
+            compute: shared_compute(&cfg.compute.device)?.0,
         })
     }
 }
@@ -174,14 +196,18 @@ impl Stage for SegmentStage {
         let (mut nuclei, _) = match &self.probability {
             Some((model, threshold)) => {
                 let prob = model.probability(work)?;
-                segment::segment_nuclei_probability(&prob, f.width, f.height, *threshold, &self.nuclei)?
+                self.compute
+                    .segment_nuclei_probability(&prob, f.width, f.height, *threshold, &self.nuclei)?
             }
-            None => segment::segment_nuclei(dapi, f.width, f.height, &self.nuclei)?,
+            None => self.compute.segment_nuclei(dapi, f.width, f.height, &self.nuclei)?,
         };
         let cells = match self.cells_channel {
             // Without the cytoplasm channel the nuclei still stand; the error is reported.
             Some(c) => match f.channels[c].as_ref() {
-                Some(cyto) => Some(segment::segment_cells(&nuclei, cyto, f.width, f.height, &self.cells)?),
+                Some(cyto) => Some(
+                    self.compute
+                        .segment_cells(&nuclei, cyto, f.width, f.height, &self.cells)?,
+                ),
                 None => {
                     let err = missing(c);
                     work.nuclei = Some(nuclei);

@@ -31,6 +31,7 @@ pub const BRIDGE_CONNECTED: &str = "liveomics_bridge_connected";
 pub const MODEL_FAILURES: &str = "liveomics_model_failures_total";
 pub const MODEL_BATCH_SIZE: &str = "liveomics_model_batch_size";
 pub const MODEL_INFO: &str = "liveomics_model_info";
+pub const COMPUTE_INFO: &str = "liveomics_compute_info";
 
 /// Installs the log subscriber. `RUST_LOG` wins over the config so an operator can raise detail
 /// without editing the file.
@@ -218,6 +219,30 @@ impl BridgeLiveliness<'_> {
             );
         }
         gauge!(BRIDGE_CONNECTED).set(if self.alive { 1.0 } else { 0.0 });
+    }
+}
+
+/// The image kernels' back end was chosen (`compute.device`).
+#[derive(Debug)]
+pub struct ComputeSelected<'a> {
+    pub requested: &'a str,
+    pub device: &'a str,
+    /// Why `auto` fell back to the CPU.
+    pub fallback_reason: Option<&'a str>,
+}
+
+impl ComputeSelected<'_> {
+    pub fn emit(&self) {
+        match self.fallback_reason {
+            Some(reason) => info!(
+                requested = self.requested,
+                device = self.device,
+                reason,
+                "image kernels run on the CPU"
+            ),
+            None => info!(requested = self.requested, device = self.device, "image kernels ready"),
+        }
+        gauge!(COMPUTE_INFO, "device" => self.device.to_string()).set(1.0);
     }
 }
 

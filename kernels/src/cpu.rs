@@ -83,7 +83,8 @@ pub fn percentile_from_histogram(hist: &[u64], total: usize, pct: f64) -> usize 
     hist.len().saturating_sub(1)
 }
 
-fn gaussian_kernel(sigma: f32) -> Vec<f32> {
+/// Normalised taps of a Gaussian of `sigma`, radius `ceil(3 sigma)`: shared with the CUDA blur.
+pub(crate) fn gaussian_kernel(sigma: f32) -> Vec<f32> {
     let radius = (3.0 * sigma).ceil().max(1.0) as usize;
     let mut k: Vec<f32> = (0..=2 * radius)
         .map(|i| {
@@ -158,7 +159,7 @@ pub fn gaussian_blur(src: &[f32], width: usize, height: usize, sigma: f32) -> Re
 
 /// 256-bin histogram of the finite values between their min and max: `(lo, bins per unit,
 /// counts)`, or `None` when there is no range (constant, empty or all-NaN image).
-fn histogram_f32(src: &[f32]) -> Option<(f32, f32, [u64; 256])> {
+pub(crate) fn histogram_f32(src: &[f32]) -> Option<(f32, f32, [u64; 256])> {
     const BINS: usize = 256;
     const CHUNK: usize = 1 << 16;
     let (lo, hi) = src
@@ -198,9 +199,19 @@ fn histogram_f32(src: &[f32]) -> Option<(f32, f32, [u64; 256])> {
 /// Otsu's threshold over a 256-bin histogram between the image's min and max. Returns the value
 /// that best separates two classes; pixels `> threshold` are foreground.
 pub fn otsu_threshold(src: &[f32]) -> f32 {
-    let Some((lo, scale, hist)) = histogram_f32(src) else {
-        return src.iter().copied().find(|v| v.is_finite()).unwrap_or(0.0);
-    };
+    match histogram_f32(src) {
+        Some((lo, scale, hist)) => otsu_from_histogram(lo, scale, &hist),
+        None => first_finite(src),
+    }
+}
+
+/// The threshold of an image without a range: its value (or 0 when nothing is finite).
+pub(crate) fn first_finite(src: &[f32]) -> f32 {
+    src.iter().copied().find(|v| v.is_finite()).unwrap_or(0.0)
+}
+
+/// Otsu's split of a [`histogram_f32`] (the CUDA back end builds the histogram on the device).
+pub(crate) fn otsu_from_histogram(lo: f32, scale: f32, hist: &[u64; 256]) -> f32 {
     let total: u64 = hist.iter().sum();
     let sum_all: f64 = hist.iter().enumerate().map(|(i, &c)| i as f64 * c as f64).sum();
     let (mut w0, mut sum0) = (0f64, 0f64);
@@ -228,9 +239,14 @@ pub fn otsu_threshold(src: &[f32]) -> f32 {
 /// of the field (sparse wells, weak stains) Otsu splits the background peak; the triangle
 /// method keeps to its foot.
 pub fn triangle_threshold(src: &[f32]) -> f32 {
-    let Some((lo, scale, hist)) = histogram_f32(src) else {
-        return src.iter().copied().find(|v| v.is_finite()).unwrap_or(0.0);
-    };
+    match histogram_f32(src) {
+        Some((lo, scale, hist)) => triangle_from_histogram(lo, scale, &hist),
+        None => first_finite(src),
+    }
+}
+
+/// The triangle threshold of a [`histogram_f32`].
+pub(crate) fn triangle_from_histogram(lo: f32, scale: f32, hist: &[u64; 256]) -> f32 {
     let first = hist.iter().position(|&c| c > 0).unwrap_or(0);
     let last = hist.iter().rposition(|&c| c > 0).unwrap_or(255);
     let peak = (0..256).max_by_key(|&i| (hist[i], std::cmp::Reverse(i))).unwrap_or(0);
@@ -495,6 +511,9 @@ fn running_max_1d(src: &[f32], out: &mut [f32], r: usize, g: &mut [f32], h: &mut
 /// Square-window maximum filter (separable), used to find regional peaks for watershed seeds.
 pub fn max_filter(src: &[f32], width: usize, height: usize, radius: usize) -> Result<Vec<f32>, KernelError> {
     check_len("src", src, width, height)?;
+    if src.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut tmp = vec![0f32; src.len()];
     tmp.par_chunks_mut(width).enumerate().for_each_init(
         || (vec![0f32; width + 2 * radius], vec![0f32; width + 2 * radius]),
@@ -964,19 +983,8 @@ pub fn crop_gather_u16_with(
     for c in channels {
         check_len("crop_gather channel", c, width, height)?;
     }
+    check_crop_spec(spec)?;
     let size = spec.size;
-    if size == 0 {
-        return Err(KernelError::Parameter {
-            name: "size",
-            reason: "crop size must be > 0".into(),
-        });
-    }
-    if !(spec.scale.is_finite() && spec.scale > 0.0) {
-        return Err(KernelError::Parameter {
-            name: "scale",
-            reason: format!("crop scale must be finite and > 0, got {}", spec.scale),
-        });
-    }
     let per_crop = channels.len() * size * size;
     let mut out = vec![0f32; centers.len() * per_crop];
     if per_crop == 0 {
@@ -1015,6 +1023,23 @@ pub fn crop_gather_u16_with(
             }
         });
     Ok(out)
+}
+
+/// A crop side of at least one pixel and a finite, positive scale.
+pub(crate) fn check_crop_spec(spec: CropSpec) -> Result<(), KernelError> {
+    if spec.size == 0 {
+        return Err(KernelError::Parameter {
+            name: "size",
+            reason: "crop size must be > 0".into(),
+        });
+    }
+    if !(spec.scale.is_finite() && spec.scale > 0.0) {
+        return Err(KernelError::Parameter {
+            name: "scale",
+            reason: format!("crop scale must be finite and > 0, got {}", spec.scale),
+        });
+    }
+    Ok(())
 }
 
 /// Bilinear samples at `scale` spacing around `(rx, ry)`; a sample whose 2x2 neighbourhood

@@ -62,7 +62,32 @@ pub fn region_props(
             }
         }
     }
-    Ok((1..=n)
+    Ok(assemble(&Sums {
+        channels: nc,
+        area: &area,
+        sum_x: &sx,
+        sum_y: &sy,
+        bbox: &bb,
+        intensity: &sums,
+        maxima: &maxs,
+    }))
+}
+
+/// Per-label accumulators, indexed by label (`0` unused); intensities are label-major.
+pub(crate) struct Sums<'a> {
+    pub channels: usize,
+    pub area: &'a [u64],
+    pub sum_x: &'a [f64],
+    pub sum_y: &'a [f64],
+    pub bbox: &'a [[u32; 4]],
+    pub intensity: &'a [f64],
+    pub maxima: &'a [u16],
+}
+
+/// The records of the labels that occur, from accumulators the CPU or the GPU filled.
+pub(crate) fn assemble(s: &Sums) -> Vec<RegionProps> {
+    let (nc, area, sx, sy, bb, sums, maxs) = (s.channels, s.area, s.sum_x, s.sum_y, s.bbox, s.intensity, s.maxima);
+    (1..area.len())
         .filter(|&l| area[l] > 0)
         .map(|l| {
             let a = area[l] as f64;
@@ -79,7 +104,7 @@ pub fn region_props(
                 max_intensity: (0..nc).map(|c| maxs[l * nc + c]).collect(),
             }
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

@@ -21,6 +21,14 @@ impl ThresholdMethod {
             ThresholdMethod::Triangle => cpu::triangle_threshold(smooth),
         }
     }
+
+    /// The same threshold from a histogram built elsewhere (on the GPU).
+    pub(crate) fn threshold_of_histogram(self, lo: f32, scale: f32, hist: &[u64; 256]) -> f32 {
+        match self {
+            ThresholdMethod::Otsu => cpu::otsu_from_histogram(lo, scale, hist),
+            ThresholdMethod::Triangle => cpu::triangle_from_histogram(lo, scale, hist),
+        }
+    }
 }
 
 /// Nuclei parameters in pixels. Build them with [`NucleiParams::from_physical`] unless a test needs
@@ -67,7 +75,7 @@ impl Illumination {
 }
 
 /// Raw camera plane to [0, 1] by percentiles, with the illumination divided out first if asked.
-fn normalized(
+pub(crate) fn normalized(
     raw: &[u16],
     width: usize,
     height: usize,
@@ -173,10 +181,24 @@ fn split_foreground(
     let dist = cpu::distance_transform(mask, width, height)?;
     let dist = cpu::gaussian_blur(&dist, width, height, 1.0)?;
     let (markers, n) = cpu::peak_markers(&dist, mask, width, height, p.seed_radius_px, p.seed_min_depth_px)?;
+    flood_seeds(mask, dist, &markers, n, width, height, p)
+}
+
+/// The second half of [`split_foreground`], from the smoothed distance map and its seeds (the
+/// CUDA back end computes those on the device).
+pub(crate) fn flood_seeds(
+    mask: &[bool],
+    dist: Vec<f32>,
+    markers: &[u32],
+    n: u32,
+    width: usize,
+    height: usize,
+    p: &NucleiParams,
+) -> Result<(Vec<u32>, u32), KernelError> {
     // Flood from the deepest points outwards: the elevation is the negated distance, in place.
     let mut elevation = dist;
     elevation.iter_mut().for_each(|d| *d = -*d);
-    let mut labels = cpu::watershed(&elevation, &markers, mask, width, height)?;
+    let mut labels = cpu::watershed(&elevation, markers, mask, width, height)?;
     // Foreground blobs too shallow to hold a seed are what the flood did not reach (it fills
     // every 8-connected blob that has a seed). Each still becomes one object (the size filter
     // decides whether it is kept), so no foreground is silently lost.
@@ -210,8 +232,21 @@ pub fn segment_cells(
     let norm = cpu::normalize_u16(cytoplasm_raw, width, height, 0.5, 99.5)?;
     let smooth = cpu::gaussian_blur(&norm, width, height, p.smoothing_sigma_px)?;
     let t = cpu::otsu_threshold(&smooth) * p.threshold_scale;
+    propagate_cells(nuclei, &smooth, t, width, height, p)
+}
+
+/// Cells from the smoothed cytoplasm and its threshold: the foreground (plus every nucleus) is
+/// flooded from the nuclei.
+pub(crate) fn propagate_cells(
+    nuclei: &[u32],
+    smooth: &[f32],
+    t: f32,
+    width: usize,
+    height: usize,
+    p: &CellParams,
+) -> Result<Vec<u32>, KernelError> {
     let mask: Vec<bool> = smooth.iter().zip(nuclei).map(|(&v, &l)| v > t || l != 0).collect();
-    cpu::propagate(&smooth, nuclei, &mask, width, height, p.spatial_weight)
+    cpu::propagate(smooth, nuclei, &mask, width, height, p.spatial_weight)
 }
 
 /// Removes every object that touches the image border from `nuclei` and `cells` (label `k` in

@@ -1,0 +1,805 @@
+//! The CUDA back end: the operations of [`crate::cpu`] as kernels (`kernels/cuda/*.cu`), compiled
+//! at run time with NVRTC for the device found, cached on disk, and launched through the driver
+//! API (cudarc, loaded dynamically, so builds without CUDA run and fall back to the CPU).
+//!
+//! Results equal the CPU reference exactly: floating-point kernels repeat the CPU's operations in
+//! its order with multiply-add contraction off, and labels come out in the same raster order.
+//! The two floods (the nuclei watershed and the propagation of cells) run on the CPU between
+//! device stages: their hierarchical-queue order is what makes them deterministic, and a
+//! parallel flood that reproduces it exactly is not written yet.
+
+#![allow(unsafe_code)]
+
+mod device;
+#[cfg(test)]
+mod emu;
+#[cfg(test)]
+mod tests;
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cudarc::driver::DeviceRepr;
+
+use crate::cpu::{self, CropSpec};
+use crate::measure::{self, RegionProps};
+use crate::segment::{self, CellParams, NucleiParams};
+use crate::{check_len, KernelError};
+use device::{Buf, Device, Grid, KernelArgs};
+
+pub use device::{compile, cuda_program};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no usable CUDA device: {0}")]
+    Unavailable(String),
+    #[error("compiling the CUDA kernels with NVRTC: {0}")]
+    Compile(String),
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("CUDA back end: {0}")]
+    Internal(String),
+}
+
+impl GpuError {
+    fn driver(e: cudarc::driver::DriverError) -> Self {
+        GpuError::Driver(e.to_string())
+    }
+}
+
+/// The `compute.device` setting: where image kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceRequest {
+    /// CUDA device 0 when a driver and device exist, else the CPU (with the reason logged).
+    #[default]
+    Auto,
+    Cpu,
+    /// This CUDA device or an error: asking for a GPU by number means wanting that one.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceRequest {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("{s:?}: expected \"auto\", \"cpu\" or \"cuda:N\"")),
+        }
+    }
+}
+
+/// The back end chosen for a run. Cloning shares the device.
+#[derive(Debug, Clone)]
+pub enum Compute {
+    Cpu,
+    Cuda(Arc<Gpu>),
+}
+
+impl Compute {
+    /// Resolves a request. `Auto` never fails: without a usable device it returns the CPU and the
+    /// reason, for the caller to log once.
+    pub fn select(req: DeviceRequest) -> Result<(Self, Option<String>), GpuError> {
+        match req {
+            DeviceRequest::Cpu => Ok((Compute::Cpu, None)),
+            DeviceRequest::Cuda(n) => Ok((Compute::Cuda(Arc::new(Gpu::open(n)?)), None)),
+            DeviceRequest::Auto => match Gpu::open(0) {
+                Ok(g) => Ok((Compute::Cuda(Arc::new(g)), None)),
+                Err(e) => Ok((Compute::Cpu, Some(e.to_string()))),
+            },
+        }
+    }
+
+    /// `cpu`, or the device with its name and architecture.
+    pub fn describe(&self) -> String {
+        match self {
+            Compute::Cpu => "cpu".into(),
+            Compute::Cuda(g) => g.describe().into(),
+        }
+    }
+
+    pub fn segment_nuclei(
+        &self,
+        raw: &[u16],
+        width: usize,
+        height: usize,
+        p: &NucleiParams,
+    ) -> Result<(Vec<u32>, u32), GpuError> {
+        match self {
+            Compute::Cpu => Ok(segment::segment_nuclei(raw, width, height, p)?),
+            Compute::Cuda(g) => g.segment_nuclei(raw, width, height, p),
+        }
+    }
+
+    pub fn segment_nuclei_probability(
+        &self,
+        prob: &[f32],
+        width: usize,
+        height: usize,
+        threshold: f32,
+        p: &NucleiParams,
+    ) -> Result<(Vec<u32>, u32), GpuError> {
+        match self {
+            Compute::Cpu => Ok(segment::segment_nuclei_probability(prob, width, height, threshold, p)?),
+            Compute::Cuda(g) => g.segment_nuclei_probability(prob, width, height, threshold, p),
+        }
+    }
+
+    pub fn segment_cells(
+        &self,
+        nuclei: &[u32],
+        cytoplasm_raw: &[u16],
+        width: usize,
+        height: usize,
+        p: &CellParams,
+    ) -> Result<Vec<u32>, GpuError> {
+        match self {
+            Compute::Cpu => Ok(segment::segment_cells(nuclei, cytoplasm_raw, width, height, p)?),
+            Compute::Cuda(g) => g.segment_cells(nuclei, cytoplasm_raw, width, height, p),
+        }
+    }
+
+    pub fn region_props(
+        &self,
+        labels: &[u32],
+        channels: &[&[u16]],
+        width: usize,
+        height: usize,
+    ) -> Result<Vec<RegionProps>, GpuError> {
+        match self {
+            Compute::Cpu => Ok(measure::region_props(labels, channels, width, height)?),
+            Compute::Cuda(g) => g.region_props(labels, channels, width, height),
+        }
+    }
+}
+
+macro_rules! kernel_args {
+    ($($name:ident { $($field:ident : $ty:ty),* $(,)? })*) => {$(
+        /// Mirror of the C struct of the same name in `kernels/cuda`.
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy)]
+        struct $name { $($field: $ty),* }
+        // SAFETY: plain `#[repr(C)]` data of numbers and device addresses.
+        unsafe impl DeviceRepr for $name {}
+        // SAFETY: the fields are those of the C struct, in its order and with its types
+        // (pointers as u64), so the layouts agree.
+        unsafe impl KernelArgs for $name {}
+    )*};
+}
+
+kernel_args! {
+    HistU16Args { src: u64, hist: u64, n: u64 }
+    NormalizeArgs { src: u64, dst: u64, n: u64, lo: f32, scale: f32 }
+    BlurArgs { src: u64, dst: u64, taps: u64, width: u32, height: u32, radius: u32 }
+    MinMaxArgs { src: u64, range: u64, n: u64 }
+    Hist256Args { src: u64, hist: u64, n: u64, lo: f32, scale: f32 }
+    ThresholdArgs { src: u64, mask: u64, n: u64, threshold: f32 }
+    DownsampleArgs { src: u64, dst: u64, width: u32, height: u32, out_width: u32, out_height: u32 }
+    EdtColsArgs { mask: u64, sq: u64, width: u32, height: u32 }
+    EdtRowsArgs { sq: u64, dst: u64, v: u64, z: u64, width: u32, height: u32 }
+    MaxFilterArgs { src: u64, dst: u64, width: u32, height: u32, radius: u32 }
+    PeaksArgs { src: u64, maxed: u64, mask: u64, peak: u64, n: u64, min_value: f32 }
+    CcArgs { mask: u64, parent: u64, width: u32, height: u32, eight: u32 }
+    RankArgs { parent: u64, row_roots: u64, labels: u64, width: u32, height: u32 }
+    PropsArgs {
+        labels: u64, channels: u64, area: u64, sum_x: u64, sum_y: u64, bbox: u64, sums: u64,
+        maxima: u64, width: u32, height: u32, channel_count: u32,
+    }
+    CropArgs {
+        channels: u64, centers: u64, out: u64, width: u32, height: u32, channel_count: u32,
+        crop_count: u32, size: u32, scale: f32,
+    }
+}
+
+/// Image sides are u32 on the device.
+fn side(v: usize, name: &'static str) -> Result<u32, GpuError> {
+    u32::try_from(v).map_err(|_| {
+        GpuError::Kernel(KernelError::Parameter {
+            name,
+            reason: format!("{v} exceeds the CUDA back end's u32 range"),
+        })
+    })
+}
+
+/// Decodes the order-preserving u32 of `minmax_f32`.
+fn unordered(e: u32) -> f32 {
+    if e & 0x8000_0000 != 0 {
+        f32::from_bits(e & 0x7fff_ffff)
+    } else {
+        f32::from_bits(!e)
+    }
+}
+
+/// A CUDA device with the liveomics kernels loaded.
+#[derive(Debug)]
+pub struct Gpu {
+    dev: Device,
+    description: String,
+}
+
+impl Gpu {
+    /// Opens CUDA device `ordinal`; fails with the reason when there is no driver, no such
+    /// device, no NVRTC, or the kernels do not compile for it.
+    pub fn open(ordinal: usize) -> Result<Self, GpuError> {
+        let cuda = device::Cuda::open(ordinal)?;
+        let description = cuda.description.clone();
+        Ok(Self {
+            dev: Device::Cuda(cuda),
+            description,
+        })
+    }
+
+    /// The kernels run on the host, serially (tests only).
+    #[cfg(test)]
+    pub(crate) fn emulated() -> Result<Self, GpuError> {
+        Ok(Self {
+            dev: Device::Emu(emu::Emu::new()?),
+            description: "host emulation of the CUDA kernels".into(),
+        })
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+
+    fn normalize_dev(&self, src: &Buf, n: usize, low_pct: f64, high_pct: f64) -> Result<Buf, GpuError> {
+        cpu::check_percentiles(low_pct, high_pct)?;
+        let hist = self.dev.zeros::<u32>(65536)?;
+        self.dev.launch(
+            "hist_u16",
+            Grid::linear(n),
+            HistU16Args {
+                src: src.ptr(),
+                hist: hist.ptr(),
+                n: n as u64,
+            },
+        )?;
+        let counts: Vec<u64> = self.dev.read::<u32>(&hist, 65536)?.into_iter().map(u64::from).collect();
+        let lo = cpu::percentile_from_histogram(&counts, n, low_pct) as f32;
+        let hi = cpu::percentile_from_histogram(&counts, n, high_pct) as f32;
+        let scale = if hi > lo { 1.0 / (hi - lo) } else { 0.0 };
+        let dst = self.dev.zeros::<f32>(n)?;
+        self.dev.launch(
+            "normalize_u16",
+            Grid::linear(n),
+            NormalizeArgs {
+                src: src.ptr(),
+                dst: dst.ptr(),
+                n: n as u64,
+                lo,
+                scale,
+            },
+        )?;
+        Ok(dst)
+    }
+
+    /// [`cpu::normalize_u16`].
+    pub fn normalize_u16(
+        &self,
+        src: &[u16],
+        width: usize,
+        height: usize,
+        low_pct: f64,
+        high_pct: f64,
+    ) -> Result<Vec<f32>, GpuError> {
+        check_len("src", src, width, height)?;
+        let d = self.dev.upload(src)?;
+        let out = self.normalize_dev(&d, src.len(), low_pct, high_pct)?;
+        self.dev.read(&out, src.len())
+    }
+
+    fn blur_dev(&self, src: &Buf, width: usize, height: usize, sigma: f32) -> Result<Buf, GpuError> {
+        let n = width * height;
+        if sigma <= 0.0 || n == 0 {
+            return self.dev.upload(&self.dev.read::<f32>(src, n)?);
+        }
+        let taps = cpu::gaussian_kernel(sigma);
+        let k = self.dev.upload(&taps)?;
+        let tmp = self.dev.zeros::<f32>(n)?;
+        let dst = self.dev.zeros::<f32>(n)?;
+        let args = |s: &Buf, d: &Buf| -> Result<BlurArgs, GpuError> {
+            Ok(BlurArgs {
+                src: s.ptr(),
+                dst: d.ptr(),
+                taps: k.ptr(),
+                width: side(width, "width")?,
+                height: side(height, "height")?,
+                radius: (taps.len() / 2) as u32,
+            })
+        };
+        self.dev
+            .launch("blur_rows", Grid::image(width, height), args(src, &tmp)?)?;
+        self.dev
+            .launch("blur_cols", Grid::image(width, height), args(&tmp, &dst)?)?;
+        Ok(dst)
+    }
+
+    /// [`cpu::gaussian_blur`].
+    pub fn gaussian_blur(&self, src: &[f32], width: usize, height: usize, sigma: f32) -> Result<Vec<f32>, GpuError> {
+        check_len("src", src, width, height)?;
+        let d = self.dev.upload(src)?;
+        let out = self.blur_dev(&d, width, height, sigma)?;
+        self.dev.read(&out, src.len())
+    }
+
+    /// The automatic threshold of a device image: its 256-bin histogram is built on the device
+    /// and split on the host by the CPU's own code.
+    fn threshold_dev(&self, src: &Buf, n: usize, method: segment::ThresholdMethod) -> Result<f32, GpuError> {
+        let range = self.dev.upload(&[u32::MAX, 0u32])?;
+        self.dev.launch(
+            "minmax_f32",
+            Grid::linear(n),
+            MinMaxArgs {
+                src: src.ptr(),
+                range: range.ptr(),
+                n: n as u64,
+            },
+        )?;
+        let r = self.dev.read::<u32>(&range, 2)?;
+        let (lo, hi) = (unordered(r[0]), unordered(r[1]));
+        if r[0] > r[1] || !(hi > lo) {
+            // No range (constant, empty or all-NaN): rare, and the CPU's answer needs the pixels.
+            return Ok(cpu::first_finite(&self.dev.read::<f32>(src, n)?));
+        }
+        let scale = (256f32 - 1.0) / (hi - lo);
+        let hist = self.dev.zeros::<u32>(256)?;
+        self.dev.launch(
+            "hist256_f32",
+            Grid::linear(n),
+            Hist256Args {
+                src: src.ptr(),
+                hist: hist.ptr(),
+                n: n as u64,
+                lo,
+                scale,
+            },
+        )?;
+        let mut bins = [0u64; 256];
+        for (b, c) in bins.iter_mut().zip(self.dev.read::<u32>(&hist, 256)?) {
+            *b = c as u64;
+        }
+        Ok(method.threshold_of_histogram(lo, scale, &bins))
+    }
+
+    /// [`cpu::otsu_threshold`].
+    pub fn otsu_threshold(&self, src: &[f32]) -> Result<f32, GpuError> {
+        let d = self.dev.upload(src)?;
+        self.threshold_dev(&d, src.len(), segment::ThresholdMethod::Otsu)
+    }
+
+    /// [`cpu::triangle_threshold`].
+    pub fn triangle_threshold(&self, src: &[f32]) -> Result<f32, GpuError> {
+        let d = self.dev.upload(src)?;
+        self.threshold_dev(&d, src.len(), segment::ThresholdMethod::Triangle)
+    }
+
+    fn mask_above(&self, src: &Buf, n: usize, threshold: f32) -> Result<Buf, GpuError> {
+        let mask = self.dev.zeros::<u8>(n)?;
+        self.dev.launch(
+            "threshold_above",
+            Grid::linear(n),
+            ThresholdArgs {
+                src: src.ptr(),
+                mask: mask.ptr(),
+                n: n as u64,
+                threshold,
+            },
+        )?;
+        Ok(mask)
+    }
+
+    fn edt_dev(&self, mask: &Buf, width: usize, height: usize) -> Result<Buf, GpuError> {
+        let (w, h) = (side(width, "width")?, side(height, "height")?);
+        let sq = self.dev.zeros::<f64>(width * height)?;
+        self.dev.launch(
+            "edt_cols",
+            Grid::linear(width),
+            EdtColsArgs {
+                mask: mask.ptr(),
+                sq: sq.ptr(),
+                width: w,
+                height: h,
+            },
+        )?;
+        let dst = self.dev.zeros::<f32>(width * height)?;
+        let v = self.dev.zeros::<u32>(width * height)?;
+        let z = self.dev.zeros::<f64>((width + 1) * height)?;
+        self.dev.launch(
+            "edt_rows",
+            Grid::linear(height),
+            EdtRowsArgs {
+                sq: sq.ptr(),
+                dst: dst.ptr(),
+                v: v.ptr(),
+                z: z.ptr(),
+                width: w,
+                height: h,
+            },
+        )?;
+        Ok(dst)
+    }
+
+    /// [`cpu::distance_transform`].
+    pub fn distance_transform(&self, mask: &[bool], width: usize, height: usize) -> Result<Vec<f32>, GpuError> {
+        check_len("mask", mask, width, height)?;
+        if mask.is_empty() {
+            return Ok(Vec::new());
+        }
+        let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
+        let d = self.dev.upload(&m)?;
+        let out = self.edt_dev(&d, width, height)?;
+        self.dev.read(&out, mask.len())
+    }
+
+    fn max_filter_dev(&self, src: &Buf, width: usize, height: usize, radius: usize) -> Result<Buf, GpuError> {
+        let n = width * height;
+        let tmp = self.dev.zeros::<f32>(n)?;
+        let dst = self.dev.zeros::<f32>(n)?;
+        let args = |s: &Buf, d: &Buf| -> Result<MaxFilterArgs, GpuError> {
+            Ok(MaxFilterArgs {
+                src: s.ptr(),
+                dst: d.ptr(),
+                width: side(width, "width")?,
+                height: side(height, "height")?,
+                radius: side(radius, "radius")?,
+            })
+        };
+        self.dev
+            .launch("max_rows", Grid::image(width, height), args(src, &tmp)?)?;
+        self.dev
+            .launch("max_cols", Grid::image(width, height), args(&tmp, &dst)?)?;
+        Ok(dst)
+    }
+
+    /// [`cpu::max_filter`].
+    pub fn max_filter(&self, src: &[f32], width: usize, height: usize, radius: usize) -> Result<Vec<f32>, GpuError> {
+        check_len("src", src, width, height)?;
+        let d = self.dev.upload(src)?;
+        let out = self.max_filter_dev(&d, width, height, radius)?;
+        self.dev.read(&out, src.len())
+    }
+
+    /// Labels of a device mask, `1..=n` in raster order of first pixel: the CPU's numbering.
+    fn components_dev(&self, mask: &Buf, width: usize, height: usize, eight: bool) -> Result<(Buf, u32), GpuError> {
+        let n = width * height;
+        let (w, h) = (side(width, "width")?, side(height, "height")?);
+        side(n, "pixel count")?;
+        let parent = self.dev.zeros::<u32>(n)?;
+        let cc = CcArgs {
+            mask: mask.ptr(),
+            parent: parent.ptr(),
+            width: w,
+            height: h,
+            eight: eight as u32,
+        };
+        self.dev.launch("cc_init", Grid::linear(n), cc)?;
+        self.dev.launch("cc_merge", Grid::image(width, height), cc)?;
+        self.dev.launch("cc_flatten", Grid::linear(n), cc)?;
+        let rows = self.dev.zeros::<u32>(height)?;
+        let labels = self.dev.zeros::<u32>(n)?;
+        let rank = RankArgs {
+            parent: parent.ptr(),
+            row_roots: rows.ptr(),
+            labels: labels.ptr(),
+            width: w,
+            height: h,
+        };
+        self.dev.launch("cc_count_roots", Grid::linear(height), rank)?;
+        // Exclusive scan of a few thousand row counts: cheaper on the host than a launch.
+        let mut counts = self.dev.read::<u32>(&rows, height)?;
+        let mut total = 0u32;
+        for c in counts.iter_mut() {
+            let k = *c;
+            *c = total;
+            total += k;
+        }
+        self.dev.write(&rows, &counts)?;
+        self.dev.launch("cc_rank_roots", Grid::linear(height), rank)?;
+        self.dev.launch("cc_label", Grid::linear(n), rank)?;
+        Ok((labels, total))
+    }
+
+    /// [`cpu::connected_components`].
+    pub fn connected_components(
+        &self,
+        mask: &[bool],
+        width: usize,
+        height: usize,
+        eight: bool,
+    ) -> Result<(Vec<u32>, u32), GpuError> {
+        check_len("mask", mask, width, height)?;
+        if mask.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
+        let d = self.dev.upload(&m)?;
+        let (labels, n) = self.components_dev(&d, width, height, eight)?;
+        Ok((self.dev.read(&labels, mask.len())?, n))
+    }
+
+    fn peak_markers_dev(
+        &self,
+        src: &Buf,
+        mask: &Buf,
+        width: usize,
+        height: usize,
+        radius: usize,
+        min_value: f32,
+    ) -> Result<(Buf, u32), GpuError> {
+        let n = width * height;
+        let maxed = self.max_filter_dev(src, width, height, radius)?;
+        let peak = self.dev.zeros::<u8>(n)?;
+        self.dev.launch(
+            "peaks",
+            Grid::linear(n),
+            PeaksArgs {
+                src: src.ptr(),
+                maxed: maxed.ptr(),
+                mask: mask.ptr(),
+                peak: peak.ptr(),
+                n: n as u64,
+                min_value,
+            },
+        )?;
+        self.components_dev(&peak, width, height, true)
+    }
+
+    /// [`cpu::peak_markers`].
+    pub fn peak_markers(
+        &self,
+        src: &[f32],
+        mask: &[bool],
+        width: usize,
+        height: usize,
+        radius: usize,
+        min_value: f32,
+    ) -> Result<(Vec<u32>, u32), GpuError> {
+        check_len("src", src, width, height)?;
+        check_len("mask", mask, width, height)?;
+        if src.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
+        let (s, md) = (self.dev.upload(src)?, self.dev.upload(&m)?);
+        let (labels, n) = self.peak_markers_dev(&s, &md, width, height, radius, min_value)?;
+        Ok((self.dev.read(&labels, src.len())?, n))
+    }
+
+    /// [`cpu::downsample2x_mean`].
+    pub fn downsample2x_mean(
+        &self,
+        src: &[u16],
+        width: usize,
+        height: usize,
+    ) -> Result<(Vec<u16>, usize, usize), GpuError> {
+        check_len("src", src, width, height)?;
+        let (w2, h2) = (width.div_ceil(2), height.div_ceil(2));
+        if src.is_empty() {
+            return Ok((Vec::new(), w2, h2));
+        }
+        let s = self.dev.upload(src)?;
+        let d = self.dev.zeros::<u16>(w2 * h2)?;
+        self.dev.launch(
+            "downsample2x_mean",
+            Grid::image(w2, h2),
+            DownsampleArgs {
+                src: s.ptr(),
+                dst: d.ptr(),
+                width: side(width, "width")?,
+                height: side(height, "height")?,
+                out_width: w2 as u32,
+                out_height: h2 as u32,
+            },
+        )?;
+        Ok((self.dev.read(&d, w2 * h2)?, w2, h2))
+    }
+
+    /// Channels stacked channel-major into one device buffer.
+    fn upload_planes(&self, channels: &[&[u16]], width: usize, height: usize) -> Result<Buf, GpuError> {
+        let mut all = Vec::with_capacity(channels.len() * width * height);
+        for c in channels {
+            check_len("channel", c, width, height)?;
+            all.extend_from_slice(c);
+        }
+        self.dev.upload(&all)
+    }
+
+    /// [`cpu::crop_gather_u16_with`] without the fused preprocessing: the batch comes back raw.
+    pub fn crop_gather_u16(
+        &self,
+        channels: &[&[u16]],
+        width: usize,
+        height: usize,
+        centers: &[(f32, f32)],
+        spec: CropSpec,
+    ) -> Result<Vec<f32>, GpuError> {
+        cpu::check_crop_spec(spec)?;
+        let total = centers.len() * channels.len() * spec.size * spec.size;
+        if total == 0 {
+            for c in channels {
+                check_len("crop_gather channel", c, width, height)?;
+            }
+            return Ok(Vec::new());
+        }
+        let planes = self.upload_planes(channels, width, height)?;
+        let xy: Vec<f32> = centers.iter().flat_map(|&(x, y)| [x, y]).collect();
+        let c = self.dev.upload(&xy)?;
+        let out = self.dev.zeros::<f32>(total)?;
+        self.dev.launch(
+            "crop_gather",
+            Grid::linear(total),
+            CropArgs {
+                channels: planes.ptr(),
+                centers: c.ptr(),
+                out: out.ptr(),
+                width: side(width, "width")?,
+                height: side(height, "height")?,
+                channel_count: side(channels.len(), "channels")?,
+                crop_count: side(centers.len(), "crops")?,
+                size: side(spec.size, "size")?,
+                scale: spec.scale,
+            },
+        )?;
+        self.dev.read(&out, total)
+    }
+
+    /// [`measure::region_props`].
+    pub fn region_props(
+        &self,
+        labels: &[u32],
+        channels: &[&[u16]],
+        width: usize,
+        height: usize,
+    ) -> Result<Vec<RegionProps>, GpuError> {
+        check_len("labels", labels, width, height)?;
+        let n = labels.iter().copied().max().unwrap_or(0) as usize + 1;
+        let nc = channels.len();
+        if labels.is_empty() || n == 1 {
+            for c in channels {
+                check_len("channel", c, width, height)?;
+            }
+            return Ok(Vec::new());
+        }
+        let planes = self.upload_planes(channels, width, height)?;
+        let l = self.dev.upload(labels)?;
+        let area = self.dev.zeros::<u64>(n)?;
+        let (sx, sy) = (self.dev.zeros::<f64>(n)?, self.dev.zeros::<f64>(n)?);
+        let bbox = self.dev.upload(&[u32::MAX, u32::MAX, 0, 0].repeat(n))?;
+        let sums = self.dev.zeros::<f64>(n * nc)?;
+        let maxima = self.dev.zeros::<u32>(n * nc)?;
+        self.dev.launch(
+            "region_props",
+            Grid::image(width, height),
+            PropsArgs {
+                labels: l.ptr(),
+                channels: planes.ptr(),
+                area: area.ptr(),
+                sum_x: sx.ptr(),
+                sum_y: sy.ptr(),
+                bbox: bbox.ptr(),
+                sums: sums.ptr(),
+                maxima: maxima.ptr(),
+                width: side(width, "width")?,
+                height: side(height, "height")?,
+                channel_count: nc as u32,
+            },
+        )?;
+        let bb: Vec<[u32; 4]> = self
+            .dev
+            .read::<u32>(&bbox, 4 * n)?
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect();
+        let maxs: Vec<u16> = self
+            .dev
+            .read::<u32>(&maxima, n * nc)?
+            .into_iter()
+            .map(|m| m as u16)
+            .collect();
+        Ok(measure::assemble(&measure::Sums {
+            channels: nc,
+            area: &self.dev.read(&area, n)?,
+            sum_x: &self.dev.read(&sx, n)?,
+            sum_y: &self.dev.read(&sy, n)?,
+            bbox: &bb,
+            intensity: &self.dev.read(&sums, n * nc)?,
+            maxima: &maxs,
+        }))
+    }
+
+    /// Distance map, its smoothing and the seeds on the device; the flood on the host.
+    fn split_foreground(
+        &self,
+        mask: &Buf,
+        width: usize,
+        height: usize,
+        p: &NucleiParams,
+    ) -> Result<(Vec<u32>, u32), GpuError> {
+        let n = width * height;
+        let dist = self.edt_dev(mask, width, height)?;
+        let dist = self.blur_dev(&dist, width, height, 1.0)?;
+        let (markers, count) =
+            self.peak_markers_dev(&dist, mask, width, height, p.seed_radius_px, p.seed_min_depth_px)?;
+        let mask: Vec<bool> = self.dev.read::<u8>(mask, n)?.into_iter().map(|m| m != 0).collect();
+        let dist = self.dev.read::<f32>(&dist, n)?;
+        let markers = self.dev.read::<u32>(&markers, n)?;
+        Ok(segment::flood_seeds(&mask, dist, &markers, count, width, height, p)?)
+    }
+
+    /// [`segment::segment_nuclei`].
+    pub fn segment_nuclei(
+        &self,
+        raw: &[u16],
+        width: usize,
+        height: usize,
+        p: &NucleiParams,
+    ) -> Result<(Vec<u32>, u32), GpuError> {
+        check_len("raw", raw, width, height)?;
+        if raw.is_empty() {
+            return Ok(segment::segment_nuclei(raw, width, height, p)?);
+        }
+        let norm = match p.illumination {
+            // The background fit is a small least-squares problem over tile percentiles: CPU.
+            Some(_) => self
+                .dev
+                .upload(&segment::normalized(raw, width, height, p.illumination, 99.95)?)?,
+            None => self.normalize_dev(&self.dev.upload(raw)?, raw.len(), 0.5, 99.95)?,
+        };
+        let smooth = self.blur_dev(&norm, width, height, p.smoothing_sigma_px)?;
+        let t = self.threshold_dev(&smooth, raw.len(), p.threshold)? * p.threshold_scale;
+        let mask = self.mask_above(&smooth, raw.len(), t)?;
+        self.split_foreground(&mask, width, height, p)
+    }
+
+    /// [`segment::segment_nuclei_probability`].
+    pub fn segment_nuclei_probability(
+        &self,
+        prob: &[f32],
+        width: usize,
+        height: usize,
+        threshold: f32,
+        p: &NucleiParams,
+    ) -> Result<(Vec<u32>, u32), GpuError> {
+        check_len("probability", prob, width, height)?;
+        if prob.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let d = self.dev.upload(prob)?;
+        let mask = self.mask_above(&d, prob.len(), threshold)?;
+        self.split_foreground(&mask, width, height, p)
+    }
+
+    /// [`segment::segment_cells`].
+    pub fn segment_cells(
+        &self,
+        nuclei: &[u32],
+        cytoplasm_raw: &[u16],
+        width: usize,
+        height: usize,
+        p: &CellParams,
+    ) -> Result<Vec<u32>, GpuError> {
+        check_len("nuclei", nuclei, width, height)?;
+        check_len("cytoplasm", cytoplasm_raw, width, height)?;
+        if nuclei.is_empty() {
+            return Ok(segment::segment_cells(nuclei, cytoplasm_raw, width, height, p)?);
+        }
+        let norm = self.normalize_dev(&self.dev.upload(cytoplasm_raw)?, nuclei.len(), 0.5, 99.5)?;
+        let smooth = self.blur_dev(&norm, width, height, p.smoothing_sigma_px)?;
+        let t = self.threshold_dev(&smooth, nuclei.len(), segment::ThresholdMethod::Otsu)? * p.threshold_scale;
+        let smooth = self.dev.read::<f32>(&smooth, nuclei.len())?;
+        Ok(segment::propagate_cells(nuclei, &smooth, t, width, height, p)?)
+    }
+
+    /// Waits for the device (for timing).
+    pub fn sync(&self) -> Result<(), GpuError> {
+        self.dev.sync()
+    }
+}
