@@ -82,6 +82,7 @@ def main():
     ap_.add_argument("--fields", type=int, default=2)
     ap_.add_argument("--repeat", type=int, default=3)
     ap_.add_argument("--seed", type=int, default=4242)
+    ap_.add_argument("--device", default="cpu", help="liveomics' back end: cpu, auto or cuda:N")
     args = ap_.parse_args()
     p = params(11.0, 0.65)
     rows = []
@@ -105,7 +106,7 @@ rate_fields_per_s = 0.0
             files = sorted((d / "sim" / "images").glob("*_DAPI.tif"))
             (d / "labels").mkdir()
             out = subprocess.run([BIN, "bench-segment", "--out-dir", d / "labels", "--repeat", str(args.repeat),
-                                  *files], check=True, capture_output=True, text=True).stdout
+                                  "--device", args.device, *files], check=True, capture_output=True, text=True).stdout
             ours = {r["file"]: r for r in map(json.loads, out.splitlines())}
             for f in files:
                 img = tifffile.imread(f)
@@ -120,6 +121,7 @@ rate_fields_per_s = 0.0
                                  ours_ms=ours[f.name]["best_ms"], skimage_ms=min(times),
                                  ours_ap50=ap(lo, truth, 0.5), ours_ap70=ap(lo, truth, 0.7),
                                  sk_ap50=ap(sk, truth, 0.5), sk_ap70=ap(sk, truth, 0.7)))
+    print(f"liveomics ran on: {next(iter(ours.values()))['device'] if rows else args.device}")
     print(f"{'size':>5} {'nuclei':>6} {'liveomics ms':>12} {'skimage ms':>10} {'speedup':>7}  "
           f"{'AP@0.5 ours/sk':>15} {'AP@0.7 ours/sk':>15}")
     for r in rows:

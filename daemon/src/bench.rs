@@ -413,11 +413,14 @@ pub fn diffusion_cost(
 /// One image through nuclei segmentation and per-nucleus measurement (`liveomics bench-segment`).
 #[derive(Debug, serde::Serialize)]
 pub struct SegmentBench {
+    /// `cpu`, or the CUDA device the kernels ran on.
+    pub device: String,
     pub file: String,
     pub width: usize,
     pub height: usize,
     pub nuclei: u32,
-    /// Best of the repeats, segmentation + region properties, TIFF reading excluded.
+    /// Best of the repeats, segmentation + region properties, TIFF reading excluded (on a GPU:
+    /// uploads and downloads included).
     pub best_ms: f64,
     pub median_ms: f64,
 }
@@ -426,13 +429,18 @@ pub struct SegmentBench {
 /// size filter) plus region properties on each file, and writes the labels to `out_dir` for the
 /// accuracy comparison in `benches/segment_bench.py`.
 pub fn segment_files(
+    compute: &liveomics_kernels::gpu::Compute,
     files: &[PathBuf],
     out_dir: &Path,
     pixel_size_um: f64,
     diameter_um: f64,
     repeat: usize,
 ) -> Result<Vec<SegmentBench>, crate::segment_cli::SegmentError> {
-    use liveomics_kernels::segment::{segment_nuclei, NucleiParams};
+    use liveomics_kernels::segment::NucleiParams;
+    let gpu = |source| crate::segment_cli::SegmentError::Gpu {
+        device: compute.describe(),
+        source,
+    };
     let params = NucleiParams::from_physical(diameter_um, pixel_size_um)?;
     let mut out = Vec::new();
     for f in files {
@@ -443,8 +451,8 @@ pub fn segment_files(
         let mut result = (Vec::new(), 0);
         for _ in 0..repeat.max(1) {
             let t0 = Instant::now();
-            result = segment_nuclei(&img, w, h, &params)?;
-            let props = liveomics_kernels::measure::region_props(&result.0, &[&img], w, h)?;
+            result = compute.segment_nuclei(&img, w, h, &params).map_err(gpu)?;
+            let props = compute.region_props(&result.0, &[&img], w, h).map_err(gpu)?;
             std::hint::black_box(props);
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
@@ -455,6 +463,7 @@ pub fn segment_files(
             .unwrap_or_default();
         write_plane_u32(&out_dir.join(&name), w, h, &result.0)?;
         out.push(SegmentBench {
+            device: compute.describe(),
             file: name,
             width: w,
             height: h,

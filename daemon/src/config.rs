@@ -834,7 +834,12 @@ mod tests {
         );
         let errs = crate::registry::validate(&cfg);
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
-        for k in ["instrument", "latency_budget_ms", "segmentation.nuclei_channel", "compute.device"] {
+        for k in [
+            "instrument",
+            "latency_budget_ms",
+            "segmentation.nuclei_channel",
+            "compute.device",
+        ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
     }

@@ -106,6 +106,9 @@ enum Command {
         diameter_um: f64,
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// auto, cpu or cuda:N (as `compute.device`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         files: Vec<PathBuf>,
     },
     /// Benchmark helper: write uint16 TIFF frames through the zarr write path and print JSON
@@ -301,9 +304,15 @@ fn main() -> ExitCode {
             pixel_size_um,
             diameter_um,
             repeat,
+            device,
             files,
         } => report((|| -> anyhow::Result<()> {
-            for r in liveomics::bench::segment_files(&files, &out_dir, pixel_size_um, diameter_um, repeat)? {
+            let request = device.parse().map_err(|e: String| anyhow::anyhow!("--device {e}"))?;
+            let (compute, fallback) = liveomics_kernels::gpu::Compute::select(request)?;
+            if let Some(why) = fallback {
+                eprintln!("device auto: running on the CPU ({why})");
+            }
+            for r in liveomics::bench::segment_files(&compute, &files, &out_dir, pixel_size_um, diameter_um, repeat)? {
                 println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())
