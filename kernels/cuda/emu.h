@@ -37,6 +37,12 @@ static inline unsigned int __float_as_uint(float f) {
     return u;
 }
 
+static inline float __uint_as_float(unsigned int u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 static inline unsigned int emu_add_u32(unsigned int *p, unsigned int v) {
     unsigned int o = *p;
     *p = o + v;

@@ -88,13 +88,14 @@ KERNEL void blur_cols(BlurArgs a) {
 
 typedef struct {
     const float *src;
-    unsigned int *range; /* [ordered min, ordered max], initialised to [~0, 0] */
+    const unsigned char *mask; /* null: every pixel */
+    unsigned int *range;       /* [ordered min, ordered max], initialised to [~0, 0] */
     unsigned long long n;
 } MinMaxArgs;
 
 KERNEL void minmax_f32(MinMaxArgs a) {
     unsigned long long i = gid_x();
-    if (i >= a.n) return;
+    if (i >= a.n || (a.mask && !a.mask[i])) return;
     float v = a.src[i];
     if (!finite_f32(v)) return;
     unsigned int o = ordered_f32(v);

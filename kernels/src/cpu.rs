@@ -581,10 +581,16 @@ impl PartialOrd for QueueItem {
 const WATERSHED_LEVELS: usize = 4096;
 
 /// Marker-controlled watershed (Meyer's flooding) of `elevation`, restricted to `mask`; 8-connected.
-/// Every masked pixel reachable from a marker gets that marker's label; ties go to the marker
-/// that reached the pixel first, which keeps the result independent of thread count. A
-/// hierarchical queue of FIFO buckets replaces the priority heap: each pixel is queued once
-/// and dequeued in O(1).
+/// Every masked pixel reachable from a marker gets that marker's label. A hierarchical queue of
+/// FIFO buckets replaces the priority heap: each pixel is queued once and dequeued in O(1).
+///
+/// The flood order is a key per pixel, `(bucket, hops)`: the bucket is the highest level on the
+/// way from the marker, the hops count steps since the flood entered that bucket. A pixel takes
+/// the label of the neighbour with the smallest key among those that reach it with its own
+/// (smallest) key, as the queue's first pop would give it; between such neighbours of equal
+/// key the smaller label wins, instead of whichever the queue held first. That makes the result
+/// a function of the image alone, which a parallel relaxation (the CUDA back end) reproduces
+/// exactly.
 pub fn watershed(
     elevation: &[f32],
     markers: &[u32],
@@ -614,6 +620,11 @@ pub fn watershed(
     };
     let mut labels = markers.to_vec();
     let mut queued: Vec<bool> = markers.iter().map(|&m| m != 0).collect();
+    // Each queued pixel's key (its bucket and its hops within it; markers: (0, 0)), and the key of
+    // the neighbour its label came from.
+    let mut bucket_of = vec![0u16; markers.len()];
+    let mut hops = vec![0u32; markers.len()];
+    let mut from = vec![(0u16, 0u32); markers.len()];
     let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); WATERSHED_LEVELS];
     let mut heads = vec![0usize; WATERSHED_LEVELS];
     // Markers first, in raster order, ahead of every other pixel.
@@ -632,12 +643,26 @@ pub fn watershed(
         for ny in y0..=y1 {
             for nx in x0..=x1 {
                 let j = ny * width + nx;
-                if queued[j] || !mask[j] {
+                if !mask[j] {
+                    continue;
+                }
+                let lj = level(j);
+                let (b, w) = if lj > cur { (lj, 0) } else { (cur, hops[i] + 1) };
+                let key_i = (cur as u16, hops[i]);
+                if queued[j] {
+                    // Keys only grow along the queue: an equal key for `j` from a neighbour of
+                    // equal key means `j` is still waiting and `i` ties with its predecessor.
+                    if (b, w) == (bucket_of[j] as usize, hops[j]) && key_i == from[j] && labels[i] < labels[j] {
+                        labels[j] = labels[i];
+                    }
                     continue;
                 }
                 queued[j] = true;
                 labels[j] = labels[i];
-                buckets[level(j).max(cur)].push(j as u32);
+                bucket_of[j] = b as u16;
+                hops[j] = w;
+                from[j] = key_i;
+                buckets[b].push(j as u32);
             }
         }
     }
@@ -647,7 +672,9 @@ pub fn watershed(
 /// Propagates labels from seeds over an intensity image (CellProfiler's "propagate"): a pixel joins
 /// the seed with the cheapest path, where a step costs the intensity difference plus
 /// `spatial_weight` times its length. Spatial weight keeps boundaries between cells of similar
-/// brightness near the midline; intensity keeps them on dark gaps.
+/// brightness near the midline; intensity keeps them on dark gaps. Between paths of exactly
+/// equal cost through neighbours of equal cost the smaller label wins, so the result does not
+/// depend on the order of the heap (and a parallel relaxation reproduces it).
 pub fn propagate(
     image: &[f32],
     seeds: &[u32],
@@ -675,6 +702,8 @@ fn flood(
 ) -> Result<Vec<u32>, KernelError> {
     let mut labels = vec![0u32; seeds.len()];
     let mut cost = vec![f32::INFINITY; seeds.len()];
+    // The cost of the neighbour each pixel's label came from.
+    let mut from = vec![0f32; seeds.len()];
     let mut done = vec![false; seeds.len()];
     let mut heap = BinaryHeap::new();
     let mut order = 0u64;
@@ -719,12 +748,15 @@ fn flood(
             if c < cost[j] {
                 cost[j] = c;
                 labels[j] = labels[index];
+                from[j] = cost[index];
                 heap.push(QueueItem {
                     priority: c,
                     order,
                     index: j,
                 });
                 order += 1;
+            } else if c == cost[j] && cost[index] == from[j] && labels[index] < labels[j] {
+                labels[j] = labels[index];
             }
         }
     }

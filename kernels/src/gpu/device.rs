@@ -11,11 +11,12 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use super::GpuError;
 
 /// The kernel sources, in the order they are concatenated into one NVRTC program.
-pub const SOURCES: [(&str, &str); 4] = [
+pub const SOURCES: [(&str, &str); 5] = [
     ("image.cu", include_str!("../../cuda/image.cu")),
     ("distance.cu", include_str!("../../cuda/distance.cu")),
     ("label.cu", include_str!("../../cuda/label.cu")),
     ("crop.cu", include_str!("../../cuda/crop.cu")),
+    ("flood.cu", include_str!("../../cuda/flood.cu")),
 ];
 
 /// What `kernels/cuda/emu.h` defines for the host, defined for NVRTC.
@@ -25,7 +26,7 @@ const CUDA_PRELUDE: &str = "#define KERNEL extern \"C\" __global__\n\
 #define F64_INF __longlong_as_double(0x7ff0000000000000LL)\n";
 
 /// Every kernel the sources define; each is looked up once when the module is loaded.
-pub const KERNELS: [&str; 21] = [
+pub const KERNELS: [&str; 30] = [
     "hist_u16",
     "normalize_u16",
     "blur_rows",
@@ -47,6 +48,15 @@ pub const KERNELS: [&str; 21] = [
     "cc_label",
     "region_props",
     "crop_gather",
+    "negate_f32",
+    "flood_init",
+    "flood_keys",
+    "flood_labels",
+    "flood_finish",
+    "add_blobs",
+    "label_stats",
+    "remap_labels",
+    "cell_mask",
 ];
 
 /// The full NVRTC program text.

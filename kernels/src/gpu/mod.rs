@@ -4,9 +4,9 @@
 //!
 //! Results equal the CPU reference exactly: floating-point kernels repeat the CPU's operations in
 //! its order with multiply-add contraction off, and labels come out in the same raster order.
-//! The two floods (the nuclei watershed and the propagation of cells) run on the CPU between
-//! device stages: their hierarchical-queue order is what makes them deterministic, and a
-//! parallel flood that reproduces it exactly is not written yet.
+//! The two floods (the nuclei watershed and the propagation of cells) are parallel relaxations
+//! to the same fixed point the CPU's queues reach (see `kernels/cuda/flood.cu`), so a field is
+//! segmented on the device from the raw upload to the label download.
 
 #![allow(unsafe_code)]
 
@@ -179,7 +179,7 @@ kernel_args! {
     HistU16Args { src: u64, hist: u64, n: u64 }
     NormalizeArgs { src: u64, dst: u64, n: u64, lo: f32, scale: f32 }
     BlurArgs { src: u64, dst: u64, taps: u64, width: u32, height: u32, radius: u32 }
-    MinMaxArgs { src: u64, range: u64, n: u64 }
+    MinMaxArgs { src: u64, mask: u64, range: u64, n: u64 }
     Hist256Args { src: u64, hist: u64, n: u64, lo: f32, scale: f32 }
     ThresholdArgs { src: u64, mask: u64, n: u64, threshold: f32 }
     DownsampleArgs { src: u64, dst: u64, width: u32, height: u32, out_width: u32, out_height: u32 }
@@ -197,7 +197,38 @@ kernel_args! {
         channels: u64, centers: u64, out: u64, width: u32, height: u32, channel_count: u32,
         crop_count: u32, size: u32, scale: f32,
     }
+    NegateArgs { data: u64, n: u64 }
+    FloodInitArgs {
+        elevation: u64, seeds: u64, levels: u64, key: u64, labels: u64, n: u64, lo: f32, scale: f32,
+        top: u32,
+    }
+    FloodArgs {
+        mask: u64, seeds: u64, levels: u64, image: u64, key: u64, labels: u64, changed: u64,
+        width: u32, height: u32, spatial_weight: f32,
+    }
+    FloodFinishArgs { mask: u64, labels: u64, left: u64, n: u64 }
+    AddBlobsArgs { labels: u64, blobs: u64, n: u64, offset: u32 }
+    LabelStatsArgs { labels: u64, area: u64, first: u64, border: u64, width: u32, height: u32 }
+    RemapArgs { labels: u64, remap: u64, n: u64 }
+    CellMaskArgs { src: u64, labels: u64, mask: u64, n: u64, threshold: f32 }
 }
+
+/// Which flood [`Gpu::flood_dev`] runs.
+#[derive(Debug, Clone, Copy)]
+enum Flood<'a> {
+    /// Keys from the quantised elevation (the CPU's hierarchical queue levels).
+    Watershed {
+        elevation: &'a Buf,
+        lo: f32,
+        scale: f32,
+        top: u32,
+    },
+    /// Keys are path costs over the image.
+    Propagate { image: &'a Buf, spatial_weight: f32 },
+}
+
+/// Relaxation sweeps launched between two reads of the `changed` flag.
+const SWEEPS_PER_CHECK: usize = 8;
 
 /// Image sides are u32 on the device.
 fn side(v: usize, name: &'static str) -> Result<u32, GpuError> {
@@ -333,19 +364,10 @@ impl Gpu {
     /// The automatic threshold of a device image: its 256-bin histogram is built on the device
     /// and split on the host by the CPU's own code.
     fn threshold_dev(&self, src: &Buf, n: usize, method: segment::ThresholdMethod) -> Result<f32, GpuError> {
-        let range = self.dev.upload(&[u32::MAX, 0u32])?;
-        self.dev.launch(
-            "minmax_f32",
-            Grid::linear(n),
-            MinMaxArgs {
-                src: src.ptr(),
-                range: range.ptr(),
-                n: n as u64,
-            },
-        )?;
-        let r = self.dev.read::<u32>(&range, 2)?;
-        let (lo, hi) = (unordered(r[0]), unordered(r[1]));
-        if r[0] > r[1] || !(hi > lo) {
+        let Some((lo, hi)) = self.finite_range(src, None, n)? else {
+            return Ok(cpu::first_finite(&self.dev.read::<f32>(src, n)?));
+        };
+        if !(hi > lo) {
             // No range (constant, empty or all-NaN): rare, and the CPU's answer needs the pixels.
             return Ok(cpu::first_finite(&self.dev.read::<f32>(src, n)?));
         }
@@ -367,6 +389,51 @@ impl Gpu {
             *b = c as u64;
         }
         Ok(method.threshold_of_histogram(lo, scale, &bins))
+    }
+
+    /// The smallest and largest finite values (under `mask`), or `None` when there are none.
+    fn finite_range(&self, src: &Buf, mask: Option<&Buf>, n: usize) -> Result<Option<(f32, f32)>, GpuError> {
+        let range = self.dev.upload(&[u32::MAX, 0u32])?;
+        self.dev.launch(
+            "minmax_f32",
+            Grid::linear(n),
+            MinMaxArgs {
+                src: src.ptr(),
+                mask: mask.map_or(0, Buf::ptr),
+                range: range.ptr(),
+                n: n as u64,
+            },
+        )?;
+        let r = self.dev.read::<u32>(&range, 2)?;
+        Ok((r[0] <= r[1]).then(|| (unordered(r[0]), unordered(r[1]))))
+    }
+
+    /// Launches `kernel` until a whole batch of sweeps changes nothing. The relaxations only
+    /// ever lower keys, so this ends; the bound is a guard against a broken kernel.
+    fn relax<A: KernelArgs>(
+        &self,
+        kernel: &'static str,
+        grid: Grid,
+        args: A,
+        changed: &Buf,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        let mut sweeps = 0usize;
+        loop {
+            self.dev.write(changed, &[0u32])?;
+            for _ in 0..SWEEPS_PER_CHECK {
+                self.dev.launch(kernel, grid, args)?;
+            }
+            sweeps += SWEEPS_PER_CHECK;
+            if self.dev.read::<u32>(changed, 1)?[0] == 0 {
+                return Ok(());
+            }
+            if sweeps > 2 * n + 2 * SWEEPS_PER_CHECK {
+                return Err(GpuError::Internal(format!(
+                    "{kernel} did not settle in {sweeps} sweeps"
+                )));
+            }
+        }
     }
 
     /// [`cpu::otsu_threshold`].
@@ -715,7 +782,8 @@ impl Gpu {
         }))
     }
 
-    /// Distance map, its smoothing and the seeds on the device; the flood on the host.
+    /// Distance map, smoothing, seeds, watershed, unflooded blobs and size filter, all on the
+    /// device (the CPU's `segment::split_foreground`).
     fn split_foreground(
         &self,
         mask: &Buf,
@@ -725,13 +793,252 @@ impl Gpu {
     ) -> Result<(Vec<u32>, u32), GpuError> {
         let n = width * height;
         let dist = self.edt_dev(mask, width, height)?;
-        let dist = self.blur_dev(&dist, width, height, 1.0)?;
+        let elevation = self.blur_dev(&dist, width, height, 1.0)?;
         let (markers, count) =
-            self.peak_markers_dev(&dist, mask, width, height, p.seed_radius_px, p.seed_min_depth_px)?;
-        let mask: Vec<bool> = self.dev.read::<u8>(mask, n)?.into_iter().map(|m| m != 0).collect();
-        let dist = self.dev.read::<f32>(&dist, n)?;
-        let markers = self.dev.read::<u32>(&markers, n)?;
-        Ok(segment::flood_seeds(&mask, dist, &markers, count, width, height, p)?)
+            self.peak_markers_dev(&elevation, mask, width, height, p.seed_radius_px, p.seed_min_depth_px)?;
+        // Flood from the deepest points outwards: the elevation is the negated distance.
+        self.dev.launch(
+            "negate_f32",
+            Grid::linear(n),
+            NegateArgs {
+                data: elevation.ptr(),
+                n: n as u64,
+            },
+        )?;
+        let (labels, left) = self.watershed_dev(&elevation, &markers, mask, width, height)?;
+        let (blobs, extra) = self.components_dev(&left, width, height, true)?;
+        if extra > 0 {
+            self.dev.launch(
+                "add_blobs",
+                Grid::linear(n),
+                AddBlobsArgs {
+                    labels: labels.ptr(),
+                    blobs: blobs.ptr(),
+                    n: n as u64,
+                    offset: count,
+                },
+            )?;
+        }
+        let kept = self.filter_by_area_dev(&labels, count + extra, width, height, p)?;
+        Ok((self.dev.read(&labels, n)?, kept))
+    }
+
+    /// [`cpu::watershed`] on the device: the labels and the masked pixels left unreached.
+    fn watershed_dev(
+        &self,
+        elevation: &Buf,
+        markers: &Buf,
+        mask: &Buf,
+        width: usize,
+        height: usize,
+    ) -> Result<(Buf, Buf), GpuError> {
+        let top = 4095u32;
+        let (lo, scale) = match self.finite_range(elevation, Some(mask), width * height)? {
+            Some((lo, hi)) if hi > lo => (lo, top as f32 / (hi - lo)),
+            _ => (0.0, 0.0),
+        };
+        self.flood_dev(
+            Flood::Watershed {
+                elevation,
+                lo,
+                scale,
+                top,
+            },
+            markers,
+            mask,
+            width,
+            height,
+        )
+    }
+
+    /// Both floods: keys relaxed to their fixed point, then labels along the tight links
+    /// (`kernels/cuda/flood.cu`). Returns the labels and the masked pixels left unreached.
+    fn flood_dev(
+        &self,
+        kind: Flood,
+        seeds: &Buf,
+        mask: &Buf,
+        width: usize,
+        height: usize,
+    ) -> Result<(Buf, Buf), GpuError> {
+        let n = width * height;
+        let levels = self
+            .dev
+            .zeros::<u16>(if matches!(kind, Flood::Watershed { .. }) { n } else { 1 })?;
+        let key = self.dev.zeros::<u64>(n)?;
+        let labels = self.dev.zeros::<u32>(n)?;
+        let (elevation, image, lo, scale, top, spatial_weight) = match kind {
+            Flood::Watershed {
+                elevation,
+                lo,
+                scale,
+                top,
+            } => (elevation.ptr(), 0, lo, scale, top, 0.0),
+            Flood::Propagate { image, spatial_weight } => (0, image.ptr(), 0.0, 0.0, 0, spatial_weight),
+        };
+        self.dev.launch(
+            "flood_init",
+            Grid::linear(n),
+            FloodInitArgs {
+                elevation,
+                seeds: seeds.ptr(),
+                levels: levels.ptr(),
+                key: key.ptr(),
+                labels: labels.ptr(),
+                n: n as u64,
+                lo,
+                scale,
+                top,
+            },
+        )?;
+        let changed = self.dev.zeros::<u32>(1)?;
+        let args = FloodArgs {
+            mask: mask.ptr(),
+            seeds: seeds.ptr(),
+            levels: levels.ptr(),
+            image,
+            key: key.ptr(),
+            labels: labels.ptr(),
+            changed: changed.ptr(),
+            width: side(width, "width")?,
+            height: side(height, "height")?,
+            spatial_weight,
+        };
+        for phase in ["flood_keys", "flood_labels"] {
+            self.relax(phase, Grid::image(width, height), args, &changed, n)?;
+        }
+        let left = self.dev.zeros::<u8>(n)?;
+        self.dev.launch(
+            "flood_finish",
+            Grid::linear(n),
+            FloodFinishArgs {
+                mask: mask.ptr(),
+                labels: labels.ptr(),
+                left: left.ptr(),
+                n: n as u64,
+            },
+        )?;
+        Ok((labels, left))
+    }
+
+    /// [`cpu::filter_by_area`] in place: areas, first pixels and border contact on the device,
+    /// the decision per label and the raster-order renumbering table on the host.
+    fn filter_by_area_dev(
+        &self,
+        labels: &Buf,
+        max_label: u32,
+        width: usize,
+        height: usize,
+        p: &NucleiParams,
+    ) -> Result<u32, GpuError> {
+        let n = width * height;
+        let m = max_label as usize + 1;
+        let area = self.dev.zeros::<u32>(m)?;
+        let first = self.dev.upload(&vec![u32::MAX; m])?;
+        let border = self.dev.zeros::<u8>(m)?;
+        self.dev.launch(
+            "label_stats",
+            Grid::image(width, height),
+            LabelStatsArgs {
+                labels: labels.ptr(),
+                area: area.ptr(),
+                first: first.ptr(),
+                border: border.ptr(),
+                width: width as u32,
+                height: height as u32,
+            },
+        )?;
+        let (area, first, border) = (
+            self.dev.read::<u32>(&area, m)?,
+            self.dev.read::<u32>(&first, m)?,
+            self.dev.read::<u8>(&border, m)?,
+        );
+        let mut kept: Vec<usize> = (1..m)
+            .filter(|&l| {
+                let min = if border[l] != 0 {
+                    p.min_area_at_border_px
+                } else {
+                    p.min_area_px
+                };
+                let a = area[l] as usize;
+                a > 0 && a >= min && a <= p.max_area_px
+            })
+            .collect();
+        kept.sort_by_key(|&l| first[l]);
+        let mut remap = vec![0u32; m];
+        for (k, &l) in kept.iter().enumerate() {
+            remap[l] = k as u32 + 1;
+        }
+        let r = self.dev.upload(&remap)?;
+        self.dev.launch(
+            "remap_labels",
+            Grid::linear(n),
+            RemapArgs {
+                labels: labels.ptr(),
+                remap: r.ptr(),
+                n: n as u64,
+            },
+        )?;
+        Ok(kept.len() as u32)
+    }
+
+    /// [`cpu::watershed`].
+    pub fn watershed(
+        &self,
+        elevation: &[f32],
+        markers: &[u32],
+        mask: &[bool],
+        width: usize,
+        height: usize,
+    ) -> Result<Vec<u32>, GpuError> {
+        check_len("elevation", elevation, width, height)?;
+        check_len("markers", markers, width, height)?;
+        check_len("mask", mask, width, height)?;
+        let n = elevation.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
+        let (e, k, md) = (
+            self.dev.upload(elevation)?,
+            self.dev.upload(markers)?,
+            self.dev.upload(&m)?,
+        );
+        let (labels, _) = self.watershed_dev(&e, &k, &md, width, height)?;
+        self.dev.read(&labels, n)
+    }
+
+    /// [`cpu::propagate`]. A spatial weight that is not positive makes steps free, paths of equal
+    /// cost form cycles and the parallel relaxation no longer reproduces the queue: the host runs
+    /// those.
+    pub fn propagate(
+        &self,
+        image: &[f32],
+        seeds: &[u32],
+        mask: &[bool],
+        width: usize,
+        height: usize,
+        spatial_weight: f32,
+    ) -> Result<Vec<u32>, GpuError> {
+        check_len("image", image, width, height)?;
+        check_len("seeds", seeds, width, height)?;
+        check_len("mask", mask, width, height)?;
+        if image.is_empty() || !(spatial_weight > 0.0 && spatial_weight.is_finite()) {
+            return Ok(cpu::propagate(image, seeds, mask, width, height, spatial_weight)?);
+        }
+        let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
+        let (i, s, md) = (self.dev.upload(image)?, self.dev.upload(seeds)?, self.dev.upload(&m)?);
+        let (labels, _) = self.flood_dev(
+            Flood::Propagate {
+                image: &i,
+                spatial_weight,
+            },
+            &s,
+            &md,
+            width,
+            height,
+        )?;
+        self.dev.read(&labels, image.len())
     }
 
     /// [`segment::segment_nuclei`].
@@ -791,11 +1098,33 @@ impl Gpu {
         if nuclei.is_empty() {
             return Ok(segment::segment_cells(nuclei, cytoplasm_raw, width, height, p)?);
         }
-        let norm = self.normalize_dev(&self.dev.upload(cytoplasm_raw)?, nuclei.len(), 0.5, 99.5)?;
+        let n = nuclei.len();
+        let norm = self.normalize_dev(&self.dev.upload(cytoplasm_raw)?, n, 0.5, 99.5)?;
         let smooth = self.blur_dev(&norm, width, height, p.smoothing_sigma_px)?;
-        let t = self.threshold_dev(&smooth, nuclei.len(), segment::ThresholdMethod::Otsu)? * p.threshold_scale;
-        let smooth = self.dev.read::<f32>(&smooth, nuclei.len())?;
-        Ok(segment::propagate_cells(nuclei, &smooth, t, width, height, p)?)
+        let t = self.threshold_dev(&smooth, n, segment::ThresholdMethod::Otsu)? * p.threshold_scale;
+        if !(p.spatial_weight > 0.0 && p.spatial_weight.is_finite()) {
+            let smooth = self.dev.read::<f32>(&smooth, n)?;
+            return Ok(segment::propagate_cells(nuclei, &smooth, t, width, height, p)?);
+        }
+        let seeds = self.dev.upload(nuclei)?;
+        let mask = self.dev.zeros::<u8>(n)?;
+        self.dev.launch(
+            "cell_mask",
+            Grid::linear(n),
+            CellMaskArgs {
+                src: smooth.ptr(),
+                labels: seeds.ptr(),
+                mask: mask.ptr(),
+                n: n as u64,
+                threshold: t,
+            },
+        )?;
+        let flood = Flood::Propagate {
+            image: &smooth,
+            spatial_weight: p.spatial_weight,
+        };
+        let (labels, _) = self.flood_dev(flood, &seeds, &mask, width, height)?;
+        self.dev.read(&labels, n)
     }
 
     /// Waits for the device (for timing).

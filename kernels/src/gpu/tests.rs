@@ -321,3 +321,62 @@ fn load_nvrtc() -> Result<(), String> {
     std::mem::forget(lib);
     Ok(())
 }
+
+#[test]
+fn floods_equal_the_cpu_including_ties() {
+    for g in backends() {
+        for (k, &(w, h)) in [(64usize, 48usize), (37, 23), (1, 30), (30, 1)].iter().enumerate() {
+            let mut r = Rng(900 + k as u64);
+            let mask = random_mask(w, h, 0.85, 31 + k as u64);
+            // Coarse values make plateaus: many pixels are reached by two labels at equal keys.
+            let elev: Vec<f32> = (0..w * h).map(|_| (r.next() % 4) as f32).collect();
+            let mut markers = vec![0u32; w * h];
+            for (l, i) in (0..w * h).step_by(97).enumerate() {
+                markers[i] = l as u32 + 1;
+            }
+            let masked: Vec<bool> = mask.iter().zip(&markers).map(|(&m, &l)| m || l != 0).collect();
+            assert_eq!(
+                g.watershed(&elev, &markers, &masked, w, h).unwrap(),
+                cpu::watershed(&elev, &markers, &masked, w, h).unwrap(),
+                "watershed {w}x{h}"
+            );
+            let flat = vec![0.5f32; w * h];
+            for weight in [1.0f32, 0.3] {
+                for image in [&elev, &flat] {
+                    assert_eq!(
+                        g.propagate(image, &markers, &masked, w, h, weight).unwrap(),
+                        cpu::propagate(image, &markers, &masked, w, h, weight).unwrap(),
+                        "propagate {w}x{h} weight {weight}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Small fields with three markers on three elevation values: nearly every pixel is reached at
+/// equal keys from more than one marker, so the tie rule decides most labels.
+#[test]
+fn floods_resolve_ties_as_on_the_cpu() {
+    let g = Gpu::emulated().unwrap();
+    for seed in 0..200u64 {
+        let (w, h) = (7usize, 5usize);
+        let mut r = Rng(1000 + seed);
+        let elev: Vec<f32> = (0..w * h).map(|_| (r.next() % 3) as f32).collect();
+        let mut markers = vec![0u32; w * h];
+        for l in 1..=3 {
+            markers[(r.next() % (w * h) as u64) as usize] = l;
+        }
+        let mask = vec![true; w * h];
+        assert_eq!(
+            g.watershed(&elev, &markers, &mask, w, h).unwrap(),
+            cpu::watershed(&elev, &markers, &mask, w, h).unwrap(),
+            "watershed, seed {seed}"
+        );
+        assert_eq!(
+            g.propagate(&elev, &markers, &mask, w, h, 1.0).unwrap(),
+            cpu::propagate(&elev, &markers, &mask, w, h, 1.0).unwrap(),
+            "propagate, seed {seed}"
+        );
+    }
+}
