@@ -585,7 +585,8 @@ const WATERSHED_LEVELS: usize = 4096;
 /// FIFO buckets replaces the priority heap: each pixel is queued once and dequeued in O(1).
 ///
 /// The flood order is a key per pixel, `(bucket, hops)`: the bucket is the highest level on the
-/// way from the marker, the hops count steps since the flood entered that bucket. A pixel takes
+/// way from the marker, the hops count steps since the flood entered that bucket (the queue pops
+/// each bucket in waves of equal hops). A pixel takes
 /// the label of the neighbour with the smallest key among those that reach it with its own
 /// (smallest) key, as the queue's first pop would give it; between such neighbours of equal
 /// key the smaller label wins, instead of whichever the queue held first. That makes the result
@@ -619,24 +620,39 @@ pub fn watershed(
         }
     };
     let mut labels = markers.to_vec();
-    let mut queued: Vec<bool> = markers.iter().map(|&m| m != 0).collect();
-    // Each queued pixel's key (its bucket and its hops within it; markers: (0, 0)), and the key of
-    // the neighbour its label came from.
-    let mut bucket_of = vec![0u16; markers.len()];
-    let mut hops = vec![0u32; markers.len()];
-    let mut from = vec![(0u16, 0u32); markers.len()];
+    // A bucket is popped in waves of equal hops: the entries from lower buckets (hops 0), then
+    // what each wave queued into the same bucket. A tie needs `j` queued by the wave being
+    // popped (its key's neighbour had the popped pixels' key), so the pixels queued by the
+    // current wave are marked, and unmarked when it ends (`fresh` lists them): one byte per
+    // pixel, no per-pixel key.
+    const FREE: u8 = 0;
+    const QUEUED: u8 = 1;
+    const THIS_WAVE: u8 = 2;
+    let mut state: Vec<u8> = markers.iter().map(|&m| if m != 0 { QUEUED } else { FREE }).collect();
+    let mut fresh: Vec<u32> = Vec::new();
     let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); WATERSHED_LEVELS];
     let mut heads = vec![0usize; WATERSHED_LEVELS];
     // Markers first, in raster order, ahead of every other pixel.
     buckets[0].extend((0..markers.len()).filter(|&i| markers[i] != 0).map(|i| i as u32));
-    let mut cur = 0;
-    while cur < WATERSHED_LEVELS {
-        let Some(&i) = buckets[cur].get(heads[cur]) else {
-            cur += 1;
+    let (mut cur, mut wave_end) = (0, buckets[0].len());
+    loop {
+        if heads[cur] == wave_end {
+            for &j in &fresh {
+                state[j as usize] = QUEUED;
+            }
+            fresh.clear();
+            if heads[cur] == buckets[cur].len() {
+                cur += 1;
+                if cur == WATERSHED_LEVELS {
+                    break;
+                }
+            }
+            wave_end = buckets[cur].len();
             continue;
-        };
+        }
+        let i = buckets[cur][heads[cur]] as usize;
         heads[cur] += 1;
-        let i = i as usize;
+        let li = labels[i];
         let (x, y) = (i % width, i / width);
         let (x0, x1) = (x.saturating_sub(1), (x + 1).min(width - 1));
         let (y0, y1) = (y.saturating_sub(1), (y + 1).min(height - 1));
@@ -646,23 +662,20 @@ pub fn watershed(
                 if !mask[j] {
                     continue;
                 }
-                let lj = level(j);
-                let (b, w) = if lj > cur { (lj, 0) } else { (cur, hops[i] + 1) };
-                let key_i = (cur as u16, hops[i]);
-                if queued[j] {
-                    // Keys only grow along the queue: an equal key for `j` from a neighbour of
-                    // equal key means `j` is still waiting and `i` ties with its predecessor.
-                    if (b, w) == (bucket_of[j] as usize, hops[j]) && key_i == from[j] && labels[i] < labels[j] {
-                        labels[j] = labels[i];
+                let st = state[j];
+                if st != FREE {
+                    // Keys only grow along the queue, so `i` hands `j` its key through a
+                    // neighbour of the smallest key exactly when `j` was queued in this wave:
+                    // a tie, and the smaller label takes it.
+                    if st == THIS_WAVE && li < labels[j] {
+                        labels[j] = li;
                     }
                     continue;
                 }
-                queued[j] = true;
-                labels[j] = labels[i];
-                bucket_of[j] = b as u16;
-                hops[j] = w;
-                from[j] = key_i;
-                buckets[b].push(j as u32);
+                state[j] = THIS_WAVE;
+                fresh.push(j as u32);
+                labels[j] = li;
+                buckets[level(j).max(cur)].push(j as u32);
             }
         }
     }
@@ -702,9 +715,16 @@ fn flood(
 ) -> Result<Vec<u32>, KernelError> {
     let mut labels = vec![0u32; seeds.len()];
     let mut cost = vec![f32::INFINITY; seeds.len()];
-    // The cost of the neighbour each pixel's label came from.
-    let mut from = vec![0f32; seeds.len()];
-    let mut done = vec![false; seeds.len()];
+    // Pixels are popped in runs of equal cost. A tie for `j` needs the neighbour that set its
+    // cost to have the popped pixel's cost, i.e. to be in the current run: `state` marks the
+    // pixels whose cost the current run set (`fresh` lists them, to unmark when it ends) and
+    // those popped for good, in one byte per pixel.
+    const OPEN: u8 = 0;
+    const THIS_RUN: u8 = 1;
+    const DONE: u8 = 2;
+    let mut state = vec![OPEN; seeds.len()];
+    let mut fresh: Vec<u32> = Vec::new();
+    let mut run = f32::NAN;
     let mut heap = BinaryHeap::new();
     let mut order = 0u64;
     for (i, &s) in seeds.iter().enumerate() {
@@ -729,11 +749,20 @@ fn flood(
         (-1, 1, true),
         (1, 1, true),
     ];
-    while let Some(QueueItem { index, .. }) = heap.pop() {
-        if done[index] {
+    while let Some(QueueItem { index, priority, .. }) = heap.pop() {
+        if state[index] == DONE {
             continue;
         }
-        done[index] = true;
+        if priority.to_bits() != run.to_bits() {
+            for &j in &fresh {
+                if state[j as usize] == THIS_RUN {
+                    state[j as usize] = OPEN;
+                }
+            }
+            fresh.clear();
+            run = priority;
+        }
+        state[index] = DONE;
         let (x, y) = ((index % width) as isize, (index / width) as isize);
         for (dx, dy, diag) in N8 {
             let (nx, ny) = (x + dx, y + dy);
@@ -741,21 +770,24 @@ fn flood(
                 continue;
             }
             let j = ny as usize * width + nx as usize;
-            if done[j] || !mask[j] {
+            if state[j] == DONE || !mask[j] {
                 continue;
             }
             let c = next(cost[index], j, (index, diag));
             if c < cost[j] {
                 cost[j] = c;
                 labels[j] = labels[index];
-                from[j] = cost[index];
+                if state[j] != THIS_RUN {
+                    state[j] = THIS_RUN;
+                    fresh.push(j as u32);
+                }
                 heap.push(QueueItem {
                     priority: c,
                     order,
                     index: j,
                 });
                 order += 1;
-            } else if c == cost[j] && cost[index] == from[j] && labels[index] < labels[j] {
+            } else if c == cost[j] && state[j] == THIS_RUN && labels[index] < labels[j] {
                 labels[j] = labels[index];
             }
         }
