@@ -191,7 +191,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         }
         worker_stages.push(stages);
     }
-    if cfg.pipeline.stages.iter().any(|s| s == "segment") {
+    if cfg.pipeline.stages.iter().any(|s| s == "segment" || s == "measure") {
         let (compute, fallback) = crate::stage::shared_compute(&cfg.compute.device).map_err(|e| RunError::Stage {
             name: "segment".into(),
             message: e.to_string(),

@@ -77,7 +77,7 @@ pub const STAGES: &[StageKind] = &[
     },
     StageKind {
         name: "measure",
-        build: |_, _| Ok(Box::new(MeasureStage)),
+        build: |cfg, _| Ok(Box::new(MeasureStage::new(cfg).map_err(|e| vec![e])?)),
         after: &["segment"],
     },
     StageKind {

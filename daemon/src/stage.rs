@@ -226,9 +226,20 @@ impl Stage for SegmentStage {
     }
 }
 
-/// Per-cell geometry and intensities over every channel that arrived.
-#[derive(Debug, Default)]
-pub struct MeasureStage;
+/// Per-cell geometry and intensities over every channel that arrived, on the `compute.device`
+/// back end.
+#[derive(Debug)]
+pub struct MeasureStage {
+    compute: Compute,
+}
+
+impl MeasureStage {
+    pub fn new(cfg: &Config) -> Result<Self, Invalid> {
+        Ok(Self {
+            compute: shared_compute(&cfg.compute.device)?.0,
+        })
+    }
+}
 
 impl Stage for MeasureStage {
     fn name(&self) -> &'static str {
@@ -243,8 +254,8 @@ impl Stage for MeasureStage {
         let present: Vec<usize> = (0..f.channels.len()).filter(|&c| f.channels[c].is_some()).collect();
         let planes: Vec<&[u16]> = present.iter().filter_map(|&c| f.channels[c].as_deref()).collect();
         let cells = work.cells.as_ref().unwrap_or(nuclei);
-        let props = liveomics_kernels::measure::region_props(cells, &planes, f.width, f.height)?;
-        let nuc = liveomics_kernels::measure::region_props(nuclei, &[], f.width, f.height)?;
+        let props = self.compute.region_props(cells, &planes, f.width, f.height)?;
+        let nuc = self.compute.region_props(nuclei, &[], f.width, f.height)?;
         let mut nuc_area = vec![0u32; nuc.last().map(|p| p.label as usize + 1).unwrap_or(0)];
         for p in &nuc {
             nuc_area[p.label as usize] = p.area_px as u32;
