@@ -25,7 +25,7 @@ use crate::cpu::{self, CropSpec};
 use crate::measure::{self, RegionProps};
 use crate::segment::{self, CellParams, NucleiParams};
 use crate::{check_len, KernelError};
-use device::{Buf, Device, Grid, KernelArgs};
+use device::{Buf, Device, Grid, KernelArgs, Pod};
 
 pub use device::{compile, cuda_program};
 
@@ -322,9 +322,7 @@ impl Gpu {
         high_pct: f64,
     ) -> Result<Vec<f32>, GpuError> {
         check_len("src", src, width, height)?;
-        let d = self.dev.upload(src)?;
-        let out = self.normalize_dev(&d, src.len(), low_pct, high_pct)?;
-        self.dev.read(&out, src.len())
+        self.roundtrip(src, |d| self.normalize_dev(d, src.len(), low_pct, high_pct))
     }
 
     fn blur_dev(&self, src: &Buf, width: usize, height: usize, sigma: f32) -> Result<Buf, GpuError> {
@@ -334,9 +332,7 @@ impl Gpu {
         }
         let taps = cpu::gaussian_kernel(sigma);
         let k = self.dev.upload(&taps)?;
-        let tmp = self.dev.zeros::<f32>(n)?;
-        let dst = self.dev.zeros::<f32>(n)?;
-        let args = |s: &Buf, d: &Buf| -> Result<BlurArgs, GpuError> {
+        self.separable(("blur_rows", "blur_cols"), src, width, height, |s, d| {
             Ok(BlurArgs {
                 src: s.ptr(),
                 dst: d.ptr(),
@@ -345,20 +341,44 @@ impl Gpu {
                 height: side(height, "height")?,
                 radius: (taps.len() / 2) as u32,
             })
-        };
-        self.dev
-            .launch("blur_rows", Grid::image(width, height), args(src, &tmp)?)?;
-        self.dev
-            .launch("blur_cols", Grid::image(width, height), args(&tmp, &dst)?)?;
+        })
+    }
+
+    /// A row pass into a scratch image, then a column pass into the result.
+    fn separable<A: KernelArgs>(
+        &self,
+        (rows, cols): (&'static str, &'static str),
+        src: &Buf,
+        width: usize,
+        height: usize,
+        args: impl Fn(&Buf, &Buf) -> Result<A, GpuError>,
+    ) -> Result<Buf, GpuError> {
+        let tmp = self.dev.zeros::<f32>(width * height)?;
+        let dst = self.dev.zeros::<f32>(width * height)?;
+        self.dev.launch(rows, Grid::image(width, height), args(src, &tmp)?)?;
+        self.dev.launch(cols, Grid::image(width, height), args(&tmp, &dst)?)?;
         Ok(dst)
+    }
+
+    /// Uploads `src`, runs a device operation on it and reads its result of the same length.
+    fn roundtrip<T: Pod, U: Pod>(
+        &self,
+        src: &[T],
+        op: impl FnOnce(&Buf) -> Result<Buf, GpuError>,
+    ) -> Result<Vec<U>, GpuError> {
+        let out = op(&self.dev.upload(src)?)?;
+        self.dev.read(&out, src.len())
+    }
+
+    /// A boolean mask as the bytes the kernels read.
+    fn upload_mask(&self, mask: &[bool]) -> Result<Buf, GpuError> {
+        self.dev.upload(&mask.iter().map(|&b| b as u8).collect::<Vec<u8>>())
     }
 
     /// [`cpu::gaussian_blur`].
     pub fn gaussian_blur(&self, src: &[f32], width: usize, height: usize, sigma: f32) -> Result<Vec<f32>, GpuError> {
         check_len("src", src, width, height)?;
-        let d = self.dev.upload(src)?;
-        let out = self.blur_dev(&d, width, height, sigma)?;
-        self.dev.read(&out, src.len())
+        self.roundtrip(src, |d| self.blur_dev(d, width, height, sigma))
     }
 
     /// The automatic threshold of a device image: its 256-bin histogram is built on the device
@@ -500,17 +520,13 @@ impl Gpu {
         if mask.is_empty() {
             return Ok(Vec::new());
         }
-        let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
-        let d = self.dev.upload(&m)?;
+        let d = self.upload_mask(mask)?;
         let out = self.edt_dev(&d, width, height)?;
         self.dev.read(&out, mask.len())
     }
 
     fn max_filter_dev(&self, src: &Buf, width: usize, height: usize, radius: usize) -> Result<Buf, GpuError> {
-        let n = width * height;
-        let tmp = self.dev.zeros::<f32>(n)?;
-        let dst = self.dev.zeros::<f32>(n)?;
-        let args = |s: &Buf, d: &Buf| -> Result<MaxFilterArgs, GpuError> {
+        self.separable(("max_rows", "max_cols"), src, width, height, |s, d| {
             Ok(MaxFilterArgs {
                 src: s.ptr(),
                 dst: d.ptr(),
@@ -518,20 +534,13 @@ impl Gpu {
                 height: side(height, "height")?,
                 radius: side(radius, "radius")?,
             })
-        };
-        self.dev
-            .launch("max_rows", Grid::image(width, height), args(src, &tmp)?)?;
-        self.dev
-            .launch("max_cols", Grid::image(width, height), args(&tmp, &dst)?)?;
-        Ok(dst)
+        })
     }
 
     /// [`cpu::max_filter`].
     pub fn max_filter(&self, src: &[f32], width: usize, height: usize, radius: usize) -> Result<Vec<f32>, GpuError> {
         check_len("src", src, width, height)?;
-        let d = self.dev.upload(src)?;
-        let out = self.max_filter_dev(&d, width, height, radius)?;
-        self.dev.read(&out, src.len())
+        self.roundtrip(src, |d| self.max_filter_dev(d, width, height, radius))
     }
 
     /// Labels of a device mask, `1..=n` in raster order of first pixel: the CPU's numbering.
@@ -586,8 +595,7 @@ impl Gpu {
         if mask.is_empty() {
             return Ok((Vec::new(), 0));
         }
-        let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
-        let d = self.dev.upload(&m)?;
+        let d = self.upload_mask(mask)?;
         let (labels, n) = self.components_dev(&d, width, height, eight)?;
         Ok((self.dev.read(&labels, mask.len())?, n))
     }
@@ -634,8 +642,7 @@ impl Gpu {
         if src.is_empty() {
             return Ok((Vec::new(), 0));
         }
-        let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
-        let (s, md) = (self.dev.upload(src)?, self.dev.upload(&m)?);
+        let (s, md) = (self.dev.upload(src)?, self.upload_mask(mask)?);
         let (labels, n) = self.peak_markers_dev(&s, &md, width, height, radius, min_value)?;
         Ok((self.dev.read(&labels, src.len())?, n))
     }
@@ -998,11 +1005,10 @@ impl Gpu {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
         let (e, k, md) = (
             self.dev.upload(elevation)?,
             self.dev.upload(markers)?,
-            self.dev.upload(&m)?,
+            self.upload_mask(mask)?,
         );
         let (labels, _) = self.watershed_dev(&e, &k, &md, width, height)?;
         self.dev.read(&labels, n)
@@ -1026,8 +1032,11 @@ impl Gpu {
         if image.is_empty() || !(spatial_weight > 0.0 && spatial_weight.is_finite()) {
             return Ok(cpu::propagate(image, seeds, mask, width, height, spatial_weight)?);
         }
-        let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
-        let (i, s, md) = (self.dev.upload(image)?, self.dev.upload(seeds)?, self.dev.upload(&m)?);
+        let (i, s, md) = (
+            self.dev.upload(image)?,
+            self.dev.upload(seeds)?,
+            self.upload_mask(mask)?,
+        );
         let (labels, _) = self.flood_dev(
             Flood::Propagate {
                 image: &i,
