@@ -21,12 +21,7 @@ pub fn estimate_background_u16(
     percentile: f64,
 ) -> Result<Vec<f32>, KernelError> {
     check_len("src", src, width, height)?;
-    if block < 4 || !(0.0..=100.0).contains(&percentile) {
-        return Err(KernelError::Parameter {
-            name: "block/percentile",
-            reason: format!("need block >= 4 and 0 <= percentile <= 100, got {block} and {percentile}"),
-        });
-    }
+    check_tiles(block, percentile)?;
     let first: Vec<f32> = src.iter().map(|&v| v as f32 - offset).collect();
     let b1 = robust_surface(&tile_percentiles(&first, width, height, block, percentile));
     // The percentile of a tile sits low where the illumination slopes across the tile (most of
@@ -53,21 +48,54 @@ pub fn estimate_background_u16(
     Ok(out)
 }
 
+/// `block >= 4` and a percentile in [0, 100].
+pub(crate) fn check_tiles(block: usize, percentile: f64) -> Result<(), KernelError> {
+    if block < 4 || !(0.0..=100.0).contains(&percentile) {
+        return Err(KernelError::Parameter {
+            name: "block/percentile",
+            reason: format!("need block >= 4 and 0 <= percentile <= 100, got {block} and {percentile}"),
+        });
+    }
+    Ok(())
+}
+
 /// `(u, v, percentile)` of each `block`² tile, u and v in [-1, 1] at the tile centre.
 fn tile_percentiles(img: &[f32], width: usize, height: usize, block: usize, percentile: f64) -> Vec<(f64, f64, f64)> {
     let (gw, gh) = (width.div_ceil(block), height.div_ceil(block));
-    (0..gw * gh)
+    let q: Vec<f32> = (0..gw * gh)
         .into_par_iter()
         .map(|g| {
-            let (gx, gy) = (g % gw, g / gw);
-            let (x0, y0) = (gx * block, gy * block);
-            let (x1, y1) = ((x0 + block).min(width), (y0 + block).min(height));
+            let (x0, y0, x1, y1) = tile(g, width, height, block);
             let mut v: Vec<f32> = Vec::with_capacity((x1 - x0) * (y1 - y0));
             for y in y0..y1 {
                 v.extend_from_slice(&img[y * width + x0..y * width + x1]);
             }
-            let k = (((v.len() - 1) as f64) * percentile / 100.0).round() as usize;
-            let q = *v.select_nth_unstable_by(k, f32::total_cmp).1;
+            let k = rank(v.len(), percentile);
+            *v.select_nth_unstable_by(k, f32::total_cmp).1
+        })
+        .collect();
+    tile_points(&q, width, height, block)
+}
+
+/// Tile `g`'s pixel range `[x0, x1) x [y0, y1)` in row-major tile order.
+fn tile(g: usize, width: usize, height: usize, block: usize) -> (usize, usize, usize, usize) {
+    let gw = width.div_ceil(block);
+    let (x0, y0) = ((g % gw) * block, (g / gw) * block);
+    (x0, y0, (x0 + block).min(width), (y0 + block).min(height))
+}
+
+/// The 0-based rank of the `percentile` among `len` values.
+pub(crate) fn rank(len: usize, percentile: f64) -> usize {
+    (((len - 1) as f64) * percentile / 100.0).round() as usize
+}
+
+/// Each tile's percentile `q` placed at the tile's centre, for the fit (the CUDA back end selects
+/// the percentiles on the device).
+pub(crate) fn tile_points(q: &[f32], width: usize, height: usize, block: usize) -> Vec<(f64, f64, f64)> {
+    q.iter()
+        .enumerate()
+        .map(|(g, &q)| {
+            let (x0, y0, x1, y1) = tile(g, width, height, block);
             (
                 unit((x0 + x1) as f64 / 2.0, width),
                 unit((y0 + y1) as f64 / 2.0, height),
@@ -78,7 +106,7 @@ fn tile_percentiles(img: &[f32], width: usize, height: usize, block: usize, perc
 }
 
 /// Quadratic fit, refitted once without the tiles beyond three median absolute residuals.
-fn robust_surface(tiles: &[(f64, f64, f64)]) -> [f64; 6] {
+pub(crate) fn robust_surface(tiles: &[(f64, f64, f64)]) -> [f64; 6] {
     let coef = fit_quadratic(tiles);
     if tiles.len() < 12 {
         return coef;
@@ -172,7 +200,7 @@ pub fn normalize_f32(src: &[f32], low_percentile: f64, high_percentile: f64) -> 
     }
     let mut v: Vec<f32> = src.iter().map(|x| if x.is_nan() { 0.0 } else { *x }).collect();
     let at = |p: f64, v: &mut Vec<f32>| {
-        let k = (((v.len() - 1) as f64) * p / 100.0).round() as usize;
+        let k = rank(v.len(), p);
         *v.select_nth_unstable_by(k, f32::total_cmp).1
     };
     let lo = at(low_percentile, &mut v);

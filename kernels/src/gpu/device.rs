@@ -11,12 +11,13 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use super::GpuError;
 
 /// The kernel sources, in the order they are concatenated into one NVRTC program.
-pub const SOURCES: [(&str, &str); 5] = [
+pub const SOURCES: [(&str, &str); 6] = [
     ("image.cu", include_str!("../../cuda/image.cu")),
     ("distance.cu", include_str!("../../cuda/distance.cu")),
     ("label.cu", include_str!("../../cuda/label.cu")),
     ("crop.cu", include_str!("../../cuda/crop.cu")),
     ("flood.cu", include_str!("../../cuda/flood.cu")),
+    ("illumination.cu", include_str!("../../cuda/illumination.cu")),
 ];
 
 /// What `kernels/cuda/emu.h` defines for the host, defined for NVRTC.
@@ -26,7 +27,7 @@ const CUDA_PRELUDE: &str = "#define KERNEL extern \"C\" __global__\n\
 #define F64_INF __longlong_as_double(0x7ff0000000000000LL)\n";
 
 /// Every kernel the sources define; each is looked up once when the module is loaded.
-pub const KERNELS: [&str; 30] = [
+pub const KERNELS: [&str; 36] = [
     "hist_u16",
     "normalize_u16",
     "blur_rows",
@@ -57,6 +58,12 @@ pub const KERNELS: [&str; 30] = [
     "label_stats",
     "remap_labels",
     "cell_mask",
+    "subtract_offset",
+    "tile_select",
+    "surface_ratio",
+    "surface_flatten",
+    "radix_hist",
+    "normalize_f32",
 ];
 
 /// The full NVRTC program text.

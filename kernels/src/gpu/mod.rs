@@ -22,6 +22,7 @@ use std::sync::Arc;
 use cudarc::driver::DeviceRepr;
 
 use crate::cpu::{self, CropSpec};
+use crate::illumination;
 use crate::measure::{self, RegionProps};
 use crate::segment::{self, CellParams, NucleiParams};
 use crate::{check_len, KernelError};
@@ -211,6 +212,16 @@ kernel_args! {
     LabelStatsArgs { labels: u64, area: u64, first: u64, border: u64, width: u32, height: u32 }
     RemapArgs { labels: u64, remap: u64, n: u64 }
     CellMaskArgs { src: u64, labels: u64, mask: u64, n: u64, threshold: f32 }
+    OffsetArgs { src: u64, dst: u64, n: u64, offset: f32 }
+    TileSelectArgs {
+        img: u64, scratch: u64, out: u64, percentile: f64, width: u32, height: u32, block: u32,
+        grid_w: u32, grid_h: u32,
+    }
+    SurfaceArgs {
+        src: u64, first: u64, dst: u64, b1: [f64; 6], b2: [f64; 6], width: u32, height: u32, offset: f32,
+    }
+    RadixArgs { src: u64, hist: u64, n: u64, high: u32, pass: u32 }
+    NormalizeF32Args { src: u64, dst: u64, n: u64, lo: f32, scale: f32 }
 }
 
 /// Which flood [`Gpu::flood_dev`] runs.
@@ -1062,12 +1073,13 @@ impl Gpu {
         if raw.is_empty() {
             return Ok(segment::segment_nuclei(raw, width, height, p)?);
         }
+        let src = self.dev.upload(raw)?;
         let norm = match p.illumination {
-            // The background fit is a small least-squares problem over tile percentiles: CPU.
-            Some(_) => self
-                .dev
-                .upload(&segment::normalized(raw, width, height, p.illumination, 99.95)?)?,
-            None => self.normalize_dev(&self.dev.upload(raw)?, raw.len(), 0.5, 99.95)?,
+            Some(il) => {
+                let flat = self.flatten_dev(&src, width, height, il.offset, il.block_px)?;
+                self.normalize_f32_dev(&flat, raw.len(), 0.5, 99.95)?
+            }
+            None => self.normalize_dev(&src, raw.len(), 0.5, 99.95)?,
         };
         let smooth = self.blur_dev(&norm, width, height, p.smoothing_sigma_px)?;
         let t = self.threshold_dev(&smooth, raw.len(), p.threshold)? * p.threshold_scale;
@@ -1134,6 +1146,157 @@ impl Gpu {
         };
         let (labels, _) = self.flood_dev(flood, &seeds, &mask, width, height)?;
         self.dev.read(&labels, n)
+    }
+
+    /// [`illumination::flatten_u16`] on the device: the tile percentiles and both surfaces are
+    /// computed here, the two small fits on the host.
+    fn flatten_dev(&self, raw: &Buf, width: usize, height: usize, offset: f32, block: usize) -> Result<Buf, GpuError> {
+        let percentile = 10.0;
+        illumination::check_tiles(block, percentile)?;
+        let n = width * height;
+        let first = self.dev.zeros::<f32>(n)?;
+        self.dev.launch(
+            "subtract_offset",
+            Grid::linear(n),
+            OffsetArgs {
+                src: raw.ptr(),
+                dst: first.ptr(),
+                n: n as u64,
+                offset,
+            },
+        )?;
+        let b1 = illumination::robust_surface(&self.tile_points(&first, width, height, block, percentile)?);
+        let mut args = SurfaceArgs {
+            src: raw.ptr(),
+            first: first.ptr(),
+            dst: 0,
+            b1,
+            b2: [0.0; 6],
+            width: side(width, "width")?,
+            height: side(height, "height")?,
+            offset,
+        };
+        let ratio = self.dev.zeros::<f32>(n)?;
+        args.dst = ratio.ptr();
+        self.dev.launch("surface_ratio", Grid::image(width, height), args)?;
+        args.b2 = illumination::robust_surface(&self.tile_points(&ratio, width, height, block, percentile)?);
+        let flat = self.dev.zeros::<f32>(n)?;
+        args.dst = flat.ptr();
+        self.dev.launch("surface_flatten", Grid::image(width, height), args)?;
+        Ok(flat)
+    }
+
+    /// Each tile's percentile, selected on the device, placed at the tile centres.
+    fn tile_points(
+        &self,
+        img: &Buf,
+        width: usize,
+        height: usize,
+        block: usize,
+        percentile: f64,
+    ) -> Result<Vec<(f64, f64, f64)>, GpuError> {
+        let (gw, gh) = (width.div_ceil(block), height.div_ceil(block));
+        let scratch = self.dev.zeros::<u32>(gw * gh * block * block)?;
+        let out = self.dev.zeros::<f32>(gw * gh)?;
+        self.dev.launch(
+            "tile_select",
+            Grid::linear(gw * gh),
+            TileSelectArgs {
+                img: img.ptr(),
+                scratch: scratch.ptr(),
+                out: out.ptr(),
+                percentile,
+                width: side(width, "width")?,
+                height: side(height, "height")?,
+                block: side(block, "block")?,
+                grid_w: gw as u32,
+                grid_h: gh as u32,
+            },
+        )?;
+        let q = self.dev.read::<f32>(&out, gw * gh)?;
+        Ok(illumination::tile_points(&q, width, height, block))
+    }
+
+    /// The value of the given rank among `n` floats (NaN as 0, total order), by a two-pass
+    /// radix selection on the device.
+    fn select_f32_dev(&self, src: &Buf, n: usize, rank: usize) -> Result<f32, GpuError> {
+        let hist = self.dev.zeros::<u32>(65536)?;
+        let mut args = RadixArgs {
+            src: src.ptr(),
+            hist: hist.ptr(),
+            n: n as u64,
+            high: 0,
+            pass: 0,
+        };
+        let mut rank = rank as u64;
+        let mut key = 0u32;
+        for pass in 0..2u32 {
+            args.pass = pass;
+            self.dev.write(&hist, &vec![0u32; 65536])?;
+            self.dev.launch("radix_hist", Grid::linear(n), args)?;
+            let counts = self.dev.read::<u32>(&hist, 65536)?;
+            let mut below = 0u64;
+            let bin = counts
+                .iter()
+                .position(|&c| {
+                    if below + c as u64 > rank {
+                        true
+                    } else {
+                        below += c as u64;
+                        false
+                    }
+                })
+                .ok_or_else(|| GpuError::Internal("radix selection ran past the histogram".into()))?;
+            rank -= below;
+            key = (key << 16) | bin as u32;
+            args.high = bin as u32;
+        }
+        Ok(unordered(key))
+    }
+
+    /// [`illumination::normalize_f32`] on the device.
+    fn normalize_f32_dev(&self, src: &Buf, n: usize, low_pct: f64, high_pct: f64) -> Result<Buf, GpuError> {
+        cpu::check_percentiles(low_pct, high_pct)?;
+        let lo = self.select_f32_dev(src, n, illumination::rank(n, low_pct))?;
+        let hi = self.select_f32_dev(src, n, illumination::rank(n, high_pct))?;
+        let scale = if hi > lo { 1.0 / (hi - lo) } else { 0.0 };
+        let dst = self.dev.zeros::<f32>(n)?;
+        self.dev.launch(
+            "normalize_f32",
+            Grid::linear(n),
+            NormalizeF32Args {
+                src: src.ptr(),
+                dst: dst.ptr(),
+                n: n as u64,
+                lo,
+                scale,
+            },
+        )?;
+        Ok(dst)
+    }
+
+    /// [`illumination::flatten_u16`].
+    pub fn flatten_u16(
+        &self,
+        src: &[u16],
+        width: usize,
+        height: usize,
+        offset: f32,
+        block: usize,
+    ) -> Result<Vec<f32>, GpuError> {
+        check_len("src", src, width, height)?;
+        if src.is_empty() {
+            return Ok(illumination::flatten_u16(src, width, height, offset, block)?);
+        }
+        self.roundtrip(src, |d| self.flatten_dev(d, width, height, offset, block))
+    }
+
+    /// [`illumination::normalize_f32`].
+    pub fn normalize_f32(&self, src: &[f32], low_pct: f64, high_pct: f64) -> Result<Vec<f32>, GpuError> {
+        if src.is_empty() {
+            return Ok(illumination::normalize_f32(src, low_pct, high_pct)?);
+        }
+        self.roundtrip(src, |d| self.normalize_f32_dev(d, src.len(), low_pct, high_pct))
     }
 
     /// Waits for the device (for timing).

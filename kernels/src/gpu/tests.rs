@@ -380,3 +380,33 @@ fn floods_resolve_ties_as_on_the_cpu() {
         );
     }
 }
+
+#[test]
+fn illumination_correction_equals_the_cpu() {
+    for g in backends() {
+        for (w, h, block) in [(160usize, 120usize, 28usize), (37, 23, 8), (64, 48, 64)] {
+            let (dapi, _) = field(w, h, 30, 5);
+            // Vignetting: the corners get half the light of the centre.
+            let raw: Vec<u16> = dapi
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let (x, y) = ((i % w) as f32 / w as f32 - 0.5, (i / w) as f32 / h as f32 - 0.5);
+                    (100.0 + (v as f32 - 100.0) * (1.0 - (x * x + y * y))) as u16
+                })
+                .collect();
+            let flat = illumination::flatten_u16(&raw, w, h, 100.0, block).unwrap();
+            same_f32(&g.flatten_u16(&raw, w, h, 100.0, block).unwrap(), &flat, "flatten");
+            let mut with_nan = flat.clone();
+            with_nan[3] = f32::NAN;
+            for (lo, hi) in [(0.5, 99.95), (0.0, 100.0), (10.0, 10.5)] {
+                same_f32(
+                    &g.normalize_f32(&with_nan, lo, hi).unwrap(),
+                    &illumination::normalize_f32(&with_nan, lo, hi).unwrap(),
+                    "normalize_f32",
+                );
+            }
+        }
+        assert!(g.flatten_u16(&[1, 2, 3, 4], 2, 2, 0.0, 2).is_err());
+    }
+}
