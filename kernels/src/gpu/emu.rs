@@ -52,7 +52,10 @@ fn build() -> Result<Library, String> {
         return Err(format!("{cc} failed:\n{}", String::from_utf8_lossy(&out.stderr)));
     }
     // SAFETY: the library is the kernels compiled just above; its initialisers do nothing.
-    unsafe { Library::new(&so) }.map_err(|e| e.to_string())
+    let lib = unsafe { Library::new(&so) }.map_err(|e| e.to_string());
+    // A loaded library stays mapped after its file is gone.
+    let _ = std::fs::remove_dir_all(&dir);
+    lib
 }
 
 impl Emu {
