@@ -131,6 +131,8 @@ KERNEL void radix_hist(RadixArgs a) {
     else if ((key >> 16) == a.high) atomicAdd(&a.hist[key & 0xffffu], 1u);
 }
 
+/* The layout of NormalizeArgs (image.cu) with a float source: the host fills both with one
+ * struct. */
 typedef struct {
     const float *src;
     float *dst;

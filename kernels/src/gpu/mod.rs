@@ -221,7 +221,6 @@ kernel_args! {
         src: u64, first: u64, dst: u64, b1: [f64; 6], b2: [f64; 6], width: u32, height: u32, offset: f32,
     }
     RadixArgs { src: u64, hist: u64, n: u64, high: u32, pass: u32 }
-    NormalizeF32Args { src: u64, dst: u64, n: u64, lo: f32, scale: f32 }
 }
 
 /// Which flood [`Gpu::flood_dev`] runs.
@@ -307,10 +306,16 @@ impl Gpu {
         let counts: Vec<u64> = self.dev.read::<u32>(&hist, 65536)?.into_iter().map(u64::from).collect();
         let lo = cpu::percentile_from_histogram(&counts, n, low_pct) as f32;
         let hi = cpu::percentile_from_histogram(&counts, n, high_pct) as f32;
+        self.stretch("normalize_u16", src, n, lo, hi)
+    }
+
+    /// `[lo, hi]` to `[0, 1]`, clamped, by `kernel` (`normalize_u16` or `normalize_f32`, whose
+    /// argument structs share one layout).
+    fn stretch(&self, kernel: &'static str, src: &Buf, n: usize, lo: f32, hi: f32) -> Result<Buf, GpuError> {
         let scale = if hi > lo { 1.0 / (hi - lo) } else { 0.0 };
         let dst = self.dev.zeros::<f32>(n)?;
         self.dev.launch(
-            "normalize_u16",
+            kernel,
             Grid::linear(n),
             NormalizeArgs {
                 src: src.ptr(),
@@ -1259,20 +1264,7 @@ impl Gpu {
         cpu::check_percentiles(low_pct, high_pct)?;
         let lo = self.select_f32_dev(src, n, illumination::rank(n, low_pct))?;
         let hi = self.select_f32_dev(src, n, illumination::rank(n, high_pct))?;
-        let scale = if hi > lo { 1.0 / (hi - lo) } else { 0.0 };
-        let dst = self.dev.zeros::<f32>(n)?;
-        self.dev.launch(
-            "normalize_f32",
-            Grid::linear(n),
-            NormalizeF32Args {
-                src: src.ptr(),
-                dst: dst.ptr(),
-                n: n as u64,
-                lo,
-                scale,
-            },
-        )?;
-        Ok(dst)
+        self.stretch("normalize_f32", src, n, lo, hi)
     }
 
     /// [`illumination::flatten_u16`].
