@@ -186,17 +186,3 @@ KERNEL void remap_labels(RemapArgs a) {
     unsigned long long i = gid_x();
     if (i < a.n) a.labels[i] = a.remap[a.labels[i]];
 }
-
-typedef struct {
-    const float *src;
-    const unsigned int *labels;
-    unsigned char *mask;
-    unsigned long long n;
-    float threshold;
-} CellMaskArgs;
-
-/* Cytoplasm above its threshold, plus every nucleus. */
-KERNEL void cell_mask(CellMaskArgs a) {
-    unsigned long long i = gid_x();
-    if (i < a.n) a.mask[i] = a.src[i] > a.threshold || a.labels[i] != 0;
-}

@@ -145,5 +145,5 @@ KERNEL void normalize_f32(NormalizeF32Args a) {
     unsigned long long i = gid_x();
     if (i >= a.n) return;
     float x = a.src[i];
-    a.dst[i] = x != x ? 0.0f : fminf(fmaxf((x - a.lo) * a.scale, 0.0f), 1.0f);
+    a.dst[i] = x != x ? 0.0f : unit_clamp((x - a.lo) * a.scale);
 }

@@ -10,6 +10,9 @@
 DEVICE unsigned int gid_x(void) { return blockIdx.x * blockDim.x + threadIdx.x; }
 DEVICE unsigned int gid_y(void) { return blockIdx.y * blockDim.y + threadIdx.y; }
 
+/* Clamped to [0, 1], as Rust's f32::clamp(0.0, 1.0) for numbers. */
+DEVICE float unit_clamp(float v) { return fminf(fmaxf(v, 0.0f), 1.0f); }
+
 DEVICE int finite_f32(float v) { return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u; }
 
 /* Float order as unsigned order, for atomicMin/atomicMax on floats. */
@@ -42,7 +45,7 @@ KERNEL void normalize_u16(NormalizeArgs a) {
     unsigned long long i = gid_x();
     if (i >= a.n) return;
     float v = ((float)a.src[i] - a.lo) * a.scale;
-    a.dst[i] = fminf(fmaxf(v, 0.0f), 1.0f);
+    a.dst[i] = unit_clamp(v);
 }
 
 DEVICE int reflect_index(int i, int n) {
@@ -121,6 +124,7 @@ KERNEL void hist256_f32(Hist256Args a) {
 
 typedef struct {
     const float *src;
+    const unsigned int *labels; /* null: none; else every labelled pixel is foreground too */
     unsigned char *mask;
     unsigned long long n;
     float threshold;
@@ -128,7 +132,7 @@ typedef struct {
 
 KERNEL void threshold_above(ThresholdArgs a) {
     unsigned long long i = gid_x();
-    if (i < a.n) a.mask[i] = a.src[i] > a.threshold;
+    if (i < a.n) a.mask[i] = a.src[i] > a.threshold || (a.labels && a.labels[i] != 0);
 }
 
 typedef struct {

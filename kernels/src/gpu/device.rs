@@ -27,7 +27,7 @@ const CUDA_PRELUDE: &str = "#define KERNEL extern \"C\" __global__\n\
 #define F64_INF __longlong_as_double(0x7ff0000000000000LL)\n";
 
 /// Every kernel the sources define; each is looked up once when the module is loaded.
-pub const KERNELS: [&str; 36] = [
+pub const KERNELS: [&str; 35] = [
     "hist_u16",
     "normalize_u16",
     "blur_rows",
@@ -57,7 +57,6 @@ pub const KERNELS: [&str; 36] = [
     "add_blobs",
     "label_stats",
     "remap_labels",
-    "cell_mask",
     "subtract_offset",
     "tile_select",
     "surface_ratio",

@@ -182,7 +182,7 @@ kernel_args! {
     BlurArgs { src: u64, dst: u64, taps: u64, width: u32, height: u32, radius: u32 }
     MinMaxArgs { src: u64, mask: u64, range: u64, n: u64 }
     Hist256Args { src: u64, hist: u64, n: u64, lo: f32, scale: f32 }
-    ThresholdArgs { src: u64, mask: u64, n: u64, threshold: f32 }
+    ThresholdArgs { src: u64, labels: u64, mask: u64, n: u64, threshold: f32 }
     DownsampleArgs { src: u64, dst: u64, width: u32, height: u32, out_width: u32, out_height: u32 }
     EdtColsArgs { mask: u64, sq: u64, width: u32, height: u32 }
     EdtRowsArgs { sq: u64, dst: u64, v: u64, z: u64, width: u32, height: u32 }
@@ -211,7 +211,6 @@ kernel_args! {
     AddBlobsArgs { labels: u64, blobs: u64, n: u64, offset: u32 }
     LabelStatsArgs { labels: u64, area: u64, first: u64, border: u64, width: u32, height: u32 }
     RemapArgs { labels: u64, remap: u64, n: u64 }
-    CellMaskArgs { src: u64, labels: u64, mask: u64, n: u64, threshold: f32 }
     OffsetArgs { src: u64, dst: u64, n: u64, offset: f32 }
     TileSelectArgs {
         img: u64, scratch: u64, out: u64, percentile: f64, width: u32, height: u32, block: u32,
@@ -484,13 +483,15 @@ impl Gpu {
         self.threshold_dev(&d, src.len(), segment::ThresholdMethod::Triangle)
     }
 
-    fn mask_above(&self, src: &Buf, n: usize, threshold: f32) -> Result<Buf, GpuError> {
+    /// Pixels above `threshold`, and every pixel `labels` (when given) labels.
+    fn mask_above(&self, src: &Buf, labels: Option<&Buf>, n: usize, threshold: f32) -> Result<Buf, GpuError> {
         let mask = self.dev.zeros::<u8>(n)?;
         self.dev.launch(
             "threshold_above",
             Grid::linear(n),
             ThresholdArgs {
                 src: src.ptr(),
+                labels: labels.map_or(0, Buf::ptr),
                 mask: mask.ptr(),
                 n: n as u64,
                 threshold,
@@ -1088,7 +1089,7 @@ impl Gpu {
         };
         let smooth = self.blur_dev(&norm, width, height, p.smoothing_sigma_px)?;
         let t = self.threshold_dev(&smooth, raw.len(), p.threshold)? * p.threshold_scale;
-        let mask = self.mask_above(&smooth, raw.len(), t)?;
+        let mask = self.mask_above(&smooth, None, raw.len(), t)?;
         self.split_foreground(&mask, width, height, p)
     }
 
@@ -1106,7 +1107,7 @@ impl Gpu {
             return Ok((Vec::new(), 0));
         }
         let d = self.dev.upload(prob)?;
-        let mask = self.mask_above(&d, prob.len(), threshold)?;
+        let mask = self.mask_above(&d, None, prob.len(), threshold)?;
         self.split_foreground(&mask, width, height, p)
     }
 
@@ -1133,18 +1134,7 @@ impl Gpu {
             return Ok(segment::propagate_cells(nuclei, &smooth, t, width, height, p)?);
         }
         let seeds = self.dev.upload(nuclei)?;
-        let mask = self.dev.zeros::<u8>(n)?;
-        self.dev.launch(
-            "cell_mask",
-            Grid::linear(n),
-            CellMaskArgs {
-                src: smooth.ptr(),
-                labels: seeds.ptr(),
-                mask: mask.ptr(),
-                n: n as u64,
-                threshold: t,
-            },
-        )?;
+        let mask = self.mask_above(&smooth, Some(&seeds), n, t)?;
         let flood = Flood::Propagate {
             image: &smooth,
             spatial_weight: p.spatial_weight,
