@@ -55,6 +55,8 @@ pub fn init_logging(cfg: &TelemetryConfig) {
 /// Errors of the metrics endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    #[error("cannot start the metrics upkeep thread")]
+    Upkeep(#[source] std::io::Error),
     #[error("cannot listen for metrics on {addr}")]
     Bind {
         addr: String,
@@ -92,6 +94,16 @@ impl Metrics {
                 // Fails only if another recorder was installed first; ours then stays unused.
                 if metrics::set_global_recorder(recorder).is_ok() {
                     describe();
+                    // Histogram samples pile up until a render or an upkeep drains them; a run
+                    // nobody scrapes (or with the endpoint off) would grow all night without this.
+                    let h = handle.clone();
+                    std::thread::Builder::new()
+                        .name("metrics-upkeep".into())
+                        .spawn(move || loop {
+                            std::thread::sleep(Duration::from_secs(5));
+                            h.run_upkeep();
+                        })
+                        .map_err(TelemetryError::Upkeep)?;
                 }
                 handle
             }

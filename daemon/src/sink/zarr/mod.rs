@@ -587,6 +587,7 @@ impl Sink for ZarrSink {
             tracing::info!(field = %work.name, "already complete in the plate; not written again");
             return Ok(());
         }
+        self.store.renew()?;
         let (row, col) = (key.well.row_name(), key.well.column_name());
         let image = format!("/{row}/{col}/{}", key.field);
         let new_image = !self.images.contains(&(key.well, key.field));
