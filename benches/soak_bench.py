@@ -4,9 +4,11 @@ process (VmRSS, open descriptors, threads from /proc) against the fields done so
 `field done` log lines; the metrics endpoint is up but nobody scrapes it, as on most
 microscopes), and prints the growth after warm-up: the least-squares slope of RSS over the
 second half of the run, in MB per 1000 fields, and the median RSS over the last tenth of the
-fields against the second tenth (after warm-up).
+fields against the second tenth (after warm-up). Per tenth of the fields it also prints the
+end-to-end latency (p50 / p99 of the `field done` lines), which should not drift either; pace
+the acquisition with `--rate` so that latency is processing, not queueing.
 
-    .venv/bin/python benches/soak_bench.py [--wells 96] [--fields 8] [--size 512] [--models]
+    .venv/bin/python benches/soak_bench.py [--wells 96] [--fields 8] [--size 512] [--rate 8] [--models]
 
 `--models` adds the three reference models of config/models.toml (virtual staining, cell-omics,
 well-omics), so the inference path and its batching threads are soaked too. The plate is written
@@ -65,7 +67,7 @@ control_wells = ["A1"]
 fields_per_well = {args.fields}
 width_px = {args.size}
 height_px = {args.size}
-rate_fields_per_s = 0.0
+rate_fields_per_s = {args.rate}
 proteins = [{{ name = "TOMM20", localization = "mitochondria" }}, {{ name = "CALR", localization = "er" }}]
 
 [sinks.zarr]
@@ -110,6 +112,8 @@ def main():
     ap.add_argument("--fields", type=int, default=8, help="fields per well")
     ap.add_argument("--size", type=int, default=512, help="field side in pixels")
     ap.add_argument("--models", action="store_true", help="also run the three reference models")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="acquisition pace in fields/s (0: as fast as the pipeline goes; latency then includes queueing)")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
     ap.add_argument("--binary", type=Path, default=ROOT / "target" / "release" / "liveomics")
     ap.add_argument("--keep", action="store_true", help="keep the written plate")
@@ -149,7 +153,9 @@ def main():
         # Per tenth of the fields: the median RSS (single samples swing with the frames in flight
         # and the allocator), and the most descriptors and threads seen.
         running = [s for s in samples if s[0] < last] or samples
-        print(f"{'fields done':>14} {'median RSS MB':>14} {'max fds':>8} {'max threads':>12}")
+        latency = [float(v) for v in re.findall(r" field done .*latency_ms=([\d.]+)", (work / "daemon.log").read_text())]
+        print(f"{'fields done':>14} {'median RSS MB':>14} {'max fds':>8} {'max threads':>12} "
+              f"{'latency p50 / p99 ms':>21}")
         deciles = []
         for i in range(10):
             part = [s for s in running if i * last / 10 <= s[0] < (i + 1) * last / 10]
@@ -157,8 +163,10 @@ def main():
                 continue
             rss = statistics.median(s[1] for s in part)
             deciles.append(rss)
+            lat = sorted(latency[int(i * len(latency) / 10):int((i + 1) * len(latency) / 10)]) or [float("nan")]
             print(f"{int(i * last / 10):>6}..{int((i + 1) * last / 10):<7} {rss:>14.1f} "
-                  f"{max(s[2] for s in part):>8} {max(s[3] for s in part):>12}")
+                  f"{max(s[2] for s in part):>8} {max(s[3] for s in part):>12} "
+                  f"{lat[len(lat) // 2]:>10.0f} / {lat[min(len(lat) - 1, int(0.99 * len(lat)))]:<8.0f}")
         half = [s for s in running if s[0] >= 0.5 * last]
         per_k = 1000 * slope([s[0] for s in half], [s[1] for s in half])
         print(f"median RSS, last tenth over second tenth: x{deciles[-1] / deciles[1]:.3f} "
