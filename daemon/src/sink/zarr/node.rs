@@ -80,7 +80,7 @@ impl Store {
     }
 
     /// Starts a fresh zarrs store over the same directory. zarrs' filesystem store keeps a lock
-    /// for every key it has ever touched and never forgets one (about 10 kB per field of ours),
+    /// for every key it has ever touched and never forgets one (about 5 kB per field of ours),
     /// so a sink that renews it per field keeps its memory flat over a night's plate.
     pub fn renew(&mut self) -> Result<(), SinkError> {
         self.zarrs = Arc::new(FilesystemStore::new(&self.root).map_err(zerr("/"))?);
