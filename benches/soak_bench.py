@@ -169,8 +169,9 @@ def main():
                   f"{lat[len(lat) // 2]:>10.0f} / {lat[min(len(lat) - 1, int(0.99 * len(lat)))]:<8.0f}")
         half = [s for s in running if s[0] >= 0.5 * last]
         per_k = 1000 * slope([s[0] for s in half], [s[1] for s in half])
-        print(f"median RSS, last tenth over second tenth: x{deciles[-1] / deciles[1]:.3f} "
-              f"({deciles[1]:.1f} -> {deciles[-1]:.1f} MB); peak {max(s[1] for s in samples):.1f} MB")
+        warm = deciles[min(1, len(deciles) - 1)]
+        print(f"median RSS, last tenth over second tenth: x{deciles[-1] / warm:.3f} "
+              f"({warm:.1f} -> {deciles[-1]:.1f} MB); peak {max(s[1] for s in samples):.1f} MB")
         print(f"RSS slope over the second half: {per_k:+.1f} MB per 1000 fields")
     finally:
         if proc.poll() is None:
