@@ -49,6 +49,8 @@ def sample(pid):
 
 def slope(xs, ys):
     n = len(xs)
+    if n < 2:
+        return float("nan")
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
