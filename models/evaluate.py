@@ -58,18 +58,38 @@ def pearson(a, b):
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def virtual_staining(manifest, truth, plate):
+class Pooled:
+    """Pearson r over every pixel of the plate, from running sums (the plate does not fit in
+    memory at once)."""
+
+    def __init__(self):
+        self.sums = np.zeros(5)
+        self.n = 0
+
+    def add(self, x, y):
+        self.sums += [x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()]
+        self.n += x.size
+
+    def r(self):
+        sx, sy, sxx, syy, sxy = self.sums / max(self.n, 1)
+        return float((sxy - sx * sy) / np.sqrt((sxx - sx * sx) * (syy - sy * sy)))
+
+
+def virtual_staining(manifest, truth, plate, ceiling):
     """Within-cell Pearson r of every `X (virtual)` channel against its clean truth: pooled over
-    the plate, and the median over fields."""
-    out, per_field, per_cell = {}, {}, {}
-    wells = manifest["wells"]
-    for well in wells:
+    the plate, and the median over fields. In the same pass, the bound of `level_ceiling`: the
+    r a model would reach with a perfect within-cell pattern at the ceiling's per-cell level
+    (each truth cell of the clean image scaled by its predicted over true level)."""
+    pooled, per_field, per_cell, bound, bound_field = {}, {}, {}, {}, {}
+    for well in manifest["wells"]:
         row, col = split_well(well)
         for f in range(manifest["fields_per_well"]):
             node = plate[f"{row}/{col}/{f}"]
             labels = [c["label"] for c in node.attrs["ome"]["omero"]["channels"]]
             raw = node["0"]
-            mask = tifffile.imread(truth / "truth" / f"{well}_f{f}_t0_cells.tif") > 0
+            lab = tifffile.imread(truth / "truth" / f"{well}_f{f}_t0_cells.tif")
+            mask = lab > 0
+            cell_ids = np.unique(lab)[1:]
             for c, label in enumerate(labels):
                 if not label.endswith(" (virtual)"):
                     continue
@@ -77,34 +97,32 @@ def virtual_staining(manifest, truth, plate):
                 path = truth / "truth" / f"{well}_f{f}_t0_{protein}_clean.tif"
                 if not path.exists():
                     continue
-                pred = np.asarray(raw[c] if raw.ndim == 3 else raw[0, c], np.float64)[mask]
-                want = tifffile.imread(path).astype(np.float64)[mask]
-                per_field.setdefault(protein, []).append(pearson(pred, want))
-                # Per cell: its mean intensity (the level), and r within it (the pattern).
                 img = np.asarray(raw[c] if raw.ndim == 3 else raw[0, c], np.float64)
                 truth_img = tifffile.imread(path).astype(np.float64)
-                lab = tifffile.imread(truth / "truth" / f"{well}_f{f}_t0_cells.tif")
+                pred, want = img[mask], truth_img[mask]
+                pooled.setdefault(protein, Pooled()).add(pred, want)
+                per_field.setdefault(protein, []).append(pearson(pred, want))
+                # Per cell: its mean intensity (the level), and r within it (the pattern).
                 cells = per_cell.setdefault(protein, ([], [], []))
-                for label in np.unique(lab)[1:]:
-                    m = lab == label
+                for cell in cell_ids:
+                    m = lab == cell
                     cells[0].append(img[m].mean())
                     cells[1].append(truth_img[m].mean())
                     if m.sum() > 200:
                         cells[2].append(pearson(img[m], truth_img[m]))
-                acc = out.setdefault(protein, [0.0, 0.0, 0.0, 0.0, 0.0, 0])
-                acc[0] += pred.sum()
-                acc[1] += want.sum()
-                acc[2] += (pred * pred).sum()
-                acc[3] += (want * want).sum()
-                acc[4] += (pred * want).sum()
-                acc[5] += pred.size
+                if protein in ceiling:
+                    ratio = ceiling[protein]["ratio"]
+                    scale = np.array([0.0] + [ratio.get((well, f, i), 1.0) for i in range(1, lab.max() + 1)])
+                    got = (truth_img * scale[lab])[mask]
+                    bound.setdefault(protein, Pooled()).add(got, want)
+                    bound_field.setdefault(protein, []).append(pearson(got, want))
     result = {}
-    for p, (sx, sy, sxx, syy, sxy, n) in out.items():
-        cov = sxy / n - sx / n * sy / n
-        pooled = cov / np.sqrt((sxx / n - (sx / n) ** 2) * (syy / n - (sy / n) ** 2))
-        level, within = per_cell.get(p, ([], [], []))[:2], per_cell.get(p, ([], [], []))[2]
-        result[p] = {"pooled": float(pooled), "median_per_field": float(np.nanmedian(per_field[p])),
+    for p, acc in pooled.items():
+        level, within = per_cell[p][:2], per_cell[p][2]
+        result[p] = {"pooled": acc.r(), "median_per_field": float(np.nanmedian(per_field[p])),
                      "per_cell_mean_r": pearson(*level), "within_cell_median_r": float(np.nanmedian(within))}
+        if p in bound:
+            result[p]["bound"] = {"pooled": bound[p].r(), "median_per_field": float(np.nanmedian(bound_field[p]))}
     return result
 
 
@@ -132,7 +150,7 @@ def level_ceiling(rows, train_rows, manifest):
     reported gene's log abundance predicted from `readout_design`, by least squares fitted on the
     training plate and scored on this one; the prediction exp(mean + residual variance / 2) is the
     conditional mean in linear units. Also returns, per held-out cell, predicted over true level,
-    for `pooled_bound`."""
+    for the bound `virtual_staining` scores."""
     rng = np.random.default_rng(0)
     x_train, x = readout_design(train_rows, rng), readout_design(rows, rng)
     visible = max(1, manifest["config"]["visible_genes"])
@@ -147,28 +165,6 @@ def level_ceiling(rows, train_rows, manifest):
                   "ratio": {(r["well"], int(r["field"]), int(r["label"])): float(q)
                             for r, q in zip(rows, pred / np.exp(y))}}
     return out
-
-
-def pooled_bound(manifest, truth, ceiling, proteins):
-    """The direct virtual-staining r a model would reach with a perfect within-cell pattern and the
-    ceiling's per-cell level: each truth cell of the clean image scaled by its predicted over true
-    level, scored like `virtual_staining` (pooled over the plate, and the median per field)."""
-    acc = {p: [[], []] for p in proteins if p in ceiling}
-    per_field = {p: [] for p in acc}
-    for well in manifest["wells"]:
-        for f in range(manifest["fields_per_well"]):
-            lab = tifffile.imread(truth / "truth" / f"{well}_f{f}_t0_cells.tif")
-            mask = lab > 0
-            for p in acc:
-                ratio = ceiling[p]["ratio"]
-                scale = np.array([0.0] + [ratio.get((well, f, label), 1.0) for label in range(1, lab.max() + 1)])
-                clean = tifffile.imread(truth / "truth" / f"{well}_f{f}_t0_{p}_clean.tif").astype(np.float64)
-                got, want = (clean * scale[lab])[mask], clean[mask]
-                acc[p][0].append(got)
-                acc[p][1].append(want)
-                per_field[p].append(pearson(got, want))
-    return {p: {"pooled": pearson(np.concatenate(a), np.concatenate(b)),
-                "median_per_field": float(np.nanmedian(per_field[p]))} for p, (a, b) in acc.items()}
 
 
 def cell_omics(manifest, truth, plate, rows, genes, model):
@@ -281,7 +277,8 @@ def main():
     report = {"plate": manifest["plate"], "seed": manifest["config"]["seed"]}
     ok = True
 
-    vs = virtual_staining(manifest, args.truth, plate)
+    ceiling = level_ceiling(rows, train_rows, manifest)
+    vs = virtual_staining(manifest, args.truth, plate, ceiling)
     report["virtual_stain_pearson_r"] = vs
     print("direct virtual staining: Pearson r within cells, pooled over the plate and median per field "
           "(must be >= 0.8)")
@@ -293,18 +290,16 @@ def main():
         print("  no virtual channels in the plate (was a virtual-stain model configured?)")
         ok = False
     else:
-        ceiling = level_ceiling(rows, train_rows, manifest)
-        bound = pooled_bound(manifest, args.truth, ceiling, list(vs))
         report["virtual_stain_level_ceiling"] = {
-            p: {k: v for k, v in c.items() if k != "ratio"} | {"bound": bound.get(p)} for p, c in ceiling.items()}
-        print("  ceiling from exact morphology readouts (see level_ceiling, pooled_bound): per-cell level r, "
+            p: {k: v for k, v in c.items() if k != "ratio"} for p, c in ceiling.items() if p in vs}
+        print("  ceiling from exact morphology readouts (see level_ceiling): per-cell level r, "
               "and the r of a perfect pattern at that level")
-        for p in vs:
-            c = ceiling.get(p)
-            if c:
+        for p, r in vs.items():
+            c, b = ceiling.get(p), r.get("bound")
+            if c and b:
                 print(f"  {p:10s} reports {c['gene']} (log sd {c['log_sd']:.2f} across cells): "
-                      f"level r ceiling {c['level_r_ceiling']:.3f}; bound pooled {bound[p]['pooled']:.3f}  "
-                      f"median per field {bound[p]['median_per_field']:.3f}")
+                      f"level r ceiling {c['level_r_ceiling']:.3f}; bound pooled {b['pooled']:.3f}  "
+                      f"median per field {b['median_per_field']:.3f}")
 
     co, n_cells = cell_omics(manifest, args.truth, plate, rows, genes, args.cell_model)
     report["cell_omics_pearson_r"] = co
