@@ -19,7 +19,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -29,14 +28,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Log:
+    """The daemon's log, read as it grows: the latency of every `field done` line so far."""
 
+    def __init__(self, path):
+        self.file = open(path, errors="replace")
+        self.latency = []
+        self.partial = ""
 
-def fields_done(log_path):
-    return log_path.read_text(errors="replace").count(" field done")
+    def fields_done(self):
+        # A line still being written stays in `partial` until its newline arrives.
+        *lines, self.partial = (self.partial + self.file.read()).split("\n")
+        for line in lines:
+            m = re.search(r" field done .*latency_ms=([\d.]+)", line)
+            if m:
+                self.latency.append(float(m.group(1)))
+        return len(self.latency)
 
 
 def sample(pid):
@@ -56,7 +63,7 @@ def slope(xs, ys):
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
 
 
-def config(args, port, out):
+def config(args, out):
     rows = "ABCDEFGH"
     wells = [f"{rows[i // 12]}{i % 12 + 1}" for i in range(args.wells)]
     text = f"""
@@ -80,7 +87,7 @@ enabled = true
 multicast_scouting = false
 
 [telemetry]
-metrics_listen = "127.0.0.1:{port}"
+metrics_listen = "127.0.0.1:0"
 """
     if args.models:
         text += f"""
@@ -124,21 +131,21 @@ def main():
         ap.error("--wells must be 1..96")
     total = args.wells * args.fields
     work = Path(tempfile.mkdtemp(prefix="liveomics-soak-"))
-    port = free_port()
     cfg = work / "soak.toml"
-    cfg.write_text(config(args, port, work / "out"))
+    cfg.write_text(config(args, work / "out"))
     log = open(work / "daemon.log", "w")
+    reader = Log(work / "daemon.log")
     t0 = time.perf_counter()
     proc = subprocess.Popen([args.binary, "run", "--config", cfg], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     samples = []
     try:
         while proc.poll() is None:
-            done = fields_done(work / "daemon.log")
+            done = reader.fields_done()
             try:
                 rss, fds, threads = sample(proc.pid)
             except (FileNotFoundError, ProcessLookupError, AttributeError):
                 break
-            samples.append((done, rss, fds, threads, time.perf_counter() - t0))
+            samples.append((done, rss, fds, threads))
             time.sleep(args.interval)
         rc = proc.wait()
         wall = time.perf_counter() - t0
@@ -155,7 +162,8 @@ def main():
         # Per tenth of the fields: the median RSS (single samples swing with the frames in flight
         # and the allocator), and the most descriptors and threads seen.
         running = [s for s in samples if s[0] < last] or samples
-        latency = [float(v) for v in re.findall(r" field done .*latency_ms=([\d.]+)", (work / "daemon.log").read_text())]
+        reader.fields_done()
+        latency = reader.latency
         print(f"{'fields done':>14} {'median RSS MB':>14} {'max fds':>8} {'max threads':>12} "
               f"{'latency p50 / p99 ms':>21}")
         deciles = []
