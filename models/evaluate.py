@@ -77,10 +77,19 @@ class Pooled:
 
 def virtual_staining(manifest, truth, plate, ceiling):
     """Within-cell Pearson r of every `X (virtual)` channel against its clean truth: pooled over
-    the plate, and the median over fields. In the same pass, the bound of `level_ceiling`: the
-    r a model would reach with a perfect within-cell pattern at the ceiling's per-cell level
-    (each truth cell of the clean image scaled by its predicted over true level)."""
-    pooled, per_field, per_cell, bound, bound_field = {}, {}, {}, {}, {}
+    the plate, and the median over fields. In the same pass, three images composed per truth cell
+    that say which half of the prediction limits r:
+
+    - `bound`: the clean truth's own within-cell pattern at `level_ceiling`'s per-cell level (each
+      truth cell scaled by its predicted over true level), what a perfect model could reach;
+    - `ceiling_level`: the model's pattern at that same ceiling level, what the model would reach
+      if its level were as good as the landmarks allow;
+    - `true_level`: the model's pattern at the true level (each cell of the prediction scaled so
+      that its mean is the truth's);
+    - `true_pattern`: the truth's pattern at the model's level (each cell of the truth scaled so
+      that its mean is the prediction's)."""
+    pooled, per_field, per_cell = {}, {}, {}
+    composed = {"bound": {}, "ceiling_level": {}, "true_level": {}, "true_pattern": {}}
     for well in manifest["wells"]:
         row, col = split_well(well)
         for f in range(manifest["fields_per_well"]):
@@ -90,6 +99,7 @@ def virtual_staining(manifest, truth, plate, ceiling):
             lab = tifffile.imread(truth / "truth" / f"{well}_f{f}_t0_cells.tif")
             mask = lab > 0
             cell_ids = np.unique(lab)[1:]
+            area = np.maximum(np.bincount(lab.ravel(), minlength=lab.max() + 1), 1)
             for c, label in enumerate(labels):
                 if not label.endswith(" (virtual)"):
                     continue
@@ -103,26 +113,34 @@ def virtual_staining(manifest, truth, plate, ceiling):
                 pooled.setdefault(protein, Pooled()).add(pred, want)
                 per_field.setdefault(protein, []).append(pearson(pred, want))
                 # Per cell: its mean intensity (the level), and r within it (the pattern).
+                level_pred = np.bincount(lab.ravel(), weights=img.ravel(), minlength=len(area)) / area
+                level_true = np.bincount(lab.ravel(), weights=truth_img.ravel(), minlength=len(area)) / area
                 cells = per_cell.setdefault(protein, ([], [], []))
-                for cell in cell_ids:
+                cells[0].extend(level_pred[cell_ids])
+                cells[1].extend(level_true[cell_ids])
+                for cell in cell_ids[area[cell_ids] > 200]:
                     m = lab == cell
-                    cells[0].append(img[m].mean())
-                    cells[1].append(truth_img[m].mean())
-                    if m.sum() > 200:
-                        cells[2].append(pearson(img[m], truth_img[m]))
+                    cells[2].append(pearson(img[m], truth_img[m]))
+                swap = np.where(level_pred > 0, level_true / np.where(level_pred > 0, level_pred, 1), 1.0)
+                images = {"true_level": img * swap[lab], "true_pattern": truth_img / np.where(swap > 0, swap, 1)[lab]}
                 if protein in ceiling:
                     ratio = ceiling[protein]["ratio"]
                     scale = np.array([0.0] + [ratio.get((well, f, i), 1.0) for i in range(1, lab.max() + 1)])
-                    got = (truth_img * scale[lab])[mask]
-                    bound.setdefault(protein, Pooled()).add(got, want)
-                    bound_field.setdefault(protein, []).append(pearson(got, want))
+                    images["bound"] = truth_img * scale[lab]
+                    images["ceiling_level"] = images["true_level"] * scale[lab]
+                for name, composite in images.items():
+                    acc, fields = composed[name].setdefault(protein, (Pooled(), []))
+                    acc.add(composite[mask], want)
+                    fields.append(pearson(composite[mask], want))
     result = {}
     for p, acc in pooled.items():
         level, within = per_cell[p][:2], per_cell[p][2]
         result[p] = {"pooled": acc.r(), "median_per_field": float(np.nanmedian(per_field[p])),
                      "per_cell_mean_r": pearson(*level), "within_cell_median_r": float(np.nanmedian(within))}
-        if p in bound:
-            result[p]["bound"] = {"pooled": bound[p].r(), "median_per_field": float(np.nanmedian(bound_field[p]))}
+        for name, by_protein in composed.items():
+            if p in by_protein:
+                got, fields = by_protein[p]
+                result[p][name] = {"pooled": got.r(), "median_per_field": float(np.nanmedian(fields))}
     return result
 
 
@@ -300,6 +318,15 @@ def main():
                 print(f"  {p:10s} reports {c['gene']} (log sd {c['log_sd']:.2f} across cells): "
                       f"level r ceiling {c['level_r_ceiling']:.3f}; bound pooled {b['pooled']:.3f}  "
                       f"median per field {b['median_per_field']:.3f}")
+        print("  which half limits r: the model's pattern at the true per-cell level, and the true "
+              "pattern at the model's level (pooled / median per field)")
+        for p, r in vs.items():
+            a, b = r["true_level"], r["true_pattern"]
+            print(f"  {p:10s} model pattern, true level {a['pooled']:.3f} / {a['median_per_field']:.3f}; "
+                  f"true pattern, model level {b['pooled']:.3f} / {b['median_per_field']:.3f}")
+            if "ceiling_level" in r:
+                c = r["ceiling_level"]
+                print(f"  {'':10s} model pattern, ceiling level {c['pooled']:.3f} / {c['median_per_field']:.3f}")
 
     co, n_cells = cell_omics(manifest, args.truth, plate, rows, genes, args.cell_model)
     report["cell_omics_pearson_r"] = co
