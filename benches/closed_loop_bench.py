@@ -3,7 +3,7 @@ trigger field's last frame leaving the bridge to the start of the follow-up even
 pymmcore-plus. In between: zenoh to the daemon, assembly, segmentation, measurement, rule
 evaluation, the request back over zenoh, useq validation and queueing ahead of the plan.
 
-    .venv/bin/python benches/closed_loop_bench.py [--wells 8] [--fields 3] [--size 512]
+    .venv/bin/python benches/closed_loop_bench.py [--wells 8] [--fields 3]
 
 The rule fires on every planned field (cooldown 0), asking for one more field each time.
 """

@@ -83,6 +83,8 @@ def main():
     ap_.add_argument("--repeat", type=int, default=3)
     ap_.add_argument("--seed", type=int, default=4242)
     ap_.add_argument("--device", default="cpu", help="liveomics' back end: cpu, auto or cuda:N")
+    ap_.add_argument("--binary", type=Path, default=BIN,
+                     help="the liveomics binary (on a device machine: the one carried there)")
     args = ap_.parse_args()
     p = params(11.0, 0.65)
     rows = []
@@ -102,10 +104,10 @@ width_px = {size}
 height_px = {size}
 rate_fields_per_s = 0.0
 """)
-            subprocess.run([BIN, "simulate", "--config", cfg, "--out", d / "sim"], check=True, capture_output=True)
+            subprocess.run([args.binary, "simulate", "--config", cfg, "--out", d / "sim"], check=True, capture_output=True)
             files = sorted((d / "sim" / "images").glob("*_DAPI.tif"))
             (d / "labels").mkdir()
-            out = subprocess.run([BIN, "bench-segment", "--out-dir", d / "labels", "--repeat", str(args.repeat),
+            out = subprocess.run([args.binary, "bench-segment", "--out-dir", d / "labels", "--repeat", str(args.repeat),
                                   "--device", args.device, *files], check=True, capture_output=True, text=True).stdout
             ours = {r["file"]: r for r in map(json.loads, out.splitlines())}
             for f in files:

@@ -223,8 +223,12 @@ impl SimulatorConfig {
             bad("perturbation_strength", "must be >= 0".into());
         }
         for (i, p) in self.proteins.iter().enumerate() {
-            if p.name.trim().is_empty() {
-                bad(&format!("proteins[{i}].name"), "must not be empty".into());
+            // The name becomes a channel label and the simulator's truth file names.
+            if crate::model::Name::new(&p.name).is_err() {
+                bad(
+                    &format!("proteins[{i}].name"),
+                    format!("{:?} must match ^[A-Za-z0-9]+$ (1-64 characters)", p.name),
+                );
             }
             if LANDMARKS.iter().any(|(n, _)| n.eq_ignore_ascii_case(&p.name)) {
                 bad(

@@ -139,7 +139,7 @@ impl Problems {
             Some(tx) => {
                 let _ = tx.send(SourceProblem { input, reason, detail });
             }
-            None => tracing::warn!(input = %input, reason, "{detail}"),
+            None => tracing::debug!(input = %input, reason, "{detail}"),
         }
     }
 }

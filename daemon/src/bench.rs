@@ -294,7 +294,8 @@ pub fn batched_overhead(
         std::thread::scope(|s| -> Result<(), liveomics_models::ModelError> {
             let h = s.spawn(|| work(a));
             work(b)?;
-            h.join().unwrap_or(Ok(()))
+            // A panicked half would leave a ratio from half the work: pass the panic on.
+            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
         })?;
         let total_ms = t0.elapsed().as_secs_f64() * 1e3;
         let session_run_ms = infer.lock().unwrap_or_else(|e| e.into_inner()).as_secs_f64() * 1e3;

@@ -124,6 +124,9 @@ pub struct PipelineConfig {
     pub workers: usize,
     /// How long assembly waits for a field's missing channels before passing it on incomplete.
     pub assembly_timeout_ms: u64,
+    /// Fields assembly holds at once while their channels arrive; at this many, the oldest goes
+    /// on incomplete, so that a sender that never completes its fields cannot fill memory.
+    pub max_pending_fields: usize,
 }
 
 impl Default for PipelineConfig {
@@ -134,6 +137,7 @@ impl Default for PipelineConfig {
             field_queue: 4,
             workers: 1,
             assembly_timeout_ms: 10_000,
+            max_pending_fields: 16,
         }
     }
 }
@@ -318,6 +322,9 @@ pub struct InferenceConfig {
     pub tile_px: usize,
     /// Blend width between tiles, beyond the model's halo.
     pub tile_overlap_px: usize,
+    /// Tiles per `session.run` of a whole-field model: more amortise the call, fewer keep the
+    /// memory of one run small (a GPU's, for large tiles).
+    pub tile_batch: usize,
     pub models: Vec<ModelConfig>,
 }
 
@@ -331,6 +338,7 @@ impl Default for InferenceConfig {
             max_queue_delay_ms: 5,
             tile_px: 512,
             tile_overlap_px: 16,
+            tile_batch: 4,
             models: Vec::new(),
         }
     }
@@ -541,6 +549,9 @@ impl Config {
         if p.assembly_timeout_ms == 0 {
             out.push(Invalid::new("pipeline.assembly_timeout_ms", "must be > 0"));
         }
+        if p.max_pending_fields == 0 {
+            out.push(Invalid::new("pipeline.max_pending_fields", "must be > 0"));
+        }
         if let Err(e) = self.compute.device.parse::<liveomics_kernels::gpu::DeviceRequest>() {
             out.push(Invalid::new("compute.device", e));
         }
@@ -725,6 +736,12 @@ impl InferenceConfig {
             out.push(Invalid::new(
                 "inference.max_batch",
                 format!("must be 1..=4096, got {}", self.max_batch),
+            ));
+        }
+        if self.tile_batch == 0 || self.tile_batch > 256 {
+            out.push(Invalid::new(
+                "inference.tile_batch",
+                format!("must be 1..=256, got {}", self.tile_batch),
             ));
         }
         if self.tile_px < 16 {

@@ -481,7 +481,7 @@ impl InferenceStage {
             tile: TileOptions {
                 tile: inf.tile_px,
                 overlap: inf.tile_overlap_px,
-                batch: 4,
+                batch: inf.tile_batch,
             },
         })
     }
@@ -537,11 +537,15 @@ fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Resu
         _ => (Arc::new(Model::load(&m.path, &opts).map_err(path_err)?), Kind::Plain),
     };
     let provider = model.provider.label();
+    let library = liveomics_models::runtime::runtime(opts.ort_library.as_deref())
+        .map(|r| r.library.display().to_string())
+        .unwrap_or_default();
     t::ModelLoaded {
         model: &m.name,
         role: role_name(role),
         provider: &provider,
         skipped: &model.skipped,
+        library: &library,
     }
     .emit();
     let outputs = {
@@ -793,7 +797,7 @@ impl ProbabilityModel {
             tile: TileOptions {
                 tile: cfg.inference.tile_px,
                 overlap: cfg.inference.tile_overlap_px,
-                batch: 4,
+                batch: cfg.inference.tile_batch,
             },
         })
     }

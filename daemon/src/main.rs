@@ -269,7 +269,7 @@ fn main() -> ExitCode {
             match liveomics::segment_cli::segment_file(&req) {
                 Ok(r) => {
                     for n in &r.notes {
-                        tracing::warn!("{n}");
+                        telemetry::SegmentNote { note: n }.emit();
                     }
                     println!(
                         "{}x{}: {} nuclei{} in {:.1} ms -> {}",

@@ -203,15 +203,11 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         }
         .emit();
     }
-    tracing::info!(
-        plate = %plan.plate,
-        wells = plan.wells.len(),
-        fields_per_well = plan.fields_per_well,
-        channels = ?plan.channels.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
-        size = %format!("{}x{}", plan.width, plan.height),
-        sinks = ?sink_names,
-        "acquisition starting"
-    );
+    t::RunStarting {
+        plan: &plan,
+        sinks: &sink_names,
+    }
+    .emit();
 
     let p = &cfg.pipeline;
     let (frame_tx, frame_rx) = bounded::<Frame>(p.frame_queue);
@@ -248,10 +244,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                     }
                     .emit();
                     if e.stops_intake() && !stop.is_stopped() {
-                        tracing::error!(
-                            sink = sink.name(),
-                            "storage failed: stopping intake; complete fields stay valid"
-                        );
+                        t::IntakeStopped { sink: sink.name() }.emit();
                         stop.stop();
                     }
                 }
@@ -349,8 +342,9 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
 
     let assembly_timeout = Duration::from_millis(p.assembly_timeout_ms);
     let asm_plan = plan.clone();
+    let max_pending = p.max_pending_fields;
     let assembler = spawn("assembly", move || {
-        assemble(frame_rx, field_tx, &asm_plan, assembly_timeout)
+        assemble(frame_rx, field_tx, &asm_plan, assembly_timeout, max_pending)
     })?;
 
     let stop = opts.stop.clone();
@@ -465,9 +459,16 @@ struct Pending {
 }
 
 /// Groups frames into fields. Complete fields go on at once; a field still missing channels after
-/// `timeout` goes on incomplete with a counted warning (its raw frames are kept, never dropped).
-/// Invalid frames are rejected, logged and counted.
-fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, timeout: Duration) -> AssemblyStats {
+/// `timeout`, or when `max_pending` fields are already waiting, goes on incomplete with a counted
+/// warning (its raw frames are kept, never dropped). Invalid frames are rejected, logged and
+/// counted.
+fn assemble(
+    rx: Receiver<Frame>,
+    tx: Sender<Field>,
+    plan: &AcquisitionPlan,
+    timeout: Duration,
+    max_pending: usize,
+) -> AssemblyStats {
     let n = plan.channels.len();
     let mut stats = AssemblyStats::default();
     let mut pending: HashMap<FieldKey, Pending> = HashMap::new();
@@ -592,6 +593,17 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, plan: &AcquisitionPlan, time
                 if emitted.contains(&frame.key) {
                     reject("late", "the field was already passed on".into(), &mut stats);
                     continue;
+                }
+                if !pending.contains_key(&frame.key) && pending.len() >= max_pending {
+                    let oldest = pending
+                        .iter()
+                        .min_by_key(|(_, p)| p.received_at)
+                        .map(|(k, _)| k.clone());
+                    if let Some((k, p)) = oldest.and_then(|k| pending.remove_entry(&k)) {
+                        if !emit(k, p, &mut stats, &mut emitted, &mut emitted_order) {
+                            return stats;
+                        }
+                    }
                 }
                 let entry = pending.entry(frame.key.clone()).or_insert_with(|| Pending {
                     channels: vec![None; n],

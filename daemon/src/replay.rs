@@ -158,6 +158,13 @@ impl ZarrReplay {
             .pointer("/ome/multiscales/0")
             .ok_or_else(|| bad(&root, "image has no multiscales"))?;
         let dataset = ms.pointer("/datasets/0/path").and_then(Value::as_str).unwrap_or("0");
+        // The path is read from the file: it names a dataset of this image, never a way out of it.
+        if dataset.is_empty() || !dataset.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(bad(
+                &root,
+                format!("multiscales dataset path {dataset:?} is not a name"),
+            ));
+        }
         let scale = ms
             .pointer("/datasets/0/coordinateTransformations/0/scale")
             .and_then(Value::as_array)
@@ -184,6 +191,12 @@ impl ZarrReplay {
         let array = Array::open(store.clone(), &format!("/{first}/{dataset}")).map_err(|e| bad(&root, e))?;
         let shape = array.shape().to_vec();
         let n = shape.len();
+        if !(n == 3 || n == 4) {
+            return Err(bad(
+                &root,
+                format!("image array has {n} dimensions; expected (c, y, x) or (t, c, y, x)"),
+            ));
+        }
         let timepoints = if n == 4 { shape[0] as u32 } else { 1 };
         items.sort_by(|a, b| a.acquired_ns.cmp(&b.acquired_ns).then_with(|| a.key.cmp(&b.key)));
         let plan = AcquisitionPlan {
@@ -244,6 +257,11 @@ impl Source for ZarrReplay {
                 Array::open(self.store.clone(), &node).map_err(|e| SourceError::Config(format!("{node}: {e}")))?;
             let shape = array.shape().to_vec();
             let n = shape.len();
+            if !(n == 3 || n == 4) {
+                return Err(SourceError::Config(format!(
+                    "{node}: {n} dimensions; expected (c, y, x) or (t, c, y, x)"
+                )));
+            }
             let acquired_at = UNIX_EPOCH + Duration::from_nanos(item.acquired_ns as u64);
             let mut frames = Vec::new();
             for c in 0..self.plan.channels.len() as u64 {

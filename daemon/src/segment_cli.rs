@@ -120,10 +120,12 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
         source,
     };
     let (compute, fallback) = Compute::select(request).map_err(gpu_err)?;
-    match fallback {
-        Some(reason) => tracing::info!(%reason, "device auto: running on the CPU"),
-        None => tracing::info!(device = %compute.describe(), "segmenting"),
+    crate::telemetry::ComputeSelected {
+        requested: &req.device,
+        device: &compute.describe(),
+        fallback_reason: fallback.as_deref(),
     }
+    .emit();
     let t0 = Instant::now();
     let (w, h, planes) = read_channels(&req.input)?;
     if w == 0 || h == 0 || planes.is_empty() {

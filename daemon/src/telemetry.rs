@@ -1,8 +1,11 @@
 //! The one place where liveomics logs and counts. Every internal event is a struct whose `emit`
 //! writes the log line and updates the metric together, so the two never disagree. Metric names
-//! are the constants below and are documented in `docs/METRICS.md`.
+//! are the constants below and are documented in `docs/METRICS.md`. The library crates
+//! (`liveomics-models`, `-adapters`, `-kernels`) log at debug level only, for their own
+//! debugging; whatever an operator needs from them reaches this module as data (a model's
+//! provider and skipped providers, a source's rejected inputs).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
@@ -32,6 +35,8 @@ pub const MODEL_FAILURES: &str = "liveomics_model_failures_total";
 pub const MODEL_BATCH_SIZE: &str = "liveomics_model_batch_size";
 pub const MODEL_INFO: &str = "liveomics_model_info";
 pub const COMPUTE_INFO: &str = "liveomics_compute_info";
+pub const FOLLOWUPS: &str = "liveomics_followups_total";
+pub const FOLLOWUP_ACKS_REJECTED: &str = "liveomics_followup_acks_rejected_total";
 
 /// Installs the log subscriber. `RUST_LOG` wins over the config so an operator can raise detail
 /// without editing the file.
@@ -142,7 +147,9 @@ fn serve(listener: TcpListener, handle: PrometheusHandle) {
         let Ok(mut stream) = stream else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
         let mut line = String::new();
-        let mut reader = BufReader::new(&stream);
+        // A request is a few hundred bytes; a client sending more (or forever) is cut off there,
+        // and the 2 s timeout bounds a slow one.
+        let mut reader = BufReader::new((&stream).take(16 * 1024));
         if reader.read_line(&mut line).is_err() {
             continue;
         }
@@ -207,6 +214,14 @@ fn describe() {
         MODEL_BATCH_SIZE,
         "Cell crops per session.run of per-cell models (before padding), by model"
     );
+    describe_counter!(
+        FOLLOWUPS,
+        "Closed-loop follow-up requests by rule and what became of them"
+    );
+    describe_counter!(
+        FOLLOWUP_ACKS_REJECTED,
+        "Follow-up acks from the bridge that were not understood, by reason"
+    );
     describe_gauge!(
         MODEL_INFO,
         "1 per loaded model, labelled with its role and the execution provider it runs on"
@@ -264,7 +279,10 @@ pub struct ModelLoaded<'a> {
     pub model: &'a str,
     pub role: &'a str,
     pub provider: &'a str,
+    /// Why each provider before `provider` in the configured list could not run the model.
     pub skipped: &'a [String],
+    /// The ONNX Runtime library in use (found at run time, so worth a line in the log).
+    pub library: &'a str,
 }
 
 impl ModelLoaded<'_> {
@@ -274,6 +292,7 @@ impl ModelLoaded<'_> {
             role = self.role,
             provider = self.provider,
             skipped = ?self.skipped,
+            library = self.library,
             "model ready"
         );
         gauge!(MODEL_INFO, "model" => self.model.to_string(), "role" => self.role.to_string(), "provider" => self.provider.to_string()).set(1.0);
@@ -560,4 +579,282 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// What became of a closed-loop follow-up request: the `state` label of
+/// `liveomics_followups_total`. A closed set, so that acks from the network cannot mint labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowupState {
+    Requested,
+    Scheduled,
+    Started,
+    Done,
+    Timeout,
+    Suppressed,
+    OverBudget,
+}
+
+impl FollowupState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Scheduled => "scheduled",
+            Self::Started => "started",
+            Self::Done => "done",
+            Self::Timeout => "timeout",
+            Self::Suppressed => "suppressed",
+            Self::OverBudget => "over_budget",
+        }
+    }
+
+    /// The states a bridge may acknowledge; anything else in an ack is rejected.
+    pub fn from_ack(s: &str) -> Option<Self> {
+        match s {
+            "scheduled" => Some(Self::Scheduled),
+            "started" => Some(Self::Started),
+            "done" => Some(Self::Done),
+            _ => None,
+        }
+    }
+}
+
+/// A follow-up request changed state (sent, acknowledged, timed out, held back by cooldown or
+/// budget); logged with its id, counted by rule and state.
+#[derive(Debug)]
+pub struct FollowupChanged<'a> {
+    pub rule: &'a str,
+    pub state: FollowupState,
+    pub id: Option<&'a str>,
+    pub field: Option<&'a str>,
+    pub after_ms: Option<u64>,
+}
+
+impl FollowupChanged<'_> {
+    pub fn emit(&self) {
+        let (rule, state, id, field) = (self.rule, self.state.as_str(), self.id, self.field);
+        match self.state {
+            FollowupState::Requested => info!(rule, id, field, "follow-up requested"),
+            FollowupState::Scheduled | FollowupState::Started | FollowupState::Done => {
+                info!(rule, state, id, after_ms = self.after_ms, "follow-up acknowledged")
+            }
+            FollowupState::Timeout => {
+                warn!(rule, id, after_ms = self.after_ms, "follow-up request not done in time")
+            }
+            FollowupState::Suppressed => debug!(rule, field, "follow-up held back by the rule's cooldown"),
+            FollowupState::OverBudget => warn!(rule, field, "follow-up budget of the plate used up"),
+        }
+        counter!(FOLLOWUPS, "rule" => self.rule.to_string(), "state" => state).increment(1);
+    }
+}
+
+/// A follow-up ack from the network was not understood; logged, counted by reason, ignored.
+#[derive(Debug)]
+pub struct FollowupAckRejected<'a> {
+    pub reason: &'static str,
+    pub detail: &'a str,
+}
+
+impl FollowupAckRejected<'_> {
+    pub fn emit(&self) {
+        warn!(reason = self.reason, "follow-up ack ignored: {}", self.detail);
+        counter!(FOLLOWUP_ACKS_REJECTED, "reason" => self.reason).increment(1);
+    }
+}
+
+/// The run's plan is known and its sinks are open: what the operator is about to get.
+#[derive(Debug)]
+pub struct RunStarting<'a> {
+    pub plan: &'a liveomics_adapters::model::AcquisitionPlan,
+    pub sinks: &'a [&'static str],
+}
+
+impl RunStarting<'_> {
+    pub fn emit(&self) {
+        let p = self.plan;
+        info!(
+            plate = %p.plate,
+            wells = p.wells.len(),
+            fields_per_well = p.fields_per_well,
+            channels = ?p.channels.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            size = %format!("{}x{}", p.width, p.height),
+            sinks = ?self.sinks,
+            "acquisition starting"
+        );
+    }
+}
+
+/// A sink's storage failed in a way more fields would only repeat (disk full, read-only): intake
+/// stops so that the plate ends with every listed field complete.
+#[derive(Debug)]
+pub struct IntakeStopped<'a> {
+    pub sink: &'a str,
+}
+
+impl IntakeStopped<'_> {
+    pub fn emit(&self) {
+        error!(
+            sink = self.sink,
+            "storage failed: stopping intake; complete fields stay valid"
+        );
+    }
+}
+
+/// The zarr sink found the plate from an earlier run and goes on with it.
+#[derive(Debug)]
+pub struct PlateResumed<'a> {
+    pub plate: &'a str,
+    pub complete_fields: usize,
+}
+
+impl PlateResumed<'_> {
+    pub fn emit(&self) {
+        info!(
+            plate = self.plate,
+            complete_fields = self.complete_fields,
+            "resuming an existing plate: complete fields are skipped, partial ones redone"
+        );
+    }
+}
+
+/// A field a resumed plate already holds complete came again and was not rewritten.
+#[derive(Debug)]
+pub struct FieldAlreadyWritten<'a> {
+    pub field: &'a str,
+}
+
+impl FieldAlreadyWritten<'_> {
+    pub fn emit(&self) {
+        info!(field = self.field, "already complete in the plate; not written again");
+    }
+}
+
+/// The closed loop is on: where its requests go.
+#[derive(Debug)]
+pub struct ClosedLoopOn<'a> {
+    pub rules: usize,
+    pub key: &'a str,
+}
+
+impl ClosedLoopOn<'_> {
+    pub fn emit(&self) {
+        info!(rules = self.rules, key = self.key, "closed loop on");
+    }
+}
+
+/// A field the microscope took because of a follow-up request arrived.
+#[derive(Debug)]
+pub struct FollowupFieldReceived<'a> {
+    pub id: &'a str,
+    pub field: &'a str,
+}
+
+impl FollowupFieldReceived<'_> {
+    pub fn emit(&self) {
+        info!(followup_id = self.id, field = self.field, "follow-up field received");
+    }
+}
+
+/// A rule asking for more fields fired on a field without a stage position.
+#[derive(Debug)]
+pub struct FollowupUnplaceable<'a> {
+    pub rule: &'a str,
+    pub field: &'a str,
+}
+
+impl FollowupUnplaceable<'_> {
+    pub fn emit(&self) {
+        warn!(
+            rule = self.rule,
+            field = self.field,
+            "no stage position for this field: cannot place more fields"
+        );
+    }
+}
+
+/// The run ended with follow-up requests the microscope never reported done.
+#[derive(Debug)]
+pub struct FollowupsOpenAtEnd<'a> {
+    pub ids: &'a [&'a String],
+}
+
+impl FollowupsOpenAtEnd<'_> {
+    pub fn emit(&self) {
+        warn!(requests = ?self.ids, "follow-up requests not done when the run ended");
+    }
+}
+
+/// A zenoh session (sink or source) is open.
+#[derive(Debug)]
+pub struct ZenohOpened<'a> {
+    pub zid: &'a str,
+    pub mode: &'a str,
+}
+
+impl ZenohOpened<'_> {
+    pub fn emit(&self) {
+        info!(zid = self.zid, mode = self.mode, "zenoh session open");
+    }
+}
+
+/// The zenoh source subscribed to its frames.
+#[derive(Debug)]
+pub struct SourceListening<'a> {
+    pub key: &'a str,
+}
+
+impl SourceListening<'_> {
+    pub fn emit(&self) {
+        info!(key = self.key, "listening for frames");
+    }
+}
+
+/// At the end of a zenoh-fed run: how long frames took from acquisition to arrival (for frames
+/// whose header carries the acquisition time) and the ingest rate.
+#[derive(Debug)]
+pub struct FrameTransit {
+    pub frames: u64,
+    pub ingest_mb_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl FrameTransit {
+    pub fn emit(&self) {
+        info!(
+            frames = self.frames,
+            ingest_mb_s = self.ingest_mb_s,
+            p50_ms = self.p50_ms,
+            p99_ms = self.p99_ms,
+            max_ms = self.max_ms,
+            "frame transit (acquired_unix_ns in the header to arrival)"
+        );
+    }
+}
+
+/// The acquisition bridge left during the run and had not come back when it ended.
+#[derive(Debug)]
+pub struct BridgeGoneAtEnd<'a> {
+    pub key: &'a str,
+}
+
+impl BridgeGoneAtEnd<'_> {
+    pub fn emit(&self) {
+        warn!(
+            key = self.key,
+            "the acquisition bridge left and did not come back: the plate may be incomplete"
+        );
+    }
+}
+
+/// Something `liveomics segment` noticed about its input that the user should know.
+#[derive(Debug)]
+pub struct SegmentNote<'a> {
+    pub note: &'a str,
+}
+
+impl SegmentNote<'_> {
+    pub fn emit(&self) {
+        warn!("{}", self.note);
+    }
 }

@@ -285,7 +285,7 @@ impl Source for ZenohSource {
         // (same host or synchronised clocks): the transport's share of the latency budget.
         let mut transit_us = hdrhistogram::Histogram::<u64>::new(3).ok();
         let mut span: Option<(Instant, Instant, u64)> = None;
-        tracing::info!(key = %self.key_expr(), "listening for frames");
+        crate::telemetry::SourceListening { key: &self.key_expr() }.emit();
         let idle = Duration::from_millis(c.idle_exit_ms);
         let mut last = Instant::now();
         let mut fields = std::collections::HashSet::new();
@@ -343,17 +343,17 @@ impl Source for ZenohSource {
         if let Some(h) = transit_us.filter(|h| !h.is_empty()) {
             let (first, last, bytes) = span.unwrap_or((Instant::now(), Instant::now(), 0));
             let secs = (last - first).as_secs_f64();
-            tracing::info!(
-                frames = h.len(),
-                ingest_mb_s = if secs > 0.0 { bytes as f64 / 1e6 / secs } else { 0.0 },
-                p50_ms = h.value_at_quantile(0.5) as f64 / 1e3,
-                p99_ms = h.value_at_quantile(0.99) as f64 / 1e3,
-                max_ms = h.max() as f64 / 1e3,
-                "frame transit (acquired_unix_ns in the header to arrival)"
-            );
+            crate::telemetry::FrameTransit {
+                frames: h.len(),
+                ingest_mb_s: if secs > 0.0 { bytes as f64 / 1e6 / secs } else { 0.0 },
+                p50_ms: h.value_at_quantile(0.5) as f64 / 1e3,
+                p99_ms: h.value_at_quantile(0.99) as f64 / 1e3,
+                max_ms: h.max() as f64 / 1e3,
+            }
+            .emit();
         }
         if bridge_alive == Some(false) {
-            tracing::warn!(key = %bridge_key, "the acquisition bridge left and did not come back: the plate may be incomplete");
+            crate::telemetry::BridgeGoneAtEnd { key: &bridge_key }.emit();
         }
         drop(liveliness);
         drop(subscriber);

@@ -193,8 +193,10 @@ impl Batcher {
     }
 
     fn output_sample_shape(&self) -> Vec<usize> {
-        self.model.descr.outputs[0].axes[1..]
+        self.model.descr.outputs[0]
+            .axes
             .iter()
+            .skip(1)
             .map(|a| match a.size {
                 crate::description::AxisSize::Fixed(n) => n,
                 _ => 0,

@@ -278,6 +278,7 @@ pub fn description_path(path: &Path) -> PathBuf {
 impl Description {
     /// Reads and checks a description. `path` is the YAML file or the folder holding it.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
+        const OUTSIDE: &str = "must be a relative path inside the model folder";
         let file = description_path(path);
         let model = file.display().to_string();
         let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io {
@@ -357,6 +358,11 @@ impl Description {
                         .enumerate()
                         .map(|(j, p)| Proc::parse(p, &axes, output).map_err(|m| err(&format!("{key}.{stage}[{j}]"), m)))
                         .collect::<Result<Vec<_>, _>>()?;
+                    if let Some(f) = &t.test_tensor {
+                        if !inside_package(&f.source) {
+                            return Err(err(&format!("{key}.test_tensor.source"), OUTSIDE.into()));
+                        }
+                    }
                     let test_tensor = t.test_tensor.map(|f| (root.join(&f.source), f.sha256));
                     if let Some((p, Some(sum))) = &test_tensor {
                         verify_sha256(&model, p, sum)?;
@@ -393,6 +399,10 @@ impl Description {
         }
         for (name, c) in &liveomics.components {
             let key = format!("config.liveomics.components.{name}");
+            let sources = [Some(&c.source), c.test_input.as_ref(), c.test_output.as_ref()];
+            if !sources.into_iter().flatten().all(|s| inside_package(s)) {
+                return Err(err(&key, OUTSIDE.into()));
+            }
             let path = root.join(&c.source);
             if !path.exists() {
                 return Err(err(&format!("{key}.source"), format!("{} is missing", path.display())));
@@ -414,6 +424,9 @@ impl Description {
                     "needs sigma_max > sigma_min > 0, rho > 0, steps > 0, sigma_data > 0".into(),
                 ));
             }
+        }
+        if !inside_package(&onnx.source) {
+            return Err(err("weights.onnx.source", OUTSIDE.into()));
         }
         let weights = root.join(&onnx.source);
         if !weights.exists() {
@@ -543,6 +556,15 @@ fn parse_axis(v: &Value, output: bool) -> Result<Axis, String> {
     Ok(Axis { id, kind, size, halo })
 }
 
+/// Whether a file named by a description stays inside its package: a downloaded description
+/// must not make us read (and hash, and load) files elsewhere on the machine.
+fn inside_package(source: &str) -> bool {
+    let p = Path::new(source);
+    !source.is_empty()
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,5 +576,15 @@ mod tests {
         assert_eq!(p.fit(65), Some(80));
         assert!(p.accepts(96) && !p.accepts(70) && !p.accepts(48));
         assert_eq!(AxisSize::Fixed(512).fit(600), None);
+    }
+
+    #[test]
+    fn files_outside_the_package_are_refused() {
+        for ok in ["weights.onnx", "./weights.onnx", "sub/test.npy"] {
+            assert!(inside_package(ok), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../other/weights.onnx", "sub/../../x.npy"] {
+            assert!(!inside_package(bad), "{bad}");
+        }
     }
 }

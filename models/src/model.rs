@@ -47,7 +47,7 @@ impl Model {
         let rt = runtime::runtime(opts.ort_library.as_deref())?;
         let built = rt.session(&descr.name, &descr.weights, opts)?;
         for s in &built.skipped {
-            tracing::warn!(model = %descr.name, "execution provider skipped: {s}");
+            tracing::debug!(model = %descr.name, "execution provider skipped: {s}");
         }
         let session = built.session;
         let shape_err = |message: String| ModelError::Shape {
@@ -114,7 +114,7 @@ impl Model {
             })
             .collect();
         let output_names = pair("output", &descr.outputs, session.outputs())?;
-        tracing::info!(model = %descr.name, provider = %built.provider.label(), "model loaded");
+        tracing::debug!(model = %descr.name, provider = %built.provider.label(), "model loaded");
         Ok(Self {
             descr,
             provider: built.provider,

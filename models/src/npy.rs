@@ -61,15 +61,18 @@ fn parse(bytes: &[u8]) -> Result<Tensor, String> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape entry {s:?}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let n: usize = shape.iter().product();
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("shape {shape:?} has more elements than memory"))?;
     let body = &bytes[offset + header_len..];
     macro_rules! decode {
         ($t:ty) => {{
             let size = std::mem::size_of::<$t>();
-            if body.len() != n * size {
+            if n.checked_mul(size) != Some(body.len()) {
                 return Err(format!(
-                    "shape {shape:?} of {descr} needs {} bytes, the file has {}",
-                    n * size,
+                    "shape {shape:?} of {descr} needs {} x {size} bytes, the file has {}",
+                    n,
                     body.len()
                 ));
             }
@@ -138,6 +141,12 @@ mod tests {
         }
         let mut truncated = std::fs::read(&p).unwrap();
         truncated.pop();
-        assert!(parse(&truncated).unwrap_err().contains("needs 24 bytes"));
+        assert!(parse(&truncated).unwrap_err().contains("needs 6 x 4 bytes"));
+        // A shape whose element count overflows is an error, not a panic.
+        let huge = b"{'descr': '<f4', 'fortran_order': False, 'shape': (18446744073709551615, 2), }";
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(huge.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(huge);
+        assert!(parse(&bytes).unwrap_err().contains("more elements"));
     }
 }

@@ -194,7 +194,7 @@ pub fn runtime(configured: Option<&Path>) -> Result<Arc<Runtime>, ModelError> {
         .with_name("liveomics")
         .build()
         .map_err(|e| load_err(e.to_string()))?;
-    tracing::info!(library = %library.display(), "ONNX Runtime loaded");
+    tracing::debug!(library = %library.display(), "ONNX Runtime loaded");
     let rt = Arc::new(Runtime { library, env });
     *slot = Some(Arc::clone(&rt));
     Ok(rt)

@@ -377,9 +377,15 @@ impl FolderSource {
 
     fn watch_loop(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError> {
         let mut report = SourceReport::default();
-        let (tx, rx) = crossbeam_channel::unbounded::<notify::Result<notify::Event>>();
+        // Bounded: a burst of events beyond it (thousands of files at once) is not queued but
+        // flagged, and the loop then walks the folder, which finds every file anyway.
+        let (tx, rx) = crossbeam_channel::bounded::<notify::Result<notify::Event>>(4096);
+        let overflow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let overflowed = std::sync::Arc::clone(&overflow);
         let handler = move |ev| {
-            let _ = tx.send(ev);
+            if tx.try_send(ev).is_err() {
+                overflowed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         };
         let io = |e: notify::Error| SourceError::Io {
             context: "cannot watch the folder".into(),
@@ -431,6 +437,14 @@ impl FolderSource {
             touch(&mut pending, p, false);
         }
         while !stop.is_stopped() {
+            if overflow.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                let mut all = Vec::new();
+                walk(&self.cfg.path, &mut all);
+                for p in all.into_iter().filter(|p| !done.contains(p)) {
+                    touch(&mut pending, p, false);
+                }
+                last_activity = Instant::now();
+            }
             while let Ok(ev) = rx.try_recv() {
                 let Ok(ev) = ev else { continue };
                 let closed = matches!(

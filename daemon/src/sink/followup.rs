@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use liveomics_adapters::model::{AcquisitionPlan, WellId};
 use liveomics_adapters::Invalid;
-use metrics::counter;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use zenoh::{Session, Wait};
@@ -19,8 +18,11 @@ use zenoh::{Session, Wait};
 use super::{Sink, SinkError};
 use crate::config::{Config, ZenohSinkConfig};
 use crate::stage::FieldWork;
+use crate::telemetry::{self as t, FollowupState};
 
-pub const FOLLOWUPS: &str = "liveomics_followups_total";
+/// Longest cooldown or revisit delay: longer than any plate is on the stage, and small enough
+/// that a `Duration` of it cannot overflow.
+const MAX_SECONDS: f64 = 1.0e7;
 
 /// `[closed_loop]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -169,19 +171,22 @@ pub fn validate(cfg: &Config, plan: &AcquisitionPlan) -> Vec<Invalid> {
                 out.push(Invalid::new(&format!("{key}.wells[{j}]"), e.to_string()));
             }
         }
-        if !(r.threshold.is_finite() && r.cooldown_s >= 0.0 && r.cooldown_s.is_finite()) {
-            out.push(Invalid::new(&key, "threshold must be finite and cooldown_s >= 0"));
+        if !(r.threshold.is_finite() && (0.0..=MAX_SECONDS).contains(&r.cooldown_s)) {
+            out.push(Invalid::new(
+                &key,
+                "threshold must be finite and cooldown_s in 0..=10000000 (about 115 days)",
+            ));
         }
         let bad_action = match &r.action {
             Action::MoreFields { fields, spacing_um } => *fields == 0 || *fields > 100 || !(spacing_um.is_finite()),
             Action::Channels { channels } => channels.is_empty(),
             Action::ZStack { steps, step_um } => *steps == 0 || *steps > 1000 || !(*step_um > 0.0),
-            Action::Revisit { delay_s } => !(delay_s.is_finite() && *delay_s >= 0.0),
+            Action::Revisit { delay_s } => !(0.0..=MAX_SECONDS).contains(delay_s),
         };
         if bad_action {
             out.push(Invalid::new(
                 &format!("{key}.action"),
-                "fields 1..=100, spacing finite; channels non-empty; steps 1..=1000 and step_um > 0; delay_s >= 0",
+                "fields 1..=100, spacing finite; channels non-empty; steps 1..=1000 and step_um > 0; delay_s in 0..=10000000",
             ));
         }
     }
@@ -192,7 +197,7 @@ pub fn validate(cfg: &Config, plan: &AcquisitionPlan) -> Vec<Invalid> {
 struct PendingRequest {
     rule: String,
     sent: Instant,
-    state: String,
+    state: FollowupState,
     warned: bool,
 }
 
@@ -251,7 +256,11 @@ impl FollowupSink {
                     .collect()
             })
             .collect();
-        tracing::info!(rules = c.rules.len(), key = %format!("liveomics/{}/followup/{plate}", cfg.instrument), "closed loop on");
+        t::ClosedLoopOn {
+            rules: c.rules.len(),
+            key: &format!("liveomics/{}/followup/{plate}", cfg.instrument),
+        }
+        .emit();
         Ok(Self {
             session,
             instrument: cfg.instrument.clone(),
@@ -296,28 +305,60 @@ impl FollowupSink {
         while let Ok(Some(sample)) = self.acks.try_recv() {
             let bytes = sample.payload().to_bytes();
             let Ok(ack) = serde_json::from_slice::<Value>(&bytes) else {
-                tracing::warn!("follow-up ack that is not JSON ignored");
+                t::FollowupAckRejected {
+                    reason: "json",
+                    detail: "not JSON",
+                }
+                .emit();
                 continue;
             };
             let (Some(id), Some(state)) = (ack["id"].as_str(), ack["state"].as_str()) else {
-                tracing::warn!("follow-up ack without id and state ignored");
+                t::FollowupAckRejected {
+                    reason: "fields",
+                    detail: "no string `id` and `state`",
+                }
+                .emit();
+                continue;
+            };
+            let Some(state) = FollowupState::from_ack(state) else {
+                t::FollowupAckRejected {
+                    reason: "state",
+                    detail: "`state` is none of scheduled, started, done",
+                }
+                .emit();
                 continue;
             };
             match self.pending.get_mut(id) {
                 Some(p) => {
-                    tracing::info!(id, state, rule = %p.rule, after_ms = p.sent.elapsed().as_millis() as u64, "follow-up acknowledged");
-                    counter!(FOLLOWUPS, "rule" => p.rule.clone(), "state" => state.to_string()).increment(1);
-                    p.state = state.to_string();
+                    t::FollowupChanged {
+                        rule: &p.rule,
+                        state,
+                        id: Some(id),
+                        field: None,
+                        after_ms: Some(p.sent.elapsed().as_millis() as u64),
+                    }
+                    .emit();
+                    p.state = state;
                 }
-                None => tracing::warn!(id, state, "ack for an unknown follow-up request"),
+                None => t::FollowupAckRejected {
+                    reason: "unknown_id",
+                    detail: "no request with this id is pending",
+                }
+                .emit(),
             }
         }
         let timeout = Duration::from_millis(self.cfg.request_timeout_ms);
         for (id, p) in self.pending.iter_mut() {
-            if p.state != "done" && !p.warned && p.sent.elapsed() > timeout {
+            if p.state != FollowupState::Done && !p.warned && p.sent.elapsed() > timeout {
                 p.warned = true;
-                tracing::warn!(id = %id, rule = %p.rule, state = %p.state, "follow-up request not done within {} ms", timeout.as_millis());
-                counter!(FOLLOWUPS, "rule" => p.rule.clone(), "state" => "timeout").increment(1);
+                t::FollowupChanged {
+                    rule: &p.rule,
+                    state: FollowupState::Timeout,
+                    id: Some(id),
+                    field: None,
+                    after_ms: Some(p.sent.elapsed().as_millis() as u64),
+                }
+                .emit();
             }
         }
     }
@@ -399,10 +440,10 @@ impl Sink for FollowupSink {
         let base = self.cfg.followup_field_base;
         let next = self.next_field.entry(key.well).or_insert(base);
         if key.field >= base {
-            *next = (*next).max(key.field + 1);
+            *next = (*next).max(key.field.saturating_add(1));
         }
         if let Some(id) = &work.field.origin.followup_id {
-            tracing::info!(followup_id = %id, field = %work.name, "follow-up field received");
+            t::FollowupFieldReceived { id, field: &work.name }.emit();
             return Ok(());
         }
         let now = Instant::now();
@@ -458,19 +499,36 @@ impl Sink for FollowupSink {
                 continue;
             }
             let cooldown = Duration::from_secs_f64(rule.cooldown_s);
-            if let Some(t) = self.last_fired.get(&(ri, key.well)) {
-                if now.duration_since(*t) < cooldown {
-                    counter!(FOLLOWUPS, "rule" => rule.name.clone(), "state" => "suppressed").increment(1);
+            if let Some(last) = self.last_fired.get(&(ri, key.well)) {
+                if now.duration_since(*last) < cooldown {
+                    t::FollowupChanged {
+                        rule: &rule.name,
+                        state: FollowupState::Suppressed,
+                        id: None,
+                        field: Some(&work.name),
+                        after_ms: None,
+                    }
+                    .emit();
                     continue;
                 }
             }
             if self.sent >= self.cfg.max_followups_per_plate {
-                counter!(FOLLOWUPS, "rule" => rule.name.clone(), "state" => "over_budget").increment(1);
-                tracing::warn!(rule = %rule.name, field = %work.name, "follow-up budget of the plate used up");
+                t::FollowupChanged {
+                    rule: &rule.name,
+                    state: FollowupState::OverBudget,
+                    id: None,
+                    field: Some(&work.name),
+                    after_ms: None,
+                }
+                .emit();
                 continue;
             }
             if matches!(rule.action, Action::MoreFields { .. }) && work.field.origin.stage_um.is_none() {
-                tracing::warn!(rule = %rule.name, field = %work.name, "no stage position for this field: cannot place more fields");
+                t::FollowupUnplaceable {
+                    rule: &rule.name,
+                    field: &work.name,
+                }
+                .emit();
                 continue;
             }
             let new_fields: u32 = match rule.action {
@@ -478,8 +536,13 @@ impl Sink for FollowupSink {
                 _ => 1,
             };
             let next = self.next_field.entry(key.well).or_insert(base);
-            let fields: Vec<u32> = (*next..*next + new_fields).collect();
-            *next += new_fields;
+            // Field numbers come from the network: a well already at u32::MAX gets no more.
+            let end = next.saturating_add(new_fields);
+            let fields: Vec<u32> = (*next..end).collect();
+            *next = end;
+            if fields.is_empty() {
+                continue;
+            }
             self.sent += 1;
             let id = format!("{}-{}-{}", rule.name, self.plate, self.sent);
             let events = self.events(&rule.action, work, &id, &fields);
@@ -506,15 +569,21 @@ impl Sink for FollowupSink {
                 .congestion_control(zenoh::qos::CongestionControl::Block)
                 .wait()
                 .map_err(|e| SinkError::Zenoh(e.to_string()))?;
-            tracing::info!(id = %id, rule = %rule.name, field = %work.name, value, "follow-up requested");
-            counter!(FOLLOWUPS, "rule" => rule.name.clone(), "state" => "requested").increment(1);
+            t::FollowupChanged {
+                rule: &rule.name,
+                state: FollowupState::Requested,
+                id: Some(&id),
+                field: Some(&work.name),
+                after_ms: None,
+            }
+            .emit();
             self.last_fired.insert((ri, key.well), now);
             self.pending.insert(
                 id,
                 PendingRequest {
                     rule: rule.name.clone(),
                     sent: now,
-                    state: "requested".into(),
+                    state: FollowupState::Requested,
                     warned: false,
                 },
             );
@@ -527,11 +596,11 @@ impl Sink for FollowupSink {
         let open: Vec<&String> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.state != "done")
+            .filter(|(_, p)| p.state != FollowupState::Done)
             .map(|(id, _)| id)
             .collect();
         if !open.is_empty() {
-            tracing::warn!(requests = ?open, "follow-up requests not done when the run ended");
+            t::FollowupsOpenAtEnd { ids: &open }.emit();
         }
         self.session.close().wait().map_err(|e| SinkError::Zenoh(e.to_string()))
     }

@@ -97,7 +97,11 @@ impl ZenohSink {
         let session = zenoh::open(session_config(cfg)?)
             .wait()
             .map_err(e("cannot open session"))?;
-        tracing::info!(zid = %session.zid(), mode = ?cfg.mode, "zenoh session open");
+        crate::telemetry::ZenohOpened {
+            zid: &session.zid().to_string(),
+            mode: &format!("{:?}", cfg.mode),
+        }
+        .emit();
         let token = session
             .liveliness()
             .declare_token(format!("liveomics/{instrument}/alive"))
@@ -119,7 +123,12 @@ impl ZenohSink {
                     .map(|s| serde_json::to_vec(&*s).unwrap_or_default())
                     .unwrap_or_default();
                 if let Err(err) = query.reply(reply_key.clone(), body).wait() {
-                    tracing::warn!("cannot answer a summary query: {err}");
+                    crate::telemetry::ErrorOccurred {
+                        kind: "summary_query",
+                        field: None,
+                        error: &*err,
+                    }
+                    .emit();
                 }
             })
             .wait()

@@ -249,11 +249,11 @@ impl ZarrSink {
             self.wells.insert(id, listed);
             self.incomplete.insert(id, incomplete);
         }
-        tracing::info!(
-            plate = %plate_dir.display(),
-            complete_fields = self.wells.values().map(|s| s.len()).sum::<usize>(),
-            "resuming an existing plate: complete fields are skipped, partial ones redone"
-        );
+        crate::telemetry::PlateResumed {
+            plate: &plate_dir.display().to_string(),
+            complete_fields: self.wells.values().map(|s| s.len()).sum::<usize>(),
+        }
+        .emit();
         Ok(())
     }
 
@@ -584,7 +584,7 @@ impl Sink for ZarrSink {
         let listed = self.wells.get(&key.well).is_some_and(|d| d.contains(&pair));
         let was_incomplete = self.incomplete.get(&key.well).is_some_and(|d| d.contains(&pair));
         if listed && !was_incomplete {
-            tracing::info!(field = %work.name, "already complete in the plate; not written again");
+            crate::telemetry::FieldAlreadyWritten { field: &work.name }.emit();
             return Ok(());
         }
         self.store.renew()?;

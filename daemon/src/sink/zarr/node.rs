@@ -87,13 +87,22 @@ impl Store {
         Ok(())
     }
 
-    fn dir(&self, node: &str) -> PathBuf {
-        self.root.join(node.trim_start_matches('/'))
+    /// The directory of `node`. Every path the sink touches comes through here, so a node
+    /// name that would leave the output root (`..`, an absolute part) is refused here, whatever
+    /// the callers checked before.
+    fn dir(&self, node: &str) -> Result<PathBuf, SinkError> {
+        let rel = Path::new(node.trim_start_matches('/'));
+        if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(SinkError::Config(format!(
+                "zarr node {node:?} is not a plain path inside the output root"
+            )));
+        }
+        Ok(self.root.join(rel))
     }
 
     /// Writes `zarr.json` of `node` atomically.
     pub fn write_metadata(&self, node: &str, doc: &Value) -> Result<(), SinkError> {
-        let dir = self.dir(node);
+        let dir = self.dir(node)?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let tmp = dir.join(".zarr.json.partial");
         let bytes = serde_json::to_vec_pretty(doc).unwrap_or_default();
@@ -122,7 +131,7 @@ impl Store {
 
     /// Reads a node's attributes, if the node exists and parses.
     pub fn attributes(&self, node: &str) -> Option<Map<String, Value>> {
-        let text = std::fs::read_to_string(self.dir(node).join("zarr.json")).ok()?;
+        let text = std::fs::read_to_string(self.dir(node).ok()?.join("zarr.json")).ok()?;
         let v: Value = serde_json::from_str(&text).ok()?;
         v.get("attributes")?.as_object().cloned()
     }
@@ -222,7 +231,7 @@ impl Store {
 
     /// Whether a node's metadata exists.
     pub fn exists(&self, node: &str) -> bool {
-        self.dir(node).join("zarr.json").is_file()
+        self.dir(node).is_ok_and(|d| d.join("zarr.json").is_file())
     }
 
     /// Flushes every file under `node` and the directories to the disk, so that metadata listing
@@ -239,7 +248,7 @@ impl Store {
             }
             std::fs::File::open(dir)?.sync_all()
         }
-        let dir = self.dir(node);
+        let dir = self.dir(node)?;
         walk(&dir).map_err(io_err(&dir))
     }
 
@@ -249,7 +258,7 @@ impl Store {
 
     /// Removes a node and everything under it (a partial field being redone).
     pub fn remove(&self, node: &str) -> Result<(), SinkError> {
-        let dir = self.dir(node);
+        let dir = self.dir(node)?;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -302,7 +311,25 @@ pub fn store_plane<T: Element>(
 
 #[cfg(test)]
 mod tests {
-    use super::subchunk;
+    use super::{subchunk, Store};
+
+    #[test]
+    fn nodes_that_leave_the_root_are_refused() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let root = dir.path().join("plate.zarr");
+        let store = Store::open(&root, &Default::default()).unwrap_or_else(|e| panic!("open: {e}"));
+        let doc = serde_json::json!({"zarr_format": 3, "node_type": "group"});
+        for bad in ["../escape", "A/../../escape", "/A/1/../../.."] {
+            assert!(store.write_metadata(bad, &doc).is_err(), "{bad}");
+            assert!(store.remove(bad).is_err(), "{bad}");
+            assert!(!store.exists(bad), "{bad}");
+        }
+        assert!(!dir.path().join("escape").exists());
+        store
+            .write_metadata("/A/1", &doc)
+            .unwrap_or_else(|e| panic!("a plain node: {e}"));
+        assert!(store.exists("A/1"));
+    }
 
     #[test]
     fn subchunks_tile_their_shard() {
