@@ -553,7 +553,7 @@ impl Config {
             out.push(Invalid::new("pipeline.max_pending_fields", "must be > 0"));
         }
         if let Err(e) = self.compute.device.parse::<liveomics_kernels::gpu::DeviceRequest>() {
-            out.push(Invalid::new("compute.device", e));
+            out.push(Invalid::new("compute.device", e.to_string()));
         }
         out.extend(self.inference.validate_values());
         let s = &self.segmentation;
@@ -729,7 +729,7 @@ impl InferenceConfig {
         }
         for (i, p) in self.providers.iter().enumerate() {
             if let Err(e) = liveomics_models::Provider::parse(p) {
-                out.push(Invalid::new(&format!("inference.providers[{i}]"), e));
+                out.push(Invalid::new(&format!("inference.providers[{i}]"), e.to_string()));
             }
         }
         if self.max_batch == 0 || self.max_batch > 4096 {

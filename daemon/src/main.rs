@@ -181,7 +181,7 @@ impl RuntimeArgs {
             providers: self
                 .providers
                 .iter()
-                .map(|p| liveomics_models::Provider::parse(p).map_err(anyhow::Error::msg))
+                .map(|p| liveomics_models::Provider::parse(p).map_err(anyhow::Error::from))
                 .collect::<anyhow::Result<_>>()?,
             intra_threads: self.intra_threads,
         })
@@ -307,7 +307,9 @@ fn main() -> ExitCode {
             device,
             files,
         } => report((|| -> anyhow::Result<()> {
-            let request = device.parse().map_err(|e: String| anyhow::anyhow!("--device {e}"))?;
+            let request = device
+                .parse()
+                .map_err(|e: liveomics_kernels::gpu::BadDeviceRequest| anyhow::anyhow!("--device {e}"))?;
             let (compute, fallback) = liveomics_kernels::gpu::Compute::select(request)?;
             if let Some(why) = fallback {
                 eprintln!("device auto: running on the CPU ({why})");

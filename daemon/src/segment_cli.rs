@@ -24,7 +24,7 @@ pub enum SegmentError {
     #[error("{0}: the image is empty (0 pixels)")]
     Empty(PathBuf),
     #[error("--device {0}")]
-    Device(String),
+    Device(#[from] liveomics_kernels::gpu::BadDeviceRequest),
     #[error("--device {device}: {source}")]
     Gpu { device: String, source: GpuError },
     #[error(transparent)]

@@ -116,7 +116,9 @@ pub struct SegmentStage {
 pub fn shared_compute(device: &str) -> Result<(Compute, Option<String>), Invalid> {
     type Opened = (DeviceRequest, Compute, Option<String>);
     static OPEN: std::sync::Mutex<Vec<Opened>> = std::sync::Mutex::new(Vec::new());
-    let req: DeviceRequest = device.parse().map_err(|e: String| Invalid::new("compute.device", e))?;
+    let req: DeviceRequest = device
+        .parse()
+        .map_err(|e: liveomics_kernels::gpu::BadDeviceRequest| Invalid::new("compute.device", e.to_string()))?;
     let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, c, why)) = open.iter().find(|(r, _, _)| *r == req) {
         return Ok((c.clone(), why.clone()));

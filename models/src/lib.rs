@@ -21,7 +21,7 @@ pub use description::{Description, Role};
 pub use diffusion::Diffusion;
 pub use error::ModelError;
 pub use model::{CheckReport, Model};
-pub use runtime::{Provider, RuntimeOptions};
+pub use runtime::{BadProvider, Provider, RuntimeOptions};
 pub use tensor::Tensor;
 pub use tile::TileOptions;
 pub use well::{Pool, WellModel};

@@ -19,12 +19,21 @@ pub enum Provider {
     Cpu,
 }
 
+/// An `inference.providers` entry that names no provider this build knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadProvider {
+    #[error("bad device index in {0:?}")]
+    DeviceIndex(String),
+    #[error("unknown execution provider {0:?}; known: tensorrt[:N], cuda[:N], cpu")]
+    Unknown(String),
+}
+
 impl Provider {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, BadProvider> {
         let (name, dev) = match s.split_once(':') {
             Some((n, d)) => (
                 n,
-                Some(d.parse::<i32>().map_err(|_| format!("bad device index in {s:?}"))?),
+                Some(d.parse::<i32>().map_err(|_| BadProvider::DeviceIndex(s.to_string()))?),
             ),
             None => (s, None),
         };
@@ -33,9 +42,7 @@ impl Provider {
             "tensorrt" => Ok(Provider::TensorRt { device }),
             "cuda" => Ok(Provider::Cuda { device }),
             "cpu" if dev.is_none() => Ok(Provider::Cpu),
-            _ => Err(format!(
-                "unknown execution provider {s:?}; known: tensorrt[:N], cuda[:N], cpu"
-            )),
+            _ => Err(BadProvider::Unknown(s.to_string())),
         }
     }
 

@@ -80,23 +80,30 @@ const PHENIX: &str = r"(?i)^r(?P<row>\d{1,2})c(?P<column>\d{1,2})f(?P<field>\d{1
 const IMAGEXPRESS: &str = r"(?i)^(?P<plate>[A-Za-z0-9]+)_(?P<well>[A-Pa-p]\d{2})_s(?P<field>\d{1,4})_w(?P<channel>\d{1,2})(?P<thumb>_thumb[0-9A-Fa-f-]*)?\.tiff?$";
 const CELLVOYAGER: &str = r"(?i)^(?P<plate>[A-Za-z0-9]+)_(?P<well>[A-Pa-p]\d{2})_T(?P<timepoint>\d{4})F(?P<field>\d{3})L\d{2}A\d{2}Z(?P<plane>\d{2})C(?P<channel>\d{2})\.tiff?$";
 
+/// Why a file-name layout does not compile.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("invalid regex: {0}")]
+    Regex(#[from] regex::Error),
+    #[error("the pattern needs named groups `channel`, `field` and `well` (or `row` and `column`); it has {0:?}")]
+    Groups(Vec<String>),
+}
+
 impl Layout {
     /// Compiles a layout; a user pattern must have `channel`, `field` and `well` (or `row` and
     /// `column`) groups, and may have `plate`, `timepoint`, `plane`.
-    pub fn new(kind: LayoutKind, pattern: &str, format: PlateFormat, one_based: bool) -> Result<Self, String> {
+    pub fn new(kind: LayoutKind, pattern: &str, format: PlateFormat, one_based: bool) -> Result<Self, LayoutError> {
         let (src, one_based) = match kind {
             LayoutKind::Phenix => (PHENIX, true),
             LayoutKind::Imagexpress => (IMAGEXPRESS, true),
             LayoutKind::Cellvoyager => (CELLVOYAGER, true),
             LayoutKind::Pattern => (pattern, one_based),
         };
-        let re = Regex::new(src).map_err(|e| format!("invalid regex: {e}"))?;
+        let re = Regex::new(src)?;
         let names: Vec<&str> = re.capture_names().flatten().collect();
         let has = |n: &str| names.contains(&n);
         if !has("channel") || !has("field") || !(has("well") || (has("row") && has("column"))) {
-            return Err(format!(
-                "the pattern needs named groups `channel`, `field` and `well` (or `row` and `column`); it has {names:?}"
-            ));
+            return Err(LayoutError::Groups(names.iter().map(|n| n.to_string()).collect()));
         }
         Ok(Self {
             kind,

@@ -136,7 +136,7 @@ impl FolderConfig {
             Err(e) => out.push(Invalid::new("plate_format", e.to_string())),
             Ok(f) => {
                 if let Err(e) = Layout::new(self.layout, &self.pattern, f, self.one_based) {
-                    out.push(Invalid::new("pattern", e));
+                    out.push(Invalid::new("pattern", e.to_string()));
                 }
             }
         }
@@ -226,7 +226,8 @@ impl FolderSource {
             )));
         }
         let format = PlateFormat::new(cfg.plate_format)?;
-        let layout = Layout::new(cfg.layout, &cfg.pattern, format, cfg.one_based).map_err(SourceError::Config)?;
+        let layout = Layout::new(cfg.layout, &cfg.pattern, format, cfg.one_based)
+            .map_err(|e| SourceError::Config(e.to_string()))?;
         let (mut width, mut height, mut pixel) = (cfg.width_px as usize, cfg.height_px as usize, cfg.pixel_size_um);
         if width == 0 || pixel == 0.0 {
             let mut files = Vec::new();

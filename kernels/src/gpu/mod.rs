@@ -61,8 +61,13 @@ pub enum DeviceRequest {
     Cuda(usize),
 }
 
+/// A `compute.device` (or `--device`) that is none of the accepted spellings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: expected \"auto\", \"cpu\" or \"cuda:N\"")]
+pub struct BadDeviceRequest(pub String);
+
 impl FromStr for DeviceRequest {
-    type Err = String;
+    type Err = BadDeviceRequest;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
@@ -73,7 +78,7 @@ impl FromStr for DeviceRequest {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Self::Cuda)
-                .ok_or_else(|| format!("{s:?}: expected \"auto\", \"cpu\" or \"cuda:N\"")),
+                .ok_or_else(|| BadDeviceRequest(s.to_string())),
         }
     }
 }

@@ -269,7 +269,11 @@ fn device_requests_parse_and_auto_never_fails() {
     assert_eq!("cpu".parse(), Ok(DeviceRequest::Cpu));
     assert_eq!("cuda:3".parse(), Ok(DeviceRequest::Cuda(3)));
     assert_eq!("cuda".parse(), Ok(DeviceRequest::Cuda(0)));
-    assert!("gpu".parse::<DeviceRequest>().unwrap_err().contains("cuda:N"));
+    assert!("gpu"
+        .parse::<DeviceRequest>()
+        .unwrap_err()
+        .to_string()
+        .contains("cuda:N"));
     assert!("cuda:x".parse::<DeviceRequest>().is_err());
     let (c, reason) = Compute::select(DeviceRequest::Auto).unwrap();
     match c {
