@@ -4,7 +4,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use liveomics::config::Config;
+mod common;
+
 use liveomics::pipeline::{run, RunOptions};
 use liveomics::sink::{Sink, SinkError};
 use liveomics::stage::FieldWork;
@@ -33,22 +34,13 @@ impl Sink for SlowSink {
 #[test]
 fn slow_sink_blocks_the_source_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = Config::default();
-    cfg.source.simulator = SimulatorConfig {
-        plate: "slow".into(),
-        wells: vec!["A1".into(), "A2".into()],
-        control_wells: vec![],
-        fields_per_well: 8,
-        width_px: 128,
-        height_px: 128,
+    let sim = SimulatorConfig {
         rate_fields_per_s: 0.0,
-        ..Default::default()
+        ..common::plate("slow", &["A1", "A2"], 8, 128)
     };
+    let mut cfg = common::run_config(&sim, dir.path());
     cfg.pipeline.frame_queue = 2;
     cfg.pipeline.field_queue = 1;
-    cfg.sinks.zenoh.enabled = false;
-    cfg.sinks.zarr.output = dir.path().to_path_buf();
-    cfg.telemetry.metrics_listen = String::new();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let opts = RunOptions {
         extra_sinks: vec![Box::new(SlowSink { seen: seen.clone() })],

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crossbeam_channel::Sender;
-use liveomics::config::Config;
+mod common;
+
 use liveomics::pipeline::{run_source, RunOptions};
 use liveomics_adapters::model::{AcquisitionPlan, Frame, Pixels};
-use liveomics_adapters::simulator::{Simulator, SimulatorConfig};
+use liveomics_adapters::simulator::Simulator;
 use liveomics_adapters::source::{Source, SourceError, SourceReport, StopToken};
 
 /// Replays simulated fields with deliberate faults mixed in.
@@ -95,20 +96,10 @@ fn scrape(addr: std::net::SocketAddr) -> String {
 #[test]
 fn bad_frames_are_rejected_counted_and_the_run_continues() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sim_cfg = SimulatorConfig {
-        plate: "faulty".into(),
-        wells: vec!["A1".into()],
-        control_wells: vec![],
-        width_px: 256,
-        height_px: 256,
-        ..Default::default()
-    };
+    let sim_cfg = common::plate("faulty", &["A1"], 2, 256);
     let sim = Simulator::new(sim_cfg.clone()).expect("simulator");
     let plan = sim.plan().clone();
-    let mut cfg = Config::default();
-    cfg.source.simulator = sim_cfg;
-    cfg.sinks.zenoh.enabled = false;
-    cfg.sinks.zarr.output = dir.path().to_path_buf();
+    let mut cfg = common::run_config(&sim_cfg, dir.path());
     cfg.pipeline.assembly_timeout_ms = 200;
     cfg.telemetry.metrics_listen = "127.0.0.1:0".into();
     let summary = run_source(&cfg, Box::new(FaultySource { sim, plan }), RunOptions::default()).expect("run");

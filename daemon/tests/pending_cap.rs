@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crossbeam_channel::Sender;
-use liveomics::config::Config;
+mod common;
+
 use liveomics::pipeline::{run_source, RunOptions};
 use liveomics_adapters::model::{AcquisitionPlan, Frame, Pixels};
-use liveomics_adapters::simulator::{Simulator, SimulatorConfig};
+use liveomics_adapters::simulator::Simulator;
 use liveomics_adapters::source::{Source, SourceError, SourceReport, StopToken};
 
 /// Sends only the first channel of many fields, then waits for the first of them to be written
@@ -62,24 +63,12 @@ impl Source for PartialSource {
 #[test]
 fn partial_fields_beyond_the_pending_cap_go_on_incomplete_while_intake_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sim_cfg = SimulatorConfig {
-        plate: "partial".into(),
-        wells: vec!["A1".into()],
-        control_wells: vec![],
-        fields_per_well: 6,
-        width_px: 128,
-        height_px: 128,
-        ..Default::default()
-    };
+    let sim_cfg = common::plate("partial", &["A1"], 6, 128);
     let sim = Simulator::new(sim_cfg.clone()).expect("simulator");
     let plan = sim.plan().clone();
-    let mut cfg = Config::default();
-    cfg.source.simulator = sim_cfg;
-    cfg.sinks.zenoh.enabled = false;
-    cfg.sinks.zarr.output = dir.path().to_path_buf();
+    let mut cfg = common::run_config(&sim_cfg, dir.path());
     cfg.pipeline.assembly_timeout_ms = 600_000;
     cfg.pipeline.max_pending_fields = 2;
-    cfg.telemetry.metrics_listen = String::new();
     let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let source = PartialSource {
         sim,
