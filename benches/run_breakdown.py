@@ -1,5 +1,6 @@
 """Where a field's time goes in `liveomics run`: per stage and per sink, the mean time per field
-(from the daemon's own `stage done` / `sink wrote field` debug events), next to the end-to-end
+(from the daemon's own `stage done` / `sink wrote field` debug events; debug for liveomics
+only, so that no other crate's logging weighs on the run), next to the end-to-end
 latency p50/p99 of the same run (`field done`). Stages run one after another on a field; the sinks
 then run in parallel, each on its own thread, so a field's latency is about the sum of its stages
 plus its slowest sink, plus queueing.
@@ -50,7 +51,7 @@ def main():
             cmd = [str(args.binary), "run", "--overwrite", "--output", out]
             if args.config:
                 cmd += ["--config", str(args.config)]
-            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RUST_LOG": "debug", "NO_COLOR": "1"},
+            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RUST_LOG": "info,liveomics=debug", "NO_COLOR": "1"},
                                cwd=ROOT, check=True)
         stages, sinks, latency = parse(p.stderr)
         if not latency:

@@ -77,7 +77,7 @@ class Pooled:
 
 def virtual_staining(manifest, truth, plate, ceiling):
     """Within-cell Pearson r of every `X (virtual)` channel against its clean truth: pooled over
-    the plate, and the median over fields. In the same pass, three images composed per truth cell
+    the plate, and the median over fields. In the same pass, four images composed per truth cell
     that say which half of the prediction limits r:
 
     - `bound`: the clean truth's own within-cell pattern at `level_ceiling`'s per-cell level (each
@@ -122,7 +122,8 @@ def virtual_staining(manifest, truth, plate, ceiling):
                     m = lab == cell
                     cells[2].append(pearson(img[m], truth_img[m]))
                 swap = np.where(level_pred > 0, level_true / np.where(level_pred > 0, level_pred, 1), 1.0)
-                images = {"true_level": img * swap[lab], "true_pattern": truth_img / np.where(swap > 0, swap, 1)[lab]}
+                to_model = np.where(level_true > 0, level_pred / np.where(level_true > 0, level_true, 1), 0.0)
+                images = {"true_level": img * swap[lab], "true_pattern": truth_img * to_model[lab]}
                 if protein in ceiling:
                     ratio = ceiling[protein]["ratio"]
                     scale = np.array([0.0] + [ratio.get((well, f, i), 1.0) for i in range(1, lab.max() + 1)])

@@ -13,6 +13,24 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("LIVEOMICS_BIN", ROOT / "target" / "release" / "liveomics"))
 
 
+def pytest_configure(config):
+    """CI sets LIVEOMICS_REQUIRE_ALL (`.ci/run`): there, ../shared and the Micro-Manager test
+    adapters are always installed, so a test that would skip or quietly drop a case for want of
+    them means a broken setup, and the run stops here instead."""
+    if not os.environ.get("LIVEOMICS_REQUIRE_ALL"):
+        return
+    missing = []
+    if not (ROOT.parent / "shared" / "models" / "unet2d_nuclei_broad").exists():
+        missing.append("../shared/models/unet2d_nuclei_broad")
+    for module in ("pymmcore_plus", "mm_test_adapters"):
+        try:
+            __import__(module)
+        except ImportError as e:
+            missing.append(f"{module} ({e})")
+    if missing:
+        raise pytest.UsageError(f"LIVEOMICS_REQUIRE_ALL is set but these are missing: {', '.join(missing)}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

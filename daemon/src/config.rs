@@ -124,9 +124,11 @@ pub struct PipelineConfig {
     pub workers: usize,
     /// How long assembly waits for a field's missing channels before passing it on incomplete.
     pub assembly_timeout_ms: u64,
-    /// Fields assembly holds at once while their channels arrive; at this many, the oldest goes
-    /// on incomplete, so that a sender that never completes its fields cannot fill memory.
-    pub max_pending_fields: usize,
+    /// Memory assembly may hold in frames of fields still waiting for channels; beyond it the
+    /// oldest field goes on incomplete, so that a sender that never completes its fields cannot
+    /// fill memory. An acquisition that sends channel by channel (all positions in one channel,
+    /// then the next) holds a whole channel's frames and needs it (and the timeout) raised.
+    pub max_pending_mb: u64,
 }
 
 impl Default for PipelineConfig {
@@ -137,7 +139,7 @@ impl Default for PipelineConfig {
             field_queue: 4,
             workers: 1,
             assembly_timeout_ms: 10_000,
-            max_pending_fields: 16,
+            max_pending_mb: 2048,
         }
     }
 }
@@ -549,8 +551,8 @@ impl Config {
         if p.assembly_timeout_ms == 0 {
             out.push(Invalid::new("pipeline.assembly_timeout_ms", "must be > 0"));
         }
-        if p.max_pending_fields == 0 {
-            out.push(Invalid::new("pipeline.max_pending_fields", "must be > 0"));
+        if p.max_pending_mb == 0 {
+            out.push(Invalid::new("pipeline.max_pending_mb", "must be > 0"));
         }
         if let Err(e) = self.compute.device.parse::<liveomics_kernels::gpu::DeviceRequest>() {
             out.push(Invalid::new("compute.device", e.to_string()));

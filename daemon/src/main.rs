@@ -323,21 +323,25 @@ fn main() -> ExitCode {
             let opts = a.runtime.options()?;
             if let Some(p) = &a.tiled {
                 let m = liveomics_models::Model::load(p, &opts)?;
+                announce(&m);
                 let r = liveomics::bench::tiled_overhead(&m, a.field_px, a.tile, a.reps)?;
                 println!("{}", serde_json::to_string(&r)?);
             }
             if let Some(p) = &a.batched {
                 let m = std::sync::Arc::new(liveomics_models::Model::load(p, &opts)?);
+                announce(&m);
                 let r = liveomics::bench::batched_overhead(m, a.fields, a.cells, a.max_batch, a.reps)?;
                 println!("{}", serde_json::to_string(&r)?);
             }
             if let Some(p) = &a.well {
                 let m = liveomics_models::WellModel::load(p, &opts)?;
+                announce(&m.encoder);
                 let r = liveomics::bench::well_cost(&m, a.field_px, a.reps)?;
                 println!("{}", serde_json::to_string(&r)?);
             }
             if let Some(p) = &a.diffusion {
                 let d = liveomics_models::Diffusion::load(p, &opts)?;
+                announce(&d.denoiser);
                 let r = liveomics::bench::diffusion_cost(&d, a.field_px, a.panel, a.steps, a.reps)?;
                 println!("{}", serde_json::to_string(&r)?);
             }
@@ -800,5 +804,14 @@ fn print_summary(s: &RunSummary) {
             "  python -c \"import zarr; p = zarr.open_group('{}', mode='r'); print(p.tree())\"",
             out.display()
         );
+    }
+}
+
+/// Says on stderr which execution provider a benchmarked model runs on, and why the ones before it
+/// in `--providers` did not: a timing means little without it.
+fn announce(m: &liveomics_models::Model) {
+    eprintln!("{}: provider {}", m.descr.name, m.provider.label());
+    for s in &m.skipped {
+        eprintln!("  skipped {s}");
     }
 }

@@ -342,7 +342,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
 
     let assembly_timeout = Duration::from_millis(p.assembly_timeout_ms);
     let asm_plan = plan.clone();
-    let max_pending = p.max_pending_fields;
+    let max_pending = p.max_pending_mb.saturating_mul(1 << 20);
     let assembler = spawn("assembly", move || {
         assemble(frame_rx, field_tx, &asm_plan, assembly_timeout, max_pending)
     })?;
@@ -456,18 +456,20 @@ struct Pending {
     received_at: Instant,
     origin: liveomics_adapters::model::Origin,
     have: usize,
+    /// Pixel bytes held, for `pipeline.max_pending_mb`.
+    bytes: u64,
 }
 
 /// Groups frames into fields. Complete fields go on at once; a field still missing channels after
-/// `timeout`, or when `max_pending` fields are already waiting, goes on incomplete with a counted
-/// warning (its raw frames are kept, never dropped). Invalid frames are rejected, logged and
+/// `timeout`, or when the frames waiting hold more than `max_pending` bytes, goes on incomplete
+/// with a counted warning (its raw frames are kept, never dropped). Invalid frames are rejected, logged and
 /// counted.
 fn assemble(
     rx: Receiver<Frame>,
     tx: Sender<Field>,
     plan: &AcquisitionPlan,
     timeout: Duration,
-    max_pending: usize,
+    max_pending: u64,
 ) -> AssemblyStats {
     let n = plan.channels.len();
     let mut stats = AssemblyStats::default();
@@ -476,8 +478,11 @@ fn assemble(
     let mut emitted: HashSet<FieldKey> = HashSet::new();
     let mut emitted_order: VecDeque<FieldKey> = VecDeque::new();
     let tick = Duration::from_millis(100).min(timeout);
+    // Pixel bytes of every pending field.
+    let mut held: u64 = 0;
     let emit = |key: FieldKey,
                 p: Pending,
+                passed: t::Passed,
                 stats: &mut AssemblyStats,
                 emitted: &mut HashSet<FieldKey>,
                 order: &mut VecDeque<FieldKey>|
@@ -499,6 +504,7 @@ fn assemble(
         t::FieldAssembled {
             field: &field.key.to_string(),
             missing: &missing,
+            passed,
         }
         .emit();
         stats.incomplete += u64::from(!missing.is_empty());
@@ -594,15 +600,32 @@ fn assemble(
                     reject("late", "the field was already passed on".into(), &mut stats);
                     continue;
                 }
-                if !pending.contains_key(&frame.key) && pending.len() >= max_pending {
+                if pending
+                    .get(&frame.key)
+                    .is_some_and(|p| p.channels[frame.channel].is_some())
+                {
+                    reject(
+                        "duplicate",
+                        "channel already received for this field".into(),
+                        &mut stats,
+                    );
+                    continue;
+                }
+                // Over the memory cap, the oldest other partial fields go on first; this frame's
+                // own field never does (its channels would then come back as a second field).
+                let frame_bytes = (px.len() * 2) as u64;
+                while held + frame_bytes > max_pending {
                     let oldest = pending
                         .iter()
+                        .filter(|(k, _)| **k != frame.key)
                         .min_by_key(|(_, p)| p.received_at)
                         .map(|(k, _)| k.clone());
-                    if let Some((k, p)) = oldest.and_then(|k| pending.remove_entry(&k)) {
-                        if !emit(k, p, &mut stats, &mut emitted, &mut emitted_order) {
-                            return stats;
-                        }
+                    let Some((k, p)) = oldest.and_then(|k| pending.remove_entry(&k)) else {
+                        break;
+                    };
+                    held -= p.bytes;
+                    if !emit(k, p, t::Passed::MemoryCap, &mut stats, &mut emitted, &mut emitted_order) {
+                        return stats;
                     }
                 }
                 let entry = pending.entry(frame.key.clone()).or_insert_with(|| Pending {
@@ -611,25 +634,28 @@ fn assemble(
                     received_at: frame.received_at,
                     origin: frame.origin.clone(),
                     have: 0,
+                    bytes: 0,
                 });
-                if entry.channels[frame.channel].is_some() {
-                    reject(
-                        "duplicate",
-                        "channel already received for this field".into(),
-                        &mut stats,
-                    );
-                    continue;
-                }
                 t::FrameReceived {
                     channel: &plan.channels[frame.channel].name,
                 }
                 .emit();
                 entry.channels[frame.channel] = Some(px);
                 entry.have += 1;
+                entry.bytes += frame_bytes;
+                held += frame_bytes;
                 entry.received_at = entry.received_at.min(frame.received_at);
                 if entry.have == n {
                     if let Some(p) = pending.remove(&frame.key) {
-                        if !emit(frame.key, p, &mut stats, &mut emitted, &mut emitted_order) {
+                        held -= p.bytes;
+                        if !emit(
+                            frame.key,
+                            p,
+                            t::Passed::Complete,
+                            &mut stats,
+                            &mut emitted,
+                            &mut emitted_order,
+                        ) {
                             return stats;
                         }
                     }
@@ -645,7 +671,8 @@ fn assemble(
             .collect();
         for k in expired {
             if let Some(p) = pending.remove(&k) {
-                if !emit(k, p, &mut stats, &mut emitted, &mut emitted_order) {
+                held -= p.bytes;
+                if !emit(k, p, t::Passed::Timeout, &mut stats, &mut emitted, &mut emitted_order) {
                     return stats;
                 }
             }
@@ -655,7 +682,14 @@ fn assemble(
     let mut rest: Vec<(FieldKey, Pending)> = pending.into_iter().collect();
     rest.sort_by(|a, b| a.0.cmp(&b.0));
     for (k, p) in rest {
-        if !emit(k, p, &mut stats, &mut emitted, &mut emitted_order) {
+        if !emit(
+            k,
+            p,
+            t::Passed::IntakeEnded,
+            &mut stats,
+            &mut emitted,
+            &mut emitted_order,
+        ) {
             break;
         }
     }

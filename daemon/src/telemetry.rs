@@ -145,17 +145,22 @@ impl Metrics {
 fn serve(listener: TcpListener, handle: PrometheusHandle) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        // A request is a few hundred bytes: a client sending more is cut off at 16 KiB, and one
+        // sending slowly at 2 s for the whole request (each read gets what is left of it), so no
+        // client can hold the single-threaded endpoint away from the next scrape.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let left = |s: &std::net::TcpStream| {
+            let d = deadline.saturating_duration_since(std::time::Instant::now());
+            !d.is_zero() && s.set_read_timeout(Some(d)).is_ok()
+        };
         let mut line = String::new();
-        // A request is a few hundred bytes; a client sending more (or forever) is cut off there,
-        // and the 2 s timeout bounds a slow one.
         let mut reader = BufReader::new((&stream).take(16 * 1024));
-        if reader.read_line(&mut line).is_err() {
+        if !left(&stream) || reader.read_line(&mut line).is_err() {
             continue;
         }
         // Drain the request headers.
         let mut h = String::new();
-        while reader.read_line(&mut h).map(|n| n > 2).unwrap_or(false) {
+        while left(&stream) && reader.read_line(&mut h).map(|n| n > 2).unwrap_or(false) {
             h.clear();
         }
         let (status, body) = if line.starts_with("GET /metrics") {
@@ -426,6 +431,20 @@ impl InputRejected<'_> {
 pub struct FieldAssembled<'a> {
     pub field: &'a str,
     pub missing: &'a [String],
+    pub passed: Passed,
+}
+
+/// Why assembly passed a field on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passed {
+    /// Every channel arrived.
+    Complete,
+    /// `pipeline.assembly_timeout_ms` went by without the missing channels.
+    Timeout,
+    /// The partial fields held more than `pipeline.max_pending_mb`; this was the oldest.
+    MemoryCap,
+    /// Intake ended (the source finished or the run was stopped).
+    IntakeEnded,
 }
 
 impl FieldAssembled<'_> {
@@ -433,10 +452,18 @@ impl FieldAssembled<'_> {
         counter!(FIELDS_ASSEMBLED).increment(1);
         if self.missing.is_empty() {
             debug!(field = self.field, "field assembled");
-        } else {
-            warn!(field = self.field, missing = ?self.missing, "field incomplete after assembly timeout; passed on with missing channels");
-            counter!(FIELDS_INCOMPLETE).increment(1);
+            return;
         }
+        let why = match self.passed {
+            Passed::Complete | Passed::Timeout => "after the assembly timeout",
+            Passed::MemoryCap => {
+                "because partial fields held more than pipeline.max_pending_mb (an acquisition \
+                 that sends channel by channel needs it and the timeout raised)"
+            }
+            Passed::IntakeEnded => "at the end of intake",
+        };
+        warn!(field = self.field, missing = ?self.missing, "field passed on incomplete {why}; its channels that come later are rejected as late");
+        counter!(FIELDS_INCOMPLETE).increment(1);
     }
 }
 
@@ -583,7 +610,7 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// What became of a closed-loop follow-up request: the `state` label of
 /// `liveomics_followups_total`. A closed set, so that acks from the network cannot mint labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FollowupState {
     Requested,
     Scheduled,
@@ -607,7 +634,8 @@ impl FollowupState {
         }
     }
 
-    /// The states a bridge may acknowledge; anything else in an ack is rejected.
+    /// The states a bridge may acknowledge; anything else in an ack is rejected. They only move
+    /// forward (`Ord`): a `scheduled` that arrives after `done` changes nothing.
     pub fn from_ack(s: &str) -> Option<Self> {
         match s {
             "scheduled" => Some(Self::Scheduled),
@@ -626,20 +654,54 @@ pub struct FollowupChanged<'a> {
     pub state: FollowupState,
     pub id: Option<&'a str>,
     pub field: Option<&'a str>,
+    /// Since the request was sent.
     pub after_ms: Option<u64>,
+    /// The rule's metric value that fired it, and over how many cells.
+    pub value: Option<f64>,
+    pub cells: Option<u64>,
+    /// For a timeout: the last state acknowledged, and the configured limit.
+    pub last_state: Option<FollowupState>,
+    pub timeout_ms: Option<u64>,
 }
 
-impl FollowupChanged<'_> {
+impl<'a> FollowupChanged<'a> {
+    /// The event with only its rule and state; the caller fills in what it knows.
+    pub fn new(rule: &'a str, state: FollowupState) -> Self {
+        Self {
+            rule,
+            state,
+            id: None,
+            field: None,
+            after_ms: None,
+            value: None,
+            cells: None,
+            last_state: None,
+            timeout_ms: None,
+        }
+    }
+
     pub fn emit(&self) {
         let (rule, state, id, field) = (self.rule, self.state.as_str(), self.id, self.field);
         match self.state {
-            FollowupState::Requested => info!(rule, id, field, "follow-up requested"),
+            FollowupState::Requested => info!(
+                rule,
+                id,
+                field,
+                value = self.value,
+                cells = self.cells,
+                "follow-up requested"
+            ),
             FollowupState::Scheduled | FollowupState::Started | FollowupState::Done => {
                 info!(rule, state, id, after_ms = self.after_ms, "follow-up acknowledged")
             }
-            FollowupState::Timeout => {
-                warn!(rule, id, after_ms = self.after_ms, "follow-up request not done in time")
-            }
+            FollowupState::Timeout => warn!(
+                rule,
+                id,
+                last_state = self.last_state.map(FollowupState::as_str),
+                after_ms = self.after_ms,
+                timeout_ms = self.timeout_ms,
+                "follow-up request not done within its timeout"
+            ),
             FollowupState::Suppressed => debug!(rule, field, "follow-up held back by the rule's cooldown"),
             FollowupState::OverBudget => warn!(rule, field, "follow-up budget of the plate used up"),
         }
@@ -652,11 +714,21 @@ impl FollowupChanged<'_> {
 pub struct FollowupAckRejected<'a> {
     pub reason: &'static str,
     pub detail: &'a str,
+    /// What the ack said, cut to 64 characters (it comes from the network).
+    pub id: Option<&'a str>,
+    pub state: Option<&'a str>,
 }
 
 impl FollowupAckRejected<'_> {
     pub fn emit(&self) {
-        warn!(reason = self.reason, "follow-up ack ignored: {}", self.detail);
+        let cut = |s: Option<&str>| s.map(|s| s.chars().take(64).collect::<String>());
+        warn!(
+            reason = self.reason,
+            id = cut(self.id),
+            state = cut(self.state),
+            "follow-up ack ignored: {}",
+            self.detail
+        );
         counter!(FOLLOWUP_ACKS_REJECTED, "reason" => self.reason).increment(1);
     }
 }
@@ -754,11 +826,13 @@ impl FollowupFieldReceived<'_> {
     }
 }
 
-/// A rule asking for more fields fired on a field without a stage position.
+/// A rule asking for more fields fired but they cannot be placed (no stage position, or no
+/// field numbers left in the well).
 #[derive(Debug)]
 pub struct FollowupUnplaceable<'a> {
     pub rule: &'a str,
     pub field: &'a str,
+    pub why: &'a str,
 }
 
 impl FollowupUnplaceable<'_> {
@@ -766,7 +840,8 @@ impl FollowupUnplaceable<'_> {
         warn!(
             rule = self.rule,
             field = self.field,
-            "no stage position for this field: cannot place more fields"
+            "{}: cannot place more fields",
+            self.why
         );
     }
 }

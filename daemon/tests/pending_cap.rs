@@ -1,20 +1,20 @@
 //! A sender that never completes its fields cannot fill the daemon's memory: assembly passes the
-//! oldest on, flagged incomplete, once `pipeline.max_pending_fields` are waiting. (Its own test
-//! binary: the metrics registry is per process, and bad_frames.rs counts incomplete fields.)
+//! oldest on, flagged incomplete, once the partial fields hold `pipeline.max_pending_mb`. (Its own
+//! test binary: the metrics registry is per process, and bad_frames.rs counts incomplete fields.)
+
+mod common;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crossbeam_channel::Sender;
-mod common;
-
 use liveomics::pipeline::{run_source, RunOptions};
 use liveomics_adapters::model::{AcquisitionPlan, Frame, Pixels};
 use liveomics_adapters::simulator::Simulator;
 use liveomics_adapters::source::{Source, SourceError, SourceReport, StopToken};
 
 /// Sends only the first channel of many fields, then waits for the first of them to be written
-/// before it ends: assembly must pass the oldest on at `pipeline.max_pending_fields` instead of
+/// before it ends: assembly must pass the oldest on at `pipeline.max_pending_mb` instead of
 /// holding every partial field until the (long) assembly timeout.
 struct PartialSource {
     sim: Simulator,
@@ -63,12 +63,13 @@ impl Source for PartialSource {
 #[test]
 fn partial_fields_beyond_the_pending_cap_go_on_incomplete_while_intake_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sim_cfg = common::plate("partial", &["A1"], 6, 128);
+    // 1024² frames are 2 MiB each: a 5 MiB cap holds two partial fields.
+    let sim_cfg = common::plate("partial", &["A1"], 6, 1024);
     let sim = Simulator::new(sim_cfg.clone()).expect("simulator");
     let plan = sim.plan().clone();
     let mut cfg = common::run_config(&sim_cfg, dir.path());
     cfg.pipeline.assembly_timeout_ms = 600_000;
-    cfg.pipeline.max_pending_fields = 2;
+    cfg.pipeline.max_pending_mb = 5;
     let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let source = PartialSource {
         sim,

@@ -213,7 +213,7 @@ fn file_name(p: &Path) -> String {
 }
 
 impl FolderSource {
-    pub fn new(cfg: FolderConfig) -> Result<Self, SourceError> {
+    pub fn new(mut cfg: FolderConfig) -> Result<Self, SourceError> {
         let issues = cfg.validate();
         if !issues.is_empty() {
             let msg: Vec<String> = issues.iter().map(|i| i.to_string()).collect();
@@ -225,6 +225,12 @@ impl FolderSource {
                 cfg.path.display()
             )));
         }
+        // Watch events name absolute paths; a walk of a relative path would name the same files
+        // differently, and files already done would be read again after a rescan.
+        cfg.path = std::fs::canonicalize(&cfg.path).map_err(|e| SourceError::Io {
+            context: format!("cannot resolve {}", cfg.path.display()),
+            source: e,
+        })?;
         let format = PlateFormat::new(cfg.plate_format)?;
         let layout = Layout::new(cfg.layout, &cfg.pattern, format, cfg.one_based)
             .map_err(|e| SourceError::Config(e.to_string()))?;
@@ -448,6 +454,11 @@ impl FolderSource {
             }
             while let Ok(ev) = rx.try_recv() {
                 let Ok(ev) = ev else { continue };
+                // The kernel's own event queue overflowed: some files were never reported.
+                if ev.need_rescan() {
+                    overflow.store(true, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
                 let closed = matches!(
                     ev.kind,
                     notify::EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Write))

@@ -304,59 +304,60 @@ impl FollowupSink {
     fn drain_acks(&mut self) {
         while let Ok(Some(sample)) = self.acks.try_recv() {
             let bytes = sample.payload().to_bytes();
-            let Ok(ack) = serde_json::from_slice::<Value>(&bytes) else {
+            let reject = |reason, detail, id, state| {
                 t::FollowupAckRejected {
-                    reason: "json",
-                    detail: "not JSON",
+                    reason,
+                    detail,
+                    id,
+                    state,
                 }
-                .emit();
+                .emit()
+            };
+            let Ok(ack) = serde_json::from_slice::<Value>(&bytes) else {
+                reject("json", "not JSON", None, None);
                 continue;
             };
             let (Some(id), Some(state)) = (ack["id"].as_str(), ack["state"].as_str()) else {
-                t::FollowupAckRejected {
-                    reason: "fields",
-                    detail: "no string `id` and `state`",
-                }
-                .emit();
+                reject("fields", "no string `id` and `state`", None, None);
                 continue;
             };
-            let Some(state) = FollowupState::from_ack(state) else {
-                t::FollowupAckRejected {
-                    reason: "state",
-                    detail: "`state` is none of scheduled, started, done",
-                }
-                .emit();
+            let Some(new) = FollowupState::from_ack(state) else {
+                reject(
+                    "state",
+                    "`state` is none of scheduled, started, done",
+                    Some(id),
+                    Some(state),
+                );
                 continue;
             };
-            match self.pending.get_mut(id) {
-                Some(p) => {
-                    t::FollowupChanged {
-                        rule: &p.rule,
-                        state,
-                        id: Some(id),
-                        field: None,
-                        after_ms: Some(p.sent.elapsed().as_millis() as u64),
-                    }
-                    .emit();
-                    p.state = state;
-                }
-                None => t::FollowupAckRejected {
-                    reason: "unknown_id",
-                    detail: "no request with this id is pending",
-                }
-                .emit(),
+            let Some(p) = self.pending.get_mut(id) else {
+                reject(
+                    "unknown_id",
+                    "no request with this id is pending",
+                    Some(id),
+                    Some(state),
+                );
+                continue;
+            };
+            t::FollowupChanged {
+                id: Some(id),
+                after_ms: Some(p.sent.elapsed().as_millis() as u64),
+                ..t::FollowupChanged::new(&p.rule, new)
             }
+            .emit();
+            // Acks may overtake each other: a state only moves forward.
+            p.state = p.state.max(new);
         }
         let timeout = Duration::from_millis(self.cfg.request_timeout_ms);
         for (id, p) in self.pending.iter_mut() {
             if p.state != FollowupState::Done && !p.warned && p.sent.elapsed() > timeout {
                 p.warned = true;
                 t::FollowupChanged {
-                    rule: &p.rule,
-                    state: FollowupState::Timeout,
                     id: Some(id),
-                    field: None,
                     after_ms: Some(p.sent.elapsed().as_millis() as u64),
+                    last_state: Some(p.state),
+                    timeout_ms: Some(self.cfg.request_timeout_ms),
+                    ..t::FollowupChanged::new(&p.rule, FollowupState::Timeout)
                 }
                 .emit();
             }
@@ -502,11 +503,8 @@ impl Sink for FollowupSink {
             if let Some(last) = self.last_fired.get(&(ri, key.well)) {
                 if now.duration_since(*last) < cooldown {
                     t::FollowupChanged {
-                        rule: &rule.name,
-                        state: FollowupState::Suppressed,
-                        id: None,
                         field: Some(&work.name),
-                        after_ms: None,
+                        ..t::FollowupChanged::new(&rule.name, FollowupState::Suppressed)
                     }
                     .emit();
                     continue;
@@ -514,11 +512,8 @@ impl Sink for FollowupSink {
             }
             if self.sent >= self.cfg.max_followups_per_plate {
                 t::FollowupChanged {
-                    rule: &rule.name,
-                    state: FollowupState::OverBudget,
-                    id: None,
                     field: Some(&work.name),
-                    after_ms: None,
+                    ..t::FollowupChanged::new(&rule.name, FollowupState::OverBudget)
                 }
                 .emit();
                 continue;
@@ -527,6 +522,7 @@ impl Sink for FollowupSink {
                 t::FollowupUnplaceable {
                     rule: &rule.name,
                     field: &work.name,
+                    why: "no stage position for this field",
                 }
                 .emit();
                 continue;
@@ -541,6 +537,12 @@ impl Sink for FollowupSink {
             let fields: Vec<u32> = (*next..end).collect();
             *next = end;
             if fields.is_empty() {
+                t::FollowupUnplaceable {
+                    rule: &rule.name,
+                    field: &work.name,
+                    why: "the well's field numbers are used up",
+                }
+                .emit();
                 continue;
             }
             self.sent += 1;
@@ -570,11 +572,11 @@ impl Sink for FollowupSink {
                 .wait()
                 .map_err(|e| SinkError::Zenoh(e.to_string()))?;
             t::FollowupChanged {
-                rule: &rule.name,
-                state: FollowupState::Requested,
                 id: Some(&id),
                 field: Some(&work.name),
-                after_ms: None,
+                value: value.is_finite().then_some(value),
+                cells: Some(n),
+                ..t::FollowupChanged::new(&rule.name, FollowupState::Requested)
             }
             .emit();
             self.last_fired.insert((ri, key.well), now);

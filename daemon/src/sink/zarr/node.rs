@@ -253,6 +253,7 @@ impl Store {
     }
 
     pub fn open_array(&self, node: &str) -> Result<Array<FilesystemStore>, SinkError> {
+        self.dir(node)?;
         Array::open(self.zarrs.clone(), node).map_err(zerr(node))
     }
 
