@@ -127,7 +127,21 @@ def test_different_plate_in_output_is_refused_and_untouched(binary, tmp_path):
     proc = run(binary, "run", "--config", other)
     assert proc.returncode == 1
     assert "holds a different plate" in proc.stderr, proc.stderr
+    assert "differing: " in proc.stderr and "width_px" in proc.stderr.split("differing: ")[1].split(";")[0], proc.stderr
     assert (tmp_path / "out" / "same.zarr" / "zarr.json").read_bytes() == before
+
+
+def test_overwrite_never_deletes_a_directory_liveomics_did_not_write(binary, tmp_path):
+    foreign = tmp_path / "out" / "mine.zarr"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("a user's data")
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(daemon_toml(tmp_path / "out", "mine", None, sim_toml(plate="mine", wells=("A1",), fields=1, size=128), zenoh_enabled=False))
+    for extra in ([], ["--overwrite"]):
+        proc = run(binary, "run", "--config", cfg, *extra)
+        assert proc.returncode == 1, proc.stderr
+        assert "is not a plate written by liveomics" in proc.stderr, proc.stderr
+        assert (foreign / "notes.txt").read_text() == "a user's data"
 
 
 def check_complete_plate(plate: Path, truth: Path, wells, fields):

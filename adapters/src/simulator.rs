@@ -181,8 +181,8 @@ impl SimulatorConfig {
                 format!("must be 1..=10000, got {}", self.fields_per_well),
             );
         }
-        if self.timepoints == 0 {
-            bad("timepoints", "must be at least 1".into());
+        if self.timepoints == 0 || self.timepoints > 100_000 {
+            bad("timepoints", format!("must be 1..=100000, got {}", self.timepoints));
         }
         for (key, v) in [("width_px", self.width_px), ("height_px", self.height_px)] {
             if !(64..=4096).contains(&v) {
@@ -198,6 +198,30 @@ impl SimulatorConfig {
             if !(v.is_finite() && v > 0.0) {
                 bad(key, format!("must be a positive number, got {v}"));
             }
+        }
+        // Bounds of what a microscope field can be: beyond them the simulator would draw cells
+        // larger than any image, or more of them than fit in memory.
+        if self.pixel_size_um.is_finite() && !(0.01..=100.0).contains(&self.pixel_size_um) {
+            bad(
+                "pixel_size_um",
+                format!("must be 0.01..=100, got {}", self.pixel_size_um),
+            );
+        }
+        let cell_px = self.cell_diameter_um / self.pixel_size_um;
+        if cell_px.is_finite() && cell_px > 1000.0 {
+            bad(
+                "cell_diameter_um",
+                format!("is {cell_px:.0} pixels across at this pixel size; at most 1000"),
+            );
+        }
+        if self.cell_density_per_mm2.is_finite() && self.cell_density_per_mm2 > 100_000.0 {
+            bad(
+                "cell_density_per_mm2",
+                format!(
+                    "must be at most 100000 (cells touch at about 10000), got {}",
+                    self.cell_density_per_mm2
+                ),
+            );
         }
         if self.cell_diameter_um <= self.nucleus_diameter_um {
             bad("cell_diameter_um", "must be larger than nucleus_diameter_um".into());
@@ -216,8 +240,14 @@ impl SimulatorConfig {
         if self.visible_genes > self.genes {
             bad("visible_genes", "cannot exceed genes".into());
         }
-        if !(self.rate_fields_per_s >= 0.0 && self.rate_fields_per_s.is_finite()) {
-            bad("rate_fields_per_s", "must be >= 0 (0 = as fast as possible)".into());
+        if !(self.rate_fields_per_s == 0.0 || (0.001..=10_000.0).contains(&self.rate_fields_per_s)) {
+            bad(
+                "rate_fields_per_s",
+                format!(
+                    "must be 0 (as fast as possible) or 0.001..=10000, got {}",
+                    self.rate_fields_per_s
+                ),
+            );
         }
         if !(self.perturbation_strength >= 0.0) {
             bad("perturbation_strength", "must be >= 0".into());
@@ -1153,5 +1183,31 @@ mod tests {
         };
         let keys: Vec<String> = cfg.validate().into_iter().map(|i| i.key).collect();
         assert_eq!(keys, vec!["plate", "wells[0]", "width_px"]);
+    }
+
+    #[test]
+    fn values_no_microscope_has_are_refused_before_they_reach_an_allocation() {
+        let cfg = SimulatorConfig {
+            pixel_size_um: 1e-9,
+            cell_density_per_mm2: 1e300,
+            rate_fields_per_s: 1e-300,
+            timepoints: u32::MAX,
+            proteins: vec![ProteinChannel {
+                name: "../x".into(),
+                localization: Localization::Nuclear,
+            }],
+            ..Default::default()
+        };
+        let keys: Vec<String> = cfg.validate().into_iter().map(|i| i.key).collect();
+        for key in [
+            "timepoints",
+            "pixel_size_um",
+            "cell_diameter_um",
+            "cell_density_per_mm2",
+            "rate_fields_per_s",
+            "proteins[0].name",
+        ] {
+            assert!(keys.contains(&key.to_string()), "{key} not in {keys:?}");
+        }
     }
 }

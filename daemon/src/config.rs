@@ -635,10 +635,21 @@ impl Config {
                 ),
             ));
         }
-        if tracing_subscriber::EnvFilter::try_new(&t.log_level).is_err() {
+        // A bare word that is not a level parses as a filter for a target of that name, which
+        // silences everything else: "loud" would turn logging off. Each directive must be a
+        // level or `target=level`.
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        let bare_word = t.log_level.split(',').map(str::trim).find(|d| {
+            !d.is_empty() && !d.contains('=') && !d.contains('[') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+        });
+        if tracing_subscriber::EnvFilter::try_new(&t.log_level).is_err() || bare_word.is_some() {
             out.push(Invalid::new(
                 "telemetry.log_level",
-                format!("{:?} is not a tracing filter", t.log_level),
+                format!(
+                    "{:?} is not a log filter: use a level (trace, debug, info, warn, error, off), \
+                     optionally with target=level directives, e.g. \"info,liveomics=debug\"",
+                    t.log_level
+                ),
             ));
         }
         match self.source.kind.as_str() {
@@ -775,7 +786,7 @@ impl InferenceConfig {
                 out.push(Invalid::new(
                     &format!("{key}.role"),
                     format!(
-                        "unknown role {:?}; known: segmentation, virtual-stain, cell-omics, well-omics",
+                        "unknown role {:?}; known: segmentation, virtual-stain, virtual-stain-diffusion, cell-omics, well-omics",
                         m.role
                     ),
                 ));
@@ -840,6 +851,10 @@ mod tests {
             nuclei_channel = "Hoechst"
             [compute]
             device = "gpu0"
+            [telemetry]
+            log_level = "loud"
+            [pipeline]
+            max_pending_mb = 0
             [[inference.models]]
             name = "cells"
             path = "models/cell_omics_cnn"
@@ -858,6 +873,8 @@ mod tests {
             "latency_budget_ms",
             "segmentation.nuclei_channel",
             "compute.device",
+            "telemetry.log_level",
+            "pipeline.max_pending_mb",
         ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }

@@ -317,6 +317,29 @@ fn description_checks(
             }
         }
     }
+    // A whole-field role writes images: its output must be (batch, channel, y, x) too, or every
+    // field would fail at tiling, long after startup.
+    if matches!(role, Role::Segmentation | Role::VirtualStain) {
+        let out_kinds: Vec<&AxisKind> = d.outputs[0].axes.iter().map(|a| &a.kind).collect();
+        if !matches!(
+            out_kinds.as_slice(),
+            [
+                AxisKind::Batch,
+                AxisKind::Channel { .. },
+                AxisKind::Space,
+                AxisKind::Space
+            ]
+        ) {
+            return Err(Invalid::new(
+                &format!("{key}.role"),
+                format!(
+                    "{:?} is used as {}, a whole-field role, but its output axes are not batch, channel, y, x",
+                    d.name,
+                    role_name(role)
+                ),
+            ));
+        }
+    }
     let mut crop = 0;
     if role == Role::CellOmics {
         let stages = &cfg.pipeline.stages;
@@ -469,6 +492,8 @@ impl InferenceStage {
             }
             match load(cfg, plan, i, m) {
                 Ok(l) => models.push(l),
+                // A runtime or provider problem is the same for every model: said once.
+                Err(e) if errors.contains(&e) => {}
                 Err(e) => errors.push(e),
             }
         }
@@ -503,7 +528,18 @@ fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Resu
     }
     let d = Description::load(&m.path).map_err(|e| Invalid::new(&format!("{key}.path"), e.to_string()))?;
     let (role, channels, crop) = description_checks(i, m, &d, cfg, plan)?;
-    let path_err = |e: ModelError| Invalid::new(&format!("{key}.path"), t::error_chain(&e));
+    // Filed under the key that fixes it: the runtime library and the providers are settings of
+    // `[inference]`, everything else is about the model at `path`.
+    let path_err = |e: ModelError| {
+        let at = match &e {
+            ModelError::OrtNotFound { .. } | ModelError::OrtLoad { .. } | ModelError::OrtAlreadyLoaded { .. } => {
+                "inference.ort_library".to_string()
+            }
+            ModelError::NoProvider { .. } => "inference.providers".to_string(),
+            _ => format!("{key}.path"),
+        };
+        Invalid::new(&at, t::error_chain(&e))
+    };
     let (model, kind) = match role {
         Role::VirtualStainDiffusion => {
             let diffusion = Arc::new(Diffusion::load(&m.path, &opts).map_err(path_err)?);

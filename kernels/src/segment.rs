@@ -102,6 +102,17 @@ impl NucleiParams {
             });
         }
         let d = diameter_um / pixel_size_um;
+        // Outside this a diameter or pixel size is wrong (a unit slip), and the kernels' windows
+        // would not fit in memory or in an image.
+        if !(2.0..=1000.0).contains(&d) {
+            return Err(KernelError::Parameter {
+                name: "diameter_um/pixel_size_um",
+                reason: format!(
+                    "a nucleus of {diameter_um} µm at {pixel_size_um} µm per pixel is {d:.3} pixels across; \
+                     2 to 1000 are supported"
+                ),
+            });
+        }
         let area = std::f64::consts::PI * (d / 2.0).powi(2);
         Ok(Self {
             smoothing_sigma_px: (d / 12.0).clamp(0.5, 4.0) as f32,

@@ -164,8 +164,23 @@ impl Proc {
         let per_axis =
             |values: Vec<f32>, axis: Option<String>, what: &str| -> Result<(Vec<f32>, Option<usize>), String> {
                 let axis = axis.map(|a| axis_position(axes, &a)).transpose()?;
+                if values.is_empty() {
+                    return Err(format!("{what} has no values"));
+                }
                 if values.len() != 1 && axis.is_none() {
                     return Err(format!("{what} has {} values but no axis", values.len()));
+                }
+                // One value per index of the axis, where the description fixes its size.
+                if let Some(a) = axis {
+                    if let crate::description::AxisSize::Fixed(n) = axes[a].size {
+                        if values.len() != 1 && values.len() != n {
+                            return Err(format!(
+                                "{what} has {} values for axis {:?} of size {n}",
+                                values.len(),
+                                axes[a].id
+                            ));
+                        }
+                    }
                 }
                 Ok((values, axis))
             };
@@ -222,10 +237,11 @@ impl Proc {
             }
             "clip" => {
                 let a: ClipArgs = args(raw)?;
-                Proc::Clip {
-                    min: a.min.unwrap_or(f32::NEG_INFINITY),
-                    max: a.max.unwrap_or(f32::INFINITY),
+                let (min, max) = (a.min.unwrap_or(f32::NEG_INFINITY), a.max.unwrap_or(f32::INFINITY));
+                if !(min <= max) {
+                    return Err(format!("clip needs min <= max, got min {min} and max {max}"));
                 }
+                Proc::Clip { min, max }
             }
             "binarize" => {
                 let a: BinarizeArgs = args(raw)?;
@@ -402,11 +418,13 @@ fn contiguous(shape: &[usize], reduce: Option<&[usize]>) -> Option<usize> {
     trailing.then(|| shape[k..].iter().product())
 }
 
+/// The value for index `k` along the operation's axis. Lengths are checked against fixed axis
+/// sizes at load; an axis whose size the data decides can still be longer than the list, and
+/// then the value is NaN, which the model's output check reports as a failed field.
 fn pick(values: &[f32], k: usize) -> f32 {
-    if values.len() == 1 {
-        values[0]
-    } else {
-        values[k]
+    match values {
+        [one] => *one,
+        _ => values.get(k).copied().unwrap_or(f32::NAN),
     }
 }
 
@@ -497,6 +515,58 @@ impl<'a> Groups<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::description::{AxisKind, AxisSize};
+
+    fn parse(id: &str, kwargs: &str) -> Result<Proc, String> {
+        let axes = [
+            Axis {
+                id: "batch".into(),
+                kind: AxisKind::Batch,
+                size: AxisSize::Any,
+                halo: 0,
+            },
+            Axis {
+                id: "channel".into(),
+                kind: AxisKind::Channel {
+                    names: vec!["a".into(), "b".into(), "c".into()],
+                },
+                size: AxisSize::Fixed(3),
+                halo: 0,
+            },
+        ];
+        let raw = RawProc {
+            id: id.into(),
+            kwargs: serde_yaml_ng::from_str(kwargs).map_err(|e| e.to_string())?,
+        };
+        Proc::parse(&raw, &axes, false)
+    }
+
+    #[test]
+    fn inconsistent_kwargs_are_load_errors_not_panics() {
+        let e = parse("clip", "{min: 5, max: -5}").err().unwrap_or_default();
+        assert!(e.contains("min <= max"), "{e}");
+        let e = parse("scale_linear", "{gain: [1, 2], axis: channel}")
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("2 values for axis \"channel\" of size 3"), "{e}");
+        let e = parse("scale_linear", "{gain: [], axis: channel}")
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("no values"), "{e}");
+        let e = parse("scale_linear", "{gain: [1, 2, 3], offset: [0, 1], axis: channel}")
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("offset has 2 values"), "{e}");
+        assert!(parse("scale_linear", "{gain: [1, 2, 3], offset: 0.5, axis: channel}").is_ok());
+        assert!(parse("clip", "{min: 0, max: 1}").is_ok());
+    }
+
+    #[test]
+    fn a_short_list_on_an_axis_of_unknown_size_gives_nan_not_a_panic() {
+        assert_eq!(pick(&[1.0, 2.0], 1), 2.0);
+        assert_eq!(pick(&[7.0], 5), 7.0);
+        assert!(pick(&[1.0, 2.0], 2).is_nan());
+    }
 
     #[test]
     fn zero_mean_per_channel() {

@@ -42,9 +42,9 @@ impl TryFrom<String> for Speed {
                 .trim_end_matches(['x', 'X', '×'])
                 .parse::<f64>()
                 .ok()
-                .filter(|f| *f > 0.0 && f.is_finite())
+                .filter(|f| (0.001..=1e6).contains(f))
                 .map(Speed::Factor)
-                .ok_or_else(|| format!("speed {s:?} is not max, realtime or a factor like 4x")),
+                .ok_or_else(|| format!("speed {s:?} is not max, realtime or a factor like 4x (0.001x to 1000000x)")),
         }
     }
 }

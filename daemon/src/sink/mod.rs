@@ -21,6 +21,11 @@ pub enum SinkError {
     DifferentPlate { path: String, reason: String },
     #[error("invalid sink configuration: {0}")]
     Config(String),
+    #[error(
+        "{path} exists and is not a plate written by liveomics; nothing was written, and it is never \
+         deleted, --overwrite or not: move it or choose another output"
+    )]
+    NotOurs { path: String },
     #[error("zarr store error at {path}")]
     Zarr {
         path: String,

@@ -163,6 +163,18 @@ impl ZarrSink {
         let plate_dir = Self::plate_path(out, &plan);
         let marker = Self::marker(cfg, &plan, &virtual_channels);
         if plate_dir.exists() && overwrite {
+            // Only a plate this program wrote (or an empty directory) is ever deleted: the path
+            // comes from config and plate names, and a typo must not remove someone's data.
+            let ours = std::fs::read_to_string(plate_dir.join("zarr.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .is_some_and(|v| v.pointer("/attributes/liveomics").is_some());
+            let empty = std::fs::read_dir(&plate_dir).is_ok_and(|mut d| d.next().is_none());
+            if !ours && !empty {
+                return Err(SinkError::NotOurs {
+                    path: plate_dir.display().to_string(),
+                });
+            }
             std::fs::remove_dir_all(&plate_dir).map_err(io_err(&plate_dir))?;
         }
         let store = Store::open(&plate_dir, cfg)?;
@@ -194,19 +206,34 @@ impl ZarrSink {
             path: plate_dir.display().to_string(),
             reason,
         };
-        let root = self
-            .store
-            .attributes("/")
-            .ok_or_else(|| different("it is not an OME-Zarr plate written by liveomics".into()))?;
+        let not_ours = || SinkError::NotOurs {
+            path: plate_dir.display().to_string(),
+        };
+        let root = self.store.attributes("/").ok_or_else(not_ours)?;
         match root.get("liveomics") {
             Some(m) if *m == self.marker => {}
             Some(m) => {
+                let keys: Vec<&String> = match (m, &self.marker) {
+                    (Value::Object(a), Value::Object(b)) => a
+                        .keys()
+                        .chain(b.keys())
+                        .filter(|k| a.get(*k) != b.get(*k))
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect(),
+                    _ => Vec::new(),
+                };
                 return Err(different(format!(
-                    "it was written with a different plan or layout ({m} here, {} now)",
+                    "it was written with a different plan or layout (differing: {}; {m} here, {} now)",
+                    if keys.is_empty() {
+                        "the layout".to_string()
+                    } else {
+                        keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                    },
                     self.marker
-                )))
+                )));
             }
-            None => return Err(different("it has no liveomics marker".into())),
+            None => return Err(not_ours()),
         }
         let wells = root
             .get("ome")
