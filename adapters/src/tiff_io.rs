@@ -149,8 +149,10 @@ pub fn read_channels(path: &Path) -> Result<(usize, usize, Vec<Plane>), TiffErro
             DecodingResult::U32(d) => split!(d, U32),
             DecodingResult::F32(d) => split!(d, F32),
             other => {
-                let kind = format!("{:?}", std::mem::discriminant(&other));
-                return Err(TiffError::Unsupported { path: p(), kind });
+                return Err(TiffError::Unsupported {
+                    path: p(),
+                    kind: sample_type(&other).into(),
+                });
             }
         }
         if !dec.more_images() {
@@ -162,6 +164,23 @@ pub fn read_channels(path: &Path) -> Result<(usize, usize, Vec<Plane>), TiffErro
         }
     }
     Ok((w as usize, h as usize, planes))
+}
+
+/// A decoded image's sample type, as a user would name it.
+fn sample_type(d: &DecodingResult) -> &'static str {
+    match d {
+        DecodingResult::U8(_) => "uint8",
+        DecodingResult::U16(_) => "uint16",
+        DecodingResult::U32(_) => "uint32",
+        DecodingResult::U64(_) => "uint64",
+        DecodingResult::F16(_) => "float16",
+        DecodingResult::F32(_) => "float32",
+        DecodingResult::F64(_) => "float64",
+        DecodingResult::I8(_) => "int8",
+        DecodingResult::I16(_) => "int16",
+        DecodingResult::I32(_) => "int32",
+        DecodingResult::I64(_) => "int64",
+    }
 }
 
 /// Pixel size (µm) and channel names from an OME-XML description. Only the attributes we use are

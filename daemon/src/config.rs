@@ -508,7 +508,7 @@ impl Config {
                     Err(e) => {
                         return Err(ConfigErrors {
                             origin,
-                            errors: vec![Invalid::new("", format!("cannot read: {e}"))],
+                            errors: vec![Invalid::new("(file)", format!("cannot read it as UTF-8 text: {e}"))],
                         })
                     }
                 }

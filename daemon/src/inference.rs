@@ -526,7 +526,7 @@ fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Resu
     if let Some((_, l)) = cache.iter().find(|(k, _)| *k == cache_key) {
         return Ok(Arc::clone(l));
     }
-    let d = Description::load(&m.path).map_err(|e| Invalid::new(&format!("{key}.path"), e.to_string()))?;
+    let d = Description::load(&m.path).map_err(|e| Invalid::new(&format!("{key}.path"), t::error_chain(&e)))?;
     let (role, channels, crop) = description_checks(i, m, &d, cfg, plan)?;
     // Filed under the key that fixes it: the runtime library and the providers are settings of
     // `[inference]`, everything else is about the model at `path`.
@@ -611,7 +611,7 @@ fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Resu
                     .emit()
                 },
             )
-            .map_err(|e| Invalid::new(&key, e.to_string()))?,
+            .map_err(|e| Invalid::new(&key, t::error_chain(&e)))?,
         )
     } else {
         None

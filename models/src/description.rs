@@ -290,7 +290,19 @@ impl Description {
             key: key.to_string(),
             message,
         };
-        let raw: RawDescription = serde_yaml_ng::from_str(&text).map_err(|e| err("(document)", e.to_string()))?;
+        // A file that is not YAML at all (a .toml, a binary) makes serde quote all of it: cut.
+        let raw: RawDescription = serde_yaml_ng::from_str(&text).map_err(|e| {
+            let m = e.to_string();
+            let m = if m.chars().count() > 300 {
+                format!(
+                    "{}… (is this a bioimageio.yaml?)",
+                    m.chars().take(300).collect::<String>()
+                )
+            } else {
+                m
+            };
+            err("(document)", m)
+        })?;
         if raw.kind != "model" {
             return Err(err(
                 "type",
@@ -430,10 +442,7 @@ impl Description {
         }
         let weights = root.join(&onnx.source);
         if !weights.exists() {
-            return Err(ModelError::Io {
-                path: weights,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "weights file missing"),
-            });
+            return Err(err("weights.onnx.source", format!("{} is missing", weights.display())));
         }
         Ok(Self {
             name: raw.name,

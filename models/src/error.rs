@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong loading or running a model. Each variant names the model (its
 /// description's path or name) so that a daemon running several models says which one failed.
+/// A variant with a `#[source]` does not repeat it in its own message: callers print the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("no ONNX Runtime library found; tried:\n  {}\nfix: run `make python` (installs onnxruntime==1.31.1 into .venv), set inference.ort_library or ORT_DYLIB_PATH to libonnxruntime.so, or `pip install onnxruntime==1.31.1`", tried.join("\n  "))]
@@ -10,14 +11,14 @@ pub enum ModelError {
     OrtLoad { path: PathBuf, message: String },
     #[error("ONNX Runtime was already loaded from {loaded} in this process; cannot switch to {requested}")]
     OrtAlreadyLoaded { loaded: PathBuf, requested: PathBuf },
-    #[error("{model}: {what}: {source}")]
+    #[error("{model}: {what}")]
     Ort {
         model: String,
         what: String,
         #[source]
         source: ort::Error,
     },
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -55,6 +56,8 @@ pub enum ModelError {
         tried: Vec<String>,
         reasons: Vec<String>,
     },
+    #[error("{model}: ONNX Runtime cannot load the weights: {message}")]
+    Weights { model: String, message: String },
     #[error("{model}: the batching thread has stopped")]
     BatcherGone { model: String },
 }

@@ -236,6 +236,13 @@ impl Runtime {
                         skipped,
                     })
                 }
+                // The CPU provider is always there: when it fails, the weights are the problem.
+                Err(reason) if p == Provider::Cpu => {
+                    return Err(ModelError::Weights {
+                        model: model.to_string(),
+                        message: reason,
+                    })
+                }
                 Err(reason) => skipped.push(format!("{}: {reason}", p.label())),
             }
         }
