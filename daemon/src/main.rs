@@ -288,7 +288,8 @@ fn main() -> ExitCode {
                         source: liveomics_kernels::gpu::GpuError::Unavailable(_),
                         ..
                     }
-                    | liveomics::segment_cli::SegmentError::Device(_)),
+                    | liveomics::segment_cli::SegmentError::Device(_)
+                    | liveomics::segment_cli::SegmentError::Size { .. }),
                 ) => {
                     eprintln!("error: {}", telemetry::error_chain(&e));
                     ExitCode::from(EXIT_CONFIG)

@@ -27,6 +27,14 @@ pub enum SegmentError {
     Device(#[from] liveomics_kernels::gpu::BadDeviceRequest),
     #[error("--device {device}: {source}")]
     Gpu { device: String, source: GpuError },
+    /// `--diameter-um` / `--pixel-size-um` that no nucleus has: a usage error.
+    #[error("--diameter-um {diameter_um} / --pixel-size-um {pixel_size_um}")]
+    Size {
+        diameter_um: f64,
+        pixel_size_um: f64,
+        #[source]
+        source: KernelError,
+    },
     #[error(transparent)]
     Kernel(#[from] KernelError),
 }
@@ -149,7 +157,12 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
         .pixel_size_um
         .or_else(|| read_image(&req.input).ok().and_then(|i| i.pixel_size_um))
         .unwrap_or(0.65);
-    let mut params = NucleiParams::from_physical(req.diameter_um, pixel_size_um)?;
+    let mut params =
+        NucleiParams::from_physical(req.diameter_um, pixel_size_um).map_err(|source| SegmentError::Size {
+            diameter_um: req.diameter_um,
+            pixel_size_um,
+            source,
+        })?;
     params.threshold = req.threshold.into();
     let (nuclei, n) = compute.segment_nuclei(&dapi, w, h, &params).map_err(gpu_err)?;
     if n == 0 {

@@ -409,6 +409,42 @@ impl Description {
                 }
             }
         }
+        // The names in config.liveomics must fit the tensors they name, for the roles whose
+        // main weights take the landmarks and give the named outputs (a diffusion denoiser takes
+        // latents, a well encoder gives features: their components are checked where they load).
+        if matches!(
+            liveomics.role,
+            Some(Role::Segmentation | Role::VirtualStain | Role::CellOmics)
+        ) {
+            let fixed = |t: &TensorDescr, at: usize| match t.axes.get(at).map(|a| &a.size) {
+                Some(AxisSize::Fixed(n)) => Some(*n),
+                _ => None,
+            };
+            if let Some(n) = fixed(&inputs[0], 1) {
+                if !liveomics.channels.is_empty() && liveomics.channels.len() != n {
+                    return Err(err(
+                        "config.liveomics.channels",
+                        format!("names {} channels; the input has {n}", liveomics.channels.len()),
+                    ));
+                }
+            }
+            if let Some(n) = fixed(&outputs[0], 1) {
+                if !liveomics.outputs.is_empty() && liveomics.outputs.len() != n {
+                    return Err(err(
+                        "config.liveomics.outputs",
+                        format!("names {} outputs; the output has {n}", liveomics.outputs.len()),
+                    ));
+                }
+            }
+            if let (Some(c), Some(n)) = (liveomics.crop_size, fixed(&inputs[0], 2)) {
+                if c != n {
+                    return Err(err(
+                        "config.liveomics.crop_size",
+                        format!("crop_size {c} does not fit the input's {n}-pixel crops"),
+                    ));
+                }
+            }
+        }
         for (name, c) in &liveomics.components {
             let key = format!("config.liveomics.components.{name}");
             let sources = [Some(&c.source), c.test_input.as_ref(), c.test_output.as_ref()];

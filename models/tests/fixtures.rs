@@ -167,9 +167,19 @@ fn bad_models_fail_with_clear_errors() {
     let e = load_err(&d).to_string();
     assert!(e.contains("weights.onnx") && e.contains("missing"), "{e}");
 
-    let d = broken_copy("cellnet", |p| edit_yaml(p, "size: 32\n", "size: 48\n"));
+    let d = broken_copy("cellnet", |p| {
+        edit_yaml(p, "size: 32\n", "size: 48\n");
+        edit_yaml(p, "crop_size: 32", "crop_size: 48");
+    });
     let e = load_err(&d).to_string();
     assert!(e.contains("is 48 in the description but 32 in the ONNX graph"), "{e}");
+
+    let d = broken_copy("cellnet", |p| edit_yaml(p, "crop_size: 32", "crop_size: 48"));
+    let e = load_err(&d).to_string();
+    assert!(
+        e.contains("config.liveomics.crop_size") && e.contains("32-pixel crops"),
+        "{e}"
+    );
 
     let d = broken_copy("fcn", |p| {
         edit_yaml(p, "      - type: channel\n        channel_names: [DAPI]\n", "")
