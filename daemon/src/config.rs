@@ -461,6 +461,9 @@ impl Config {
             }
         };
         let mut errors = Vec::new();
+        // Array elements taken out so far, by the array's path, as indices of the file: later
+        // errors are reported with the file's indices, not the shortened array's.
+        let mut removed: std::collections::HashMap<String, Vec<usize>> = std::collections::HashMap::new();
         loop {
             match serde_path_to_error::deserialize::<_, Config>(value.clone()) {
                 Ok(cfg) if errors.is_empty() => return Ok(cfg),
@@ -486,10 +489,35 @@ impl Config {
                             path.push(unknown.to_string());
                         }
                     }
-                    let key = join_path(&path);
-                    let removed = remove_path(&mut value, &path);
-                    errors.push(Invalid::new(&key, first_line(&message)));
-                    if !removed || errors.len() >= MAX_SHAPE_ERRORS {
+                    // The path as the file numbers it.
+                    let mut original = path.clone();
+                    for (i, seg) in path.iter().enumerate() {
+                        let Some(cur) = seg_index(seg) else { continue };
+                        let mut at = cur;
+                        if let Some(gone) = removed.get(&join_path(&original[..i])) {
+                            for &g in gone {
+                                if g <= at {
+                                    at += 1;
+                                }
+                            }
+                        }
+                        original[i] = format!("[{at}]");
+                    }
+                    errors.push(Invalid::new(&join_path(&original), first_line(&message)));
+                    // An error inside an array element takes the whole element out: taking out
+                    // only the bad key would make a required one "missing" in the next pass.
+                    let cut = match path.iter().rposition(|s| seg_index(s).is_some()) {
+                        Some(i) => {
+                            let gone = removed.entry(join_path(&original[..i])).or_default();
+                            if let Some(at) = seg_index(&original[i]) {
+                                gone.push(at);
+                                gone.sort_unstable();
+                            }
+                            &path[..=i]
+                        }
+                        None => &path[..],
+                    };
+                    if !remove_path(&mut value, cut) || errors.len() >= MAX_SHAPE_ERRORS {
                         return Err(fail(errors));
                     }
                 }
@@ -698,6 +726,11 @@ fn join_path(segments: &[String]) -> String {
     out
 }
 
+/// The index of a `[i]` path segment.
+fn seg_index(seg: &str) -> Option<usize> {
+    seg.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
 /// Removes the value at `path` so decoding can continue past it; false if nothing was removed.
 fn remove_path(value: &mut toml::Value, path: &[String]) -> bool {
     let Some((last, parents)) = path.split_last() else {
@@ -878,6 +911,30 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn errors_in_array_elements_keep_the_files_indices_and_invent_nothing() {
+        let text = r#"
+            [[inference.models]]
+            name = 5
+            path = "a"
+            [[inference.models]]
+            name = "ok"
+            path = "b"
+            [[inference.models]]
+            name = "c"
+            path = "c"
+            colour = "red"
+        "#;
+        let err = Config::from_toml(text, "t.toml").unwrap_err();
+        let keys: Vec<&str> = err.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["inference.models[0].name", "inference.models[2].colour"],
+            "{err}"
+        );
+        assert!(!err.to_string().contains("missing field"), "{err}");
     }
 
     #[test]
