@@ -442,10 +442,20 @@ const MAX_SHAPE_ERRORS: usize = 100;
 impl Config {
     /// Parses and checks shape only; `validate` checks meaning.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigErrors> {
-        let fail = |errors| ConfigErrors {
-            origin: origin.to_string(),
-            errors,
-        };
+        match Self::parse(text) {
+            (Some(cfg), errors) if errors.is_empty() => Ok(cfg),
+            (_, errors) => Err(ConfigErrors {
+                origin: origin.to_string(),
+                errors,
+            }),
+        }
+    }
+
+    /// The shape errors, and the config that is left once every bad value is taken out
+    /// (defaults in its place), so that `load` can check its meaning in the same report. `None`
+    /// when nothing usable is left (a syntax error, too many errors, array elements taken out).
+    fn parse(text: &str) -> (Option<Self>, Vec<Invalid>) {
+        let fail = |errors| (None, errors);
         let mut value: toml::Value = match toml::from_str::<toml::Table>(text) {
             Ok(t) => toml::Value::Table(t),
             Err(e) => {
@@ -457,7 +467,7 @@ impl Config {
                         format!("line {line} column {col}")
                     })
                     .unwrap_or_default();
-                return Err(fail(vec![Invalid::new(&at, format!("TOML syntax: {}", e.message()))]));
+                return fail(vec![Invalid::new(&at, format!("TOML syntax: {}", e.message()))]);
             }
         };
         let mut errors = Vec::new();
@@ -466,8 +476,8 @@ impl Config {
         let mut removed: std::collections::HashMap<String, Vec<usize>> = std::collections::HashMap::new();
         loop {
             match serde_path_to_error::deserialize::<_, Config>(value.clone()) {
-                Ok(cfg) if errors.is_empty() => return Ok(cfg),
-                Ok(_) => return Err(fail(errors)),
+                // With array elements taken out, meaning errors would name the shifted indices.
+                Ok(cfg) => return (removed.is_empty().then_some(cfg), errors),
                 Err(e) => {
                     let segments: Vec<String> = e
                         .path()
@@ -518,7 +528,7 @@ impl Config {
                         None => &path[..],
                     };
                     if !remove_path(&mut value, cut) || errors.len() >= MAX_SHAPE_ERRORS {
-                        return Err(fail(errors));
+                        return fail(errors);
                     }
                 }
             }
@@ -542,12 +552,19 @@ impl Config {
                 }
             }
         };
-        let cfg = Self::from_toml(&text, &origin)?;
-        let errors = crate::registry::validate(&cfg);
-        if errors.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(ConfigErrors { origin, errors })
+        // Shape and meaning in one report: the meaning of what is left after the shape errors
+        // (a value of the wrong type does not hide an out-of-range one elsewhere).
+        let (cfg, mut errors) = Self::parse(&text);
+        match cfg {
+            Some(cfg) => {
+                errors.extend(crate::registry::validate(&cfg));
+                if errors.is_empty() {
+                    Ok(cfg)
+                } else {
+                    Err(ConfigErrors { origin, errors })
+                }
+            }
+            None => Err(ConfigErrors { origin, errors }),
         }
     }
 
