@@ -544,20 +544,35 @@ impl Config {
                 match std::fs::read_to_string(p) {
                     Ok(t) => (t, origin),
                     Err(e) => {
+                        let what = if e.kind() == std::io::ErrorKind::InvalidData {
+                            format!("cannot read it as UTF-8 text: {e}")
+                        } else {
+                            format!("cannot read it: {e}")
+                        };
                         return Err(ConfigErrors {
                             origin,
-                            errors: vec![Invalid::new("(file)", format!("cannot read it as UTF-8 text: {e}"))],
-                        })
+                            errors: vec![Invalid::new("(file)", what)],
+                        });
                     }
                 }
             }
         };
         // Shape and meaning in one report: the meaning of what is left after the shape errors
-        // (a value of the wrong type does not hide an out-of-range one elsewhere).
+        // (a value of the wrong type does not hide an out-of-range one elsewhere). A section that
+        // lost a value has a default in its place, so its meaning is not judged; and the plan,
+        // stages and models feed every cross-check, so a shape error in `source`, `pipeline` or
+        // `inference` leaves meaning for the next run.
         let (cfg, mut errors) = Self::parse(&text);
-        match cfg {
+        let section = |key: &str| key.split(['.', '[']).next().unwrap_or("").to_string();
+        let damaged: std::collections::BTreeSet<String> = errors.iter().map(|e| section(&e.key)).collect();
+        let cross = ["source", "pipeline", "inference"].iter().any(|s| damaged.contains(*s));
+        match cfg.filter(|_| !cross) {
             Some(cfg) => {
-                errors.extend(crate::registry::validate(&cfg));
+                errors.extend(
+                    crate::registry::validate(&cfg)
+                        .into_iter()
+                        .filter(|e| !damaged.contains(&section(&e.key))),
+                );
                 if errors.is_empty() {
                     Ok(cfg)
                 } else {
@@ -952,6 +967,36 @@ mod tests {
             "{err}"
         );
         assert!(!err.to_string().contains("missing field"), "{err}");
+    }
+
+    #[test]
+    fn load_reports_shape_and_meaning_together_without_judging_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [segmentation]
+            nuclei_threshold = "median"
+            [sinks.zarr]
+            compression = "ztsd"
+            compression_level = 15
+            [telemetry]
+            log_level = "loud"
+        "#,
+        )
+        .unwrap();
+        let err = Config::load(Some(&path)).unwrap_err();
+        let keys: Vec<&str> = err.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "segmentation.nuclei_threshold",
+                "sinks.zarr.compression",
+                "telemetry.log_level"
+            ],
+            "{err}"
+        );
     }
 
     #[test]

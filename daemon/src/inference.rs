@@ -538,7 +538,15 @@ fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Resu
             ModelError::NoProvider { .. } => "inference.providers".to_string(),
             _ => format!("{key}.path"),
         };
-        Invalid::new(&at, t::error_chain(&e))
+        // Not about one model: said without its name, so that it is said once for all.
+        let message = match &e {
+            ModelError::NoProvider { tried, reasons, .. } => format!(
+                "none of the execution providers {tried:?} could be registered:\n  {}",
+                reasons.join("\n  ")
+            ),
+            _ => t::error_chain(&e),
+        };
+        Invalid::new(&at, message)
     };
     let (model, kind) = match role {
         Role::VirtualStainDiffusion => {

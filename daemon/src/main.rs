@@ -756,7 +756,7 @@ fn print_summary(s: &RunSummary) {
     println!("  plate            {}", s.plate);
     println!("  wells            {}", s.wells);
     println!(
-        "  fields           {} done ({:.2} fields/s): {} written, {} failed to write; {} incomplete{}",
+        "  fields           {} done ({:.2} fields/s): {} by every sink, {} failed in a sink; {} incomplete{}",
         s.fields_done,
         s.fields_done as f64 / secs.max(1e-9),
         s.fields_done.saturating_sub(s.fields_failed),

@@ -612,9 +612,11 @@ fn assemble(
                     continue;
                 }
                 // Over the memory cap, the oldest other partial fields go on first; this frame's
-                // own field never does (its channels would then come back as a second field).
+                // own field never does (its channels would then come back as a second field),
+                // and a frame that completes its field frees memory at once, so it evicts nothing.
                 let frame_bytes = (px.len() * 2) as u64;
-                while held + frame_bytes > max_pending {
+                let completes = pending.get(&frame.key).map_or(0, |p| p.have) + 1 == n;
+                while !completes && held + frame_bytes > max_pending {
                     let oldest = pending
                         .iter()
                         .filter(|(k, _)| **k != frame.key)

@@ -27,11 +27,13 @@ pub enum SegmentError {
     Device(#[from] liveomics_kernels::gpu::BadDeviceRequest),
     #[error("--device {device}: {source}")]
     Gpu { device: String, source: GpuError },
-    /// `--diameter-um` / `--pixel-size-um` that no nucleus has: a usage error.
-    #[error("--diameter-um {diameter_um} / --pixel-size-um {pixel_size_um}")]
+    /// A nucleus size in pixels no image has: a usage error (`--pixel-size-um` overrides the
+    /// file's own pixel size).
+    #[error("--diameter-um {diameter_um} at {pixel_size_um} µm per pixel (from {pixel_from})")]
     Size {
         diameter_um: f64,
         pixel_size_um: f64,
+        pixel_from: &'static str,
         #[source]
         source: KernelError,
     },
@@ -153,14 +155,18 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
         Some(k) => Some(to_u16(channel("cells", k)?, &mut notes)),
         None => None,
     };
-    let pixel_size_um = req
-        .pixel_size_um
-        .or_else(|| read_image(&req.input).ok().and_then(|i| i.pixel_size_um))
-        .unwrap_or(0.65);
+    let (pixel_size_um, pixel_from) = match req.pixel_size_um {
+        Some(p) => (p, "--pixel-size-um"),
+        None => match read_image(&req.input).ok().and_then(|i| i.pixel_size_um) {
+            Some(p) => (p, "the TIFF's metadata"),
+            None => (0.65, "the default; pass --pixel-size-um"),
+        },
+    };
     let mut params =
         NucleiParams::from_physical(req.diameter_um, pixel_size_um).map_err(|source| SegmentError::Size {
             diameter_um: req.diameter_um,
             pixel_size_um,
+            pixel_from,
             source,
         })?;
     params.threshold = req.threshold.into();

@@ -598,14 +598,7 @@ impl ErrorOccurred<'_> {
 
 /// `outer: cause: root cause`, the way an operator needs to read it.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    liveomics_models::error::chain(e)
 }
 
 /// What became of a closed-loop follow-up request: the `state` label of

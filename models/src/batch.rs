@@ -343,7 +343,9 @@ fn run_batch(model: &Model, buckets: &[usize], batch: &mut [Request], total: usi
         let result = match (&failure, &out_sample) {
             (Some(e), _) => Err(ModelError::Shape {
                 model: model.name().to_string(),
-                message: format!("batch failed: {e}"),
+                // Every request of the batch gets the failure, each as its own error: the cause
+                // chain goes into the message (the error is not `Clone`).
+                message: format!("batch failed: {}", crate::error::chain(e)),
             }),
             (None, Some(s)) => {
                 let per: usize = s.iter().product();

@@ -416,11 +416,17 @@ impl Description {
             liveomics.role,
             Some(Role::Segmentation | Role::VirtualStain | Role::CellOmics)
         ) {
-            let fixed = |t: &TensorDescr, at: usize| match t.axes.get(at).map(|a| &a.size) {
-                Some(AxisSize::Fixed(n)) => Some(*n),
-                _ => None,
+            // The axis the names count (channel, or index for a vector of values), found by kind.
+            let fixed = |t: &TensorDescr| {
+                t.axes
+                    .iter()
+                    .find(|a| matches!(a.kind, AxisKind::Channel { .. } | AxisKind::Index))
+                    .and_then(|a| match a.size {
+                        AxisSize::Fixed(n) => Some(n),
+                        _ => None,
+                    })
             };
-            if let Some(n) = fixed(&inputs[0], 1) {
+            if let Some(n) = fixed(&inputs[0]) {
                 if !liveomics.channels.is_empty() && liveomics.channels.len() != n {
                     return Err(err(
                         "config.liveomics.channels",
@@ -428,7 +434,7 @@ impl Description {
                     ));
                 }
             }
-            if let Some(n) = fixed(&outputs[0], 1) {
+            if let Some(n) = fixed(&outputs[0]) {
                 if !liveomics.outputs.is_empty() && liveomics.outputs.len() != n {
                     return Err(err(
                         "config.liveomics.outputs",
@@ -436,8 +442,12 @@ impl Description {
                     ));
                 }
             }
-            if let (Some(c), Some(n)) = (liveomics.crop_size, fixed(&inputs[0], 2)) {
-                if c != n {
+            let space = inputs[0].axes.iter().filter(|a| a.kind == AxisKind::Space);
+            for n in space.filter_map(|a| match a.size {
+                AxisSize::Fixed(n) => Some(n),
+                _ => None,
+            }) {
+                if let Some(c) = liveomics.crop_size.filter(|c| *c != n) {
                     return Err(err(
                         "config.liveomics.crop_size",
                         format!("crop_size {c} does not fit the input's {n}-pixel crops"),

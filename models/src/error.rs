@@ -61,3 +61,15 @@ pub enum ModelError {
     #[error("{model}: the batching thread has stopped")]
     BatcherGone { model: String },
 }
+
+/// `error: cause: root cause` of any error, for messages that must carry a chain as text.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

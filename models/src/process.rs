@@ -170,15 +170,23 @@ impl Proc {
                 if values.len() != 1 && axis.is_none() {
                     return Err(format!("{what} has {} values but no axis", values.len()));
                 }
-                // One value per index of the axis, where the description fixes its size.
-                if let Some(a) = axis {
-                    if let crate::description::AxisSize::Fixed(n) = axes[a].size {
-                        if values.len() != 1 && values.len() != n {
+                // One value per index of the axis, which needs an axis of fixed size.
+                if let (Some(a), true) = (axis, values.len() != 1) {
+                    match axes[a].size {
+                        crate::description::AxisSize::Fixed(n) if values.len() != n => {
                             return Err(format!(
                                 "{what} has {} values for axis {:?} of size {n}",
                                 values.len(),
                                 axes[a].id
                             ));
+                        }
+                        crate::description::AxisSize::Fixed(_) => {}
+                        _ => {
+                            return Err(format!(
+                                "{what} has {} values along axis {:?}, whose size is not fixed",
+                                values.len(),
+                                axes[a].id
+                            ))
                         }
                     }
                 }
@@ -418,9 +426,8 @@ fn contiguous(shape: &[usize], reduce: Option<&[usize]>) -> Option<usize> {
     trailing.then(|| shape[k..].iter().product())
 }
 
-/// The value for index `k` along the operation's axis. Lengths are checked against fixed axis
-/// sizes at load; an axis whose size the data decides can still be longer than the list, and
-/// then the value is NaN, which the model's output check reports as a failed field.
+/// The value for index `k` along the operation's axis. Lists are checked at load to have one
+/// value per index of an axis of fixed size, so the NaN is only a guard against a panic.
 fn pick(values: &[f32], k: usize) -> f32 {
     match values {
         [one] => *one,
@@ -559,10 +566,14 @@ mod tests {
         assert!(e.contains("offset has 2 values"), "{e}");
         assert!(parse("scale_linear", "{gain: [1, 2, 3], offset: 0.5, axis: channel}").is_ok());
         assert!(parse("clip", "{min: 0, max: 1}").is_ok());
+        let e = parse("scale_linear", "{gain: [1, 2], axis: batch}")
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("whose size is not fixed"), "{e}");
     }
 
     #[test]
-    fn a_short_list_on_an_axis_of_unknown_size_gives_nan_not_a_panic() {
+    fn a_list_along_an_axis_of_unknown_size_is_refused_and_pick_never_panics() {
         assert_eq!(pick(&[1.0, 2.0], 1), 2.0);
         assert_eq!(pick(&[7.0], 5), 7.0);
         assert!(pick(&[1.0, 2.0], 2).is_nan());

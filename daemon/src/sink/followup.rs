@@ -339,14 +339,23 @@ impl FollowupSink {
                 );
                 continue;
             };
+            // Acks may overtake each other, or come twice: a state only moves forward.
+            if new <= p.state {
+                reject(
+                    "stale",
+                    "the request is already in this state or a later one",
+                    Some(id),
+                    Some(state),
+                );
+                continue;
+            }
             t::FollowupChanged {
                 id: Some(id),
                 after_ms: Some(p.sent.elapsed().as_millis() as u64),
                 ..t::FollowupChanged::new(&p.rule, new)
             }
             .emit();
-            // Acks may overtake each other: a state only moves forward.
-            p.state = p.state.max(new);
+            p.state = new;
         }
         let timeout = Duration::from_millis(self.cfg.request_timeout_ms);
         for (id, p) in self.pending.iter_mut() {

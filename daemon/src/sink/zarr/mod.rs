@@ -119,6 +119,16 @@ fn parse_well_path(path: &str) -> Option<WellId> {
     })
 }
 
+/// Whether a plate directory holds nothing but, at most, the temporary metadata file a crash
+/// can leave between writing and renaming the plate's first `zarr.json`: such a directory is
+/// started afresh, not refused as someone else's.
+fn nothing_written(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |d| {
+        d.flatten()
+            .all(|e| e.file_name() == std::ffi::OsStr::new(".zarr.json.partial"))
+    })
+}
+
 impl ZarrSink {
     /// Where the plate of `plan` goes under `output`.
     pub fn plate_path(output: &Path, plan: &AcquisitionPlan) -> PathBuf {
@@ -169,8 +179,7 @@ impl ZarrSink {
                 .ok()
                 .and_then(|t| serde_json::from_str::<Value>(&t).ok())
                 .is_some_and(|v| v.pointer("/attributes/liveomics").is_some());
-            let empty = std::fs::read_dir(&plate_dir).is_ok_and(|mut d| d.next().is_none());
-            if !ours && !empty {
+            if !ours && !nothing_written(&plate_dir) {
                 return Err(SinkError::NotOurs {
                     path: plate_dir.display().to_string(),
                 });
@@ -191,10 +200,7 @@ impl ZarrSink {
             acquired: BTreeMap::new(),
             incomplete: BTreeMap::new(),
         };
-        let empty = std::fs::read_dir(&plate_dir)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(true);
-        if !empty {
+        if !nothing_written(&plate_dir) {
             sink.load_existing(&plate_dir)?;
         }
         sink.write_plate()?;
