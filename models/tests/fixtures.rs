@@ -169,6 +169,7 @@ fn bad_models_fail_with_clear_errors() {
 
     let d = broken_copy("cellnet", |p| {
         edit_yaml(p, "size: 32\n", "size: 48\n");
+        edit_yaml(p, "size: 32\n", "size: 48\n");
         edit_yaml(p, "crop_size: 32", "crop_size: 48");
     });
     let e = load_err(&d).to_string();
