@@ -198,11 +198,11 @@ enum ModelsCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// Largest accepted absolute error.
-        #[arg(long, default_value_t = 1e-4)]
+        #[arg(long, default_value_t = 1e-4, value_parser = tolerance)]
         tolerance: f32,
         /// Timed runs after the check (the median is printed).
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+        runs: u16,
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
@@ -444,7 +444,7 @@ fn models(cmd: ModelsCommand) -> ExitCode {
             let mut failed = 0;
             for p in &paths {
                 let result = Model::load(p, &opts).and_then(|m| {
-                    let mut report = m.check(runs)?;
+                    let mut report = m.check(usize::from(runs))?;
                     for name in m.descr.liveomics.components.keys() {
                         let c = Component::load(&m.descr, name, &opts)?;
                         if let Some(err) = c.check()? {
@@ -815,5 +815,14 @@ fn announce(m: &liveomics_models::Model) {
     eprintln!("{}: provider {}", m.descr.name, m.provider.label());
     for s in &m.skipped {
         eprintln!("  skipped {s}");
+    }
+}
+
+/// `--tolerance`: a finite number >= 0 (NaN would make every comparison fail, a negative one
+/// every check).
+fn tolerance(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("{s:?} is not a finite number >= 0")),
     }
 }

@@ -260,8 +260,8 @@ impl Source for ZenohSource {
     fn run(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError> {
         let mut report = SourceReport::default();
         let c = &self.cfg;
-        let zcfg =
-            connection_config(c.mode, &c.connect, &c.listen, c.multicast_scouting).map_err(SourceError::Config)?;
+        let zcfg = connection_config(c.mode, &c.connect, &c.listen, c.multicast_scouting)
+            .map_err(|e| SourceError::Config(format!("zenoh session settings: {e}")))?;
         let zerr = |e: zenoh::Error| SourceError::Io {
             context: "zenoh".into(),
             source: std::io::Error::other(e.to_string()),

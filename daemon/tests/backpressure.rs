@@ -25,7 +25,7 @@ impl Sink for SlowSink {
         std::thread::sleep(Duration::from_millis(150));
         self.seen
             .lock()
-            .map_err(|_| SinkError::Zenoh("poisoned".into()))?
+            .map_err(|_| SinkError::Config("the test sink's lock is poisoned".into()))?
             .push(work.name.clone());
         Ok(())
     }

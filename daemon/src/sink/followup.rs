@@ -238,14 +238,16 @@ impl FollowupSink {
         let c = &cfg.closed_loop;
         let z: &ZenohSinkConfig = &cfg.sinks.zenoh;
         let zcfg = super::zenoh::session_config(z)?;
-        let session = zenoh::open(zcfg).wait().map_err(|e| SinkError::Zenoh(e.to_string()))?;
+        let session = zenoh::open(zcfg)
+            .wait()
+            .map_err(super::zenoh_err("cannot open session"))?;
         let plate = plan.plate.to_string();
         let ack_key = format!("liveomics/{}/followup/{plate}/ack", cfg.instrument);
         let acks = session
             .declare_subscriber(&ack_key)
             .with(zenoh::handlers::FifoChannel::new(1024))
             .wait()
-            .map_err(|e| SinkError::Zenoh(e.to_string()))?;
+            .map_err(super::zenoh_err("cannot subscribe to follow-up acks"))?;
         let wells_filter = c
             .rules
             .iter()
@@ -579,7 +581,7 @@ impl Sink for FollowupSink {
                 .encoding("application/json")
                 .congestion_control(zenoh::qos::CongestionControl::Block)
                 .wait()
-                .map_err(|e| SinkError::Zenoh(e.to_string()))?;
+                .map_err(super::zenoh_err("cannot publish a follow-up request"))?;
             t::FollowupChanged {
                 id: Some(&id),
                 field: Some(&work.name),
@@ -613,6 +615,9 @@ impl Sink for FollowupSink {
         if !open.is_empty() {
             t::FollowupsOpenAtEnd { ids: &open }.emit();
         }
-        self.session.close().wait().map_err(|e| SinkError::Zenoh(e.to_string()))
+        self.session
+            .close()
+            .wait()
+            .map_err(super::zenoh_err("cannot close the session"))
     }
 }

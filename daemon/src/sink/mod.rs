@@ -32,12 +32,21 @@ pub enum SinkError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("zenoh: {0}")]
-    Zenoh(String),
+    #[error("zenoh: {what}")]
+    Zenoh {
+        what: &'static str,
+        #[source]
+        source: ::zenoh::Error,
+    },
     #[error(transparent)]
     Kernel(#[from] liveomics_kernels::KernelError),
     #[error("cannot encode per-cell records")]
     Encode(#[source] arrow_schema::ArrowError),
+}
+
+/// Wraps a zenoh error with what the sink was doing, keeping it as the source.
+pub(crate) fn zenoh_err(what: &'static str) -> impl FnOnce(::zenoh::Error) -> SinkError {
+    move |source| SinkError::Zenoh { what, source }
 }
 
 impl SinkError {

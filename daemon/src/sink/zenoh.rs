@@ -11,7 +11,8 @@ use crate::stage::FieldWork;
 /// Builds a zenoh session config from ours: peer mode needs no router; explicit endpoints and
 /// multicast scouting are both configurable so tests can stay private to loopback.
 pub fn session_config(cfg: &ZenohSinkConfig) -> Result<zenoh::Config, SinkError> {
-    connection_config(cfg.mode, &cfg.connect, &cfg.listen, cfg.multicast_scouting).map_err(SinkError::Zenoh)
+    connection_config(cfg.mode, &cfg.connect, &cfg.listen, cfg.multicast_scouting)
+        .map_err(super::zenoh_err("invalid session settings"))
 }
 
 /// The session config for a mode, endpoints and scouting choice (shared by the zenoh sink and source).
@@ -20,26 +21,24 @@ pub fn connection_config(
     connect: &[String],
     listen: &[String],
     multicast_scouting: bool,
-) -> Result<zenoh::Config, String> {
+) -> Result<zenoh::Config, zenoh::Error> {
     let mut z = zenoh::Config::default();
-    let e = |e: zenoh::Error| e.to_string();
     let mode = match mode {
         ZenohMode::Peer => "\"peer\"",
         ZenohMode::Client => "\"client\"",
     };
-    z.insert_json5("mode", mode).map_err(e)?;
+    z.insert_json5("mode", mode)?;
     let list = |v: &[String]| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
     if !connect.is_empty() {
-        z.insert_json5("connect/endpoints", &list(connect)).map_err(e)?;
+        z.insert_json5("connect/endpoints", &list(connect))?;
     }
     if !listen.is_empty() {
-        z.insert_json5("listen/endpoints", &list(listen)).map_err(e)?;
+        z.insert_json5("listen/endpoints", &list(listen))?;
     }
     z.insert_json5(
         "scouting/multicast/enabled",
         if multicast_scouting { "true" } else { "false" },
-    )
-    .map_err(e)?;
+    )?;
     Ok(z)
 }
 
@@ -90,10 +89,7 @@ impl std::fmt::Debug for ZenohSink {
 
 impl ZenohSink {
     pub fn open(cfg: &ZenohSinkConfig, instrument: &str, plate: &str) -> Result<Self, SinkError> {
-        let e = |what: &str| {
-            let what = what.to_string();
-            move |err: zenoh::Error| SinkError::Zenoh(format!("{what}: {err}"))
-        };
+        let e = super::zenoh_err;
         let session = zenoh::open(session_config(cfg)?)
             .wait()
             .map_err(e("cannot open session"))?;
@@ -157,7 +153,7 @@ impl ZenohSink {
             .put(format!("liveomics/{}/status", self.instrument), body)
             .encoding("application/json")
             .wait()
-            .map_err(|e| SinkError::Zenoh(e.to_string()))
+            .map_err(super::zenoh_err("cannot publish the plate status"))
     }
 
     /// The key of a field's per-cell message. Every chunk is a validated name.
@@ -182,7 +178,7 @@ impl Sink for ZenohSink {
             .congestion_control(zenoh::qos::CongestionControl::Block)
             .attachment(attachment)
             .wait()
-            .map_err(|e| SinkError::Zenoh(e.to_string()))?;
+            .map_err(super::zenoh_err("cannot publish a field's cells"))?;
         if let Ok(mut s) = self.summary.lock() {
             let n = work.records.len() as u64;
             let area: f64 = work.records.iter().map(|r| r.area_px as f64).sum();
@@ -218,7 +214,7 @@ impl Sink for ZenohSink {
                 )
                 .encoding("application/json")
                 .wait()
-                .map_err(|e| SinkError::Zenoh(e.to_string()))?;
+                .map_err(super::zenoh_err("cannot publish a well readout"))?;
         }
         self.publish_status()
     }
@@ -228,6 +224,9 @@ impl Sink for ZenohSink {
             s.state = "finished";
         }
         self.publish_status()?;
-        self.session.close().wait().map_err(|e| SinkError::Zenoh(e.to_string()))
+        self.session
+            .close()
+            .wait()
+            .map_err(super::zenoh_err("cannot close the session"))
     }
 }

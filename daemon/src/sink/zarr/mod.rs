@@ -166,12 +166,23 @@ impl ZarrSink {
         overwrite: bool,
     ) -> Result<Self, SinkError> {
         let out = &cfg.output;
+        if out.exists() && !out.is_dir() {
+            return Err(SinkError::Config(format!(
+                "sinks.zarr.output {} exists and is not a directory",
+                out.display()
+            )));
+        }
         std::fs::create_dir_all(out).map_err(io_err(out))?;
         let probe = out.join(format!(".liveomics-probe-{}", std::process::id()));
         std::fs::write(&probe, b"probe").map_err(io_err(&probe))?;
         std::fs::remove_file(&probe).map_err(io_err(&probe))?;
         let plate_dir = Self::plate_path(out, &plan);
         let marker = Self::marker(cfg, &plan, &virtual_channels);
+        if plate_dir.exists() && !plate_dir.is_dir() {
+            return Err(SinkError::NotOurs {
+                path: plate_dir.display().to_string(),
+            });
+        }
         if plate_dir.exists() && overwrite {
             // Only a plate this program wrote (or an empty directory) is ever deleted: the path
             // comes from config and plate names, and a typo must not remove someone's data.
