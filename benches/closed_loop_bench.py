@@ -49,16 +49,13 @@ width_px = 512
 height_px = 512
 pixel_size_um = 1.0
 idle_exit_ms = 5000
-listen = ["tcp/127.0.0.1:{port}"]
-multicast_scouting = false
 [segmentation]
 nuclei_channel = "DAPI"
 cells_channel = "FITC"
 [sinks.zarr]
 output = "{tmp / 'out'}"
-[sinks.zenoh]
-connect = ["tcp/127.0.0.1:{port}"]
-multicast_scouting = false
+[zenoh]
+listen = ["tcp/127.0.0.1:{port}"]
 [telemetry]
 metrics_listen = ""
 [closed_loop]

@@ -84,7 +84,9 @@ output = "{out}"
 
 [sinks.zenoh]
 enabled = true
-multicast_scouting = false
+
+[zenoh]
+listen = []
 
 [telemetry]
 metrics_listen = "127.0.0.1:0"

@@ -47,14 +47,14 @@ channels = ["DAPI"]
 width_px = {args.size}
 height_px = {args.size}
 idle_exit_ms = 3000
-listen = ["tcp/127.0.0.1:{port}"]
-multicast_scouting = false
 [pipeline]
 stages = []
 [sinks.zarr]
 enabled = false
 [sinks.zenoh]
 enabled = false
+[zenoh]
+listen = ["tcp/127.0.0.1:{port}"]
 [telemetry]
 metrics_listen = ""
 """)

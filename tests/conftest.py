@@ -63,8 +63,9 @@ latency_budget_ms = 5000
 output = "{out}"
 [sinks.zenoh]
 enabled = {str(zenoh_enabled).lower()}
+[zenoh]
+listen = []
 connect = {connect}
-multicast_scouting = false
 [telemetry]
 metrics_listen = "127.0.0.1:0"
 """

@@ -18,7 +18,8 @@ from conftest import free_port
 
 pymmcore_plus = pytest.importorskip("pymmcore_plus")
 mm_test_adapters = pytest.importorskip("mm_test_adapters")
-from liveomics_bridge import Bridge  # noqa: E402
+from liveomics_bridge import Bridge, session_config  # noqa: E402
+from zenoh_tls import make_pki  # noqa: E402
 
 
 def demo_core():
@@ -37,7 +38,7 @@ def zconf(port):
     return conf
 
 
-def start_daemon(binary, tmp_path, port, extra=""):
+def start_daemon(binary, tmp_path, port, extra="", scheme="tcp", zenoh_file=""):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f"""
 instrument = "mm"
@@ -51,17 +52,15 @@ width_px = 512
 height_px = 512
 pixel_size_um = 1.0
 idle_exit_ms = 6000
-listen = ["tcp/127.0.0.1:{port}"]
-multicast_scouting = false
 [segmentation]
 nuclei_channel = "DAPI"
 cells_channel = "FITC"
 nucleus_diameter_um = 10.0
 [sinks.zarr]
 output = "{tmp_path / 'out'}"
-[sinks.zenoh]
-connect = ["tcp/127.0.0.1:{port}"]
-multicast_scouting = false
+[zenoh]
+listen = ["{scheme}/127.0.0.1:{port}"]
+config_file = "{zenoh_file}"
 [telemetry]
 metrics_listen = ""
 {extra}
@@ -97,15 +96,29 @@ action = { kind = "more_fields", fields = 1, spacing_um = 300.0 }
 """
 
 
-def test_rule_fires_and_the_followup_is_acquired_and_written(binary, tmp_path):
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls+acl"])
+def test_rule_fires_and_the_followup_is_acquired_and_written(binary, tmp_path, tls):
+    """Also over TLS with the access-control examples of config/zenoh (docs/SECURITY.md): the
+    daemon, the bridge and a read-only watcher each hold their own certificate."""
     port = free_port()
-    proc, head = start_daemon(binary, tmp_path, port, RULE)
+    if tls:
+        pki = make_pki(tmp_path / "pki")
+        ep, bridge_ep = f"tls/127.0.0.1:{port}", f"tls/127.0.0.1:{free_port()}"
+        proc, head = start_daemon(binary, tmp_path, port, RULE, scheme="tls",
+                                  zenoh_file=pki.example("daemon-tls-acl.json5", tmp_path / "d.json5"))
+        # Peers do not forward for each other: the watcher hears the acks from the bridge itself.
+        watcher_conf = pki.client("reader", [ep, bridge_ep])
+        bridge_conf = session_config(connect=[ep], listen=[bridge_ep],
+                                     config_file=pki.example("bridge-tls-acl.json5", tmp_path / "b.json5"))
+    else:
+        proc, head = start_daemon(binary, tmp_path, port, RULE)
+        watcher_conf, bridge_conf = zconf(port), zconf(port)
     requests, acks = [], []
-    watcher = zenoh.open(zconf(port))
+    watcher = zenoh.open(watcher_conf)
     watcher.declare_subscriber("liveomics/mm/followup/MM1", lambda s: requests.append(json.loads(s.payload.to_bytes())))
     watcher.declare_subscriber("liveomics/mm/followup/MM1/ack", lambda s: acks.append(json.loads(s.payload.to_bytes())))
     core = demo_core()
-    bridge = Bridge(core, "mm", "MM1", zconf(port), idle_s=4.0)
+    bridge = Bridge(core, "mm", "MM1", bridge_conf, idle_s=4.0)
     time.sleep(0.5)
     plan = useq.WellPlatePlan(plate=96, a1_center_xy=(0, 0), selected_wells=([0, 0], [0, 1]),
                               well_points_plan=useq.GridRowsColumns(rows=1, columns=2))

@@ -35,12 +35,12 @@ width_px = 256
 height_px = 256
 pixel_size_um = 0.65
 idle_exit_ms = 2500
-listen = ["tcp/127.0.0.1:{port}"]
-multicast_scouting = false
 [sinks.zarr]
 output = "{tmp_path / 'out'}"
 [sinks.zenoh]
 enabled = false
+[zenoh]
+listen = ["tcp/127.0.0.1:{port}"]
 [telemetry]
 metrics_listen = ""
 """

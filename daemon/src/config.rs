@@ -12,6 +12,7 @@ use liveomics_adapters::folder::{FolderConfig, Speed};
 use liveomics_adapters::simulator::SimulatorConfig;
 use liveomics_adapters::Invalid;
 
+use crate::zenoh_session::ZenohConfig;
 use crate::zenoh_source::ZenohSourceConfig;
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +35,8 @@ pub struct Config {
     pub sinks: SinksConfig,
     /// Rules that send the microscope back (the `followup` sink; needs a zenoh connection).
     pub closed_loop: crate::sink::followup::ClosedLoopConfig,
+    /// The one zenoh session the zenoh source and sinks share: endpoints and security.
+    pub zenoh: ZenohConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -49,6 +52,7 @@ impl Default for Config {
             inference: InferenceConfig::default(),
             sinks: SinksConfig::default(),
             closed_loop: Default::default(),
+            zenoh: ZenohConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -249,37 +253,27 @@ impl Default for ZarrSinkConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ZenohMode {
-    Peer,
-    Client,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ZenohSinkConfig {
     pub enabled: bool,
-    pub mode: ZenohMode,
-    /// Endpoints to connect to, e.g. `tcp/127.0.0.1:7447`.
-    pub connect: Vec<String>,
-    /// Endpoints to listen on.
-    pub listen: Vec<String>,
-    /// Multicast scouting finds peers on the LAN with no configuration; turn it off to stay private
-    /// to the explicit endpoints (tests do).
-    pub multicast_scouting: bool,
 }
 
 impl Default for ZenohSinkConfig {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            mode: ZenohMode::Peer,
-            connect: Vec::new(),
-            listen: Vec::new(),
-            multicast_scouting: true,
-        }
+        Self { enabled: true }
     }
+}
+
+/// The session keys `[sinks.zenoh]` and `[source.zenoh]` had before the daemon opened one
+/// session for both; an old config is told where they went instead of hearing "unknown field".
+const MOVED_TO_ZENOH: &[&str] = &["mode", "connect", "listen", "multicast_scouting"];
+
+fn moved_key_message(path: &[String], message: &str) -> Option<String> {
+    let [section, zenoh, key] = path else { return None };
+    let old_section = (section == "sinks" || section == "source") && zenoh == "zenoh";
+    (old_section && message.starts_with("unknown field") && MOVED_TO_ZENOH.contains(&key.as_str()))
+        .then(|| format!("moved to zenoh.{key}: the daemon opens one zenoh session for its source and sinks"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -513,7 +507,8 @@ impl Config {
                         }
                         original[i] = format!("[{at}]");
                     }
-                    errors.push(Invalid::new(&join_path(&original), first_line(&message)));
+                    let text = moved_key_message(&original, &message).unwrap_or_else(|| first_line(&message));
+                    errors.push(Invalid::new(&join_path(&original), text));
                     // An error inside an array element takes the whole element out: taking out
                     // only the bad key would make a required one "missing" in the next pass.
                     let cut = match path.iter().rposition(|s| seg_index(s).is_some()) {
@@ -672,19 +667,7 @@ impl Config {
         if z.enabled && z.output.as_os_str().is_empty() {
             out.push(Invalid::new("sinks.zarr.output", "must not be empty"));
         }
-        for (key, list) in [
-            ("sinks.zenoh.connect", &self.sinks.zenoh.connect),
-            ("sinks.zenoh.listen", &self.sinks.zenoh.listen),
-        ] {
-            for (i, ep) in list.iter().enumerate() {
-                if !ep.contains('/') {
-                    out.push(Invalid::new(
-                        &format!("{key}[{i}]"),
-                        format!("{ep:?} is not an endpoint like tcp/127.0.0.1:7447"),
-                    ));
-                }
-            }
-        }
+        out.extend(self.zenoh.validate());
         let t = &self.telemetry;
         if !t.metrics_listen.is_empty() && t.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
             out.push(Invalid::new(

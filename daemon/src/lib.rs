@@ -12,4 +12,5 @@ pub mod simulate;
 pub mod sink;
 pub mod stage;
 pub mod telemetry;
+pub mod zenoh_session;
 pub mod zenoh_source;

@@ -671,7 +671,10 @@ fn execute(cfg: Config, overwrite: bool, progress: bool) -> ExitCode {
         return report(Err(e));
     }
     let opts = RunOptions {
-        sinks: SinkOptions { overwrite },
+        sinks: SinkOptions {
+            overwrite,
+            ..Default::default()
+        },
         stop,
         progress,
         ..Default::default()

@@ -144,7 +144,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RunError> {
         kind: cfg.source.kind.clone(),
         source: SourceError::Config("unknown source kind".into()),
     })?;
-    let source = (kind.build)(cfg).map_err(|source| RunError::Source {
+    let source = (kind.build)(cfg, &opts.sinks.zenoh).map_err(|source| RunError::Source {
         kind: cfg.source.kind.clone(),
         source,
     })?;
@@ -361,6 +361,15 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     }
     for s in handles_sinks {
         join(s, "sink")?;
+    }
+    // Every user of the shared zenoh session has finished: close it so the last messages leave.
+    if let Err(e) = opts.sinks.zenoh.close() {
+        t::ErrorOccurred {
+            kind: "zenoh",
+            field: None,
+            error: &*e,
+        }
+        .emit();
     }
     let tracked = join(tracker, "tracker")?;
     join(problems, "source-problems")?;

@@ -15,16 +15,19 @@ use crate::inference::InferenceStage;
 use crate::replay::ZarrReplay;
 use crate::sink::{zarr::ZarrSink, zenoh::ZenohSink, Sink, SinkError};
 use crate::stage::{MeasureStage, SegmentStage, Stage};
+use crate::zenoh_session::SharedSession;
 use crate::zenoh_source::ZenohSource;
 
 pub type BuildStage = fn(&Config, &AcquisitionPlan) -> Result<Box<dyn Stage>, Vec<Invalid>>;
+pub type BuildSource = fn(&Config, &SharedSession) -> Result<Box<dyn Source>, SourceError>;
 pub type OpenSink = fn(&Config, Arc<AcquisitionPlan>, &SinkOptions) -> Result<Box<dyn Sink>, SinkError>;
 
 /// How to build a source of one kind.
 #[derive(Debug)]
 pub struct SourceKind {
     pub name: &'static str,
-    pub build: fn(&Config) -> Result<Box<dyn Source>, SourceError>,
+    /// Built from the config and the daemon's zenoh session (opened only when a source uses it).
+    pub build: BuildSource,
 }
 
 /// How to build a stage; `Err` names every config key that makes it impossible.
@@ -44,28 +47,37 @@ pub struct SinkKind {
     pub open: OpenSink,
 }
 
-/// Run-time options that are not configuration (command-line flags).
+/// What sinks get besides their config: command-line flags and the daemon's shared zenoh
+/// session.
 #[derive(Debug, Clone, Default)]
 pub struct SinkOptions {
     pub overwrite: bool,
+    pub zenoh: SharedSession,
 }
 
 pub const SOURCES: &[SourceKind] = &[
     SourceKind {
         name: "simulator",
-        build: |cfg| Ok(Box::new(Simulator::new(cfg.source.simulator.clone())?)),
+        build: |cfg, _| Ok(Box::new(Simulator::new(cfg.source.simulator.clone())?)),
     },
     SourceKind {
         name: "folder",
-        build: |cfg| Ok(Box::new(FolderSource::new(cfg.source.folder.clone())?)),
+        build: |cfg, _| Ok(Box::new(FolderSource::new(cfg.source.folder.clone())?)),
     },
     SourceKind {
         name: "zenoh",
-        build: |cfg| Ok(Box::new(ZenohSource::new(&cfg.source.zenoh, &cfg.instrument)?)),
+        build: |cfg, session| {
+            Ok(Box::new(ZenohSource::new(
+                &cfg.source.zenoh,
+                &cfg.instrument,
+                session.clone(),
+                cfg.zenoh.clone(),
+            )?))
+        },
     },
     SourceKind {
         name: "replay",
-        build: |cfg| Ok(Box::new(ZarrReplay::new(&cfg.source.replay)?)),
+        build: |cfg, _| Ok(Box::new(ZarrReplay::new(&cfg.source.replay)?)),
     },
 ];
 
@@ -104,9 +116,10 @@ pub const SINKS: &[SinkKind] = &[
     SinkKind {
         name: "zenoh",
         enabled: |cfg| cfg.sinks.zenoh.enabled,
-        open: |cfg, plan, _| {
+        open: |cfg, plan, opts| {
             Ok(Box::new(ZenohSink::open(
-                &cfg.sinks.zenoh,
+                &opts.zenoh,
+                &cfg.zenoh,
                 &cfg.instrument,
                 plan.plate.as_str(),
             )?))
@@ -115,7 +128,13 @@ pub const SINKS: &[SinkKind] = &[
     SinkKind {
         name: "followup",
         enabled: |cfg| cfg.closed_loop.enabled,
-        open: |cfg, plan, _| Ok(Box::new(crate::sink::followup::FollowupSink::open(cfg, &plan)?)),
+        open: |cfg, plan, opts| {
+            Ok(Box::new(crate::sink::followup::FollowupSink::open(
+                cfg,
+                &plan,
+                &opts.zenoh,
+            )?))
+        },
     },
 ];
 
@@ -149,7 +168,8 @@ pub fn validate(cfg: &Config) -> Vec<Invalid> {
         }
         // A source that cannot be built was already reported by the value checks of its section;
         // one that can lets the stages be checked against its plan even if other keys are wrong.
-        Some(k) => (k.build)(cfg).ok(),
+        // The session is never opened here: sources open it when they start running.
+        Some(k) => (k.build)(cfg, &SharedSession::default()).ok(),
     };
     if let Some(src) = &source {
         // Channel names become column names (`mean_{name}`) and are matched case-insensitively.

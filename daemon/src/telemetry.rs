@@ -609,6 +609,8 @@ pub enum FollowupState {
     Scheduled,
     Started,
     Done,
+    /// The bridge refused to execute it (wrong plate, outside the stage limits, over its caps).
+    Rejected,
     Timeout,
     Suppressed,
     OverBudget,
@@ -621,6 +623,7 @@ impl FollowupState {
             Self::Scheduled => "scheduled",
             Self::Started => "started",
             Self::Done => "done",
+            Self::Rejected => "rejected",
             Self::Timeout => "timeout",
             Self::Suppressed => "suppressed",
             Self::OverBudget => "over_budget",
@@ -634,8 +637,14 @@ impl FollowupState {
             "scheduled" => Some(Self::Scheduled),
             "started" => Some(Self::Started),
             "done" => Some(Self::Done),
+            "rejected" => Some(Self::Rejected),
             _ => None,
         }
+    }
+
+    /// Whether nothing more will happen to the request (no timeout is owed).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Done | Self::Rejected)
     }
 }
 
@@ -655,6 +664,9 @@ pub struct FollowupChanged<'a> {
     /// For a timeout: the last state acknowledged, and the configured limit.
     pub last_state: Option<FollowupState>,
     pub timeout_ms: Option<u64>,
+    /// For a rejection: the bridge's reason, as it sent it (logged cut to 64 characters, never a
+    /// metric label).
+    pub reason: Option<&'a str>,
 }
 
 impl<'a> FollowupChanged<'a> {
@@ -670,6 +682,7 @@ impl<'a> FollowupChanged<'a> {
             cells: None,
             last_state: None,
             timeout_ms: None,
+            reason: None,
         }
     }
 
@@ -687,6 +700,13 @@ impl<'a> FollowupChanged<'a> {
             FollowupState::Scheduled | FollowupState::Started | FollowupState::Done => {
                 info!(rule, state, id, after_ms = self.after_ms, "follow-up acknowledged")
             }
+            FollowupState::Rejected => warn!(
+                rule,
+                id,
+                reason = self.reason.map(|r| r.chars().take(64).collect::<String>()),
+                after_ms = self.after_ms,
+                "follow-up rejected by the bridge"
+            ),
             FollowupState::Timeout => warn!(
                 rule,
                 id,
@@ -851,16 +871,45 @@ impl FollowupsOpenAtEnd<'_> {
     }
 }
 
-/// A zenoh session (sink or source) is open.
+/// The daemon's zenoh session is open: its id (what access-control rules and peers see), the
+/// locators it listens on, and the zenoh configuration file it loaded.
 #[derive(Debug)]
 pub struct ZenohOpened<'a> {
     pub zid: &'a str,
     pub mode: &'a str,
+    pub listening: &'a str,
+    pub config_file: Option<&'a str>,
 }
 
 impl ZenohOpened<'_> {
     pub fn emit(&self) {
-        info!(zid = self.zid, mode = self.mode, "zenoh session open");
+        info!(
+            zid = self.zid,
+            mode = self.mode,
+            listening = self.listening,
+            config_file = self.config_file.unwrap_or("none"),
+            "zenoh session open"
+        );
+    }
+}
+
+/// The zenoh session can be reached from other hosts (a non-loopback listen endpoint or
+/// multicast scouting) and no zenoh configuration file adds TLS, authentication or access
+/// control: anyone on the network could publish frames or follow-up acks. Logged once at start.
+#[derive(Debug)]
+pub struct ZenohExposed<'a> {
+    pub listen: &'a str,
+    pub multicast_scouting: bool,
+}
+
+impl ZenohExposed<'_> {
+    pub fn emit(&self) {
+        warn!(
+            listen = self.listen,
+            multicast_scouting = self.multicast_scouting,
+            "zenoh is reachable from the network without TLS, authentication or access control; \
+             set zenoh.config_file (docs/SECURITY.md)"
+        );
     }
 }
 

@@ -18,8 +18,7 @@ use liveomics_adapters::Invalid;
 use serde::{Deserialize, Serialize};
 use zenoh::Wait;
 
-use crate::config::ZenohMode;
-use crate::sink::zenoh::connection_config;
+use crate::zenoh_session::{SharedSession, ZenohConfig};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -37,10 +36,6 @@ pub struct ZenohSourceConfig {
     pub idle_exit_ms: u64,
     /// Subscriber queue, in frames; when full, zenoh's receive path waits (backpressure).
     pub queue_frames: usize,
-    pub mode: ZenohMode,
-    pub connect: Vec<String>,
-    pub listen: Vec<String>,
-    pub multicast_scouting: bool,
 }
 
 impl Default for ZenohSourceConfig {
@@ -55,10 +50,6 @@ impl Default for ZenohSourceConfig {
             timepoints: 1,
             idle_exit_ms: 0,
             queue_frames: 64,
-            mode: ZenohMode::Peer,
-            connect: Vec::new(),
-            listen: Vec::new(),
-            multicast_scouting: true,
         }
     }
 }
@@ -131,10 +122,19 @@ pub struct ZenohSource {
     plan: AcquisitionPlan,
     problems: Problems,
     skip: std::collections::HashSet<FieldKey>,
+    session: SharedSession,
+    zenoh: ZenohConfig,
 }
 
 impl ZenohSource {
-    pub fn new(cfg: &ZenohSourceConfig, instrument: &str) -> Result<Self, SourceError> {
+    /// `session` is the daemon's shared session, opened from `zenoh` when the source starts
+    /// running (if no sink opened it first).
+    pub fn new(
+        cfg: &ZenohSourceConfig,
+        instrument: &str,
+        session: SharedSession,
+        zenoh: ZenohConfig,
+    ) -> Result<Self, SourceError> {
         let issues = cfg.validate();
         if !issues.is_empty() {
             let msg: Vec<String> = issues.iter().map(|i| i.to_string()).collect();
@@ -154,6 +154,8 @@ impl ZenohSource {
             plan,
             problems: Problems::default(),
             skip: Default::default(),
+            session,
+            zenoh,
         })
     }
 
@@ -260,13 +262,14 @@ impl Source for ZenohSource {
     fn run(&mut self, out: &Sender<Frame>, stop: &StopToken) -> Result<SourceReport, SourceError> {
         let mut report = SourceReport::default();
         let c = &self.cfg;
-        let zcfg = connection_config(c.mode, &c.connect, &c.listen, c.multicast_scouting)
-            .map_err(|e| SourceError::Config(format!("zenoh session settings: {e}")))?;
         let zerr = |e: zenoh::Error| SourceError::Io {
             context: "zenoh".into(),
             source: std::io::Error::other(e.to_string()),
         };
-        let session = zenoh::open(zcfg).wait().map_err(zerr)?;
+        let session = self.session.get(&self.zenoh).map_err(|e| SourceError::Io {
+            context: "zenoh".into(),
+            source: std::io::Error::other(crate::telemetry::error_chain(&e)),
+        })?;
         let subscriber = session
             .declare_subscriber(self.key_expr())
             .with(zenoh::handlers::FifoChannel::new(c.queue_frames))
@@ -355,9 +358,9 @@ impl Source for ZenohSource {
         if bridge_alive == Some(false) {
             crate::telemetry::BridgeGoneAtEnd { key: &bridge_key }.emit();
         }
+        // Undeclared here; the session itself is shared with the sinks, which still publish.
         drop(liveliness);
         drop(subscriber);
-        let _ = session.close().wait();
         Ok(report)
     }
 }
@@ -388,7 +391,7 @@ mod tests {
             height_px: 4,
             ..ZenohSourceConfig::default()
         };
-        let src = ZenohSource::new(&cfg, "scope1").unwrap();
+        let src = ZenohSource::new(&cfg, "scope1", SharedSession::default(), ZenohConfig::default()).unwrap();
         let key = "liveomics/scope1/frames/P1/B2/0/DAPI";
         let header = br#"{"shape":[4,4],"dtype":"uint16","timepoint":0,"acquired_unix_ns":1,"stage_um":[1.0,2.0,3.0],"event_index":{"p":1,"c":0},"followup_id":"r-1","pixel_size_um":0.65}"#;
         let payload = vec![7u8; 32];

@@ -1,6 +1,7 @@
 """Micro-Manager (pymmcore-plus) to the liveomics daemon over zenoh, and the daemon's follow-up
 requests back into the running acquisition."""
 
-from .bridge import Bridge, frame_key, well_and_field
+from .bridge import Bridge, FollowupLimits, frame_key, well_and_field
+from .session import DEFAULT_ENDPOINT, SessionConfigError, session_config
 
 __all__ = ["Bridge", "frame_key", "well_and_field"]

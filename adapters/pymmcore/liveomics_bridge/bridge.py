@@ -15,6 +15,8 @@ import numpy as np
 import useq
 import zenoh
 
+from .session import session_config as default_session_config
+
 log = logging.getLogger("liveomics_bridge")
 
 NAME = re.compile(r"^[A-Za-z0-9]+$")
@@ -57,11 +59,54 @@ class _Request:
 
 
 @dataclass
+class FollowupLimits:
+    """What the bridge agrees to execute. A request outside these is acknowledged as rejected.
+
+    `stage_um` is `(x_min, x_max, y_min, y_max)` in stage µm; `None` takes the plate's extent
+    from the sequence being run (a `WellPlatePlan`: every well's centre, half a well pitch
+    around; other plans: their positions' bounding box, `margin_um` around). Until a sequence
+    runs and with no limits given, no request with a position is executed."""
+
+    stage_um: tuple[float, float, float, float] | None = None
+    margin_um: float = 1000.0
+    max_requests: int = 100
+    max_per_minute: float = 30.0
+    max_events_per_request: int = 64
+
+
+def plate_extent_um(sequence: useq.MDASequence, margin_um: float) -> tuple[float, float, float, float] | None:
+    """The stage area a sequence may visit: a plate's wells, or its positions, with a margin."""
+    plan = sequence.stage_positions
+    if isinstance(plan, useq.WellPlatePlan):
+        wells = plan.all_well_positions
+        xs = [p.x for p in wells]
+        ys = [p.y for p in wells]
+        pad = max(plan.plate.well_spacing) * 1000.0 / 2
+    else:
+        pts = [(e.x_pos, e.y_pos) for e in sequence if e.x_pos is not None and e.y_pos is not None]
+        xs = [x for x, _ in pts]
+        ys = [y for _, y in pts]
+        pad = margin_um
+    if not xs:
+        return None
+    return (min(xs) - pad, max(xs) + pad, min(ys) - pad, max(ys) + pad)
+
+
+class Rejected(ValueError):
+    """A follow-up request the bridge will not execute; `reason` is a short, fixed label."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
 class Stats:
     frames: int = 0
     blocked_s: float = 0.0
     requests: int = 0
     rejected_requests: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
     reaction_ms: list[float] = field(default_factory=list)
     # The two parts of the reaction: the daemon deciding (trigger frame out -> request
     # published) and the acquisition getting to it (request received -> event started).
@@ -72,16 +117,21 @@ class Stats:
 class Bridge:
     """Runs MDAs on `core` and streams them to the daemon.
 
-    `session_config` is a `zenoh.Config` (peer mode with multicast scouting if None)."""
+    `session_config` is a `zenoh.Config`; None connects to the daemon's default loopback
+    endpoint with no multicast scouting (`liveomics_bridge.session.session_config`). `limits`
+    bound what follow-up requests may ask for."""
 
     def __init__(self, core, instrument: str, plate: str, session_config=None, queue_frames: int = 64,
-                 idle_s: float = 3.0, shm_bytes: int = 256 * 1024 * 1024):
+                 idle_s: float = 3.0, shm_bytes: int = 256 * 1024 * 1024, limits: FollowupLimits | None = None):
         for chunk in (instrument, plate):
             if not NAME.match(chunk):
                 raise ValueError(f"{chunk!r} must match ^[A-Za-z0-9]+$")
         self.core, self.instrument, self.plate = core, instrument, plate
         self.idle_s = idle_s
-        self.session = zenoh.open(session_config or zenoh.Config())
+        self.limits = limits or FollowupLimits()
+        self._stage_um = self.limits.stage_um
+        self._accepted_ns: collections.deque[int] = collections.deque()
+        self.session = zenoh.open(session_config if session_config is not None else default_session_config())
         # Frames are written into zenoh shared memory: a daemon on the same host maps them instead
         # of receiving a copy over the socket; zenoh copies them onto the network otherwise.
         self._shm = None
@@ -177,25 +227,78 @@ class Bridge:
         self.session.put(self._ack_key, json.dumps({"id": rid, "state": state, **extra}).encode(),
                          congestion_control=zenoh.CongestionControl.BLOCK)
 
+    def _reject(self, rid: str | None, reason: str, detail: str) -> None:
+        """Logged, counted by reason, and acknowledged as rejected when the request has an id."""
+        with self._lock:
+            self.stats.rejected_requests += 1
+            self.stats.rejected_by_reason[reason] = self.stats.rejected_by_reason.get(reason, 0) + 1
+        log.warning("follow-up request %s rejected (%s): %s", rid or "without id", reason, detail)
+        if rid is not None:
+            self._ack(rid, "rejected", reason=reason, detail=detail[:200])
+
+    def _check(self, req: dict, events: list[useq.MDAEvent]) -> None:
+        """Raises `Rejected` unless the request is for this plate, inside the stage limits and
+        within the count and rate caps. Called with the lock held."""
+        lim = self.limits
+        if req.get("plate") != self.plate:
+            raise Rejected("plate", f"names plate {req.get('plate')!r}, acquiring {self.plate!r}")
+        for e in events:
+            lo = (e.metadata or {}).get("liveomics") or {}
+            if "plate" in lo and lo["plate"] != self.plate:
+                raise Rejected("plate", f"an event names plate {lo['plate']!r}")
+        if not events or len(events) > lim.max_events_per_request:
+            raise Rejected("events", f"{len(events)} events (1..{lim.max_events_per_request} allowed)")
+        for e in events:
+            if e.x_pos is None and e.y_pos is None:
+                continue
+            if self._stage_um is None:
+                raise Rejected("stage", "no stage limits known yet (no plate running, none configured)")
+            x0, x1, y0, y1 = self._stage_um
+            x = e.x_pos if e.x_pos is not None else x0
+            y = e.y_pos if e.y_pos is not None else y0
+            if not (x0 <= x <= x1 and y0 <= y <= y1):
+                raise Rejected("stage", f"position ({x}, {y}) µm outside x {x0}..{x1}, y {y0}..{y1}")
+        if self.stats.requests >= lim.max_requests:
+            raise Rejected("count", f"{lim.max_requests} requests already accepted for this plate")
+        now = time.monotonic_ns()
+        while self._accepted_ns and now - self._accepted_ns[0] > 60e9:
+            self._accepted_ns.popleft()
+        if len(self._accepted_ns) >= lim.max_per_minute:
+            raise Rejected("rate", f"more than {lim.max_per_minute:g} requests in the last minute")
+
     def _on_request(self, sample) -> None:
-        """zenoh thread: validate with useq, queue the events, acknowledge."""
+        """zenoh thread: validate with useq and the limits, queue the events, acknowledge."""
+        rid = None
         try:
             req = json.loads(sample.payload.to_bytes())
-            rid = str(req["id"])
+            if not isinstance(req, dict):
+                raise ValueError("not a JSON object")
+            rid = str(req["id"]) if isinstance(req.get("id"), (str, int)) else None
+            if rid is None:
+                raise ValueError("no string `id`")
             events = [useq.MDAEvent(**e) for e in req["events"]]
             trigger = (str(req["well"]), int(req["trigger"]["field"]))
             not_before = int(req.get("not_before_unix_ns") or 0)
             requested = int(req.get("requested_unix_ns") or 0)
         except Exception as e:  # malformed request: say so, keep running
-            self.stats.rejected_requests += 1
-            log.warning("follow-up request rejected: %s", e)
+            self._reject(rid, "malformed", str(e).splitlines()[0] if str(e) else type(e).__name__)
             return
         with self._lock:
             if rid in self._requests:
                 log.warning("duplicate follow-up request %s ignored", rid)
                 return
-            self._requests[rid] = _Request(rid, len(events), trigger, time.time_ns(), requested)
-            self.stats.requests += 1
+            try:
+                self._check(req, events)
+            except Rejected as r:
+                problem = r
+            else:
+                problem = None
+                self._requests[rid] = _Request(rid, len(events), trigger, time.time_ns(), requested)
+                self._accepted_ns.append(time.monotonic_ns())
+                self.stats.requests += 1
+        if problem is not None:
+            self._reject(rid, problem.reason, problem.detail)
+            return
         delay = max(0.0, (not_before - time.time_ns()) / 1e9)
         if delay > 0:
             threading.Timer(delay, lambda: [self.followups.put(e) for e in events]).start()
@@ -232,6 +335,10 @@ class Bridge:
         """Runs `sequence`, then whatever follow-ups arrive, until `idle_s` passes with no new
         event and no request outstanding. Follow-ups go ahead of the plan's remaining events, but
         only between positions: a field's channels are never split by a detour."""
+        if self.limits.stage_um is None:
+            extent = plate_extent_um(sequence, self.limits.margin_um)
+            with self._lock:
+                self._stage_um = extent
         plan = collections.deque(sequence)
 
         def boundary(last) -> bool:

@@ -16,9 +16,10 @@ use serde_json::{json, Value};
 use zenoh::{Session, Wait};
 
 use super::{Sink, SinkError};
-use crate::config::{Config, ZenohSinkConfig};
+use crate::config::Config;
 use crate::stage::FieldWork;
 use crate::telemetry::{self as t, FollowupState};
+use crate::zenoh_session::SharedSession;
 
 /// Longest cooldown or revisit delay: longer than any plate is on the stage, and small enough
 /// that a `Duration` of it cannot overflow.
@@ -234,13 +235,9 @@ fn unix_ns() -> u128 {
 }
 
 impl FollowupSink {
-    pub fn open(cfg: &Config, plan: &AcquisitionPlan) -> Result<Self, SinkError> {
+    pub fn open(cfg: &Config, plan: &AcquisitionPlan, session: &SharedSession) -> Result<Self, SinkError> {
         let c = &cfg.closed_loop;
-        let z: &ZenohSinkConfig = &cfg.sinks.zenoh;
-        let zcfg = super::zenoh::session_config(z)?;
-        let session = zenoh::open(zcfg)
-            .wait()
-            .map_err(super::zenoh_err("cannot open session"))?;
+        let session = session.get(&cfg.zenoh)?;
         let plate = plan.plate.to_string();
         let ack_key = format!("liveomics/{}/followup/{plate}/ack", cfg.instrument);
         let acks = session
@@ -326,7 +323,7 @@ impl FollowupSink {
             let Some(new) = FollowupState::from_ack(state) else {
                 reject(
                     "state",
-                    "`state` is none of scheduled, started, done",
+                    "`state` is none of scheduled, started, done, rejected",
                     Some(id),
                     Some(state),
                 );
@@ -341,8 +338,9 @@ impl FollowupSink {
                 );
                 continue;
             };
-            // Acks may overtake each other, or come twice: a state only moves forward.
-            if new <= p.state {
+            // Acks may overtake each other, or come twice: a state only moves forward, and a
+            // request that is done or rejected stays so.
+            if new <= p.state || p.state.is_final() {
                 reject(
                     "stale",
                     "the request is already in this state or a later one",
@@ -354,6 +352,7 @@ impl FollowupSink {
             t::FollowupChanged {
                 id: Some(id),
                 after_ms: Some(p.sent.elapsed().as_millis() as u64),
+                reason: ack["reason"].as_str(),
                 ..t::FollowupChanged::new(&p.rule, new)
             }
             .emit();
@@ -361,7 +360,7 @@ impl FollowupSink {
         }
         let timeout = Duration::from_millis(self.cfg.request_timeout_ms);
         for (id, p) in self.pending.iter_mut() {
-            if p.state != FollowupState::Done && !p.warned && p.sent.elapsed() > timeout {
+            if !p.state.is_final() && !p.warned && p.sent.elapsed() > timeout {
                 p.warned = true;
                 t::FollowupChanged {
                     id: Some(id),
@@ -609,15 +608,12 @@ impl Sink for FollowupSink {
         let open: Vec<&String> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.state != FollowupState::Done)
+            .filter(|(_, p)| !p.state.is_final())
             .map(|(id, _)| id)
             .collect();
         if !open.is_empty() {
             t::FollowupsOpenAtEnd { ids: &open }.emit();
         }
-        self.session
-            .close()
-            .wait()
-            .map_err(super::zenoh_err("cannot close the session"))
+        Ok(())
     }
 }

@@ -39,6 +39,8 @@ pub enum SinkError {
         source: ::zenoh::Error,
     },
     #[error(transparent)]
+    Session(#[from] crate::zenoh_session::OpenError),
+    #[error(transparent)]
     Kernel(#[from] liveomics_kernels::KernelError),
     #[error("cannot encode per-cell records")]
     Encode(#[source] arrow_schema::ArrowError),

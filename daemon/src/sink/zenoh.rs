@@ -5,42 +5,8 @@
 use zenoh::{Session, Wait};
 
 use super::{cells_arrow, Sink, SinkError};
-use crate::config::{ZenohMode, ZenohSinkConfig};
 use crate::stage::FieldWork;
-
-/// Builds a zenoh session config from ours: peer mode needs no router; explicit endpoints and
-/// multicast scouting are both configurable so tests can stay private to loopback.
-pub fn session_config(cfg: &ZenohSinkConfig) -> Result<zenoh::Config, SinkError> {
-    connection_config(cfg.mode, &cfg.connect, &cfg.listen, cfg.multicast_scouting)
-        .map_err(super::zenoh_err("invalid session settings"))
-}
-
-/// The session config for a mode, endpoints and scouting choice (shared by the zenoh sink and source).
-pub fn connection_config(
-    mode: ZenohMode,
-    connect: &[String],
-    listen: &[String],
-    multicast_scouting: bool,
-) -> Result<zenoh::Config, zenoh::Error> {
-    let mut z = zenoh::Config::default();
-    let mode = match mode {
-        ZenohMode::Peer => "\"peer\"",
-        ZenohMode::Client => "\"client\"",
-    };
-    z.insert_json5("mode", mode)?;
-    let list = |v: &[String]| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
-    if !connect.is_empty() {
-        z.insert_json5("connect/endpoints", &list(connect))?;
-    }
-    if !listen.is_empty() {
-        z.insert_json5("listen/endpoints", &list(listen))?;
-    }
-    z.insert_json5(
-        "scouting/multicast/enabled",
-        if multicast_scouting { "true" } else { "false" },
-    )?;
-    Ok(z)
-}
+use crate::zenoh_session::{SharedSession, ZenohConfig};
 
 /// Per-well state of the plate so far: what late joiners get from the summary queryable, and
 /// what `liveomics/{instrument}/wells/{plate}/{well}` carries after every field of the well.
@@ -88,16 +54,9 @@ impl std::fmt::Debug for ZenohSink {
 }
 
 impl ZenohSink {
-    pub fn open(cfg: &ZenohSinkConfig, instrument: &str, plate: &str) -> Result<Self, SinkError> {
+    pub fn open(session: &SharedSession, zcfg: &ZenohConfig, instrument: &str, plate: &str) -> Result<Self, SinkError> {
         let e = super::zenoh_err;
-        let session = zenoh::open(session_config(cfg)?)
-            .wait()
-            .map_err(e("cannot open session"))?;
-        crate::telemetry::ZenohOpened {
-            zid: &session.zid().to_string(),
-            mode: &format!("{:?}", cfg.mode),
-        }
-        .emit();
+        let session = session.get(zcfg)?;
         let token = session
             .liveliness()
             .declare_token(format!("liveomics/{instrument}/alive"))
@@ -223,10 +182,7 @@ impl Sink for ZenohSink {
         if let Ok(mut s) = self.summary.lock() {
             s.state = "finished";
         }
-        self.publish_status()?;
-        self.session
-            .close()
-            .wait()
-            .map_err(super::zenoh_err("cannot close the session"))
+        // The session is the daemon's; the pipeline closes it once every sink has finished.
+        self.publish_status()
     }
 }

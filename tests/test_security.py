@@ -1,0 +1,299 @@
+"""Who can reach the daemon and the microscope bridge over zenoh (docs/SECURITY.md).
+
+- With the default configuration the daemon's sockets are bound to loopback only (read from the
+  process's own sockets in /proc) and it does not scout by multicast.
+- With the repo's TLS + access-control examples (config/zenoh/*.json5), a zenoh session without a
+  certificate from the plate's CA cannot connect, one with a CA certificate under another name is
+  connected but cannot get a frame or a follow-up request accepted, and the bridge's and the
+  daemon's own identities can.
+"""
+
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+import zenoh
+
+from conftest import free_port, sim_toml
+from zenoh_tls import make_pki
+
+pymmcore_plus = pytest.importorskip("pymmcore_plus")
+mm_test_adapters = pytest.importorskip("mm_test_adapters")
+from liveomics_bridge import Bridge, FollowupLimits, session_config  # noqa: E402
+
+
+def _sockets(pid: int) -> list[tuple[str, str, str]]:
+    """(protocol, local address, state) of every inet socket the process holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/{pid}/net/{proto}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[9] not in inodes:
+                continue
+            hexaddr, hexport = cols[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            # /proc prints the address as 32-bit words in host (little-endian) order.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append((proto, f"{ipaddress.ip_address(raw)}:{int(hexport, 16)}", cols[3]))
+    return found
+
+
+def test_default_config_binds_only_loopback(binary, tmp_path):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 7447))
+        except OSError:
+            pytest.skip("port 7447 (the default zenoh endpoint) is taken on this host")
+    cfg = tmp_path / "run.toml"
+    # Only the plate and the output change: [zenoh] and [telemetry] are the embedded defaults.
+    cfg.write_text(sim_toml(plate="sec", wells=("A1",), fields=6, size=128, rate=2.0)
+                   + f'\n[sinks.zarr]\noutput = "{tmp_path / "out"}"\n')
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "acquisition starting" in line:
+                break
+        else:
+            pytest.fail("daemon did not start: " + "".join(lines))
+        socks = _sockets(proc.pid)
+        # A client on this host reaches it through the documented endpoint.
+        reader = zenoh.open(session_config())
+        seen = []
+        reader.declare_subscriber("liveomics/scope1/cells/sec/**", lambda s: seen.append(str(s.key_expr)))
+        out, err = proc.communicate(timeout=60)
+        reader.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    listening = [s for s in socks if s[2] == "0A" or s[0].startswith("udp")]
+    assert any(addr == "127.0.0.1:7447" for _, addr, _ in listening), socks
+    for proto, addr, _ in socks:
+        host = addr.rsplit(":", 1)[0]
+        assert ipaddress.ip_address(host).is_loopback, f"{proto} socket on {addr}: {socks}"
+    assert not any(p.startswith("udp") for p, _, _ in socks), f"multicast scouting socket: {socks}"
+    assert "zenoh is reachable from the network" not in "".join(lines) + err
+    assert seen, "a local client on tcp/127.0.0.1:7447 heard nothing"
+
+
+def test_an_exposed_session_without_security_is_warned_about(binary, tmp_path):
+    cfg = tmp_path / "run.toml"
+    port = free_port()
+    cfg.write_text(sim_toml(plate="exp", wells=("A1",), fields=1, size=128)
+                   + f'\n[sinks.zarr]\noutput = "{tmp_path / "out"}"\n[zenoh]\nlisten = ["tcp/0.0.0.0:{port}"]\n'
+                   + '[telemetry]\nmetrics_listen = ""\n')
+    p = subprocess.run([str(binary), "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "zenoh is reachable from the network without TLS" in p.stderr
+
+
+def test_a_zenoh_file_that_sets_the_endpoints_is_refused_with_its_key(binary, tmp_path):
+    f = tmp_path / "z.json5"
+    f.write_text('{ listen: { endpoints: ["tcp/0.0.0.0:7447"] } }')
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[zenoh]\nconfig_file = "{f}"\n[sinks.zenoh]\nlisten = []\n')
+    p = subprocess.run([str(binary), "validate", str(cfg)], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "zenoh.config_file" in p.stderr and "listen/endpoints" in p.stderr and "zenoh.listen" in p.stderr
+    assert "sinks.zenoh.listen: moved to zenoh.listen" in p.stderr
+    from liveomics_bridge import SessionConfigError
+
+    with pytest.raises(SessionConfigError, match="listen/endpoints"):
+        session_config(config_file=f)
+
+
+def demo_core():
+    core = pymmcore_plus.CMMCorePlus()
+    core.setDeviceAdapterSearchPaths([mm_test_adapters.device_adapter_path()])
+    core.loadSystemConfiguration()
+    core.setExposure(5)
+    return core
+
+
+def _header(h=512, w=512):
+    return json.dumps({"shape": [h, w], "dtype": "uint16", "timepoint": 0}).encode()
+
+
+def _put_field(session, well, field=0):
+    px = np.full((512, 512), 300, "<u2").tobytes()
+    for ch in ("DAPI", "FITC"):
+        session.put(f"liveomics/sec/frames/S1/{well}/{field}/{ch}", px, attachment=_header(),
+                    congestion_control=zenoh.CongestionControl.BLOCK)
+
+
+def _request(rid, well="B1", field=1000, plate="S1"):
+    events = [{"channel": {"config": ch, "group": "Channel"}, "x_pos": 10.0, "y_pos": 10.0, "exposure": 5,
+               "index": {"p": 0, "c": i}, "metadata": {"liveomics": {"followup_id": rid, "plate": plate,
+                                                                    "well": well, "field": field}}}
+              for i, ch in enumerate(("DAPI", "FITC"))]
+    return json.dumps({"id": rid, "rule": "t", "plate": plate, "well": well, "trigger": {"field": 0},
+                       "fields": [field], "events": events}).encode()
+
+
+def _open(conf):
+    """A session, or None when zenoh refuses to open it (e.g. the TLS handshake fails)."""
+    try:
+        return zenoh.open(conf)
+    except Exception:
+        return None
+
+
+def _without_acl(path):
+    path.write_text(path.read_text().replace("enabled: true", "enabled: false"))
+    return path
+
+
+@pytest.mark.parametrize("acl", [True, False], ids=["tls+acl", "tls-only"])
+def test_tls_and_acl_let_only_the_right_identities_in(binary, tmp_path, acl):
+    """With access control off (the control case) the intruder's frame and request get in,
+    which shows that it is the access control, not the test, that keeps them out."""
+    pki = make_pki(tmp_path / "pki")
+    port, bport = free_port(), free_port()
+    daemon_ep, bridge_ep = f"tls/127.0.0.1:{port}", f"tls/127.0.0.1:{bport}"
+    zfile = pki.example("daemon-tls-acl.json5", tmp_path / "daemon.json5")
+    bfile = pki.example("bridge-tls-acl.json5", tmp_path / "bridge.json5")
+    if not acl:
+        _without_acl(zfile)
+        _without_acl(bfile)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"""
+instrument = "sec"
+latency_budget_ms = 5000
+[source]
+kind = "zenoh"
+[source.zenoh]
+plate = "S1"
+channels = ["DAPI", "FITC"]
+width_px = 512
+height_px = 512
+pixel_size_um = 1.0
+idle_exit_ms = 12000
+[segmentation]
+nuclei_channel = "DAPI"
+cells_channel = "FITC"
+nucleus_diameter_um = 10.0
+[sinks.zarr]
+output = "{tmp_path / 'out'}"
+[zenoh]
+listen = ["{daemon_ep}"]
+config_file = "{zfile}"
+[telemetry]
+metrics_listen = ""
+""")
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "listening for frames" in line:
+            break
+    else:
+        proc.kill()
+        pytest.fail("daemon did not start: " + "".join(lines))
+
+    bconf = session_config(connect=[daemon_ep], listen=[bridge_ep], config_file=bfile)
+    acks = []
+    bridge = Bridge(demo_core(), "sec", "S1", bconf, idle_s=2.0,
+                    limits=FollowupLimits(stage_um=(-1e4, 1e4, -1e4, 1e4)))
+    time.sleep(1.0)
+    try:
+        # A certificate from another CA: the TLS handshake fails, nothing gets through.
+        stranger = _open(pki.client("stranger", [daemon_ep, bridge_ep]))
+        # The plate's CA, another name: connected, but access control drops what it publishes.
+        intruder = zenoh.open(pki.client("intruder", [daemon_ep, bridge_ep]))
+        # The daemon's own identity, connected to the bridge directly.
+        as_daemon = zenoh.open(pki.client("daemon", [bridge_ep]))
+        as_daemon.declare_subscriber("liveomics/sec/followup/S1/ack",
+                                     lambda s: acks.append(json.loads(s.payload.to_bytes())))
+        time.sleep(1.0)
+        if stranger is not None:
+            _put_field(stranger, "A1")
+            stranger.put("liveomics/sec/followup/S1", _request("stranger-1"))
+        _put_field(intruder, "A2")
+        intruder.put("liveomics/sec/followup/S1", _request("intruder-1"))
+        time.sleep(1.0)
+        assert bridge.stats.requests == (0 if acl else 1), "a foreign identity's request"
+        as_daemon.put("liveomics/sec/followup/S1", _request("daemon-1"))
+        time.sleep(1.0)
+        assert bridge.stats.requests == (1 if acl else 2)
+        # The bridge's identity: a real plate position on the demo camera, then the follow-up.
+        import useq
+
+        stats = bridge.run(useq.MDASequence(stage_positions=[useq.Position(x=0, y=0, name="B1_0000")],
+                                            channels=["DAPI", "FITC"]))
+    finally:
+        bridge.close()
+    out, err = proc.communicate(timeout=60)
+    for s in (stranger, intruder, as_daemon):
+        if s is not None:
+            s.close()
+    assert proc.returncode == 0, err[-3000:]
+    assert stats.requests == (1 if acl else 2) and stats.rejected_requests == 0
+    assert [a["state"] for a in acks if a["id"] == "daemon-1"] == ["scheduled", "started", "done"]
+    assert not any(a["id"] == "stranger-1" for a in acks)
+    assert any(a["id"] == "intruder-1" for a in acks) != acl
+    plate = zarr.open_group(tmp_path / "out" / "S1.zarr", mode="r")
+    wells = sorted(w["path"] for w in plate.attrs.get("ome", {}).get("plate", {}).get("wells", []))
+    assert wells == (["B/1"] if acl else ["A/2", "B/1"]), err[-6000:]
+    assert sorted(i["path"] for i in plate["B/1"].attrs["ome"]["well"]["images"]) == ["0", "1000"]
+
+
+def test_bridge_rejects_requests_outside_its_limits_and_says_why(tmp_path):
+    port = free_port()
+    hub_conf = zenoh.Config()
+    hub_conf.insert_json5("listen/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+    hub_conf.insert_json5("scouting/multicast/enabled", "false")
+    hub = zenoh.open(hub_conf)
+    acks = []
+    hub.declare_subscriber("liveomics/lim/followup/L1/ack", lambda s: acks.append(json.loads(s.payload.to_bytes())))
+    bridge = Bridge(demo_core(), "lim", "L1", session_config(connect=[f"tcp/127.0.0.1:{port}"]), idle_s=1.0,
+                    limits=FollowupLimits(stage_um=(0, 100, 0, 100), max_requests=2, max_per_minute=100))
+    time.sleep(0.5)
+    key = "liveomics/lim/followup/L1"
+    try:
+        hub.put(key, _request("other-plate", plate="L2"))
+        far = json.loads(_request("far", plate="L1"))
+        for e in far["events"]:
+            e["x_pos"] = 5000.0
+        hub.put(key, json.dumps(far).encode())
+        hub.put(key, _request("ok-1", plate="L1"))
+        hub.put(key, _request("ok-2", plate="L1"))
+        hub.put(key, _request("too-many", plate="L1"))
+        time.sleep(1.0)
+        import useq
+
+        stats = bridge.run(useq.MDASequence(stage_positions=[useq.Position(x=10, y=10, name="A1_0000")],
+                                            channels=["DAPI"]))
+    finally:
+        bridge.close()
+    hub.close()
+    by_id = {}
+    for a in acks:
+        by_id.setdefault(a["id"], []).append(a)
+    assert [a["reason"] for a in by_id["other-plate"]] == ["plate"]
+    assert [a["reason"] for a in by_id["far"]] == ["stage"]
+    assert [a["reason"] for a in by_id["too-many"]] == ["count"]
+    assert [a["state"] for a in by_id["ok-1"]] == ["scheduled", "started", "done"]
+    assert stats.requests == 2 and stats.rejected_by_reason == {"plate": 1, "stage": 1, "count": 1}
