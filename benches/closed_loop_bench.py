@@ -3,15 +3,17 @@ trigger field's last frame leaving the bridge to the start of the follow-up even
 pymmcore-plus. In between: zenoh to the daemon, assembly, segmentation, measurement, rule
 evaluation, the request back over zenoh, useq validation and queueing ahead of the plan.
 
-    .venv/bin/python benches/closed_loop_bench.py [--wells 8] [--fields 3]
+    .venv/bin/python benches/closed_loop_bench.py [--wells 8] [--fields 3] [--tls]
 
 The rule fires on every planned field (cooldown 0), asking for one more field each time.
+`--tls` runs daemon and bridge with the TLS + access-control examples of config/zenoh
+(certificates made here with openssl, as in the tests).
 """
 
 import argparse
-import json
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,24 +21,31 @@ from pathlib import Path
 import mm_test_adapters
 import numpy as np
 import useq
-import zenoh
 from pymmcore_plus import CMMCorePlus
 
-from liveomics_bridge import Bridge
+from liveomics_bridge import Bridge, FollowupLimits, session_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "liveomics"
+sys.path.insert(0, str(ROOT / "tests"))
+from zenoh_tls import make_pki  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--wells", type=int, default=8)
     ap.add_argument("--fields", type=int, default=3)
+    ap.add_argument("--tls", action="store_true", help="TLS + access control (config/zenoh examples)")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tmp = Path(tempfile.mkdtemp())
+    scheme, zfile = "tcp", ""
+    if args.tls:
+        pki = make_pki(tmp / "pki")
+        scheme, zfile = "tls", pki.example("daemon-tls-acl.json5", tmp / "d.json5")
+    endpoint = f"{scheme}/127.0.0.1:{port}"
     cfg = tmp / "run.toml"
     cfg.write_text(f"""
 instrument = "mm"
@@ -55,7 +64,8 @@ cells_channel = "FITC"
 [sinks.zarr]
 output = "{tmp / 'out'}"
 [zenoh]
-listen = ["tcp/127.0.0.1:{port}"]
+listen = ["{endpoint}"]
+config_file = "{zfile}"
 [telemetry]
 metrics_listen = ""
 [closed_loop]
@@ -77,10 +87,11 @@ action = {{ kind = "more_fields", fields = 1, spacing_um = 300.0 }}
     core.setDeviceAdapterSearchPaths([mm_test_adapters.device_adapter_path()])
     core.loadSystemConfiguration()
     core.setExposure(5)
-    conf = zenoh.Config()
-    conf.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
-    conf.insert_json5("scouting/multicast/enabled", "false")
-    bridge = Bridge(core, "mm", "RL", conf, idle_s=3.0)
+    bfile = pki.example("bridge-tls-acl.json5", tmp / "b.json5") if args.tls else None
+    conf = session_config(connect=[endpoint], config_file=bfile)
+    # Every field asks for a follow-up: caps well above what the plate can request.
+    limits = FollowupLimits(max_requests=100_000, max_per_minute=100_000)
+    bridge = Bridge(core, "mm", "RL", conf, idle_s=3.0, limits=limits)
     time.sleep(0.5)
     rows = [i % 8 for i in range(args.wells)]
     cols = [i // 8 for i in range(args.wells)]
@@ -94,8 +105,9 @@ action = {{ kind = "more_fields", fields = 1, spacing_um = 300.0 }}
     wall = time.perf_counter() - t0
     out, err = proc.communicate(timeout=120)
     r = np.array(stats.reaction_ms)
-    print(f"{args.wells} wells x {args.fields} fields, DemoCamera 512x512 x 2 channels: {stats.frames} frames "
-          f"in {wall:.1f} s, {stats.requests} follow-ups")
+    print(f"{'TLS + ACL' if args.tls else 'TCP'}: {args.wells} wells x {args.fields} fields, DemoCamera 512x512 "
+          f"x 2 channels: {stats.frames} frames in {wall:.1f} s, {stats.requests} follow-ups, "
+          f"{stats.rejected_requests} rejected")
     print(f"reaction latency (last trigger frame published -> follow-up event started), n={len(r)}: "
           f"p50 {np.percentile(r, 50):.1f} ms, p99 {np.percentile(r, 99):.1f} ms, max {r.max():.1f} ms")
     for name, v in (("  daemon decides (trigger frame out -> request published)", stats.decision_ms),

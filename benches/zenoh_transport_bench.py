@@ -2,11 +2,14 @@
 (eclipse-zenoh, TCP on loopback) as fast as the daemon takes them, with the pipeline doing no
 work (no stages, no sinks) so that only transport, validation and assembly are measured.
 
-    .venv/bin/python benches/zenoh_transport_bench.py [--frames 60] [--size 2160]
+    .venv/bin/python benches/zenoh_transport_bench.py [--frames 60] [--size 2160] [--shm] [--fps F]
+        [--transport tcp|tls|both]
 
 Prints publish throughput (frames/s, MB/s: the publisher blocks when the daemon's queue is full,
 so this is the end-to-end rate) and the daemon's transit latency (header acquired_unix_ns to
 arrival, p50/p99). `--shm` publishes each frame from a zenoh shared-memory buffer (same host).
+`--transport both` runs plain TCP and then TLS with the access-control examples of config/zenoh
+(mTLS, certificates made here with openssl) back to back, and prints what TLS costs per frame.
 """
 
 import argparse
@@ -14,6 +17,7 @@ import json
 import re
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,19 +27,23 @@ import zenoh
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "liveomics"
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "adapters" / "pymmcore"))
+from liveomics_bridge import session_config  # noqa: E402
+from zenoh_tls import make_pki  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--frames", type=int, default=60)
-    ap.add_argument("--size", type=int, default=2160)
-    ap.add_argument("--shm", action="store_true", help="publish from zenoh shared memory")
-    ap.add_argument("--fps", type=float, default=0.0, help="pace the publisher (0: as fast as it can)")
-    args = ap.parse_args()
+def run(args, transport: str) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tmp = Path(tempfile.mkdtemp())
+    endpoint, zfile, bfile = f"tcp/127.0.0.1:{port}", "", None
+    if transport == "tls":
+        pki = make_pki(tmp / "pki")
+        endpoint = f"tls/127.0.0.1:{port}"
+        zfile = pki.example("daemon-tls-acl.json5", tmp / "d.json5")
+        bfile = pki.example("bridge-tls-acl.json5", tmp / "b.json5")
     cfg = tmp / "run.toml"
     cfg.write_text(f"""
 instrument = "tb"
@@ -54,7 +62,8 @@ enabled = false
 [sinks.zenoh]
 enabled = false
 [zenoh]
-listen = ["tcp/127.0.0.1:{port}"]
+listen = ["{endpoint}"]
+config_file = "{zfile}"
 [telemetry]
 metrics_listen = ""
 """)
@@ -62,10 +71,8 @@ metrics_listen = ""
                             stderr=subprocess.PIPE, text=True)
     while "listening for frames" not in proc.stderr.readline():
         pass
-    conf = zenoh.Config()
-    conf.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
-    conf.insert_json5("scouting/multicast/enabled", "false")
-    session = zenoh.open(conf)
+    # The bridge's own session settings (and, over TLS, its certificate and access control).
+    session = zenoh.open(session_config(connect=[endpoint], config_file=bfile))
     time.sleep(0.5)
     img = np.random.default_rng(0).integers(0, 4096, (args.size, args.size), dtype=np.uint16)
     payload = img.astype("<u2").tobytes()
@@ -89,17 +96,41 @@ metrics_listen = ""
     wall = time.perf_counter() - t0
     session.close()
     out, err = proc.communicate(timeout=120)
-    mb = len(payload) * args.frames / 1e6
-    print(f"{'shared memory' if args.shm else 'bytes'}{f' at {args.fps:g} fps' if args.fps else ''}: {args.frames} frames of {args.size}x{args.size} uint16 ({len(payload) / 1e6:.1f} MB each): "
-          f"published in {wall:.2f} s = {args.frames / wall:.1f} frames/s, {mb / wall:.0f} MB/s")
-    m = re.search(r"frame transit.*", err)
-    line = m.group(0) if m else ""
-    nums = dict(re.findall(r"(p50_ms|p99_ms|max_ms|frames|ingest_mb_s)=([0-9.]+)", err))
-    print(f"daemon: {nums.get('frames')} frames, received at {float(nums.get('ingest_mb_s', 0)):.0f} MB/s "
-          f"(first to last arrival), transit p50 {nums.get('p50_ms')} ms, "
-          f"p99 {nums.get('p99_ms')} ms, max {nums.get('max_ms')} ms")
-    if "fields" not in out:
+    nums = {k: float(v) for k, v in re.findall(r"(p50_ms|p99_ms|max_ms|frames|ingest_mb_s)=([0-9.]+)", err)}
+    if "fields" not in out or nums.get("frames") != args.frames:
         print(out, err[-2000:])
+    return {"transport": transport, "wall": wall, "bytes": len(payload), **nums}
+
+
+def report(args, r: dict) -> None:
+    mb = r["bytes"] * args.frames / 1e6
+    mode = f"{r['transport'].upper()}, {'shared memory' if args.shm else 'bytes'}"
+    pace = f" at {args.fps:g} fps" if args.fps else ""
+    print(f"{mode}{pace}: {args.frames} frames of {args.size}x{args.size} uint16 ({r['bytes'] / 1e6:.1f} MB each): "
+          f"published in {r['wall']:.2f} s = {args.frames / r['wall']:.1f} frames/s, {mb / r['wall']:.0f} MB/s, "
+          f"{1e3 * r['wall'] / args.frames:.1f} ms per frame")
+    print(f"  daemon: {r.get('frames', 0):.0f} frames, received at {r.get('ingest_mb_s', 0):.0f} MB/s "
+          f"(first to last arrival), transit p50 {r.get('p50_ms')} ms, p99 {r.get('p99_ms')} ms, max {r.get('max_ms')} ms")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=60)
+    ap.add_argument("--size", type=int, default=2160)
+    ap.add_argument("--shm", action="store_true", help="publish from zenoh shared memory")
+    ap.add_argument("--fps", type=float, default=0.0, help="pace the publisher (0: as fast as it can)")
+    ap.add_argument("--transport", choices=["tcp", "tls", "both"], default="tcp")
+    args = ap.parse_args()
+    kinds = ["tcp", "tls"] if args.transport == "both" else [args.transport]
+    results = {k: run(args, k) for k in kinds}
+    for r in results.values():
+        report(args, r)
+    if len(results) == 2:
+        tcp, tls = results["tcp"], results["tls"]
+        per_frame = 1e3 * (tls["wall"] - tcp["wall"]) / args.frames
+        print(f"TLS costs {per_frame:+.1f} ms per frame published ({tls['wall'] / tcp['wall']:.2f}x the TCP time), "
+              f"transit p50 {tls.get('p50_ms', 0) - tcp.get('p50_ms', 0):+.1f} ms, "
+              f"p99 {tls.get('p99_ms', 0) - tcp.get('p99_ms', 0):+.1f} ms")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from conftest import free_port
 
 pymmcore_plus = pytest.importorskip("pymmcore_plus")
 mm_test_adapters = pytest.importorskip("mm_test_adapters")
-from liveomics_bridge import Bridge, session_config  # noqa: E402
+from liveomics_bridge import Bridge, FollowupLimits, session_config  # noqa: E402
 from zenoh_tls import make_pki  # noqa: E402
 
 
@@ -196,3 +196,28 @@ def test_bridge_leaving_mid_plate_is_reported_and_resumed(binary, tmp_path):
     assert "did not come back" in err
     plate = zarr.open_group(tmp_path / "out" / "MM1.zarr", mode="r")
     assert sorted(img["path"] for img in plate["A/1"].attrs["ome"]["well"]["images"]) == ["0", "1"]
+
+
+def test_a_request_the_bridge_refuses_is_acknowledged_rejected_and_closed(binary, tmp_path):
+    """The bridge is started with no follow-ups allowed: the daemon's request comes back
+    `rejected` with the bridge's reason, the daemon logs it, and does not count it as still
+    open at the end of the run."""
+    port = free_port()
+    proc, _ = start_daemon(binary, tmp_path, port, RULE)
+    acks = []
+    watcher = zenoh.open(zconf(port))
+    watcher.declare_subscriber("liveomics/mm/followup/MM1/ack", lambda s: acks.append(json.loads(s.payload.to_bytes())))
+    bridge = Bridge(demo_core(), "mm", "MM1", zconf(port), idle_s=2.0, limits=FollowupLimits(max_requests=0))
+    time.sleep(0.5)
+    try:
+        stats = bridge.run(useq.MDASequence(stage_positions=[useq.Position(x=0, y=0, name="A1_0000")],
+                                            channels=["DAPI", "FITC"]))
+    finally:
+        bridge.close()
+    out, err = proc.communicate(timeout=60)
+    watcher.close()
+    assert proc.returncode == 0, err[-3000:]
+    assert stats.requests == 0 and stats.rejected_by_reason == {"count": 1}
+    assert [(a["state"], a["reason"]) for a in acks] == [("rejected", "count")]
+    assert "follow-up rejected by the bridge" in err and 'reason="count"' in err, err[-3000:]
+    assert "not done when the run ended" not in err

@@ -4,9 +4,9 @@ per-cell model output so far.
 
     python docs/examples/live_well_table.py [--instrument scope1] [--connect tcp/127.0.0.1:7447] [--fields N]
 
-Without --connect or --listen it finds the daemon by multicast scouting (zenoh peer mode); with
---listen the daemon connects to it (`[sinks.zenoh] connect`). --fields N exits
-after N fields (the test uses it); otherwise it runs until Ctrl-C.
+Without --connect or --listen it connects to the daemon's default endpoint on this host
+(tcp/127.0.0.1:7447); with --listen the daemon connects to it (`[zenoh] connect`). --fields N
+exits after N fields (the test uses it); otherwise it runs until Ctrl-C.
 """
 
 import argparse
@@ -26,10 +26,10 @@ def main():
     ap.add_argument("--fields", type=int, default=0)
     args = ap.parse_args()
     conf = zenoh.Config()
-    if args.connect or args.listen:
-        conf.insert_json5("connect/endpoints", json.dumps(args.connect))
-        conf.insert_json5("listen/endpoints", json.dumps(args.listen))
-        conf.insert_json5("scouting/multicast/enabled", "false")
+    connect = args.connect or ([] if args.listen else ["tcp/127.0.0.1:7447"])
+    conf.insert_json5("connect/endpoints", json.dumps(connect))
+    conf.insert_json5("listen/endpoints", json.dumps(args.listen))
+    conf.insert_json5("scouting/multicast/enabled", "false")
     wells = defaultdict(lambda: {"fields": 0, "cells": 0, "sums": defaultdict(float)})
     seen = [0]
     done = threading.Event()
