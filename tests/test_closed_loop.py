@@ -5,8 +5,6 @@ back tagged with the follow-up id and are written as another field of the well (
 `closed_loop.followup_field_base`, 1000)."""
 
 import json
-import subprocess
-import threading
 import time
 
 import pytest
@@ -14,20 +12,12 @@ import useq
 import zarr
 import zenoh
 
-from conftest import free_port
+from conftest import demo_core, free_port, loopback_hub, start_zenoh_daemon
 
-pymmcore_plus = pytest.importorskip("pymmcore_plus")
-mm_test_adapters = pytest.importorskip("mm_test_adapters")
+pytest.importorskip("pymmcore_plus")
+pytest.importorskip("mm_test_adapters")
 from liveomics_bridge import Bridge, FollowupLimits, session_config  # noqa: E402
 from zenoh_tls import make_pki  # noqa: E402
-
-
-def demo_core():
-    core = pymmcore_plus.CMMCorePlus()
-    core.setDeviceAdapterSearchPaths([mm_test_adapters.device_adapter_path()])
-    core.loadSystemConfiguration()
-    core.setExposure(5)
-    return core
 
 
 def zconf(port):
@@ -39,45 +29,7 @@ def zconf(port):
 
 
 def start_daemon(binary, tmp_path, port, extra="", scheme="tcp", zenoh_file=""):
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(f"""
-instrument = "mm"
-latency_budget_ms = 5000
-[source]
-kind = "zenoh"
-[source.zenoh]
-plate = "MM1"
-channels = ["DAPI", "FITC"]
-width_px = 512
-height_px = 512
-pixel_size_um = 1.0
-idle_exit_ms = 6000
-[segmentation]
-nuclei_channel = "DAPI"
-cells_channel = "FITC"
-nucleus_diameter_um = 10.0
-[sinks.zarr]
-output = "{tmp_path / 'out'}"
-[zenoh]
-listen = ["{scheme}/127.0.0.1:{port}"]
-config_file = "{zenoh_file}"
-[telemetry]
-metrics_listen = ""
-{extra}
-""")
-    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    lines = []
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        lines.append(line)
-        if "listening for frames" in line:
-            break
-    else:
-        proc.kill()
-        pytest.fail("daemon did not start: " + "".join(lines))
-    return proc, lines
+    return start_zenoh_daemon(binary, tmp_path, f"{scheme}/127.0.0.1:{port}", zenoh_file=zenoh_file, extra=extra)
 
 
 RULE = """
@@ -151,10 +103,7 @@ def test_rule_fires_and_the_followup_is_acquired_and_written(binary, tmp_path, t
 
 def test_malformed_requests_are_rejected_and_the_bridge_goes_on(tmp_path):
     port = free_port()
-    listener = zenoh.Config()
-    listener.insert_json5("listen/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
-    listener.insert_json5("scouting/multicast/enabled", "false")
-    hub = zenoh.open(listener)
+    hub = loopback_hub(port)
     frames = []
     hub.declare_subscriber("liveomics/mm/frames/**", lambda s: frames.append(str(s.key_expr)))
     bridge = Bridge(demo_core(), "mm", "MM2", zconf(port), idle_s=1.0)

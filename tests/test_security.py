@@ -21,11 +21,11 @@ import pytest
 import zarr
 import zenoh
 
-from conftest import free_port, sim_toml
+from conftest import demo_core, free_port, loopback_hub, sim_toml, spawn_until, start_zenoh_daemon
 from zenoh_tls import make_pki
 
-pymmcore_plus = pytest.importorskip("pymmcore_plus")
-mm_test_adapters = pytest.importorskip("mm_test_adapters")
+pytest.importorskip("pymmcore_plus")
+pytest.importorskip("mm_test_adapters")
 from liveomics_bridge import Bridge, FollowupLimits, session_config  # noqa: E402
 
 
@@ -63,18 +63,8 @@ def test_default_config_binds_only_loopback(binary, tmp_path):
     # Only the plate and the output change: [zenoh] and [telemetry] are the embedded defaults.
     cfg.write_text(sim_toml(plate="sec", wells=("A1",), fields=6, size=128, rate=2.0)
                    + f'\n[sinks.zarr]\noutput = "{tmp_path / "out"}"\n')
-    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc, lines = spawn_until(binary, cfg, "acquisition starting")
     try:
-        lines = []
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if "acquisition starting" in line:
-                break
-        else:
-            pytest.fail("daemon did not start: " + "".join(lines))
         socks = _sockets(proc.pid)
         # A client on this host reaches it through the documented endpoint.
         reader = zenoh.open(session_config())
@@ -122,14 +112,6 @@ def test_a_zenoh_file_that_sets_the_endpoints_is_refused_with_its_key(binary, tm
         session_config(config_file=f)
 
 
-def demo_core():
-    core = pymmcore_plus.CMMCorePlus()
-    core.setDeviceAdapterSearchPaths([mm_test_adapters.device_adapter_path()])
-    core.loadSystemConfiguration()
-    core.setExposure(5)
-    return core
-
-
 def _header(h=512, w=512):
     return json.dumps({"shape": [h, w], "dtype": "uint16", "timepoint": 0}).encode()
 
@@ -175,43 +157,8 @@ def test_tls_and_acl_let_only_the_right_identities_in(binary, tmp_path, acl):
     if not acl:
         _without_acl(zfile)
         _without_acl(bfile)
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(f"""
-instrument = "sec"
-latency_budget_ms = 5000
-[source]
-kind = "zenoh"
-[source.zenoh]
-plate = "S1"
-channels = ["DAPI", "FITC"]
-width_px = 512
-height_px = 512
-pixel_size_um = 1.0
-idle_exit_ms = 12000
-[segmentation]
-nuclei_channel = "DAPI"
-cells_channel = "FITC"
-nucleus_diameter_um = 10.0
-[sinks.zarr]
-output = "{tmp_path / 'out'}"
-[zenoh]
-listen = ["{daemon_ep}"]
-config_file = "{zfile}"
-[telemetry]
-metrics_listen = ""
-""")
-    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    lines = []
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        lines.append(line)
-        if "listening for frames" in line:
-            break
-    else:
-        proc.kill()
-        pytest.fail("daemon did not start: " + "".join(lines))
+    proc, _ = start_zenoh_daemon(binary, tmp_path, daemon_ep, instrument="sec", plate="S1", idle_exit_ms=12000,
+                                 zenoh_file=zfile)
 
     bconf = session_config(connect=[daemon_ep], listen=[bridge_ep], config_file=bfile)
     acks = []
@@ -262,10 +209,7 @@ metrics_listen = ""
 
 def test_bridge_rejects_requests_outside_its_limits_and_says_why(tmp_path):
     port = free_port()
-    hub_conf = zenoh.Config()
-    hub_conf.insert_json5("listen/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
-    hub_conf.insert_json5("scouting/multicast/enabled", "false")
-    hub = zenoh.open(hub_conf)
+    hub = loopback_hub(port)
     acks = []
     hub.declare_subscriber("liveomics/lim/followup/L1/ack", lambda s: acks.append(json.loads(s.payload.to_bytes())))
     bridge = Bridge(demo_core(), "lim", "L1", session_config(connect=[f"tcp/127.0.0.1:{port}"]), idle_s=1.0,

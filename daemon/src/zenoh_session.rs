@@ -38,7 +38,8 @@ pub struct ZenohConfig {
     /// with no configuration: off unless asked for.
     pub multicast_scouting: bool,
     /// A full zenoh JSON5 configuration (TLS, mTLS, user/password authentication, access
-    /// control); empty for none. It must not set the keys above (see `OWNED_KEYS`).
+    /// control); empty for none. It must not set the keys above (see `OWNED_KEYS`). Relative
+    /// to the working directory, like every path in the config.
     pub config_file: PathBuf,
 }
 
