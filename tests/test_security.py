@@ -124,12 +124,22 @@ def _put_field(session, well, field=0):
 
 
 def _request(rid, well="B1", field=1000, plate="S1"):
-    events = [{"channel": {"config": ch, "group": "Channel"}, "x_pos": 10.0, "y_pos": 10.0, "exposure": 5,
+    events = [{"channel": {"config": ch, "group": "Channel"}, "x_pos": 10.0, "y_pos": 10.0,
                "index": {"p": 0, "c": i}, "metadata": {"liveomics": {"followup_id": rid, "plate": plate,
                                                                     "well": well, "field": field}}}
               for i, ch in enumerate(("DAPI", "FITC"))]
     return json.dumps({"id": rid, "rule": "t", "plate": plate, "well": well, "trigger": {"field": 0},
                        "fields": [field], "events": events}).encode()
+
+
+def wait_for(pred, what: str, timeout=15.0):
+    """Polls `pred` until it holds; fails the test with `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
 
 
 def _open(conf):
@@ -171,6 +181,8 @@ def test_tls_and_acl_let_only_the_right_identities_in(binary, tmp_path, acl):
         # The plate's CA, another name: connected, but access control drops what it publishes.
         intruder = zenoh.open(pki.client("intruder", [daemon_ep, bridge_ep]))
         # The daemon's own identity, connected to the bridge directly.
+        # A read-only client's certificate: it may watch, not publish frames or requests.
+        reader = zenoh.open(pki.client("reader", [daemon_ep, bridge_ep]))
         as_daemon = zenoh.open(pki.client("daemon", [bridge_ep]))
         as_daemon.declare_subscriber("liveomics/sec/followup/S1/ack",
                                      lambda s: acks.append(json.loads(s.payload.to_bytes())))
@@ -179,12 +191,13 @@ def test_tls_and_acl_let_only_the_right_identities_in(binary, tmp_path, acl):
             _put_field(stranger, "A1")
             stranger.put("liveomics/sec/followup/S1", _request("stranger-1"))
         _put_field(intruder, "A2")
-        intruder.put("liveomics/sec/followup/S1", _request("intruder-1"))
+        intruder.put("liveomics/sec/followup/S1", _request("intruder-1", field=1001))
+        _put_field(reader, "A3")
+        reader.put("liveomics/sec/followup/S1", _request("reader-1", field=1002))
         time.sleep(1.0)
-        assert bridge.stats.requests == (0 if acl else 1), "a foreign identity's request"
         as_daemon.put("liveomics/sec/followup/S1", _request("daemon-1"))
-        time.sleep(1.0)
-        assert bridge.stats.requests == (1 if acl else 2)
+        wait_for(lambda: any(a["id"] == "daemon-1" for a in acks), "the daemon identity's request")
+        assert bridge.stats.requests == (1 if acl else 3), "a foreign identity's request was executed"
         # The bridge's identity: a real plate position on the demo camera, then the follow-up.
         import useq
 
@@ -193,18 +206,20 @@ def test_tls_and_acl_let_only_the_right_identities_in(binary, tmp_path, acl):
     finally:
         bridge.close()
     out, err = proc.communicate(timeout=60)
-    for s in (stranger, intruder, as_daemon):
+    for s in (stranger, intruder, reader, as_daemon):
         if s is not None:
             s.close()
     assert proc.returncode == 0, err[-3000:]
-    assert stats.requests == (1 if acl else 2) and stats.rejected_requests == 0
+    assert stats.requests == (1 if acl else 3) and stats.rejected_requests == 0
     assert [a["state"] for a in acks if a["id"] == "daemon-1"] == ["scheduled", "started", "done"]
     assert not any(a["id"] == "stranger-1" for a in acks)
     assert any(a["id"] == "intruder-1" for a in acks) != acl
+    assert any(a["id"] == "reader-1" for a in acks) != acl
     plate = zarr.open_group(tmp_path / "out" / "S1.zarr", mode="r")
     wells = sorted(w["path"] for w in plate.attrs.get("ome", {}).get("plate", {}).get("wells", []))
-    assert wells == (["B/1"] if acl else ["A/2", "B/1"]), err[-6000:]
-    assert sorted(i["path"] for i in plate["B/1"].attrs["ome"]["well"]["images"]) == ["0", "1000"]
+    assert wells == (["B/1"] if acl else ["A/2", "A/3", "B/1"]), err[-6000:]
+    fields = ["0", "1000"] if acl else ["0", "1000", "1001", "1002"]
+    assert sorted(i["path"] for i in plate["B/1"].attrs["ome"]["well"]["images"]) == fields
 
 
 def test_bridge_rejects_requests_outside_its_limits_and_says_why(tmp_path):
@@ -222,10 +237,24 @@ def test_bridge_rejects_requests_outside_its_limits_and_says_why(tmp_path):
         for e in far["events"]:
             e["x_pos"] = 5000.0
         hub.put(key, json.dumps(far).encode())
+        def variant(rid, change):
+            req = json.loads(_request(rid, plate="L1"))
+            change(req)
+            hub.put(key, json.dumps(req).encode())
+
+        # Keys the daemon never sends could move hardware past every check: refused.
+        variant("props", lambda r: r["events"][0].update(properties=[["XY", "Position", [1e6, 1e6]]]))
+        variant("objective", lambda r: r["events"][0].update(channel={"config": "10X", "group": "Objective"}))
+        variant("deep", lambda r: r["events"][0].update(z_pos=1e5))
+        variant("nan", lambda r: r["events"][0].update(x_pos=float("nan")))
+        variant("planned", lambda r: r["events"][0]["metadata"]["liveomics"].update(field=0))
+        variant("later", lambda r: r.update(not_before_unix_ns=str(time.time_ns() + int(1e9 * 86400 * 365))))
         hub.put(key, _request("ok-1", plate="L1"))
         hub.put(key, _request("ok-2", plate="L1"))
         hub.put(key, _request("too-many", plate="L1"))
-        time.sleep(1.0)
+        # A repeat of a live id is ignored, not answered: a `rejected` would close the real one.
+        hub.put(key, b'{"id": "ok-1", "plate": "L1", "events": "broken"}')
+        wait_for(lambda: len(acks) >= 11, "an ack of every request")
         import useq
 
         stats = bridge.run(useq.MDASequence(stage_positions=[useq.Position(x=10, y=10, name="A1_0000")],
@@ -239,5 +268,12 @@ def test_bridge_rejects_requests_outside_its_limits_and_says_why(tmp_path):
     assert [a["reason"] for a in by_id["other-plate"]] == ["plate"]
     assert [a["reason"] for a in by_id["far"]] == ["stage"]
     assert [a["reason"] for a in by_id["too-many"]] == ["count"]
+    assert [a["reason"] for a in by_id["props"]] == ["events"]
+    assert [a["reason"] for a in by_id["objective"]] == ["channel"]
+    assert [a["reason"] for a in by_id["deep"]] == ["stage"]
+    assert [a["reason"] for a in by_id["nan"]] == ["stage"]
+    assert [a["reason"] for a in by_id["planned"]] == ["field"]
+    assert [a["reason"] for a in by_id["later"]] == ["delay"]
     assert [a["state"] for a in by_id["ok-1"]] == ["scheduled", "started", "done"]
-    assert stats.requests == 2 and stats.rejected_by_reason == {"plate": 1, "stage": 1, "count": 1}
+    assert stats.requests == 2 and stats.rejected_by_reason == {
+        "plate": 1, "stage": 3, "count": 1, "events": 1, "channel": 1, "field": 1, "delay": 1}

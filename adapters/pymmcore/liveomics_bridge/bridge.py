@@ -69,9 +69,24 @@ class FollowupLimits:
 
     stage_um: tuple[float, float, float, float] | None = None
     margin_um: float = 1000.0
+    #: `(z_min, z_max)` in µm; `None`: the sequence's Z positions (or the stage's Z when the
+    #: run starts), `max_dz_um` around.
+    z_um: tuple[float, float] | None = None
+    max_dz_um: float = 50.0
     max_requests: int = 100
     max_per_minute: float = 30.0
     max_events_per_request: int = 64
+    #: A revisit may wait, but not for ever: a request that asks to start later is rejected.
+    max_delay_s: float = 6 * 3600.0
+    #: Follow-up fields are numbered from here (the daemon's `closed_loop.followup_field_base`),
+    #: so that a request can never write over a planned field.
+    min_field: int = 1000
+
+
+#: The only event keys a follow-up may carry: what the daemon sends. Anything else useq
+#: accepts (device properties, actions, exposure, timing, ROI, SLM images) could move hardware
+#: outside the checks below.
+EVENT_KEYS = frozenset({"index", "channel", "pos_name", "metadata", "x_pos", "y_pos", "z_pos"})
 
 
 def plate_extent_um(sequence: useq.MDASequence, margin_um: float) -> tuple[float, float, float, float] | None:
@@ -130,6 +145,12 @@ class Bridge:
         self.idle_s = idle_s
         self.limits = limits or FollowupLimits()
         self._stage_um = self.limits.stage_um
+        self._z_um = self.limits.z_um
+        self._channel_group = core.getChannelGroup() or "Channel"
+        try:
+            self._channel_configs = set(core.getAvailableConfigs(self._channel_group))
+        except Exception:  # no such group in this configuration: the group check alone applies
+            self._channel_configs = set()
         self._accepted_ns: collections.deque[int] = collections.deque()
         self.session = zenoh.open(session_config if session_config is not None else default_session_config())
         # Frames are written into zenoh shared memory: a daemon on the same host maps them instead
@@ -236,28 +257,60 @@ class Bridge:
         if rid is not None:
             self._ack(rid, "rejected", reason=reason, detail=detail[:200])
 
-    def _check(self, req: dict, events: list[useq.MDAEvent]) -> None:
-        """Raises `Rejected` unless the request is for this plate, inside the stage limits and
-        within the count and rate caps. Called with the lock held."""
+    def _events(self, rid: str, raw) -> list[useq.MDAEvent]:
+        """The request's events, refused unless each carries only `EVENT_KEYS`, a channel of the
+        sequence's channel group and a follow-up well and field; stamped with `rid` and this
+        plate, so that the frames are counted against this request and no other."""
         lim = self.limits
-        if req.get("plate") != self.plate:
-            raise Rejected("plate", f"names plate {req.get('plate')!r}, acquiring {self.plate!r}")
-        for e in events:
-            lo = (e.metadata or {}).get("liveomics") or {}
-            if "plate" in lo and lo["plate"] != self.plate:
+        if not isinstance(raw, list) or not raw or len(raw) > lim.max_events_per_request:
+            n = len(raw) if isinstance(raw, list) else "no list of"
+            raise Rejected("events", f"{n} events (1..{lim.max_events_per_request} allowed)")
+        events = []
+        for e in raw:
+            if not isinstance(e, dict):
+                raise Rejected("events", "an event is not a JSON object")
+            extra = sorted(set(e) - EVENT_KEYS)
+            if extra:
+                raise Rejected("events", f"event keys {extra} are not allowed (only {sorted(EVENT_KEYS)})")
+            ch = e.get("channel")
+            if not isinstance(ch, dict) or ch.get("group", self._channel_group) != self._channel_group:
+                raise Rejected("channel", f"channel {ch!r} is not in the group {self._channel_group!r}")
+            if self._channel_configs and ch.get("config") not in self._channel_configs:
+                raise Rejected("channel", f"{ch.get('config')!r} is not a config of {self._channel_group!r}")
+            lo = dict(((e.get("metadata") or {}).get("liveomics") or {}))
+            well, fld = lo.get("well"), lo.get("field")
+            if not (isinstance(well, str) and NAME.match(well)) or not isinstance(fld, int) or fld < lim.min_field:
+                raise Rejected("field", f"well {well!r} field {fld!r}: follow-ups write fields >= {lim.min_field}")
+            if lo.get("plate", self.plate) != self.plate:
                 raise Rejected("plate", f"an event names plate {lo['plate']!r}")
-        if not events or len(events) > lim.max_events_per_request:
-            raise Rejected("events", f"{len(events)} events (1..{lim.max_events_per_request} allowed)")
+            lo.update(followup_id=rid, plate=self.plate)
+            try:
+                events.append(useq.MDAEvent(**{**e, "metadata": {"liveomics": lo}}))
+            except Exception as err:
+                raise Rejected("malformed", str(err).splitlines()[0]) from err
+        return events
+
+    def _check(self, req: dict, events: list[useq.MDAEvent], delay_s: float) -> None:
+        """Raises `Rejected` unless the request is for this plate, inside the stage limits and
+        within the count, rate and delay caps. Called with the lock held."""
+        lim = self.limits
+        if not (0 <= delay_s <= lim.max_delay_s):
+            raise Rejected("delay", f"starts in {delay_s:.0f} s (at most {lim.max_delay_s:g} s)")
         for e in events:
-            if e.x_pos is None and e.y_pos is None:
-                continue
-            if self._stage_um is None:
-                raise Rejected("stage", "no stage limits known yet (no plate running, none configured)")
-            x0, x1, y0, y1 = self._stage_um
-            x = e.x_pos if e.x_pos is not None else x0
-            y = e.y_pos if e.y_pos is not None else y0
-            if not (x0 <= x <= x1 and y0 <= y <= y1):
-                raise Rejected("stage", f"position ({x}, {y}) µm outside x {x0}..{x1}, y {y0}..{y1}")
+            if e.x_pos is not None or e.y_pos is not None:
+                if self._stage_um is None:
+                    raise Rejected("stage", "no stage limits known yet (no plate running, none configured)")
+                x0, x1, y0, y1 = self._stage_um
+                x = e.x_pos if e.x_pos is not None else x0
+                y = e.y_pos if e.y_pos is not None else y0
+                if not (x0 <= x <= x1 and y0 <= y <= y1):
+                    raise Rejected("stage", f"position ({x}, {y}) µm outside x {x0}..{x1}, y {y0}..{y1}")
+            if e.z_pos is not None:
+                if self._z_um is None:
+                    raise Rejected("stage", "no Z limits known yet (no plate running, none configured)")
+                z0, z1 = self._z_um
+                if not (z0 <= e.z_pos <= z1):
+                    raise Rejected("stage", f"z {e.z_pos} µm outside {z0}..{z1}")
         if self.stats.requests >= lim.max_requests:
             raise Rejected("count", f"{lim.max_requests} requests already accepted for this plate")
         now = time.monotonic_ns()
@@ -267,28 +320,39 @@ class Bridge:
             raise Rejected("rate", f"more than {lim.max_per_minute:g} requests in the last minute")
 
     def _on_request(self, sample) -> None:
-        """zenoh thread: validate with useq and the limits, queue the events, acknowledge."""
+        """zenoh thread: validate against the limits and with useq, queue the events, acknowledge."""
         rid = None
         try:
             req = json.loads(sample.payload.to_bytes())
             if not isinstance(req, dict):
                 raise ValueError("not a JSON object")
-            rid = str(req["id"]) if isinstance(req.get("id"), (str, int)) else None
+            rid = str(req["id"])[:128] if isinstance(req.get("id"), str) and req["id"] else None
             if rid is None:
                 raise ValueError("no string `id`")
-            events = [useq.MDAEvent(**e) for e in req["events"]]
+            with self._lock:
+                if rid in self._requests:
+                    # Never answered: a `rejected` would close the live request of that id.
+                    log.warning("duplicate follow-up request %s ignored", rid)
+                    return
+            if req.get("plate") != self.plate:
+                raise Rejected("plate", f"names plate {req.get('plate')!r}, acquiring {self.plate!r}")
+            events = self._events(rid, req.get("events"))
             trigger = (str(req["well"]), int(req["trigger"]["field"]))
             not_before = int(req.get("not_before_unix_ns") or 0)
             requested = int(req.get("requested_unix_ns") or 0)
+        except Rejected as r:
+            self._reject(rid, r.reason, r.detail)
+            return
         except Exception as e:  # malformed request: say so, keep running
             self._reject(rid, "malformed", str(e).splitlines()[0] if str(e) else type(e).__name__)
             return
+        delay = max(0.0, (not_before - time.time_ns()) / 1e9) if not_before else 0.0
         with self._lock:
             if rid in self._requests:
                 log.warning("duplicate follow-up request %s ignored", rid)
                 return
             try:
-                self._check(req, events)
+                self._check(req, events, delay)
             except Rejected as r:
                 problem = r
             else:
@@ -299,7 +363,6 @@ class Bridge:
         if problem is not None:
             self._reject(rid, problem.reason, problem.detail)
             return
-        delay = max(0.0, (not_before - time.time_ns()) / 1e9)
         if delay > 0:
             threading.Timer(delay, lambda: [self.followups.put(e) for e in events]).start()
         else:
@@ -335,10 +398,19 @@ class Bridge:
         """Runs `sequence`, then whatever follow-ups arrive, until `idle_s` passes with no new
         event and no request outstanding. Follow-ups go ahead of the plan's remaining events, but
         only between positions: a field's channels are never split by a detour."""
-        if self.limits.stage_um is None:
-            extent = plate_extent_um(sequence, self.limits.margin_um)
-            with self._lock:
-                self._stage_um = extent
+        lim = self.limits
+        extent = lim.stage_um if lim.stage_um is not None else plate_extent_um(sequence, lim.margin_um)
+        z_range = lim.z_um
+        if z_range is None:
+            zs = [e.z_pos for e in sequence if e.z_pos is not None]
+            if not zs:
+                try:
+                    zs = [float(self.core.getZPosition())]
+                except Exception:  # no focus device: follow-ups may not ask for Z at all
+                    zs = []
+            z_range = (min(zs) - lim.max_dz_um, max(zs) + lim.max_dz_um) if zs else None
+        with self._lock:
+            self._stage_um, self._z_um = extent, z_range
         plan = collections.deque(sequence)
 
         def boundary(last) -> bool:
