@@ -54,11 +54,12 @@ def _sockets(pid: int) -> list[tuple[str, str, str]]:
 
 
 def test_default_config_binds_only_loopback(binary, tmp_path):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", 7447))
-        except OSError:
-            pytest.skip("port 7447 (the default zenoh endpoint) is taken on this host")
+    for port, what in ((7447, "the default zenoh endpoint"), (9464, "the default metrics endpoint")):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                pytest.skip(f"port {port} ({what}) is taken on this host")
     cfg = tmp_path / "run.toml"
     # Only the plate and the output change: [zenoh] and [telemetry] are the embedded defaults.
     cfg.write_text(sim_toml(plate="sec", wells=("A1",), fields=6, size=128, rate=2.0)
@@ -110,6 +111,18 @@ def test_a_zenoh_file_that_sets_the_endpoints_is_refused_with_its_key(binary, tm
 
     with pytest.raises(SessionConfigError, match="listen/endpoints"):
         session_config(config_file=f)
+    # Restating what the bridge sets is not a collision.
+    same = tmp_path / "same.json5"
+    same.write_text('{ mode: "peer", scouting: { multicast: { enabled: false } } }')
+    assert session_config(config_file=same).get_json("mode") == '"peer"'
+
+
+def test_the_bridge_warns_when_it_is_reachable_unprotected(caplog):
+    session_config(listen=["tcp/0.0.0.0:7448"])
+    assert "reachable from the network (tcp/0.0.0.0:7448)" in caplog.text
+    caplog.clear()
+    session_config()
+    assert "reachable from the network" not in caplog.text
 
 
 def _header(h=512, w=512):

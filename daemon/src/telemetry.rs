@@ -893,19 +893,21 @@ impl ZenohOpened<'_> {
     }
 }
 
-/// The zenoh session can be reached from other hosts (a non-loopback listen endpoint or
-/// multicast scouting) and no zenoh configuration file adds TLS, authentication or access
-/// control: anyone on the network could publish frames or follow-up acks. Logged once at start.
+/// The zenoh session can be reached from other hosts (a non-loopback endpoint, listened on or
+/// connected to, or multicast scouting) and `zenoh.config_file` adds neither access control,
+/// user/password authentication, nor mutual TLS on every such endpoint: anyone on the network
+/// could publish frames or follow-up acks. Logged once at start.
 #[derive(Debug)]
 pub struct ZenohExposed<'a> {
-    pub listen: &'a str,
+    /// The non-local endpoints, listened on or connected to.
+    pub endpoints: &'a str,
     pub multicast_scouting: bool,
 }
 
 impl ZenohExposed<'_> {
     pub fn emit(&self) {
         warn!(
-            listen = self.listen,
+            endpoints = self.endpoints,
             multicast_scouting = self.multicast_scouting,
             "zenoh is reachable from the network without TLS, authentication or access control; \
              set zenoh.config_file (docs/SECURITY.md)"

@@ -43,6 +43,9 @@ pub struct ZenohConfig {
     pub config_file: PathBuf,
 }
 
+/// The zenoh transports compiled into the daemon (`daemon/Cargo.toml`).
+pub const TRANSPORTS: &[&str] = &["tcp", "tls", "udp", "unixsock-stream"];
+
 /// The loopback endpoint a daemon listens on by default and a bridge connects to by default
 /// (zenoh's registered port).
 pub const DEFAULT_ENDPOINT: &str = "tcp/127.0.0.1:7447";
@@ -60,8 +63,8 @@ impl Default for ZenohConfig {
 }
 
 /// The zenoh keys liveomics sets from `[zenoh]`, with the liveomics key each comes from. A
-/// `config_file` that sets one of them (to anything but zenoh's default) is an error, so the
-/// endpoints are decided in one place.
+/// `config_file` that sets one of them to anything but zenoh's default or the value liveomics
+/// sets is an error, so the endpoints are decided in one place.
 pub const OWNED_KEYS: &[(&str, &str)] = &[
     ("mode", "zenoh.mode"),
     ("listen/endpoints", "zenoh.listen"),
@@ -148,6 +151,23 @@ impl ZenohConfig {
                 }
             }
         }
+        for (key, list) in [("zenoh.listen", &self.listen), ("zenoh.connect", &self.connect)] {
+            for (i, ep) in list.iter().enumerate() {
+                let proto = ep.split('/').next().unwrap_or("");
+                if endpoint_problem(ep).is_none() && !TRANSPORTS.contains(&proto) {
+                    out.push(Invalid::new(
+                        &format!("{key}[{i}]"),
+                        format!("{proto:?} is not a transport of this build (one of {TRANSPORTS:?})"),
+                    ));
+                }
+                if proto == "tls" && self.config_file.as_os_str().is_empty() {
+                    out.push(Invalid::new(
+                        &format!("{key}[{i}]"),
+                        "a tls endpoint needs certificates: set zenoh.config_file (docs/SECURITY.md)",
+                    ));
+                }
+            }
+        }
         if self.mode == ZenohMode::Client && self.connect.is_empty() && !self.multicast_scouting {
             out.push(Invalid::new(
                 "zenoh.connect",
@@ -160,18 +180,45 @@ impl ZenohConfig {
         out
     }
 
-    /// Whether other hosts can reach this session: a non-local listen endpoint, or scouting.
-    pub fn reachable_from_network(&self) -> bool {
-        self.multicast_scouting || self.listen.iter().any(|ep| !is_local_endpoint(ep))
+    /// The endpoints, listened on or connected to, that are not local to this host.
+    fn network_endpoints(&self) -> Vec<&String> {
+        self.listen
+            .iter()
+            .chain(&self.connect)
+            .filter(|ep| !is_local_endpoint(ep))
+            .collect()
+    }
+
+    /// Whether other hosts can reach this session (a non-local endpoint either way, or
+    /// scouting) while nothing in `config_file` protects it: the reason to warn at start.
+    pub fn exposed(&self, z: &zenoh::Config) -> bool {
+        let net = self.network_endpoints();
+        (self.multicast_scouting || !net.is_empty()) && !protects(z, &net)
     }
 
     /// The zenoh configuration: `config_file` (or zenoh's defaults), then the keys liveomics owns.
     pub fn session_config(&self) -> Result<zenoh::Config, SessionConfigError> {
-        let mut z = if self.config_file.as_os_str().is_empty() {
-            zenoh::Config::default()
-        } else {
-            load_file(&self.config_file)?
-        };
+        if self.config_file.as_os_str().is_empty() {
+            return self.apply(zenoh::Config::default());
+        }
+        let file = load_file(&self.config_file)?;
+        let default = zenoh::Config::default();
+        let ours = self.apply(zenoh::Config::default())?;
+        for &(zenoh_key, ours_key) in OWNED_KEYS {
+            let v = json_at(&file, zenoh_key);
+            if v != json_at(&default, zenoh_key) && v != json_at(&ours, zenoh_key) {
+                return Err(SessionConfigError::Collision {
+                    path: self.config_file.clone(),
+                    zenoh_key,
+                    ours: ours_key,
+                });
+            }
+        }
+        self.apply(file)
+    }
+
+    /// `z` with the keys liveomics owns set from this section.
+    fn apply(&self, mut z: zenoh::Config) -> Result<zenoh::Config, SessionConfigError> {
         let value = |key: &'static str| {
             move |e: zenoh::Error| SessionConfigError::Value {
                 key: key.to_string(),
@@ -197,23 +244,26 @@ impl ZenohConfig {
     }
 }
 
-/// Loads a zenoh JSON5 file and refuses one that sets a key liveomics owns.
 fn load_file(path: &Path) -> Result<zenoh::Config, SessionConfigError> {
-    let file = zenoh::Config::from_file(path).map_err(|e| SessionConfigError::File {
+    zenoh::Config::from_file(path).map_err(|e| SessionConfigError::File {
         path: path.to_path_buf(),
         message: message(&e),
-    })?;
-    let default = zenoh::Config::default();
-    for &(zenoh_key, ours) in OWNED_KEYS {
-        if file.get_json(zenoh_key).ok() != default.get_json(zenoh_key).ok() {
-            return Err(SessionConfigError::Collision {
-                path: path.to_path_buf(),
-                zenoh_key,
-                ours,
-            });
-        }
-    }
-    Ok(file)
+    })
+}
+
+fn json_at(z: &zenoh::Config, key: &str) -> Option<serde_json::Value> {
+    z.get_json(key).ok().and_then(|j| serde_json::from_str(&j).ok())
+}
+
+/// Whether a loaded configuration protects a session that other hosts can reach: access
+/// control, user/password authentication, or mutual TLS on every non-local endpoint.
+fn protects(z: &zenoh::Config, endpoints: &[&String]) -> bool {
+    let set = |key: &str| json_at(z, key).is_some_and(|v| !v.is_null() && v != serde_json::Value::Bool(false));
+    let all_tls = !endpoints.is_empty() && endpoints.iter().all(|ep| ep.starts_with("tls/"));
+    set("access_control/enabled")
+        || set("transport/auth/usrpwd/user")
+        || set("transport/auth/usrpwd/dictionary_file")
+        || (all_tls && set("transport/link/tls/enable_mtls"))
 }
 
 /// The daemon's session, opened on first use and shared by every component that talks zenoh.
@@ -226,7 +276,8 @@ pub struct SharedSession {
 
 impl std::fmt::Debug for SharedSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let open = self.session.lock().map(|s| s.is_some()).unwrap_or(false);
+        // Never waits: `get` may be opening the session right now.
+        let open = self.session.try_lock().map(|s| s.is_some()).ok();
         f.debug_struct("SharedSession").field("open", &open).finish()
     }
 }
@@ -253,6 +304,7 @@ impl SharedSession {
             return Ok(s.clone());
         }
         let zcfg = cfg.session_config()?;
+        let exposed = cfg.exposed(&zcfg);
         let session = zenoh::open(zcfg).wait().map_err(|source| OpenError::Open {
             listen: cfg.listen.clone(),
             connect: cfg.connect.clone(),
@@ -267,9 +319,10 @@ impl SharedSession {
                 .as_deref(),
         }
         .emit();
-        if cfg.reachable_from_network() && cfg.config_file.as_os_str().is_empty() {
+        if exposed {
+            let endpoints: Vec<&str> = cfg.network_endpoints().iter().map(|s| s.as_str()).collect();
             crate::telemetry::ZenohExposed {
-                listen: &cfg.listen.join(","),
+                endpoints: &endpoints.join(","),
                 multicast_scouting: cfg.multicast_scouting,
             }
             .emit();
@@ -301,8 +354,8 @@ mod tests {
     fn the_default_is_loopback_only_without_scouting() {
         let cfg = ZenohConfig::default();
         assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
-        assert!(!cfg.reachable_from_network());
         let z = cfg.session_config().unwrap();
+        assert!(!cfg.exposed(&z));
         assert_eq!(json(&z, "listen/endpoints"), serde_json::json!(["tcp/127.0.0.1:7447"]));
         assert_eq!(json(&z, "connect/endpoints"), serde_json::json!([]));
         assert_eq!(json(&z, "scouting/multicast/enabled"), serde_json::json!(false));
@@ -368,7 +421,7 @@ mod tests {
                 "zenoh.connect",
             ),
             (
-                r#"{ scouting: { multicast: { enabled: false } } }"#,
+                r#"{ scouting: { multicast: { enabled: true } } }"#,
                 "scouting/multicast/enabled",
                 "zenoh.multicast_scouting",
             ),
@@ -386,6 +439,89 @@ mod tests {
             assert!(text.starts_with("zenoh.config_file"), "{text}");
             assert!(text.contains(zenoh_key) && text.contains(ours), "{text}");
         }
+    }
+
+    #[test]
+    fn a_file_may_restate_what_liveomics_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("z.json5");
+        std::fs::write(
+            &path,
+            r#"{ mode: "peer", scouting: { multicast: { enabled: false } } }"#,
+        )
+        .unwrap();
+        let cfg = ZenohConfig {
+            config_file: path,
+            ..ZenohConfig::default()
+        };
+        assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
+    }
+
+    #[test]
+    fn network_endpoints_without_protection_are_exposed() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, body: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let plain = write("plain.json5", "{ transport: { link: { tx: { lease: 10000 } } } }");
+        let mtls = write(
+            "mtls.json5",
+            r#"{ transport: { link: { tls: { root_ca_certificate: "/ca.pem", enable_mtls: true } } } }"#,
+        );
+        let acl = write(
+            "acl.json5",
+            r#"{ access_control: { enabled: true, default_permission: "deny" } }"#,
+        );
+        let case = |listen: &[&str], connect: &[&str], scouting: bool, file: Option<&PathBuf>| {
+            let cfg = ZenohConfig {
+                listen: listen.iter().map(|s| s.to_string()).collect(),
+                connect: connect.iter().map(|s| s.to_string()).collect(),
+                multicast_scouting: scouting,
+                config_file: file.cloned().unwrap_or_default(),
+                ..ZenohConfig::default()
+            };
+            cfg.exposed(&cfg.session_config().unwrap())
+        };
+        assert!(!case(&["tcp/127.0.0.1:7447"], &[], false, None));
+        assert!(case(&["tcp/0.0.0.0:7447"], &[], false, None));
+        assert!(
+            case(&[], &["tcp/10.0.0.5:7447"], false, None),
+            "connecting out counts too"
+        );
+        assert!(case(&["tcp/127.0.0.1:7447"], &[], true, None), "scouting");
+        assert!(
+            case(&["tcp/0.0.0.0:7447"], &[], false, Some(&plain)),
+            "a file without security"
+        );
+        assert!(
+            case(&["tcp/0.0.0.0:7447"], &[], false, Some(&mtls)),
+            "mTLS does not cover tcp"
+        );
+        assert!(!case(&["tls/0.0.0.0:7447"], &[], false, Some(&mtls)));
+        assert!(!case(&["tcp/0.0.0.0:7447"], &[], false, Some(&acl)));
+    }
+
+    #[test]
+    fn transports_not_built_in_and_tls_without_certificates_are_errors() {
+        let cfg = ZenohConfig {
+            listen: vec!["quic/127.0.0.1:7447".into(), "tls/127.0.0.1:7448".into()],
+            ..ZenohConfig::default()
+        };
+        let problems: Vec<String> = cfg.validate().iter().map(|i| i.to_string()).collect();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("zenoh.listen[0]") && p.contains("transport")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("zenoh.listen[1]") && p.contains("config_file")),
+            "{problems:?}"
+        );
     }
 
     #[test]

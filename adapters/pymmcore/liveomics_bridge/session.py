@@ -9,21 +9,58 @@ sets them too (one place decides where the bridge connects).
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 from pathlib import Path
 
 import zenoh
 
+log = logging.getLogger("liveomics_bridge")
+
 #: The daemon's default listen endpoint (zenoh's registered port, on loopback).
 DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"
 
-#: zenoh keys the bridge sets itself, with the option each comes from.
+#: zenoh keys the bridge sets itself, with the argument each comes from.
 OWNED_KEYS = {
     "mode": "mode",
     "connect/endpoints": "connect",
     "listen/endpoints": "listen",
     "scouting/multicast/enabled": "multicast_scouting",
 }
+
+
+def is_local_endpoint(ep: str) -> bool:
+    """Loopback addresses and local sockets: endpoints other hosts cannot reach."""
+    proto, _, rest = ep.partition("/")
+    if proto.startswith("unixsock") or proto == "unixpipe":
+        return True
+    addr = rest.split("#")[0].split("?")[0]
+    host = addr.rsplit(":", 1)[0].strip("[]") if ":" in addr else addr
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _protected(conf: zenoh.Config, endpoints: list[str]) -> bool:
+    def on(key):
+        v = json.loads(conf.get_json(key))
+        return v not in (None, False)
+
+    all_tls = bool(endpoints) and all(ep.startswith("tls/") for ep in endpoints)
+    return (on("access_control/enabled") or on("transport/auth/usrpwd/user")
+            or on("transport/auth/usrpwd/dictionary_file") or (all_tls and on("transport/link/tls/enable_mtls")))
+
+
+def _apply(conf: zenoh.Config, mode: str, connect: list[str], listen: list[str], scouting: bool) -> zenoh.Config:
+    conf.insert_json5("mode", json.dumps(mode))
+    conf.insert_json5("connect/endpoints", json.dumps(connect))
+    conf.insert_json5("listen/endpoints", json.dumps(listen))
+    conf.insert_json5("scouting/multicast/enabled", json.dumps(bool(scouting)))
+    return conf
 
 
 class SessionConfigError(ValueError):
@@ -46,15 +83,19 @@ def session_config(connect: list[str] | None = None, listen: list[str] | None = 
         except Exception as e:  # zenoh reports parse and validation errors alike
             raise SessionConfigError(f"zenoh config file {config_file}: {e}") from e
         default = zenoh.Config()
+        ours = _apply(zenoh.Config(), mode, connect, listen, multicast_scouting)
         for key, option in OWNED_KEYS.items():
-            if conf.get_json(key) != default.get_json(key):
+            value = json.loads(conf.get_json(key))
+            if value not in (json.loads(default.get_json(key)), json.loads(ours.get_json(key))):
                 raise SessionConfigError(
                     f"zenoh config file {config_file} sets `{key}`, which the bridge sets from "
-                    f"its {option} option: remove it from the file")
+                    f"its {option} argument: remove it from the file")
     else:
         conf = zenoh.Config()
-    conf.insert_json5("mode", json.dumps(mode))
-    conf.insert_json5("connect/endpoints", json.dumps(connect))
-    conf.insert_json5("listen/endpoints", json.dumps(listen))
-    conf.insert_json5("scouting/multicast/enabled", json.dumps(bool(multicast_scouting)))
+    conf = _apply(conf, mode, connect, listen, multicast_scouting)
+    network = [ep for ep in connect + listen if not is_local_endpoint(ep)]
+    if (network or multicast_scouting) and not _protected(conf, network):
+        log.warning("zenoh is reachable from the network (%s) without TLS, authentication or access "
+                    "control: anyone there could send follow-up requests; use --zenoh-config "
+                    "(docs/SECURITY.md)", ", ".join(network) or "multicast scouting")
     return conf
