@@ -530,8 +530,18 @@ impl Config {
         }
     }
 
-    /// Loads a file, or the embedded default when `path` is `None`; shape and meaning both checked.
+    /// Loads a file, or the embedded default when `path` is `None`; shape and meaning both checked
+    /// (with resources of its own: a run passes its own to [`Config::load_for_run`]).
     pub fn load(path: Option<&std::path::Path>) -> Result<Self, ConfigErrors> {
+        Self::load_for_run(path, &crate::resources::Resources::default())
+    }
+
+    /// [`Config::load`] whose meaning checks build the stages into `res`, the resources the run
+    /// will use: models load once per process.
+    pub fn load_for_run(
+        path: Option<&std::path::Path>,
+        res: &crate::resources::Resources,
+    ) -> Result<Self, ConfigErrors> {
         let (text, origin) = match path {
             None => (DEFAULT_TOML.to_string(), "embedded default config".to_string()),
             Some(p) => {
@@ -564,7 +574,7 @@ impl Config {
         match cfg.filter(|_| !cross) {
             Some(cfg) => {
                 errors.extend(
-                    crate::registry::validate(&cfg)
+                    crate::registry::validate(&cfg, res)
                         .into_iter()
                         .filter(|e| !damaged.contains(&section(&e.key))),
                 );
@@ -914,7 +924,7 @@ mod tests {
             errs.iter().any(|e| e.key == "inference.models[0].crop_scale"),
             "{errs:?}"
         );
-        let errs = crate::registry::validate(&cfg);
+        let errs = crate::registry::validate(&cfg, &crate::resources::Resources::default());
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
         for k in [
             "instrument",

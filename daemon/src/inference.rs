@@ -16,6 +16,7 @@ use liveomics_models::{
 };
 
 use crate::config::{Config, ModelConfig};
+use crate::resources::Resources;
 use crate::stage::{channel_index, FieldWork, Stage, StageError};
 use crate::telemetry as t;
 
@@ -170,19 +171,6 @@ pub fn virtual_channels(cfg: &Config) -> Vec<VirtualChannel> {
     out
 }
 
-/// The latest readout of every well of every well-omics model loaded in this process.
-pub fn well_readouts() -> Vec<WellReadout> {
-    let cache = LOADED.lock().unwrap_or_else(|e| e.into_inner());
-    let mut out = Vec::new();
-    for (_, l) in cache.iter() {
-        if let Kind::Well { wells, .. } = &l.kind {
-            let wells = wells.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(wells.values().filter_map(|w| w.last.clone()));
-        }
-    }
-    out
-}
-
 /// Stable 64-bit FNV-1a: the sampling seed of a field must not change with the Rust version.
 fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -205,8 +193,28 @@ struct Loaded {
     provider: String,
 }
 
-type Cache = Mutex<Vec<(String, Arc<Loaded>)>>;
-static LOADED: Cache = Mutex::new(Vec::new());
+/// The models a run loaded, by their settings: every worker's stage shares one session (and one
+/// batcher, one well-omics pool) per model. Lives in [`crate::resources::Resources`].
+#[derive(Debug, Clone, Default)]
+pub struct ModelCache(Arc<Mutex<Vec<Cached>>>);
+
+/// A loaded model and the settings it was loaded with.
+type Cached = (String, Arc<Loaded>);
+
+impl ModelCache {
+    /// The latest readout of every well of every well-omics model in the cache.
+    pub fn well_readouts(&self) -> Vec<WellReadout> {
+        let cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (_, l) in cache.iter() {
+            if let Kind::Well { wells, .. } = &l.kind {
+                let wells = wells.lock().unwrap_or_else(|e| e.into_inner());
+                out.extend(wells.values().filter_map(|w| w.last.clone()));
+            }
+        }
+        out
+    }
+}
 
 #[derive(Debug)]
 pub struct InferenceStage {
@@ -480,9 +488,9 @@ fn diffusion_checks(
 }
 
 impl InferenceStage {
-    /// Loads every configured model (once per process); the error lists every model that
-    /// cannot run, each under its key.
-    pub fn new(cfg: &Config, plan: &AcquisitionPlan) -> Result<Self, Vec<Invalid>> {
+    /// Loads every configured model (once per run: `res` shares them between workers); the
+    /// error lists every model that cannot run, each under its key.
+    pub fn new(cfg: &Config, plan: &AcquisitionPlan, res: &Resources) -> Result<Self, Vec<Invalid>> {
         let mut models = Vec::new();
         let mut errors = Vec::new();
         for (i, m) in cfg.inference.models.iter().enumerate() {
@@ -490,7 +498,7 @@ impl InferenceStage {
             if m.name == cfg.segmentation.probability_model {
                 continue;
             }
-            match load(cfg, plan, i, m) {
+            match load(cfg, plan, i, m, &res.models) {
                 Ok(l) => models.push(l),
                 // A runtime or provider problem is the same for every model: said once.
                 Err(e) if errors.contains(&e) => {}
@@ -513,8 +521,14 @@ impl InferenceStage {
 }
 
 /// Loads model `i` (description checks against the plan, session, batcher), or returns the one
-/// already loaded for the same settings: workers share sessions.
-fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Result<Arc<Loaded>, Invalid> {
+/// already in `cache` for the same settings: workers share sessions.
+fn load(
+    cfg: &Config,
+    plan: &AcquisitionPlan,
+    i: usize,
+    m: &ModelConfig,
+    cache: &ModelCache,
+) -> Result<Arc<Loaded>, Invalid> {
     let inf = &cfg.inference;
     let opts = inf.runtime_options();
     let key = format!("inference.models[{i}]");
@@ -522,7 +536,7 @@ fn load(cfg: &Config, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Resu
         "{m:?}|{opts:?}|{}|{}|{:?}",
         inf.max_batch, inf.max_queue_delay_ms, plan.channels
     );
-    let mut cache = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cache = cache.0.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, l)) = cache.iter().find(|(k, _)| *k == cache_key) {
         return Ok(Arc::clone(l));
     }
@@ -814,7 +828,7 @@ pub struct ProbabilityModel {
 
 impl ProbabilityModel {
     /// Loads (or shares) the inference model named `name`; it must have the segmentation role.
-    pub fn new(cfg: &Config, plan: &AcquisitionPlan, name: &str) -> Result<Self, Invalid> {
+    pub fn new(cfg: &Config, plan: &AcquisitionPlan, name: &str, res: &Resources) -> Result<Self, Invalid> {
         let key = "segmentation.probability_model";
         let (i, m) = cfg
             .inference
@@ -829,7 +843,7 @@ impl ProbabilityModel {
                     format!("no [[inference.models]] named {name:?}; models: {}", known.join(", ")),
                 )
             })?;
-        let model = load(cfg, plan, i, m)?;
+        let model = load(cfg, plan, i, m, &res.models)?;
         if model.role != Role::Segmentation {
             return Err(Invalid::new(
                 key,

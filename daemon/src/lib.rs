@@ -7,6 +7,7 @@ pub mod inference;
 pub mod pipeline;
 pub mod registry;
 pub mod replay;
+pub mod resources;
 pub mod segment_cli;
 pub mod simulate;
 pub mod sink;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use liveomics::config::{Config, ReplayConfig, DEFAULT_TOML};
 use liveomics::pipeline::{self, RunOptions, RunSummary};
 use liveomics::registry::SinkOptions;
+use liveomics::resources::Resources;
 use liveomics::telemetry;
 use liveomics_adapters::folder::layout::{Layout, LayoutKind};
 use liveomics_adapters::folder::Speed;
@@ -396,27 +397,31 @@ fn main() -> ExitCode {
             output,
             overwrite,
         } => {
-            let mut cfg = match load_with_output(config.as_deref(), output) {
+            let res = Resources::default();
+            let mut cfg = match load_with_output(config.as_deref(), output, &res) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             if let Some(px) = pixel_size_um {
                 cfg.source.folder.pixel_size_um = px;
             }
-            if let Err(e) = replay_source(&mut cfg, path, &speed, layout, channels) {
+            if let Err(e) = replay_source(&mut cfg, path, &speed, layout, channels, &res) {
                 eprintln!("error: {e:#}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            execute(cfg, overwrite, true)
+            execute(cfg, overwrite, true, res)
         }
         Command::Run {
             config,
             overwrite,
             output,
-        } => match load_with_output(config.as_deref(), output) {
-            Ok(cfg) => execute(cfg, overwrite, false),
-            Err(code) => code,
-        },
+        } => {
+            let res = Resources::default();
+            match load_with_output(config.as_deref(), output, &res) {
+                Ok(cfg) => execute(cfg, overwrite, false, res),
+                Err(code) => code,
+            }
+        }
     }
 }
 
@@ -564,8 +569,16 @@ fn models(cmd: ModelsCommand) -> ExitCode {
 }
 
 /// Loads the config and applies `--output`.
-fn load_with_output(path: Option<&std::path::Path>, output: Option<PathBuf>) -> Result<Config, ExitCode> {
-    let mut cfg = load(path)?;
+/// The config for a run, checked with the run's resources (models load once).
+fn load_with_output(
+    path: Option<&std::path::Path>,
+    output: Option<PathBuf>,
+    res: &Resources,
+) -> Result<Config, ExitCode> {
+    let mut cfg = Config::load_for_run(path, res).map_err(|e| {
+        eprint!("error: invalid configuration {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
     if let Some(o) = output {
         cfg.sinks.zarr.output = o;
     }
@@ -589,6 +602,7 @@ fn replay_source(
     speed: &str,
     layout: Option<LayoutKind>,
     channels: Vec<String>,
+    res: &Resources,
 ) -> anyhow::Result<()> {
     let speed = Speed::try_from(speed.to_string()).map_err(anyhow::Error::msg)?;
     if path.join("zarr.json").is_file() {
@@ -655,7 +669,7 @@ fn replay_source(
         f.plate = plate;
     }
     cfg.source.kind = "folder".into();
-    let errs = liveomics::registry::validate(cfg);
+    let errs = liveomics::registry::validate(cfg, res);
     if !errs.is_empty() {
         let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         anyhow::bail!("{}", lines.join("; "));
@@ -664,17 +678,15 @@ fn replay_source(
 }
 
 /// Runs the pipeline with signal handling and prints the summary; the exit code says how it went.
-fn execute(cfg: Config, overwrite: bool, progress: bool) -> ExitCode {
+fn execute(cfg: Config, overwrite: bool, progress: bool, resources: Resources) -> ExitCode {
     telemetry::init_logging(&cfg.telemetry);
     let stop = StopToken::new();
     if let Err(e) = install_signals(&stop) {
         return report(Err(e));
     }
     let opts = RunOptions {
-        sinks: SinkOptions {
-            overwrite,
-            ..Default::default()
-        },
+        sinks: SinkOptions { overwrite },
+        resources,
         stop,
         progress,
         ..Default::default()

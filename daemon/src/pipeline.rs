@@ -17,6 +17,7 @@ use liveomics_adapters::source::{Source, SourceError, SourceReport, StopToken};
 
 use crate::config::Config;
 use crate::registry::{self, SinkOptions};
+use crate::resources::Resources;
 use crate::sink::{zarr::ZarrSink, Sink, SinkError};
 use crate::stage::FieldWork;
 use crate::telemetry::{self as t, Metrics};
@@ -52,6 +53,9 @@ pub enum RunError {
 #[derive(Default)]
 pub struct RunOptions {
     pub sinks: SinkOptions,
+    /// What the stages, sources and sinks share; pass the one validation used, so that models
+    /// load once.
+    pub resources: Resources,
     pub stop: StopToken,
     /// Sinks built outside the registry, run after the configured ones (embedding, tests).
     pub extra_sinks: Vec<Box<dyn Sink>>,
@@ -144,7 +148,7 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RunError> {
         kind: cfg.source.kind.clone(),
         source: SourceError::Config("unknown source kind".into()),
     })?;
-    let source = (kind.build)(cfg, &opts.sinks.zenoh).map_err(|source| RunError::Source {
+    let source = (kind.build)(cfg, &opts.resources).map_err(|source| RunError::Source {
         kind: cfg.source.kind.clone(),
         source,
     })?;
@@ -161,8 +165,8 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     // Sinks open before the first frame: an unusable output fails now, not an hour in.
     let mut sinks = Vec::new();
     for k in registry::SINKS.iter().filter(|k| (k.enabled)(cfg)) {
-        let sink =
-            (k.open)(cfg, plan.clone(), &opts.sinks).map_err(|source| RunError::Sink { name: k.name, source })?;
+        let sink = (k.open)(cfg, plan.clone(), &opts.sinks, &opts.resources)
+            .map_err(|source| RunError::Sink { name: k.name, source })?;
         sinks.push(sink);
     }
     sinks.append(&mut opts.extra_sinks);
@@ -184,7 +188,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                 name: name.clone(),
                 message: "unknown stage".into(),
             })?;
-            stages.push((k.build)(cfg, &plan).map_err(|e| RunError::Stage {
+            stages.push((k.build)(cfg, &plan, &opts.resources).map_err(|e| RunError::Stage {
                 name: name.clone(),
                 message: e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
             })?);
@@ -192,10 +196,13 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         worker_stages.push(stages);
     }
     if cfg.pipeline.stages.iter().any(|s| s == "segment" || s == "measure") {
-        let (compute, fallback) = crate::stage::shared_compute(&cfg.compute.device).map_err(|e| RunError::Stage {
-            name: "segment".into(),
-            message: e.to_string(),
-        })?;
+        let (compute, fallback) = opts
+            .resources
+            .compute(&cfg.compute.device)
+            .map_err(|e| RunError::Stage {
+                name: "segment".into(),
+                message: e.to_string(),
+            })?;
         crate::telemetry::ComputeSelected {
             requested: &cfg.compute.device,
             device: &compute.describe(),
@@ -363,7 +370,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         join(s, "sink")?;
     }
     // Every user of the shared zenoh session has finished: close it so the last messages leave.
-    if let Err(e) = opts.sinks.zenoh.close() {
+    if let Err(e) = opts.resources.zenoh.close() {
         t::ErrorOccurred {
             kind: "zenoh",
             field: None,
@@ -400,7 +407,9 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         source: source_report,
         metrics_addr: metrics.addr,
         sinks: sink_names,
-        well_readouts: crate::inference::well_readouts()
+        well_readouts: opts
+            .resources
+            .well_readouts()
             .into_iter()
             .filter(|r| r.plate == plan.plate.as_str())
             .collect(),

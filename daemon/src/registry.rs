@@ -13,20 +13,21 @@ use liveomics_adapters::Invalid;
 use crate::config::Config;
 use crate::inference::InferenceStage;
 use crate::replay::ZarrReplay;
+use crate::resources::Resources;
 use crate::sink::{zarr::ZarrSink, zenoh::ZenohSink, Sink, SinkError};
 use crate::stage::{MeasureStage, SegmentStage, Stage};
-use crate::zenoh_session::SharedSession;
 use crate::zenoh_source::ZenohSource;
 
-pub type BuildStage = fn(&Config, &AcquisitionPlan) -> Result<Box<dyn Stage>, Vec<Invalid>>;
-pub type BuildSource = fn(&Config, &SharedSession) -> Result<Box<dyn Source>, SourceError>;
-pub type OpenSink = fn(&Config, Arc<AcquisitionPlan>, &SinkOptions) -> Result<Box<dyn Sink>, SinkError>;
+pub type BuildStage = fn(&Config, &AcquisitionPlan, &Resources) -> Result<Box<dyn Stage>, Vec<Invalid>>;
+pub type BuildSource = fn(&Config, &Resources) -> Result<Box<dyn Source>, SourceError>;
+pub type OpenSink = fn(&Config, Arc<AcquisitionPlan>, &SinkOptions, &Resources) -> Result<Box<dyn Sink>, SinkError>;
 
 /// How to build a source of one kind.
 #[derive(Debug)]
 pub struct SourceKind {
     pub name: &'static str,
-    /// Built from the config and the daemon's zenoh session (opened only when a source uses it).
+    /// Built from the config and the run's resources (the zenoh session opens only when a
+    /// source uses it).
     pub build: BuildSource,
 }
 
@@ -47,12 +48,10 @@ pub struct SinkKind {
     pub open: OpenSink,
 }
 
-/// What sinks get besides their config: command-line flags and the daemon's shared zenoh
-/// session.
+/// Run-time options of sinks that are not configuration (command-line flags).
 #[derive(Debug, Clone, Default)]
 pub struct SinkOptions {
     pub overwrite: bool,
-    pub zenoh: SharedSession,
 }
 
 pub const SOURCES: &[SourceKind] = &[
@@ -66,11 +65,11 @@ pub const SOURCES: &[SourceKind] = &[
     },
     SourceKind {
         name: "zenoh",
-        build: |cfg, session| {
+        build: |cfg, res| {
             Ok(Box::new(ZenohSource::new(
                 &cfg.source.zenoh,
                 &cfg.instrument,
-                session.clone(),
+                res.zenoh.clone(),
                 cfg.zenoh.clone(),
             )?))
         },
@@ -84,17 +83,17 @@ pub const SOURCES: &[SourceKind] = &[
 pub const STAGES: &[StageKind] = &[
     StageKind {
         name: "segment",
-        build: |cfg, plan| Ok(Box::new(SegmentStage::new(cfg, plan).map_err(|e| vec![e])?)),
+        build: |cfg, plan, res| Ok(Box::new(SegmentStage::new(cfg, plan, res).map_err(|e| vec![e])?)),
         after: &[],
     },
     StageKind {
         name: "measure",
-        build: |cfg, _| Ok(Box::new(MeasureStage::new(cfg).map_err(|e| vec![e])?)),
+        build: |cfg, _, res| Ok(Box::new(MeasureStage::new(cfg, res).map_err(|e| vec![e])?)),
         after: &["segment"],
     },
     StageKind {
         name: "inference",
-        build: |cfg, plan| Ok(Box::new(InferenceStage::new(cfg, plan)?)),
+        build: |cfg, plan, res| Ok(Box::new(InferenceStage::new(cfg, plan, res)?)),
         after: &[],
     },
 ];
@@ -103,7 +102,7 @@ pub const SINKS: &[SinkKind] = &[
     SinkKind {
         name: "zarr",
         enabled: |cfg| cfg.sinks.zarr.enabled,
-        open: |cfg, plan, opts| {
+        open: |cfg, plan, opts, _| {
             let virtual_channels = crate::inference::virtual_channels(cfg);
             Ok(Box::new(ZarrSink::open(
                 &cfg.sinks.zarr,
@@ -116,9 +115,9 @@ pub const SINKS: &[SinkKind] = &[
     SinkKind {
         name: "zenoh",
         enabled: |cfg| cfg.sinks.zenoh.enabled,
-        open: |cfg, plan, opts| {
+        open: |cfg, plan, _, res| {
             Ok(Box::new(ZenohSink::open(
-                &opts.zenoh,
+                &res.zenoh,
                 &cfg.zenoh,
                 &cfg.instrument,
                 plan.plate.as_str(),
@@ -128,11 +127,9 @@ pub const SINKS: &[SinkKind] = &[
     SinkKind {
         name: "followup",
         enabled: |cfg| cfg.closed_loop.enabled,
-        open: |cfg, plan, opts| {
+        open: |cfg, plan, _, res| {
             Ok(Box::new(crate::sink::followup::FollowupSink::open(
-                cfg,
-                &plan,
-                &opts.zenoh,
+                cfg, &plan, &res.zenoh,
             )?))
         },
     },
@@ -152,7 +149,9 @@ fn names<T>(table: &[T], name: impl Fn(&T) -> &'static str) -> String {
 
 /// Every problem of meaning in a config: values, then the kinds and stages against this table,
 /// then the stages against the plan the source will produce (channel names exist, etc.).
-pub fn validate(cfg: &Config) -> Vec<Invalid> {
+/// `res` is the run's: stages built here load their models and back end into it, so a run that
+/// follows with the same `res` does not load them again. No zenoh session is opened.
+pub fn validate(cfg: &Config, res: &Resources) -> Vec<Invalid> {
     let mut out = cfg.validate_values();
     let source = match source_kind(&cfg.source.kind) {
         None => {
@@ -168,8 +167,8 @@ pub fn validate(cfg: &Config) -> Vec<Invalid> {
         }
         // A source that cannot be built was already reported by the value checks of its section;
         // one that can lets the stages be checked against its plan even if other keys are wrong.
-        // The session is never opened here: sources open it when they start running.
-        Some(k) => (k.build)(cfg, &SharedSession::default()).ok(),
+        // The zenoh session is never opened here: sources open it when they start running.
+        Some(k) => (k.build)(cfg, res).ok(),
     };
     if let Some(src) = &source {
         // Channel names become column names (`mean_{name}`) and are matched case-insensitively.
@@ -209,7 +208,7 @@ pub fn validate(cfg: &Config) -> Vec<Invalid> {
                 }
                 seen.push(k.name);
                 if let Some(src) = &source {
-                    if let Err(e) = (k.build)(cfg, src.plan()) {
+                    if let Err(e) = (k.build)(cfg, src.plan(), res) {
                         out.extend(e);
                     }
                 }

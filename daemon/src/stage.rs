@@ -9,10 +9,11 @@ use std::time::Instant;
 
 use liveomics_adapters::model::{AcquisitionPlan, Field};
 use liveomics_adapters::Invalid;
-use liveomics_kernels::gpu::{Compute, DeviceRequest};
+use liveomics_kernels::gpu::Compute;
 use liveomics_kernels::segment::{self, CellParams, NucleiParams};
 
 use crate::config::Config;
+use crate::resources::Resources;
 
 /// Per-cell record: what the zenoh message and (later) the tables carry for each cell.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,27 +110,8 @@ pub struct SegmentStage {
     compute: Compute,
 }
 
-/// The back end for `compute.device`, opened once per process and shared by every worker's
-/// stage (one CUDA context and one compile of the kernels, whatever the number of workers), with
-/// the reason `auto` fell back to the CPU. The pipeline reports it once logging is up
-/// ([`crate::telemetry::ComputeSelected`]).
-pub fn shared_compute(device: &str) -> Result<(Compute, Option<String>), Invalid> {
-    type Opened = (DeviceRequest, Compute, Option<String>);
-    static OPEN: std::sync::Mutex<Vec<Opened>> = std::sync::Mutex::new(Vec::new());
-    let req: DeviceRequest = device
-        .parse()
-        .map_err(|e: liveomics_kernels::gpu::BadDeviceRequest| Invalid::new("compute.device", e.to_string()))?;
-    let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, c, why)) = open.iter().find(|(r, _, _)| *r == req) {
-        return Ok((c.clone(), why.clone()));
-    }
-    let (compute, fallback) = Compute::select(req).map_err(|e| Invalid::new("compute.device", e.to_string()))?;
-    open.push((req, compute.clone(), fallback.clone()));
-    Ok((compute, fallback))
-}
-
 impl SegmentStage {
-    pub fn new(cfg: &Config, plan: &AcquisitionPlan) -> Result<Self, Invalid> {
+    pub fn new(cfg: &Config, plan: &AcquisitionPlan, res: &Resources) -> Result<Self, Invalid> {
         let s = &cfg.segmentation;
         let find = |key: &str, name: &str| {
             channel_index(plan, name).ok_or_else(|| {
@@ -165,7 +147,7 @@ impl SegmentStage {
                 ));
             }
             Some((
-                crate::inference::ProbabilityModel::new(cfg, plan, &s.probability_model)?,
+                crate::inference::ProbabilityModel::new(cfg, plan, &s.probability_model, res)?,
                 s.probability_threshold,
             ))
         };
@@ -179,7 +161,7 @@ impl SegmentStage {
                 ..CellParams::default()
             },
             exclude_border: s.exclude_border_objects,
-            compute: shared_compute(&cfg.compute.device)?.0,
+            compute: res.compute(&cfg.compute.device)?.0,
         })
     }
 }
@@ -236,9 +218,9 @@ pub struct MeasureStage {
 }
 
 impl MeasureStage {
-    pub fn new(cfg: &Config) -> Result<Self, Invalid> {
+    pub fn new(cfg: &Config, res: &Resources) -> Result<Self, Invalid> {
         Ok(Self {
-            compute: shared_compute(&cfg.compute.device)?.0,
+            compute: res.compute(&cfg.compute.device)?.0,
         })
     }
 }
