@@ -1,0 +1,634 @@
+//! The closed-loop rules as plain state: a finished field in, the follow-up requests it fires
+//! out; acks in, request states out. No zenoh here (the sink in `mod.rs` carries the messages),
+//! so every rule, cooldown, budget and ack transition is unit-tested without a session.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use liveomics_adapters::model::{AcquisitionPlan, WellId};
+use serde_json::{json, Value};
+
+use super::{Action, ClosedLoopConfig, Scope};
+use crate::config::Config;
+use crate::stage::FieldWork;
+use crate::telemetry::{self as t, FollowupState};
+
+#[derive(Debug)]
+struct PendingRequest {
+    rule: String,
+    sent: Instant,
+    state: FollowupState,
+    warned: bool,
+}
+
+/// A follow-up request a field fired: what to publish, and what to record once it is out.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: String,
+    /// `liveomics/{instrument}/followup/{plate}`.
+    pub topic: String,
+    /// The request as the bridge reads it (docs/PROTOCOL.md).
+    pub body: Value,
+    rule_index: usize,
+    rule: String,
+    well: WellId,
+    field: String,
+    value: f64,
+    cells: u64,
+}
+
+/// The rules of one plate and what they have done so far.
+#[derive(Debug)]
+pub struct Rules {
+    instrument: String,
+    plate: String,
+    cfg: ClosedLoopConfig,
+    channels: Vec<String>,
+    wells_filter: Vec<Vec<WellId>>,
+    pending: BTreeMap<String, PendingRequest>,
+    last_fired: HashMap<(usize, WellId), Instant>,
+    sent: u32,
+    next_field: HashMap<WellId, u32>,
+    well_acc: HashMap<(usize, WellId), (f64, u64)>,
+}
+
+fn unix_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+impl Rules {
+    pub fn new(cfg: &Config, plan: &AcquisitionPlan) -> Self {
+        let c = &cfg.closed_loop;
+        let wells_filter = c
+            .rules
+            .iter()
+            .map(|r| {
+                r.wells
+                    .iter()
+                    .filter_map(|w| WellId::parse(w, plan.format).ok())
+                    .collect()
+            })
+            .collect();
+        Self {
+            instrument: cfg.instrument.clone(),
+            plate: plan.plate.to_string(),
+            cfg: c.clone(),
+            channels: plan.channels.iter().map(|ch| ch.name.clone()).collect(),
+            wells_filter,
+            pending: BTreeMap::new(),
+            last_fired: HashMap::new(),
+            sent: 0,
+            next_field: HashMap::new(),
+            well_acc: HashMap::new(),
+        }
+    }
+
+    /// Per-cell values of a metric in this field.
+    fn values(work: &FieldWork, metric: &str) -> Vec<f64> {
+        let r = &work.records;
+        match metric {
+            "area_px" => r.iter().map(|c| c.area_px as f64).collect(),
+            "nucleus_area_px" => r.iter().map(|c| c.nucleus_area_px as f64).collect(),
+            m => {
+                if let Some(ci) = work
+                    .plan
+                    .channels
+                    .iter()
+                    .position(|ch| crate::sink::cells_arrow::mean_column(&ch.name) == m)
+                {
+                    return r.iter().map(|c| c.mean_intensity[ci] as f64).collect();
+                }
+                work.cell_predictions
+                    .iter()
+                    .find(|(name, _)| name == m)
+                    .map(|(_, v)| v.iter().map(|&x| x as f64).collect())
+                    .unwrap_or_default()
+            }
+        }
+    }
+
+    /// One ack from the bridge (untrusted bytes): moves its request's state forward, or is
+    /// logged and counted as rejected.
+    pub fn ack(&mut self, bytes: &[u8]) {
+        let reject = |reason, detail, id, state| {
+            t::FollowupAckRejected {
+                reason,
+                detail,
+                id,
+                state,
+            }
+            .emit()
+        };
+        let Ok(ack) = serde_json::from_slice::<Value>(bytes) else {
+            reject("json", "not JSON", None, None);
+            return;
+        };
+        let (Some(id), Some(state)) = (ack["id"].as_str(), ack["state"].as_str()) else {
+            reject("fields", "no string `id` and `state`", None, None);
+            return;
+        };
+        let Some(new) = FollowupState::from_ack(state) else {
+            reject(
+                "state",
+                "`state` is none of scheduled, started, done, rejected",
+                Some(id),
+                Some(state),
+            );
+            return;
+        };
+        let Some(p) = self.pending.get_mut(id) else {
+            reject(
+                "unknown_id",
+                "no request with this id is pending",
+                Some(id),
+                Some(state),
+            );
+            return;
+        };
+        // Acks may overtake each other, or come twice: a state only moves forward, and a
+        // request that is done or rejected stays so.
+        if new <= p.state || p.state.is_final() {
+            reject(
+                "stale",
+                "the request is already in this state or a later one",
+                Some(id),
+                Some(state),
+            );
+            return;
+        }
+        t::FollowupChanged {
+            id: Some(id),
+            after_ms: Some(p.sent.elapsed().as_millis() as u64),
+            reason: ack["reason"].as_str(),
+            ..t::FollowupChanged::new(&p.rule, new)
+        }
+        .emit();
+        p.state = new;
+    }
+
+    /// Requests not done by `now` minus `request_timeout_ms`, warned about once each; returns
+    /// their ids.
+    pub fn timeouts(&mut self, now: Instant) -> Vec<String> {
+        let mut out = Vec::new();
+        for (id, p) in self.pending.iter_mut() {
+            if !p.state.is_final()
+                && !p.warned
+                && now.saturating_duration_since(p.sent) > Duration::from_millis(self.cfg.request_timeout_ms)
+            {
+                p.warned = true;
+                t::FollowupChanged {
+                    id: Some(id),
+                    after_ms: Some(now.saturating_duration_since(p.sent).as_millis() as u64),
+                    last_state: Some(p.state),
+                    timeout_ms: Some(self.cfg.request_timeout_ms),
+                    ..t::FollowupChanged::new(&p.rule, FollowupState::Timeout)
+                }
+                .emit();
+                out.push(id.clone());
+            }
+        }
+        out
+    }
+
+    /// Requests not yet done (nor rejected).
+    pub fn open(&self) -> Vec<&String> {
+        self.pending
+            .iter()
+            .filter(|(_, p)| !p.state.is_final())
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// The state of a request, if it was sent.
+    pub fn state(&self, id: &str) -> Option<FollowupState> {
+        self.pending.get(id).map(|p| p.state)
+    }
+
+    /// Evaluates every rule on a finished field at `now`: the requests it fires, in rule order.
+    /// Cooldowns, the plate's budget and field numbers are taken here; call [`Rules::sent`] for
+    /// each request once it is published.
+    pub fn field(&mut self, work: &FieldWork, now: Instant) -> Vec<Request> {
+        let key = &work.field.key;
+        let base = self.cfg.followup_field_base;
+        let next = self.next_field.entry(key.well).or_insert(base);
+        if key.field >= base {
+            *next = (*next).max(key.field.saturating_add(1));
+        }
+        if let Some(id) = &work.field.origin.followup_id {
+            t::FollowupFieldReceived { id, field: &work.name }.emit();
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (ri, rule) in self.cfg.rules.clone().iter().enumerate() {
+            if !self.wells_filter[ri].is_empty() && !self.wells_filter[ri].contains(&key.well) {
+                continue;
+            }
+            let values = if rule.metric == "cells" {
+                Vec::new()
+            } else {
+                Self::values(work, &rule.metric)
+            };
+            let cells = work.records.len() as u64;
+            let acc = self.well_acc.entry((ri, key.well)).or_insert((0.0, 0));
+            acc.0 += values.iter().filter(|v| v.is_finite()).sum::<f64>();
+            acc.1 += if rule.metric == "cells" {
+                cells
+            } else {
+                values.iter().filter(|v| v.is_finite()).count() as u64
+            };
+            let mean = |s: f64, n: u64| if n > 0 { s / n as f64 } else { f64::NAN };
+            let (value, n, fires) = match rule.scope {
+                Scope::Cell => {
+                    let n = values
+                        .iter()
+                        .filter(|&&v| rule.comparison.holds(v, rule.threshold))
+                        .count() as u64;
+                    (n as f64, n, n >= u64::from(rule.min_cells.max(1)))
+                }
+                Scope::Field => {
+                    let v = if rule.metric == "cells" {
+                        cells as f64
+                    } else {
+                        mean(values.iter().sum(), values.len() as u64)
+                    };
+                    (
+                        v,
+                        cells,
+                        cells >= u64::from(rule.min_cells) && rule.comparison.holds(v, rule.threshold),
+                    )
+                }
+                Scope::Well => {
+                    let (s, k) = *acc;
+                    let v = if rule.metric == "cells" { k as f64 } else { mean(s, k) };
+                    (
+                        v,
+                        k,
+                        k >= u64::from(rule.min_cells) && rule.comparison.holds(v, rule.threshold),
+                    )
+                }
+            };
+            if !fires {
+                continue;
+            }
+            let cooldown = Duration::from_secs_f64(rule.cooldown_s);
+            if let Some(last) = self.last_fired.get(&(ri, key.well)) {
+                if now.duration_since(*last) < cooldown {
+                    t::FollowupChanged {
+                        field: Some(&work.name),
+                        ..t::FollowupChanged::new(&rule.name, FollowupState::Suppressed)
+                    }
+                    .emit();
+                    continue;
+                }
+            }
+            if self.sent >= self.cfg.max_followups_per_plate {
+                t::FollowupChanged {
+                    field: Some(&work.name),
+                    ..t::FollowupChanged::new(&rule.name, FollowupState::OverBudget)
+                }
+                .emit();
+                continue;
+            }
+            if matches!(rule.action, Action::MoreFields { .. }) && work.field.origin.stage_um.is_none() {
+                t::FollowupUnplaceable {
+                    rule: &rule.name,
+                    field: &work.name,
+                    why: "no stage position for this field",
+                }
+                .emit();
+                continue;
+            }
+            let new_fields: u32 = match rule.action {
+                Action::MoreFields { fields, .. } => fields,
+                _ => 1,
+            };
+            let next = self.next_field.entry(key.well).or_insert(base);
+            // Field numbers come from the network: a well already at u32::MAX gets no more.
+            let end = next.saturating_add(new_fields);
+            let fields: Vec<u32> = (*next..end).collect();
+            *next = end;
+            if fields.is_empty() {
+                t::FollowupUnplaceable {
+                    rule: &rule.name,
+                    field: &work.name,
+                    why: "the well's field numbers are used up",
+                }
+                .emit();
+                continue;
+            }
+            self.sent += 1;
+            let id = format!("{}-{}-{}", rule.name, self.plate, self.sent);
+            let events = self.events(&rule.action, work, &id, &fields);
+            let not_before_unix_ns = match rule.action {
+                Action::Revisit { delay_s } => unix_ns() + Duration::from_secs_f64(delay_s).as_nanos(),
+                _ => 0,
+            };
+            let request = json!({
+                "id": id,
+                "rule": rule.name,
+                "plate": self.plate,
+                "well": key.well.name(),
+                "trigger": {"field": key.field, "timepoint": key.timepoint, "metric": rule.metric,
+                            "value": if value.is_finite() { json!(value) } else { Value::Null }, "cells": n},
+                "fields": fields,
+                "not_before_unix_ns": not_before_unix_ns.to_string(),
+                "requested_unix_ns": unix_ns().to_string(),
+                "events": events,
+            });
+            out.push(Request {
+                topic: format!("liveomics/{}/followup/{}", self.instrument, self.plate),
+                body: request,
+                id,
+                rule_index: ri,
+                rule: rule.name.clone(),
+                well: key.well,
+                field: work.name.clone(),
+                value,
+                cells: n,
+            });
+        }
+        out
+    }
+
+    /// Records a request as published at `now`: it is pending, and its rule's cooldown starts.
+    pub fn sent(&mut self, r: &Request, now: Instant) {
+        t::FollowupChanged {
+            id: Some(&r.id),
+            field: Some(&r.field),
+            value: r.value.is_finite().then_some(r.value),
+            cells: Some(r.cells),
+            ..t::FollowupChanged::new(&r.rule, FollowupState::Requested)
+        }
+        .emit();
+        self.last_fired.insert((r.rule_index, r.well), now);
+        self.pending.insert(
+            r.id.clone(),
+            PendingRequest {
+                rule: r.rule.clone(),
+                sent: now,
+                state: FollowupState::Requested,
+                warned: false,
+            },
+        );
+    }
+
+    /// The useq-schema events for an action at the trigger field's position.
+    fn events(&self, action: &Action, work: &FieldWork, id: &str, fields: &[u32]) -> Vec<Value> {
+        let origin = &work.field.origin;
+        let well = work.field.key.well.name();
+        let [x, y, z] = origin.stage_um.map_or([None; 3], |p| p.map(Some));
+        let event = |p: usize, field: u32, channel: &str, c: usize, pos: [Option<f64>; 3], zi: Option<usize>| {
+            let mut index = serde_json::Map::new();
+            index.insert("p".into(), json!(p));
+            index.insert("c".into(), json!(c));
+            if let Some(zi) = zi {
+                index.insert("z".into(), json!(zi));
+            }
+            let mut e = json!({
+                "index": index,
+                "channel": {"config": channel, "group": "Channel"},
+                "pos_name": format!("{well}_{field:04}"),
+                "metadata": {"liveomics": {"followup_id": id, "plate": self.plate, "well": well, "field": field}},
+            });
+            for (k, v) in ["x_pos", "y_pos", "z_pos"].iter().zip(pos) {
+                if let Some(v) = v {
+                    e[*k] = json!(v);
+                }
+            }
+            e
+        };
+        let mut out = Vec::new();
+        match action {
+            Action::MoreFields { spacing_um, .. } => {
+                for (p, &f) in fields.iter().enumerate() {
+                    let dx = spacing_um * (p as f64 + 1.0);
+                    for (c, ch) in self.channels.iter().enumerate() {
+                        out.push(event(p, f, ch, c, [x.map(|x| x + dx), y, z], None));
+                    }
+                }
+            }
+            Action::Channels { channels } => {
+                for (c, ch) in channels.iter().enumerate() {
+                    out.push(event(0, fields[0], ch, c, [x, y, z], None));
+                }
+            }
+            Action::ZStack { steps, step_um } => {
+                let half = (*steps as f64 - 1.0) / 2.0;
+                for zi in 0..*steps as usize {
+                    let dz = (zi as f64 - half) * step_um;
+                    for (c, ch) in self.channels.iter().enumerate() {
+                        out.push(event(
+                            0,
+                            fields[0],
+                            ch,
+                            c,
+                            [x, y, z.map(|z| z + dz).or(Some(dz))],
+                            Some(zi),
+                        ));
+                    }
+                }
+            }
+            Action::Revisit { .. } => {
+                for (c, ch) in self.channels.iter().enumerate() {
+                    out.push(event(0, fields[0], ch, c, [x, y, z], None));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant, SystemTime};
+
+    use liveomics_adapters::model::{AcquisitionPlan, Field, FieldKey, Origin, WellId};
+
+    use super::*;
+    use crate::stage::CellRecord;
+
+    fn plan() -> Arc<AcquisitionPlan> {
+        let channels = ["DAPI".to_string(), "FITC".to_string()];
+        Arc::new(AcquisitionPlan::open_ended("P1", 96, &channels, (64, 64), 1.0, 1).unwrap())
+    }
+
+    fn rules(closed_loop: &str) -> Rules {
+        let text = format!("instrument = \"scope1\"\n[closed_loop]\nenabled = true\n{closed_loop}");
+        let cfg = Config::from_toml(&text, "t.toml").unwrap();
+        Rules::new(&cfg, &plan())
+    }
+
+    /// A finished field of `well` with `cells` cells of `area_px` each, at stage (100, 200, 5) µm.
+    fn work(well: &str, field: u32, cells: usize, area_px: u32) -> FieldWork {
+        let plan = plan();
+        let key = FieldKey {
+            plate: plan.plate.clone(),
+            well: WellId::parse(well, plan.format).unwrap(),
+            field,
+            timepoint: 0,
+        };
+        let f = Field {
+            key,
+            width: 64,
+            height: 64,
+            channels: vec![None, None],
+            acquired_at: SystemTime::now(),
+            received_at: Instant::now(),
+            origin: Origin {
+                stage_um: Some([100.0, 200.0, 5.0]),
+                ..Origin::default()
+            },
+        };
+        let mut w = FieldWork::new(f, plan, Instant::now());
+        w.records = (0..cells)
+            .map(|i| CellRecord {
+                label: i as u32 + 1,
+                centroid_x_px: 0.0,
+                centroid_y_px: 0.0,
+                area_px,
+                nucleus_area_px: area_px / 2,
+                bbox_min_x: 0,
+                bbox_min_y: 0,
+                bbox_max_x: 1,
+                bbox_max_y: 1,
+                mean_intensity: vec![100.0, 200.0],
+            })
+            .collect();
+        w
+    }
+
+    const MORE: &str = r#"
+max_followups_per_plate = 2
+[[closed_loop.rules]]
+name = "busy"
+metric = "cells"
+scope = "field"
+comparison = ">="
+threshold = 3
+cooldown_s = 60
+action = { kind = "more_fields", fields = 2, spacing_um = 300.0 }
+"#;
+
+    #[test]
+    fn a_field_rule_fires_with_events_then_honours_cooldown_threshold_and_budget() {
+        let mut r = rules(MORE);
+        let t0 = Instant::now();
+        let fired = r.field(&work("A1", 0, 5, 100), t0);
+        assert_eq!(fired.len(), 1);
+        let b = &fired[0].body;
+        assert_eq!((b["plate"].as_str(), b["well"].as_str()), (Some("P1"), Some("A1")));
+        assert_eq!(b["fields"], json!([1000, 1001]));
+        assert_eq!(b["trigger"]["cells"], json!(5));
+        let events = b["events"].as_array().unwrap();
+        assert_eq!(events.len(), 4, "2 fields x 2 channels");
+        assert_eq!(events[0]["x_pos"], json!(400.0));
+        assert_eq!(events[2]["x_pos"], json!(700.0));
+        assert_eq!(events[0]["channel"], json!({"config": "DAPI", "group": "Channel"}));
+        assert_eq!(events[0]["metadata"]["liveomics"]["followup_id"], json!(fired[0].id));
+        assert_eq!(fired[0].topic, "liveomics/scope1/followup/P1");
+        r.sent(&fired[0], t0);
+        assert_eq!(r.state(&fired[0].id), Some(FollowupState::Requested));
+
+        assert!(
+            r.field(&work("A1", 1, 5, 100), t0 + Duration::from_secs(1)).is_empty(),
+            "cooldown"
+        );
+        assert!(r.field(&work("B1", 0, 2, 100), t0).is_empty(), "below the threshold");
+        let again = r.field(&work("A1", 2, 5, 100), t0 + Duration::from_secs(61));
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].body["fields"], json!([1002, 1003]));
+        r.sent(&again[0], t0 + Duration::from_secs(61));
+        assert!(
+            r.field(&work("B1", 1, 9, 100), t0).is_empty(),
+            "the plate's budget of 2 is spent"
+        );
+    }
+
+    #[test]
+    fn a_well_rule_pools_the_fields_of_the_well() {
+        let mut r = rules(
+            r#"
+[[closed_loop.rules]]
+name = "big"
+metric = "area_px"
+scope = "well"
+comparison = ">"
+threshold = 150
+action = { kind = "channels", channels = ["FITC"] }
+"#,
+        );
+        let now = Instant::now();
+        assert!(r.field(&work("C3", 0, 10, 100), now).is_empty(), "mean 100");
+        assert!(
+            r.field(&work("D4", 0, 10, 300), now).len() == 1,
+            "another well: mean 300"
+        );
+        let fired = r.field(&work("C3", 1, 10, 300), now);
+        assert_eq!(fired.len(), 1, "C3 pooled: mean 200");
+        assert_eq!(fired[0].body["trigger"]["value"], json!(200.0));
+        assert_eq!(fired[0].body["trigger"]["cells"], json!(20));
+    }
+
+    #[test]
+    fn follow_up_fields_fire_nothing_and_move_the_numbering_on() {
+        let mut r = rules(MORE);
+        let mut answer = work("A1", 1005, 9, 100);
+        answer.field.origin.followup_id = Some("busy-P1-7".into());
+        assert!(r.field(&answer, Instant::now()).is_empty());
+        let fired = r.field(&work("A1", 0, 5, 100), Instant::now());
+        assert_eq!(fired[0].body["fields"], json!([1006, 1007]));
+    }
+
+    #[test]
+    fn acks_only_move_forward_and_final_states_stay() {
+        let mut r = rules(MORE);
+        let now = Instant::now();
+        let a = r.field(&work("A1", 0, 5, 100), now).remove(0);
+        r.sent(&a, now);
+        let b = r.field(&work("B2", 0, 5, 100), now).remove(0);
+        r.sent(&b, now);
+        let ack = |id: &str, state: &str| format!(r#"{{"id": "{id}", "state": "{state}"}}"#).into_bytes();
+        r.ack(&ack(&a.id, "scheduled"));
+        assert_eq!(r.state(&a.id), Some(FollowupState::Scheduled));
+        r.ack(&ack(&a.id, "started"));
+        r.ack(&ack(&a.id, "scheduled"));
+        assert_eq!(
+            r.state(&a.id),
+            Some(FollowupState::Started),
+            "a late ack does not go back"
+        );
+        r.ack(&ack(&a.id, "done"));
+        r.ack(&ack(&a.id, "rejected"));
+        assert_eq!(r.state(&a.id), Some(FollowupState::Done), "done stays done");
+        r.ack(br#"{"id": "busy-P1-2", "state": "rejected", "reason": "count"}"#);
+        assert_eq!(r.state(&b.id), Some(FollowupState::Rejected));
+        r.ack(&ack(&b.id, "started"));
+        assert_eq!(r.state(&b.id), Some(FollowupState::Rejected), "rejected stays rejected");
+        for bad in [
+            &b"not json"[..],
+            br#"{"id": 3}"#,
+            br#"{"id": "x", "state": "done"}"#,
+            br#"{"id": "busy-P1-1", "state": "teleported"}"#,
+        ] {
+            r.ack(bad);
+        }
+        assert_eq!(r.state("x"), None);
+        assert!(r.open().is_empty(), "{:?}", r.open());
+    }
+
+    #[test]
+    fn a_request_not_done_in_time_is_reported_once() {
+        let mut r = rules(&format!("request_timeout_ms = 5000\n{MORE}"));
+        let now = Instant::now();
+        let a = r.field(&work("A1", 0, 5, 100), now).remove(0);
+        r.sent(&a, now);
+        assert!(r.timeouts(now + Duration::from_secs(1)).is_empty());
+        assert_eq!(r.timeouts(now + Duration::from_secs(6)), vec![a.id.clone()]);
+        assert!(r.timeouts(now + Duration::from_secs(7)).is_empty(), "once");
+        assert_eq!(r.open(), vec![&a.id], "still open: it may yet be done");
+    }
+}
