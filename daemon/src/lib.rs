@@ -1,6 +1,7 @@
 //! The liveomics daemon as a library: configuration, the registry of sources/stages/sinks, the
 //! pipeline that connects them, and telemetry. `main.rs` is a thin CLI over this.
 
+pub mod assembly;
 pub mod bench;
 pub mod config;
 pub mod inference;

@@ -5,16 +5,17 @@
 //! boundary, and each stage exits when its input channel closes because every sender upstream
 //! has been dropped, so in-flight fields drain through to the sinks before the process exits.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use liveomics_adapters::model::{AcquisitionPlan, Field, FieldKey, Frame, Pixels, WellId};
+use liveomics_adapters::model::{Field, Frame, WellId};
 use liveomics_adapters::source::{Source, SourceError, SourceReport, StopToken};
 
+use crate::assembly::{Assembler, AssemblyStats};
 use crate::config::Config;
 use crate::registry::{self, SinkOptions};
 use crate::resources::Resources;
@@ -122,12 +123,6 @@ impl Done {
             ok,
         }
     }
-}
-
-#[derive(Default)]
-struct AssemblyStats {
-    rejected: u64,
-    incomplete: u64,
 }
 
 fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<JoinHandle<T>, RunError> {
@@ -351,7 +346,11 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     let asm_plan = plan.clone();
     let max_pending = p.max_pending_mb.saturating_mul(1 << 20);
     let assembler = spawn("assembly", move || {
-        assemble(frame_rx, field_tx, &asm_plan, assembly_timeout, max_pending)
+        assemble(
+            frame_rx,
+            field_tx,
+            Assembler::new(asm_plan, assembly_timeout, max_pending),
+        )
     })?;
 
     let stop = opts.stop.clone();
@@ -468,250 +467,36 @@ fn track(rx: Receiver<Done>, n_sinks: usize, progress: Option<indicatif::Progres
     out
 }
 
-struct Pending {
-    channels: Vec<Option<Arc<[u16]>>>,
-    acquired_at: std::time::SystemTime,
-    received_at: Instant,
-    origin: liveomics_adapters::model::Origin,
-    have: usize,
-    /// Pixel bytes held, for `pipeline.max_pending_mb`.
-    bytes: u64,
-}
-
-/// Groups frames into fields. Complete fields go on at once; a field still missing channels after
-/// `timeout`, or when the frames waiting hold more than `max_pending` bytes, goes on incomplete
-/// with a counted warning (its raw frames are kept, never dropped). Invalid frames are rejected, logged and
-/// counted.
-fn assemble(
-    rx: Receiver<Frame>,
-    tx: Sender<Field>,
-    plan: &AcquisitionPlan,
-    timeout: Duration,
-    max_pending: u64,
-) -> AssemblyStats {
-    let n = plan.channels.len();
-    let mut stats = AssemblyStats::default();
-    let mut pending: HashMap<FieldKey, Pending> = HashMap::new();
-    // Recently emitted fields, to recognise a late duplicate rather than start a new field.
-    let mut emitted: HashSet<FieldKey> = HashSet::new();
-    let mut emitted_order: VecDeque<FieldKey> = VecDeque::new();
-    let tick = Duration::from_millis(100).min(timeout);
-    // Pixel bytes of every pending field.
-    let mut held: u64 = 0;
-    let emit = |key: FieldKey,
-                p: Pending,
-                passed: t::Passed,
-                stats: &mut AssemblyStats,
-                emitted: &mut HashSet<FieldKey>,
-                order: &mut VecDeque<FieldKey>|
-     -> bool {
-        let field = Field {
-            key,
-            width: plan.width,
-            height: plan.height,
-            channels: p.channels,
-            acquired_at: p.acquired_at,
-            received_at: p.received_at,
-            origin: p.origin,
-        };
-        let missing: Vec<String> = field
-            .missing_channels()
-            .into_iter()
-            .map(|i| plan.channels[i].name.clone())
-            .collect();
-        t::FieldAssembled {
-            field: &field.key.to_string(),
-            missing: &missing,
-            passed,
-        }
-        .emit();
-        stats.incomplete += u64::from(!missing.is_empty());
-        emitted.insert(field.key.clone());
-        order.push_back(field.key.clone());
-        if order.len() > 100_000 {
-            if let Some(old) = order.pop_front() {
-                emitted.remove(&old);
-            }
-        }
-        tx.send(field).is_ok()
-    };
+/// Runs the assembler on its thread: frames in, fields out, with a clock tick so a field
+/// missing channels goes on after the timeout even when no frame arrives.
+fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, mut asm: Assembler) -> AssemblyStats {
+    let tick = Duration::from_millis(100).min(asm.timeout());
     loop {
-        match rx.recv_timeout(tick) {
+        let out = match rx.recv_timeout(tick) {
             Ok(frame) => {
                 t::QueueDepth {
                     queue: "frames",
                     depth: rx.len(),
                 }
                 .emit();
-                let reject = |reason: &'static str, detail: String, stats: &mut AssemblyStats| {
-                    t::FrameRejected {
-                        field: &frame.key.to_string(),
-                        channel: frame.channel,
-                        reason,
-                        detail,
-                    }
-                    .emit();
-                    stats.rejected += 1;
-                };
-                if frame.key.plate != plan.plate {
-                    reject(
-                        "plate",
-                        format!("plate {} is not {}", frame.key.plate, plan.plate),
-                        &mut stats,
-                    );
-                    continue;
-                }
-                if frame.key.well.row >= plan.format.rows() || frame.key.well.column >= plan.format.columns() {
-                    reject(
-                        "well",
-                        format!("well {} is outside the plate", frame.key.well),
-                        &mut stats,
-                    );
-                    continue;
-                }
-                if frame.key.timepoint >= plan.timepoints {
-                    reject(
-                        "timepoint",
-                        format!("timepoint {} but the plan has {}", frame.key.timepoint, plan.timepoints),
-                        &mut stats,
-                    );
-                    continue;
-                }
-                if frame.channel >= n {
-                    reject(
-                        "channel",
-                        format!("channel index {} but the plan has {n}", frame.channel),
-                        &mut stats,
-                    );
-                    continue;
-                }
-                if frame.width != plan.width
-                    || frame.height != plan.height
-                    || frame.pixels.len() != plan.width * plan.height
-                {
-                    reject(
-                        "shape",
-                        format!(
-                            "{}x{} with {} pixels, expected {}x{}",
-                            frame.width,
-                            frame.height,
-                            frame.pixels.len(),
-                            plan.width,
-                            plan.height
-                        ),
-                        &mut stats,
-                    );
-                    continue;
-                }
-                let px = match &frame.pixels {
-                    Pixels::U16(p) => p.clone(),
-                    other => {
-                        reject(
-                            "dtype",
-                            format!("{} pixels, expected uint16", other.dtype()),
-                            &mut stats,
-                        );
-                        continue;
-                    }
-                };
-                if emitted.contains(&frame.key) {
-                    reject("late", "the field was already passed on".into(), &mut stats);
-                    continue;
-                }
-                if pending
-                    .get(&frame.key)
-                    .is_some_and(|p| p.channels[frame.channel].is_some())
-                {
-                    reject(
-                        "duplicate",
-                        "channel already received for this field".into(),
-                        &mut stats,
-                    );
-                    continue;
-                }
-                // Over the memory cap, the oldest other partial fields go on first; this frame's
-                // own field never does (its channels would then come back as a second field),
-                // and a frame that completes its field frees memory at once, so it evicts nothing.
-                let frame_bytes = (px.len() * 2) as u64;
-                let completes = pending.get(&frame.key).map_or(0, |p| p.have) + 1 == n;
-                while !completes && held + frame_bytes > max_pending {
-                    let oldest = pending
-                        .iter()
-                        .filter(|(k, _)| **k != frame.key)
-                        .min_by_key(|(_, p)| p.received_at)
-                        .map(|(k, _)| k.clone());
-                    let Some((k, p)) = oldest.and_then(|k| pending.remove_entry(&k)) else {
-                        break;
-                    };
-                    held -= p.bytes;
-                    if !emit(k, p, t::Passed::MemoryCap, &mut stats, &mut emitted, &mut emitted_order) {
-                        return stats;
-                    }
-                }
-                let entry = pending.entry(frame.key.clone()).or_insert_with(|| Pending {
-                    channels: vec![None; n],
-                    acquired_at: frame.acquired_at,
-                    received_at: frame.received_at,
-                    origin: frame.origin.clone(),
-                    have: 0,
-                    bytes: 0,
-                });
-                t::FrameReceived {
-                    channel: &plan.channels[frame.channel].name,
-                }
-                .emit();
-                entry.channels[frame.channel] = Some(px);
-                entry.have += 1;
-                entry.bytes += frame_bytes;
-                held += frame_bytes;
-                entry.received_at = entry.received_at.min(frame.received_at);
-                if entry.have == n {
-                    if let Some(p) = pending.remove(&frame.key) {
-                        held -= p.bytes;
-                        if !emit(
-                            frame.key,
-                            p,
-                            t::Passed::Complete,
-                            &mut stats,
-                            &mut emitted,
-                            &mut emitted_order,
-                        ) {
-                            return stats;
-                        }
-                    }
-                }
+                let mut out = asm.frame(frame);
+                out.extend(asm.tick(Instant::now()));
+                out
             }
-            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Timeout) => asm.tick(Instant::now()),
             Err(RecvTimeoutError::Disconnected) => break,
-        }
-        let expired: Vec<FieldKey> = pending
-            .iter()
-            .filter(|(_, p)| p.received_at.elapsed() > timeout)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in expired {
-            if let Some(p) = pending.remove(&k) {
-                held -= p.bytes;
-                if !emit(k, p, t::Passed::Timeout, &mut stats, &mut emitted, &mut emitted_order) {
-                    return stats;
-                }
+        };
+        for field in out {
+            if tx.send(field).is_err() {
+                return asm.stats();
             }
         }
     }
     // Intake is over: whatever is still pending goes on as it is; nothing that arrived is lost.
-    let mut rest: Vec<(FieldKey, Pending)> = pending.into_iter().collect();
-    rest.sort_by(|a, b| a.0.cmp(&b.0));
-    for (k, p) in rest {
-        if !emit(
-            k,
-            p,
-            t::Passed::IntakeEnded,
-            &mut stats,
-            &mut emitted,
-            &mut emitted_order,
-        ) {
+    for field in asm.finish() {
+        if tx.send(field).is_err() {
             break;
         }
     }
-    stats
+    asm.stats()
 }
