@@ -33,8 +33,9 @@ run: build
 fmt:
 	cargo fmt --all -- --check
 
-lint:
+lint: python
 	cargo clippy --release --locked --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check .
 
 rust-test: python
 	cargo test --release --locked --workspace

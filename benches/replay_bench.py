@@ -62,7 +62,8 @@ metrics_listen = ""
         print(f"{fields} fields ({len(files)} files, {mb:.0f} MB) of {args.size}x{args.size}, 4 channels, full pipeline")
         print(f"liveomics replay --speed max: {fps:.2f} fields/s ({wall:.1f} s wall incl. start-up)")
         print(f"TIFF reading inside the daemon: {float(read_s):.2f} s = {read_pct}% of the run ({mb / float(read_s):.0f} MB/s)")
-        print(f"tifffile reading the same files: {tiff_s:.2f} s ({mb / tiff_s:.0f} MB/s); liveomics/tifffile read speed {tiff_s / float(read_s):.2f}x")
+        print(f"tifffile reading the same files: {tiff_s:.2f} s ({mb / tiff_s:.0f} MB/s); "
+              f"liveomics/tifffile read speed {tiff_s / float(read_s):.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -101,7 +101,8 @@ def bench_tensorstore(frames: list[np.ndarray], n: int, out: Path, in_flight: in
                         "chunk_shape": [1, CHUNK, CHUNK],
                         "codecs": [
                             {"name": "bytes", "configuration": {"endian": "little"}},
-                            {"name": "blosc", "configuration": {"cname": "zstd", "clevel": LEVEL, "shuffle": "shuffle", "typesize": 2, "blocksize": 0}},
+                            {"name": "blosc", "configuration": {"cname": "zstd", "clevel": LEVEL, "shuffle": "shuffle",
+                                                                "typesize": 2, "blocksize": 0}},
                         ],
                         "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                     },

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pyarrow.ipc

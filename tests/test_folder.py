@@ -3,7 +3,6 @@
 import json
 import shutil
 import subprocess
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import tifffile
 import zarr
 
-from conftest import BIN, run, sim_toml
+from conftest import run, sim_toml
 
 CHANNELS = ["DAPI", "Microtubules", "ER", "TOMM20"]
 
@@ -192,7 +191,8 @@ def test_tiled_compressed_bigtiff_ome_files_are_read_with_their_pixel_size(binar
 
 def test_replay_refuses_to_write_into_its_own_input(binary, tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(sim_toml(plate="self", wells=("A1",), fields=1, size=128) + f'\n[sinks.zarr]\noutput = "{tmp_path}"\n[sinks.zenoh]\nenabled = false\n')
+    cfg.write_text(sim_toml(plate="self", wells=("A1",), fields=1, size=128)
+                   + f'\n[sinks.zarr]\noutput = "{tmp_path}"\n[sinks.zenoh]\nenabled = false\n')
     assert run(binary, "run", "--config", cfg).returncode == 0
     before = (tmp_path / "self.zarr" / "zarr.json").read_bytes()
     proc = run(binary, "replay", tmp_path / "self.zarr", "--config", cfg, "--overwrite")

@@ -3,7 +3,6 @@ onnxruntime, and the daemon's inference stage writing per-cell predictions that 
 recomputes from the written images."""
 
 import warnings
-from pathlib import Path
 
 import anndata
 import numpy as np

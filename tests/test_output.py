@@ -95,8 +95,8 @@ def test_labels_carry_colours_and_properties(plate):
         assert {p["label-value"] for p in meta["properties"]} == ids
         assert {c["label-value"] for c in meta["colors"]} == ids
         areas = {p["label-value"]: p["area_px"] for p in meta["properties"]}
-        for l in list(ids)[:5]:
-            assert areas[l] == int((cells == l).sum())
+        for label in list(ids)[:5]:
+            assert areas[label] == int((cells == label).sum())
 
 
 def test_anndata_tables_match_labels(plate):
@@ -187,7 +187,8 @@ def crash_trial(binary: Path, tmp: Path, seed: int) -> tuple[int, int, int]:
     rng = random.Random(seed)
     wells, fields = ("B2", "B3", "C2"), 3
     cfg = tmp / "c.toml"
-    cfg.write_text(daemon_toml(tmp / "out", "crash", None, sim_toml(plate="crash", wells=wells, fields=fields, size=256, rate=20.0), zenoh_enabled=False))
+    sim = sim_toml(plate="crash", wells=wells, fields=fields, size=256, rate=20.0)
+    cfg.write_text(daemon_toml(tmp / "out", "crash", None, sim, zenoh_enabled=False))
     proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(rng.uniform(0.05, 1.2))
     proc.send_signal(signal.SIGKILL)
@@ -247,7 +248,8 @@ def test_timepoints_get_a_time_axis(binary, tmp_path):
     from ome_zarr_models.v05.hcs import HCS
 
     cfg = tmp_path / "c.toml"
-    cfg.write_text(daemon_toml(tmp_path / "out", "time", None, sim_toml(plate="tl", wells=("C3",), fields=1, size=128, extra="timepoints = 2"), zenoh_enabled=False))
+    sim = sim_toml(plate="tl", wells=("C3",), fields=1, size=128, extra="timepoints = 2")
+    cfg.write_text(daemon_toml(tmp_path / "out", "time", None, sim, zenoh_enabled=False))
     proc = run(binary, "run", "--config", cfg)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert run(binary, "simulate", "--config", cfg, "--out", tmp_path / "truth").returncode == 0

@@ -57,7 +57,8 @@ metrics_listen = ""
     conf.insert_json5("scouting/multicast/enabled", "false")
     session = zenoh.open(conf)
     time.sleep(0.5)
-    header = lambda h, w, dtype="uint16": json.dumps({"shape": [h, w], "dtype": dtype, "timepoint": 0}).encode()
+    def header(h, w, dtype="uint16"):
+        return json.dumps({"shape": [h, w], "dtype": dtype, "timepoint": 0}).encode()
     for f in manifest["files"]:
         px = tifffile.imread(tmp_path / "staged" / f["path"])
         key = f"liveomics/scopeZ/frames/Z1/{f['well']}/{f['field']}/{f['channel']}"

@@ -98,7 +98,7 @@ class J:
         return x.reshape(n // groups, groups * c, h, w)
 
 
-class O:
+class O:  # noqa: E742 (the ONNX builder, named short as the jax one)
     """ONNX back end: values are tensor names; parameters become initializers."""
 
     def __init__(self, params):

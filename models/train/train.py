@@ -482,7 +482,8 @@ def train_diffusion(plate, rng, steps):
     proteins: [{", ".join(DIFFUSION_PROTEINS)}]
     cell_lines: [{", ".join(CELL_LINES)}]
     downsample: 4
-    sampler: {{sigma_max: {EDM["sigma_max"]}, sigma_min: {EDM["sigma_min"]}, rho: {EDM["rho"]}, steps: {EDM["steps"]}, sigma_data: {EDM["sigma_data"]}}}
+    sampler: {{sigma_max: {EDM["sigma_max"]}, sigma_min: {EDM["sigma_min"]}, rho: {EDM["rho"]}, \
+steps: {EDM["steps"]}, sigma_data: {EDM["sigma_data"]}}}
     components:
       encoder:
         source: encoder.onnx
