@@ -74,17 +74,21 @@ pub const OWNED_KEYS: &[(&str, &str)] = &[
 
 /// Why a session config could not be made.
 #[derive(Debug, thiserror::Error)]
+#[error("{}", self.invalid())]
 pub enum SessionConfigError {
-    #[error("zenoh.config_file {}: {message}", path.display())]
-    File { path: PathBuf, message: String },
-    #[error("zenoh.config_file {} sets `{zenoh_key}`, which liveomics sets from {ours}: remove it from the file", path.display())]
+    File {
+        path: PathBuf,
+        message: String,
+    },
     Collision {
         path: PathBuf,
         zenoh_key: &'static str,
         ours: &'static str,
     },
-    #[error("{key}: {message}")]
-    Value { key: String, message: String },
+    Value {
+        key: String,
+        message: String,
+    },
 }
 
 impl SessionConfigError {
@@ -146,15 +150,10 @@ impl ZenohConfig {
         let mut out = Vec::new();
         for (key, list) in [("zenoh.listen", &self.listen), ("zenoh.connect", &self.connect)] {
             for (i, ep) in list.iter().enumerate() {
+                let proto = ep.split('/').next().unwrap_or("");
                 if let Some(msg) = endpoint_problem(ep) {
                     out.push(Invalid::new(&format!("{key}[{i}]"), msg));
-                }
-            }
-        }
-        for (key, list) in [("zenoh.listen", &self.listen), ("zenoh.connect", &self.connect)] {
-            for (i, ep) in list.iter().enumerate() {
-                let proto = ep.split('/').next().unwrap_or("");
-                if endpoint_problem(ep).is_none() && !TRANSPORTS.contains(&proto) {
+                } else if !TRANSPORTS.contains(&proto) {
                     out.push(Invalid::new(
                         &format!("{key}[{i}]"),
                         format!("{proto:?} is not a transport of this build (one of {TRANSPORTS:?})"),
