@@ -9,9 +9,9 @@ use liveomics_adapters::tiff_io::{read_plane, Plane};
 use rayon::prelude::*;
 use zarrs::array::data_type;
 
-use crate::config::{Compression, ZarrSinkConfig};
+use crate::component::SinkError;
 use crate::sink::zarr::node::{store_plane, Store};
-use crate::sink::SinkError;
+use crate::sink::zarr::{Compression, ZarrSinkConfig};
 
 /// Problems running the benchmark.
 #[derive(Debug, thiserror::Error)]

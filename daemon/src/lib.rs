@@ -3,7 +3,9 @@
 
 pub mod assembly;
 pub mod bench;
+pub mod component;
 pub mod config;
+pub mod field;
 pub mod inference;
 pub mod pipeline;
 pub mod registry;

@@ -7,9 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use liveomics::config::{Config, ReplayConfig, DEFAULT_TOML};
+use liveomics::component::SourceName;
+use liveomics::config::{Config, DEFAULT_TOML};
 use liveomics::pipeline::{self, RunOptions, RunSummary};
-use liveomics::registry::SinkOptions;
+use liveomics::replay::ReplayConfig;
 use liveomics::resources::Resources;
 use liveomics::telemetry;
 use liveomics_adapters::folder::layout::{Layout, LayoutKind};
@@ -255,7 +256,7 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_PARTIAL: u8 = 3;
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+    liveomics::registry::load(path).map_err(|e| {
         eprint!("error: invalid configuration {e}");
         ExitCode::from(EXIT_CONFIG)
     })
@@ -266,7 +267,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Models { command } => models(command),
         Command::Segment(req) => {
-            telemetry::init_logging(&liveomics::config::TelemetryConfig::default());
+            telemetry::init_logging(&liveomics::telemetry::TelemetryConfig::default());
             match liveomics::segment_cli::segment_file(&req) {
                 Ok(r) => {
                     for n in &r.notes {
@@ -428,7 +429,7 @@ fn main() -> ExitCode {
 fn models(cmd: ModelsCommand) -> ExitCode {
     use liveomics_models::diffusion::Noise;
     use liveomics_models::{npy, Component, Diffusion, Model, TileOptions};
-    telemetry::init_logging(&liveomics::config::TelemetryConfig {
+    telemetry::init_logging(&liveomics::telemetry::TelemetryConfig {
         log_level: "error".into(),
         ..Default::default()
     });
@@ -575,7 +576,7 @@ fn load_with_output(
     output: Option<PathBuf>,
     res: &Resources,
 ) -> Result<Config, ExitCode> {
-    let mut cfg = Config::load_for_run(path, res).map_err(|e| {
+    let mut cfg = liveomics::registry::load_for_run(path, res).map_err(|e| {
         eprint!("error: invalid configuration {e}");
         ExitCode::from(EXIT_CONFIG)
     })?;
@@ -622,7 +623,7 @@ fn replay_source(
                 );
             }
         }
-        cfg.source.kind = "replay".into();
+        cfg.source.kind = SourceName::Replay;
         cfg.source.replay = ReplayConfig { path, speed };
         return Ok(());
     }
@@ -668,7 +669,7 @@ fn replay_source(
     if let Some(plate) = best.2 {
         f.plate = plate;
     }
-    cfg.source.kind = "folder".into();
+    cfg.source.kind = SourceName::Folder;
     let errs = liveomics::registry::validate(cfg, res);
     if !errs.is_empty() {
         let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
@@ -685,7 +686,7 @@ fn execute(cfg: Config, overwrite: bool, progress: bool, resources: Resources) -
         return report(Err(e));
     }
     let opts = RunOptions {
-        sinks: SinkOptions { overwrite },
+        overwrite,
         resources,
         stop,
         progress,
@@ -731,7 +732,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 
 /// The well-omics plate readout: per model, the genes that vary most across wells, each well's
 /// value (natural log abundance) with its spread across fields.
-fn print_plate_readout(readouts: &[liveomics::inference::WellReadout]) {
+fn print_plate_readout(readouts: &[liveomics::field::WellReadout]) {
     const TOP: usize = 5;
     let mut models: Vec<&str> = readouts.iter().map(|r| r.model.as_str()).collect();
     models.dedup();

@@ -5,7 +5,7 @@
 //! boundary, and each stage exits when its input channel closes because every sender upstream
 //! has been dropped, so in-flight fields drain through to the sinks before the process exits.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,11 +16,11 @@ use liveomics_adapters::model::{Field, Frame, WellId};
 use liveomics_adapters::source::{Source, SourceError, SourceReport, StopToken};
 
 use crate::assembly::{Assembler, AssemblyStats};
+use crate::component::{Sink, SinkError};
 use crate::config::Config;
-use crate::registry::{self, SinkOptions};
+use crate::field::{FieldWork, WellReadout};
+use crate::registry;
 use crate::resources::Resources;
-use crate::sink::{zarr::ZarrSink, Sink, SinkError};
-use crate::stage::FieldWork;
 use crate::telemetry::{self as t, Metrics};
 
 /// Why a run could not start or could not finish.
@@ -28,7 +28,7 @@ use crate::telemetry::{self as t, Metrics};
 pub enum RunError {
     #[error("cannot start source {kind:?}")]
     Source {
-        kind: String,
+        kind: &'static str,
         #[source]
         source: SourceError,
     },
@@ -38,8 +38,11 @@ pub enum RunError {
         #[source]
         source: SinkError,
     },
-    #[error("cannot build stage {name:?}: {message}")]
-    Stage { name: String, message: String },
+    #[error("cannot build stage \"{name}\": {message}")]
+    Stage {
+        name: crate::component::StageName,
+        message: String,
+    },
     #[error(transparent)]
     Telemetry(#[from] t::TelemetryError),
     #[error("the source failed")]
@@ -53,7 +56,8 @@ pub enum RunError {
 /// Options of a run that are not configuration.
 #[derive(Default)]
 pub struct RunOptions {
-    pub sinks: SinkOptions,
+    /// Replace an existing plate (`--overwrite`).
+    pub overwrite: bool,
     /// What the stages, sources and sinks share; pass the one validation used, so that models
     /// load once.
     pub resources: Resources,
@@ -67,7 +71,7 @@ pub struct RunOptions {
 impl std::fmt::Debug for RunOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunOptions")
-            .field("sinks", &self.sinks)
+            .field("overwrite", &self.overwrite)
             .field("stop", &self.stop)
             .field(
                 "extra_sinks",
@@ -99,7 +103,7 @@ pub struct RunSummary {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub sinks: Vec<&'static str>,
     /// Final well-omics readout of every well of this plate.
-    pub well_readouts: Vec<crate::inference::WellReadout>,
+    pub well_readouts: Vec<WellReadout>,
 }
 
 /// A sink finished a field (successfully or not).
@@ -110,6 +114,8 @@ struct Done {
     received_at: Instant,
     deadline: Instant,
     ok: bool,
+    /// The well-omics readouts of the field's well after this field.
+    well_readouts: Vec<WellReadout>,
 }
 
 impl Done {
@@ -121,6 +127,7 @@ impl Done {
             received_at: work.field.received_at,
             deadline: work.deadline,
             ok,
+            well_readouts: work.well_readouts.clone(),
         }
     }
 }
@@ -139,12 +146,8 @@ fn join<T>(h: JoinHandle<T>, what: &'static str) -> Result<T, RunError> {
 /// Runs the configured source through the pipeline until it ends or `opts.stop` is set, then
 /// drains and returns.
 pub fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RunError> {
-    let kind = registry::source_kind(&cfg.source.kind).ok_or_else(|| RunError::Source {
-        kind: cfg.source.kind.clone(),
-        source: SourceError::Config("unknown source kind".into()),
-    })?;
-    let source = (kind.build)(cfg, &opts.resources).map_err(|source| RunError::Source {
-        kind: cfg.source.kind.clone(),
+    let source = registry::build_source(cfg, &opts.resources).map_err(|source| RunError::Source {
+        kind: cfg.source.kind.as_str(),
         source,
     })?;
     run_source(cfg, source, opts)
@@ -158,48 +161,33 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     let plan = Arc::new(source.plan().clone());
 
     // Sinks open before the first frame: an unusable output fails now, not an hour in.
-    let mut sinks = Vec::new();
-    for k in registry::SINKS.iter().filter(|k| (k.enabled)(cfg)) {
-        let sink = (k.open)(cfg, plan.clone(), &opts.sinks, &opts.resources)
-            .map_err(|source| RunError::Sink { name: k.name, source })?;
-        sinks.push(sink);
-    }
+    let mut sinks = registry::open_sinks(cfg, &plan, &opts.resources, opts.overwrite)
+        .map_err(|(name, source)| RunError::Sink { name, source })?;
     sinks.append(&mut opts.extra_sinks);
     let done: Vec<liveomics_adapters::model::FieldKey> = sinks.iter().flat_map(|s| s.completed()).collect();
     if !done.is_empty() {
         source.skip(&done);
     }
     let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
-    let output = cfg
-        .sinks
-        .zarr
-        .enabled
-        .then(|| ZarrSink::plate_path(&cfg.sinks.zarr.output, &plan));
+    let output = sinks.iter().find_map(|s| s.output());
     let mut worker_stages = Vec::new();
     for _ in 0..cfg.pipeline.workers {
-        let mut stages = Vec::new();
-        for name in &cfg.pipeline.stages {
-            let k = registry::stage_kind(name).ok_or_else(|| RunError::Stage {
-                name: name.clone(),
-                message: "unknown stage".into(),
-            })?;
-            stages.push((k.build)(cfg, &plan, &opts.resources).map_err(|e| RunError::Stage {
-                name: name.clone(),
-                message: e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
-            })?);
-        }
+        let stages = registry::build_stages(cfg, &plan, &opts.resources).map_err(|(name, e)| RunError::Stage {
+            name,
+            message: e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        })?;
         worker_stages.push(stages);
     }
-    if cfg.pipeline.stages.iter().any(|s| s == "segment" || s == "measure") {
+    if let Some(&name) = cfg.pipeline.stages.iter().find(|s| s.uses_compute()) {
         let (compute, fallback) = opts
             .resources
-            .compute(&cfg.compute.device)
+            .compute(cfg.compute.device)
             .map_err(|e| RunError::Stage {
-                name: "segment".into(),
+                name,
                 message: e.to_string(),
             })?;
         crate::telemetry::ComputeSelected {
-            requested: &cfg.compute.device,
+            requested: &cfg.compute.device.to_string(),
             device: &compute.describe(),
             fallback_reason: fallback.as_deref(),
         }
@@ -310,7 +298,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                     let t0 = Instant::now();
                     if let Err(e) = stage.process(&mut work) {
                         t::ErrorOccurred {
-                            kind: stage.name(),
+                            kind: stage.name().as_str(),
                             field: Some(&work.name),
                             error: &e,
                         }
@@ -318,7 +306,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                         continue;
                     }
                     t::StageCompleted {
-                        stage: stage.name(),
+                        stage: stage.name().as_str(),
                         field: &work.name,
                         elapsed: t0.elapsed(),
                     }
@@ -406,10 +394,9 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         source: source_report,
         metrics_addr: metrics.addr,
         sinks: sink_names,
-        well_readouts: opts
-            .resources
-            .well_readouts()
-            .into_iter()
+        well_readouts: tracked
+            .well_readouts
+            .into_values()
             .filter(|r| r.plate == plan.plate.as_str())
             .collect(),
     })
@@ -422,6 +409,9 @@ struct Tracked {
     misses: u64,
     wells: BTreeSet<WellId>,
     latency_us: hdrhistogram::Histogram<u64>,
+    /// The latest readout of each well of each well-omics model: the one pooled over the most
+    /// fields (workers may finish a well's fields out of order).
+    well_readouts: BTreeMap<(String, String, String), WellReadout>,
 }
 
 /// Counts sink completions; a field is done when every sink has reported it.
@@ -434,6 +424,7 @@ fn track(rx: Receiver<Done>, n_sinks: usize, progress: Option<indicatif::Progres
         misses: 0,
         wells: BTreeSet::new(),
         latency_us: hdrhistogram::Histogram::new(3).expect("3 significant figures is a valid precision"),
+        well_readouts: BTreeMap::new(),
     };
     let need = n_sinks.max(1);
     for d in rx {
@@ -460,6 +451,15 @@ fn track(rx: Receiver<Done>, n_sinks: usize, progress: Option<indicatif::Progres
         out.misses += u64::from(missed);
         out.wells.insert(d.well);
         let _ = out.latency_us.record(latency.as_micros() as u64);
+        for r in d.well_readouts {
+            let key = (r.model.clone(), r.plate.clone(), r.well.clone());
+            match out.well_readouts.get(&key) {
+                Some(prev) if prev.fields >= r.fields => {}
+                _ => {
+                    out.well_readouts.insert(key, r);
+                }
+            }
+        }
         if let Some(pb) = &progress {
             pb.inc(1);
         }

@@ -1,219 +1,311 @@
-//! The one table where sources, stages and sinks are registered by name. Adding a kind means one
-//! entry here plus its config section; validation, `liveomics validate` and the topology all read
-//! this table.
+//! Where the components meet the config: the one place that maps a source kind, a stage name
+//! and a sink to its section (sinks are listed by `sink::SinksConfig::all`), builds the
+//! [`Context`] each is given, and checks the meaning of a whole config by asking every section
+//! to check itself and then building the stages against the plan the source will produce.
 
 use std::sync::Arc;
 
-use liveomics_adapters::folder::FolderSource;
+use liveomics_adapters::folder::{FolderConfig, FolderSource};
 use liveomics_adapters::model::AcquisitionPlan;
-use liveomics_adapters::simulator::Simulator;
+use liveomics_adapters::simulator::{Simulator, SimulatorConfig};
 use liveomics_adapters::source::{Source, SourceError};
 use liveomics_adapters::Invalid;
 
-use crate::config::Config;
-use crate::inference::InferenceStage;
-use crate::replay::ZarrReplay;
+use crate::component::{Context, Sink, SinkConfig, SinkError, SourceConfig, SourceName, Stage, StageConfig, StageName};
+use crate::config::{Config, ConfigErrors};
+use crate::field::mean_column;
 use crate::resources::Resources;
-use crate::sink::{zarr::ZarrSink, zenoh::ZenohSink, Sink, SinkError};
-use crate::stage::{MeasureStage, SegmentStage, Stage};
-use crate::zenoh_source::ZenohSource;
+use crate::stage::MeasureConfig;
 
-pub type BuildStage = fn(&Config, &AcquisitionPlan, &Resources) -> Result<Box<dyn Stage>, Vec<Invalid>>;
-pub type BuildSource = fn(&Config, &Resources) -> Result<Box<dyn Source>, SourceError>;
-pub type OpenSink = fn(&Config, Arc<AcquisitionPlan>, &SinkOptions, &Resources) -> Result<Box<dyn Sink>, SinkError>;
+impl SourceConfig for SimulatorConfig {
+    fn validate(&self, ctx: &Context, problems: &mut Vec<Invalid>) {
+        problems.extend(self.validate().into_iter().map(|e| e.under(ctx.section)));
+    }
 
-/// How to build a source of one kind.
-#[derive(Debug)]
-pub struct SourceKind {
-    pub name: &'static str,
-    /// Built from the config and the run's resources (the zenoh session opens only when a
-    /// source uses it).
-    pub build: BuildSource,
+    fn build(&self, _ctx: &Context) -> Result<Box<dyn Source>, SourceError> {
+        Ok(Box::new(Simulator::new(self.clone())?))
+    }
 }
 
-/// How to build a stage; `Err` names every config key that makes it impossible.
-#[derive(Debug)]
-pub struct StageKind {
-    pub name: &'static str,
-    pub build: BuildStage,
-    /// Stages that must run before this one.
-    pub after: &'static [&'static str],
+impl SourceConfig for FolderConfig {
+    fn validate(&self, ctx: &Context, problems: &mut Vec<Invalid>) {
+        problems.extend(self.validate().into_iter().map(|e| e.under(ctx.section)));
+    }
+
+    fn build(&self, _ctx: &Context) -> Result<Box<dyn Source>, SourceError> {
+        Ok(Box::new(FolderSource::new(self.clone())?))
+    }
 }
 
-/// How to open a sink, and whether the config enables it.
-#[derive(Debug)]
-pub struct SinkKind {
-    pub name: &'static str,
-    pub enabled: fn(&Config) -> bool,
-    pub open: OpenSink,
+/// The context of a run's components, at the top level (each component gets it `at` its
+/// section). `overwrite` is the command line's `--overwrite`.
+pub fn context<'a>(cfg: &'a Config, res: &'a Resources, overwrite: bool) -> Context<'a> {
+    Context {
+        section: "",
+        instrument: &cfg.instrument,
+        latency_budget_ms: cfg.latency_budget_ms,
+        stages: &cfg.pipeline.stages,
+        device: cfg.compute.device,
+        inference: &cfg.inference,
+        probability_model: &cfg.segmentation.probability_model,
+        zenoh: &cfg.zenoh,
+        resources: res,
+        overwrite,
+    }
 }
 
-/// Run-time options of sinks that are not configuration (command-line flags).
-#[derive(Debug, Clone, Default)]
-pub struct SinkOptions {
-    pub overwrite: bool,
+/// The configured source's section and where it sits.
+pub fn source(cfg: &Config) -> (&'static str, &dyn SourceConfig) {
+    let s = &cfg.source;
+    match s.kind {
+        SourceName::Simulator => ("source.simulator", &s.simulator),
+        SourceName::Folder => ("source.folder", &s.folder),
+        SourceName::Replay => ("source.replay", &s.replay),
+        SourceName::Zenoh => ("source.zenoh", &s.zenoh),
+    }
 }
 
-pub const SOURCES: &[SourceKind] = &[
-    SourceKind {
-        name: "simulator",
-        build: |cfg, _| Ok(Box::new(Simulator::new(cfg.source.simulator.clone())?)),
-    },
-    SourceKind {
-        name: "folder",
-        build: |cfg, _| Ok(Box::new(FolderSource::new(cfg.source.folder.clone())?)),
-    },
-    SourceKind {
-        name: "zenoh",
-        build: |cfg, res| {
-            Ok(Box::new(ZenohSource::new(
-                &cfg.source.zenoh,
-                &cfg.instrument,
-                res.zenoh.clone(),
-                cfg.zenoh.clone(),
-            )?))
-        },
-    },
-    SourceKind {
-        name: "replay",
-        build: |cfg, _| Ok(Box::new(ZarrReplay::new(&cfg.source.replay)?)),
-    },
-];
-
-pub const STAGES: &[StageKind] = &[
-    StageKind {
-        name: "segment",
-        build: |cfg, plan, res| Ok(Box::new(SegmentStage::new(cfg, plan, res).map_err(|e| vec![e])?)),
-        after: &[],
-    },
-    StageKind {
-        name: "measure",
-        build: |cfg, _, res| Ok(Box::new(MeasureStage::new(cfg, res).map_err(|e| vec![e])?)),
-        after: &["segment"],
-    },
-    StageKind {
-        name: "inference",
-        build: |cfg, plan, res| Ok(Box::new(InferenceStage::new(cfg, plan, res)?)),
-        after: &[],
-    },
-];
-
-pub const SINKS: &[SinkKind] = &[
-    SinkKind {
-        name: "zarr",
-        enabled: |cfg| cfg.sinks.zarr.enabled,
-        open: |cfg, plan, opts, _| {
-            let virtual_channels = crate::inference::virtual_channels(cfg);
-            Ok(Box::new(ZarrSink::open(
-                &cfg.sinks.zarr,
-                plan,
-                virtual_channels,
-                opts.overwrite,
-            )?))
-        },
-    },
-    SinkKind {
-        name: "zenoh",
-        enabled: |cfg| cfg.sinks.zenoh.enabled,
-        open: |cfg, plan, _, res| {
-            Ok(Box::new(ZenohSink::open(
-                &res.zenoh,
-                &cfg.zenoh,
-                &cfg.instrument,
-                plan.plate.as_str(),
-            )?))
-        },
-    },
-    SinkKind {
-        name: "followup",
-        enabled: |cfg| cfg.closed_loop.enabled,
-        open: |cfg, plan, _, res| {
-            Ok(Box::new(crate::sink::followup::FollowupSink::open(
-                cfg, &plan, &res.zenoh,
-            )?))
-        },
-    },
-];
-
-pub fn source_kind(name: &str) -> Option<&'static SourceKind> {
-    SOURCES.iter().find(|s| s.name == name)
+/// A stage's section and where it sits (the measure stage has none).
+pub fn stage(cfg: &Config, name: StageName) -> (&'static str, &dyn StageConfig) {
+    match name {
+        StageName::Segment => ("segmentation", &cfg.segmentation),
+        StageName::Measure => ("", &MeasureConfig),
+        StageName::Inference => ("inference", &cfg.inference),
+    }
 }
 
-pub fn stage_kind(name: &str) -> Option<&'static StageKind> {
-    STAGES.iter().find(|s| s.name == name)
+/// Every sink by name, with its section's path, in the order they open.
+pub fn sinks(cfg: &Config) -> Vec<(&'static str, String, &dyn SinkConfig)> {
+    let mut out: Vec<_> = cfg
+        .sinks
+        .all()
+        .into_iter()
+        .map(|(name, c)| (name, format!("sinks.{name}"), c))
+        .collect();
+    out.push(("followup", "closed_loop".to_string(), &cfg.closed_loop));
+    out
 }
 
-fn names<T>(table: &[T], name: impl Fn(&T) -> &'static str) -> String {
-    table.iter().map(name).collect::<Vec<_>>().join(", ")
+/// Builds the configured source.
+pub fn build_source(cfg: &Config, res: &Resources) -> Result<Box<dyn Source>, SourceError> {
+    let (section, c) = source(cfg);
+    c.build(&context(cfg, res, false).at(section))
 }
 
-/// Every problem of meaning in a config: values, then the kinds and stages against this table,
-/// then the stages against the plan the source will produce (channel names exist, etc.).
-/// `res` is the run's: stages built here load their models and back end into it, so a run that
+/// A stage that cannot be built, with every key that makes it impossible.
+pub type StageProblems = (StageName, Vec<Invalid>);
+
+/// Builds one worker's stages, in order.
+pub fn build_stages(
+    cfg: &Config,
+    plan: &AcquisitionPlan,
+    res: &Resources,
+) -> Result<Vec<Box<dyn Stage>>, StageProblems> {
+    let ctx = context(cfg, res, false);
+    cfg.pipeline
+        .stages
+        .iter()
+        .map(|&name| {
+            let (section, c) = stage(cfg, name);
+            c.build(&ctx.at(section), plan).map_err(|e| (name, e))
+        })
+        .collect()
+}
+
+/// Opens every enabled sink, by name.
+pub fn open_sinks(
+    cfg: &Config,
+    plan: &Arc<AcquisitionPlan>,
+    res: &Resources,
+    overwrite: bool,
+) -> Result<Vec<Box<dyn Sink>>, (&'static str, SinkError)> {
+    let ctx = context(cfg, res, overwrite);
+    let all = sinks(cfg);
+    all.iter()
+        .filter(|(_, _, c)| c.enabled())
+        .map(|(name, section, c)| c.build(&ctx.at(section), plan.clone()).map_err(|e| (*name, e)))
+        .collect()
+}
+
+/// Every problem of meaning in a config: each section's values, then the source's plan, then
+/// the sinks and the stages against that plan (channel names exist, models fit, etc.). `res`
+/// is the run's: stages built here load their models and back end into it, so a run that
 /// follows with the same `res` does not load them again. No zenoh session is opened.
 pub fn validate(cfg: &Config, res: &Resources) -> Vec<Invalid> {
-    let mut out = cfg.validate_values();
-    let source = match source_kind(&cfg.source.kind) {
-        None => {
+    let mut out = cfg.validate_own();
+    out.extend(cfg.telemetry.validate().into_iter().map(|e| e.under("telemetry")));
+    out.extend(cfg.zenoh.validate());
+    let ctx = context(cfg, res, false);
+    let (section, src) = source(cfg);
+    src.validate(&ctx.at(section), &mut out);
+    // Value checks of every stage's section, whether the stage runs or not: a wrong value is
+    // wrong before someone adds the stage.
+    for name in StageName::ALL {
+        let (section, c) = stage(cfg, name);
+        c.validate(&ctx.at(section), &mut out);
+    }
+    let sinks = sinks(cfg);
+    for (_, section, c) in &sinks {
+        c.validate(&ctx.at(section), &mut out);
+    }
+    // A source that cannot be built was already reported by the value checks of its section;
+    // one that can lets the stages be checked against its plan even if other keys are wrong.
+    // The zenoh session is never opened here: sources open it when they start running.
+    let Ok(source) = src.build(&ctx.at(section)) else {
+        return dedup(out);
+    };
+    let plan = source.plan();
+    // Channel names become column names (`mean_{name}`) and are matched case-insensitively.
+    let mut columns = std::collections::BTreeMap::new();
+    for c in &plan.channels {
+        let col = mean_column(&c.name);
+        if let Some(prev) = columns.insert(col.clone(), c.name.clone()) {
             out.push(Invalid::new(
-                "source.kind",
+                section,
                 format!(
-                    "unknown source {:?}; known: {}",
-                    cfg.source.kind,
-                    names(SOURCES, |s| s.name)
+                    "channels {prev:?} and {:?} are the same name once normalised ({col})",
+                    c.name
                 ),
             ));
-            None
-        }
-        // A source that cannot be built was already reported by the value checks of its section;
-        // one that can lets the stages be checked against its plan even if other keys are wrong.
-        // The zenoh session is never opened here: sources open it when they start running.
-        Some(k) => (k.build)(cfg, res).ok(),
-    };
-    if let Some(src) = &source {
-        // Channel names become column names (`mean_{name}`) and are matched case-insensitively.
-        let mut columns = std::collections::BTreeMap::new();
-        for c in &src.plan().channels {
-            let col = crate::sink::cells_arrow::mean_column(&c.name);
-            if let Some(prev) = columns.insert(col.clone(), c.name.clone()) {
-                out.push(Invalid::new(
-                    &format!("source.{}", cfg.source.kind),
-                    format!(
-                        "channels {prev:?} and {:?} are the same name once normalised ({col})",
-                        c.name
-                    ),
-                ));
-            }
         }
     }
-    if let Some(src) = &source {
-        out.extend(crate::sink::followup::validate(cfg, src.plan()));
+    for (_, section, c) in &sinks {
+        c.validate_plan(&ctx.at(section), plan, &mut out);
     }
-    let mut seen: Vec<&str> = Vec::new();
-    for (i, name) in cfg.pipeline.stages.iter().enumerate() {
-        let key = format!("pipeline.stages[{i}]");
-        match stage_kind(name) {
-            None => out.push(Invalid::new(
-                &key,
-                format!("unknown stage {name:?}; known: {}", names(STAGES, |s| s.name)),
-            )),
-            Some(k) => {
-                for dep in k.after {
-                    if !seen.contains(dep) {
-                        out.push(Invalid::new(&key, format!("stage {name:?} needs {dep:?} before it")));
-                    }
-                }
-                if seen.contains(&k.name) {
-                    out.push(Invalid::new(&key, format!("stage {name:?} is listed twice")));
-                }
-                seen.push(k.name);
-                if let Some(src) = &source {
-                    if let Err(e) = (k.build)(cfg, src.plan(), res) {
-                        out.extend(e);
-                    }
-                }
-            }
+    for &name in &cfg.pipeline.stages {
+        let (section, c) = stage(cfg, name);
+        if let Err(e) = c.build(&ctx.at(section), plan) {
+            out.extend(e);
+        }
+    }
+    dedup(out)
+}
+
+/// The same problem found twice (the compute back end by two stages, a runtime library by
+/// every model) is reported once.
+fn dedup(all: Vec<Invalid>) -> Vec<Invalid> {
+    let mut out: Vec<Invalid> = Vec::with_capacity(all.len());
+    for e in all {
+        if !out.contains(&e) {
+            out.push(e);
         }
     }
     out
+}
+
+/// Loads a file, or the embedded default when `path` is `None`, with its shape and meaning
+/// both checked, in resources of its own (a run passes its own to [`load_for_run`]).
+pub fn load(path: Option<&std::path::Path>) -> Result<Config, ConfigErrors> {
+    load_for_run(path, &Resources::default())
+}
+
+/// [`load`] whose meaning checks build the stages into `res`, the resources the run will use:
+/// models load once per process.
+pub fn load_for_run(path: Option<&std::path::Path>, res: &Resources) -> Result<Config, ConfigErrors> {
+    // Shape and meaning in one report: the meaning of what is left after the shape errors
+    // (a value of the wrong type does not hide an out-of-range one elsewhere). A section that
+    // lost a value has a default in its place, so its meaning is not judged; and the plan,
+    // stages and models feed every cross-check, so a shape error in `source`, `pipeline` or
+    // `inference` leaves meaning for the next run.
+    let (cfg, mut errors, origin) = Config::read(path);
+    let section = |key: &str| key.split(['.', '[']).next().unwrap_or("").to_string();
+    let damaged: std::collections::BTreeSet<String> = errors.iter().map(|e| section(&e.key)).collect();
+    let cross = ["source", "pipeline", "inference"].iter().any(|s| damaged.contains(*s));
+    match cfg.filter(|_| !cross) {
+        Some(cfg) => {
+            errors.extend(
+                validate(&cfg, res)
+                    .into_iter()
+                    .filter(|e| !damaged.contains(&section(&e.key))),
+            );
+            if errors.is_empty() {
+                Ok(cfg)
+            } else {
+                Err(ConfigErrors { origin, errors })
+            }
+        }
+        None => Err(ConfigErrors { origin, errors }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let cfg = load(None).unwrap();
+        assert_eq!(cfg.source.kind, SourceName::Simulator);
+    }
+
+    #[test]
+    fn meaning_errors_are_all_reported() {
+        let text = r#"
+            instrument = "scope/1"
+            latency_budget_ms = 0
+            [source.simulator]
+            [segmentation]
+            nuclei_channel = "Hoechst"
+            [telemetry]
+            log_level = "loud"
+            [pipeline]
+            max_pending_mb = 0
+            [[inference.models]]
+            name = "cells"
+            path = "models/cell_omics_cnn"
+            crop_scale = 0.0
+        "#;
+        let cfg = Config::from_toml(text, "t.toml").unwrap();
+        let errs: Vec<Invalid> = cfg
+            .inference
+            .validate()
+            .into_iter()
+            .map(|e| e.under("inference"))
+            .collect();
+        assert!(
+            errs.iter().any(|e| e.key == "inference.models[0].crop_scale"),
+            "{errs:?}"
+        );
+        let errs = validate(&cfg, &Resources::default());
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "instrument",
+            "latency_budget_ms",
+            "segmentation.nuclei_channel",
+            "telemetry.log_level",
+            "pipeline.max_pending_mb",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn load_reports_shape_and_meaning_together_without_judging_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [segmentation]
+            nuclei_threshold = "median"
+            [sinks.zarr]
+            compression = "ztsd"
+            compression_level = 15
+            [telemetry]
+            log_level = "loud"
+        "#,
+        )
+        .unwrap();
+        let err = load(Some(&path)).unwrap_err();
+        let keys: Vec<&str> = err.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "segmentation.nuclei_threshold",
+                "sinks.zarr.compression",
+                "telemetry.log_level"
+            ],
+            "{err}"
+        );
+    }
 }

@@ -14,7 +14,41 @@ use serde_json::Value;
 use zarrs::array::{Array, ArraySubset};
 use zarrs::filesystem::FilesystemStore;
 
-use crate::config::ReplayConfig;
+use liveomics_adapters::Invalid;
+use serde::{Deserialize, Serialize};
+
+use crate::component::{Context, SourceConfig};
+use crate::field::is_virtual_label;
+
+/// Replay of an OME-Zarr plate written by liveomics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// The `{plate}.zarr` directory.
+    pub path: PathBuf,
+    pub speed: Speed,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            speed: Speed::Max,
+        }
+    }
+}
+
+impl SourceConfig for ReplayConfig {
+    fn validate(&self, ctx: &Context, problems: &mut Vec<Invalid>) {
+        if self.path.as_os_str().is_empty() {
+            problems.push(ctx.invalid("path", "the plate to replay is required"));
+        }
+    }
+
+    fn build(&self, _ctx: &Context) -> Result<Box<dyn Source>, SourceError> {
+        Ok(Box::new(ZarrReplay::new(self)?))
+    }
+}
 
 /// One field at one timepoint, to be replayed.
 #[derive(Debug, Clone)]
@@ -178,7 +212,7 @@ impl ZarrReplay {
                 cs.iter()
                     .filter(|c| {
                         let label = c.get("label").and_then(Value::as_str).unwrap_or("");
-                        !crate::inference::is_virtual_label(label)
+                        !is_virtual_label(label)
                     })
                     .map(|c| ChannelInfo {
                         name: c.get("label").and_then(Value::as_str).unwrap_or("channel").to_string(),

@@ -1,24 +1,28 @@
 //! What a run creates once and hands to every component that needs it: the compute back end,
-//! the loaded models (ONNX sessions, batchers and the well-omics pools that the summary reads),
-//! and the zenoh session. Passed explicitly: validation and the run of one process share one
-//! `Resources` (so models load once), and two runs in one process (tests) share nothing.
+//! the loaded models (ONNX sessions, batchers, well-omics pools) and the zenoh session. Passed
+//! explicitly: validation and the run of one process share one `Resources` (so models load
+//! once), and two runs in one process (tests) share nothing.
 
+use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use liveomics_adapters::Invalid;
 use liveomics_kernels::gpu::{Compute, DeviceRequest};
 
-use crate::inference::{ModelCache, WellReadout};
 use crate::zenoh_session::SharedSession;
 
 /// A back end opened for a device request, with the reason `auto` fell back to the CPU.
 type OpenedCompute = (DeviceRequest, Compute, Option<String>);
 
+/// Something a component loaded once for the run, under the key of the settings it was loaded
+/// with; any type, so that a component's loaded state stays the component's own type.
+type Loaded = (String, Arc<dyn Any + Send + Sync>);
+
 /// The shared resources of a run; clones share the same resources.
 #[derive(Debug, Clone, Default)]
 pub struct Resources {
     compute: Arc<Mutex<Vec<OpenedCompute>>>,
-    pub(crate) models: ModelCache,
+    loaded: Arc<Mutex<Vec<Loaded>>>,
     pub zenoh: SharedSession,
 }
 
@@ -27,10 +31,7 @@ impl Resources {
     /// (one CUDA context and one compile of the kernels, whatever the number of workers), with
     /// the reason `auto` fell back to the CPU. The pipeline reports it once logging is up
     /// ([`crate::telemetry::ComputeSelected`]).
-    pub fn compute(&self, device: &str) -> Result<(Compute, Option<String>), Invalid> {
-        let req: DeviceRequest = device
-            .parse()
-            .map_err(|e: liveomics_kernels::gpu::BadDeviceRequest| Invalid::new("compute.device", e.to_string()))?;
+    pub fn compute(&self, req: DeviceRequest) -> Result<(Compute, Option<String>), Invalid> {
         let mut open = self.compute.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, c, why)) = open.iter().find(|(r, _, _)| *r == req) {
             return Ok((c.clone(), why.clone()));
@@ -40,8 +41,23 @@ impl Resources {
         Ok((compute, fallback))
     }
 
-    /// The latest readout of every well of every well-omics model this run loaded.
-    pub fn well_readouts(&self) -> Vec<WellReadout> {
-        self.models.well_readouts()
+    /// The `T` loaded for `key` (the settings it depends on), loaded by `load` on first use: every
+    /// worker's stage, and the validation before the run, share one model session. The lock is
+    /// held while loading, so two workers never load the same model twice.
+    pub fn loaded<T, E>(&self, key: &str, load: impl FnOnce() -> Result<T, E>) -> Result<Arc<T>, E>
+    where
+        T: Any + Send + Sync,
+    {
+        let mut all = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let found = all
+            .iter()
+            .filter(|(k, _)| k == key)
+            .find_map(|(_, v)| Arc::clone(v).downcast::<T>().ok());
+        if let Some(v) = found {
+            return Ok(v);
+        }
+        let v = Arc::new(load()?);
+        all.push((key.to_string(), v.clone()));
+        Ok(v)
     }
 }

@@ -65,8 +65,8 @@ pub struct SegmentRequest {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Automatic threshold of the nuclear channel.
-    #[arg(long, value_enum, default_value_t = crate::config::NucleiThreshold::Otsu)]
-    pub threshold: crate::config::NucleiThreshold,
+    #[arg(long, value_enum, default_value_t = crate::stage::NucleiThreshold::Otsu)]
+    pub threshold: crate::stage::NucleiThreshold,
 }
 
 #[derive(Debug, Clone)]

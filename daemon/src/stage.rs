@@ -1,101 +1,77 @@
-//! The stage extension point and the two stages of v1: segmentation and per-cell measurement.
-//!
-//! A stage transforms a [`FieldWork`] in place on a worker thread. Stages are built once per
-//! worker (they may keep scratch buffers), from the config and the acquisition plan, by the
-//! registry.
+//! The two image-kernel stages: segmentation (`[segmentation]`) and per-cell measurement. Each
+//! is built once per worker from its section, the context and the acquisition plan.
 
-use std::sync::Arc;
-use std::time::Instant;
-
-use liveomics_adapters::model::{AcquisitionPlan, Field};
+use liveomics_adapters::model::AcquisitionPlan;
 use liveomics_adapters::Invalid;
 use liveomics_kernels::gpu::Compute;
 use liveomics_kernels::segment::{self, CellParams, NucleiParams};
+use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
-use crate::resources::Resources;
+use crate::component::{Context, Stage, StageConfig, StageError, StageName};
+use crate::field::{channel_index, CellRecord, FieldWork};
+use crate::inference::ProbabilityModel;
 
-/// Per-cell record: what the zenoh message and (later) the tables carry for each cell.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CellRecord {
-    /// Label id in both the nuclei and the cell label images.
-    pub label: u32,
-    pub centroid_x_px: f32,
-    pub centroid_y_px: f32,
-    pub area_px: u32,
-    pub nucleus_area_px: u32,
-    pub bbox_min_x: u32,
-    pub bbox_min_y: u32,
-    pub bbox_max_x: u32,
-    pub bbox_max_y: u32,
-    /// Mean raw intensity over the cell, one per plan channel; NaN for a missing channel.
-    pub mean_intensity: Vec<f32>,
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentationConfig {
+    /// Channel (by name) holding the nuclear stain.
+    pub nuclei_channel: String,
+    /// Channel (by name) the cell bodies are propagated over; empty for nuclei only.
+    pub cells_channel: String,
+    /// Expected nucleus diameter; every pixel parameter is derived from it and the pixel size.
+    pub nucleus_diameter_um: f64,
+    /// Automatic threshold of the nuclear channel: `otsu`, or `triangle` for sparse or dim nuclei.
+    pub nuclei_threshold: NucleiThreshold,
+    /// Name of an `[[inference.models]]` entry with the segmentation role: its foreground
+    /// probability (first output channel, > `probability_threshold`) replaces the automatic
+    /// threshold, and the same seeded watershed splits touching nuclei. Empty: threshold-based.
+    pub probability_model: String,
+    pub probability_threshold: f32,
+    /// Cytoplasm foreground threshold as a fraction of Otsu's.
+    pub cells_threshold_scale: f32,
+    /// Divide uneven illumination (vignetting) out of the nuclear channel before thresholding: a
+    /// smooth background is estimated per field from tiles of four nucleus diameters
+    /// (`kernels/src/illumination.rs`). Worth it when corners are much dimmer than the centre.
+    pub illumination_correction: bool,
+    /// Camera offset removed before dividing (ADU at zero light).
+    pub camera_offset_adu: f64,
+    /// Drop cells (with their nuclei) that touch the field's edge: a cut cell biases per-cell
+    /// area and intensity. Off by default, because the fields tile the well and counts, well
+    /// readouts and follow-up triggers want every cell.
+    pub exclude_border_objects: bool,
 }
 
-/// A field on its way through the stages to the sinks.
-#[derive(Debug)]
-pub struct FieldWork {
-    pub field: Field,
-    pub plan: Arc<AcquisitionPlan>,
-    /// When the field must be done by every sink (first frame + latency budget).
-    pub deadline: Instant,
-    pub nuclei: Option<Vec<u32>>,
-    pub cells: Option<Vec<u32>>,
-    pub records: Vec<CellRecord>,
-    /// Per-cell model outputs, one `(column, values)` per model output, aligned with `records`.
-    pub cell_predictions: Vec<(String, Vec<f32>)>,
-    /// Whole-field model outputs.
-    pub images: Vec<crate::inference::ModelImage>,
-    /// Models that failed on this field: their predictions are missing, not zero.
-    pub failed_models: Vec<String>,
-    /// Well-omics readouts of this field's well, updated with this field.
-    pub well_readouts: Vec<crate::inference::WellReadout>,
-    /// `plate/well/fN/tN`, for logs.
-    pub name: String,
-}
-
-impl FieldWork {
-    pub fn new(field: Field, plan: Arc<AcquisitionPlan>, deadline: Instant) -> Self {
-        let name = field.key.to_string();
+impl Default for SegmentationConfig {
+    fn default() -> Self {
         Self {
-            field,
-            plan,
-            deadline,
-            nuclei: None,
-            cells: None,
-            records: Vec::new(),
-            cell_predictions: Vec::new(),
-            images: Vec::new(),
-            failed_models: Vec::new(),
-            well_readouts: Vec::new(),
-            name,
+            nuclei_channel: "DAPI".into(),
+            cells_channel: "ER".into(),
+            nucleus_diameter_um: 11.0,
+            nuclei_threshold: NucleiThreshold::Otsu,
+            probability_model: String::new(),
+            probability_threshold: 0.5,
+            cells_threshold_scale: 0.3,
+            illumination_correction: false,
+            camera_offset_adu: 100.0,
+            exclude_border_objects: false,
         }
     }
 }
 
-/// Why a stage could not process a field. The field still goes to the sinks with what it has:
-/// raw pixels are never lost because analysis failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StageError {
-    #[error("channel {0:?} is missing from this field")]
-    MissingChannel(String),
-    #[error(transparent)]
-    Kernel(#[from] liveomics_kernels::KernelError),
-    #[error(transparent)]
-    Gpu(#[from] liveomics_kernels::gpu::GpuError),
-    #[error(transparent)]
-    Model(Box<liveomics_models::ModelError>),
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NucleiThreshold {
+    Otsu,
+    Triangle,
 }
 
-/// One processing step.
-pub trait Stage: Send {
-    fn name(&self) -> &'static str;
-    fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError>;
-}
-
-/// Finds a channel by name (case-insensitive, as users type them).
-pub fn channel_index(plan: &AcquisitionPlan, name: &str) -> Option<usize> {
-    plan.channels.iter().position(|c| c.name.eq_ignore_ascii_case(name))
+impl From<NucleiThreshold> for liveomics_kernels::segment::ThresholdMethod {
+    fn from(t: NucleiThreshold) -> Self {
+        match t {
+            NucleiThreshold::Otsu => Self::Otsu,
+            NucleiThreshold::Triangle => Self::Triangle,
+        }
+    }
 }
 
 /// Nuclei, then cells propagated from them over the cytoplasm channel.
@@ -111,25 +87,24 @@ pub struct SegmentStage {
 }
 
 impl SegmentStage {
-    pub fn new(cfg: &Config, plan: &AcquisitionPlan, res: &Resources) -> Result<Self, Invalid> {
-        let s = &cfg.segmentation;
+    pub fn new(s: &SegmentationConfig, ctx: &Context, plan: &AcquisitionPlan) -> Result<Self, Invalid> {
         let find = |key: &str, name: &str| {
             channel_index(plan, name).ok_or_else(|| {
                 let known: Vec<&str> = plan.channels.iter().map(|c| c.name.as_str()).collect();
-                Invalid::new(
+                ctx.invalid(
                     key,
                     format!("no channel named {name:?}; channels: {}", known.join(", ")),
                 )
             })
         };
-        let nuclei_channel = find("segmentation.nuclei_channel", &s.nuclei_channel)?;
+        let nuclei_channel = find("nuclei_channel", &s.nuclei_channel)?;
         let cells_channel = if s.cells_channel.is_empty() {
             None
         } else {
-            Some(find("segmentation.cells_channel", &s.cells_channel)?)
+            Some(find("cells_channel", &s.cells_channel)?)
         };
         let mut nuclei = NucleiParams::from_physical(s.nucleus_diameter_um, plan.pixel_size_um)
-            .map_err(|e| Invalid::new("segmentation.nucleus_diameter_um", e.to_string()))?;
+            .map_err(|e| ctx.invalid("nucleus_diameter_um", e.to_string()))?;
         nuclei.threshold = s.nuclei_threshold.into();
         nuclei.illumination = s.illumination_correction.then(|| {
             liveomics_kernels::segment::Illumination::for_nucleus_px(
@@ -141,13 +116,10 @@ impl SegmentStage {
             None
         } else {
             if !(s.probability_threshold > 0.0 && s.probability_threshold < 1.0) {
-                return Err(Invalid::new(
-                    "segmentation.probability_threshold",
-                    "must be within (0, 1)",
-                ));
+                return Err(ctx.invalid("probability_threshold", "must be within (0, 1)"));
             }
             Some((
-                crate::inference::ProbabilityModel::new(cfg, plan, &s.probability_model, res)?,
+                ProbabilityModel::new(ctx, plan, &s.probability_model)?,
                 s.probability_threshold,
             ))
         };
@@ -161,14 +133,32 @@ impl SegmentStage {
                 ..CellParams::default()
             },
             exclude_border: s.exclude_border_objects,
-            compute: res.compute(&cfg.compute.device)?.0,
+            compute: ctx.compute()?,
         })
     }
 }
 
+impl StageConfig for SegmentationConfig {
+    fn validate(&self, ctx: &Context, problems: &mut Vec<Invalid>) {
+        if !(self.nucleus_diameter_um.is_finite() && self.nucleus_diameter_um > 0.0) {
+            problems.push(ctx.invalid("nucleus_diameter_um", "must be a positive number"));
+        }
+        if !(self.cells_threshold_scale > 0.0 && self.cells_threshold_scale <= 4.0) {
+            problems.push(ctx.invalid("cells_threshold_scale", "must be within (0, 4]"));
+        }
+        if !(self.camera_offset_adu.is_finite() && (0.0..65535.0).contains(&self.camera_offset_adu)) {
+            problems.push(ctx.invalid("camera_offset_adu", "must be within [0, 65535)"));
+        }
+    }
+
+    fn build(&self, ctx: &Context, plan: &AcquisitionPlan) -> Result<Box<dyn Stage>, Vec<Invalid>> {
+        Ok(Box::new(SegmentStage::new(self, ctx, plan).map_err(|e| vec![e])?))
+    }
+}
+
 impl Stage for SegmentStage {
-    fn name(&self) -> &'static str {
-        "segment"
+    fn name(&self) -> StageName {
+        StageName::Segment
     }
 
     fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError> {
@@ -217,17 +207,21 @@ pub struct MeasureStage {
     compute: Compute,
 }
 
-impl MeasureStage {
-    pub fn new(cfg: &Config, res: &Resources) -> Result<Self, Invalid> {
-        Ok(Self {
-            compute: res.compute(&cfg.compute.device)?.0,
-        })
+/// The measure stage has no settings of its own: it measures every channel that arrived.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MeasureConfig;
+
+impl StageConfig for MeasureConfig {
+    fn build(&self, ctx: &Context, _plan: &AcquisitionPlan) -> Result<Box<dyn Stage>, Vec<Invalid>> {
+        Ok(Box::new(MeasureStage {
+            compute: ctx.compute().map_err(|e| vec![e])?,
+        }))
     }
 }
 
 impl Stage for MeasureStage {
-    fn name(&self) -> &'static str {
-        "measure"
+    fn name(&self) -> StageName {
+        StageName::Measure
     }
 
     fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError> {

@@ -13,7 +13,7 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{LogFormat, TelemetryConfig};
+use serde::{Deserialize, Serialize};
 
 pub const FRAMES_IN: &str = "liveomics_frames_in_total";
 pub const FRAMES_REJECTED: &str = "liveomics_frames_rejected_total";
@@ -37,6 +37,69 @@ pub const MODEL_INFO: &str = "liveomics_model_info";
 pub const COMPUTE_INFO: &str = "liveomics_compute_info";
 pub const FOLLOWUPS: &str = "liveomics_followups_total";
 pub const FOLLOWUP_ACKS_REJECTED: &str = "liveomics_followup_acks_rejected_total";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Address of the Prometheus endpoint (`/metrics`); port 0 picks a free port (logged); empty
+    /// disables it. Localhost by default: metrics are not for the whole network.
+    pub metrics_listen: String,
+    pub log_format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `liveomics=debug`; `RUST_LOG` overrides it.
+    pub log_level: String,
+}
+
+impl TelemetryConfig {
+    /// Checks of the section's values, keyed under it.
+    pub fn validate(&self) -> Vec<liveomics_adapters::Invalid> {
+        use liveomics_adapters::Invalid;
+        let mut out = Vec::new();
+        if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<SocketAddr>().is_err() {
+            out.push(Invalid::new(
+                "metrics_listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9464 (empty disables)",
+                    self.metrics_listen
+                ),
+            ));
+        }
+        // A bare word that is not a level parses as a filter for a target of that name, which
+        // silences everything else: "loud" would turn logging off. Each directive must be a
+        // level or `target=level`.
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        let bare_word = self.log_level.split(',').map(str::trim).find(|d| {
+            !d.is_empty() && !d.contains('=') && !d.contains('[') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+        });
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() || bare_word.is_some() {
+            out.push(Invalid::new(
+                "log_level",
+                format!(
+                    "{:?} is not a log filter: use a level (trace, debug, info, warn, error, off), \
+                     optionally with target=level directives, e.g. \"info,liveomics=debug\"",
+                    self.log_level
+                ),
+            ));
+        }
+        out
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            metrics_listen: "127.0.0.1:9464".into(),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+        }
+    }
+}
 
 /// Installs the log subscriber. `RUST_LOG` wins over the config so an operator can raise detail
 /// without editing the file.

@@ -18,6 +18,7 @@ use liveomics_adapters::Invalid;
 use serde::{Deserialize, Serialize};
 use zenoh::Wait;
 
+use crate::component::{Context, SourceConfig};
 use crate::zenoh_session::{SharedSession, ZenohConfig};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,7 +55,23 @@ impl Default for ZenohSourceConfig {
     }
 }
 
+impl SourceConfig for ZenohSourceConfig {
+    fn validate(&self, ctx: &Context, problems: &mut Vec<Invalid>) {
+        problems.extend(self.validate().into_iter().map(|e| e.under(ctx.section)));
+    }
+
+    fn build(&self, ctx: &Context) -> Result<Box<dyn Source>, SourceError> {
+        Ok(Box::new(ZenohSource::new(
+            self,
+            ctx.instrument,
+            ctx.resources.zenoh.clone(),
+            ctx.zenoh.clone(),
+        )?))
+    }
+}
+
 impl ZenohSourceConfig {
+    /// Range checks, keyed under the section.
     pub fn validate(&self) -> Vec<Invalid> {
         let mut out = Vec::new();
         if let Err(e) = Name::new(&self.plate) {

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 mod common;
 
+use liveomics::component::{Sink, SinkError};
+use liveomics::field::FieldWork;
 use liveomics::pipeline::{run, RunOptions};
-use liveomics::sink::{Sink, SinkError};
-use liveomics::stage::FieldWork;
 use liveomics_adapters::simulator::SimulatorConfig;
 
 /// Takes 150 ms per field and remembers what it saw.

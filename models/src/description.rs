@@ -13,7 +13,7 @@ use crate::error::ModelError;
 use crate::process::Proc;
 
 /// What a model is for in the daemon; decides what it is fed and where its outputs go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// Whole-field model whose output is a foreground (or boundary) probability map.
@@ -27,6 +27,37 @@ pub enum Role {
     CellOmics,
     /// Field features in, pooled per well.
     WellOmics,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Self::Segmentation,
+        Self::VirtualStain,
+        Self::VirtualStainDiffusion,
+        Self::CellOmics,
+        Self::WellOmics,
+    ];
+
+    /// The name a configuration and a model description spell it with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Segmentation => "segmentation",
+            Self::VirtualStain => "virtual-stain",
+            Self::VirtualStainDiffusion => "virtual-stain-diffusion",
+            Self::CellOmics => "cell-omics",
+            Self::WellOmics => "well-omics",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The `config.liveomics` section of a description.

@@ -9,23 +9,7 @@ use arrow_array::{ArrayRef, Float32Array, RecordBatch, UInt32Array};
 use arrow_ipc::writer::StreamWriter;
 use arrow_schema::{ArrowError, DataType, Field, Schema};
 
-use crate::stage::FieldWork;
-
-/// Column name for a channel's mean intensity: `mean_` + the channel name, lower-cased, with
-/// anything but letters and digits replaced by `_`.
-pub fn mean_column(channel: &str) -> String {
-    let clean: String = channel
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("mean_{clean}")
-}
+use crate::field::{mean_column, FieldWork};
 
 /// Field-level metadata: the same map goes into the Arrow schema and the zenoh attachment.
 pub fn field_metadata(work: &FieldWork, instrument: &str) -> HashMap<String, String> {

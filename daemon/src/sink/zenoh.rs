@@ -2,11 +2,42 @@
 //! as an Arrow IPC stream, with the field metadata as a JSON attachment (so a subscriber can route
 //! a message without decoding it).
 
+use liveomics_adapters::model::AcquisitionPlan;
+use serde::{Deserialize, Serialize};
 use zenoh::{Session, Wait};
 
-use super::{cells_arrow, Sink, SinkError};
-use crate::stage::FieldWork;
+use super::cells_arrow;
+use crate::component::{zenoh_err, Context, Sink, SinkConfig, SinkError};
+use crate::field::{FieldWork, WellReadout};
 use crate::zenoh_session::{SharedSession, ZenohConfig};
+
+/// `[sinks.zenoh]`: the session itself is `[zenoh]`'s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZenohSinkConfig {
+    pub enabled: bool,
+}
+
+impl Default for ZenohSinkConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+impl SinkConfig for ZenohSinkConfig {
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn build(&self, ctx: &Context, plan: std::sync::Arc<AcquisitionPlan>) -> Result<Box<dyn Sink>, SinkError> {
+        Ok(Box::new(ZenohSink::open(
+            &ctx.resources.zenoh,
+            ctx.zenoh,
+            ctx.instrument,
+            plan.plate.as_str(),
+        )?))
+    }
+}
 
 /// Per-well state of the plate so far: what late joiners get from the summary queryable, and
 /// what `liveomics/{instrument}/wells/{plate}/{well}` carries after every field of the well.
@@ -20,7 +51,7 @@ struct WellSummary {
     predictions: std::collections::BTreeMap<String, f64>,
     /// Well-omics readouts by model: bulk abundance per gene from the features pooled over the
     /// well's fields so far, with the number of fields and the spread across fields.
-    bulk: std::collections::BTreeMap<String, crate::inference::WellReadout>,
+    bulk: std::collections::BTreeMap<String, WellReadout>,
     #[serde(skip)]
     prediction_cells: std::collections::BTreeMap<String, u64>,
 }
@@ -55,7 +86,7 @@ impl std::fmt::Debug for ZenohSink {
 
 impl ZenohSink {
     pub fn open(session: &SharedSession, zcfg: &ZenohConfig, instrument: &str, plate: &str) -> Result<Self, SinkError> {
-        let e = super::zenoh_err;
+        let e = zenoh_err;
         let session = session.get(zcfg)?;
         let token = session
             .liveliness()
@@ -112,7 +143,7 @@ impl ZenohSink {
             .put(format!("liveomics/{}/status", self.instrument), body)
             .encoding("application/json")
             .wait()
-            .map_err(super::zenoh_err("cannot publish the plate status"))
+            .map_err(zenoh_err("cannot publish the plate status"))
     }
 
     /// The key of a field's per-cell message. Every chunk is a validated name.
@@ -137,7 +168,7 @@ impl Sink for ZenohSink {
             .congestion_control(zenoh::qos::CongestionControl::Block)
             .attachment(attachment)
             .wait()
-            .map_err(super::zenoh_err("cannot publish a field's cells"))?;
+            .map_err(zenoh_err("cannot publish a field's cells"))?;
         if let Ok(mut s) = self.summary.lock() {
             let n = work.records.len() as u64;
             let area: f64 = work.records.iter().map(|r| r.area_px as f64).sum();
@@ -173,7 +204,7 @@ impl Sink for ZenohSink {
                 )
                 .encoding("application/json")
                 .wait()
-                .map_err(super::zenoh_err("cannot publish a well readout"))?;
+                .map_err(zenoh_err("cannot publish a well readout"))?;
         }
         self.publish_status()
     }

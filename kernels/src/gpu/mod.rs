@@ -83,6 +83,16 @@ impl FromStr for DeviceRequest {
     }
 }
 
+impl std::fmt::Display for DeviceRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 /// The back end chosen for a run. Cloning shares the device.
 #[derive(Debug, Clone)]
 pub enum Compute {

@@ -8,6 +8,7 @@
 
 mod rules;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use liveomics_adapters::model::{AcquisitionPlan, WellId};
@@ -16,11 +17,9 @@ pub use rules::{Request, Rules};
 use serde::{Deserialize, Serialize};
 use zenoh::{Session, Wait};
 
-use super::{Sink, SinkError};
-use crate::config::Config;
-use crate::stage::FieldWork;
+use crate::component::{zenoh_err, Context, Sink, SinkConfig, SinkError};
+use crate::field::{mean_column, FieldWork};
 use crate::telemetry as t;
-use crate::zenoh_session::SharedSession;
 
 /// Longest cooldown or revisit delay: longer than any plate is on the stage, and small enough
 /// that a `Duration` of it cannot overflow.
@@ -126,13 +125,12 @@ pub struct RuleConfig {
 }
 
 /// Checks that need the plan: wells exist, metrics name a column the cells will have.
-pub fn validate(cfg: &Config, plan: &AcquisitionPlan) -> Vec<Invalid> {
-    let c = &cfg.closed_loop;
+fn validate(c: &ClosedLoopConfig, ctx: &Context, plan: &AcquisitionPlan) -> Vec<Invalid> {
     let mut out = Vec::new();
-    let models: Vec<&str> = cfg.inference.models.iter().map(|m| m.name.as_str()).collect();
+    let models: Vec<&str> = ctx.inference.models.iter().map(|m| m.name.as_str()).collect();
     let mut names = std::collections::BTreeSet::new();
     for (i, r) in c.rules.iter().enumerate() {
-        let key = format!("closed_loop.rules[{i}]");
+        let key = ctx.key(&format!("rules[{i}]"));
         if r.name.is_empty() || !names.insert(r.name.as_str()) {
             out.push(Invalid::new(
                 &format!("{key}.name"),
@@ -143,17 +141,10 @@ pub fn validate(cfg: &Config, plan: &AcquisitionPlan) -> Vec<Invalid> {
         let known = m == "cells"
             || m == "area_px"
             || m == "nucleus_area_px"
-            || plan
-                .channels
-                .iter()
-                .any(|ch| crate::sink::cells_arrow::mean_column(&ch.name) == m)
+            || plan.channels.iter().any(|ch| mean_column(&ch.name) == m)
             || m.split_once('.').is_some_and(|(model, _)| models.contains(&model));
         if !known {
-            let chans: Vec<String> = plan
-                .channels
-                .iter()
-                .map(|ch| crate::sink::cells_arrow::mean_column(&ch.name))
-                .collect();
+            let chans: Vec<String> = plan.channels.iter().map(|ch| mean_column(&ch.name)).collect();
             out.push(Invalid::new(
                 &format!("{key}.metric"),
                 format!(
@@ -209,25 +200,39 @@ impl std::fmt::Debug for FollowupSink {
     }
 }
 
+impl SinkConfig for ClosedLoopConfig {
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn validate_plan(&self, ctx: &Context, plan: &AcquisitionPlan, problems: &mut Vec<Invalid>) {
+        problems.extend(validate(self, ctx, plan));
+    }
+
+    fn build(&self, ctx: &Context, plan: Arc<AcquisitionPlan>) -> Result<Box<dyn Sink>, SinkError> {
+        Ok(Box::new(FollowupSink::open(self, ctx, &plan)?))
+    }
+}
+
 impl FollowupSink {
-    pub fn open(cfg: &Config, plan: &AcquisitionPlan, session: &SharedSession) -> Result<Self, SinkError> {
-        let session = session.get(&cfg.zenoh)?;
+    pub fn open(c: &ClosedLoopConfig, ctx: &Context, plan: &AcquisitionPlan) -> Result<Self, SinkError> {
+        let session = ctx.resources.zenoh.get(ctx.zenoh)?;
         let plate = plan.plate.to_string();
-        let ack_key = format!("liveomics/{}/followup/{plate}/ack", cfg.instrument);
+        let ack_key = format!("liveomics/{}/followup/{plate}/ack", ctx.instrument);
         let acks = session
             .declare_subscriber(&ack_key)
             .with(zenoh::handlers::FifoChannel::new(1024))
             .wait()
-            .map_err(super::zenoh_err("cannot subscribe to follow-up acks"))?;
+            .map_err(zenoh_err("cannot subscribe to follow-up acks"))?;
         t::ClosedLoopOn {
-            rules: cfg.closed_loop.rules.len(),
-            key: &format!("liveomics/{}/followup/{plate}", cfg.instrument),
+            rules: c.rules.len(),
+            key: &format!("liveomics/{}/followup/{plate}", ctx.instrument),
         }
         .emit();
         Ok(Self {
             session,
             acks,
-            rules: Rules::new(cfg, plan),
+            rules: Rules::new(c, ctx.instrument, plan),
         })
     }
 
@@ -253,7 +258,7 @@ impl Sink for FollowupSink {
                 .encoding("application/json")
                 .congestion_control(zenoh::qos::CongestionControl::Block)
                 .wait()
-                .map_err(super::zenoh_err("cannot publish a follow-up request"))?;
+                .map_err(zenoh_err("cannot publish a follow-up request"))?;
             self.rules.sent(&request, now);
         }
         Ok(())

@@ -9,8 +9,7 @@ use liveomics_adapters::model::{AcquisitionPlan, WellId};
 use serde_json::{json, Value};
 
 use super::{Action, ClosedLoopConfig, Scope};
-use crate::config::Config;
-use crate::stage::FieldWork;
+use crate::field::{mean_column, FieldWork};
 use crate::telemetry::{self as t, FollowupState};
 
 #[derive(Debug)]
@@ -60,8 +59,7 @@ fn unix_ns() -> u128 {
 }
 
 impl Rules {
-    pub fn new(cfg: &Config, plan: &AcquisitionPlan) -> Self {
-        let c = &cfg.closed_loop;
+    pub fn new(c: &ClosedLoopConfig, instrument: &str, plan: &AcquisitionPlan) -> Self {
         let wells_filter = c
             .rules
             .iter()
@@ -73,7 +71,7 @@ impl Rules {
             })
             .collect();
         Self {
-            instrument: cfg.instrument.clone(),
+            instrument: instrument.to_string(),
             plate: plan.plate.to_string(),
             cfg: c.clone(),
             channels: plan.channels.iter().map(|ch| ch.name.clone()).collect(),
@@ -93,12 +91,7 @@ impl Rules {
             "area_px" => r.iter().map(|c| c.area_px as f64).collect(),
             "nucleus_area_px" => r.iter().map(|c| c.nucleus_area_px as f64).collect(),
             m => {
-                if let Some(ci) = work
-                    .plan
-                    .channels
-                    .iter()
-                    .position(|ch| crate::sink::cells_arrow::mean_column(&ch.name) == m)
-                {
+                if let Some(ci) = work.plan.channels.iter().position(|ch| mean_column(&ch.name) == m) {
                     return r.iter().map(|c| c.mean_intensity[ci] as f64).collect();
                 }
                 work.cell_predictions
@@ -449,7 +442,7 @@ mod tests {
     use liveomics_adapters::model::{AcquisitionPlan, Field, FieldKey, Origin, WellId};
 
     use super::*;
-    use crate::stage::CellRecord;
+    use crate::field::CellRecord;
 
     fn plan() -> Arc<AcquisitionPlan> {
         let channels = ["DAPI".to_string(), "FITC".to_string()];
@@ -457,9 +450,10 @@ mod tests {
     }
 
     fn rules(closed_loop: &str) -> Rules {
-        let text = format!("instrument = \"scope1\"\n[closed_loop]\nenabled = true\n{closed_loop}");
-        let cfg = Config::from_toml(&text, "t.toml").unwrap();
-        Rules::new(&cfg, &plan())
+        let text = format!("[closed_loop]\nenabled = true\n{closed_loop}");
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let c: ClosedLoopConfig = table["closed_loop"].clone().try_into().unwrap();
+        Rules::new(&c, "scope1", &plan())
     }
 
     /// A finished field of `well` with `cells` cells of `area_px` each, at stage (100, 200, 5) µm.

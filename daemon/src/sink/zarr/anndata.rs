@@ -10,9 +10,8 @@ use serde_json::{json, Map, Value};
 use zarrs::array::data_type;
 
 use super::node::Store;
-use crate::sink::cells_arrow::mean_column;
-use crate::sink::SinkError;
-use crate::stage::FieldWork;
+use crate::component::SinkError;
+use crate::field::{mean_column, FieldWork};
 
 fn attrs(v: Value) -> Map<String, Value> {
     v.as_object().cloned().unwrap_or_default()

@@ -13,6 +13,7 @@
 //! store, so no two writers ever touch the same chunk or shard.
 
 pub mod anndata;
+pub mod config;
 pub mod node;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,10 +27,9 @@ use zarrs::array::{data_type, Array};
 use zarrs::filesystem::FilesystemStore;
 
 use self::node::{io_err, store_plane, Store};
-use super::{Sink, SinkError};
-use crate::config::ZarrSinkConfig;
-use crate::inference::VirtualChannel;
-use crate::stage::FieldWork;
+use crate::component::{Context, Sink, SinkConfig, SinkError, StageName};
+use crate::field::{FieldWork, VirtualChannel, WellReadout};
+pub use config::{Compression, ZarrSinkConfig};
 
 const OME_VERSION: &str = "0.5";
 pub const LABEL_NAMES: [&str; 2] = ["nuclei", "cells"];
@@ -89,7 +89,7 @@ pub struct ZarrSink {
 }
 
 /// The latest well-omics readout of a well and the readout after each of its fields.
-type BulkHistory = (crate::inference::WellReadout, Vec<Vec<f32>>);
+type BulkHistory = (WellReadout, Vec<Vec<f32>>);
 
 impl std::fmt::Debug for ZarrSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -613,9 +613,32 @@ fn label_color(l: u32) -> [u8; 4] {
     [(r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8, 255]
 }
 
+impl SinkConfig for ZarrSinkConfig {
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn validate(&self, ctx: &Context, problems: &mut Vec<liveomics_adapters::Invalid>) {
+        problems.extend(self.validate().into_iter().map(|e| e.under(ctx.section)));
+    }
+
+    fn build(&self, ctx: &Context, plan: Arc<AcquisitionPlan>) -> Result<Box<dyn Sink>, SinkError> {
+        let virtual_channels = if ctx.runs(StageName::Inference) {
+            ctx.inference.virtual_channels()
+        } else {
+            Vec::new()
+        };
+        Ok(Box::new(ZarrSink::open(self, plan, virtual_channels, ctx.overwrite)?))
+    }
+}
+
 impl Sink for ZarrSink {
     fn name(&self) -> &'static str {
         "zarr"
+    }
+
+    fn output(&self) -> Option<PathBuf> {
+        Some(self.store.root.clone())
     }
 
     fn completed(&self) -> Vec<FieldKey> {

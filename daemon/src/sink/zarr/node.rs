@@ -11,8 +11,8 @@ use zarrs::array::codec::{BloscCodec, BloscCompressionLevel, BloscCompressor, Bl
 use zarrs::array::{Array, ArrayBuilder, ArraySubset, DataType, Element};
 use zarrs::filesystem::FilesystemStore;
 
-use crate::config::{Compression, ZarrSinkConfig};
-use crate::sink::SinkError;
+use super::config::{Compression, ZarrSinkConfig};
+use crate::component::SinkError;
 
 /// A plate directory and the zarrs store over it.
 pub struct Store {

@@ -15,81 +15,18 @@ use liveomics_models::{
     BatchOptions, Batcher, Diffusion, Model, ModelError, Pool, Role, Tensor, TileOptions, WellModel,
 };
 
-use crate::config::{Config, ModelConfig};
-use crate::resources::Resources;
-use crate::stage::{channel_index, FieldWork, Stage, StageError};
+pub mod config;
+
+use crate::component::{Context, Stage, StageConfig, StageError, StageName};
+use crate::field::{channel_index, prediction_column, FieldWork, ModelImage, WellReadout};
 use crate::telemetry as t;
-
-pub fn parse_role(s: &str) -> Option<Role> {
-    match s {
-        "segmentation" => Some(Role::Segmentation),
-        "virtual-stain" => Some(Role::VirtualStain),
-        "virtual-stain-diffusion" => Some(Role::VirtualStainDiffusion),
-        "cell-omics" => Some(Role::CellOmics),
-        "well-omics" => Some(Role::WellOmics),
-        _ => None,
-    }
-}
-
-pub fn role_name(r: Role) -> &'static str {
-    match r {
-        Role::Segmentation => "segmentation",
-        Role::VirtualStain => "virtual-stain",
-        Role::VirtualStainDiffusion => "virtual-stain-diffusion",
-        Role::CellOmics => "cell-omics",
-        Role::WellOmics => "well-omics",
-    }
-}
-
-/// Column of a per-cell model output in the cell tables: `{model}.{output}`, with anything but
-/// letters, digits, `_` and `-` in the output name replaced by `_` (it becomes a zarr node name).
-pub fn prediction_column(model: &str, output: &str) -> String {
-    let clean: String = output
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("{model}.{clean}")
-}
-
-/// An image a whole-field model produced: `[K, H, W]`, one plane per output channel.
-#[derive(Debug, Clone)]
-pub struct ModelImage {
-    pub model: String,
-    pub role: Role,
-    pub channels: Vec<String>,
-    pub data: Tensor,
-}
-
-/// The readout of a well-omics model for one well, after the fields seen so far.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct WellReadout {
-    pub model: String,
-    pub plate: String,
-    pub well: String,
-    /// Fields pooled so far.
-    pub fields: usize,
-    pub tiles: usize,
-    /// Output names (genes), aligned with `values` and `spread`.
-    pub outputs: Vec<String>,
-    /// The head on the features pooled over every tile of every field so far.
-    pub values: Vec<f32>,
-    /// Standard deviation across fields of the per-field readouts (0 with one field): how much
-    /// the readout still depends on which fields were imaged.
-    pub spread: Vec<f32>,
-}
+use config::{InferenceConfig, ModelConfig};
 
 #[derive(Debug, Default)]
 struct WellState {
     pool: Pool,
     fields: BTreeSet<(u32, u32)>,
     per_field: Vec<Vec<f32>>,
-    last: Option<WellReadout>,
 }
 
 /// What a model is beyond its main network.
@@ -108,67 +45,6 @@ enum Kind {
         model: Arc<WellModel>,
         wells: Mutex<BTreeMap<(String, WellId), WellState>>,
     },
-}
-
-/// Label of a virtual channel in the OME-Zarr image: direct models give `TOMM20 (virtual)`,
-/// diffusion models `TOMM20 (virtual diffusion)` (sampled, not a regression).
-pub fn virtual_label(role: Role, protein: &str) -> String {
-    match role {
-        Role::VirtualStainDiffusion => format!("{protein} (virtual diffusion)"),
-        _ => format!("{protein} (virtual)"),
-    }
-}
-
-/// Whether an OME-Zarr channel label is one of ours for a model output (replay skips those:
-/// they were computed, not acquired).
-pub fn is_virtual_label(label: &str) -> bool {
-    label.ends_with(" (virtual)") || label.ends_with(" (virtual diffusion)")
-}
-
-/// A virtual channel the zarr sink adds after the acquired ones.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VirtualChannel {
-    pub model: String,
-    pub output: String,
-    pub label: String,
-}
-
-/// The virtual channels the configured models will produce, in config order. Read from the
-/// descriptions only (no sessions), so the zarr sink can size its images before the first field.
-pub fn virtual_channels(cfg: &Config) -> Vec<VirtualChannel> {
-    let mut out = Vec::new();
-    if !cfg.pipeline.stages.iter().any(|s| s == "inference") {
-        return out;
-    }
-    for m in &cfg.inference.models {
-        let Ok(d) = Description::load(&m.path) else { continue };
-        let role = if m.role.is_empty() {
-            d.liveomics.role
-        } else {
-            parse_role(&m.role)
-        };
-        let names: Vec<String> = match role {
-            Some(Role::VirtualStain) if !d.liveomics.outputs.is_empty() => d.liveomics.outputs.clone(),
-            Some(Role::VirtualStain) => d.outputs[0]
-                .axes
-                .iter()
-                .find_map(|a| match &a.kind {
-                    AxisKind::Channel { names } => Some(names.clone()),
-                    _ => None,
-                })
-                .unwrap_or_default(),
-            Some(Role::VirtualStainDiffusion) => m.panel.clone(),
-            _ => continue,
-        };
-        for n in names {
-            out.push(VirtualChannel {
-                model: m.name.clone(),
-                label: virtual_label(role.unwrap_or(Role::VirtualStain), &n),
-                output: n,
-            });
-        }
-    }
-    out
 }
 
 /// Stable 64-bit FNV-1a: the sampling seed of a field must not change with the Rust version.
@@ -193,29 +69,6 @@ struct Loaded {
     provider: String,
 }
 
-/// The models a run loaded, by their settings: every worker's stage shares one session (and one
-/// batcher, one well-omics pool) per model. Lives in [`crate::resources::Resources`].
-#[derive(Debug, Clone, Default)]
-pub struct ModelCache(Arc<Mutex<Vec<Cached>>>);
-
-/// A loaded model and the settings it was loaded with.
-type Cached = (String, Arc<Loaded>);
-
-impl ModelCache {
-    /// The latest readout of every well of every well-omics model in the cache.
-    pub fn well_readouts(&self) -> Vec<WellReadout> {
-        let cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = Vec::new();
-        for (_, l) in cache.iter() {
-            if let Kind::Well { wells, .. } = &l.kind {
-                let wells = wells.lock().unwrap_or_else(|e| e.into_inner());
-                out.extend(wells.values().filter_map(|w| w.last.clone()));
-            }
-        }
-        out
-    }
-}
-
 #[derive(Debug)]
 pub struct InferenceStage {
     models: Vec<Arc<Loaded>>,
@@ -226,12 +79,13 @@ fn description_checks(
     i: usize,
     m: &ModelConfig,
     d: &Description,
-    cfg: &Config,
+    ctx: &Context,
     plan: &AcquisitionPlan,
 ) -> Result<(Role, Vec<usize>, usize), Invalid> {
-    let key = format!("inference.models[{i}]");
-    let role = if m.role.is_empty() {
-        d.liveomics.role.ok_or_else(|| {
+    let key = ctx.key(&format!("models[{i}]"));
+    let role = match m.role {
+        Some(role) => role,
+        None => d.liveomics.role.ok_or_else(|| {
             Invalid::new(
                 &format!("{key}.role"),
                 format!(
@@ -239,9 +93,7 @@ fn description_checks(
                     d.name
                 ),
             )
-        })?
-    } else {
-        parse_role(&m.role).ok_or_else(|| Invalid::new(&format!("{key}.role"), format!("unknown role {:?}", m.role)))?
+        })?,
     };
     if role != Role::VirtualStainDiffusion && !m.panel.is_empty() {
         return Err(Invalid::new(
@@ -343,16 +195,15 @@ fn description_checks(
                 format!(
                     "{:?} is used as {}, a whole-field role, but its output axes are not batch, channel, y, x",
                     d.name,
-                    role_name(role)
+                    role.as_str()
                 ),
             ));
         }
     }
     let mut crop = 0;
     if role == Role::CellOmics {
-        let stages = &cfg.pipeline.stages;
-        let pos = |s: &str| stages.iter().position(|x| x == s);
-        if !matches!((pos("measure"), pos("inference")), (Some(a), Some(b)) if a < b) {
+        let pos = |s: StageName| ctx.stages.iter().position(|x| *x == s);
+        if !matches!((pos(StageName::Measure), pos(StageName::Inference)), (Some(a), Some(b)) if a < b) {
             return Err(Invalid::new(
                 &format!("{key}.role"),
                 "a cell-omics model needs the \"measure\" stage before \"inference\"",
@@ -487,18 +338,28 @@ fn diffusion_checks(
     Ok(channels)
 }
 
+impl StageConfig for InferenceConfig {
+    fn validate(&self, ctx: &Context, problems: &mut Vec<Invalid>) {
+        problems.extend(self.validate().into_iter().map(|e| e.under(ctx.section)));
+    }
+
+    fn build(&self, ctx: &Context, plan: &AcquisitionPlan) -> Result<Box<dyn Stage>, Vec<Invalid>> {
+        Ok(Box::new(InferenceStage::new(ctx, plan)?))
+    }
+}
+
 impl InferenceStage {
-    /// Loads every configured model (once per run: `res` shares them between workers); the
-    /// error lists every model that cannot run, each under its key.
-    pub fn new(cfg: &Config, plan: &AcquisitionPlan, res: &Resources) -> Result<Self, Vec<Invalid>> {
+    /// Loads every configured model (once per run: the resources share them between workers);
+    /// the error lists every model that cannot run, each under its key.
+    pub fn new(ctx: &Context, plan: &AcquisitionPlan) -> Result<Self, Vec<Invalid>> {
         let mut models = Vec::new();
         let mut errors = Vec::new();
-        for (i, m) in cfg.inference.models.iter().enumerate() {
+        for (i, m) in ctx.inference.models.iter().enumerate() {
             // The segmentation stage runs its probability model itself, before segmenting.
-            if m.name == cfg.segmentation.probability_model {
+            if m.name == ctx.probability_model {
                 continue;
             }
-            match load(cfg, plan, i, m, &res.models) {
+            match load(ctx, plan, i, m) {
                 Ok(l) => models.push(l),
                 // A runtime or provider problem is the same for every model: said once.
                 Err(e) if errors.contains(&e) => {}
@@ -508,7 +369,7 @@ impl InferenceStage {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let inf = &cfg.inference;
+        let inf = ctx.inference;
         Ok(Self {
             models,
             tile: TileOptions {
@@ -520,36 +381,41 @@ impl InferenceStage {
     }
 }
 
-/// Loads model `i` (description checks against the plan, session, batcher), or returns the one
-/// already in `cache` for the same settings: workers share sessions.
-fn load(
-    cfg: &Config,
+/// Model `i`, loaded once per run for the same settings (the run's resources keep it): every
+/// worker's stage shares its session, batcher and well pools.
+fn load(ctx: &Context, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Result<Arc<Loaded>, Invalid> {
+    let ctx = ctx.at("inference");
+    let inf = ctx.inference;
+    let cache_key = format!(
+        "inference|{m:?}|{:?}|{}|{}|{:?}",
+        inf.runtime_options(),
+        inf.max_batch,
+        inf.max_queue_delay_ms,
+        plan.channels
+    );
+    ctx.resources.loaded(&cache_key, || load_new(&ctx, inf, plan, i, m))
+}
+
+/// Description checks against the plan, then the session and, for per-cell models, the batcher.
+fn load_new(
+    ctx: &Context,
+    inf: &InferenceConfig,
     plan: &AcquisitionPlan,
     i: usize,
     m: &ModelConfig,
-    cache: &ModelCache,
-) -> Result<Arc<Loaded>, Invalid> {
-    let inf = &cfg.inference;
+) -> Result<Loaded, Invalid> {
     let opts = inf.runtime_options();
-    let key = format!("inference.models[{i}]");
-    let cache_key = format!(
-        "{m:?}|{opts:?}|{}|{}|{:?}",
-        inf.max_batch, inf.max_queue_delay_ms, plan.channels
-    );
-    let mut cache = cache.0.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, l)) = cache.iter().find(|(k, _)| *k == cache_key) {
-        return Ok(Arc::clone(l));
-    }
+    let key = ctx.key(&format!("models[{i}]"));
     let d = Description::load(&m.path).map_err(|e| Invalid::new(&format!("{key}.path"), t::error_chain(&e)))?;
-    let (role, channels, crop) = description_checks(i, m, &d, cfg, plan)?;
+    let (role, channels, crop) = description_checks(i, m, &d, ctx, plan)?;
     // Filed under the key that fixes it: the runtime library and the providers are settings of
     // `[inference]`, everything else is about the model at `path`.
     let path_err = |e: ModelError| {
         let at = match &e {
             ModelError::OrtNotFound { .. } | ModelError::OrtLoad { .. } | ModelError::OrtAlreadyLoaded { .. } => {
-                "inference.ort_library".to_string()
+                ctx.key("ort_library")
             }
-            ModelError::NoProvider { .. } => "inference.providers".to_string(),
+            ModelError::NoProvider { .. } => ctx.key("providers"),
             _ => format!("{key}.path"),
         };
         // Not about one model: said without its name, so that it is said once for all.
@@ -600,7 +466,7 @@ fn load(
         .unwrap_or_default();
     t::ModelLoaded {
         model: &m.name,
-        role: role_name(role),
+        role: role.as_str(),
         provider: &provider,
         skipped: &model.skipped,
         library: &library,
@@ -642,7 +508,7 @@ fn load(
         Kind::Diffusion { panel, .. } => panel.iter().map(|(p, _)| p.clone()).collect(),
         _ => outputs,
     };
-    let l = Arc::new(Loaded {
+    Ok(Loaded {
         kind,
         name: m.name.clone(),
         role,
@@ -655,9 +521,7 @@ fn load(
         },
         outputs,
         provider,
-    });
-    cache.push((cache_key, Arc::clone(&l)));
-    Ok(l)
+    })
 }
 
 impl InferenceStage {
@@ -750,7 +614,6 @@ impl InferenceStage {
                     spread: spread(&st.per_field, values.len()),
                     values,
                 };
-                st.last = Some(readout.clone());
                 work.well_readouts.push(readout);
                 Ok(feats.shape.first().copied().unwrap_or(0))
             }
@@ -828,34 +691,35 @@ pub struct ProbabilityModel {
 
 impl ProbabilityModel {
     /// Loads (or shares) the inference model named `name`; it must have the segmentation role.
-    pub fn new(cfg: &Config, plan: &AcquisitionPlan, name: &str, res: &Resources) -> Result<Self, Invalid> {
-        let key = "segmentation.probability_model";
-        let (i, m) = cfg
+    /// `ctx` is the segment stage's: a wrong name is its `probability_model`'s problem.
+    pub fn new(ctx: &Context, plan: &AcquisitionPlan, name: &str) -> Result<Self, Invalid> {
+        let key = &ctx.key("probability_model");
+        let (i, m) = ctx
             .inference
             .models
             .iter()
             .enumerate()
             .find(|(_, m)| m.name == name)
             .ok_or_else(|| {
-                let known: Vec<&str> = cfg.inference.models.iter().map(|m| m.name.as_str()).collect();
+                let known: Vec<&str> = ctx.inference.models.iter().map(|m| m.name.as_str()).collect();
                 Invalid::new(
                     key,
                     format!("no [[inference.models]] named {name:?}; models: {}", known.join(", ")),
                 )
             })?;
-        let model = load(cfg, plan, i, m, &res.models)?;
+        let model = load(ctx, plan, i, m)?;
         if model.role != Role::Segmentation {
             return Err(Invalid::new(
                 key,
-                format!("model {name:?} has role {}, not segmentation", role_name(model.role)),
+                format!("model {name:?} has role {}, not segmentation", model.role.as_str()),
             ));
         }
         Ok(Self {
             model,
             tile: TileOptions {
-                tile: cfg.inference.tile_px,
-                overlap: cfg.inference.tile_overlap_px,
-                batch: cfg.inference.tile_batch,
+                tile: ctx.inference.tile_px,
+                overlap: ctx.inference.tile_overlap_px,
+                batch: ctx.inference.tile_batch,
             },
         })
     }
@@ -879,15 +743,9 @@ impl ProbabilityModel {
     }
 }
 
-impl From<ModelError> for StageError {
-    fn from(e: ModelError) -> Self {
-        StageError::Model(Box::new(e))
-    }
-}
-
 impl Stage for InferenceStage {
-    fn name(&self) -> &'static str {
-        "inference"
+    fn name(&self) -> StageName {
+        StageName::Inference
     }
 
     /// Runs every model; one failing does not stop the others. Returns the first failure (all

@@ -1,0 +1,154 @@
+//! The data model of a field on its way from assembly to the sinks: what the stages add to it
+//! (labels, per-cell records and model outputs, model images, well readouts) and the names its
+//! outputs go by. Every stage and sink reads these types, and this module reads none of theirs.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use liveomics_adapters::model::{AcquisitionPlan, Field};
+use liveomics_models::{Role, Tensor};
+
+/// Per-cell record: what the zenoh message and (later) the tables carry for each cell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellRecord {
+    /// Label id in both the nuclei and the cell label images.
+    pub label: u32,
+    pub centroid_x_px: f32,
+    pub centroid_y_px: f32,
+    pub area_px: u32,
+    pub nucleus_area_px: u32,
+    pub bbox_min_x: u32,
+    pub bbox_min_y: u32,
+    pub bbox_max_x: u32,
+    pub bbox_max_y: u32,
+    /// Mean raw intensity over the cell, one per plan channel; NaN for a missing channel.
+    pub mean_intensity: Vec<f32>,
+}
+
+/// A field on its way through the stages to the sinks.
+#[derive(Debug)]
+pub struct FieldWork {
+    pub field: Field,
+    pub plan: Arc<AcquisitionPlan>,
+    /// When the field must be done by every sink (first frame + latency budget).
+    pub deadline: Instant,
+    pub nuclei: Option<Vec<u32>>,
+    pub cells: Option<Vec<u32>>,
+    pub records: Vec<CellRecord>,
+    /// Per-cell model outputs, one `(column, values)` per model output, aligned with `records`.
+    pub cell_predictions: Vec<(String, Vec<f32>)>,
+    /// Whole-field model outputs.
+    pub images: Vec<ModelImage>,
+    /// Models that failed on this field: their predictions are missing, not zero.
+    pub failed_models: Vec<String>,
+    /// Well-omics readouts of this field's well, updated with this field.
+    pub well_readouts: Vec<WellReadout>,
+    /// `plate/well/fN/tN`, for logs.
+    pub name: String,
+}
+
+impl FieldWork {
+    pub fn new(field: Field, plan: Arc<AcquisitionPlan>, deadline: Instant) -> Self {
+        let name = field.key.to_string();
+        Self {
+            field,
+            plan,
+            deadline,
+            nuclei: None,
+            cells: None,
+            records: Vec::new(),
+            cell_predictions: Vec::new(),
+            images: Vec::new(),
+            failed_models: Vec::new(),
+            well_readouts: Vec::new(),
+            name,
+        }
+    }
+}
+
+/// Finds a channel by name (case-insensitive, as users type them).
+pub fn channel_index(plan: &AcquisitionPlan, name: &str) -> Option<usize> {
+    plan.channels.iter().position(|c| c.name.eq_ignore_ascii_case(name))
+}
+
+/// Column of a per-cell model output in the cell tables: `{model}.{output}`, with anything but
+/// letters, digits, `_` and `-` in the output name replaced by `_` (it becomes a zarr node name).
+pub fn prediction_column(model: &str, output: &str) -> String {
+    let clean: String = output
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{model}.{clean}")
+}
+
+/// An image a whole-field model produced: `[K, H, W]`, one plane per output channel.
+#[derive(Debug, Clone)]
+pub struct ModelImage {
+    pub model: String,
+    pub role: Role,
+    pub channels: Vec<String>,
+    pub data: Tensor,
+}
+
+/// The readout of a well-omics model for one well, after the fields seen so far.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WellReadout {
+    pub model: String,
+    pub plate: String,
+    pub well: String,
+    /// Fields pooled so far.
+    pub fields: usize,
+    pub tiles: usize,
+    /// Output names (genes), aligned with `values` and `spread`.
+    pub outputs: Vec<String>,
+    /// The head on the features pooled over every tile of every field so far.
+    pub values: Vec<f32>,
+    /// Standard deviation across fields of the per-field readouts (0 with one field): how much
+    /// the readout still depends on which fields were imaged.
+    pub spread: Vec<f32>,
+}
+
+/// Label of a virtual channel in the OME-Zarr image: direct models give `TOMM20 (virtual)`,
+/// diffusion models `TOMM20 (virtual diffusion)` (sampled, not a regression).
+pub fn virtual_label(role: Role, protein: &str) -> String {
+    match role {
+        Role::VirtualStainDiffusion => format!("{protein} (virtual diffusion)"),
+        _ => format!("{protein} (virtual)"),
+    }
+}
+
+/// Whether an OME-Zarr channel label is one of ours for a model output (replay skips those:
+/// they were computed, not acquired).
+pub fn is_virtual_label(label: &str) -> bool {
+    label.ends_with(" (virtual)") || label.ends_with(" (virtual diffusion)")
+}
+
+/// A virtual channel the zarr sink adds after the acquired ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VirtualChannel {
+    pub model: String,
+    pub output: String,
+    pub label: String,
+}
+
+/// Column name for a channel's mean intensity: `mean_` + the channel name, lower-cased, with
+/// anything but letters and digits replaced by `_`.
+pub fn mean_column(channel: &str) -> String {
+    let clean: String = channel
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("mean_{clean}")
+}
