@@ -5,6 +5,7 @@
 
 pub mod cells_arrow;
 pub mod followup;
+pub mod jsonl;
 pub mod zarr;
 pub mod zenoh;
 
@@ -18,11 +19,12 @@ use crate::component::SinkConfig;
 pub struct SinksConfig {
     pub zarr: zarr::ZarrSinkConfig,
     pub zenoh: zenoh::ZenohSinkConfig,
+    pub jsonl: jsonl::JsonlSinkConfig,
 }
 
 impl SinksConfig {
     /// Every sink under `[sinks]` by name (its section is `sinks.{name}`), in the order they open.
     pub fn all(&self) -> Vec<(&'static str, &dyn SinkConfig)> {
-        vec![("zarr", &self.zarr), ("zenoh", &self.zenoh)]
+        vec![("zarr", &self.zarr), ("zenoh", &self.zenoh), ("jsonl", &self.jsonl)]
     }
 }
