@@ -47,8 +47,10 @@ pub enum RunError {
     Telemetry(#[from] t::TelemetryError),
     #[error("the source failed")]
     SourceFailed(#[source] SourceError),
-    #[error("a pipeline thread panicked: {0}")]
-    Panicked(&'static str),
+    /// Every thread was still joined and the others' results collected: what was written is
+    /// complete and listed.
+    #[error("pipeline thread(s) panicked: {0}")]
+    Panicked(String),
     #[error("cannot spawn a thread")]
     Spawn(#[source] std::io::Error),
 }
@@ -139,8 +141,22 @@ fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) 
         .map_err(RunError::Spawn)
 }
 
-fn join<T>(h: JoinHandle<T>, what: &'static str) -> Result<T, RunError> {
-    h.join().map_err(|_| RunError::Panicked(what))
+/// Joins a thread; a panic is recorded in `panics` (thread name and message) instead of
+/// returned, so that every other thread is still joined and its result collected.
+fn join<T>(h: JoinHandle<T>, panics: &mut Vec<String>) -> Option<T> {
+    let name = h.thread().name().unwrap_or("unnamed").to_string();
+    match h.join() {
+        Ok(v) => Some(v),
+        Err(payload) => {
+            let why = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            panics.push(format!("{name}: {why}"));
+            None
+        }
+    }
 }
 
 /// Runs the configured source through the pipeline until it ends or `opts.stop` is set, then
@@ -348,13 +364,16 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         r
     })?;
 
-    let source_result = join(source_thread, "source")?;
-    let asm = join(assembler, "assembly")?;
+    // Joined in the order data flows, each thread whatever happened to the others: a thread
+    // that panicked drops its channel ends, so the rest drain and end too.
+    let mut panics = Vec::new();
+    let source_result = join(source_thread, &mut panics);
+    let asm = join(assembler, &mut panics);
     for w in workers {
-        join(w, "worker")?;
+        join(w, &mut panics);
     }
     for s in handles_sinks {
-        join(s, "sink")?;
+        join(s, &mut panics);
     }
     // Every user of the shared zenoh session has finished: close it so the last messages leave.
     if let Err(e) = opts.resources.zenoh.close() {
@@ -365,11 +384,14 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         }
         .emit();
     }
-    let tracked = join(tracker, "tracker")?;
-    join(problems, "source-problems")?;
+    let tracked = join(tracker, &mut panics);
+    join(problems, &mut panics);
     if let Some(pb) = progress {
         pb.finish();
     }
+    let (true, Some(source_result), Some(asm), Some(tracked)) = (panics.is_empty(), source_result, asm, tracked) else {
+        return Err(RunError::Panicked(panics.join("; ")));
+    };
     let source_report = source_result.map_err(RunError::SourceFailed)?;
     t::SourceBlocked {
         waited: source_report.blocked,
