@@ -11,23 +11,19 @@ The rule fires on every planned field (cooldown 0), asking for one more field ea
 """
 
 import argparse
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import mm_test_adapters
 import numpy as np
 import useq
-from pymmcore_plus import CMMCorePlus
 
 from liveomics_bridge import Bridge, FollowupLimits, session_config
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release" / "liveomics"
 sys.path.insert(0, str(ROOT / "tests"))
+from liveomics_testkit import Daemon, demo_core, free_port, merged, zenoh_daemon_config  # noqa: E402
 from zenoh_tls import make_pki  # noqa: E402
 
 
@@ -37,56 +33,23 @@ def main():
     ap.add_argument("--fields", type=int, default=3)
     ap.add_argument("--tls", action="store_true", help="TLS + access control (config/zenoh examples)")
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     tmp = Path(tempfile.mkdtemp())
     scheme, zfile = "tcp", ""
     if args.tls:
         pki = make_pki(tmp / "pki")
         scheme, zfile = "tls", pki.example("daemon-tls-acl.json5", tmp / "d.json5")
     endpoint = f"{scheme}/127.0.0.1:{port}"
-    cfg = tmp / "run.toml"
-    cfg.write_text(f"""
-instrument = "mm"
-[source]
-kind = "zenoh"
-[source.zenoh]
-plate = "RL"
-channels = ["DAPI", "FITC"]
-width_px = 512
-height_px = 512
-pixel_size_um = 1.0
-idle_exit_ms = 5000
-[segmentation]
-nuclei_channel = "DAPI"
-cells_channel = "FITC"
-[sinks.zarr]
-output = "{tmp / 'out'}"
-[zenoh]
-listen = ["{endpoint}"]
-config_file = "{zfile}"
-[telemetry]
-metrics_listen = ""
-[closed_loop]
-enabled = true
-max_followups_per_plate = 1000
-[[closed_loop.rules]]
-name = "every"
-metric = "cells"
-scope = "field"
-comparison = ">="
-threshold = 0
-action = {{ kind = "more_fields", fields = 1, spacing_um = 300.0 }}
-""")
-    proc = subprocess.Popen([str(BIN), "run", "--config", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    while "listening for frames" not in proc.stderr.readline():
-        pass
-    core = CMMCorePlus()
-    core.setDeviceAdapterSearchPaths([mm_test_adapters.device_adapter_path()])
-    core.loadSystemConfiguration()
-    core.setExposure(5)
+    every_field = {"closed_loop": {
+        "enabled": True,
+        "max_followups_per_plate": 1000,
+        "rules": [{"name": "every", "metric": "cells", "scope": "field", "comparison": ">=", "threshold": 0,
+                   "action": {"kind": "more_fields", "fields": 1, "spacing_um": 300.0}}],
+    }}
+    cfg = merged(zenoh_daemon_config(tmp / "out", endpoint, instrument="mm", plate="RL", idle_exit_ms=5000,
+                                     zenoh_file=zfile), every_field)
+    daemon = Daemon.start(cfg, tmp / "run.toml")
+    core = demo_core()
     bfile = pki.example("bridge-tls-acl.json5", tmp / "b.json5") if args.tls else None
     conf = session_config(connect=[endpoint], config_file=bfile)
     # Every field asks for a follow-up: caps well above what the plate can request.
@@ -103,7 +66,7 @@ action = {{ kind = "more_fields", fields = 1, spacing_um = 300.0 }}
     finally:
         bridge.close()
     wall = time.perf_counter() - t0
-    out, err = proc.communicate(timeout=120)
+    out, err = daemon.wait()
     r = np.array(stats.reaction_ms)
     print(f"{'TLS + ACL' if args.tls else 'TCP'}: {args.wells} wells x {args.fields} fields, DemoCamera 512x512 "
           f"x 2 channels: {stats.frames} frames in {wall:.1f} s, {stats.requests} follow-ups, "

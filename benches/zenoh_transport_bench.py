@@ -15,8 +15,6 @@ arrival, p50/p99). `--shm` publishes each frame from a zenoh shared-memory buffe
 import argparse
 import json
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,17 +24,15 @@ import numpy as np
 import zenoh
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release" / "liveomics"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "adapters" / "pymmcore"))
 from liveomics_bridge import session_config  # noqa: E402
+from liveomics_testkit import Daemon, free_port, merged, zenoh_daemon_config  # noqa: E402
 from zenoh_tls import make_pki  # noqa: E402
 
 
 def run(args, transport: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     tmp = Path(tempfile.mkdtemp())
     endpoint, zfile, bfile = f"tcp/127.0.0.1:{port}", "", None
     if transport == "tls":
@@ -44,34 +40,10 @@ def run(args, transport: str) -> dict:
         endpoint = f"tls/127.0.0.1:{port}"
         zfile = pki.example("daemon-tls-acl.json5", tmp / "d.json5")
         bfile = pki.example("bridge-tls-acl.json5", tmp / "b.json5")
-    cfg = tmp / "run.toml"
-    cfg.write_text(f"""
-instrument = "tb"
-[source]
-kind = "zenoh"
-[source.zenoh]
-plate = "T1"
-channels = ["DAPI"]
-width_px = {args.size}
-height_px = {args.size}
-idle_exit_ms = 3000
-[pipeline]
-stages = []
-[sinks.zarr]
-enabled = false
-[sinks.zenoh]
-enabled = false
-[zenoh]
-listen = ["{endpoint}"]
-config_file = "{zfile}"
-[telemetry]
-metrics_listen = ""
-""")
-    proc = subprocess.Popen([str(BIN), "run", "--config", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    while "listening for frames" not in proc.stderr.readline():
-        pass
-    # The bridge's own session settings (and, over TLS, its certificate and access control).
+    no_work = {"pipeline": {"stages": []}, "sinks": {"zarr": {"enabled": False}, "zenoh": {"enabled": False}}}
+    cfg = merged(zenoh_daemon_config(tmp / "out", endpoint, instrument="tb", plate="T1", channels=("DAPI",),
+                                     size=args.size, idle_exit_ms=3000, zenoh_file=zfile), no_work)
+    daemon = Daemon.start(cfg, tmp / "run.toml")
     session = zenoh.open(session_config(connect=[endpoint], config_file=bfile))
     time.sleep(0.5)
     img = np.random.default_rng(0).integers(0, 4096, (args.size, args.size), dtype=np.uint16)
@@ -95,7 +67,7 @@ metrics_listen = ""
                     attachment=json.dumps(header).encode(), congestion_control=zenoh.CongestionControl.BLOCK)
     wall = time.perf_counter() - t0
     session.close()
-    out, err = proc.communicate(timeout=120)
+    out, err = daemon.wait()
     nums = {k: float(v) for k, v in re.findall(r"(p50_ms|p99_ms|max_ms|frames|ingest_mb_s)=([0-9.]+)", err)}
     if "fields" not in out or nums.get("frames") != args.frames:
         print(out, err[-2000:])

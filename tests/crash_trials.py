@@ -7,7 +7,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from conftest import BIN
+from liveomics_testkit import BIN
 from test_output import crash_trial
 
 

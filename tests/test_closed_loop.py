@@ -12,7 +12,7 @@ import useq
 import zarr
 import zenoh
 
-from conftest import demo_core, free_port, loopback_hub, start_zenoh_daemon
+from liveomics_testkit import demo_core, free_port, loopback_hub, start_zenoh_daemon
 
 pytest.importorskip("pymmcore_plus")
 pytest.importorskip("mm_test_adapters")
@@ -28,24 +28,19 @@ def zconf(port):
     return conf
 
 
-def start_daemon(binary, tmp_path, port, extra="", scheme="tcp", zenoh_file=""):
+def start_daemon(binary, tmp_path, port, extra=None, scheme="tcp", zenoh_file=""):
     return start_zenoh_daemon(binary, tmp_path, f"{scheme}/127.0.0.1:{port}", zenoh_file=zenoh_file, extra=extra)
 
 
-RULE = """
-[closed_loop]
-enabled = true
-max_followups_per_plate = 1
-request_timeout_ms = 20000
-[[closed_loop.rules]]
-name = "more"
-metric = "cells"
-scope = "field"
-comparison = ">="
-threshold = 0
-wells = ["A1"]
-action = { kind = "more_fields", fields = 1, spacing_um = 300.0 }
-"""
+RULE = {"closed_loop": {
+    "enabled": True,
+    "max_followups_per_plate": 1,
+    "request_timeout_ms": 20000,
+    "rules": [{
+        "name": "more", "metric": "cells", "scope": "field", "comparison": ">=", "threshold": 0,
+        "wells": ["A1"], "action": {"kind": "more_fields", "fields": 1, "spacing_um": 300.0},
+    }],
+}}
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls+acl"])

@@ -5,7 +5,7 @@ changed pixel or cell value is found."""
 import zarr
 
 from compare_plates import compare, write_plate
-from conftest import sim_toml
+from liveomics_testkit import sim_toml
 
 
 def test_same_run_same_plate_and_one_changed_value_is_found(binary, tmp_path):

@@ -13,7 +13,7 @@ import tifffile
 import zarr
 import zenoh
 
-from conftest import daemon_toml, free_port, run, sim_toml
+from liveomics_testkit import daemon_toml, free_port, run, sim_toml
 
 
 def zenoh_listener(port: int, key: str):

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import zarr
 
-from conftest import run, sim_toml
+from liveomics_testkit import run, sim_toml
 
 CHANNELS = ["DAPI", "Microtubules", "ER", "TOMM20"]
 

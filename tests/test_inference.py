@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import zarr
 
-from conftest import ROOT, daemon_toml, run, sim_toml
+from liveomics_testkit import ROOT, daemon_config, daemon_toml, merged, run, sim_config, sim_toml, toml_text
 
 FIXTURES = ROOT / "models" / "fixtures"
 SHARED_UNET = ROOT.parent / "shared" / "models" / "unet2d_nuclei_broad"
@@ -181,7 +181,7 @@ def test_live_well_table_example_prints_predictions(binary, tmp_path):
 
     import zenoh as _zenoh
 
-    from conftest import free_port
+    from liveomics_testkit import free_port
 
     port, port2 = free_port(), free_port()
     example = subprocess.Popen([sys.executable, str(ROOT / "docs" / "examples" / "live_well_table.py"),
@@ -195,9 +195,9 @@ def test_live_well_table_example_prints_predictions(binary, tmp_path):
     watcher = _zenoh.open(conf)
     watcher.declare_subscriber("liveomics/livetest/wells/live/*", lambda s: wells.append(_json.loads(s.payload.to_bytes())))
     cfg = tmp_path / "c.toml"
-    sim = sim_toml(plate="live", wells=("B2", "C3"), fields=2, size=256, seed=5, rate=2.0)
-    toml = daemon_toml(tmp_path / "out", "livetest", None, sim).replace(
-        "connect = []", f'connect = ["tcp/127.0.0.1:{port}", "tcp/127.0.0.1:{port2}"]')
+    sim = sim_config(plate="live", wells=("B2", "C3"), fields=2, size=256, seed=5, rate=2.0)
+    connect = {"zenoh": {"connect": [f"tcp/127.0.0.1:{port}", f"tcp/127.0.0.1:{port2}"]}}
+    toml = toml_text(merged(merged(sim, daemon_config(tmp_path / "out", "livetest", None)), connect))
     toml += inference_toml(("cellnet", FIXTURES / "cellnet"))
     cfg.write_text(toml)
     p = run(binary, "run", "--config", cfg)

@@ -16,7 +16,7 @@ import tifffile
 import yaozarrs
 import zarr
 
-from conftest import daemon_toml, run, sim_toml
+from liveomics_testkit import daemon_toml, run, sim_toml
 
 LEVELS = 3
 

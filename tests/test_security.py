@@ -21,7 +21,7 @@ import pytest
 import zarr
 import zenoh
 
-from conftest import demo_core, free_port, loopback_hub, sim_toml, spawn_until, start_zenoh_daemon
+from liveomics_testkit import demo_core, free_port, loopback_hub, sim_toml, spawn_until, start_zenoh_daemon
 from zenoh_tls import make_pki
 
 pytest.importorskip("pymmcore_plus")

@@ -16,7 +16,7 @@ import yaml
 import zarr
 import zenoh
 
-from conftest import ROOT, daemon_toml, free_port, run, sim_toml
+from liveomics_testkit import ROOT, daemon_toml, free_port, run, sim_toml
 from test_inference import crops, inference_toml
 
 MODELS = ROOT / "models"

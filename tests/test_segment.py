@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import run
+from liveomics_testkit import run
 
 
 def ap50(pred, truth):
@@ -119,7 +119,7 @@ def test_probability_map_segmentation_with_the_shared_unet(binary, tmp_path):
     watershed splits the nuclei. Accuracy against the simulator's truth."""
     from pathlib import Path
 
-    from conftest import ROOT, daemon_toml, sim_toml
+    from liveomics_testkit import ROOT, daemon_toml, sim_toml
 
     unet = ROOT.parent / "shared" / "models" / "unet2d_nuclei_broad"
     if not unet.exists():
@@ -162,7 +162,7 @@ def test_daemon_can_exclude_objects_cut_by_the_field_edge(binary, tmp_path):
     import anndata
     import zarr
 
-    from conftest import daemon_toml, sim_toml
+    from liveomics_testkit import daemon_toml, sim_toml
 
     def run_with(flag):
         out = tmp_path / f"out{flag}"

@@ -11,7 +11,7 @@ import tifffile
 import zarr
 import zenoh
 
-from conftest import free_port, run, sim_toml
+from liveomics_testkit import free_port, run, sim_toml
 
 CHANNELS = ["DAPI", "Microtubules", "ER", "TOMM20"]
 

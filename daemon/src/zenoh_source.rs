@@ -397,6 +397,54 @@ mod tests {
 
     use super::*;
 
+    /// The key grammar both ends share: `tests/vectors/frame_keys.json`, which the Python
+    /// bridge's test reads too.
+    #[test]
+    fn frame_keys_follow_the_shared_vectors() {
+        let v: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/vectors/frame_keys.json")).expect("the vectors are JSON");
+        let plan = &v["plan"];
+        let names = |k: &str| -> Vec<String> {
+            plan[k]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_str().map(String::from))
+                .collect()
+        };
+        let cfg = ZenohSourceConfig {
+            plate: plan["plate"].as_str().unwrap_or_default().into(),
+            plate_format: plan["plate_format"].as_u64().unwrap_or_default() as u16,
+            channels: names("channels"),
+            width_px: 4,
+            height_px: 4,
+            ..ZenohSourceConfig::default()
+        };
+        let instrument = plan["instrument"].as_str().unwrap_or_default();
+        let src = ZenohSource::new(&cfg, instrument, SharedSession::default(), ZenohConfig::default())
+            .expect("the vectors' plan is a valid source");
+        let header = br#"{"shape":[4,4],"dtype":"uint16"}"#;
+        let payload = [0u8; 32];
+        let list = |k: &str| v[k].as_array().cloned().unwrap_or_default();
+        assert!(list("valid").len() >= 3 && list("invalid").len() >= 10);
+        for case in list("valid") {
+            let key = case["key"].as_str().unwrap_or_default();
+            let frame = src
+                .frame(key, &payload, Some(header))
+                .unwrap_or_else(|e| panic!("{key} refused: {e:?}"));
+            assert_eq!(Some(frame.key.well.to_string().as_str()), case["well"].as_str(), "{key}");
+            assert_eq!(Some(u64::from(frame.key.field)), case["field"].as_u64(), "{key}");
+            assert_eq!(Some(frame.channel as u64), case["channel_index"].as_u64(), "{key}");
+        }
+        for case in list("invalid") {
+            let key = case["key"].as_str().unwrap_or_default();
+            match src.frame(key, &payload, Some(header)) {
+                Ok(f) => panic!("{key} accepted as {:?}", f.key),
+                Err((reason, _)) => assert_eq!(Some(reason), case["reason"].as_str(), "{key}"),
+            }
+        }
+    }
+
     /// Property test of the frame decoder: keys, payloads and headers from the network, mutated
     /// at random from valid ones or made of noise, never panic; the valid frame still parses.
     #[test]

@@ -1,0 +1,193 @@
+"""What the tests (`tests/`) and the benchmarks (`benches/`) share: where the binary is, daemon
+configurations built as dicts and written as TOML (tomli-w), and one way to start a daemon and
+wait until it is ready. A plain module, not pytest's conftest, so that benchmarks import it too:
+
+    sys.path.insert(0, str(ROOT / "tests")); from liveomics_testkit import Daemon, zenoh_daemon_config
+"""
+
+import copy
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import tomli_w
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(os.environ.get("LIVEOMICS_BIN", ROOT / "target" / "release" / "liveomics"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(binary, *args, timeout=300, **kw):
+    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """`base` with `extra` laid over it, section by section (a copy; neither is changed)."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merged(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def toml_text(cfg: dict) -> str:
+    """A configuration dict as the TOML file the daemon reads (paths become strings)."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return str(v) if isinstance(v, Path) else v
+
+    return tomli_w.dumps(plain(cfg))
+
+
+def sim_config(plate="e2e", wells=("B2", "B3"), fields=2, size=512, rate=0.0, seed=7) -> dict:
+    """`[source.simulator]` of a small plate whose first well is its control well."""
+    return {"source": {"simulator": {
+        "seed": seed, "plate": plate, "wells": list(wells), "control_wells": [wells[0]],
+        "fields_per_well": fields, "width_px": size, "height_px": size, "rate_fields_per_s": rate,
+    }}}
+
+
+def daemon_config(out: Path, instrument: str, zenoh_port: int | None, zenoh_enabled=True) -> dict:
+    """A run writing OME-Zarr under `out`, publishing on zenoh through `zenoh_port` (a peer
+    listening there) or nowhere, with the metrics endpoint on a free port."""
+    return {
+        "instrument": instrument,
+        "latency_budget_ms": 5000,
+        "sinks": {"zarr": {"output": out}, "zenoh": {"enabled": zenoh_enabled}},
+        "zenoh": {"listen": [], "connect": [f"tcp/127.0.0.1:{zenoh_port}"] if zenoh_port else []},
+        "telemetry": {"metrics_listen": "127.0.0.1:0"},
+    }
+
+
+def zenoh_daemon_config(out: Path, endpoint: str, instrument="mm", plate="MM1", channels=("DAPI", "FITC"),
+                        size=512, idle_exit_ms=6000, zenoh_file="") -> dict:
+    """A daemon fed by the zenoh source (a DemoCamera-shaped plate by default: DAPI and FITC,
+    512²), listening on `endpoint`, with an optional zenoh config file (TLS, access control)."""
+    return {
+        "instrument": instrument,
+        "latency_budget_ms": 5000,
+        "source": {"kind": "zenoh", "zenoh": {
+            "plate": plate, "channels": list(channels), "width_px": size, "height_px": size,
+            "pixel_size_um": 1.0, "idle_exit_ms": idle_exit_ms,
+        }},
+        "segmentation": {"nuclei_channel": channels[0], "cells_channel": channels[-1], "nucleus_diameter_um": 10.0},
+        "sinks": {"zarr": {"output": out}},
+        "zenoh": {"listen": [endpoint], "config_file": str(zenoh_file)},
+        "telemetry": {"metrics_listen": ""},
+    }
+
+
+def sim_toml(plate="e2e", wells=("B2", "B3"), fields=2, size=512, rate=0.0, seed=7, extra=""):
+    """`sim_config` as TOML text, with `extra` (more `[source.simulator]` keys) appended as is."""
+    return toml_text(sim_config(plate, wells, fields, size, rate, seed)) + extra + "\n"
+
+
+def daemon_toml(out: Path, instrument: str, zenoh_port: int | None, sim: str, zenoh_enabled=True) -> str:
+    """`daemon_config` around `sim`, the source's TOML text (top-level keys must come first)."""
+    cfg = daemon_config(out, instrument, zenoh_port, zenoh_enabled)
+    top = {k: v for k, v in cfg.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in cfg.items() if isinstance(v, dict)}
+    return toml_text(top) + sim + "\n" + toml_text(tables)
+
+
+class Daemon:
+    """`liveomics run --config FILE` in the background, from a config dict (or an existing file),
+    returned by `start` once its log shows `ready` (a `RuntimeError` with the log if it exits or
+    times out first). As a context manager it kills a daemon still running at the end.
+
+        with Daemon.start(cfg_dict, tmp / "run.toml") as d:
+            ...
+            out, err = d.wait()
+    """
+
+    def __init__(self, proc: subprocess.Popen, lines: list[str]):
+        self.proc = proc
+        self.lines = lines
+
+    @classmethod
+    def start(cls, cfg: dict | Path, path: Path | None = None, ready="listening for frames", timeout=30.0,
+              binary: Path = BIN) -> "Daemon":
+        if isinstance(cfg, dict):
+            if path is None:
+                raise ValueError("a config dict needs the path to write it to")
+            path.write_text(toml_text(cfg))
+            cfg = path
+        proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        lines = []
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if ready in line:
+                return cls(proc, lines)
+            if not line and proc.poll() is not None:
+                break
+        proc.kill()
+        rest = proc.communicate()[1] if proc.poll() is not None else ""
+        raise RuntimeError(f"daemon did not log {ready!r}: " + "".join(lines) + rest)
+
+    def wait(self, timeout=120.0) -> tuple[str, str]:
+        """Stdout and the rest of stderr once the daemon exits by itself."""
+        return self.proc.communicate(timeout=timeout)
+
+    def __enter__(self) -> "Daemon":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def spawn_until(binary, cfg: Path, marker: str, timeout=30.0):
+    """`Daemon.start` of the file `cfg` for tests that manage the process themselves."""
+    d = Daemon.start(cfg, ready=marker, timeout=timeout, binary=binary)
+    return d.proc, d.lines
+
+
+def start_zenoh_daemon(binary, tmp_path, endpoint: str, instrument="mm", plate="MM1", idle_exit_ms=6000,
+                       zenoh_file="", extra: dict | None = None):
+    """A `zenoh_daemon_config` daemon (with `extra` laid over it) writing under `tmp_path / "out"`,
+    returned once it listens: `(process, log lines so far)`."""
+    cfg = merged(zenoh_daemon_config(tmp_path / "out", endpoint, instrument, plate, idle_exit_ms=idle_exit_ms,
+                                     zenoh_file=zenoh_file), extra or {})
+    d = Daemon.start(cfg, tmp_path / "run.toml", binary=binary)
+    return d.proc, d.lines
+
+
+def loopback_hub(port: int):
+    """A plain zenoh peer listening on `tcp/127.0.0.1:port` (no scouting): the daemon's place
+    for tests that drive the bridge alone."""
+    import json
+
+    import zenoh
+
+    conf = zenoh.Config()
+    conf.insert_json5("listen/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    return zenoh.open(conf)
+
+
+def demo_core():
+    """Micro-Manager's demo configuration (DemoCamera) from mm-test-adapters, 5 ms exposure."""
+    import mm_test_adapters
+    import pymmcore_plus
+
+    core = pymmcore_plus.CMMCorePlus()
+    core.setDeviceAdapterSearchPaths([mm_test_adapters.device_adapter_path()])
+    core.loadSystemConfiguration()
+    core.setExposure(5)
+    return core
