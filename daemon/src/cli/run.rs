@@ -1,0 +1,294 @@
+//! `run`, `replay`, `validate`, `simulate`: the subcommands that load a configuration.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use liveomics::component::SourceName;
+use liveomics::config::Config;
+use liveomics::pipeline::{self, RunOptions, RunSummary};
+use liveomics::replay::ReplayConfig;
+use liveomics::resources::Resources;
+use liveomics::telemetry;
+use liveomics_adapters::folder::layout::{Layout, LayoutKind};
+use liveomics_adapters::folder::Speed;
+use liveomics_adapters::source::StopToken;
+
+use super::{Usage, EXIT_PARTIAL};
+
+/// `liveomics run`.
+pub fn run(config: Option<PathBuf>, overwrite: bool, output: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let res = Resources::default();
+    let cfg = load_with_output(config.as_deref(), output, &res)?;
+    execute(cfg, overwrite, false, res)
+}
+
+/// `liveomics validate FILE`.
+pub fn validate(file: &Path) -> anyhow::Result<ExitCode> {
+    liveomics::registry::load(Some(file))?;
+    println!("{}: ok", file.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `liveomics simulate`.
+pub fn simulate(
+    out: &Path,
+    config: Option<PathBuf>,
+    layout: Option<LayoutKind>,
+    files_per_s: f64,
+) -> anyhow::Result<ExitCode> {
+    let cfg = liveomics::registry::load(config.as_deref())?;
+    let n = liveomics::simulate::write_plate(&cfg.source.simulator, out, layout, files_per_s)
+        .with_context(|| format!("cannot write the simulated plate to {}", out.display()))?;
+    println!("wrote {n} fields to {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `liveomics replay`'s arguments.
+#[derive(Debug)]
+pub struct ReplayArgs {
+    pub path: PathBuf,
+    pub speed: String,
+    pub layout: Option<LayoutKind>,
+    pub channels: Vec<String>,
+    pub pixel_size_um: Option<f64>,
+    pub config: Option<PathBuf>,
+    pub output: Option<PathBuf>,
+    pub overwrite: bool,
+}
+
+/// `liveomics replay PATH`.
+pub fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let res = Resources::default();
+    let mut cfg = load_with_output(a.config.as_deref(), a.output, &res)?;
+    if let Some(px) = a.pixel_size_um {
+        cfg.source.folder.pixel_size_um = px;
+    }
+    replay_source(&mut cfg, a.path, &a.speed, a.layout, a.channels, &res).map_err(Usage)?;
+    execute(cfg, a.overwrite, true, res)
+}
+
+/// The config for a run, checked with the run's resources (models load once), with `--output`
+/// applied.
+fn load_with_output(path: Option<&Path>, output: Option<PathBuf>, res: &Resources) -> anyhow::Result<Config> {
+    let mut cfg = liveomics::registry::load_for_run(path, res)?;
+    if let Some(o) = output {
+        cfg.sinks.zarr.output = o;
+    }
+    Ok(cfg)
+}
+
+/// Points the config's source at `path`: the replay source for a liveomics plate, the folder
+/// source (no watching) for instrument files, with the layout detected from the names if needed.
+fn replay_source(
+    cfg: &mut Config,
+    path: PathBuf,
+    speed: &str,
+    layout: Option<LayoutKind>,
+    channels: Vec<String>,
+    res: &Resources,
+) -> anyhow::Result<()> {
+    let speed = Speed::try_from(speed.to_string()).map_err(anyhow::Error::msg)?;
+    if path.join("zarr.json").is_file() {
+        // Writing the replay into the plate it reads would resume (or, with --overwrite, delete) it.
+        let input = path.canonicalize()?;
+        if cfg.sinks.zarr.enabled {
+            let out = cfg
+                .sinks
+                .zarr
+                .output
+                .canonicalize()
+                .unwrap_or_else(|_| cfg.sinks.zarr.output.clone());
+            if input.parent() == Some(out.as_path()) {
+                anyhow::bail!(
+                    "the replay would write into the plate it reads ({}); choose another --output",
+                    input.display()
+                );
+            }
+        }
+        cfg.source.kind = SourceName::Replay;
+        cfg.source.replay = ReplayConfig { path, speed };
+        return Ok(());
+    }
+    let f = &mut cfg.source.folder;
+    f.path = path.clone();
+    f.watch = false;
+    f.speed = speed;
+    if !channels.is_empty() {
+        f.channels = channels;
+    }
+    let format = liveomics_adapters::model::PlateFormat::new(f.plate_format)?;
+    let names: Vec<String> = std::fs::read_dir(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .flatten()
+        .flat_map(|e| {
+            if e.path().is_dir() {
+                std::fs::read_dir(e.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .collect::<Vec<_>>()
+            } else {
+                vec![e]
+            }
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let candidates = match layout {
+        Some(l) => vec![l],
+        None => vec![LayoutKind::Phenix, LayoutKind::Imagexpress, LayoutKind::Cellvoyager],
+    };
+    let best = candidates
+        .into_iter()
+        .filter_map(|k| {
+            let l = Layout::new(k, "", format, true).ok()?;
+            let parsed: Vec<_> = names.iter().filter_map(|n| l.parse(n).ok()).collect();
+            Some((parsed.len(), k, parsed.into_iter().find_map(|p| p.plate)))
+        })
+        .max_by_key(|(n, _, _)| *n)
+        .filter(|(n, _, _)| *n > 0)
+        .ok_or_else(|| anyhow::anyhow!("no file in {} matches a known layout", path.display()))?;
+    f.layout = best.1;
+    if let Some(plate) = best.2 {
+        f.plate = plate;
+    }
+    cfg.source.kind = SourceName::Folder;
+    let errs = liveomics::registry::validate(cfg, res);
+    if !errs.is_empty() {
+        let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        anyhow::bail!("{}", lines.join("; "));
+    }
+    Ok(())
+}
+
+/// Runs the pipeline with signal handling and prints the summary; 3 when some field failed to
+/// write.
+fn execute(cfg: Config, overwrite: bool, progress: bool, resources: Resources) -> anyhow::Result<ExitCode> {
+    telemetry::init_logging(&cfg.telemetry);
+    let stop = StopToken::new();
+    install_signals(&stop)?;
+    let opts = RunOptions {
+        overwrite,
+        resources,
+        stop,
+        progress,
+        ..Default::default()
+    };
+    let summary = pipeline::run(&cfg, opts).context("liveomics run failed")?;
+    print_summary(&summary);
+    Ok(if summary.fields_failed > 0 {
+        ExitCode::from(EXIT_PARTIAL)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// First SIGINT/SIGTERM: stop intake and drain. Second: exit at once with 130. Signals keep their
+/// own flag: a stop requested by the pipeline itself (storage failure) must not turn the operator's
+/// first Ctrl-C into an immediate exit.
+fn install_signals(stop: &StopToken) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let signalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, signalled.clone())
+            .context("cannot install signal handler")?;
+        signal_hook::flag::register(sig, signalled.clone()).context("cannot install signal handler")?;
+        signal_hook::flag::register(sig, stop.flag()).context("cannot install signal handler")?;
+    }
+    Ok(())
+}
+
+/// The well-omics plate readout: per model, the genes that vary most across wells, each well's
+/// value (natural log abundance) with its spread across fields.
+fn print_plate_readout(readouts: &[liveomics::field::WellReadout]) {
+    const TOP: usize = 5;
+    let mut models: Vec<&str> = readouts.iter().map(|r| r.model.as_str()).collect();
+    models.dedup();
+    for model in models {
+        let wells: Vec<_> = readouts.iter().filter(|r| r.model == model).collect();
+        let Some(first) = wells.first() else { continue };
+        let n = wells.len() as f64;
+        let mut order: Vec<(usize, f64)> = (0..first.outputs.len())
+            .map(|g| {
+                let mean = wells.iter().map(|w| w.values[g] as f64).sum::<f64>() / n;
+                let var = wells.iter().map(|w| (w.values[g] as f64 - mean).powi(2)).sum::<f64>() / n;
+                (g, var)
+            })
+            .collect();
+        order.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let top: Vec<usize> = order.iter().take(TOP).map(|&(g, _)| g).collect();
+        println!();
+        println!(
+            "plate readout ({model}, ln abundance ± spread across fields; the {TOP} genes that vary most across wells)"
+        );
+        let head: Vec<String> = top.iter().map(|&g| format!("{:>14}", first.outputs[g])).collect();
+        println!("  well   fields {}", head.join(""));
+        for w in &wells {
+            let cells: Vec<String> = top
+                .iter()
+                .map(|&g| format!("{:>14}", format!("{:.2}±{:.2}", w.values[g], w.spread[g])))
+                .collect();
+            println!("  {:<6} {:>6} {}", w.well, w.fields, cells.join(""));
+        }
+    }
+}
+
+fn print_summary(s: &RunSummary) {
+    let secs = s.elapsed.as_secs_f64();
+    println!();
+    println!("liveomics run summary");
+    println!("  plate            {}", s.plate);
+    println!("  wells            {}", s.wells);
+    println!(
+        "  fields           {} done ({:.2} fields/s): {} by every sink, {} failed in a sink; {} incomplete{}",
+        s.fields_done,
+        s.fields_done as f64 / secs.max(1e-9),
+        s.fields_done.saturating_sub(s.fields_failed),
+        s.fields_failed,
+        s.fields_incomplete,
+        if s.source.stopped_early {
+            " (intake stopped early: signal or storage failure)"
+        } else {
+            ""
+        }
+    );
+    println!("  fields acquired  {} ({} frames)", s.source.fields, s.source.frames);
+    println!("  frames rejected  {}", s.frames_rejected);
+    println!("  cells            {}", s.cells);
+    println!(
+        "  latency          p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (first frame to all sinks done)",
+        s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms
+    );
+    println!(
+        "  deadline misses  {} (budget {} ms)",
+        s.deadline_misses, s.latency_budget_ms
+    );
+    println!(
+        "  acquisition held {:.2} s by backpressure",
+        s.source.blocked.as_secs_f64()
+    );
+    if !s.source.read_time.is_zero() {
+        println!(
+            "  input reading    {:.2} s ({:.0}% of elapsed), {} inputs skipped",
+            s.source.read_time.as_secs_f64(),
+            100.0 * s.source.read_time.as_secs_f64() / secs.max(1e-9),
+            s.source.problems
+        );
+    }
+    println!("  sinks            {}", s.sinks.join(", "));
+    if let Some(a) = s.metrics_addr {
+        println!("  metrics          http://{a}/metrics (while running)");
+    }
+    println!("  elapsed          {secs:.1} s");
+    print_plate_readout(&s.well_readouts);
+    if let Some(out) = &s.output {
+        println!("  output           {}", out.display());
+        println!();
+        println!("Look at it:");
+        println!("  napari --plugin napari-ome-zarr {}", out.display());
+        println!(
+            "  python -c \"import zarr; p = zarr.open_group('{}', mode='r'); print(p.tree())\"",
+            out.display()
+        );
+    }
+}
