@@ -2,7 +2,7 @@
 //! (labels, per-cell records and model outputs, model images, well readouts) and the names its
 //! outputs go by. Every stage and sink reads these types, and this module reads none of theirs.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use liveomics_adapters::model::{AcquisitionPlan, Field};
@@ -45,6 +45,9 @@ pub struct FieldWork {
     pub well_readouts: Vec<WellReadout>,
     /// `plate/well/fN/tN`, for logs.
     pub name: String,
+    /// The per-cell table, built from the records and predictions the first time a sink asks
+    /// ([`FieldWork::table`]), once the stages are done with the field.
+    table: OnceLock<CellTable>,
 }
 
 impl FieldWork {
@@ -62,7 +65,122 @@ impl FieldWork {
             failed_models: Vec::new(),
             well_readouts: Vec::new(),
             name,
+            table: OnceLock::new(),
         }
+    }
+
+    /// The field's per-cell table: what the Arrow records, the AnnData table, the label
+    /// properties, the closed-loop metrics and the jsonl means are all read from. Built once,
+    /// on first use, from the field as the stages left it (sinks hold it shared and unchanged).
+    pub fn table(&self) -> &CellTable {
+        self.table.get_or_init(|| CellTable::of(self))
+    }
+}
+
+/// What a per-cell column is, for the outputs that treat them differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnKind {
+    /// The cell's id in both label images.
+    Label,
+    /// Where the cell is: centroid and bounding box, in pixels.
+    Position,
+    /// A value measured or predicted per cell (areas, channel means, model outputs): what
+    /// closed-loop rules and means are computed over.
+    Measure,
+}
+
+/// One column's values, one per cell.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    U32(Vec<u32>),
+    F32(Vec<f32>),
+}
+
+impl Values {
+    pub fn f64(&self) -> Vec<f64> {
+        match self {
+            Values::U32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Values::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub name: String,
+    pub kind: ColumnKind,
+    pub values: Values,
+}
+
+/// The per-cell columns of a field, in the one order every output lists them: `label`,
+/// `centroid_x_px`, `centroid_y_px`, `area_px`, `nucleus_area_px`, the bounding box, `mean_{channel}`
+/// for each plan channel, then each per-cell model output (`{model}.{output}`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CellTable {
+    pub rows: usize,
+    pub columns: Vec<Column>,
+}
+
+/// Per-cell measures every field has, besides channel means and model outputs.
+pub const GEOMETRY_MEASURES: [&str; 2] = ["area_px", "nucleus_area_px"];
+
+impl CellTable {
+    pub fn of(work: &FieldWork) -> Self {
+        let r = &work.records;
+        let mut columns = Vec::new();
+        let u32col = |name: &str, kind, f: fn(&CellRecord) -> u32| Column {
+            name: name.to_string(),
+            kind,
+            values: Values::U32(r.iter().map(f).collect()),
+        };
+        let label = u32col("label", ColumnKind::Label, |c| c.label);
+        let area = u32col("area_px", ColumnKind::Measure, |c| c.area_px);
+        let nucleus = u32col("nucleus_area_px", ColumnKind::Measure, |c| c.nucleus_area_px);
+        let bbox = [
+            u32col("bbox_min_x", ColumnKind::Position, |c| c.bbox_min_x),
+            u32col("bbox_min_y", ColumnKind::Position, |c| c.bbox_min_y),
+            u32col("bbox_max_x", ColumnKind::Position, |c| c.bbox_max_x),
+            u32col("bbox_max_y", ColumnKind::Position, |c| c.bbox_max_y),
+        ];
+        let f32col = |name: String, kind, values: Vec<f32>| Column {
+            name,
+            kind,
+            values: Values::F32(values),
+        };
+        columns.push(label);
+        columns.push(f32col(
+            "centroid_x_px".into(),
+            ColumnKind::Position,
+            r.iter().map(|c| c.centroid_x_px).collect(),
+        ));
+        columns.push(f32col(
+            "centroid_y_px".into(),
+            ColumnKind::Position,
+            r.iter().map(|c| c.centroid_y_px).collect(),
+        ));
+        columns.push(area);
+        columns.push(nucleus);
+        columns.extend(bbox);
+        for (i, ch) in work.plan.channels.iter().enumerate() {
+            let values = r
+                .iter()
+                .map(|c| c.mean_intensity.get(i).copied().unwrap_or(f32::NAN))
+                .collect();
+            columns.push(f32col(mean_column(&ch.name), ColumnKind::Measure, values));
+        }
+        for (name, values) in &work.cell_predictions {
+            columns.push(f32col(name.clone(), ColumnKind::Measure, values.clone()));
+        }
+        Self { rows: r.len(), columns }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// The values of column `name` as numbers, or `None` when the field has no such column.
+    pub fn f64(&self, name: &str) -> Option<Vec<f64>> {
+        self.get(name).map(|c| c.values.f64())
     }
 }
 

@@ -432,7 +432,11 @@ mod tests {
             let frame = src
                 .frame(key, &payload, Some(header))
                 .unwrap_or_else(|e| panic!("{key} refused: {e:?}"));
-            assert_eq!(Some(frame.key.well.to_string().as_str()), case["well"].as_str(), "{key}");
+            assert_eq!(
+                Some(frame.key.well.to_string().as_str()),
+                case["well"].as_str(),
+                "{key}"
+            );
             assert_eq!(Some(u64::from(frame.key.field)), case["field"].as_u64(), "{key}");
             assert_eq!(Some(frame.channel as u64), case["channel_index"].as_u64(), "{key}");
         }

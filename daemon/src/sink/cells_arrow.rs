@@ -9,7 +9,7 @@ use arrow_array::{ArrayRef, Float32Array, RecordBatch, UInt32Array};
 use arrow_ipc::writer::StreamWriter;
 use arrow_schema::{ArrowError, DataType, Field, Schema};
 
-use crate::field::{mean_column, FieldWork};
+use crate::field::{FieldWork, Values};
 
 /// Field-level metadata: the same map goes into the Arrow schema and the zenoh attachment.
 pub fn field_metadata(work: &FieldWork, instrument: &str) -> HashMap<String, String> {
@@ -47,39 +47,25 @@ pub fn field_metadata(work: &FieldWork, instrument: &str) -> HashMap<String, Str
     ])
 }
 
-/// Encodes the field's records as one Arrow IPC stream holding one record batch.
+/// Encodes the field's cell table as one Arrow IPC stream holding one record batch.
 pub fn encode(work: &FieldWork, instrument: &str) -> Result<Vec<u8>, ArrowError> {
-    let r = &work.records;
-    let u32col = |name: &str, f: &dyn Fn(usize) -> u32| -> (Field, ArrayRef) {
-        (
-            Field::new(name, DataType::UInt32, false),
-            Arc::new(UInt32Array::from((0..r.len()).map(f).collect::<Vec<_>>())),
-        )
-    };
-    let f32col = |name: &str, f: &dyn Fn(usize) -> f32| -> (Field, ArrayRef) {
-        (
-            Field::new(name, DataType::Float32, false),
-            Arc::new(Float32Array::from((0..r.len()).map(f).collect::<Vec<_>>())),
-        )
-    };
-    let mut cols = vec![
-        u32col("label", &|i| r[i].label),
-        f32col("centroid_x_px", &|i| r[i].centroid_x_px),
-        f32col("centroid_y_px", &|i| r[i].centroid_y_px),
-        u32col("area_px", &|i| r[i].area_px),
-        u32col("nucleus_area_px", &|i| r[i].nucleus_area_px),
-        u32col("bbox_min_x", &|i| r[i].bbox_min_x),
-        u32col("bbox_min_y", &|i| r[i].bbox_min_y),
-        u32col("bbox_max_x", &|i| r[i].bbox_max_x),
-        u32col("bbox_max_y", &|i| r[i].bbox_max_y),
-    ];
-    for (c, ch) in work.plan.channels.iter().enumerate() {
-        cols.push(f32col(&mean_column(&ch.name), &|i| r[i].mean_intensity[c]));
-    }
-    for (name, values) in &work.cell_predictions {
-        cols.push(f32col(name, &|i| values[i]));
-    }
-    let (fields, arrays): (Vec<Field>, Vec<ArrayRef>) = cols.into_iter().unzip();
+    let (fields, arrays): (Vec<Field>, Vec<ArrayRef>) = work
+        .table()
+        .columns
+        .iter()
+        .map(|c| -> (Field, ArrayRef) {
+            match &c.values {
+                Values::U32(v) => (
+                    Field::new(&c.name, DataType::UInt32, false),
+                    Arc::new(UInt32Array::from(v.clone())),
+                ),
+                Values::F32(v) => (
+                    Field::new(&c.name, DataType::Float32, false),
+                    Arc::new(Float32Array::from(v.clone())),
+                ),
+            }
+        })
+        .unzip();
     let schema = Arc::new(Schema::new_with_metadata(fields, field_metadata(work, instrument)));
     let batch = RecordBatch::try_new(schema.clone(), arrays)?;
     let mut writer = StreamWriter::try_new(Vec::new(), &schema)?;

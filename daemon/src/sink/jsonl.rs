@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::component::{Context, Sink, SinkConfig, SinkError};
-use crate::field::{mean_column, FieldWork};
+use crate::field::{ColumnKind, FieldWork};
 
 /// `[sinks.jsonl]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,21 +46,20 @@ impl SinkConfig for JsonlSinkConfig {
         }
     }
 
-    fn build(&self, ctx: &Context, plan: Arc<AcquisitionPlan>) -> Result<Box<dyn Sink>, SinkError> {
-        Ok(Box::new(JsonlSink::open(&self.path, plan, ctx.overwrite)?))
+    fn build(&self, ctx: &Context, _plan: Arc<AcquisitionPlan>) -> Result<Box<dyn Sink>, SinkError> {
+        Ok(Box::new(JsonlSink::open(&self.path, ctx.overwrite)?))
     }
 }
 
-/// The open file, and the plan's per-cell column names.
+/// The open file.
 #[derive(Debug)]
 pub struct JsonlSink {
     path: PathBuf,
     file: File,
-    channel_columns: Vec<String>,
 }
 
 impl JsonlSink {
-    pub fn open(path: &Path, plan: Arc<AcquisitionPlan>, overwrite: bool) -> Result<Self, SinkError> {
+    pub fn open(path: &Path, overwrite: bool) -> Result<Self, SinkError> {
         let io = |source| SinkError::Output {
             path: path.display().to_string(),
             source,
@@ -78,39 +77,29 @@ impl JsonlSink {
         Ok(Self {
             path: path.to_path_buf(),
             file,
-            channel_columns: plan.channels.iter().map(|c| mean_column(&c.name)).collect(),
         })
     }
 
     /// The line of one field (without its newline).
     pub fn line(&self, work: &FieldWork) -> Value {
-        let n = work.records.len();
-        let mean = |values: &mut dyn Iterator<Item = f32>| -> Value {
+        let table = work.table();
+        let mean = |values: Vec<f64>| -> Value {
             let (sum, count) = values
+                .into_iter()
                 .filter(|v| v.is_finite())
-                .fold((0.0f64, 0usize), |(s, c), v| (s + v as f64, c + 1));
+                .fold((0.0f64, 0usize), |(s, c), v| (s + v, c + 1));
             if count == 0 {
                 Value::Null
             } else {
                 json!(sum / count as f64)
             }
         };
-        let mut means = Map::new();
-        means.insert(
-            "area_px".into(),
-            mean(&mut work.records.iter().map(|r| r.area_px as f32)),
-        );
-        means.insert(
-            "nucleus_area_px".into(),
-            mean(&mut work.records.iter().map(|r| r.nucleus_area_px as f32)),
-        );
-        for (c, col) in self.channel_columns.iter().enumerate() {
-            let v = mean(&mut work.records.iter().filter_map(|r| r.mean_intensity.get(c).copied()));
-            means.insert(col.clone(), v);
-        }
-        for (col, values) in &work.cell_predictions {
-            means.insert(col.clone(), mean(&mut values.iter().copied()));
-        }
+        let means: Map<String, Value> = table
+            .columns
+            .iter()
+            .filter(|c| c.kind == ColumnKind::Measure)
+            .map(|c| (c.name.clone(), mean(c.values.f64())))
+            .collect();
         let readouts: Vec<Value> = work
             .well_readouts
             .iter()
@@ -138,7 +127,7 @@ impl JsonlSink {
             "timepoint": k.timepoint,
             "acquired_unix_ns": acquired_unix_ns,
             "incomplete": work.field.channels.iter().any(Option::is_none),
-            "cells": n,
+            "cells": table.rows,
             "means": means,
             "failed_models": work.failed_models,
             "well_readouts": readouts,

@@ -9,7 +9,7 @@ use liveomics_adapters::model::{AcquisitionPlan, WellId};
 use serde_json::{json, Value};
 
 use super::{Action, ClosedLoopConfig, Scope};
-use crate::field::{mean_column, FieldWork};
+use crate::field::FieldWork;
 use crate::telemetry::{self as t, FollowupState};
 
 #[derive(Debug)]
@@ -86,21 +86,7 @@ impl Rules {
 
     /// Per-cell values of a metric in this field.
     fn values(work: &FieldWork, metric: &str) -> Vec<f64> {
-        let r = &work.records;
-        match metric {
-            "area_px" => r.iter().map(|c| c.area_px as f64).collect(),
-            "nucleus_area_px" => r.iter().map(|c| c.nucleus_area_px as f64).collect(),
-            m => {
-                if let Some(ci) = work.plan.channels.iter().position(|ch| mean_column(&ch.name) == m) {
-                    return r.iter().map(|c| c.mean_intensity[ci] as f64).collect();
-                }
-                work.cell_predictions
-                    .iter()
-                    .find(|(name, _)| name == m)
-                    .map(|(_, v)| v.iter().map(|&x| x as f64).collect())
-                    .unwrap_or_default()
-            }
-        }
+        work.table().f64(metric).unwrap_or_default()
     }
 
     /// One ack from the bridge (untrusted bytes): moves its request's state forward, or is

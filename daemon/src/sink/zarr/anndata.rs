@@ -11,7 +11,7 @@ use zarrs::array::data_type;
 
 use super::node::Store;
 use crate::component::SinkError;
-use crate::field::{mean_column, FieldWork};
+use crate::field::{ColumnKind, FieldWork, Values};
 
 fn attrs(v: Value) -> Map<String, Value> {
     v.as_object().cloned().unwrap_or_default()
@@ -81,28 +81,28 @@ pub fn write_table(store: &Store, image: &str, work: &FieldWork) -> Result<(), S
         order.push(name.to_string());
         store.column(&format!("{obs}/{name}"), data_type::uint32(), 0u32, &v, array_attrs())
     };
+    // The table's integer columns first (`field` and `timepoint` of the key after the label),
+    // then its float columns, each in the table's order.
+    let table = work.table();
     u32col("label", &|i| r[i].label)?;
     u32col("field", &|_| key.field)?;
     u32col("timepoint", &|_| key.timepoint)?;
-    u32col("area_px", &|i| r[i].area_px)?;
-    u32col("nucleus_area_px", &|i| r[i].nucleus_area_px)?;
-    u32col("bbox_min_x", &|i| r[i].bbox_min_x)?;
-    u32col("bbox_min_y", &|i| r[i].bbox_min_y)?;
-    u32col("bbox_max_x", &|i| r[i].bbox_max_x)?;
-    u32col("bbox_max_y", &|i| r[i].bbox_max_y)?;
-    let mut f32cols: Vec<(String, Vec<f32>)> = vec![
-        ("centroid_x_px".into(), r.iter().map(|c| c.centroid_x_px).collect()),
-        ("centroid_y_px".into(), r.iter().map(|c| c.centroid_y_px).collect()),
-    ];
-    for (c, ch) in work.plan.channels.iter().enumerate() {
-        f32cols.push((mean_column(&ch.name), r.iter().map(|x| x.mean_intensity[c]).collect()));
+    for c in table.columns.iter().filter(|c| c.kind != ColumnKind::Label) {
+        if let Values::U32(v) = &c.values {
+            u32col(&c.name, &|i| v[i])?;
+        }
     }
-    for (name, values) in &work.cell_predictions {
-        f32cols.push((name.clone(), values.clone()));
-    }
-    for (name, v) in &f32cols {
-        store.column(&format!("{obs}/{name}"), data_type::float32(), 0f32, v, array_attrs())?;
-        order.push(name.clone());
+    for c in &table.columns {
+        if let Values::F32(v) = &c.values {
+            store.column(
+                &format!("{obs}/{}", c.name),
+                data_type::float32(),
+                0f32,
+                v,
+                array_attrs(),
+            )?;
+            order.push(c.name.clone());
+        }
     }
     for (name, value) in [
         ("plate", key.plate.to_string()),

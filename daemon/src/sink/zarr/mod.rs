@@ -28,7 +28,7 @@ use zarrs::filesystem::FilesystemStore;
 
 use self::node::{io_err, store_plane, Store};
 use crate::component::{Context, Sink, SinkConfig, SinkError, StageName};
-use crate::field::{FieldWork, VirtualChannel, WellReadout};
+use crate::field::{FieldWork, Values, VirtualChannel, WellReadout};
 pub use config::{Compression, ZarrSinkConfig};
 
 const OME_VERSION: &str = "0.5";
@@ -474,21 +474,37 @@ impl ZarrSink {
     }
 
     fn label_metadata(&self, name: &str, work: &FieldWork) -> Map<String, Value> {
-        let colors: Vec<Value> = work
-            .records
-            .iter()
-            .map(|r| json!({"label-value": r.label, "rgba": label_color(r.label)}))
+        let t = work.table();
+        let column = |c: &str| t.get(c).map(|c| &c.values);
+        let value = |v: Option<&Values>, i: usize| -> Value {
+            match v {
+                Some(Values::U32(v)) => json!(v[i]),
+                Some(Values::F32(v)) => json!(v[i]),
+                None => Value::Null,
+            }
+        };
+        let labels = column("label");
+        let (area, centroid_x, centroid_y) = (
+            column(if name == "nuclei" { "nucleus_area_px" } else { "area_px" }),
+            column("centroid_x_px"),
+            column("centroid_y_px"),
+        );
+        let label_of = |i: usize| match labels {
+            Some(Values::U32(v)) => v[i],
+            _ => 0,
+        };
+        let colors: Vec<Value> = (0..t.rows)
+            .map(|i| json!({"label-value": label_of(i), "rgba": label_color(label_of(i))}))
             .collect();
-        let properties: Vec<Value> = work
-            .records
-            .iter()
-            .map(|r| {
+        // A nucleus' property is its area; a cell's, its area and centroid.
+        let properties: Vec<Value> = (0..t.rows)
+            .map(|i| {
                 if name == "nuclei" {
-                    json!({"label-value": r.label, "area_px": r.nucleus_area_px})
+                    json!({"label-value": label_of(i), "area_px": value(area, i)})
                 } else {
                     json!({
-                        "label-value": r.label, "area_px": r.area_px,
-                        "centroid_x_px": r.centroid_x_px, "centroid_y_px": r.centroid_y_px,
+                        "label-value": label_of(i), "area_px": value(area, i),
+                        "centroid_x_px": value(centroid_x, i), "centroid_y_px": value(centroid_y, i),
                     })
                 }
             })
