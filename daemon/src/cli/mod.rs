@@ -80,30 +80,7 @@ pub enum Command {
     },
     /// Re-run a finished plate (an instrument folder or a liveomics OME-Zarr plate) through the
     /// pipeline, in acquisition order, at the original pace scaled by --speed or as fast as possible.
-    Replay {
-        /// A `{plate}.zarr` written by liveomics, or a folder of instrument TIFFs.
-        path: PathBuf,
-        /// max, realtime, or a factor like 4x.
-        #[arg(long, default_value = "max")]
-        speed: String,
-        /// Folder layout (phenix, imagexpress, cellvoyager); detected from the file names if absent.
-        #[arg(long, value_parser = parse_layout)]
-        layout: Option<LayoutKind>,
-        /// Channel names in channel-number order, comma-separated (folders only).
-        #[arg(long, value_delimiter = ',')]
-        channels: Vec<String>,
-        /// Pixel size of folder images without OME-XML.
-        #[arg(long)]
-        pixel_size_um: Option<f64>,
-        /// Configuration for everything but the source (stages, sinks).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override `sinks.zarr.output`.
-        #[arg(long)]
-        output: Option<PathBuf>,
-        #[arg(long)]
-        overwrite: bool,
-    },
+    Replay(run::ReplayArgs),
     /// Segment nuclei (and cells) in a TIFF with the daemon's segmentation; writes uint32 label TIFFs.
     Segment(liveomics::segment_cli::SegmentRequest),
     /// Check and run ONNX models described by bioimage.io descriptions.
@@ -169,25 +146,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             layout,
             files_per_s,
         } => run::simulate(&out, config, layout, files_per_s),
-        Command::Replay {
-            path,
-            speed,
-            layout,
-            channels,
-            pixel_size_um,
-            config,
-            output,
-            overwrite,
-        } => run::replay(run::ReplayArgs {
-            path,
-            speed,
-            layout,
-            channels,
-            pixel_size_um,
-            config,
-            output,
-            overwrite,
-        }),
+        Command::Replay(a) => run::replay(a),
         Command::Segment(req) => segment::segment(&req),
         Command::Models { command } => models::models(command),
         Command::PrintConfig => {

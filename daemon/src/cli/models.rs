@@ -29,31 +29,7 @@ pub enum ModelsCommand {
         runtime: RuntimeArgs,
     },
     /// Sample virtual protein images with a virtual-stain-diffusion model (EDM Euler steps).
-    Sample {
-        path: PathBuf,
-        /// Raw landmark planes, float32 `[1, C, H, W]` in the description's channel order.
-        #[arg(long)]
-        landmarks: PathBuf,
-        /// Proteins to sample (comma-separated names from the model's vocabulary).
-        #[arg(long, value_delimiter = ',', required = true)]
-        proteins: Vec<String>,
-        /// Cell line (default: the model's first that is not `none`).
-        #[arg(long)]
-        cell_line: Option<String>,
-        /// Euler steps (default: the description's sampler).
-        #[arg(long)]
-        steps: Option<usize>,
-        /// Initial standard normal noise `[K, latent channels, h, w]`; without it, --seed.
-        #[arg(long)]
-        noise: Option<PathBuf>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Images `[K, H, W]` in photoelectrons.
-        #[arg(long)]
-        output: PathBuf,
-        #[command(flatten)]
-        runtime: RuntimeArgs,
-    },
+    Sample(SampleArgs),
     /// Run a model on a .npy input and write the output as .npy (float32).
     Predict {
         path: PathBuf,
@@ -112,27 +88,7 @@ pub fn models(cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
             runs,
             runtime,
         } => check(&paths, tolerance, runs, &runtime),
-        ModelsCommand::Sample {
-            path,
-            landmarks,
-            proteins,
-            cell_line,
-            steps,
-            noise,
-            seed,
-            output,
-            runtime,
-        } => sample(SampleArgs {
-            path,
-            landmarks,
-            proteins,
-            cell_line,
-            steps,
-            noise,
-            seed,
-            output,
-            runtime,
-        }),
+        ModelsCommand::Sample(a) => sample(a),
         ModelsCommand::Predict {
             path,
             input,
@@ -191,15 +147,30 @@ fn check(paths: &[PathBuf], tolerance: f32, runs: u16, runtime: &RuntimeArgs) ->
 }
 
 /// `models sample`'s arguments.
-struct SampleArgs {
+#[derive(Debug, clap::Args)]
+pub struct SampleArgs {
     path: PathBuf,
+    /// Raw landmark planes, float32 `[1, C, H, W]` in the description's channel order.
+    #[arg(long)]
     landmarks: PathBuf,
+    /// Proteins to sample (comma-separated names from the model's vocabulary).
+    #[arg(long, value_delimiter = ',', required = true)]
     proteins: Vec<String>,
+    /// Cell line (default: the model's first that is not `none`).
+    #[arg(long)]
     cell_line: Option<String>,
+    /// Euler steps (default: the description's sampler).
+    #[arg(long)]
     steps: Option<usize>,
+    /// Initial standard normal noise `[K, latent channels, h, w]`; without it, --seed.
+    #[arg(long)]
     noise: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Images `[K, H, W]` in photoelectrons.
+    #[arg(long)]
     output: PathBuf,
+    #[command(flatten)]
     runtime: RuntimeArgs,
 }
 

@@ -45,15 +45,29 @@ pub fn simulate(
 }
 
 /// `liveomics replay`'s arguments.
-#[derive(Debug)]
+#[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
+    /// A `{plate}.zarr` written by liveomics, or a folder of instrument TIFFs.
     pub path: PathBuf,
+    /// max, realtime, or a factor like 4x.
+    #[arg(long, default_value = "max")]
     pub speed: String,
+    /// Folder layout (phenix, imagexpress, cellvoyager); detected from the file names if absent.
+    #[arg(long, value_parser = super::parse_layout)]
     pub layout: Option<LayoutKind>,
+    /// Channel names in channel-number order, comma-separated (folders only).
+    #[arg(long, value_delimiter = ',')]
     pub channels: Vec<String>,
+    /// Pixel size of folder images without OME-XML.
+    #[arg(long)]
     pub pixel_size_um: Option<f64>,
+    /// Configuration for everything but the source (stages, sinks).
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Override `sinks.zarr.output`.
+    #[arg(long)]
     pub output: Option<PathBuf>,
+    #[arg(long)]
     pub overwrite: bool,
 }
 
