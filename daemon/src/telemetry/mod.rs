@@ -5,7 +5,6 @@
 //! debugging; whatever an operator needs from them reaches this module as data (a model's
 //! provider and skipped providers, a source's rejected inputs).
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
@@ -14,6 +13,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing::{debug, error, info, warn};
 
 use serde::{Deserialize, Serialize};
+
+mod http;
 
 pub const FRAMES_IN: &str = "liveomics_frames_in_total";
 pub const FRAMES_REJECTED: &str = "liveomics_frames_rejected_total";
@@ -135,9 +136,8 @@ pub enum TelemetryError {
     Recorder(#[source] metrics_exporter_prometheus::BuildError),
 }
 
-/// The Prometheus recorder plus, when configured, a small HTTP endpoint serving `/metrics`. The
-/// endpoint is a plain thread on a std listener: scrapes are rare and tiny, and this keeps the
-/// daemon free of an HTTP stack it would otherwise not need.
+/// The Prometheus recorder plus, when configured, the HTTP endpoint serving `/metrics`
+/// (`http.rs`).
 #[derive(Debug)]
 pub struct Metrics {
     handle: PrometheusHandle,
@@ -184,14 +184,10 @@ impl Metrics {
                 source,
             })?;
             let addr = listener.local_addr().ok();
-            let h = handle.clone();
-            std::thread::Builder::new()
-                .name("metrics-http".into())
-                .spawn(move || serve(listener, h))
-                .map_err(|source| TelemetryError::Bind {
-                    addr: cfg.metrics_listen.clone(),
-                    source,
-                })?;
+            http::spawn(listener, handle.clone()).map_err(|source| TelemetryError::Bind {
+                addr: cfg.metrics_listen.clone(),
+                source,
+            })?;
             if let Some(a) = addr {
                 info!(metrics = %format!("http://{a}/metrics"), "metrics endpoint listening");
             }
@@ -202,40 +198,6 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         self.handle.render()
-    }
-}
-
-fn serve(listener: TcpListener, handle: PrometheusHandle) {
-    for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        // A request is a few hundred bytes: a client sending more is cut off at 16 KiB, and one
-        // sending slowly at 2 s for the whole request (each read gets what is left of it), so no
-        // client can hold the single-threaded endpoint away from the next scrape.
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        let left = |s: &std::net::TcpStream| {
-            let d = deadline.saturating_duration_since(std::time::Instant::now());
-            !d.is_zero() && s.set_read_timeout(Some(d)).is_ok()
-        };
-        let mut line = String::new();
-        let mut reader = BufReader::new((&stream).take(16 * 1024));
-        if !left(&stream) || reader.read_line(&mut line).is_err() {
-            continue;
-        }
-        // Drain the request headers.
-        let mut h = String::new();
-        while left(&stream) && reader.read_line(&mut h).map(|n| n > 2).unwrap_or(false) {
-            h.clear();
-        }
-        let (status, body) = if line.starts_with("GET /metrics") {
-            ("200 OK", handle.render())
-        } else {
-            ("404 Not Found", "see /metrics\n".to_string())
-        };
-        let _ = write!(
-            stream,
-            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
     }
 }
 

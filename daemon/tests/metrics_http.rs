@@ -1,0 +1,48 @@
+//! The metrics endpoint as a client on the network sees it: `/metrics` answers, other paths and
+//! methods do not, and clients that connect and send nothing can neither block a scrape nor hold
+//! more than their few slots, which the header timeout frees.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use liveomics::telemetry::{Metrics, TelemetryConfig};
+
+fn exchange(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    s.write_all(request.as_bytes()).expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn metrics_are_served_and_the_endpoint_stays_bounded() {
+    let cfg = TelemetryConfig {
+        metrics_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    let m = Metrics::install(&cfg).expect("metrics");
+    let addr = m.addr.expect("bound");
+    let ok = exchange(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains("text/plain; version=0.0.4"), "{ok}");
+    let missing = exchange(addr, "GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    let post = exchange(addr, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc");
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    let garbage = exchange(addr, "\x16\x03\x01 not http at all\r\n\r\n");
+    assert!(!garbage.contains("200 OK"), "{garbage}");
+
+    // Eight clients that connect and say nothing hold every slot: a ninth is closed at once...
+    let idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(addr).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let refused = exchange(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(refused.is_empty(), "{refused}");
+    // ...until the two-second header timeout drops them.
+    std::thread::sleep(Duration::from_millis(2500));
+    let again = exchange(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+    drop(idle);
+}
