@@ -30,7 +30,10 @@ fn metrics_are_served_and_the_endpoint_stays_bounded() {
     assert!(ok.contains("text/plain; version=0.0.4"), "{ok}");
     let missing = exchange(addr, "GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
-    let post = exchange(addr, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc");
+    let post = exchange(
+        addr,
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+    );
     assert!(post.starts_with("HTTP/1.1 405"), "{post}");
     let garbage = exchange(addr, "\x16\x03\x01 not http at all\r\n\r\n");
     assert!(!garbage.contains("200 OK"), "{garbage}");
