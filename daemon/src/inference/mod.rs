@@ -29,10 +29,19 @@ struct WellState {
     per_field: Vec<Vec<f32>>,
 }
 
-/// What a model is beyond its main network.
+/// How a model runs, by its role: each runner holds what that role needs and nothing else, so
+/// a per-cell model always has its batcher and a diffusion model its panel.
 #[derive(Debug)]
-enum Kind {
-    Plain,
+enum Runner {
+    /// A whole-field model run by tiles (`segmentation`, `virtual-stain`): an image per field.
+    Field { model: Arc<Model>, role: Role },
+    /// Crops around each cell, batched across fields (`cell-omics`): values per cell.
+    Cells {
+        model: Arc<Model>,
+        batcher: Batcher,
+        crop: CropSpec,
+    },
+    /// EDM sampling of a protein panel (`virtual-stain-diffusion`): an image per field.
     Diffusion {
         diffusion: Arc<Diffusion>,
         /// Protein names and their label ids.
@@ -41,10 +50,31 @@ enum Kind {
         steps: usize,
         seed: u64,
     },
+    /// Tile features pooled per well (`well-omics`): a readout of the field's well.
     Well {
         model: Arc<WellModel>,
         wells: Mutex<BTreeMap<(String, WellId), WellState>>,
     },
+}
+
+impl Runner {
+    fn role(&self) -> Role {
+        match self {
+            Runner::Field { role, .. } => *role,
+            Runner::Cells { .. } => Role::CellOmics,
+            Runner::Diffusion { .. } => Role::VirtualStainDiffusion,
+            Runner::Well { .. } => Role::WellOmics,
+        }
+    }
+
+    /// The network whose provider the model runs on.
+    fn network(&self) -> &Model {
+        match self {
+            Runner::Field { model, .. } | Runner::Cells { model, .. } => model,
+            Runner::Diffusion { diffusion, .. } => &diffusion.denoiser,
+            Runner::Well { model, .. } => &model.encoder,
+        }
+    }
 }
 
 /// Stable 64-bit FNV-1a: the sampling seed of a field must not change with the Rust version.
@@ -57,16 +87,13 @@ fn fnv1a(text: &str) -> u64 {
 /// A model ready to run, shared by all workers.
 #[derive(Debug)]
 struct Loaded {
-    kind: Kind,
     name: String,
-    role: Role,
     /// Plan channel feeding each model input channel.
     channels: Vec<usize>,
-    model: Arc<Model>,
-    batcher: Option<Batcher>,
-    crop: CropSpec,
+    /// Output names: channels of an image, columns per cell, genes of a readout.
     outputs: Vec<String>,
     provider: String,
+    runner: Runner,
 }
 
 #[derive(Debug)]
@@ -428,7 +455,7 @@ fn load_new(
         };
         Invalid::new(&at, message)
     };
-    let (model, kind) = match role {
+    let runner = match role {
         Role::VirtualStainDiffusion => {
             let diffusion = Arc::new(Diffusion::load(&m.path, &opts).map_err(path_err)?);
             let panel = m
@@ -441,25 +468,53 @@ fn load_new(
             } else {
                 diffusion.cell_line_id(&m.cell_line).unwrap_or(0)
             };
-            let kind = Kind::Diffusion {
+            Runner::Diffusion {
                 steps: m.steps.unwrap_or(diffusion.sampler.steps),
-                diffusion: Arc::clone(&diffusion),
+                diffusion,
                 panel,
                 cell_line,
                 seed: m.seed,
-            };
-            (Arc::clone(&diffusion.denoiser), kind)
+            }
         }
-        Role::WellOmics => {
-            let well = Arc::new(WellModel::load(&m.path, &opts).map_err(path_err)?);
-            let kind = Kind::Well {
-                model: Arc::clone(&well),
-                wells: Mutex::new(BTreeMap::new()),
-            };
-            (Arc::clone(&well.encoder), kind)
+        Role::WellOmics => Runner::Well {
+            model: Arc::new(WellModel::load(&m.path, &opts).map_err(path_err)?),
+            wells: Mutex::new(BTreeMap::new()),
+        },
+        Role::CellOmics => {
+            let model = Arc::new(Model::load(&m.path, &opts).map_err(path_err)?);
+            let name = m.name.clone();
+            let batcher = Batcher::new(
+                Arc::clone(&model),
+                BatchOptions {
+                    max_batch: inf.max_batch,
+                    max_queue_delay: std::time::Duration::from_millis(inf.max_queue_delay_ms),
+                },
+                move |s| {
+                    t::BatchRan {
+                        model: &name,
+                        samples: s.samples,
+                        padded_to: s.padded_to,
+                        requests: s.requests,
+                    }
+                    .emit()
+                },
+            )
+            .map_err(|e| Invalid::new(&key, t::error_chain(&e)))?;
+            Runner::Cells {
+                model,
+                batcher,
+                crop: CropSpec {
+                    size: crop,
+                    scale: m.crop_scale,
+                },
+            }
         }
-        _ => (Arc::new(Model::load(&m.path, &opts).map_err(path_err)?), Kind::Plain),
+        Role::Segmentation | Role::VirtualStain => Runner::Field {
+            model: Arc::new(Model::load(&m.path, &opts).map_err(path_err)?),
+            role,
+        },
     };
+    let model = runner.network();
     let provider = model.provider.label();
     let library = liveomics_models::runtime::runtime(opts.ort_library.as_deref())
         .map(|r| r.library.display().to_string())
@@ -480,47 +535,16 @@ fn load_new(
             named
         }
     };
-    let batcher = if role == Role::CellOmics {
-        let name = m.name.clone();
-        Some(
-            Batcher::new(
-                Arc::clone(&model),
-                BatchOptions {
-                    max_batch: inf.max_batch,
-                    max_queue_delay: std::time::Duration::from_millis(inf.max_queue_delay_ms),
-                },
-                move |s| {
-                    t::BatchRan {
-                        model: &name,
-                        samples: s.samples,
-                        padded_to: s.padded_to,
-                        requests: s.requests,
-                    }
-                    .emit()
-                },
-            )
-            .map_err(|e| Invalid::new(&key, t::error_chain(&e)))?,
-        )
-    } else {
-        None
-    };
-    let outputs = match &kind {
-        Kind::Diffusion { panel, .. } => panel.iter().map(|(p, _)| p.clone()).collect(),
+    let outputs = match &runner {
+        Runner::Diffusion { panel, .. } => panel.iter().map(|(p, _)| p.clone()).collect(),
         _ => outputs,
     };
     Ok(Loaded {
-        kind,
         name: m.name.clone(),
-        role,
         channels,
-        model,
-        batcher,
-        crop: CropSpec {
-            size: crop,
-            scale: m.crop_scale,
-        },
         outputs,
         provider,
+        runner,
     })
 }
 
@@ -528,25 +552,24 @@ impl InferenceStage {
     fn run_one(&self, l: &Loaded, work: &mut FieldWork) -> Result<usize, StageError> {
         let f = &work.field;
         let planes = model_planes(l, work)?;
-        match l.role {
-            Role::CellOmics => {
-                let Some(batcher) = &l.batcher else { return Ok(0) };
+        match &l.runner {
+            Runner::Cells { model, batcher, crop } => {
                 let centers: Vec<(f32, f32)> = work
                     .records
                     .iter()
                     .map(|r| (r.centroid_x_px, r.centroid_y_px))
                     .collect();
                 let n = centers.len();
-                let shape = vec![n, planes.len(), l.crop.size, l.crop.size];
+                let shape = vec![n, planes.len(), crop.size, crop.size];
                 // Elementwise preprocessing runs inside the gather, on each crop plane while it
                 // is in cache; anything else runs on the whole batch as it is submitted.
-                let out = match l.model.plane_preprocessor(0) {
+                let out = match model.plane_preprocessor(0) {
                     Some(pre) => {
-                        let crops = crop_gather_u16_with(&planes, f.width, f.height, &centers, l.crop, &pre)?;
+                        let crops = crop_gather_u16_with(&planes, f.width, f.height, &centers, *crop, &pre)?;
                         batcher.run_prepared(Tensor::new(shape, crops), work.deadline)?
                     }
                     None => {
-                        let crops = crop_gather_u16_with(&planes, f.width, f.height, &centers, l.crop, &|_, _| {})?;
+                        let crops = crop_gather_u16_with(&planes, f.width, f.height, &centers, *crop, &|_, _| {})?;
                         batcher.run(Tensor::new(shape, crops), work.deadline)?
                     }
                 };
@@ -558,17 +581,13 @@ impl InferenceStage {
                 }
                 Ok(n)
             }
-            Role::VirtualStainDiffusion => {
-                let Kind::Diffusion {
-                    diffusion,
-                    panel,
-                    cell_line,
-                    steps,
-                    seed,
-                } = &l.kind
-                else {
-                    return Ok(0);
-                };
+            Runner::Diffusion {
+                diffusion,
+                panel,
+                cell_line,
+                steps,
+                seed,
+            } => {
                 let input = planes_tensor(&planes, f.width, f.height);
                 let k = &f.key;
                 let field_seed = fnv1a(&format!(
@@ -582,16 +601,13 @@ impl InferenceStage {
                 let out = diffusion.generate(&input, &ids, *cell_line, *steps, field_seed, || {})?;
                 work.images.push(ModelImage {
                     model: l.name.clone(),
-                    role: l.role,
+                    role: Role::VirtualStainDiffusion,
                     channels: l.outputs.clone(),
                     data: out,
                 });
                 Ok(panel.len() * steps)
             }
-            Role::WellOmics => {
-                let Kind::Well { model, wells } = &l.kind else {
-                    return Ok(0);
-                };
+            Runner::Well { model, wells } => {
                 let feats = model.field_features(&planes, f.width, f.height)?;
                 let mut field_pool = Pool::default();
                 field_pool.add(&feats.data, model.features);
@@ -617,11 +633,11 @@ impl InferenceStage {
                 work.well_readouts.push(readout);
                 Ok(feats.shape.first().copied().unwrap_or(0))
             }
-            _ => {
-                let data = run_field_model(l, &self.tile, &planes, f.width, f.height)?;
+            Runner::Field { model, role } => {
+                let data = run_field_model(model, &self.tile, &planes, f.width, f.height)?;
                 work.images.push(ModelImage {
                     model: l.name.clone(),
-                    role: l.role,
+                    role: *role,
                     channels: l.outputs.clone(),
                     data,
                 });
@@ -669,13 +685,13 @@ pub fn planes_tensor(planes: &[&[u16]], width: usize, height: usize) -> Tensor {
 
 /// A whole-field model on the field's planes, by tiles: `[K, H, W]`.
 fn run_field_model(
-    l: &Loaded,
+    model: &Model,
     tile: &TileOptions,
     planes: &[&[u16]],
     width: usize,
     height: usize,
 ) -> Result<Tensor, StageError> {
-    let mut out = l.model.run_tiled(planes_tensor(planes, width, height), tile)?;
+    let mut out = model.run_tiled(planes_tensor(planes, width, height), tile)?;
     let k = out.data.len() / (width * height);
     out.shape = vec![k, height, width];
     Ok(out)
@@ -685,7 +701,8 @@ fn run_field_model(
 /// segmentation stage (`segmentation.probability_model`).
 #[derive(Debug, Clone)]
 pub struct ProbabilityModel {
-    model: Arc<Loaded>,
+    loaded: Arc<Loaded>,
+    model: Arc<Model>,
     tile: TileOptions,
 }
 
@@ -707,14 +724,21 @@ impl ProbabilityModel {
                     format!("no [[inference.models]] named {name:?}; models: {}", known.join(", ")),
                 )
             })?;
-        let model = load(ctx, plan, i, m)?;
-        if model.role != Role::Segmentation {
-            return Err(Invalid::new(
-                key,
-                format!("model {name:?} has role {}, not segmentation", model.role.as_str()),
-            ));
-        }
+        let loaded = load(ctx, plan, i, m)?;
+        let model = match &loaded.runner {
+            Runner::Field {
+                model,
+                role: Role::Segmentation,
+            } => Arc::clone(model),
+            other => {
+                return Err(Invalid::new(
+                    key,
+                    format!("model {name:?} has role {}, not segmentation", other.role().as_str()),
+                ))
+            }
+        };
         Ok(Self {
+            loaded,
             model,
             tile: TileOptions {
                 tile: ctx.inference.tile_px,
@@ -728,11 +752,11 @@ impl ProbabilityModel {
     pub fn probability(&self, work: &FieldWork) -> Result<Vec<f32>, StageError> {
         let t0 = Instant::now();
         let (w, h) = (work.field.width, work.field.height);
-        let planes = model_planes(&self.model, work)?;
+        let planes = model_planes(&self.loaded, work)?;
         let mut out = run_field_model(&self.model, &self.tile, &planes, w, h)?;
         t::ModelRan {
-            model: &self.model.name,
-            provider: &self.model.provider,
+            model: &self.loaded.name,
+            provider: &self.loaded.provider,
             field: &work.name,
             items: 1,
             elapsed: t0.elapsed(),
