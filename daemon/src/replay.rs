@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::component::{Context, SourceConfig};
 use crate::field::is_virtual_label;
+use crate::sink::zarr::ome;
 
 /// Replay of an OME-Zarr plate written by liveomics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,37 +92,20 @@ impl ZarrReplay {
     pub fn new(cfg: &ReplayConfig) -> Result<Self, SourceError> {
         let root: PathBuf = cfg.path.clone();
         let top = attrs(&root, "")?;
-        let plate = top
-            .pointer("/ome/plate")
-            .ok_or_else(|| bad(&root, "not an OME-Zarr plate (no ome.plate)"))?;
-        let name = plate.get("name").and_then(Value::as_str).unwrap_or("replay");
-        let rows = plate
-            .get("rows")
-            .and_then(Value::as_array)
-            .map(|r| r.len())
-            .unwrap_or(8);
-        let format = PlateFormat::new(if rows > 8 { 384 } else { 96 })?;
+        let (plate, _) = ome::read::<ome::PlateAttrs, Value>(&top);
+        let plate = plate
+            .ok_or_else(|| bad(&root, "not an OME-Zarr plate (no readable ome.plate)"))?
+            .plate;
+        let name = if plate.name.is_empty() { "replay" } else { &plate.name };
+        let format = PlateFormat::new(if plate.rows.len() > 8 { 384 } else { 96 })?;
         let plate_name = Name::new(name)?;
         let mut items = Vec::new();
         let mut first_image: Option<String> = None;
-        for w in plate
-            .get("wells")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-        {
-            let Some(path) = w.get("path").and_then(Value::as_str) else {
-                continue;
-            };
-            let (Some(r), Some(c)) = (
-                w.get("rowIndex").and_then(Value::as_u64),
-                w.get("columnIndex").and_then(Value::as_u64),
-            ) else {
-                continue;
-            };
+        for w in &plate.wells {
+            let path = w.path.as_str();
             let well = WellId {
-                row: r as u16,
-                column: c as u16,
+                row: w.row_index,
+                column: w.column_index,
             };
             if well.row >= format.rows()
                 || well.column >= format.columns()
@@ -129,50 +113,30 @@ impl ZarrReplay {
             {
                 return Err(bad(&root, format!("well path {path:?} does not match its indices")));
             }
-            let wa = attrs(&root, path)?;
-            for img in wa
-                .pointer("/ome/well/images")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default()
-            {
-                let Some(f) = img.get("path").and_then(Value::as_str) else {
-                    continue;
-                };
+            let (well_ome, well_liveomics) = ome::read::<ome::WellAttrs, ome::WellLiveomics>(&attrs(&root, path)?);
+            let well_liveomics = well_liveomics.unwrap_or_default();
+            for img in well_ome.map(|w| w.well.images).unwrap_or_default() {
+                let f = img.path.as_str();
                 let field: u32 = f
                     .parse()
                     .map_err(|_| bad(&root, format!("image path {f:?} is not a field number")))?;
                 let node = format!("{path}/{field}");
                 first_image.get_or_insert(node.clone());
-                let ia = attrs(&root, &node)?;
-                let times = ia
-                    .pointer("/liveomics/acquired_unix_ns")
-                    .and_then(Value::as_object)
-                    .cloned()
-                    .unwrap_or_default();
-                let pairs = |key: &str| -> Vec<u32> {
-                    wa.pointer(&format!("/liveomics/{key}"))
-                        .and_then(Value::as_array)
-                        .map(|a| {
-                            a.iter()
-                                .filter(|p| p.get(0).and_then(Value::as_u64) == Some(field as u64))
-                                .filter_map(|p| p.get(1).and_then(Value::as_u64).map(|t| t as u32))
-                                .collect()
-                        })
-                        .unwrap_or_default()
-                };
-                let mut done = pairs("complete");
-                done.extend(pairs("incomplete"));
+                let (_, image) = ome::read::<Value, ome::ImageLiveomics>(&attrs(&root, &node)?);
+                let times = image.unwrap_or_default().acquired_unix_ns;
+                let mut done: Vec<u32> = well_liveomics
+                    .complete
+                    .iter()
+                    .chain(&well_liveomics.incomplete)
+                    .filter(|(f, _)| *f == field)
+                    .map(|&(_, t)| t)
+                    .collect();
                 done.sort_unstable();
                 if done.is_empty() {
                     done.push(0);
                 }
                 for t in done {
-                    let acquired_ns = times
-                        .get(&t.to_string())
-                        .and_then(Value::as_str)
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0);
+                    let acquired_ns = times.get(&t.to_string()).and_then(|s| s.parse().ok()).unwrap_or(0);
                     items.push(Item {
                         acquired_ns,
                         key: FieldKey {
@@ -187,11 +151,13 @@ impl ZarrReplay {
             }
         }
         let first = first_image.ok_or_else(|| bad(&root, "the plate lists no image"))?;
-        let ia = attrs(&root, &first)?;
-        let ms = ia
-            .pointer("/ome/multiscales/0")
+        let (image, _) = ome::read::<ome::ImageAttrs, Value>(&attrs(&root, &first)?);
+        let image = image.ok_or_else(|| bad(&root, "image has no readable ome attributes"))?;
+        let ms = image
+            .multiscales
+            .first()
             .ok_or_else(|| bad(&root, "image has no multiscales"))?;
-        let dataset = ms.pointer("/datasets/0/path").and_then(Value::as_str).unwrap_or("0");
+        let dataset = ms.datasets.first().map_or("0", |d| d.path.as_str());
         // The path is read from the file: it names a dataset of this image, never a way out of it.
         if dataset.is_empty() || !dataset.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(bad(
@@ -200,27 +166,22 @@ impl ZarrReplay {
             ));
         }
         let scale = ms
-            .pointer("/datasets/0/coordinateTransformations/0/scale")
-            .and_then(Value::as_array)
-            .and_then(|s| s.last())
-            .and_then(Value::as_f64)
+            .datasets
+            .first()
+            .and_then(|d| d.transforms.first())
+            .and_then(|t| t.scale.last().copied())
             .unwrap_or(1.0);
-        let channels: Vec<ChannelInfo> = ia
-            .pointer("/ome/omero/channels")
-            .and_then(Value::as_array)
-            .map(|cs| {
-                cs.iter()
-                    .filter(|c| {
-                        let label = c.get("label").and_then(Value::as_str).unwrap_or("");
-                        !is_virtual_label(label)
-                    })
-                    .map(|c| ChannelInfo {
-                        name: c.get("label").and_then(Value::as_str).unwrap_or("channel").to_string(),
-                        color: c.get("color").and_then(Value::as_str).unwrap_or("FFFFFF").to_string(),
-                    })
-                    .collect()
+        let channels: Vec<ChannelInfo> = image
+            .omero
+            .map(|o| o.channels)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| !is_virtual_label(&c.label))
+            .map(|c| ChannelInfo {
+                name: if c.label.is_empty() { "channel".into() } else { c.label },
+                color: if c.color.is_empty() { "FFFFFF".into() } else { c.color },
             })
-            .unwrap_or_default();
+            .collect();
         let store = Arc::new(FilesystemStore::new(&root).map_err(|e| bad(&root, e))?);
         let array = Array::open(store.clone(), &format!("/{first}/{dataset}")).map_err(|e| bad(&root, e))?;
         let shape = array.shape().to_vec();

@@ -15,6 +15,7 @@
 pub mod anndata;
 pub mod config;
 pub mod node;
+pub mod ome;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -31,7 +32,6 @@ use crate::component::{Context, Sink, SinkConfig, SinkError, StageName};
 use crate::field::{FieldWork, Values, VirtualChannel, WellReadout};
 pub use config::{Compression, ZarrSinkConfig};
 
-const OME_VERSION: &str = "0.5";
 pub const LABEL_NAMES: [&str; 2] = ["nuclei", "cells"];
 /// Version of the liveomics layout recorded in the plate; a resume requires the same.
 const LAYOUT_VERSION: u32 = 1;
@@ -72,7 +72,7 @@ pub struct ZarrSink {
     store: Store,
     plan: Arc<AcquisitionPlan>,
     cfg: ZarrSinkConfig,
-    marker: Value,
+    marker: ome::Marker,
     /// Written (field, timepoint) pairs per well: exactly what the metadata lists.
     wells: BTreeMap<WellId, BTreeSet<(u32, u32)>>,
     /// Written pairs that lacked channels: listed (readable) but redone if they come again.
@@ -95,14 +95,6 @@ impl std::fmt::Debug for ZarrSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ZarrSink").field("plate_dir", &self.store.root).finish()
     }
-}
-
-fn ome(content: Value) -> Map<String, Value> {
-    let mut ome = content.as_object().cloned().unwrap_or_default();
-    ome.insert("version".into(), json!(OME_VERSION));
-    let mut m = Map::new();
-    m.insert("ome".into(), Value::Object(ome));
-    m
 }
 
 /// `B/3` → well id.
@@ -136,25 +128,22 @@ impl ZarrSink {
     }
 
     /// What must match for a restart to resume into an existing plate.
-    fn marker(cfg: &ZarrSinkConfig, plan: &AcquisitionPlan, virtual_channels: &[VirtualChannel]) -> Value {
-        let mut m = json!({
-            "layout": LAYOUT_VERSION,
-            "plate": plan.plate.to_string(),
-            "plate_format": plan.format.wells,
-            "channels": plan.channels.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
-            "width_px": plan.width,
-            "height_px": plan.height,
-            "pixel_size_um": plan.pixel_size_um,
-            "timepoints": plan.timepoints,
-            "pyramid_levels": cfg.pyramid_levels,
-            "chunk_px": cfg.chunk_px,
-            "shard": cfg.shard,
-            "compression": cfg.compression,
-        });
-        if !virtual_channels.is_empty() {
-            m["virtual_channels"] = json!(virtual_channels.iter().map(|v| v.label.as_str()).collect::<Vec<_>>());
+    fn marker(cfg: &ZarrSinkConfig, plan: &AcquisitionPlan, virtual_channels: &[VirtualChannel]) -> ome::Marker {
+        ome::Marker {
+            layout: LAYOUT_VERSION,
+            plate: plan.plate.to_string(),
+            plate_format: plan.format.wells,
+            channels: plan.channels.iter().map(|c| c.name.clone()).collect(),
+            width_px: plan.width,
+            height_px: plan.height,
+            pixel_size_um: plan.pixel_size_um,
+            timepoints: plan.timepoints,
+            pyramid_levels: cfg.pyramid_levels,
+            chunk_px: cfg.chunk_px,
+            shard: cfg.shard,
+            compression: cfg.compression,
+            virtual_channels: virtual_channels.iter().map(|v| v.label.clone()).collect(),
         }
-        m
     }
 
     /// Opens the output before any frame is acquired. A new plate is created; the same plate
@@ -189,7 +178,8 @@ impl ZarrSink {
             let ours = std::fs::read_to_string(plate_dir.join("zarr.json"))
                 .ok()
                 .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .is_some_and(|v| v.pointer("/attributes/liveomics").is_some());
+                .and_then(|v| v.get("attributes").cloned())
+                .is_some_and(|a| ome::read::<Value, Value>(&a).1.is_some());
             if !ours && !nothing_written(&plate_dir) {
                 return Err(SinkError::NotOurs {
                     path: plate_dir.display().to_string(),
@@ -226,11 +216,15 @@ impl ZarrSink {
         let not_ours = || SinkError::NotOurs {
             path: plate_dir.display().to_string(),
         };
-        let root = self.store.attributes("/").ok_or_else(not_ours)?;
-        match root.get("liveomics") {
-            Some(m) if *m == self.marker => {}
+        let root = Value::Object(self.store.attributes("/").ok_or_else(not_ours)?);
+        // Compared as JSON, so that a marker of another layout is listed key by key, not
+        // refused as unreadable.
+        let marker = serde_json::to_value(&self.marker).unwrap_or(Value::Null);
+        let (plate, stored) = ome::read::<ome::PlateAttrs, Value>(&root);
+        match stored {
+            Some(m) if m == marker => {}
             Some(m) => {
-                let keys: Vec<&String> = match (m, &self.marker) {
+                let keys: Vec<&String> = match (&m, &marker) {
                     (Value::Object(a), Value::Object(b)) => a
                         .keys()
                         .chain(b.keys())
@@ -247,43 +241,27 @@ impl ZarrSink {
                     } else {
                         keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
                     },
-                    self.marker
+                    marker
                 )));
             }
             None => return Err(not_ours()),
         }
-        let wells = root
-            .get("ome")
-            .and_then(|o| o.get("plate"))
-            .and_then(|p| p.get("wells"))
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        for w in wells {
-            let Some(path) = w.get("path").and_then(Value::as_str) else {
-                continue;
-            };
-            let Some(id) = parse_well_path(path) else { continue };
-            let pairs = |key: &str| -> BTreeSet<(u32, u32)> {
-                self.store
-                    .attributes(path)
-                    .and_then(|a| a.get("liveomics")?.get(key)?.as_array().cloned())
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|p| Some((p.get(0)?.as_u64()? as u32, p.get(1)?.as_u64()? as u32)))
-                    .collect()
-            };
-            let (done, incomplete) = (pairs("complete"), pairs("incomplete"));
+        let liveomics_of = |node: &str| self.store.attributes(node).map(Value::Object);
+        for w in plate.map(|p| p.plate.wells).unwrap_or_default() {
+            let Some(id) = parse_well_path(&w.path) else { continue };
+            let well: ome::WellLiveomics = liveomics_of(&w.path)
+                .and_then(|a| ome::read::<Value, _>(&a).1)
+                .unwrap_or_default();
+            let done: BTreeSet<(u32, u32)> = well.complete.into_iter().collect();
+            let incomplete: BTreeSet<(u32, u32)> = well.incomplete.into_iter().collect();
             for &(f, _) in done.iter().chain(&incomplete) {
                 self.images.insert((id, f));
-                let times = self
-                    .store
-                    .attributes(&format!("{path}/{f}"))
-                    .and_then(|a| a.get("liveomics")?.get("acquired_unix_ns")?.as_object().cloned())
+                let image: ome::ImageLiveomics = liveomics_of(&format!("{}/{f}", w.path))
+                    .and_then(|a| ome::read::<Value, _>(&a).1)
                     .unwrap_or_default();
                 let entry = self.acquired.entry((id, f)).or_default();
-                for (t, ns) in times {
-                    if let (Ok(t), Some(ns)) = (t.parse(), ns.as_str().and_then(|v| v.parse().ok())) {
+                for (t, ns) in image.acquired_unix_ns {
+                    if let (Ok(t), Ok(ns)) = (t.parse(), ns.parse()) {
                         entry.insert(t, ns);
                     }
                 }
@@ -323,30 +301,45 @@ impl ZarrSink {
         (h, w)
     }
 
-    fn axes(&self) -> Vec<Value> {
+    fn axes(&self) -> Vec<ome::Axis> {
+        let axis = |name: &str, kind: &str, unit: Option<&str>| ome::Axis {
+            name: name.into(),
+            kind: kind.into(),
+            unit: unit.map(String::from),
+        };
         let mut axes = Vec::new();
         if self.has_time() {
-            axes.push(json!({"name": "t", "type": "time"}));
+            axes.push(axis("t", "time", None));
         }
-        axes.push(json!({"name": "c", "type": "channel"}));
-        axes.push(json!({"name": "y", "type": "space", "unit": "micrometer"}));
-        axes.push(json!({"name": "x", "type": "space", "unit": "micrometer"}));
+        axes.push(axis("c", "channel", None));
+        axes.push(axis("y", "space", Some("micrometer")));
+        axes.push(axis("x", "space", Some("micrometer")));
         axes
     }
 
-    fn multiscales(&self, name: &str) -> Value {
-        let datasets: Vec<Value> = (0..self.levels())
+    fn multiscales(&self, name: &str) -> Vec<ome::Multiscale> {
+        let datasets = (0..self.levels())
             .map(|k| {
                 let px = self.plan.pixel_size_um * (1u64 << k) as f64;
                 let mut scale = Vec::new();
                 if self.has_time() {
-                    scale.push(json!(1.0));
+                    scale.push(1.0);
                 }
-                scale.extend([json!(1.0), json!(px), json!(px)]);
-                json!({"path": k.to_string(), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+                scale.extend([1.0, px, px]);
+                ome::Dataset {
+                    path: k.to_string(),
+                    transforms: vec![ome::Transform {
+                        kind: "scale".into(),
+                        scale,
+                    }],
+                }
             })
             .collect();
-        json!([{"name": name, "axes": self.axes(), "datasets": datasets}])
+        vec![ome::Multiscale {
+            name: name.into(),
+            axes: self.axes(),
+            datasets,
+        }]
     }
 
     /// Shape and dimension names of level `k` of an array with `channels` channels.
@@ -493,26 +486,34 @@ impl ZarrSink {
             Some(Values::U32(v)) => v[i],
             _ => 0,
         };
-        let colors: Vec<Value> = (0..t.rows)
-            .map(|i| json!({"label-value": label_of(i), "rgba": label_color(label_of(i))}))
-            .collect();
-        // A nucleus' property is its area; a cell's, its area and centroid.
-        let properties: Vec<Value> = (0..t.rows)
-            .map(|i| {
-                if name == "nuclei" {
-                    json!({"label-value": label_of(i), "area_px": value(area, i)})
-                } else {
-                    json!({
-                        "label-value": label_of(i), "area_px": value(area, i),
-                        "centroid_x_px": value(centroid_x, i), "centroid_y_px": value(centroid_y, i),
-                    })
-                }
+        let colors = (0..t.rows)
+            .map(|i| ome::LabelColor {
+                label_value: label_of(i),
+                rgba: label_color(label_of(i)),
             })
             .collect();
-        ome(json!({
-            "multiscales": self.multiscales(name),
-            "image-label": {"colors": colors, "properties": properties, "source": {"image": "../../"}},
-        }))
+        // A nucleus' property is its area; a cell's, its area and centroid.
+        let properties = (0..t.rows)
+            .map(|i| {
+                let mut p = Map::new();
+                p.insert("label-value".into(), json!(label_of(i)));
+                p.insert("area_px".into(), value(area, i));
+                if name != "nuclei" {
+                    p.insert("centroid_x_px".into(), value(centroid_x, i));
+                    p.insert("centroid_y_px".into(), value(centroid_y, i));
+                }
+                p
+            })
+            .collect();
+        let attrs = ome::LabelAttrs {
+            multiscales: self.multiscales(name),
+            image_label: ome::ImageLabel {
+                colors,
+                properties,
+                source: ome::LabelSource { image: "../../".into() },
+            },
+        };
+        ome::attributes::<_, ()>(Some(&attrs), None)
     }
 
     fn image_metadata(&self, well: WellId, field: u32) -> Map<String, Value> {
@@ -531,46 +532,51 @@ impl ZarrSink {
                 .map_or("FFFFFF", |c| c.color.as_str());
             (v.label.as_str(), color, false)
         });
-        let channels: Vec<Value> = acquired_channels
+        let channels = acquired_channels
             .chain(virtual_channels)
             .zip(&self.windows)
             .map(|((label, color, active), win)| {
                 let (start, end) = win.window();
-                json!({
-                    "label": label, "color": color, "active": active,
-                    "window": {"min": 0, "max": 65535, "start": start, "end": end},
-                })
+                ome::OmeroChannel {
+                    label: label.into(),
+                    color: color.into(),
+                    active,
+                    window: Some(ome::Window {
+                        min: 0,
+                        max: 65535,
+                        start: start.into(),
+                        end: end.into(),
+                    }),
+                }
             })
             .collect();
-        let acquired: Map<String, Value> = self
-            .acquired
-            .get(&(well, field))
-            .map(|m| m.iter().map(|(t, ns)| (t.to_string(), json!(ns.to_string()))).collect())
-            .unwrap_or_default();
-        let mut m = ome(json!({
-            "multiscales": self.multiscales("raw"),
-            "omero": {"channels": channels, "rdefs": {"model": "color"}},
-        }));
-        m.insert("liveomics".into(), json!({"acquired_unix_ns": acquired}));
-        m
+        let acquired = ome::ImageLiveomics {
+            acquired_unix_ns: self
+                .acquired
+                .get(&(well, field))
+                .map(|m| m.iter().map(|(t, ns)| (t.to_string(), ns.to_string())).collect())
+                .unwrap_or_default(),
+        };
+        let image = ome::ImageAttrs {
+            multiscales: self.multiscales("raw"),
+            omero: Some(ome::Omero {
+                channels,
+                rdefs: Map::from_iter([("model".to_string(), json!("color"))]),
+            }),
+        };
+        ome::attributes(Some(&image), Some(&acquired))
     }
 
     fn plate_metadata(&self) -> Map<String, Value> {
         let fmt = self.plan.format;
-        let rows: Vec<Value> = (0..fmt.rows())
-            .map(|r| json!({"name": PlateFormat::row_name(r)}))
-            .collect();
-        let columns: Vec<Value> = (0..fmt.columns())
-            .map(|c| json!({"name": PlateFormat::column_name(c)}))
-            .collect();
-        let wells: Vec<Value> = self
+        let named = |name: String| ome::Named { name };
+        let wells: Vec<ome::WellRef> = self
             .wells
             .keys()
-            .map(|w| {
-                json!({
-                    "path": format!("{}/{}", w.row_name(), w.column_name()),
-                    "rowIndex": w.row, "columnIndex": w.column,
-                })
+            .map(|w| ome::WellRef {
+                path: format!("{}/{}", w.row_name(), w.column_name()),
+                row_index: w.row,
+                column_index: w.column,
             })
             .collect();
         let field_count = self
@@ -579,17 +585,18 @@ impl ZarrSink {
             .map(|f| f.iter().map(|(f, _)| f).collect::<BTreeSet<_>>().len())
             .max()
             .unwrap_or(0);
-        let mut m = Map::new();
-        if !wells.is_empty() {
-            m = ome(json!({"plate": {
-                "name": self.plan.plate.to_string(),
-                "version": OME_VERSION,
-                "rows": rows, "columns": columns, "wells": wells,
-                "field_count": field_count,
-            }}));
-        }
-        m.insert("liveomics".into(), self.marker.clone());
-        m
+        // A plate lists its wells once it has any: NGFF requires at least one.
+        let plate = (!wells.is_empty()).then(|| ome::PlateAttrs {
+            plate: ome::Plate {
+                name: self.plan.plate.to_string(),
+                version: ome::OME_VERSION.into(),
+                rows: (0..fmt.rows()).map(|r| named(PlateFormat::row_name(r))).collect(),
+                columns: (0..fmt.columns()).map(|c| named(PlateFormat::column_name(c))).collect(),
+                wells,
+                field_count,
+            },
+        });
+        ome::attributes(plate.as_ref(), Some(&self.marker))
     }
 
     fn write_plate(&self) -> Result<(), SinkError> {
@@ -708,9 +715,11 @@ impl Sink for ZarrSink {
             self.store.group(&node, self.label_metadata(name, work))
         })?;
         if !labels.is_empty() {
-            let names: Vec<&str> = labels.iter().map(|(n, _)| *n).collect();
+            let names = ome::Labels {
+                labels: labels.iter().map(|(n, _)| n.to_string()).collect(),
+            };
             self.store
-                .group(&format!("{image}/labels"), ome(json!({"labels": names})))?;
+                .group(&format!("{image}/labels"), ome::attributes::<_, ()>(Some(&names), None))?;
         }
         if self.cfg.tables && work.nuclei.is_some() {
             let table_image = if self.has_time() {
@@ -747,13 +756,9 @@ impl Sink for ZarrSink {
             incomplete.insert(pair);
         }
         let fields: BTreeSet<u32> = done.iter().map(|&(f, _)| f).collect();
-        let images: Vec<Value> = fields.iter().map(|f| json!({"path": f.to_string()})).collect();
-        let complete: Vec<Value> = done
-            .iter()
-            .filter(|p| !incomplete.contains(p))
-            .map(|&(f, t)| json!([f, t]))
-            .collect();
-        let missing: Vec<Value> = incomplete.iter().map(|&(f, t)| json!([f, t])).collect();
+        let images = fields.iter().map(|f| ome::ImageRef { path: f.to_string() }).collect();
+        let complete = done.iter().filter(|p| !incomplete.contains(p)).copied().collect();
+        let missing = incomplete.iter().copied().collect();
         if new_well {
             self.store.group(&format!("/{row}"), Map::new())?;
         }
@@ -780,12 +785,16 @@ impl Sink for ZarrSink {
                 (model.clone(), v)
             })
             .collect();
-        let mut attrs = ome(json!({"well": {"images": images}}));
-        attrs.insert(
-            "liveomics".into(),
-            json!({"complete": complete, "incomplete": missing, "bulk": bulk}),
-        );
-        self.store.group(&format!("/{row}/{col}"), attrs)?;
+        let well = ome::WellAttrs {
+            well: ome::Well { images },
+        };
+        let liveomics = ome::WellLiveomics {
+            complete,
+            incomplete: missing,
+            bulk,
+        };
+        self.store
+            .group(&format!("/{row}/{col}"), ome::attributes(Some(&well), Some(&liveomics)))?;
         self.write_plate()
     }
 }
