@@ -3,8 +3,10 @@
 //! Every operation is a plain function over row-major buffers with explicit width/height, so that the
 //! CPU reference here and the CUDA back end ([`gpu`]) can share one signature and be
 //! compared pixel for pixel. `segment` composes them into the segmentation the daemon runs, and
-//! [`gpu::Compute`] runs it on the back end that `compute.device` selects.
+//! [`backend::Compute`] runs it on the back end ([`backend::Backend`]) that `compute.device`
+//! selects.
 
+pub mod backend;
 pub mod cpu;
 pub mod gpu;
 pub mod illumination;

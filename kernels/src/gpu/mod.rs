@@ -17,7 +17,6 @@ mod emu;
 mod tests;
 
 use std::str::FromStr;
-use std::sync::Arc;
 
 use cudarc::driver::DeviceRepr;
 
@@ -28,6 +27,7 @@ use crate::segment::{self, CellParams, NucleiParams};
 use crate::{check_len, KernelError};
 use device::{Buf, Device, Grid, KernelArgs, Pod};
 
+pub use crate::backend::Compute;
 pub use device::{compile, cuda_program};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,90 +89,6 @@ impl std::fmt::Display for DeviceRequest {
             Self::Auto => f.write_str("auto"),
             Self::Cpu => f.write_str("cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
-
-/// The back end chosen for a run. Cloning shares the device.
-#[derive(Debug, Clone)]
-pub enum Compute {
-    Cpu,
-    Cuda(Arc<Gpu>),
-}
-
-impl Compute {
-    /// Resolves a request. `Auto` never fails: without a usable device it returns the CPU and the
-    /// reason, for the caller to log once.
-    pub fn select(req: DeviceRequest) -> Result<(Self, Option<String>), GpuError> {
-        match req {
-            DeviceRequest::Cpu => Ok((Compute::Cpu, None)),
-            DeviceRequest::Cuda(n) => Ok((Compute::Cuda(Arc::new(Gpu::open(n)?)), None)),
-            DeviceRequest::Auto => match Gpu::open(0) {
-                Ok(g) => Ok((Compute::Cuda(Arc::new(g)), None)),
-                Err(e) => Ok((Compute::Cpu, Some(e.to_string()))),
-            },
-        }
-    }
-
-    /// `cpu`, or the device with its name and architecture.
-    pub fn describe(&self) -> String {
-        match self {
-            Compute::Cpu => "cpu".into(),
-            Compute::Cuda(g) => g.describe().into(),
-        }
-    }
-
-    pub fn segment_nuclei(
-        &self,
-        raw: &[u16],
-        width: usize,
-        height: usize,
-        p: &NucleiParams,
-    ) -> Result<(Vec<u32>, u32), GpuError> {
-        match self {
-            Compute::Cpu => Ok(segment::segment_nuclei(raw, width, height, p)?),
-            Compute::Cuda(g) => g.segment_nuclei(raw, width, height, p),
-        }
-    }
-
-    pub fn segment_nuclei_probability(
-        &self,
-        prob: &[f32],
-        width: usize,
-        height: usize,
-        threshold: f32,
-        p: &NucleiParams,
-    ) -> Result<(Vec<u32>, u32), GpuError> {
-        match self {
-            Compute::Cpu => Ok(segment::segment_nuclei_probability(prob, width, height, threshold, p)?),
-            Compute::Cuda(g) => g.segment_nuclei_probability(prob, width, height, threshold, p),
-        }
-    }
-
-    pub fn segment_cells(
-        &self,
-        nuclei: &[u32],
-        cytoplasm_raw: &[u16],
-        width: usize,
-        height: usize,
-        p: &CellParams,
-    ) -> Result<Vec<u32>, GpuError> {
-        match self {
-            Compute::Cpu => Ok(segment::segment_cells(nuclei, cytoplasm_raw, width, height, p)?),
-            Compute::Cuda(g) => g.segment_cells(nuclei, cytoplasm_raw, width, height, p),
-        }
-    }
-
-    pub fn region_props(
-        &self,
-        labels: &[u32],
-        channels: &[&[u16]],
-        width: usize,
-        height: usize,
-    ) -> Result<Vec<RegionProps>, GpuError> {
-        match self {
-            Compute::Cpu => Ok(measure::region_props(labels, channels, width, height)?),
-            Compute::Cuda(g) => g.region_props(labels, channels, width, height),
         }
     }
 }
@@ -757,70 +673,6 @@ impl Gpu {
         self.dev.read(&out, total)
     }
 
-    /// [`measure::region_props`].
-    pub fn region_props(
-        &self,
-        labels: &[u32],
-        channels: &[&[u16]],
-        width: usize,
-        height: usize,
-    ) -> Result<Vec<RegionProps>, GpuError> {
-        check_len("labels", labels, width, height)?;
-        let n = labels.iter().copied().max().unwrap_or(0) as usize + 1;
-        let nc = channels.len();
-        if labels.is_empty() || n == 1 {
-            for c in channels {
-                check_len("channel", c, width, height)?;
-            }
-            return Ok(Vec::new());
-        }
-        let planes = self.upload_planes(channels, width, height)?;
-        let l = self.dev.upload(labels)?;
-        let area = self.dev.zeros::<u64>(n)?;
-        let (sx, sy) = (self.dev.zeros::<f64>(n)?, self.dev.zeros::<f64>(n)?);
-        let bbox = self.dev.upload(&[u32::MAX, u32::MAX, 0, 0].repeat(n))?;
-        let sums = self.dev.zeros::<f64>(n * nc)?;
-        let maxima = self.dev.zeros::<u32>(n * nc)?;
-        self.dev.launch(
-            "region_props",
-            Grid::image(width, height),
-            PropsArgs {
-                labels: l.ptr(),
-                channels: planes.ptr(),
-                area: area.ptr(),
-                sum_x: sx.ptr(),
-                sum_y: sy.ptr(),
-                bbox: bbox.ptr(),
-                sums: sums.ptr(),
-                maxima: maxima.ptr(),
-                width: side(width, "width")?,
-                height: side(height, "height")?,
-                channel_count: nc as u32,
-            },
-        )?;
-        let bb: Vec<[u32; 4]> = self
-            .dev
-            .read::<u32>(&bbox, 4 * n)?
-            .chunks_exact(4)
-            .map(|c| [c[0], c[1], c[2], c[3]])
-            .collect();
-        let maxs: Vec<u16> = self
-            .dev
-            .read::<u32>(&maxima, n * nc)?
-            .into_iter()
-            .map(|m| m as u16)
-            .collect();
-        Ok(measure::assemble(&measure::Sums {
-            channels: nc,
-            area: &self.dev.read(&area, n)?,
-            sum_x: &self.dev.read(&sx, n)?,
-            sum_y: &self.dev.read(&sy, n)?,
-            bbox: &bb,
-            intensity: &self.dev.read(&sums, n * nc)?,
-            maxima: &maxs,
-        }))
-    }
-
     /// Distance map, smoothing, seeds, watershed, unflooded blobs and size filter, all on the
     /// device (the CPU's `segment::split_foreground`).
     fn split_foreground(
@@ -1082,82 +934,6 @@ impl Gpu {
         self.dev.read(&labels, image.len())
     }
 
-    /// [`segment::segment_nuclei`].
-    pub fn segment_nuclei(
-        &self,
-        raw: &[u16],
-        width: usize,
-        height: usize,
-        p: &NucleiParams,
-    ) -> Result<(Vec<u32>, u32), GpuError> {
-        check_len("raw", raw, width, height)?;
-        if raw.is_empty() {
-            return Ok(segment::segment_nuclei(raw, width, height, p)?);
-        }
-        let src = self.dev.upload(raw)?;
-        let norm = match p.illumination {
-            Some(il) => {
-                let flat = self.flatten_dev(&src, width, height, il.offset, il.block_px)?;
-                self.normalize_f32_dev(&flat, raw.len(), 0.5, 99.95)?
-            }
-            None => self.normalize_dev(&src, raw.len(), 0.5, 99.95)?,
-        };
-        let smooth = self.blur_dev(&norm, width, height, p.smoothing_sigma_px)?;
-        let t = self.threshold_dev(&smooth, raw.len(), p.threshold)? * p.threshold_scale;
-        let mask = self.mask_above(&smooth, None, raw.len(), t)?;
-        self.split_foreground(&mask, width, height, p)
-    }
-
-    /// [`segment::segment_nuclei_probability`].
-    pub fn segment_nuclei_probability(
-        &self,
-        prob: &[f32],
-        width: usize,
-        height: usize,
-        threshold: f32,
-        p: &NucleiParams,
-    ) -> Result<(Vec<u32>, u32), GpuError> {
-        check_len("probability", prob, width, height)?;
-        if prob.is_empty() {
-            return Ok((Vec::new(), 0));
-        }
-        let d = self.dev.upload(prob)?;
-        let mask = self.mask_above(&d, None, prob.len(), threshold)?;
-        self.split_foreground(&mask, width, height, p)
-    }
-
-    /// [`segment::segment_cells`].
-    pub fn segment_cells(
-        &self,
-        nuclei: &[u32],
-        cytoplasm_raw: &[u16],
-        width: usize,
-        height: usize,
-        p: &CellParams,
-    ) -> Result<Vec<u32>, GpuError> {
-        check_len("nuclei", nuclei, width, height)?;
-        check_len("cytoplasm", cytoplasm_raw, width, height)?;
-        if nuclei.is_empty() {
-            return Ok(segment::segment_cells(nuclei, cytoplasm_raw, width, height, p)?);
-        }
-        let n = nuclei.len();
-        let norm = self.normalize_dev(&self.dev.upload(cytoplasm_raw)?, n, 0.5, 99.5)?;
-        let smooth = self.blur_dev(&norm, width, height, p.smoothing_sigma_px)?;
-        let t = self.threshold_dev(&smooth, n, segment::ThresholdMethod::Otsu)? * p.threshold_scale;
-        if !(p.spatial_weight > 0.0 && p.spatial_weight.is_finite()) {
-            let smooth = self.dev.read::<f32>(&smooth, n)?;
-            return Ok(segment::propagate_cells(nuclei, &smooth, t, width, height, p)?);
-        }
-        let seeds = self.dev.upload(nuclei)?;
-        let mask = self.mask_above(&smooth, Some(&seeds), n, t)?;
-        let flood = Flood::Propagate {
-            image: &smooth,
-            spatial_weight: p.spatial_weight,
-        };
-        let (labels, _) = self.flood_dev(flood, &seeds, &mask, width, height)?;
-        self.dev.read(&labels, n)
-    }
-
     /// [`illumination::flatten_u16`] on the device: the tile percentiles and both surfaces are
     /// computed here, the two small fits on the host.
     fn flatten_dev(&self, raw: &Buf, width: usize, height: usize, offset: f32, block: usize) -> Result<Buf, GpuError> {
@@ -1299,5 +1075,155 @@ impl Gpu {
     /// Waits for the device (for timing).
     pub fn sync(&self) -> Result<(), GpuError> {
         self.dev.sync()
+    }
+}
+
+impl crate::backend::Backend for Gpu {
+    fn describe(&self) -> String {
+        Gpu::describe(self).into()
+    }
+
+    fn is_gpu(&self) -> bool {
+        true
+    }
+
+    /// [`measure::region_props`].
+    fn region_props(
+        &self,
+        labels: &[u32],
+        channels: &[&[u16]],
+        width: usize,
+        height: usize,
+    ) -> Result<Vec<RegionProps>, GpuError> {
+        check_len("labels", labels, width, height)?;
+        let n = labels.iter().copied().max().unwrap_or(0) as usize + 1;
+        let nc = channels.len();
+        if labels.is_empty() || n == 1 {
+            for c in channels {
+                check_len("channel", c, width, height)?;
+            }
+            return Ok(Vec::new());
+        }
+        let planes = self.upload_planes(channels, width, height)?;
+        let l = self.dev.upload(labels)?;
+        let area = self.dev.zeros::<u64>(n)?;
+        let (sx, sy) = (self.dev.zeros::<f64>(n)?, self.dev.zeros::<f64>(n)?);
+        let bbox = self.dev.upload(&[u32::MAX, u32::MAX, 0, 0].repeat(n))?;
+        let sums = self.dev.zeros::<f64>(n * nc)?;
+        let maxima = self.dev.zeros::<u32>(n * nc)?;
+        self.dev.launch(
+            "region_props",
+            Grid::image(width, height),
+            PropsArgs {
+                labels: l.ptr(),
+                channels: planes.ptr(),
+                area: area.ptr(),
+                sum_x: sx.ptr(),
+                sum_y: sy.ptr(),
+                bbox: bbox.ptr(),
+                sums: sums.ptr(),
+                maxima: maxima.ptr(),
+                width: side(width, "width")?,
+                height: side(height, "height")?,
+                channel_count: nc as u32,
+            },
+        )?;
+        let bb: Vec<[u32; 4]> = self
+            .dev
+            .read::<u32>(&bbox, 4 * n)?
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect();
+        let maxs: Vec<u16> = self
+            .dev
+            .read::<u32>(&maxima, n * nc)?
+            .into_iter()
+            .map(|m| m as u16)
+            .collect();
+        Ok(measure::assemble(&measure::Sums {
+            channels: nc,
+            area: &self.dev.read(&area, n)?,
+            sum_x: &self.dev.read(&sx, n)?,
+            sum_y: &self.dev.read(&sy, n)?,
+            bbox: &bb,
+            intensity: &self.dev.read(&sums, n * nc)?,
+            maxima: &maxs,
+        }))
+    }
+
+    /// [`segment::segment_nuclei`].
+    fn segment_nuclei(
+        &self,
+        raw: &[u16],
+        width: usize,
+        height: usize,
+        p: &NucleiParams,
+    ) -> Result<(Vec<u32>, u32), GpuError> {
+        check_len("raw", raw, width, height)?;
+        if raw.is_empty() {
+            return Ok(segment::segment_nuclei(raw, width, height, p)?);
+        }
+        let src = self.dev.upload(raw)?;
+        let norm = match p.illumination {
+            Some(il) => {
+                let flat = self.flatten_dev(&src, width, height, il.offset, il.block_px)?;
+                self.normalize_f32_dev(&flat, raw.len(), 0.5, 99.95)?
+            }
+            None => self.normalize_dev(&src, raw.len(), 0.5, 99.95)?,
+        };
+        let smooth = self.blur_dev(&norm, width, height, p.smoothing_sigma_px)?;
+        let t = self.threshold_dev(&smooth, raw.len(), p.threshold)? * p.threshold_scale;
+        let mask = self.mask_above(&smooth, None, raw.len(), t)?;
+        self.split_foreground(&mask, width, height, p)
+    }
+
+    /// [`segment::segment_nuclei_probability`].
+    fn segment_nuclei_probability(
+        &self,
+        prob: &[f32],
+        width: usize,
+        height: usize,
+        threshold: f32,
+        p: &NucleiParams,
+    ) -> Result<(Vec<u32>, u32), GpuError> {
+        check_len("probability", prob, width, height)?;
+        if prob.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let d = self.dev.upload(prob)?;
+        let mask = self.mask_above(&d, None, prob.len(), threshold)?;
+        self.split_foreground(&mask, width, height, p)
+    }
+
+    /// [`segment::segment_cells`].
+    fn segment_cells(
+        &self,
+        nuclei: &[u32],
+        cytoplasm_raw: &[u16],
+        width: usize,
+        height: usize,
+        p: &CellParams,
+    ) -> Result<Vec<u32>, GpuError> {
+        check_len("nuclei", nuclei, width, height)?;
+        check_len("cytoplasm", cytoplasm_raw, width, height)?;
+        if nuclei.is_empty() {
+            return Ok(segment::segment_cells(nuclei, cytoplasm_raw, width, height, p)?);
+        }
+        let n = nuclei.len();
+        let norm = self.normalize_dev(&self.dev.upload(cytoplasm_raw)?, n, 0.5, 99.5)?;
+        let smooth = self.blur_dev(&norm, width, height, p.smoothing_sigma_px)?;
+        let t = self.threshold_dev(&smooth, n, segment::ThresholdMethod::Otsu)? * p.threshold_scale;
+        if !(p.spatial_weight > 0.0 && p.spatial_weight.is_finite()) {
+            let smooth = self.dev.read::<f32>(&smooth, n)?;
+            return Ok(segment::propagate_cells(nuclei, &smooth, t, width, height, p)?);
+        }
+        let seeds = self.dev.upload(nuclei)?;
+        let mask = self.mask_above(&smooth, Some(&seeds), n, t)?;
+        let flood = Flood::Propagate {
+            image: &smooth,
+            spatial_weight: p.spatial_weight,
+        };
+        let (labels, _) = self.flood_dev(flood, &seeds, &mask, width, height)?;
+        self.dev.read(&labels, n)
     }
 }
