@@ -3,6 +3,7 @@
 
 pub mod folder;
 pub mod model;
+pub mod plate_spec;
 pub mod simulator;
 pub mod source;
 pub mod tiff_io;

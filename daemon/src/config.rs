@@ -484,6 +484,30 @@ mod tests {
         assert!(err.to_string().contains("virtual-stain"), "{err}");
     }
 
+    /// The plate-plan keys are declared once for the folder and zenoh sources
+    /// (`liveomics_adapters::source_section!`) and still report errors under their own key.
+    #[test]
+    fn plate_plan_keys_keep_their_paths() {
+        let text = r#"
+            [source.folder]
+            plate_format = "big"
+            platez = "P1"
+            [source.zenoh]
+            width_px = -3
+        "#;
+        let err = Config::from_toml(text, "t.toml").unwrap_err();
+        let keys: Vec<&str> = err.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "source.folder.plate_format",
+                "source.folder.platez",
+                "source.zenoh.width_px"
+            ],
+            "{err}"
+        );
+    }
+
     #[test]
     fn syntax_errors_give_a_line() {
         let err = Config::from_toml("a = [\n", "t.toml").unwrap_err();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
-use liveomics_adapters::model::{AcquisitionPlan, FieldKey, Frame, Name, Origin, Pixels, PlateFormat, WellId};
+use liveomics_adapters::model::{AcquisitionPlan, FieldKey, Frame, Name, Origin, Pixels, WellId};
 use liveomics_adapters::source::{Problems, Source, SourceError, SourceProblem, SourceReport, StopToken};
 use liveomics_adapters::Invalid;
 use serde::{Deserialize, Serialize};
@@ -21,22 +21,17 @@ use zenoh::Wait;
 use crate::component::{Context, SourceConfig};
 use crate::zenoh_session::{SharedSession, ZenohConfig};
 
+liveomics_adapters::source_section! {
+/// `[source.zenoh]`. Its plate is the only one accepted, and its channels are named as they
+/// appear in the key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ZenohSourceConfig {
-    /// The only plate accepted (the output plate's name).
-    pub plate: String,
-    pub plate_format: u16,
-    /// Channel names as they appear in the key; the order is the output's channel order.
-    pub channels: Vec<String>,
-    pub width_px: u32,
-    pub height_px: u32,
-    pub pixel_size_um: f64,
-    pub timepoints: u32,
     /// End after this long without a frame (0: run until stopped).
     pub idle_exit_ms: u64,
     /// Subscriber queue, in frames; when full, zenoh's receive path waits (backpressure).
     pub queue_frames: usize,
+}
 }
 
 impl Default for ZenohSourceConfig {
@@ -74,15 +69,7 @@ impl ZenohSourceConfig {
     /// Range checks, keyed under the section.
     pub fn validate(&self) -> Vec<Invalid> {
         let mut out = Vec::new();
-        if let Err(e) = Name::new(&self.plate) {
-            out.push(Invalid::new("plate", e.to_string()));
-        }
-        if let Err(e) = PlateFormat::new(self.plate_format) {
-            out.push(Invalid::new("plate_format", e.to_string()));
-        }
-        if self.channels.is_empty() {
-            out.push(Invalid::new("channels", "name at least one channel"));
-        }
+        self.plate_spec().validate(&mut out);
         for (i, c) in self.channels.iter().enumerate() {
             if Name::new(c).is_err() {
                 out.push(Invalid::new(
@@ -99,8 +86,8 @@ impl ZenohSourceConfig {
         if !(self.pixel_size_um > 0.0 && self.pixel_size_um.is_finite()) {
             out.push(Invalid::new("pixel_size_um", "must be > 0"));
         }
-        if self.timepoints == 0 || self.queue_frames == 0 {
-            out.push(Invalid::new("timepoints", "timepoints and queue_frames must be >= 1"));
+        if self.queue_frames == 0 {
+            out.push(Invalid::new("queue_frames", "must be >= 1"));
         }
         out
     }

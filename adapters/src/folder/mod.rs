@@ -18,7 +18,7 @@ use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 
 use self::layout::{Layout, LayoutKind, NameError, Parsed};
-use crate::model::{AcquisitionPlan, FieldKey, Frame, Name, Pixels, PlateFormat};
+use crate::model::{AcquisitionPlan, FieldKey, Frame, Pixels, PlateFormat};
 use crate::source::{wait_until, Problems, Source, SourceError, SourceProblem, SourceReport, StopToken};
 use crate::tiff_io::{read_image, Plane};
 use crate::Invalid;
@@ -59,6 +59,8 @@ impl From<Speed> for String {
     }
 }
 
+crate::source_section! {
+/// `[source.folder]`. Its channels are in channel-number order (`ch1`/`w1`/`C01` is the first).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FolderConfig {
@@ -69,17 +71,6 @@ pub struct FolderConfig {
     pub pattern: String,
     /// Whether numbers in a user pattern start at 1 (vendor layouts always do).
     pub one_based: bool,
-    /// The plate's name in the output; file names that carry another plate name are rejected.
-    pub plate: String,
-    pub plate_format: u16,
-    /// Channel names in channel-number order (`ch1`/`w1`/`C01` is the first).
-    pub channels: Vec<String>,
-    /// Field size; 0 takes it from the first image found.
-    pub width_px: u32,
-    pub height_px: u32,
-    /// Pixel size; 0 takes it from the first image's OME-XML.
-    pub pixel_size_um: f64,
-    pub timepoints: u32,
     /// Keep watching for new files (an acquisition in progress); false reads what is there, in
     /// acquisition order, and ends (replay).
     pub watch: bool,
@@ -94,6 +85,7 @@ pub struct FolderConfig {
     pub idle_exit_ms: u64,
     /// Replay pacing by the files' modification times.
     pub speed: Speed,
+}
 }
 
 impl Default for FolderConfig {
@@ -129,22 +121,11 @@ impl FolderConfig {
         if self.path.as_os_str().is_empty() {
             out.push(Invalid::new("path", "the folder to watch is required"));
         }
-        if let Err(e) = Name::new(&self.plate) {
-            out.push(Invalid::new("plate", e.to_string()));
-        }
-        match PlateFormat::new(self.plate_format) {
-            Err(e) => out.push(Invalid::new("plate_format", e.to_string())),
-            Ok(f) => {
-                if let Err(e) = Layout::new(self.layout, &self.pattern, f, self.one_based) {
-                    out.push(Invalid::new("pattern", e.to_string()));
-                }
+        self.plate_spec().validate(&mut out);
+        if let Ok(f) = PlateFormat::new(self.plate_format) {
+            if let Err(e) = Layout::new(self.layout, &self.pattern, f, self.one_based) {
+                out.push(Invalid::new("pattern", e.to_string()));
             }
-        }
-        if self.channels.is_empty() {
-            out.push(Invalid::new("channels", "name at least one channel"));
-        }
-        if self.timepoints == 0 {
-            out.push(Invalid::new("timepoints", "must be at least 1"));
         }
         if (self.width_px == 0) != (self.height_px == 0) {
             out.push(Invalid::new("width_px", "set both width_px and height_px, or neither"));
