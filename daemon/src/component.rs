@@ -27,7 +27,6 @@ pub struct Context<'a> {
     pub section: &'a str,
     /// The instrument's name: the second chunk of every zenoh key.
     pub instrument: &'a str,
-    pub latency_budget_ms: u64,
     /// The stages that run, in order.
     pub stages: &'a [StageName],
     /// Where the image kernels run (`compute.device`).
@@ -52,7 +51,6 @@ impl<'a> Context<'a> {
         match (self.section.is_empty(), rel.is_empty()) {
             (true, _) => rel.to_string(),
             (false, true) => self.section.to_string(),
-            (false, false) if rel.starts_with('[') => format!("{}{rel}", self.section),
             (false, false) => format!("{}.{rel}", self.section),
         }
     }

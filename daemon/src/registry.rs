@@ -43,7 +43,6 @@ pub fn context<'a>(cfg: &'a Config, res: &'a Resources, overwrite: bool) -> Cont
     Context {
         section: "",
         instrument: &cfg.instrument,
-        latency_budget_ms: cfg.latency_budget_ms,
         stages: &cfg.pipeline.stages,
         device: cfg.compute.device,
         inference: &cfg.inference,

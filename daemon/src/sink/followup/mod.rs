@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use zenoh::{Session, Wait};
 
 use crate::component::{zenoh_err, Context, Sink, SinkConfig, SinkError};
-use crate::field::{mean_column, FieldWork};
+use crate::field::{mean_column, FieldWork, GEOMETRY_MEASURES};
 use crate::telemetry as t;
 
 /// Longest cooldown or revisit delay: longer than any plate is on the stage, and small enough
@@ -139,8 +139,7 @@ fn validate(c: &ClosedLoopConfig, ctx: &Context, plan: &AcquisitionPlan) -> Vec<
         }
         let m = r.metric.as_str();
         let known = m == "cells"
-            || m == "area_px"
-            || m == "nucleus_area_px"
+            || GEOMETRY_MEASURES.contains(&m)
             || plan.channels.iter().any(|ch| mean_column(&ch.name) == m)
             || m.split_once('.').is_some_and(|(model, _)| models.contains(&model));
         if !known {
@@ -148,7 +147,8 @@ fn validate(c: &ClosedLoopConfig, ctx: &Context, plan: &AcquisitionPlan) -> Vec<
             out.push(Invalid::new(
                 &format!("{key}.metric"),
                 format!(
-                    "unknown metric {m:?}; known: cells, area_px, nucleus_area_px, {}, or {{model}}.{{output}}",
+                    "unknown metric {m:?}; known: cells, {}, {}, or {{model}}.{{output}}",
+                    GEOMETRY_MEASURES.join(", "),
                     chans.join(", ")
                 ),
             ));

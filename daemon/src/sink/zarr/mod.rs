@@ -178,8 +178,7 @@ impl ZarrSink {
             let ours = std::fs::read_to_string(plate_dir.join("zarr.json"))
                 .ok()
                 .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .and_then(|v| v.get("attributes").cloned())
-                .is_some_and(|a| ome::read::<Value, Value>(&a).1.is_some());
+                .is_some_and(|v| v.pointer("/attributes/liveomics").is_some());
             if !ours && !nothing_written(&plate_dir) {
                 return Err(SinkError::NotOurs {
                     path: plate_dir.display().to_string(),
@@ -469,38 +468,37 @@ impl ZarrSink {
     fn label_metadata(&self, name: &str, work: &FieldWork) -> Map<String, Value> {
         let t = work.table();
         let column = |c: &str| t.get(c).map(|c| &c.values);
-        let value = |v: Option<&Values>, i: usize| -> Value {
-            match v {
-                Some(Values::U32(v)) => json!(v[i]),
-                Some(Values::F32(v)) => json!(v[i]),
-                None => Value::Null,
-            }
+        let at = |v: Option<&Values>, i: usize| match v {
+            Some(Values::U32(v)) => json!(v[i]),
+            Some(Values::F32(v)) => json!(v[i]),
+            None => Value::Null,
         };
-        let labels = column("label");
-        let (area, centroid_x, centroid_y) = (
-            column(if name == "nuclei" { "nucleus_area_px" } else { "area_px" }),
-            column("centroid_x_px"),
-            column("centroid_y_px"),
-        );
-        let label_of = |i: usize| match labels {
-            Some(Values::U32(v)) => v[i],
-            _ => 0,
+        let (nucleus_area, area) = (column("nucleus_area_px"), column("area_px"));
+        let (centroid_x, centroid_y) = (column("centroid_x_px"), column("centroid_y_px"));
+        let labels: &[u32] = match column("label") {
+            Some(Values::U32(v)) => v,
+            _ => &[],
         };
-        let colors = (0..t.rows)
-            .map(|i| ome::LabelColor {
-                label_value: label_of(i),
-                rgba: label_color(label_of(i)),
+        let colors = labels
+            .iter()
+            .map(|&l| ome::LabelColor {
+                label_value: l,
+                rgba: label_color(l),
             })
             .collect();
         // A nucleus' property is its area; a cell's, its area and centroid.
-        let properties = (0..t.rows)
-            .map(|i| {
+        let properties = labels
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
                 let mut p = Map::new();
-                p.insert("label-value".into(), json!(label_of(i)));
-                p.insert("area_px".into(), value(area, i));
-                if name != "nuclei" {
-                    p.insert("centroid_x_px".into(), value(centroid_x, i));
-                    p.insert("centroid_y_px".into(), value(centroid_y, i));
+                p.insert("label-value".into(), json!(l));
+                if name == "nuclei" {
+                    p.insert("area_px".into(), at(nucleus_area, i));
+                } else {
+                    p.insert("area_px".into(), at(area, i));
+                    p.insert("centroid_x_px".into(), at(centroid_x, i));
+                    p.insert("centroid_y_px".into(), at(centroid_y, i));
                 }
                 p
             })
