@@ -1,4 +1,4 @@
-/* Crop gather for per-cell models (kernels/src/cpu.rs: crop_gather_u16_with without the fused
+/* Crop gather for per-cell models (kernels/src/cpu/crop.rs: crop_gather_u16_with without the fused
  * preprocessing): N crops of S x S around cell centres, C channels, into one N x C x S x S f32
  * batch; zero outside the field. One thread per output element. */
 

@@ -1,5 +1,5 @@
 /* Exact Euclidean distance transform and the maximum filter that finds watershed seeds
- * (kernels/src/cpu.rs: distance_transform, max_filter, peak_markers). One thread per column or
+ * (kernels/src/cpu/distance.rs: distance_transform, max_filter, peak_markers). One thread per column or
  * row: the 1-D passes are sequential along their line, parallel across lines. */
 
 typedef struct {

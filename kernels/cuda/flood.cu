@@ -1,4 +1,4 @@
-/* The two floods as parallel relaxations (kernels/src/cpu.rs: watershed, propagate), and the
+/* The two floods as parallel relaxations (kernels/src/cpu/flood.rs: watershed, propagate), and the
  * steps around the watershed (unflooded blobs, the size filter's statistics and renumbering).
  *
  * Each flood runs in two relaxations, each repeated until nothing changes:

@@ -1,7 +1,7 @@
-/* Pixelwise and separable image operations: the CUDA side of kernels/src/cpu.rs.
+/* Pixelwise and separable image operations: the CUDA side of kernels/src/cpu/image.rs.
  *
  * Every kernel takes one argument struct by value, mirrored by a #[repr(C)] struct in
- * kernels/src/gpu/ops.rs, and is written in the C subset of CUDA (no templates, no shared
+ * kernels/src/gpu/mod.rs (kernel_args!), and is written in the C subset of CUDA (no templates, no shared
  * memory, no barriers) so that the same source also runs serially on the host under
  * kernels/cuda/emu.h, which is how the parity tests check it where there is no GPU.
  * Floating-point expressions follow the CPU reference operation by operation, and the module is

@@ -1,4 +1,4 @@
-/* Connected components and per-label reductions (kernels/src/cpu.rs: connected_components;
+/* Connected components and per-label reductions (kernels/src/cpu/label.rs: connected_components;
  * kernels/src/measure.rs: region_props).
  *
  * Components: union-find over pixel indices in which a root is only ever linked under a smaller

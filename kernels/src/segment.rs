@@ -2,6 +2,7 @@
 //! propagation from the nuclei over a cytoplasm channel. Parameters are physical (µm) at the
 //! config level and converted here, so that a change of objective does not need retuning.
 
+use crate::backend::{Cpu, Steps};
 use crate::{cpu, KernelError};
 
 /// How the foreground threshold of a smoothed channel is chosen.
@@ -74,24 +75,6 @@ impl Illumination {
     }
 }
 
-/// Raw camera plane to [0, 1] by percentiles, with the illumination divided out first if asked.
-pub(crate) fn normalized(
-    raw: &[u16],
-    width: usize,
-    height: usize,
-    illumination: Option<Illumination>,
-    high_percentile: f64,
-) -> Result<Vec<f32>, KernelError> {
-    match illumination {
-        Some(il) => crate::illumination::normalize_f32(
-            &crate::illumination::flatten_u16(raw, width, height, il.offset, il.block_px)?,
-            0.5,
-            high_percentile,
-        ),
-        None => cpu::normalize_u16(raw, width, height, 0.5, high_percentile),
-    }
-}
-
 impl NucleiParams {
     /// Derives every pixel parameter from the expected nucleus diameter and the pixel size.
     pub fn from_physical(diameter_um: f64, pixel_size_um: f64) -> Result<Self, KernelError> {
@@ -153,22 +136,18 @@ impl Default for CellParams {
     }
 }
 
-/// Labels nuclei `1..=n`; returns the label image and `n`.
+/// Labels nuclei `1..=n` on the CPU; returns the label image and `n`.
 pub fn segment_nuclei(
     raw: &[u16],
     width: usize,
     height: usize,
     p: &NucleiParams,
 ) -> Result<(Vec<u32>, u32), KernelError> {
-    let norm = normalized(raw, width, height, p.illumination, 99.95)?;
-    let smooth = cpu::gaussian_blur(&norm, width, height, p.smoothing_sigma_px)?;
-    let t = p.threshold.threshold(&smooth) * p.threshold_scale;
-    let mask: Vec<bool> = smooth.iter().map(|&v| v > t).collect();
-    split_foreground(&mask, width, height, p)
+    nuclei(&Cpu, raw, width, height, p)
 }
 
-/// Nuclei from a foreground probability map (e.g. a U-Net's output): pixels above `threshold`
-/// are foreground, and touching nuclei are split by the same seeded watershed as the
+/// Nuclei from a foreground probability map (e.g. a U-Net's output) on the CPU: pixels above
+/// `threshold` are foreground, and touching nuclei are split by the same seeded watershed as the
 /// threshold path. NaN probabilities count as background.
 pub fn segment_nuclei_probability(
     prob: &[f32],
@@ -177,59 +156,11 @@ pub fn segment_nuclei_probability(
     threshold: f32,
     p: &NucleiParams,
 ) -> Result<(Vec<u32>, u32), KernelError> {
-    crate::check_len("probability", prob, width, height)?;
-    let mask: Vec<bool> = prob.iter().map(|&v| v > threshold).collect();
-    split_foreground(&mask, width, height, p)
+    nuclei_from_probability(&Cpu, prob, width, height, threshold, p)
 }
 
-/// Distance-transform seeds, watershed within the mask, size filter: labels `1..=n`.
-fn split_foreground(
-    mask: &[bool],
-    width: usize,
-    height: usize,
-    p: &NucleiParams,
-) -> Result<(Vec<u32>, u32), KernelError> {
-    let dist = cpu::distance_transform(mask, width, height)?;
-    let dist = cpu::gaussian_blur(&dist, width, height, 1.0)?;
-    let (markers, n) = cpu::peak_markers(&dist, mask, width, height, p.seed_radius_px, p.seed_min_depth_px)?;
-    flood_seeds(mask, dist, &markers, n, width, height, p)
-}
-
-/// The second half of [`split_foreground`], from the smoothed distance map and its seeds (the
-/// CUDA back end computes those on the device).
-pub(crate) fn flood_seeds(
-    mask: &[bool],
-    dist: Vec<f32>,
-    markers: &[u32],
-    n: u32,
-    width: usize,
-    height: usize,
-    p: &NucleiParams,
-) -> Result<(Vec<u32>, u32), KernelError> {
-    // Flood from the deepest points outwards: the elevation is the negated distance, in place.
-    let mut elevation = dist;
-    elevation.iter_mut().for_each(|d| *d = -*d);
-    let mut labels = cpu::watershed(&elevation, markers, mask, width, height)?;
-    // Foreground blobs too shallow to hold a seed are what the flood did not reach (it fills
-    // every 8-connected blob that has a seed). Each still becomes one object (the size filter
-    // decides whether it is kept), so no foreground is silently lost.
-    let left = cpu::pixels_where(width, height, |i| mask[i] && labels[i] == 0);
-    if !left.is_empty() {
-        let (blobs, _) = cpu::label_pixels(&left, labels.len(), width, true);
-        for &i in &left {
-            labels[i] = n + blobs[i];
-        }
-    }
-    Ok(cpu::filter_by_area(
-        &labels,
-        width,
-        p.min_area_px,
-        p.min_area_at_border_px,
-        p.max_area_px,
-    ))
-}
-
-/// Grows each nucleus into its cell over the cytoplasm channel; cell `k` contains nucleus `k`.
+/// Grows each nucleus into its cell over the cytoplasm channel on the CPU; cell `k` contains
+/// nucleus `k`.
 pub fn segment_cells(
     nuclei: &[u32],
     cytoplasm_raw: &[u16],
@@ -237,27 +168,97 @@ pub fn segment_cells(
     height: usize,
     p: &CellParams,
 ) -> Result<Vec<u32>, KernelError> {
-    crate::check_len("nuclei", nuclei, width, height)?;
-    // Not illumination-corrected: the cytoplasm stain covers most of a confluent field, so its
-    // low percentiles are not background (correcting it cost cells AP on the simulator).
-    let norm = cpu::normalize_u16(cytoplasm_raw, width, height, 0.5, 99.5)?;
-    let smooth = cpu::gaussian_blur(&norm, width, height, p.smoothing_sigma_px)?;
-    let t = cpu::otsu_threshold(&smooth) * p.threshold_scale;
-    propagate_cells(nuclei, &smooth, t, width, height, p)
+    cells(&Cpu, nuclei, cytoplasm_raw, width, height, p)
 }
 
-/// Cells from the smoothed cytoplasm and its threshold: the foreground (plus every nucleus) is
-/// flooded from the nuclei.
-pub(crate) fn propagate_cells(
+/// The nuclei algorithm, written once for every back end: percentile normalisation (after
+/// dividing out the illumination if asked), smoothing, automatic threshold, then
+/// [`split_foreground`].
+pub(crate) fn nuclei<S: Steps>(
+    s: &S,
+    raw: &[u16],
+    width: usize,
+    height: usize,
+    p: &NucleiParams,
+) -> Result<(Vec<u32>, u32), S::Error> {
+    crate::check_len("raw", raw, width, height)?;
+    if raw.is_empty() {
+        return Ok((Vec::new(), 0));
+    }
+    let n = raw.len();
+    let norm = s.normalize_raw(raw, width, height, p.illumination, 0.5, 99.95)?;
+    let smooth = s.blur(&norm, width, height, p.smoothing_sigma_px)?;
+    let t = s.threshold(&smooth, n, p.threshold)? * p.threshold_scale;
+    let mask = s.mask_above(&smooth, None, n, t)?;
+    split_foreground(s, &mask, width, height, p)
+}
+
+/// [`segment_nuclei_probability`] on any back end.
+pub(crate) fn nuclei_from_probability<S: Steps>(
+    s: &S,
+    prob: &[f32],
+    width: usize,
+    height: usize,
+    threshold: f32,
+    p: &NucleiParams,
+) -> Result<(Vec<u32>, u32), S::Error> {
+    crate::check_len("probability", prob, width, height)?;
+    if prob.is_empty() {
+        return Ok((Vec::new(), 0));
+    }
+    let image = s.image(prob)?;
+    let mask = s.mask_above(&image, None, prob.len(), threshold)?;
+    split_foreground(s, &mask, width, height, p)
+}
+
+/// Distance-transform seeds, watershed within the mask, size filter: labels `1..=n`.
+fn split_foreground<S: Steps>(
+    s: &S,
+    mask: &S::Mask,
+    width: usize,
+    height: usize,
+    p: &NucleiParams,
+) -> Result<(Vec<u32>, u32), S::Error> {
+    let n = width * height;
+    let dist = s.distance(mask, width, height)?;
+    let mut elevation = s.blur(&dist, width, height, 1.0)?;
+    let (markers, count) = s.peak_markers(&elevation, mask, width, height, p.seed_radius_px, p.seed_min_depth_px)?;
+    // Flood from the deepest points outwards: the elevation is the negated distance, in place.
+    s.negate(&mut elevation, n)?;
+    let (mut labels, unreached) = s.watershed(&elevation, &markers, mask, width, height)?;
+    // Foreground blobs too shallow to hold a seed are what the flood did not reach (it fills
+    // every 8-connected blob that has a seed). Each still becomes one object (the size filter
+    // decides whether it is kept), so no foreground is silently lost.
+    let extra = s.label_unreached(&mut labels, unreached, count, width, height)?;
+    let (labels, kept) = s.filter_by_area(labels, count + extra, width, height, p)?;
+    Ok((s.download(labels, n)?, kept))
+}
+
+/// The cells algorithm on any back end: the cytoplasm is normalised, smoothed and thresholded,
+/// and the foreground (plus every nucleus) is flooded from the nuclei.
+pub(crate) fn cells<S: Steps>(
+    s: &S,
     nuclei: &[u32],
-    smooth: &[f32],
-    t: f32,
+    cytoplasm_raw: &[u16],
     width: usize,
     height: usize,
     p: &CellParams,
-) -> Result<Vec<u32>, KernelError> {
-    let mask: Vec<bool> = smooth.iter().zip(nuclei).map(|(&v, &l)| v > t || l != 0).collect();
-    cpu::propagate(smooth, nuclei, &mask, width, height, p.spatial_weight)
+) -> Result<Vec<u32>, S::Error> {
+    crate::check_len("nuclei", nuclei, width, height)?;
+    crate::check_len("cytoplasm", cytoplasm_raw, width, height)?;
+    if nuclei.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = nuclei.len();
+    // Not illumination-corrected: the cytoplasm stain covers most of a confluent field, so its
+    // low percentiles are not background (correcting it cost cells AP on the simulator).
+    let norm = s.normalize_raw(cytoplasm_raw, width, height, None, 0.5, 99.5)?;
+    let smooth = s.blur(&norm, width, height, p.smoothing_sigma_px)?;
+    let t = s.threshold(&smooth, n, ThresholdMethod::Otsu)? * p.threshold_scale;
+    let seeds = s.labels(nuclei)?;
+    let mask = s.mask_above(&smooth, Some(&seeds), n, t)?;
+    let labels = s.propagate(&smooth, &seeds, &mask, width, height, p.spatial_weight)?;
+    s.download(labels, n)
 }
 
 /// Removes every object that touches the image border from `nuclei` and `cells` (label `k` in

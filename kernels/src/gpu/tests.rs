@@ -7,6 +7,7 @@
 use super::*;
 use crate::backend::Backend;
 use crate::cpu;
+use crate::segment::CellParams;
 
 /// The back ends to check: the emulation always, a real device when present.
 fn backends() -> Vec<Gpu> {
