@@ -51,11 +51,13 @@ def toml_text(cfg: dict) -> str:
     return tomli_w.dumps(plain(cfg))
 
 
-def sim_config(plate="e2e", wells=("B2", "B3"), fields=2, size=512, rate=0.0, seed=7) -> dict:
-    """`[source.simulator]` of a small plate whose first well is its control well."""
+def sim_config(plate="e2e", wells=("B2", "B3"), fields=2, size=512, rate=0.0, seed=7, extra=None) -> dict:
+    """`[source.simulator]` of a small plate whose first well is its control well, with the
+    simulator keys in `extra` added."""
     return {"source": {"simulator": {
         "seed": seed, "plate": plate, "wells": list(wells), "control_wells": [wells[0]],
         "fields_per_well": fields, "width_px": size, "height_px": size, "rate_fields_per_s": rate,
+        **(extra or {}),
     }}}
 
 
@@ -89,17 +91,28 @@ def zenoh_daemon_config(out: Path, endpoint: str, instrument="mm", plate="MM1", 
     }
 
 
-def sim_toml(plate="e2e", wells=("B2", "B3"), fields=2, size=512, rate=0.0, seed=7, extra=""):
-    """`sim_config` as TOML text, with `extra` (more `[source.simulator]` keys) appended as is."""
-    return toml_text(sim_config(plate, wells, fields, size, rate, seed)) + extra + "\n"
+def sim_toml(plate="e2e", wells=("B2", "B3"), fields=2, size=512, rate=0.0, seed=7, extra=None) -> str:
+    """`sim_config` as TOML text."""
+    return toml_text(sim_config(plate, wells, fields, size, rate, seed, extra))
 
 
-def daemon_toml(out: Path, instrument: str, zenoh_port: int | None, sim: str, zenoh_enabled=True) -> str:
-    """`daemon_config` around `sim`, the source's TOML text (top-level keys must come first)."""
-    cfg = daemon_config(out, instrument, zenoh_port, zenoh_enabled)
-    top = {k: v for k, v in cfg.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in cfg.items() if isinstance(v, dict)}
-    return toml_text(top) + sim + "\n" + toml_text(tables)
+def daemon_toml(out: Path, instrument: str, zenoh_port: int | None, sim: dict, zenoh_enabled=True,
+                extra: dict | None = None) -> str:
+    """`daemon_config` around `sim` (a `sim_config`), with the sections of `extra` laid over it,
+    as TOML text."""
+    return toml_text(merged(merged(sim, daemon_config(out, instrument, zenoh_port, zenoh_enabled)), extra or {}))
+
+
+def inference_config(*models, workers=1, **settings) -> dict:
+    """The pipeline with the inference stage and `[inference]` on CPU, with one
+    `[[inference.models]]` per `(name, path, extra keys...)`."""
+    return {
+        "pipeline": {"stages": ["segment", "measure", "inference"], "workers": workers},
+        "inference": {"providers": ["cpu"], **settings, "models": [
+            {"name": name, "path": path, **{k: v for e in extra for k, v in e.items()}}
+            for name, path, *extra in models
+        ]},
+    }
 
 
 class Daemon:

@@ -13,7 +13,7 @@ import tifffile
 import zarr
 import zenoh
 
-from liveomics_testkit import daemon_toml, free_port, run, sim_toml
+from liveomics_testkit import daemon_toml, free_port, run, sim_config, sim_toml
 
 
 def zenoh_listener(port: int, key: str):
@@ -38,7 +38,7 @@ def plate_run(binary, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     port = free_port()
     session, sub, messages = zenoh_listener(port, "liveomics/e2etest/cells/**")
-    sim = sim_toml(plate="e2e", wells=("B2", "C5"), fields=2, size=512)
+    sim = sim_config(plate="e2e", wells=("B2", "C5"), fields=2, size=512)
     cfg = tmp / "run.toml"
     cfg.write_text(daemon_toml(tmp / "out", "e2etest", port, sim))
     proc = run(binary, "run", "--config", cfg)
@@ -146,7 +146,7 @@ def test_unwritable_output_fails_before_acquisition(binary, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     cfg = tmp_path / "c.toml"
-    cfg.write_text(daemon_toml(blocker / "out", "e2ebad", None, sim_toml(), zenoh_enabled=False))
+    cfg.write_text(daemon_toml(blocker / "out", "e2ebad", None, sim_config(), zenoh_enabled=False))
     proc = run(binary, "run", "--config", cfg, timeout=60)
     assert proc.returncode == 1
     assert "is not usable" in proc.stderr and "acquisition starting" not in proc.stderr, proc.stderr
@@ -154,7 +154,7 @@ def test_unwritable_output_fails_before_acquisition(binary, tmp_path):
 
 def test_rerun_of_a_finished_plate_skips_it_and_overwrite_redoes_it(binary, tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(daemon_toml(tmp_path / "out", "e2eow", None, sim_toml(wells=("A1",), fields=2, size=128), zenoh_enabled=False))
+    cfg.write_text(daemon_toml(tmp_path / "out", "e2eow", None, sim_config(wells=("A1",), fields=2, size=128), zenoh_enabled=False))
     assert run(binary, "run", "--config", cfg).returncode == 0
     again = run(binary, "run", "--config", cfg)
     assert again.returncode == 0, again.stderr
@@ -165,7 +165,7 @@ def test_rerun_of_a_finished_plate_skips_it_and_overwrite_redoes_it(binary, tmp_
 
 def test_sigterm_mid_plate_drains_and_exits_zero(binary, tmp_path):
     cfg = tmp_path / "c.toml"
-    sim = sim_toml(plate="stop", wells=("B2", "B3", "B4"), fields=4, size=512, rate=4.0)
+    sim = sim_config(plate="stop", wells=("B2", "B3", "B4"), fields=4, size=512, rate=4.0)
     cfg.write_text(daemon_toml(tmp_path / "out", "e2estop", None, sim, zenoh_enabled=False))
     proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)
@@ -193,7 +193,7 @@ def test_liveliness_status_and_summary_for_late_joiners(binary, tmp_path):
     statuses = []
     status_sub = session.declare_subscriber("liveomics/e2estate/status", lambda s: statuses.append(json.loads(s.payload.to_bytes())))
     cfg = tmp_path / "c.toml"
-    sim = sim_toml(plate="st", wells=("B2", "B3"), fields=3, size=256, rate=3.0)
+    sim = sim_config(plate="st", wells=("B2", "B3"), fields=3, size=256, rate=3.0)
     cfg.write_text(daemon_toml(tmp_path / "out", "e2estate", port, sim))
     proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     summary = None

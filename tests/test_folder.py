@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import zarr
 
-from liveomics_testkit import run, sim_toml
+from liveomics_testkit import merged, run, sim_config, toml_text
 
 CHANNELS = ["DAPI", "Microtubules", "ER", "TOMM20"]
 
@@ -50,7 +50,7 @@ metrics_listen = ""
 
 def stage(binary, tmp: Path, layout: str) -> tuple[Path, dict]:
     cfg = tmp / "sim.toml"
-    cfg.write_text(sim_toml(plate="P1", wells=("B2", "C5"), fields=2, size=256, seed=5))
+    cfg.write_text(toml_text(sim_config(plate="P1", wells=("B2", "C5"), fields=2, size=256, seed=5)))
     staged = tmp / "staged"
     assert run(binary, "simulate", "--config", cfg, "--out", staged, "--layout", layout).returncode == 0
     return staged, json.loads((staged / "manifest.json").read_text())
@@ -143,8 +143,10 @@ def test_bad_files_are_reported_by_name_and_the_rest_survives(binary, tmp_path):
 def test_replaying_the_plate_reproduces_the_cell_records(binary, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(
-        sim_toml(plate="orig", wells=("B2", "B3"), fields=2, size=256, seed=9)
-        + f'\n[sinks.zarr]\noutput = "{tmp_path / "a"}"\n[sinks.zenoh]\nenabled = false\n[telemetry]\nmetrics_listen = ""\n'
+        toml_text(merged(sim_config(plate="orig", wells=("B2", "B3"), fields=2, size=256, seed=9), {
+            "sinks": {"zarr": {"output": tmp_path / "a"}, "zenoh": {"enabled": False}},
+            "telemetry": {"metrics_listen": ""},
+        }))
     )
     assert run(binary, "run", "--config", cfg).returncode == 0
     proc = run(binary, "replay", tmp_path / "a" / "orig.zarr", "--config", cfg, "--output", tmp_path / "b")
@@ -191,8 +193,8 @@ def test_tiled_compressed_bigtiff_ome_files_are_read_with_their_pixel_size(binar
 
 def test_replay_refuses_to_write_into_its_own_input(binary, tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(sim_toml(plate="self", wells=("A1",), fields=1, size=128)
-                   + f'\n[sinks.zarr]\noutput = "{tmp_path}"\n[sinks.zenoh]\nenabled = false\n')
+    cfg.write_text(toml_text(merged(sim_config(plate="self", wells=("A1",), fields=1, size=128),
+                                    {"sinks": {"zarr": {"output": tmp_path}, "zenoh": {"enabled": False}}})))
     assert run(binary, "run", "--config", cfg).returncode == 0
     before = (tmp_path / "self.zarr" / "zarr.json").read_bytes()
     proc = run(binary, "replay", tmp_path / "self.zarr", "--config", cfg, "--overwrite")

@@ -10,21 +10,10 @@ import onnxruntime as ort
 import pytest
 import zarr
 
-from liveomics_testkit import ROOT, daemon_config, daemon_toml, merged, run, sim_config, sim_toml, toml_text
+from liveomics_testkit import ROOT, daemon_config, daemon_toml, inference_config, merged, run, sim_config, toml_text
 
 FIXTURES = ROOT / "models" / "fixtures"
 SHARED_UNET = ROOT.parent / "shared" / "models" / "unet2d_nuclei_broad"
-
-
-def inference_toml(*models, workers=1, **settings) -> str:
-    """The pipeline with the inference stage and `[inference]` on CPU, with one
-    `[[inference.models]]` per `(name, path, extra keys)`."""
-    out = f'[pipeline]\nstages = ["segment", "measure", "inference"]\nworkers = {workers}\n[inference]\nproviders = ["cpu"]\n'
-    out += "".join(f"{k} = {v}\n" for k, v in settings.items())
-    for name, path, *extra in models:
-        out += f'[[inference.models]]\nname = "{name}"\npath = "{path}"\n'
-        out += "".join(f'{k} = "{v}"\n' for e in extra for k, v in e.items())
-    return out
 
 
 def shipped_models():
@@ -93,10 +82,9 @@ def crops(image: np.ndarray, centers, size: int) -> np.ndarray:
 
 def test_daemon_writes_per_cell_predictions_python_reproduces(binary, tmp_path):
     cfg = tmp_path / "c.toml"
-    sim = sim_toml(plate="inf", wells=("B2", "C3"), fields=2, size=400, seed=11)
-    toml = daemon_toml(tmp_path / "out", "inftest", None, sim, zenoh_enabled=False)
-    toml += inference_toml(("cellnet", FIXTURES / "cellnet"), ("fg", FIXTURES / "fcn"), workers=2, max_batch=16)
-    cfg.write_text(toml)
+    sim = sim_config(plate="inf", wells=("B2", "C3"), fields=2, size=400, seed=11)
+    models = inference_config(("cellnet", FIXTURES / "cellnet"), ("fg", FIXTURES / "fcn"), workers=2, max_batch=16)
+    cfg.write_text(daemon_toml(tmp_path / "out", "inftest", None, sim, zenoh_enabled=False, extra=models))
     p = run(binary, "run", "--config", cfg)
     assert p.returncode == 0, p.stderr[-3000:]
     sess = ort.InferenceSession(str(FIXTURES / "cellnet" / "weights.onnx"), providers=["CPUExecutionProvider"])
@@ -155,10 +143,9 @@ def test_model_failing_at_run_time_leaves_raw_data_and_segmentation(binary, tmp_
                   "    test_tensor: {source: test_input.npy", 1)
     (broken / "bioimageio.yaml").write_text(y)
     cfg = tmp_path / "c.toml"
-    sim = sim_toml(plate="nan", wells=("B2",), fields=2, size=256, seed=2)
-    toml = daemon_toml(tmp_path / "out", "nantest", None, sim, zenoh_enabled=False)
-    toml += inference_toml(("nan", broken, {"role": "segmentation"}), ("cellnet", FIXTURES / "cellnet"))
-    cfg.write_text(toml)
+    sim = sim_config(plate="nan", wells=("B2",), fields=2, size=256, seed=2)
+    models = inference_config(("nan", broken, {"role": "segmentation"}), ("cellnet", FIXTURES / "cellnet"))
+    cfg.write_text(daemon_toml(tmp_path / "out", "nantest", None, sim, zenoh_enabled=False, extra=models))
     p = run(binary, "run", "--config", cfg)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stderr.count("model failed") == 2 and "non-finite" in p.stderr
@@ -197,9 +184,9 @@ def test_live_well_table_example_prints_predictions(binary, tmp_path):
     cfg = tmp_path / "c.toml"
     sim = sim_config(plate="live", wells=("B2", "C3"), fields=2, size=256, seed=5, rate=2.0)
     connect = {"zenoh": {"connect": [f"tcp/127.0.0.1:{port}", f"tcp/127.0.0.1:{port2}"]}}
-    toml = toml_text(merged(merged(sim, daemon_config(tmp_path / "out", "livetest", None)), connect))
-    toml += inference_toml(("cellnet", FIXTURES / "cellnet"))
-    cfg.write_text(toml)
+    models = inference_config(("cellnet", FIXTURES / "cellnet"))
+    cfg.write_text(toml_text(merged(merged(merged(sim, daemon_config(tmp_path / "out", "livetest", None)), connect),
+                                    models)))
     p = run(binary, "run", "--config", cfg)
     assert p.returncode == 0, p.stderr[-3000:]
     out, err = example.communicate(timeout=60)

@@ -16,7 +16,7 @@ import tifffile
 import yaozarrs
 import zarr
 
-from liveomics_testkit import daemon_toml, run, sim_toml
+from liveomics_testkit import daemon_toml, run, sim_config
 
 LEVELS = 3
 
@@ -33,7 +33,7 @@ def down_mean(a: np.ndarray) -> np.ndarray:
 def plate(binary, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("out")
     cfg = tmp / "c.toml"
-    sim = sim_toml(plate="full", wells=("A1", "H12"), fields=2, size=300, seed=3)
+    sim = sim_config(plate="full", wells=("A1", "H12"), fields=2, size=300, seed=3)
     cfg.write_text(daemon_toml(tmp / "out", "outtest", None, sim, zenoh_enabled=False))
     proc = run(binary, "run", "--config", cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,11 +119,11 @@ def test_anndata_tables_match_labels(plate):
 
 def test_different_plate_in_output_is_refused_and_untouched(binary, tmp_path):
     cfg = tmp_path / "a.toml"
-    cfg.write_text(daemon_toml(tmp_path / "out", "diff", None, sim_toml(plate="same", wells=("A1",), fields=1, size=128), zenoh_enabled=False))
+    cfg.write_text(daemon_toml(tmp_path / "out", "diff", None, sim_config(plate="same", wells=("A1",), fields=1, size=128), zenoh_enabled=False))
     assert run(binary, "run", "--config", cfg).returncode == 0
     before = (tmp_path / "out" / "same.zarr" / "zarr.json").read_bytes()
     other = tmp_path / "b.toml"
-    other.write_text(daemon_toml(tmp_path / "out", "diff", None, sim_toml(plate="same", wells=("A1",), fields=1, size=256), zenoh_enabled=False))
+    other.write_text(daemon_toml(tmp_path / "out", "diff", None, sim_config(plate="same", wells=("A1",), fields=1, size=256), zenoh_enabled=False))
     proc = run(binary, "run", "--config", other)
     assert proc.returncode == 1
     assert "holds a different plate" in proc.stderr, proc.stderr
@@ -136,7 +136,7 @@ def test_overwrite_never_deletes_a_directory_liveomics_did_not_write(binary, tmp
     foreign.mkdir(parents=True)
     (foreign / "notes.txt").write_text("a user's data")
     cfg = tmp_path / "a.toml"
-    cfg.write_text(daemon_toml(tmp_path / "out", "mine", None, sim_toml(plate="mine", wells=("A1",), fields=1, size=128), zenoh_enabled=False))
+    cfg.write_text(daemon_toml(tmp_path / "out", "mine", None, sim_config(plate="mine", wells=("A1",), fields=1, size=128), zenoh_enabled=False))
     for extra in ([], ["--overwrite"]):
         proc = run(binary, "run", "--config", cfg, *extra)
         assert proc.returncode == 1, proc.stderr
@@ -187,7 +187,7 @@ def crash_trial(binary: Path, tmp: Path, seed: int) -> tuple[int, int, int]:
     rng = random.Random(seed)
     wells, fields = ("B2", "B3", "C2"), 3
     cfg = tmp / "c.toml"
-    sim = sim_toml(plate="crash", wells=wells, fields=fields, size=256, rate=20.0)
+    sim = sim_config(plate="crash", wells=wells, fields=fields, size=256, rate=20.0)
     cfg.write_text(daemon_toml(tmp / "out", "crash", None, sim, zenoh_enabled=False))
     proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(rng.uniform(0.05, 1.2))
@@ -217,7 +217,7 @@ def test_disk_full_stops_intake_and_keeps_complete_fields_valid(binary, tmp_path
         pytest.skip("skipped: cannot mount a small tmpfs here (needs root) to fill a disk")
     try:
         cfg = tmp_path / "c.toml"
-        sim = sim_toml(plate="full", wells=("A1", "A2", "A3", "A4"), fields=4, size=256)
+        sim = sim_config(plate="full", wells=("A1", "A2", "A3", "A4"), fields=4, size=256)
         cfg.write_text(daemon_toml(mnt / "out", "diskfull", None, sim, zenoh_enabled=False))
         proc = run(binary, "run", "--config", cfg)
         assert proc.returncode == 3, (proc.returncode, proc.stderr[-2000:])
@@ -248,7 +248,7 @@ def test_timepoints_get_a_time_axis(binary, tmp_path):
     from ome_zarr_models.v05.hcs import HCS
 
     cfg = tmp_path / "c.toml"
-    sim = sim_toml(plate="tl", wells=("C3",), fields=1, size=128, extra="timepoints = 2")
+    sim = sim_config(plate="tl", wells=("C3",), fields=1, size=128, extra={"timepoints": 2})
     cfg.write_text(daemon_toml(tmp_path / "out", "time", None, sim, zenoh_enabled=False))
     proc = run(binary, "run", "--config", cfg)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -274,7 +274,7 @@ def test_timepoints_get_a_time_axis(binary, tmp_path):
 @pytest.mark.parametrize("size", [1000, 1021])
 def test_sizes_that_are_not_chunk_multiples(binary, tmp_path, size):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(daemon_toml(tmp_path / "out", "sizes", None, sim_toml(plate="odd", wells=("A1",), fields=1, size=size), zenoh_enabled=False))
+    cfg.write_text(daemon_toml(tmp_path / "out", "sizes", None, sim_config(plate="odd", wells=("A1",), fields=1, size=size), zenoh_enabled=False))
     proc = run(binary, "run", "--config", cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert run(binary, "simulate", "--config", cfg, "--out", tmp_path / "truth").returncode == 0

@@ -21,7 +21,8 @@ import pytest
 import zarr
 import zenoh
 
-from liveomics_testkit import demo_core, free_port, loopback_hub, sim_toml, spawn_until, start_zenoh_daemon
+from liveomics_testkit import (demo_core, free_port, loopback_hub, merged, sim_config, spawn_until,
+                               start_zenoh_daemon, toml_text)
 from zenoh_tls import make_pki
 
 pytest.importorskip("pymmcore_plus")
@@ -62,8 +63,8 @@ def test_default_config_binds_only_loopback(binary, tmp_path):
                 pytest.skip(f"port {port} ({what}) is taken on this host")
     cfg = tmp_path / "run.toml"
     # Only the plate and the output change: [zenoh] and [telemetry] are the embedded defaults.
-    cfg.write_text(sim_toml(plate="sec", wells=("A1",), fields=6, size=128, rate=2.0)
-                   + f'\n[sinks.zarr]\noutput = "{tmp_path / "out"}"\n')
+    cfg.write_text(toml_text(merged(sim_config(plate="sec", wells=("A1",), fields=6, size=128, rate=2.0),
+                                    {"sinks": {"zarr": {"output": tmp_path / "out"}}})))
     proc, lines = spawn_until(binary, cfg, "acquisition starting")
     try:
         socks = _sockets(proc.pid)
@@ -90,9 +91,11 @@ def test_default_config_binds_only_loopback(binary, tmp_path):
 def test_an_exposed_session_without_security_is_warned_about(binary, tmp_path):
     cfg = tmp_path / "run.toml"
     port = free_port()
-    cfg.write_text(sim_toml(plate="exp", wells=("A1",), fields=1, size=128)
-                   + f'\n[sinks.zarr]\noutput = "{tmp_path / "out"}"\n[zenoh]\nlisten = ["tcp/0.0.0.0:{port}"]\n'
-                   + '[telemetry]\nmetrics_listen = ""\n')
+    cfg.write_text(toml_text(merged(sim_config(plate="exp", wells=("A1",), fields=1, size=128), {
+        "sinks": {"zarr": {"output": tmp_path / "out"}},
+        "zenoh": {"listen": [f"tcp/0.0.0.0:{port}"]},
+        "telemetry": {"metrics_listen": ""},
+    })))
     p = subprocess.run([str(binary), "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "zenoh is reachable from the network without TLS" in p.stderr

@@ -16,20 +16,19 @@ import yaml
 import zarr
 import zenoh
 
-from liveomics_testkit import ROOT, daemon_toml, free_port, run, sim_toml
-from test_inference import crops, inference_toml
+from liveomics_testkit import ROOT, daemon_toml, free_port, inference_config, run, sim_config
+from test_inference import crops
 
 MODELS = ROOT / "models"
 REFERENCE = ["virtual_stain_unet", "proticelli_tiny", "cell_omics_cnn", "well_omics_mil"]
 LANDMARKS = ["DAPI", "Microtubules", "ER"]
 # The simulated cell line the reference models were trained on (models/train/*.toml).
-SIM = """gene_seed = 7
-proteins = [
-  { name = "TOMM20", localization = "mitochondria" },
-  { name = "CALR", localization = "er" },
-  { name = "ATP1A1", localization = "membrane" },
-  { name = "HNRNPA1", localization = "nuclear" },
-]"""
+SIM = {"gene_seed": 7, "proteins": [
+    {"name": "TOMM20", "localization": "mitochondria"},
+    {"name": "CALR", "localization": "er"},
+    {"name": "ATP1A1", "localization": "membrane"},
+    {"name": "HNRNPA1", "localization": "nuclear"},
+]}
 
 
 @pytest.mark.parametrize("name", REFERENCE)
@@ -122,21 +121,22 @@ def test_diffusion_sampler_equals_python_reference(binary, tmp_path):
     assert np.abs(got[0] - got[1]).mean() > 1.0
 
 
-def seed_models_toml(panel='["TOMM20"]', steps=4, budget=200):
-    return inference_toml(
+def seed_models_config(panel=("TOMM20",), steps=4, budget=200):
+    return inference_config(
         ("vstain", MODELS / "virtual_stain_unet"),
         ("cellomics", MODELS / "cell_omics_cnn"),
         ("wellomics", MODELS / "well_omics_mil"),
+        ("diffusion", MODELS / "proticelli_tiny",
+         {"panel": list(panel), "steps": steps, "max_protein_steps_per_field": budget}),
         workers=2,
-    ) + (f'[[inference.models]]\nname = "diffusion"\npath = "{MODELS / "proticelli_tiny"}"\n'
-         f"panel = {panel}\nsteps = {steps}\nmax_protein_steps_per_field = {budget}\n")
+    )
 
 
 def test_daemon_writes_virtual_channels_cell_predictions_and_live_well_readouts(binary, tmp_path):
     port = free_port()
     wells = ("B2", "B3", "C4")
-    cfg = daemon_toml(tmp_path / "out", "seedtest", port,
-                      sim_toml(plate="seeds", wells=wells, fields=2, extra=SIM)) + seed_models_toml()
+    cfg = daemon_toml(tmp_path / "out", "seedtest", port, sim_config(plate="seeds", wells=wells, fields=2, extra=SIM),
+                      extra=seed_models_config())
     (tmp_path / "c.toml").write_text(cfg)
     v = run(binary, "validate", tmp_path / "c.toml")
     assert v.returncode == 0, v.stdout + v.stderr
@@ -216,15 +216,15 @@ def test_daemon_writes_virtual_channels_cell_predictions_and_live_well_readouts(
 
 
 @pytest.mark.parametrize(
-    "models_toml, key, message",
+    "models, key, message",
     [
-        (seed_models_toml(panel='["TOMM20", "GFP"]'), "inference.models[3].panel", "GFP not in the vocabulary"),
-        (seed_models_toml(panel='["TOMM20", "CALR"]', steps=50, budget=60), "inference.models[3].panel",
+        (seed_models_config(panel=("TOMM20", "GFP")), "inference.models[3].panel", "GFP not in the vocabulary"),
+        (seed_models_config(panel=("TOMM20", "CALR"), steps=50, budget=60), "inference.models[3].panel",
          "2 proteins x 50 steps = 100 denoiser runs per field, above max_protein_steps_per_field = 60"),
     ],
 )
-def test_panel_problems_are_config_errors(binary, tmp_path, models_toml, key, message):
-    cfg = daemon_toml(tmp_path / "out", "bad", None, sim_toml(extra=SIM), zenoh_enabled=False) + models_toml
+def test_panel_problems_are_config_errors(binary, tmp_path, models, key, message):
+    cfg = daemon_toml(tmp_path / "out", "bad", None, sim_config(extra=SIM), zenoh_enabled=False, extra=models)
     (tmp_path / "c.toml").write_text(cfg)
     p = run(binary, "validate", tmp_path / "c.toml")
     assert p.returncode == 2, p.stdout + p.stderr
@@ -239,8 +239,8 @@ def test_crop_size_the_model_does_not_accept_is_a_config_error(binary, tmp_path)
         (folder / f.name).write_bytes(f.read_bytes())
     y = (folder / "bioimageio.yaml").read_text().replace("crop_size: 96", "crop_size: 64")
     (folder / "bioimageio.yaml").write_text(y)
-    cfg = daemon_toml(tmp_path / "out", "bad", None, sim_toml(extra=SIM), zenoh_enabled=False) + inference_toml(
-        ("cells", folder))
+    cfg = daemon_toml(tmp_path / "out", "bad", None, sim_config(extra=SIM), zenoh_enabled=False,
+                      extra=inference_config(("cells", folder)))
     (tmp_path / "c.toml").write_text(cfg)
     p = run(binary, "validate", tmp_path / "c.toml")
     assert p.returncode == 2 and "inference.models[0]" in p.stderr and "crop_size 64" in p.stderr, p.stderr

@@ -119,26 +119,19 @@ def test_probability_map_segmentation_with_the_shared_unet(binary, tmp_path):
     watershed splits the nuclei. Accuracy against the simulator's truth."""
     from pathlib import Path
 
-    from liveomics_testkit import ROOT, daemon_toml, sim_toml
+    from liveomics_testkit import ROOT, daemon_toml, inference_config, sim_config
 
     unet = ROOT.parent / "shared" / "models" / "unet2d_nuclei_broad"
     if not unet.exists():
         pytest.skip("skipped: no ../shared")
     import zarr
 
-    sim = sim_toml(plate="prob", wells=("B2",), fields=2, size=512, seed=41)
+    sim = sim_config(plate="prob", wells=("B2",), fields=2, size=512, seed=41)
     cfg = tmp_path / "c.toml"
-    cfg.write_text(daemon_toml(tmp_path / "out", "probtest", None, sim, zenoh_enabled=False) + f"""
-[segmentation]
-probability_model = "unet"
-[inference]
-providers = ["cpu"]
-[[inference.models]]
-name = "unet"
-path = "{unet}"
-role = "segmentation"
-channels = ["DAPI"]
-""")
+    models = inference_config(("unet", unet, {"role": "segmentation", "channels": ["DAPI"]}))
+    del models["pipeline"]
+    cfg.write_text(daemon_toml(tmp_path / "out", "probtest", None, sim, zenoh_enabled=False,
+                               extra={"segmentation": {"probability_model": "unet"}, **models}))
     p = run(binary, "run", "--config", cfg)
     assert p.returncode == 0, p.stderr[-3000:]
     assert run(binary, "simulate", "--config", cfg, "--out", tmp_path / "truth").returncode == 0
@@ -162,21 +155,21 @@ def test_daemon_can_exclude_objects_cut_by_the_field_edge(binary, tmp_path):
     import anndata
     import zarr
 
-    from liveomics_testkit import daemon_toml, sim_toml
+    from liveomics_testkit import daemon_toml, sim_config
 
     def run_with(flag):
         out = tmp_path / f"out{flag}"
         cfg = tmp_path / f"c{flag}.toml"
-        cfg.write_text(daemon_toml(out, "edge", None, sim_toml(plate="edge", wells=("B2",), fields=1, seed=43),
-                                   zenoh_enabled=False) + f"[segmentation]\nexclude_border_objects = {flag}\n")
+        cfg.write_text(daemon_toml(out, "edge", None, sim_config(plate="edge", wells=("B2",), fields=1, seed=43),
+                                   zenoh_enabled=False, extra={"segmentation": {"exclude_border_objects": flag}}))
         p = run(binary, "run", "--config", cfg)
         assert p.returncode == 0, p.stderr[-3000:]
         field = out / "edge.zarr" / "B" / "2" / "0"
         read = lambda k: zarr.open_array(field / "labels" / k / "0", mode="r")[:].reshape(512, 512)  # noqa: E731
         return read("nuclei"), read("cells"), anndata.read_zarr(field / "tables" / "cells")
 
-    nuclei, cells, table = run_with("true")
-    all_nuclei, _, all_table = run_with("false")
+    nuclei, cells, table = run_with(True)
+    all_nuclei, _, all_table = run_with(False)
     edge = lambda img: np.unique(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]))  # noqa: E731
     assert set(edge(nuclei)) == {0} and set(edge(cells)) == {0}
     assert set(edge(all_nuclei)) - {0}, "the test field has no object at its edge"
