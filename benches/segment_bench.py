@@ -12,6 +12,7 @@ Images come from `liveomics simulate` (held-out seed, default density: about 100
 import argparse
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,20 +23,10 @@ from scipy import ndimage as ndi
 from skimage import feature, filters, measure, segmentation
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from liveomics_testkit import ap  # noqa: E402
+
 BIN = ROOT / "target" / "release" / "liveomics"
-
-
-def ap(pred, truth, tau):
-    """StarDist AP: TP / (TP + FP + FN), one-to-one matching at IoU > tau (tau >= 0.5)."""
-    p, t = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
-    both = (p > 0) & (t > 0)
-    pairs, inter = np.unique(np.stack([p[both], t[both]]), axis=1, return_counts=True)
-    area_p = np.bincount(p)
-    area_t = np.bincount(t)
-    iou = inter / (area_p[pairs[0]] + area_t[pairs[1]] - inter)
-    tp = int((iou > tau).sum())
-    n_p, n_t = int((area_p[1:] > 0).sum()), int((area_t[1:] > 0).sum())
-    return tp / max(tp + (n_p - tp) + (n_t - tp), 1)
 
 
 def params(diameter_um, pixel_um):

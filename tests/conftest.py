@@ -18,6 +18,8 @@ def pytest_configure(config):
     missing = []
     if not (ROOT.parent / "shared" / "models" / "unet2d_nuclei_broad").exists():
         missing.append("../shared/models/unet2d_nuclei_broad")
+    if not (ROOT / ".cache" / "real-data" / "dsb2018_img2d.tif").exists():
+        missing.append(".cache/real-data (make real-data)")
     for module in ("pymmcore_plus", "mm_test_adapters"):
         try:
             __import__(module)

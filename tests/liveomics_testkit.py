@@ -12,10 +12,25 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("LIVEOMICS_BIN", ROOT / "target" / "release" / "liveomics"))
+
+
+def ap(pred, truth, tau: float) -> float:
+    """StarDist's average precision: TP / (TP + FP + FN), objects matched one to one at
+    IoU > tau (unique for tau >= 0.5, so no assignment problem)."""
+    p, t = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
+    both = (p > 0) & (t > 0)
+    pairs, inter = np.unique(np.stack([p[both], t[both]]), axis=1, return_counts=True)
+    area_p = np.bincount(p)
+    area_t = np.bincount(t)
+    iou = inter / (area_p[pairs[0]] + area_t[pairs[1]] - inter)
+    tp = int((iou > tau).sum())
+    n_p, n_t = int((area_p[1:] > 0).sum()), int((area_t[1:] > 0).sum())
+    return tp / max(tp + (n_p - tp) + (n_t - tp), 1)
 
 
 def free_port() -> int:
