@@ -2,6 +2,7 @@
 //! filter (`kernels/cuda/flood.cu`).
 
 use super::*;
+use crate::backend::Steps;
 
 /// Which flood [`Gpu::flood_dev`] runs.
 #[derive(Debug, Clone, Copy)]
@@ -233,9 +234,8 @@ impl Gpu {
         self.dev.read(&labels, n)
     }
 
-    /// [`cpu::propagate`]. A spatial weight that is not positive makes steps free, paths of equal
-    /// cost form cycles and the parallel relaxation no longer reproduces the queue: the host runs
-    /// those.
+    /// [`cpu::propagate`], through [`Steps::propagate`] (which runs the cases the relaxation
+    /// cannot on the host).
     pub fn propagate(
         &self,
         image: &[f32],
@@ -248,24 +248,15 @@ impl Gpu {
         check_len("image", image, width, height)?;
         check_len("seeds", seeds, width, height)?;
         check_len("mask", mask, width, height)?;
-        if image.is_empty() || !(spatial_weight > 0.0 && spatial_weight.is_finite()) {
-            return Ok(cpu::propagate(image, seeds, mask, width, height, spatial_weight)?);
+        if image.is_empty() {
+            return Ok(Vec::new());
         }
         let (i, s, md) = (
             self.dev.upload(image)?,
             self.dev.upload(seeds)?,
             self.upload_mask(mask)?,
         );
-        let (labels, _) = self.flood_dev(
-            Flood::Propagate {
-                image: &i,
-                spatial_weight,
-            },
-            &s,
-            &md,
-            width,
-            height,
-        )?;
+        let labels = Steps::propagate(self, &i, &s, &md, width, height, spatial_weight)?;
         self.dev.read(&labels, image.len())
     }
 }

@@ -133,7 +133,8 @@ impl Steps for Gpu {
         Ok((labels, kept))
     }
 
-    /// A spatial weight that is not positive runs on the host (see [`Gpu::propagate`]).
+    /// A spatial weight that is not positive makes steps free, paths of equal cost form cycles
+    /// and the parallel relaxation no longer reproduces the queue: the host runs those.
     fn propagate(
         &self,
         image: &Buf,
