@@ -13,7 +13,7 @@ REQ_HASH := $(shell sha1sum tests/requirements.txt | cut -c1-12)
 PY_STAMP := $(VENV)/.installed-$(REQ_HASH)
 BIN := target/release/liveomics
 
-.PHONY: run test build fmt lint rust-test py-test python real-data clean train-env train-models
+.PHONY: run test build fmt lint rust-test py-test python real-data clean train-env train-models import-instanseg
 
 $(PY_STAMP): tests/requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; install one or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -59,6 +59,13 @@ TRAIN_PLATE ?= /tmp/liveomics-train
 train-models: build
 	$(BIN) simulate --config models/train/train_plate.toml --out $(TRAIN_PLATE)
 	cd models/train && ../../.venv-train/bin/python train.py --plate $(TRAIN_PLATE)
+
+# The InstanSeg conversion (models/import/instanseg.py): PyPI's torch in its own venv; the
+# converted model in models/instanseg_fluorescence is committed, so `make test` needs neither.
+import-instanseg:
+	test -x .venv-import/bin/python || $(PYTHON) -m venv .venv-import
+	.venv-import/bin/python -m pip install --quiet --disable-pip-version-check -r models/import/requirements.txt
+	.venv-import/bin/python models/import/instanseg.py models/instanseg_fluorescence
 
 clean:
 	rm -rf $(VENV) out

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cpu;
 pub mod gpu;
 pub mod illumination;
+pub mod instanseg;
 pub mod measure;
 pub mod metrics;
 pub mod segment;

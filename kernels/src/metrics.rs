@@ -85,3 +85,26 @@ mod tests {
         assert!(match_labels(&pred, &truth, &[0.3]).is_err());
     }
 }
+
+/// Pixels on which two label images disagree up to renumbering: labels are paired one-to-one
+/// (background with background), largest overlaps first, and every pixel outside a pair's
+/// overlap counts. 0 means the same partition.
+pub fn partition_differences(a: &[u32], b: &[u32]) -> usize {
+    let mut pairs: HashMap<(u32, u32), usize> = HashMap::new();
+    for (&x, &y) in a.iter().zip(b) {
+        *pairs.entry((x, y)).or_default() += 1;
+    }
+    let mut counts: Vec<((u32, u32), usize)> = pairs.into_iter().collect();
+    counts.sort_unstable_by(|p, q| q.1.cmp(&p.1).then(p.0.cmp(&q.0)));
+    let (mut used_a, mut used_b) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+    let mut agree = 0;
+    for ((x, y), c) in counts {
+        if (x == 0) != (y == 0) || used_a.contains(&x) || used_b.contains(&y) {
+            continue;
+        }
+        used_a.insert(x);
+        used_b.insert(y);
+        agree += c;
+    }
+    a.len().max(b.len()) - agree
+}

@@ -18,6 +18,9 @@ use crate::process::Proc;
 pub enum Role {
     /// Whole-field model whose output is a foreground (or boundary) probability map.
     Segmentation,
+    /// Whole-field model whose output is an embedding that `config.liveomics.instanseg`'s
+    /// post-processing turns into nuclei and cells; run by the segment stage.
+    InstanceSegmentation,
     /// Whole-field model: landmark channels in, protein images out.
     VirtualStain,
     /// ProtiCelli's inference shape: encoder, EDM denoiser and decoder components, sampled one
@@ -30,8 +33,9 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Self::Segmentation,
+        Self::InstanceSegmentation,
         Self::VirtualStain,
         Self::VirtualStainDiffusion,
         Self::CellOmics,
@@ -42,6 +46,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Segmentation => "segmentation",
+            Self::InstanceSegmentation => "instance-segmentation",
             Self::VirtualStain => "virtual-stain",
             Self::VirtualStainDiffusion => "virtual-stain-diffusion",
             Self::CellOmics => "cell-omics",
@@ -88,6 +93,8 @@ pub struct LiveomicsConfig {
     pub components: BTreeMap<String, ComponentRef>,
     /// How a well-omics model pools tile features per well.
     pub pooling: Option<Pooling>,
+    /// The post-processing of an instance-segmentation model (InstanSeg).
+    pub instanseg: Option<crate::instanseg::InstansegConfig>,
 }
 
 /// The EDM schedule (Karras et al. 2022) a diffusion model was trained for.
@@ -232,6 +239,8 @@ pub struct Description {
     pub weights: PathBuf,
     pub weights_sha256: Option<String>,
     pub liveomics: LiveomicsConfig,
+    /// How far outputs may be from the test tensors (`config.bioimageio.reproducibility_tolerance`).
+    pub tolerance: Option<f32>,
 }
 
 #[derive(Deserialize)]
@@ -378,6 +387,19 @@ impl Description {
                 .map_err(|e| err("config.liveomics", e.to_string()))?,
             None => LiveomicsConfig::default(),
         };
+        // bioimage.io 0.5's `config.bioimageio.reproducibility_tolerance`: the largest of its
+        // absolute tolerances (a converted model declares how far it may be from its original).
+        let tolerance = raw
+            .config
+            .get("bioimageio")
+            .and_then(|b| b.get("reproducibility_tolerance"))
+            .and_then(Value::as_sequence)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter_map(|e| e.get("absolute_tolerance").and_then(Value::as_f64))
+                    .fold(0.0f64, f64::max) as f32
+            });
         let tensors = |list: Vec<RawTensor>, what: &str, output: bool| -> Result<Vec<TensorDescr>, ModelError> {
             list.into_iter()
                 .enumerate()
@@ -486,6 +508,22 @@ impl Description {
                 }
             }
         }
+        if liveomics.role == Some(Role::InstanceSegmentation) {
+            let section = liveomics.instanseg.as_ref().ok_or_else(|| {
+                err(
+                    "config.liveomics.instanseg",
+                    "missing; an instance-segmentation model needs its post-processing settings".into(),
+                )
+            })?;
+            section
+                .check()
+                .map_err(|(k, m)| err(&format!("config.liveomics.instanseg.{k}"), m))?;
+            if let Some(t) = &section.test_labels {
+                if !inside_package(&t.source) {
+                    return Err(err("config.liveomics.instanseg.test_labels", OUTSIDE.into()));
+                }
+            }
+        }
         for (name, c) in &liveomics.components {
             let key = format!("config.liveomics.components.{name}");
             let sources = [Some(&c.source), c.test_input.as_ref(), c.test_output.as_ref()];
@@ -529,6 +567,7 @@ impl Description {
             weights,
             weights_sha256: onnx.sha256,
             liveomics,
+            tolerance,
         })
     }
 

@@ -7,6 +7,7 @@ pub mod component;
 pub mod description;
 pub mod diffusion;
 pub mod error;
+pub mod instanseg;
 pub mod model;
 pub mod npy;
 pub mod process;

@@ -26,6 +26,9 @@ pub(super) fn description_checks(
             )
         })?,
     };
+    if role == Role::InstanceSegmentation {
+        return Err(Invalid::new(&format!("{key}.role"), INSTANCE_ROLE));
+    }
     if role != Role::VirtualStainDiffusion && !m.panel.is_empty() {
         return Err(Invalid::new(
             &format!("{key}.panel"),

@@ -17,6 +17,7 @@ use liveomics_models::{
 
 mod checks;
 pub mod config;
+pub mod instances;
 
 use crate::component::{Context, Stage, StageConfig, StageError, StageName};
 use crate::field::{channel_index, prediction_column, FieldWork, ModelImage, WellReadout};
@@ -147,6 +148,10 @@ impl InferenceStage {
     }
 }
 
+/// Why an instance-segmentation model is not an `[[inference.models]]` entry.
+pub(crate) const INSTANCE_ROLE: &str = "instance-segmentation models are run by the segment stage: set \
+     segmentation.method = \"instanseg\" and segmentation.model to the model's folder";
+
 /// Model `i`, loaded once per run for the same settings (the run's resources keep it): every
 /// worker's stage shares its session, batcher and well pools.
 fn load(ctx: &Context, plan: &AcquisitionPlan, i: usize, m: &ModelConfig) -> Result<Arc<Loaded>, Invalid> {
@@ -248,6 +253,7 @@ fn load_new(
                 },
             }
         }
+        Role::InstanceSegmentation => return Err(Invalid::new(&format!("{key}.role"), INSTANCE_ROLE)),
         Role::Segmentation | Role::VirtualStain => Runner::Field {
             model: Arc::new(Model::load(&m.path, &opts).map_err(path_err)?),
             role,

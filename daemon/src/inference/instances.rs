@@ -1,0 +1,161 @@
+//! The instance-segmentation runner (`segmentation.method = "instanseg"`): an InstanSeg model's
+//! network in ONNX Runtime by tiles, its post-processing in `liveomics_kernels::instanseg`, on a
+//! field of any pixel size (resampled to the model's and the labels back).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use liveomics_kernels::instanseg::{self, scale, InstanSegParams, Instances, Linear};
+use liveomics_models::instanseg::InstansegConfig;
+use liveomics_models::{Model, ModelError, Role, RuntimeOptions, Tensor, TileOptions};
+
+use crate::component::StageError;
+
+/// A loaded instance-segmentation model, shared by every worker (the session is behind a lock
+/// inside [`Model`]; the post-processing runs on the caller's thread and rayon).
+#[derive(Debug)]
+pub struct InstanceModel {
+    pub model: Model,
+    pub params: InstanSegParams,
+    /// The pixel size the model was trained at.
+    pub pixel_size_um: f64,
+    /// Channels the network gives per field (5: nuclei only; 10: nuclei and cells).
+    pub channels: usize,
+    tile: TileOptions,
+}
+
+/// Labels at the field's size, cells numbered like their nucleus, with where the time went.
+#[derive(Debug, Clone)]
+pub struct InstanceLabels {
+    pub nuclei: Vec<u32>,
+    pub cells: Option<Vec<u32>>,
+    /// Objects: cells when cells were asked for, else nuclei.
+    pub count: u32,
+    /// The field's size at the model's pixel size.
+    pub model_size: (usize, usize),
+    pub network: Duration,
+    pub post: Duration,
+}
+
+/// The kernels' parameters from the description's section (already checked when it loaded).
+pub fn params(c: &InstansegConfig) -> InstanSegParams {
+    InstanSegParams {
+        mask_threshold: c.mask_threshold,
+        peak_distance: c.peak_distance,
+        seed_threshold: c.seed_threshold,
+        overlap_threshold: c.overlap_threshold,
+        window_size: c.window_size,
+        cleanup_fragments: c.cleanup_fragments,
+        resolve_cell_and_nucleus: c.resolve_cell_and_nucleus,
+        classifier: c
+            .pixel_classifier
+            .iter()
+            .map(|l| Linear {
+                inputs: l.weight.first().map_or(0, Vec::len),
+                outputs: l.weight.len(),
+                weight: l.weight.iter().flatten().copied().collect(),
+                bias: l.bias.clone(),
+            })
+            .collect(),
+    }
+}
+
+impl InstanceModel {
+    /// Loads the model at `path` (folder or description); it must have the
+    /// instance-segmentation role and give 5 or 10 channels.
+    pub fn load(path: &Path, opts: &RuntimeOptions, tile: TileOptions) -> Result<Self, ModelError> {
+        let model = Model::load(path, opts)?;
+        let d = &model.descr;
+        let wrong = |key: &str, message: String| ModelError::Description {
+            model: d.name.clone(),
+            key: key.into(),
+            message,
+        };
+        if d.liveomics.role != Some(Role::InstanceSegmentation) {
+            return Err(wrong(
+                "config.liveomics.role",
+                format!(
+                    "is {}, not instance-segmentation",
+                    d.liveomics.role.map_or("unset", Role::as_str)
+                ),
+            ));
+        }
+        let section = d
+            .liveomics
+            .instanseg
+            .as_ref()
+            .ok_or_else(|| wrong("config.liveomics.instanseg", "missing".into()))?;
+        let channels = model.output_channels(0).len();
+        if channels != instanseg::CHANNELS_PER_TARGET && channels != 2 * instanseg::CHANNELS_PER_TARGET {
+            return Err(wrong(
+                "outputs[0]",
+                format!("has {channels} channels; InstanSeg gives 5 per target"),
+            ));
+        }
+        Ok(Self {
+            params: params(section),
+            pixel_size_um: section.pixel_size_um,
+            channels,
+            model,
+            tile,
+        })
+    }
+
+    /// Whether the network gives cells as well as nuclei.
+    pub fn has_cells(&self) -> bool {
+        self.channels == 2 * instanseg::CHANNELS_PER_TARGET
+    }
+
+    /// The network output at the model's pixel size for `planes` (`width x height` at
+    /// `pixel_size_um`): `[channels, h, w]` and that size.
+    pub fn embedding(
+        &self,
+        planes: &[&[u16]],
+        width: usize,
+        height: usize,
+        pixel_size_um: f64,
+    ) -> Result<(Tensor, (usize, usize)), StageError> {
+        let (w, h) = scale::scaled_size(width, height, pixel_size_um / self.pixel_size_um);
+        let mut data = Vec::with_capacity(planes.len() * w * h);
+        for p in planes {
+            let plane: Vec<f32> = p.iter().map(|&v| v as f32).collect();
+            data.extend(scale::resize_linear(&plane, width, height, w, h));
+        }
+        let mut out = self
+            .model
+            .run_tiled(Tensor::new(vec![1, planes.len(), h, w], data), &self.tile)?;
+        out.shape = vec![self.channels, h, w];
+        Ok((out, (w, h)))
+    }
+
+    /// Nuclei (and cells, when `cells` and the model gives them) of one field.
+    pub fn segment(
+        &self,
+        planes: &[&[u16]],
+        width: usize,
+        height: usize,
+        pixel_size_um: f64,
+        cells: bool,
+    ) -> Result<InstanceLabels, StageError> {
+        let t0 = Instant::now();
+        let (embedding, (w, h)) = self.embedding(planes, width, height, pixel_size_um)?;
+        let t1 = Instant::now();
+        let inst = instanseg::instances(&embedding.data, self.channels, w, h, cells, &self.params)?;
+        // Back to the field's size first, so that the numbering skips objects too small to
+        // survive the resampling.
+        let back = |l: Vec<u32>| scale::resize_labels(&l, w, h, width, height);
+        let mut inst = Instances {
+            nuclei: back(inst.nuclei),
+            cells: inst.cells.map(back),
+        };
+        let count = instanseg::consecutive(&mut inst);
+        Ok(InstanceLabels {
+            nuclei: inst.nuclei,
+            cells: inst.cells,
+            count,
+            model_size: (w, h),
+            network: t1 - t0,
+            post: t1.elapsed(),
+        })
+    }
+}

@@ -1,0 +1,86 @@
+//! InstanSeg in Rust against the original: the converted model's test tensors
+//! (`models/instanseg_fluorescence`, written by `models/import/instanseg.py` from the TorchScript
+//! model) hold the TorchScript network's output and the whole TorchScript model's labels.
+
+#![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
+
+#[path = "../../models/tests/common/mod.rs"]
+mod common;
+
+use liveomics::inference::instances::{params, InstanceModel};
+use liveomics_kernels::instanseg::{self, Instances};
+use liveomics_kernels::metrics::partition_differences;
+use liveomics_models::{npy, Description, TileOptions};
+
+fn model_dir() -> std::path::PathBuf {
+    common::repo().join("models/instanseg_fluorescence")
+}
+
+/// The expected nuclei and cell labels, `[2, h, w]`.
+fn expected() -> (Vec<u32>, Vec<u32>, usize, usize) {
+    let t = npy::read(&model_dir().join("test_labels.npy")).unwrap();
+    let (h, w) = (t.shape[2], t.shape[3]);
+    let l: Vec<u32> = t.data.iter().map(|&v| v as u32).collect();
+    (l[..w * h].to_vec(), l[w * h..].to_vec(), w, h)
+}
+
+fn differences(got: &Instances, nuclei: &[u32], cells: &[u32]) -> (usize, usize) {
+    (
+        partition_differences(&got.nuclei, nuclei),
+        partition_differences(got.cells.as_ref().unwrap(), cells),
+    )
+}
+
+#[test]
+fn post_processing_equals_the_torchscript_on_its_own_network_output() {
+    let d = Description::load(&model_dir()).unwrap();
+    let p = params(d.liveomics.instanseg.as_ref().unwrap());
+    let e = npy::read(&model_dir().join("test_output.npy")).unwrap();
+    let (c, h, w) = (e.shape[1], e.shape[2], e.shape[3]);
+    let got = instanseg::instances(&e.data, c, w, h, true, &p).unwrap();
+    let (nuclei, cells, ..) = expected();
+    let (dn, dc) = differences(&got, &nuclei, &cells);
+    let count = |l: &[u32]| l.iter().copied().max().unwrap_or(0);
+    eprintln!(
+        "{w}x{h}: {} nuclei, {} cells; pixels differing from the TorchScript labels: nuclei {dn}, cells {dc}",
+        count(&got.nuclei),
+        count(got.cells.as_ref().unwrap())
+    );
+    assert_eq!((dn, dc), (0, 0));
+    // Renumbering keeps every object and a cell's nucleus's label.
+    let mut renumbered = got.clone();
+    instanseg::consecutive(&mut renumbered);
+    assert_eq!(differences(&renumbered, &nuclei, &cells), (0, 0));
+}
+
+#[test]
+fn the_whole_model_through_onnx_runtime_matches_the_torchscript_labels() {
+    let Some(()) = common::ort_or_skip() else {
+        return;
+    };
+    let m = InstanceModel::load(&model_dir(), &common::cpu(), TileOptions::default()).unwrap();
+    let raw = npy::read(&model_dir().join("test_input.npy")).unwrap();
+    let (h, w) = (raw.shape[2], raw.shape[3]);
+    // The test input holds integers 1..180: exact as camera counts.
+    let planes: Vec<Vec<u16>> = raw
+        .data
+        .chunks(w * h)
+        .map(|p| p.iter().map(|&v| v as u16).collect())
+        .collect();
+    let views: Vec<&[u16]> = planes.iter().map(Vec::as_slice).collect();
+    let got = m.segment(&views, w, h, m.pixel_size_um, true).unwrap();
+    let (nuclei, cells, ..) = expected();
+    let inst = Instances {
+        nuclei: got.nuclei,
+        cells: got.cells,
+    };
+    let (dn, dc) = differences(&inst, &nuclei, &cells);
+    eprintln!(
+        "ONNX network + Rust post-processing: {} objects; pixels differing from TorchScript: nuclei {dn}, cells {dc} of {}",
+        got.count,
+        w * h
+    );
+    // The ONNX network differs from TorchScript's by float rounding (< 1e-3): a few pixels on
+    // object borders may change hands, never whole objects.
+    assert!(dn + dc <= w * h / 200, "nuclei {dn}, cells {dc}");
+}
