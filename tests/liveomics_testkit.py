@@ -81,6 +81,9 @@ def daemon_config(out: Path, instrument: str, zenoh_port: int | None, zenoh_enab
     listening there) or nowhere, with the metrics endpoint on a free port."""
     return {
         "instrument": instrument,
+        # The plumbing under test, not a model: the classical path whatever is installed
+        # (test_instanseg.py runs the model).
+        "segmentation": {"method": "classical"},
         "latency_budget_ms": 5000,
         "sinks": {"zarr": {"output": out}, "zenoh": {"enabled": zenoh_enabled}},
         "zenoh": {"listen": [], "connect": [f"tcp/127.0.0.1:{zenoh_port}"] if zenoh_port else []},
@@ -99,7 +102,8 @@ def zenoh_daemon_config(out: Path, endpoint: str, instrument="mm", plate="MM1", 
             "plate": plate, "channels": list(channels), "width_px": size, "height_px": size,
             "pixel_size_um": 1.0, "idle_exit_ms": idle_exit_ms,
         }},
-        "segmentation": {"nuclei_channel": channels[0], "cells_channel": channels[-1], "nucleus_diameter_um": 10.0},
+        "segmentation": {"method": "classical", "nuclei_channel": channels[0], "cells_channel": channels[-1],
+                         "nucleus_diameter_um": 10.0},
         "sinks": {"zarr": {"output": out}},
         "zenoh": {"listen": [endpoint], "config_file": str(zenoh_file)},
         "telemetry": {"metrics_listen": ""},

@@ -35,7 +35,8 @@ def test_multichannel_tiff_gives_nuclei_and_cells(binary, field, tmp_path):
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, np.stack([img["ER"], img["DAPI"]]))  # pages: channel 0 = ER, 1 = DAPI
     p = run(binary, "segment", src, "--out", tmp_path / "n.tif", "--cells-out", tmp_path / "c.tif",
-            "--nuclei-channel", 1, "--cells-channel", 0, "--pixel-size-um", 0.65, "--device", "cpu")
+            "--nuclei-channel", 1, "--cells-channel", 0, "--pixel-size-um", 0.65, "--device", "cpu",
+            "--method", "classical")
     assert p.returncode == 0, p.stderr
     nuclei, cells = tifffile.imread(tmp_path / "n.tif"), tifffile.imread(tmp_path / "c.tif")
     assert nuclei.dtype == np.uint32 and nuclei.shape == (512, 512)
@@ -51,7 +52,8 @@ def test_triangle_threshold_keeps_more_of_each_nucleus(binary, field, tmp_path):
     tifffile.imwrite(tmp_path / "in.tif", img["DAPI"])
     areas = {}
     for method in ("otsu", "triangle"):
-        p = run(binary, "segment", tmp_path / "in.tif", "--out", tmp_path / f"{method}.tif", "--threshold", method)
+        p = run(binary, "segment", tmp_path / "in.tif", "--out", tmp_path / f"{method}.tif", "--threshold", method,
+                "--method", "classical")
         assert p.returncode == 0, p.stderr
         labels = tifffile.imread(tmp_path / f"{method}.tif")
         assert abs(int(labels.max()) - int(truth["nuclei"].max())) <= 0.15 * truth["nuclei"].max()
@@ -69,7 +71,8 @@ def test_other_sample_types(binary, field, tmp_path, kind):
         data = dapi / 1000.0
         data[:3, :3] = np.nan
     tifffile.imwrite(tmp_path / "in.tif", data)
-    p = run(binary, "segment", tmp_path / "in.tif", "--out", tmp_path / "n.tif", "--pixel-size-um", 0.65)
+    p = run(binary, "segment", tmp_path / "in.tif", "--out", tmp_path / "n.tif", "--pixel-size-um", 0.65,
+            "--method", "classical")
     assert p.returncode == 0, p.stderr
     assert ap50(tifffile.imread(tmp_path / "n.tif"), truth["nuclei"]) >= 0.85
     if kind == "float32":

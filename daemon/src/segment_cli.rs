@@ -9,6 +9,11 @@ use liveomics_adapters::tiff_io::{read_channels, read_image, write_plane, Plane,
 use liveomics_kernels::gpu::{Compute, DeviceRequest, GpuError};
 use liveomics_kernels::segment::{CellParams, NucleiParams};
 use liveomics_kernels::KernelError;
+use liveomics_models::{ModelError, Provider, RuntimeOptions, TileOptions};
+
+use crate::component::StageError;
+use crate::inference::instances::InstanceModel;
+use crate::stage::{find_model, SegmentMethod, DEFAULT_MODEL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentError {
@@ -39,6 +44,16 @@ pub enum SegmentError {
     },
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error("--model {path}")]
+    Model {
+        path: PathBuf,
+        #[source]
+        source: Box<ModelError>,
+    },
+    #[error("--method instanseg: no model at {0} (pass --model)")]
+    NoModel(PathBuf),
+    #[error(transparent)]
+    Stage(#[from] StageError),
 }
 
 /// What `segment` was asked to do (the command line of `liveomics segment`).
@@ -64,9 +79,25 @@ pub struct SegmentRequest {
     /// auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Automatic threshold of the nuclear channel.
+    /// Automatic threshold of the nuclear channel (classical).
     #[arg(long, value_enum, default_value_t = crate::stage::NucleiThreshold::Otsu)]
     pub threshold: crate::stage::NucleiThreshold,
+    /// auto: InstanSeg when its model is found, ONNX Runtime loads and the pixel size is known
+    /// (the TIFF's or --pixel-size-um), else classical; the log says which and why.
+    #[arg(long, value_enum, default_value_t = SegmentMethod::Auto)]
+    pub method: SegmentMethod,
+    /// InstanSeg model folder.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Where InstanSeg's cells come from (with --cells-channel).
+    #[arg(long, value_enum, default_value_t = crate::stage::InstansegCells::Propagate)]
+    pub instanseg_cells: crate::stage::InstansegCells,
+    /// Replaces the InstanSeg model's seed threshold (lower finds dimmer nuclei).
+    #[arg(long)]
+    pub seed_threshold: Option<f32>,
+    /// ONNX Runtime library; default: ORT_DYLIB_PATH, the repository's .venv, then Python's.
+    #[arg(long)]
+    pub ort_library: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +107,8 @@ pub struct SegmentReport {
     pub nuclei: u32,
     pub cells: Option<u32>,
     pub elapsed: Duration,
+    /// `instanseg` or `classical`.
+    pub method: &'static str,
     /// Why the result may be empty or the input was adjusted (NaN, constant image, ...).
     pub notes: Vec<String>,
 }
@@ -155,11 +188,11 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
         Some(k) => Some(to_u16(channel("cells", k)?, &mut notes)),
         None => None,
     };
-    let (pixel_size_um, pixel_from) = match req.pixel_size_um {
-        Some(p) => (p, "--pixel-size-um"),
+    let (pixel_size_um, pixel_from, known) = match req.pixel_size_um {
+        Some(p) => (p, "--pixel-size-um", true),
         None => match read_image(&req.input).ok().and_then(|i| i.pixel_size_um) {
-            Some(p) => (p, "the TIFF's metadata"),
-            None => (0.65, "the default; pass --pixel-size-um"),
+            Some(p) => (p, "the TIFF's metadata", true),
+            None => (0.65, "the default; pass --pixel-size-um", false),
         },
     };
     let mut params =
@@ -170,6 +203,54 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
             source,
         })?;
     params.threshold = req.threshold.into();
+    if let Some(m) = instance_model(req)? {
+        let nucleus_px = if known {
+            req.diameter_um / pixel_size_um
+        } else {
+            let px = nucleus_px_measured(&compute, &dapi, w, h, &params, req.diameter_um / pixel_size_um)
+                .map_err(gpu_err)?;
+            notes.push(format!(
+                "pixel size unknown: InstanSeg resampled for nuclei of {px:.1} px, the classical path's median"
+            ));
+            px
+        };
+        let mut planes = vec![dapi.as_slice()];
+        let from_model = req.instanseg_cells == crate::stage::InstansegCells::Model && m.has_cells();
+        if let (Some(c), true) = (&cyto, from_model) {
+            planes.push(c.as_slice());
+        }
+        let mut r = m.segment(
+            &planes,
+            w,
+            h,
+            m.factor(nucleus_px),
+            from_model && req.cells_out.is_some(),
+        )?;
+        if let (Some(c), None, Some(_)) = (&cyto, &r.cells, &req.cells_out) {
+            let cells = compute
+                .segment_cells(&r.nuclei, c, w, h, &CellParams::default())
+                .map_err(gpu_err)?;
+            r.count = r.nuclei.iter().copied().max().unwrap_or(0);
+            r.cells = Some(cells);
+        }
+        let nuclei_n = r.nuclei.iter().copied().max().unwrap_or(0);
+        if nuclei_n == 0 {
+            notes.push("no nuclei found (empty, saturated or featureless nuclear channel?)".into());
+        }
+        write_labels(&req.out, w, h, &r.nuclei)?;
+        if let (Some(cells), Some(path)) = (&r.cells, &req.cells_out) {
+            write_labels(path, w, h, cells)?;
+        }
+        return Ok(SegmentReport {
+            width: w,
+            height: h,
+            nuclei: nuclei_n,
+            cells: r.cells.as_ref().map(|_| r.count),
+            elapsed: t0.elapsed(),
+            method: "instanseg",
+            notes,
+        });
+    }
     let (nuclei, n) = compute.segment_nuclei(&dapi, w, h, &params).map_err(gpu_err)?;
     if n == 0 {
         notes.push("no nuclei found (empty, saturated or featureless nuclear channel?)".into());
@@ -189,8 +270,93 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
         nuclei: n,
         cells: cells_n,
         elapsed: t0.elapsed(),
+        method: "classical",
         notes,
     })
+}
+
+/// The InstanSeg model `--method` asks for, or `None` (classical) with the reason logged.
+fn instance_model(req: &SegmentRequest) -> Result<Option<InstanceModel>, SegmentError> {
+    let auto = req.method == SegmentMethod::Auto;
+    let fallback = |reason: &str| {
+        crate::telemetry::SegmentMethodChosen {
+            method: "classical",
+            model: "",
+            provider: "",
+            reason: Some(reason),
+        }
+        .emit();
+        Ok(None)
+    };
+    if matches!(req.method, SegmentMethod::Classical | SegmentMethod::Probability) {
+        return Ok(None);
+    }
+    let Some(path) = find_model(&req.model) else {
+        return if auto {
+            fallback(&format!("no InstanSeg model at {}", req.model.display()))
+        } else {
+            Err(SegmentError::NoModel(req.model.clone()))
+        };
+    };
+    let providers = if req.device == "cpu" {
+        vec![Provider::Cpu]
+    } else {
+        vec![Provider::Cuda { device: 0 }, Provider::Cpu]
+    };
+    let opts = RuntimeOptions {
+        ort_library: req.ort_library.clone(),
+        providers,
+        ..RuntimeOptions::default()
+    };
+    match InstanceModel::load(&path, &opts, TileOptions::default()) {
+        Ok(mut m) => {
+            if let Some(v) = req.seed_threshold {
+                m.params.seed_threshold = v;
+            }
+            crate::telemetry::SegmentMethodChosen {
+                method: "instanseg",
+                model: &path.display().to_string(),
+                provider: &m.model.provider.label(),
+                reason: None,
+            }
+            .emit();
+            Ok(Some(m))
+        }
+        Err(e) if auto || matches!(e, ModelError::OrtNotFound { .. } | ModelError::OrtLoad { .. }) => {
+            fallback(&crate::telemetry::error_chain(&e))
+        }
+        Err(e) => Err(SegmentError::Model {
+            path,
+            source: Box::new(e),
+        }),
+    }
+}
+
+/// The median nucleus diameter (of a disc of the same area) the classical path finds: the
+/// nucleus size InstanSeg resamples for when the image says nothing of its pixel size.
+fn nucleus_px_measured(
+    compute: &Compute,
+    dapi: &[u16],
+    w: usize,
+    h: usize,
+    params: &NucleiParams,
+    none_found: f64,
+) -> Result<f64, GpuError> {
+    let (labels, n) = compute.segment_nuclei(dapi, w, h, params)?;
+    let mut area = vec![0u32; n as usize + 1];
+    for &l in &labels {
+        area[l as usize] += 1;
+    }
+    let mut d: Vec<f64> = area[1..]
+        .iter()
+        .filter(|&&a| a > 0)
+        .map(|&a| 2.0 * (a as f64 / std::f64::consts::PI).sqrt())
+        .collect();
+    if d.is_empty() {
+        return Ok(none_found);
+    }
+    d.sort_by(f64::total_cmp);
+    Ok(d[d.len() / 2])
 }
 
 fn write_labels(path: &Path, w: usize, h: usize, labels: &[u32]) -> Result<(), SegmentError> {

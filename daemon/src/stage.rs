@@ -1,6 +1,10 @@
 //! The two image-kernel stages: segmentation (`[segmentation]`) and per-cell measurement. Each
 //! is built once per worker from its section, the context and the acquisition plan.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
 use liveomics_adapters::model::AcquisitionPlan;
 use liveomics_adapters::Invalid;
 use liveomics_kernels::gpu::Compute;
@@ -9,11 +13,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::component::{Context, Stage, StageConfig, StageError, StageName};
 use crate::field::{channel_index, CellRecord, FieldWork};
+use crate::inference::instances::InstanceModel;
 use crate::inference::ProbabilityModel;
+use crate::telemetry as t;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SegmentationConfig {
+    /// How nuclei (and cells) are found: `auto`, `classical`, `instanseg` or `probability`.
+    pub method: SegmentMethod,
+    /// The InstanSeg model (folder or description) for `instanseg` and `auto`; a relative path
+    /// is looked up from the working directory, then from the repository the binary was built in.
+    pub model: PathBuf,
+    /// Replaces the model's seed threshold (InstanSeg's `seed_threshold`, 0.7 for the shipped
+    /// model): lower finds dimmer nuclei, and more false ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed_threshold: Option<f32>,
+    /// Where InstanSeg's cells come from (with `cells_channel`).
+    pub instanseg_cells: InstansegCells,
     /// Channel (by name) holding the nuclear stain.
     pub nuclei_channel: String,
     /// Channel (by name) the cell bodies are propagated over; empty for nuclei only.
@@ -44,6 +61,10 @@ pub struct SegmentationConfig {
 impl Default for SegmentationConfig {
     fn default() -> Self {
         Self {
+            method: SegmentMethod::Auto,
+            model: PathBuf::from(DEFAULT_MODEL),
+            seed_threshold: None,
+            instanseg_cells: InstansegCells::Propagate,
             nuclei_channel: "DAPI".into(),
             cells_channel: "ER".into(),
             nucleus_diameter_um: 11.0,
@@ -56,6 +77,68 @@ impl Default for SegmentationConfig {
             exclude_border_objects: false,
         }
     }
+}
+
+/// The InstanSeg model `make` keeps in the repository (converted by `make import-instanseg`).
+pub const DEFAULT_MODEL: &str = "models/instanseg_fluorescence";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SegmentMethod {
+    /// `probability` when `probability_model` is set; else `instanseg` when its model is found
+    /// and ONNX Runtime loads; else `classical`, with the reason logged.
+    Auto,
+    /// Threshold, distance-transform seeds and watershed on the nuclear channel; cells by
+    /// propagation over the cytoplasm channel.
+    Classical,
+    /// The InstanSeg model at `model`: nuclei and, with `cells_channel`, cells from its own
+    /// output. Falls back to `classical`, logged, when ONNX Runtime is missing.
+    Instanseg,
+    /// `probability_model`'s foreground probability, split by the classical watershed.
+    #[value(skip)]
+    Probability,
+}
+
+impl SegmentMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Classical => "classical",
+            Self::Instanseg => "instanseg",
+            Self::Probability => "probability",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InstansegCells {
+    /// Propagated from InstanSeg's nuclei over the cytoplasm channel, as the classical path
+    /// does: right for cytoplasm stains (ER, CellMask), which the shipped model was not trained
+    /// on (it scores cell AP@0.5 0.02-0.4 on the simulator's ER channel, docs/BENCHMARKS.md).
+    Propagate,
+    /// The model's own cells, the cytoplasm channel fed beside the nuclear one: for membrane
+    /// markers like those it was trained on.
+    Model,
+}
+
+/// A relative model path from the working directory, else from the repository holding the
+/// running binary (`target/release/liveomics` → the repository root): `liveomics segment` and
+/// `make run` find the shipped model from anywhere.
+pub fn find_model(path: &Path) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    if path.is_relative() {
+        let exe = std::env::current_exe().ok()?;
+        for up in exe.ancestors().skip(1).take(3) {
+            let p = up.join(path);
+            if p.exists() {
+                return Some(p);
+            }
+        }
+    }
+    None
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -78,6 +161,10 @@ impl From<NucleiThreshold> for liveomics_kernels::segment::ThresholdMethod {
 #[derive(Debug)]
 pub struct SegmentStage {
     probability: Option<(crate::inference::ProbabilityModel, f32)>,
+    instances: Option<Arc<InstanceModel>>,
+    instanseg_cells: InstansegCells,
+    /// Nucleus diameter in field pixels, from which InstanSeg's resampling follows.
+    nucleus_px: f64,
     nuclei_channel: usize,
     cells_channel: Option<usize>,
     nuclei: NucleiParams,
@@ -112,7 +199,15 @@ impl SegmentStage {
                 s.camera_offset_adu as f32,
             )
         });
-        let probability = if s.probability_model.is_empty() {
+        let method = match s.method {
+            SegmentMethod::Auto if !s.probability_model.is_empty() => SegmentMethod::Probability,
+            m => m,
+        };
+        let instances = match method {
+            SegmentMethod::Auto | SegmentMethod::Instanseg => instance_model(s, method, ctx)?,
+            _ => None,
+        };
+        let probability = if method != SegmentMethod::Probability {
             None
         } else {
             if !(s.probability_threshold > 0.0 && s.probability_threshold < 1.0) {
@@ -125,6 +220,9 @@ impl SegmentStage {
         };
         Ok(Self {
             probability,
+            instances,
+            instanseg_cells: s.instanseg_cells,
+            nucleus_px: s.nucleus_diameter_um / plan.pixel_size_um,
             nuclei_channel,
             cells_channel,
             nuclei,
@@ -138,8 +236,96 @@ impl SegmentStage {
     }
 }
 
+/// The InstanSeg model for `auto` and `instanseg`, loaded once per run (every worker shares the
+/// session), or `None` with the reason logged once: the classical path runs instead.
+fn instance_model(
+    s: &SegmentationConfig,
+    method: SegmentMethod,
+    ctx: &Context,
+) -> Result<Option<Arc<InstanceModel>>, Invalid> {
+    let inf = ctx.inference;
+    let opts = inf.runtime_options();
+    let key = format!(
+        "segment-method|{method:?}|{:?}|{:?}|{:?}",
+        s.model, s.seed_threshold, opts
+    );
+    let tile = liveomics_models::TileOptions {
+        tile: inf.tile_px,
+        overlap: inf.tile_overlap_px,
+        batch: inf.tile_batch,
+    };
+    let chosen = ctx
+        .resources
+        .loaded(&key, || -> Result<Option<Arc<InstanceModel>>, Invalid> {
+            let fallback = |reason: String| {
+                t::SegmentMethodChosen {
+                    method: "classical",
+                    model: "",
+                    provider: "",
+                    reason: Some(&reason),
+                }
+                .emit();
+                Ok(None)
+            };
+            let Some(path) = find_model(&s.model) else {
+                let why = format!("no InstanSeg model at {}", s.model.display());
+                return match method {
+                    SegmentMethod::Auto => fallback(why),
+                    _ => Err(ctx.invalid("model", why)),
+                };
+            };
+            match InstanceModel::load(&path, &opts, tile) {
+                Ok(mut m) => {
+                    if let Some(v) = s.seed_threshold {
+                        m.params.seed_threshold = v;
+                    }
+                    t::SegmentMethodChosen {
+                        method: "instanseg",
+                        model: &path.display().to_string(),
+                        provider: &m.model.provider.label(),
+                        reason: None,
+                    }
+                    .emit();
+                    Ok(Some(Arc::new(m)))
+                }
+                Err(e) => {
+                    let ort_missing = matches!(
+                        e,
+                        liveomics_models::ModelError::OrtNotFound { .. } | liveomics_models::ModelError::OrtLoad { .. }
+                    );
+                    let why = t::error_chain(&e);
+                    if method == SegmentMethod::Auto || ort_missing {
+                        fallback(why)
+                    } else {
+                        Err(ctx.invalid("model", why))
+                    }
+                }
+            }
+        })?;
+    Ok(chosen.as_ref().clone())
+}
+
 impl StageConfig for SegmentationConfig {
     fn validate(&self, ctx: &Context, problems: &mut Vec<Invalid>) {
+        if let Some(v) = self.seed_threshold {
+            if !(v > 0.0 && v < 1.0) {
+                problems.push(ctx.invalid("seed_threshold", "must be within (0, 1)"));
+            }
+        }
+        match (self.method, self.probability_model.is_empty()) {
+            (SegmentMethod::Probability, true) => problems.push(ctx.invalid(
+                "probability_model",
+                "method = \"probability\" needs the name of an [[inference.models]] entry",
+            )),
+            (SegmentMethod::Classical | SegmentMethod::Instanseg, false) => problems.push(ctx.invalid(
+                "probability_model",
+                format!(
+                    "is only used by method = \"probability\" (method is {:?})",
+                    self.method.as_str()
+                ),
+            )),
+            _ => {}
+        }
         if !(self.nucleus_diameter_um.is_finite() && self.nucleus_diameter_um > 0.0) {
             problems.push(ctx.invalid("nucleus_diameter_um", "must be a positive number"));
         }
@@ -167,6 +353,9 @@ impl Stage for SegmentStage {
         let dapi = f.channels[self.nuclei_channel]
             .as_ref()
             .ok_or_else(|| missing(self.nuclei_channel))?;
+        if let Some(m) = &self.instances {
+            return self.instanseg(m, work);
+        }
         let (mut nuclei, _) = match &self.probability {
             Some((model, threshold)) => {
                 let prob = model.probability(work)?;
@@ -196,6 +385,51 @@ impl Stage for SegmentStage {
         }
         work.cells = cells;
         work.nuclei = Some(nuclei);
+        Ok(())
+    }
+}
+
+impl SegmentStage {
+    /// Nuclei from InstanSeg; with a cytoplasm channel, cells propagated from them or the
+    /// model's own (`segmentation.instanseg_cells`).
+    fn instanseg(&self, m: &InstanceModel, work: &mut FieldWork) -> Result<(), StageError> {
+        let t0 = Instant::now();
+        let f = &work.field;
+        let plane = |c: usize| {
+            f.channels[c]
+                .as_deref()
+                .ok_or_else(|| StageError::MissingChannel(work.plan.channels[c].name.clone()))
+        };
+        let mut planes = vec![plane(self.nuclei_channel)?];
+        let cyto = self.cells_channel.map(plane).transpose()?;
+        let from_model = self.instanseg_cells == InstansegCells::Model && m.has_cells();
+        if let (Some(c), true) = (cyto, from_model) {
+            planes.push(c);
+        }
+        let r = m.segment(
+            &planes,
+            f.width,
+            f.height,
+            m.factor(self.nucleus_px),
+            from_model && cyto.is_some(),
+        )?;
+        let (mut nuclei, mut cells) = (r.nuclei, r.cells);
+        if let (Some(c), None) = (cyto, &cells) {
+            cells = Some(self.compute.segment_cells(&nuclei, c, f.width, f.height, &self.cells)?);
+        }
+        if self.exclude_border {
+            segment::exclude_border_objects(&mut nuclei, cells.as_deref_mut(), f.width, f.height)?;
+        }
+        t::ModelRan {
+            model: &m.model.descr.name,
+            provider: &m.model.provider.label(),
+            field: &work.name,
+            items: r.count as usize,
+            elapsed: t0.elapsed(),
+        }
+        .emit();
+        work.nuclei = Some(nuclei);
+        work.cells = cells;
         Ok(())
     }
 }

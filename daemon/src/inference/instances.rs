@@ -19,6 +19,8 @@ pub struct InstanceModel {
     pub params: InstanSegParams,
     /// The pixel size the model was trained at.
     pub pixel_size_um: f64,
+    /// The nucleus diameter, in model pixels, fields are resampled to.
+    pub nucleus_px: f64,
     /// Channels the network gives per field (5: nuclei only; 10: nuclei and cells).
     pub channels: usize,
     tile: TileOptions,
@@ -95,6 +97,7 @@ impl InstanceModel {
         Ok(Self {
             params: params(section),
             pixel_size_um: section.pixel_size_um,
+            nucleus_px: section.nucleus_diameter_px,
             channels,
             model,
             tile,
@@ -106,16 +109,21 @@ impl InstanceModel {
         self.channels == 2 * instanseg::CHANNELS_PER_TARGET
     }
 
-    /// The network output at the model's pixel size for `planes` (`width x height` at
-    /// `pixel_size_um`): `[channels, h, w]` and that size.
+    /// Model pixels per field pixel for nuclei `nucleus_px` wide in the field.
+    pub fn factor(&self, nucleus_px: f64) -> f64 {
+        self.nucleus_px / nucleus_px
+    }
+
+    /// The network output for `planes` (`width x height`) resampled by `factor`:
+    /// `[channels, h, w]` and that size.
     pub fn embedding(
         &self,
         planes: &[&[u16]],
         width: usize,
         height: usize,
-        pixel_size_um: f64,
+        factor: f64,
     ) -> Result<(Tensor, (usize, usize)), StageError> {
-        let (w, h) = scale::scaled_size(width, height, pixel_size_um / self.pixel_size_um);
+        let (w, h) = scale::scaled_size(width, height, factor);
         let mut data = Vec::with_capacity(planes.len() * w * h);
         for p in planes {
             let plane: Vec<f32> = p.iter().map(|&v| v as f32).collect();
@@ -128,17 +136,18 @@ impl InstanceModel {
         Ok((out, (w, h)))
     }
 
-    /// Nuclei (and cells, when `cells` and the model gives them) of one field.
+    /// Nuclei (and cells, when `cells` and the model gives them) of one field, resampled by
+    /// `factor` model pixels per field pixel ([`InstanceModel::factor`]).
     pub fn segment(
         &self,
         planes: &[&[u16]],
         width: usize,
         height: usize,
-        pixel_size_um: f64,
+        factor: f64,
         cells: bool,
     ) -> Result<InstanceLabels, StageError> {
         let t0 = Instant::now();
-        let (embedding, (w, h)) = self.embedding(planes, width, height, pixel_size_um)?;
+        let (embedding, (w, h)) = self.embedding(planes, width, height, factor)?;
         let t1 = Instant::now();
         let inst = instanseg::instances(&embedding.data, self.channels, w, h, cells, &self.params)?;
         // Back to the field's size first, so that the numbering skips objects too small to

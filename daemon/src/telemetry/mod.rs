@@ -45,6 +45,7 @@ pub const MODEL_FAILURES: &str = "liveomics_model_failures_total";
 pub const MODEL_BATCH_SIZE: &str = "liveomics_model_batch_size";
 pub const MODEL_INFO: &str = "liveomics_model_info";
 pub const COMPUTE_INFO: &str = "liveomics_compute_info";
+pub const SEGMENT_METHOD_INFO: &str = "liveomics_segment_method_info";
 pub const FOLLOWUPS: &str = "liveomics_followups_total";
 pub const FOLLOWUP_ACKS_REJECTED: &str = "liveomics_followup_acks_rejected_total";
 
@@ -260,6 +261,10 @@ fn describe() {
     describe_counter!(
         FOLLOWUP_ACKS_REJECTED,
         "Follow-up acks from the bridge that were not understood, by reason"
+    );
+    describe_gauge!(
+        SEGMENT_METHOD_INFO,
+        "1 for the segmentation method the segment stage runs (auto resolves to instanseg or classical)"
     );
     describe_gauge!(
         MODEL_INFO,

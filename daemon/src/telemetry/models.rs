@@ -26,6 +26,34 @@ impl ComputeSelected<'_> {
     }
 }
 
+/// The segment stage's method was resolved (`segmentation.method`): InstanSeg with its model and
+/// provider, or the classical path with the reason InstanSeg does not run.
+#[derive(Debug)]
+pub struct SegmentMethodChosen<'a> {
+    pub method: &'a str,
+    pub model: &'a str,
+    pub provider: &'a str,
+    pub reason: Option<&'a str>,
+}
+
+impl SegmentMethodChosen<'_> {
+    pub fn emit(&self) {
+        match self.reason {
+            Some(reason) => warn!(
+                method = self.method,
+                reason, "segmentation falls back to the classical path"
+            ),
+            None => info!(
+                method = self.method,
+                model = self.model,
+                provider = self.provider,
+                "segmentation runs InstanSeg"
+            ),
+        }
+        gauge!(SEGMENT_METHOD_INFO, "method" => self.method.to_string(), "model" => self.model.to_string()).set(1.0);
+    }
+}
+
 /// A model's session was created.
 #[derive(Debug)]
 pub struct ModelLoaded<'a> {
