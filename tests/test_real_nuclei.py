@@ -2,9 +2,9 @@
 image StarDist ships in its PyPI wheel (512x512, 125 nuclei; `tests/real_data.py` fetches it into
 `.cache/real-data`, `make test` runs that first). AP is StarDist's (one-to-one at IoU > tau).
 
-The floors are regression guards at the accuracy measured today (docs/BENCHMARKS.md, "Real
-nuclei"), below the 0.80 that issue 18 asks of the default segmentation: raise them as the
-segmentation improves."""
+The floors are regression guards a little under what was measured (docs/BENCHMARKS.md, "Nuclei
+segmentation on real annotated images"); they sit below the 0.80 issue 18 asks of the default,
+which neither method reaches on this image: raise them as segmentation improves."""
 
 import numpy as np
 import pytest
@@ -35,13 +35,22 @@ def test_stardist_ap_counts_matches_misses_and_false_objects():
     assert ap(shifted, truth, 0.5) == 0.0
 
 
-def test_default_segment_on_real_dsb2018_nuclei(binary, tmp_path, dsb2018):
+# The image has no pixel size. 0.46 um is the one at which the default 11 um nucleus is the
+# annotation's median nucleus (23.7 px): what a user who knew the microscope would pass.
+@pytest.mark.parametrize("name,args,method,floor50,floor70", [
+    ("default", [], "instanseg", 0.58, 0.50),
+    ("pixel size given", ["--pixel-size-um", 0.46], "instanseg", 0.65, 0.50),
+    ("classical", ["--method", "classical"], "classical", 0.55, 0.30),
+])
+def test_segment_on_real_dsb2018_nuclei(binary, tmp_path, dsb2018, name, args, method, floor50, floor70):
     img, truth = dsb2018
     out = tmp_path / "labels.tif"
-    p = run(binary, "segment", img, "--out", out, "--device", "cpu")
+    p = run(binary, "segment", img, "--out", out, "--device", "cpu", *args)
     assert p.returncode == 0, p.stderr
+    assert f"({method})" in p.stdout, p.stdout
     labels = tifffile.imread(out)
     assert labels.shape == truth.shape
     a50, a70 = ap(labels, truth, 0.5), ap(labels, truth, 0.7)
-    print(f"DSB2018 img2d, default `liveomics segment`: {labels.max()} objects, AP@0.5 {a50:.3f}, AP@0.7 {a70:.3f}")
-    assert a50 >= 0.55 and a70 >= 0.30, (a50, a70)
+    print(f"DSB2018 img2d, `liveomics segment` {name} ({method}): {labels.max()} objects, "
+          f"AP@0.5 {a50:.3f}, AP@0.7 {a70:.3f}")
+    assert a50 >= floor50 and a70 >= floor70, (a50, a70)

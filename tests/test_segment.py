@@ -134,7 +134,7 @@ def test_probability_map_segmentation_with_the_shared_unet(binary, tmp_path):
     models = inference_config(("unet", unet, {"role": "segmentation", "channels": ["DAPI"]}))
     del models["pipeline"]
     cfg.write_text(daemon_toml(tmp_path / "out", "probtest", None, sim, zenoh_enabled=False,
-                               extra={"segmentation": {"probability_model": "unet"}, **models}))
+                               extra={"segmentation": {"method": "probability", "probability_model": "unet"}, **models}))
     p = run(binary, "run", "--config", cfg)
     assert p.returncode == 0, p.stderr[-3000:]
     assert run(binary, "simulate", "--config", cfg, "--out", tmp_path / "truth").returncode == 0

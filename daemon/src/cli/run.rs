@@ -85,11 +85,25 @@ pub fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
 /// The config for a run, checked with the run's resources (models load once), with `--output`
 /// applied.
 fn load_with_output(path: Option<&Path>, output: Option<PathBuf>, res: &Resources) -> anyhow::Result<Config> {
+    early_logging(path);
     let mut cfg = liveomics::registry::load_for_run(path, res)?;
     if let Some(o) = output {
         cfg.sinks.zarr.output = o;
     }
     Ok(cfg)
+}
+
+/// Logging from the file's `[telemetry]` alone (defaults for what is missing or wrong: the full
+/// check reports it) before the config is checked, because checking loads the models and what
+/// their loading says (provider, segment method, fallbacks) belongs in the run's log.
+fn early_logging(path: Option<&Path>) {
+    let section = path
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("telemetry").cloned())
+        .and_then(|v| v.try_into::<telemetry::TelemetryConfig>().ok())
+        .unwrap_or_default();
+    telemetry::init_logging(&section);
 }
 
 /// Points the config's source at `path`: the replay source for a liveomics plate, the folder

@@ -118,6 +118,13 @@ pub fn init_logging(cfg: &TelemetryConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log_level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // ONNX Runtime logs every arena allocation at info: only its warnings, unless asked for.
+    let mentions_ort = |f: &str| f.split(',').any(|d| d.trim_start().starts_with("ort"));
+    let asked = std::env::var("RUST_LOG").is_ok_and(|v| mentions_ort(&v)) || mentions_ort(&cfg.log_level);
+    let filter = match "ort=warn".parse() {
+        Ok(d) if !asked => filter.add_directive(d),
+        _ => filter,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

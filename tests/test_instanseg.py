@@ -1,0 +1,109 @@
+"""InstanSeg (models/instanseg_fluorescence: the network in ONNX Runtime, the post-processing in
+Rust) as the segment method: on the simulator's fields beside the classical path, in the daemon
+with its config checked, and the fallback to the classical path when ONNX Runtime is missing.
+Its accuracy on real nuclei is in test_real_nuclei.py, its parity with the TorchScript original
+in daemon/tests/instanseg.rs."""
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from liveomics_testkit import ROOT, ap, daemon_toml, run, sim_config
+
+MODEL = ROOT / "models" / "instanseg_fluorescence"
+
+
+@pytest.fixture(scope="module")
+def field(binary, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("iseg")
+    cfg = tmp / "c.toml"
+    cfg.write_text('[source.simulator]\nseed = 31\nwells = ["B2"]\ncontrol_wells = ["B2"]\n'
+                   'fields_per_well = 1\nwidth_px = 512\nheight_px = 512\n')
+    assert run(binary, "simulate", "--config", cfg, "--out", tmp / "sim").returncode == 0
+    img = np.stack([tifffile.imread(tmp / "sim" / "images" / f"B2_f0_t0_{c}.tif") for c in ("DAPI", "ER")])
+    tifffile.imwrite(tmp / "in.tif", img)
+    truth = {k: tifffile.imread(tmp / "sim" / "truth" / f"B2_f0_t0_{k}.tif") for k in ("nuclei", "cells")}
+    return tmp / "in.tif", truth
+
+
+def test_instanseg_nuclei_and_propagated_cells_on_a_simulated_field(binary, field, tmp_path):
+    src, truth = field
+    p = run(binary, "segment", src, "--out", tmp_path / "n.tif", "--cells-out", tmp_path / "c.tif",
+            "--cells-channel", 1, "--pixel-size-um", 0.65, "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert "(instanseg)" in p.stdout and "segmentation runs InstanSeg" in p.stderr
+    nuclei, cells = tifffile.imread(tmp_path / "n.tif"), tifffile.imread(tmp_path / "c.tif")
+    a = {k: (ap(v, truth[k], 0.5), ap(v, truth[k], 0.7)) for k, v in (("nuclei", nuclei), ("cells", cells))}
+    print(f"simulated field, InstanSeg: nuclei AP@0.5/0.7 {a['nuclei']}, propagated cells {a['cells']}")
+    assert a["nuclei"][0] >= 0.95 and a["nuclei"][1] >= 0.9
+    assert a["cells"][0] >= 0.9
+    # A cell has its nucleus's label.
+    inside = (nuclei > 0) & (cells > 0)
+    assert (nuclei[inside] == cells[inside]).mean() > 0.99
+
+
+def test_the_models_own_cells_on_request(binary, field, tmp_path):
+    src, truth = field
+    p = run(binary, "segment", src, "--out", tmp_path / "n.tif", "--cells-out", tmp_path / "c.tif",
+            "--cells-channel", 1, "--pixel-size-um", 0.65, "--instanseg-cells", "model", "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    nuclei, cells = tifffile.imread(tmp_path / "n.tif"), tifffile.imread(tmp_path / "c.tif")
+    # Every nucleus lies inside the cell of the same label (InstanSeg's resolution step).
+    inside = nuclei > 0
+    assert inside.any() and (cells[inside] == nuclei[inside]).all()
+    print(f"simulated field, InstanSeg's own cells: AP@0.5 {ap(cells, truth['cells'], 0.5):.3f} "
+          "(the model was trained on membrane markers, not ER)")
+
+
+def test_explicit_instanseg_without_a_model_is_a_usage_error(binary, field, tmp_path):
+    src, _ = field
+    p = run(binary, "segment", src, "--out", tmp_path / "n.tif", "--method", "instanseg",
+            "--model", tmp_path / "nowhere")
+    assert p.returncode == 2 and "no model at" in p.stderr, p.stderr
+    assert not (tmp_path / "n.tif").exists()
+
+
+def test_daemon_runs_instanseg_and_writes_its_labels(binary, tmp_path):
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(daemon_toml(out, "iseg", None, sim_config(plate="iseg", wells=("B2",), fields=1, size=256, seed=5),
+                               zenoh_enabled=False,
+                               extra={"segmentation": {"method": "instanseg", "model": str(MODEL)},
+                                      "inference": {"providers": ["cpu"]}}))
+    p = run(binary, "run", "--config", cfg)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "segmentation runs InstanSeg" in p.stderr
+    nuclei = zarr.open_array(out / "iseg.zarr" / "B" / "2" / "0" / "labels" / "nuclei" / "0", mode="r")[:]
+    cells = zarr.open_array(out / "iseg.zarr" / "B" / "2" / "0" / "labels" / "cells" / "0", mode="r")[:]
+    assert nuclei.max() > 3 and set(np.unique(nuclei)) <= set(np.unique(cells))
+
+
+def test_daemon_config_errors_name_their_keys(binary, tmp_path):
+    base = sim_config(plate="bad", wells=("B2",), fields=1, size=256)
+    cases = [
+        ({"segmentation": {"method": "instanseg", "model": str(tmp_path / "none")}}, "segmentation.model"),
+        ({"segmentation": {"method": "instanseg", "seed_threshold": 1.5}}, "segmentation.seed_threshold"),
+        ({"segmentation": {"method": "probability"}}, "segmentation.probability_model"),
+        ({"segmentation": {"method": "classical"}, "pipeline": {"stages": ["segment", "measure", "inference"]},
+          "inference": {"providers": ["cpu"], "models": [{"name": "iseg", "path": str(MODEL)}]}},
+         "inference.models[0].role"),
+    ]
+    for extra, key in cases:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(daemon_toml(tmp_path / "out", "bad", None, base, zenoh_enabled=False, extra=extra))
+        p = run(binary, "validate", cfg)
+        assert p.returncode == 2 and key in p.stderr, (key, p.stderr[-2000:])
+
+
+def test_without_onnx_runtime_the_daemon_falls_back_to_the_classical_path(binary, tmp_path):
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(daemon_toml(out, "fb", None, sim_config(plate="fb", wells=("B2",), fields=1, size=256),
+                               zenoh_enabled=False,
+                               extra={"segmentation": {"method": "instanseg", "model": str(MODEL)},
+                                      "inference": {"ort_library": str(tmp_path / "libonnxruntime.so")}}))
+    p = run(binary, "run", "--config", cfg)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "segmentation falls back to the classical path" in p.stderr, p.stderr[-3000:]
+    nuclei = zarr.open_array(out / "fb.zarr" / "B" / "2" / "0" / "labels" / "nuclei" / "0", mode="r")[:]
+    assert nuclei.max() > 3
