@@ -31,12 +31,13 @@ def main():
                 if diameter is None and threshold == "triangle":
                     continue
                 out = Path(tmp) / "l.tif"
-                args = [str(BIN), "segment", str(img), "--out", str(out), "--device", "cpu", "--threshold", threshold]
+                args = [str(BIN), "segment", str(img), "--out", str(out), "--device", "cpu", "--method", "classical",
+                        "--threshold", threshold]
                 if diameter is not None:
                     args += ["--diameter-um", str(diameter)]
                 subprocess.run(args, check=True, capture_output=True)
                 lab = tifffile.imread(out)
-                name = "default" if diameter is None else f"classical d={diameter} {threshold}"
+                name = "classical default" if diameter is None else f"classical d={diameter} {threshold}"
                 print(f"{name:<28} {lab.max():>7} {ap(lab, truth, 0.5):>7.3f} {ap(lab, truth, 0.7):>7.3f}")
     try:
         from segment_bench import params, skimage_nuclei

@@ -38,8 +38,8 @@ def test_stardist_ap_counts_matches_misses_and_false_objects():
 # The image has no pixel size. 0.46 um is the one at which the default 11 um nucleus is the
 # annotation's median nucleus (23.7 px): what a user who knew the microscope would pass.
 @pytest.mark.parametrize("name,args,method,floor50,floor70", [
-    ("default", [], "instanseg", 0.58, 0.50),
-    ("pixel size given", ["--pixel-size-um", 0.46], "instanseg", 0.65, 0.50),
+    ("default", [], "instanseg", 0.75, 0.60),
+    ("pixel size given", ["--pixel-size-um", 0.46], "instanseg", 0.78, 0.58),
     ("classical", ["--method", "classical"], "classical", 0.55, 0.30),
 ])
 def test_segment_on_real_dsb2018_nuclei(binary, tmp_path, dsb2018, name, args, method, floor50, floor70):

@@ -484,3 +484,101 @@ fn write_plane_u32(path: &Path, w: usize, h: usize, labels: &[u32]) -> Result<()
         &liveomics_adapters::tiff_io::Plane::U32(labels.to_vec()),
     )?)
 }
+
+/// `bench-instanseg`: one image through InstanSeg as the segment stage runs it, with where the
+/// time goes, the classical path on the same image, and (with `dump`) the model's preprocessed
+/// input and its nuclei at the model's scale, for benches/instanseg.py to run the TorchScript
+/// original on the very same tensor and compare labels.
+#[derive(Debug, serde::Serialize)]
+pub struct InstansegBench {
+    pub provider: String,
+    pub width: usize,
+    pub height: usize,
+    pub model_width: usize,
+    pub model_height: usize,
+    pub factor: f64,
+    pub nuclei: u32,
+    /// Medians over the repetitions (after one warm-up), ms.
+    pub resample_preprocess_network_ms: f64,
+    pub post_ms: f64,
+    pub total_ms: f64,
+    pub classical_ms: f64,
+    pub classical_nuclei: u32,
+}
+
+pub fn instanseg_image(
+    model: &crate::inference::instances::InstanceModel,
+    compute: &liveomics_kernels::gpu::Compute,
+    image: &Path,
+    factor: f64,
+    reps: usize,
+    dump: Option<&Path>,
+) -> Result<InstansegBench, crate::segment_cli::SegmentError> {
+    use liveomics_kernels::instanseg::{self, scale};
+    use liveomics_kernels::segment::NucleiParams;
+    let (w, h, planes) = liveomics_adapters::tiff_io::read_channels(image)?;
+    let mut notes = Vec::new();
+    let img = crate::segment_cli::to_u16(&planes[0], &mut notes);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut net, mut post, mut total, mut classical) = (vec![], vec![], vec![], vec![]);
+    let mut labels = None;
+    let mut classical_n = 0;
+    // Nucleus diameter in field pixels that this factor resamples to the model's.
+    let params = NucleiParams::from_physical(model.nucleus_px / factor, 1.0)?;
+    for rep in 0..=reps.max(1) {
+        let r = model.segment(&[&img], w, h, factor, false)?;
+        let t0 = Instant::now();
+        let (n, count) =
+            compute
+                .segment_nuclei(&img, w, h, &params)
+                .map_err(|source| crate::segment_cli::SegmentError::Gpu {
+                    device: compute.describe(),
+                    source,
+                })?;
+        std::hint::black_box(n);
+        if rep > 0 {
+            classical.push(t0.elapsed().as_secs_f64() * 1e3);
+            net.push(r.network.as_secs_f64() * 1e3);
+            post.push(r.post.as_secs_f64() * 1e3);
+            total.push((r.network + r.post).as_secs_f64() * 1e3);
+        }
+        classical_n = count;
+        labels = Some(r);
+    }
+    let r = labels.expect("at least one repetition");
+    let (mw, mh) = r.model_size;
+    if let Some(dir) = dump {
+        let to_err = |e: liveomics_models::ModelError| crate::segment_cli::SegmentError::Model {
+            path: dir.to_path_buf(),
+            source: Box::new(e),
+        };
+        let plane: Vec<f32> = img.iter().map(|&v| v as f32).collect();
+        let mut input = liveomics_models::Tensor::new(vec![1, 1, mh, mw], scale::resize_linear(&plane, w, h, mw, mh));
+        model.model.preprocess(0, &mut input);
+        liveomics_models::npy::write(&dir.join("model_input.npy"), &input).map_err(to_err)?;
+        let (e, _) = model.embedding(&[&img], w, h, factor)?;
+        let mut inst = instanseg::instances(&e.data, model.channels, mw, mh, false, &model.params)?;
+        instanseg::consecutive(&mut inst);
+        let lab = liveomics_models::Tensor::new(vec![mh, mw], inst.nuclei.iter().map(|&v| v as f32).collect());
+        liveomics_models::npy::write(&dir.join("nuclei_model_scale.npy"), &lab).map_err(to_err)?;
+        let field = liveomics_models::Tensor::new(vec![h, w], r.nuclei.iter().map(|&v| v as f32).collect());
+        liveomics_models::npy::write(&dir.join("nuclei.npy"), &field).map_err(to_err)?;
+    }
+    Ok(InstansegBench {
+        provider: model.model.provider.label(),
+        width: w,
+        height: h,
+        model_width: mw,
+        model_height: mh,
+        factor,
+        nuclei: r.count,
+        resample_preprocess_network_ms: median(net),
+        post_ms: median(post),
+        total_ms: median(total),
+        classical_ms: median(classical),
+        classical_nuclei: classical_n,
+    })
+}

@@ -92,9 +92,9 @@ pub struct SegmentRequest {
     /// Where InstanSeg's cells come from (with --cells-channel).
     #[arg(long, value_enum, default_value_t = crate::stage::InstansegCells::Propagate)]
     pub instanseg_cells: crate::stage::InstansegCells,
-    /// Replaces the InstanSeg model's seed threshold (lower finds dimmer nuclei).
-    #[arg(long)]
-    pub seed_threshold: Option<f32>,
+    /// InstanSeg's seed threshold in place of the model's (lower finds dimmer nuclei).
+    #[arg(long, default_value_t = crate::stage::DEFAULT_SEED_THRESHOLD)]
+    pub seed_threshold: f32,
     /// ONNX Runtime library; default: ORT_DYLIB_PATH, the repository's .venv, then Python's.
     #[arg(long)]
     pub ort_library: Option<PathBuf>,
@@ -310,9 +310,7 @@ fn instance_model(req: &SegmentRequest) -> Result<Option<InstanceModel>, Segment
     };
     match InstanceModel::load(&path, &opts, TileOptions::default()) {
         Ok(mut m) => {
-            if let Some(v) = req.seed_threshold {
-                m.params.seed_threshold = v;
-            }
+            m.params.seed_threshold = req.seed_threshold;
             crate::telemetry::SegmentMethodChosen {
                 method: "instanseg",
                 model: &path.display().to_string(),

@@ -68,24 +68,6 @@ pub fn match_labels(pred: &[u32], truth: &[u32], taus: &[f64]) -> Result<Vec<Mat
         .collect())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_and_ap() {
-        // truth: two objects; pred: one exact match, one half-overlap (IoU 1/3), one extra.
-        let truth = [1, 1, 1, 1, 2, 2, 0, 0, 0];
-        let pred = [5, 5, 5, 5, 6, 0, 6, 0, 7];
-        let m = match_labels(&pred, &truth, &[0.5]).unwrap()[0];
-        assert_eq!((m.tp, m.fp, m.fn_), (1, 2, 1));
-        assert!((m.ap - 0.25).abs() < 1e-12);
-        let empty = match_labels(&[0; 4], &[0; 4], &[0.5, 0.7]).unwrap();
-        assert!(empty.iter().all(|m| m.ap == 1.0));
-        assert!(match_labels(&pred, &truth, &[0.3]).is_err());
-    }
-}
-
 /// Pixels on which two label images disagree up to renumbering: labels are paired one-to-one
 /// (background with background), largest overlaps first, and every pixel outside a pair's
 /// overlap counts. 0 means the same partition.
@@ -107,4 +89,22 @@ pub fn partition_differences(a: &[u32], b: &[u32]) -> usize {
         agree += c;
     }
     a.len().max(b.len()) - agree
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_ap() {
+        // truth: two objects; pred: one exact match, one half-overlap (IoU 1/3), one extra.
+        let truth = [1, 1, 1, 1, 2, 2, 0, 0, 0];
+        let pred = [5, 5, 5, 5, 6, 0, 6, 0, 7];
+        let m = match_labels(&pred, &truth, &[0.5]).unwrap()[0];
+        assert_eq!((m.tp, m.fp, m.fn_), (1, 2, 1));
+        assert!((m.ap - 0.25).abs() < 1e-12);
+        let empty = match_labels(&[0; 4], &[0; 4], &[0.5, 0.7]).unwrap();
+        assert!(empty.iter().all(|m| m.ap == 1.0));
+        assert!(match_labels(&pred, &truth, &[0.3]).is_err());
+    }
 }

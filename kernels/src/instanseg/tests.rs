@@ -28,9 +28,7 @@ fn a_plateau_has_one_seed_its_first_pixel_and_the_threshold_is_strict() {
 fn flood_stops_after_its_step_limit_and_starts_from_a_seed_outside_the_mask() {
     let side = 8;
     let mut mask = vec![false; side * side];
-    for x in 1..side {
-        mask[x] = true; // a line on row 0 from column 1
-    }
+    mask[1..side].fill(true); // a line on row 0 from column 1
     let all = flood(&mask, side, &[0], side);
     assert_eq!(all.iter().filter(|&&b| b).count(), 7);
     assert!(!all[0], "the seed is not in the mask");

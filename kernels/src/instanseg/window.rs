@@ -62,14 +62,13 @@ fn classify(features: &[f32; 4], p: &InstanSegParams) -> f32 {
     a[..4].copy_from_slice(features);
     let last = p.classifier.len() - 1;
     for (k, l) in p.classifier.iter().enumerate() {
-        for o in 0..l.outputs {
-            let row = &l.weight[o * l.inputs..(o + 1) * l.inputs];
+        for ((out, row), bias) in b.iter_mut().zip(l.weight.chunks_exact(l.inputs)).zip(&l.bias) {
             let mut acc = 0f32;
             for (wi, xi) in row.iter().zip(&a[..l.inputs]) {
                 acc += wi * xi;
             }
-            let v = acc + l.bias[o];
-            b[o] = if k < last { v.max(0.0) } else { v };
+            let v = acc + bias;
+            *out = if k < last { v.max(0.0) } else { v };
         }
         std::mem::swap(&mut a, &mut b);
     }
