@@ -308,7 +308,12 @@ fn instance_model(req: &SegmentRequest) -> Result<Option<InstanceModel>, Segment
         providers,
         ..RuntimeOptions::default()
     };
-    match InstanceModel::load(&path, &opts, TileOptions::default()) {
+    let tile = TileOptions {
+        tile: crate::stage::DEFAULT_INSTANSEG_TILE_PX,
+        batch: 1,
+        ..TileOptions::default()
+    };
+    match InstanceModel::load(&path, &opts, tile) {
         Ok(mut m) => {
             m.params.seed_threshold = req.seed_threshold;
             crate::telemetry::SegmentMethodChosen {

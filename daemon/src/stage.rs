@@ -31,6 +31,10 @@ pub struct SegmentationConfig {
     pub seed_threshold: f32,
     /// Where InstanSeg's cells come from (with `cells_channel`).
     pub instanseg_cells: InstansegCells,
+    /// Largest side, in model pixels, the network sees in one run: fields up to it go whole.
+    /// Tiles (with the model's 64 px halo) change labels on up to 1.5% of pixels at some scales
+    /// (docs/BENCHMARKS.md), so the default takes a 2160² field at 0.65 µm (1659 model px) whole.
+    pub instanseg_tile_px: usize,
     /// Channel (by name) holding the nuclear stain.
     pub nuclei_channel: String,
     /// Channel (by name) the cell bodies are propagated over; empty for nuclei only.
@@ -65,6 +69,7 @@ impl Default for SegmentationConfig {
             model: PathBuf::from(DEFAULT_MODEL),
             seed_threshold: DEFAULT_SEED_THRESHOLD,
             instanseg_cells: InstansegCells::Propagate,
+            instanseg_tile_px: DEFAULT_INSTANSEG_TILE_PX,
             nuclei_channel: "DAPI".into(),
             cells_channel: "ER".into(),
             nucleus_diameter_um: 11.0,
@@ -81,6 +86,9 @@ impl Default for SegmentationConfig {
 
 /// The InstanSeg model `make` keeps in the repository (converted by `make import-instanseg`).
 pub const DEFAULT_MODEL: &str = "models/instanseg_fluorescence";
+
+/// `segmentation.instanseg_tile_px` unless given.
+pub const DEFAULT_INSTANSEG_TILE_PX: usize = 2048;
 
 /// `segmentation.seed_threshold` and `--seed-threshold` unless given.
 pub const DEFAULT_SEED_THRESHOLD: f32 = 0.3;
@@ -253,9 +261,9 @@ fn instance_model(
         s.model, s.seed_threshold, opts
     );
     let tile = liveomics_models::TileOptions {
-        tile: inf.tile_px,
+        tile: s.instanseg_tile_px,
         overlap: inf.tile_overlap_px,
-        batch: inf.tile_batch,
+        batch: 1,
     };
     let chosen = ctx
         .resources
@@ -308,6 +316,9 @@ fn instance_model(
 
 impl StageConfig for SegmentationConfig {
     fn validate(&self, ctx: &Context, problems: &mut Vec<Invalid>) {
+        if self.instanseg_tile_px < 64 {
+            problems.push(ctx.invalid("instanseg_tile_px", "must be at least 64"));
+        }
         if !(self.seed_threshold > 0.0 && self.seed_threshold < 1.0) {
             problems.push(ctx.invalid("seed_threshold", "must be within (0, 1)"));
         }

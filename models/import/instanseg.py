@@ -178,8 +178,8 @@ def write_description(out: Path, rdf: dict, post: dict, shape) -> None:
         "outputs": [{
             "id": "embedding",
             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": CHANNELS},
-                     {"id": "y", "type": "space", "size": {"tensor_id": "raw", "axis_id": "y"}, "halo": 32},
-                     {"id": "x", "type": "space", "size": {"tensor_id": "raw", "axis_id": "x"}, "halo": 32}],
+                     {"id": "y", "type": "space", "size": {"tensor_id": "raw", "axis_id": "y"}, "halo": 64},
+                     {"id": "x", "type": "space", "size": {"tensor_id": "raw", "axis_id": "x"}, "halo": 64}],
             "test_tensor": file_ref(out, "test_output.npy"),
         }],
         "weights": {"onnx": {**file_ref(out, "weights.onnx"), "opset_version": 17,

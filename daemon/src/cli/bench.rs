@@ -106,7 +106,7 @@ pub struct BenchInstansegArgs {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Tile side for the network (as `inference.tile_px`).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = liveomics::stage::DEFAULT_INSTANSEG_TILE_PX)]
     tile: usize,
     /// InstanSeg's seed threshold; default: the model's own (what the TorchScript original uses).
     #[arg(long)]
@@ -121,8 +121,9 @@ pub struct BenchInstansegArgs {
 /// `bench-instanseg`: see [`liveomics::bench::instanseg_image`].
 pub fn bench_instanseg(a: &BenchInstansegArgs) -> anyhow::Result<ExitCode> {
     let opts = a.runtime.options().map_err(Usage)?;
+    let path = liveomics::stage::find_model(&a.model).unwrap_or_else(|| a.model.clone());
     let mut m = liveomics::inference::instances::InstanceModel::load(
-        &a.model,
+        &path,
         &opts,
         liveomics_models::TileOptions {
             tile: a.tile,
