@@ -76,6 +76,22 @@ def sim_config(plate="e2e", wells=("B2", "B3"), fields=2, size=512, rate=0.0, se
     }}}
 
 
+def simulated_field(binary, dest: Path, seed=31, size=512) -> tuple[dict, dict]:
+    """One simulated field written by `liveomics simulate` under `dest`: its DAPI and ER images
+    and its nuclei and cell truth, by name."""
+    import tifffile
+
+    cfg = dest / "field.toml"
+    cfg.write_text(toml_text({"source": {"simulator": {
+        "seed": seed, "wells": ["B2"], "control_wells": ["B2"], "fields_per_well": 1,
+        "width_px": size, "height_px": size}}}))
+    subprocess.run([str(binary), "simulate", "--config", str(cfg), "--out", str(dest / "sim")], check=True,
+                   capture_output=True)
+    img = {c: tifffile.imread(dest / "sim" / "images" / f"B2_f0_t0_{c}.tif") for c in ("DAPI", "ER")}
+    truth = {k: tifffile.imread(dest / "sim" / "truth" / f"B2_f0_t0_{k}.tif") for k in ("nuclei", "cells")}
+    return img, truth
+
+
 def daemon_config(out: Path, instrument: str, zenoh_port: int | None, zenoh_enabled=True) -> dict:
     """A run writing OME-Zarr under `out`, publishing on zenoh through `zenoh_port` (a peer
     listening there) or nowhere, with the metrics endpoint on a free port."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from liveomics_testkit import ROOT, ap, daemon_toml, run, sim_config
+from liveomics_testkit import ROOT, ap, daemon_toml, run, sim_config, simulated_field
 
 MODEL = ROOT / "models" / "instanseg_fluorescence"
 
@@ -16,13 +16,8 @@ MODEL = ROOT / "models" / "instanseg_fluorescence"
 @pytest.fixture(scope="module")
 def field(binary, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("iseg")
-    cfg = tmp / "c.toml"
-    cfg.write_text('[source.simulator]\nseed = 31\nwells = ["B2"]\ncontrol_wells = ["B2"]\n'
-                   'fields_per_well = 1\nwidth_px = 512\nheight_px = 512\n')
-    assert run(binary, "simulate", "--config", cfg, "--out", tmp / "sim").returncode == 0
-    img = np.stack([tifffile.imread(tmp / "sim" / "images" / f"B2_f0_t0_{c}.tif") for c in ("DAPI", "ER")])
-    tifffile.imwrite(tmp / "in.tif", img)
-    truth = {k: tifffile.imread(tmp / "sim" / "truth" / f"B2_f0_t0_{k}.tif") for k in ("nuclei", "cells")}
+    img, truth = simulated_field(binary, tmp)
+    tifffile.imwrite(tmp / "in.tif", np.stack([img["DAPI"], img["ER"]]))
     return tmp / "in.tif", truth
 
 

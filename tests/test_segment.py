@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from liveomics_testkit import run
+from liveomics_testkit import run, simulated_field
 
 
 def ap50(pred, truth):
@@ -21,12 +21,7 @@ def ap50(pred, truth):
 @pytest.fixture(scope="module")
 def field(binary, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seg")
-    cfg = tmp / "c.toml"
-    cfg.write_text('[source.simulator]\nseed = 31\nwells = ["B2"]\ncontrol_wells = ["B2"]\n'
-                   'fields_per_well = 1\nwidth_px = 512\nheight_px = 512\n')
-    assert run(binary, "simulate", "--config", cfg, "--out", tmp / "sim").returncode == 0
-    img = {c: tifffile.imread(tmp / "sim" / "images" / f"B2_f0_t0_{c}.tif") for c in ("DAPI", "ER")}
-    truth = {k: tifffile.imread(tmp / "sim" / "truth" / f"B2_f0_t0_{k}.tif") for k in ("nuclei", "cells")}
+    img, truth = simulated_field(binary, tmp)
     return tmp, img, truth
 
 

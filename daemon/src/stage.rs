@@ -229,6 +229,18 @@ impl SegmentStage {
                 s.probability_threshold,
             ))
         };
+        let model = instances.as_ref().map(|m| m.model.descr.root.display().to_string());
+        t::SegmentMethodChosen {
+            method: match (&instances, &probability) {
+                (Some(_), _) => "instanseg",
+                (None, Some(_)) => "probability",
+                (None, None) => "classical",
+            },
+            model: model.as_deref().unwrap_or(""),
+            provider: "",
+            reason: None,
+        }
+        .gauge();
         Ok(Self {
             probability,
             instances,

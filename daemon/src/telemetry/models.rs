@@ -50,6 +50,12 @@ impl SegmentMethodChosen<'_> {
                 "segmentation runs InstanSeg"
             ),
         }
+        self.gauge();
+    }
+
+    /// The metric alone: the method is chosen once, while the config is checked and before the
+    /// metrics recorder exists, so each segment stage sets it again when it is built for the run.
+    pub fn gauge(&self) {
         gauge!(SEGMENT_METHOD_INFO, "method" => self.method.to_string(), "model" => self.model.to_string()).set(1.0);
     }
 }
