@@ -233,7 +233,11 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
             r.count = r.nuclei.iter().copied().max().unwrap_or(0);
             r.cells = Some(cells);
         }
-        let nuclei_n = r.nuclei.iter().copied().max().unwrap_or(0);
+        // With the model's own cells, nuclei share the cells' numbering: count them, not the top label.
+        let mut ids: Vec<u32> = r.nuclei.iter().copied().filter(|&v| v > 0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let nuclei_n = ids.len() as u32;
         if nuclei_n == 0 {
             notes.push("no nuclei found (empty, saturated or featureless nuclear channel?)".into());
         }

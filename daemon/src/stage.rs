@@ -269,8 +269,8 @@ fn instance_model(
     let inf = ctx.inference;
     let opts = inf.runtime_options();
     let key = format!(
-        "segment-method|{method:?}|{:?}|{:?}|{:?}",
-        s.model, s.seed_threshold, opts
+        "segment-method|{method:?}|{:?}|{}|{}|{opts:?}",
+        s.model, s.seed_threshold, s.instanseg_tile_px
     );
     let tile = liveomics_models::TileOptions {
         tile: s.instanseg_tile_px,
