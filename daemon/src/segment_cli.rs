@@ -12,8 +12,8 @@ use liveomics_kernels::KernelError;
 use liveomics_models::{ModelError, Provider, RuntimeOptions, TileOptions};
 
 use crate::component::StageError;
-use crate::inference::instances::InstanceModel;
-use crate::stage::{find_model, SegmentMethod, DEFAULT_MODEL};
+use crate::inference::instances::{ChooseError, InstanceModel};
+use crate::stage::{SegmentMethod, DEFAULT_MODEL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentError {
@@ -281,27 +281,9 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
 
 /// The InstanSeg model `--method` asks for, or `None` (classical) with the reason logged.
 fn instance_model(req: &SegmentRequest) -> Result<Option<InstanceModel>, SegmentError> {
-    let auto = req.method == SegmentMethod::Auto;
-    let fallback = |reason: &str| {
-        crate::telemetry::SegmentMethodChosen {
-            method: "classical",
-            model: "",
-            provider: "",
-            reason: Some(reason),
-        }
-        .emit();
-        Ok(None)
-    };
-    if matches!(req.method, SegmentMethod::Classical | SegmentMethod::Probability) {
+    if !matches!(req.method, SegmentMethod::Auto | SegmentMethod::Instanseg) {
         return Ok(None);
     }
-    let Some(path) = find_model(&req.model) else {
-        return if auto {
-            fallback(&format!("no InstanSeg model at {}", req.model.display()))
-        } else {
-            Err(SegmentError::NoModel(req.model.clone()))
-        };
-    };
     let providers = if req.device == "cpu" {
         vec![Provider::Cpu]
     } else {
@@ -317,26 +299,17 @@ fn instance_model(req: &SegmentRequest) -> Result<Option<InstanceModel>, Segment
         batch: 1,
         ..TileOptions::default()
     };
-    match InstanceModel::load(&path, &opts, tile) {
-        Ok(mut m) => {
-            m.params.seed_threshold = req.seed_threshold;
-            crate::telemetry::SegmentMethodChosen {
-                method: "instanseg",
-                model: &path.display().to_string(),
-                provider: &m.model.provider.label(),
-                reason: None,
-            }
-            .emit();
-            Ok(Some(m))
-        }
-        Err(e) if auto || matches!(e, ModelError::OrtNotFound { .. } | ModelError::OrtLoad { .. }) => {
-            fallback(&crate::telemetry::error_chain(&e))
-        }
-        Err(e) => Err(SegmentError::Model {
-            path,
-            source: Box::new(e),
-        }),
-    }
+    crate::inference::instances::choose(
+        req.method == SegmentMethod::Auto,
+        &req.model,
+        &opts,
+        tile,
+        req.seed_threshold,
+    )
+    .map_err(|e| match e {
+        ChooseError::NoModel(p) => SegmentError::NoModel(p),
+        ChooseError::Load { path, source } => SegmentError::Model { path, source },
+    })
 }
 
 /// The median nucleus diameter (of a disc of the same area) the classical path finds: the

@@ -1,7 +1,7 @@
 //! The two image-kernel stages: segmentation (`[segmentation]`) and per-cell measurement. Each
 //! is built once per worker from its section, the context and the acquisition plan.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -133,25 +133,6 @@ pub enum InstansegCells {
     Model,
 }
 
-/// A relative model path from the working directory, else from the repository holding the
-/// running binary (`target/release/liveomics` → the repository root): `liveomics segment` and
-/// `make run` find the shipped model from anywhere.
-pub fn find_model(path: &Path) -> Option<PathBuf> {
-    if path.exists() {
-        return Some(path.to_path_buf());
-    }
-    if path.is_relative() {
-        let exe = std::env::current_exe().ok()?;
-        for up in exe.ancestors().skip(1).take(3) {
-            let p = up.join(path);
-            if p.exists() {
-                return Some(p);
-            }
-        }
-    }
-    None
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum NucleiThreshold {
@@ -277,52 +258,11 @@ fn instance_model(
         overlap: inf.tile_overlap_px,
         batch: 1,
     };
-    let chosen = ctx
-        .resources
-        .loaded(&key, || -> Result<Option<Arc<InstanceModel>>, Invalid> {
-            let fallback = |reason: String| {
-                t::SegmentMethodChosen {
-                    method: "classical",
-                    model: "",
-                    provider: "",
-                    reason: Some(&reason),
-                }
-                .emit();
-                Ok(None)
-            };
-            let Some(path) = find_model(&s.model) else {
-                let why = format!("no InstanSeg model at {}", s.model.display());
-                return match method {
-                    SegmentMethod::Auto => fallback(why),
-                    _ => Err(ctx.invalid("model", why)),
-                };
-            };
-            match InstanceModel::load(&path, &opts, tile) {
-                Ok(mut m) => {
-                    m.params.seed_threshold = s.seed_threshold;
-                    t::SegmentMethodChosen {
-                        method: "instanseg",
-                        model: &path.display().to_string(),
-                        provider: &m.model.provider.label(),
-                        reason: None,
-                    }
-                    .emit();
-                    Ok(Some(Arc::new(m)))
-                }
-                Err(e) => {
-                    let ort_missing = matches!(
-                        e,
-                        liveomics_models::ModelError::OrtNotFound { .. } | liveomics_models::ModelError::OrtLoad { .. }
-                    );
-                    let why = t::error_chain(&e);
-                    if method == SegmentMethod::Auto || ort_missing {
-                        fallback(why)
-                    } else {
-                        Err(ctx.invalid("model", why))
-                    }
-                }
-            }
-        })?;
+    let chosen = ctx.resources.loaded(&key, || {
+        crate::inference::instances::choose(method == SegmentMethod::Auto, &s.model, &opts, tile, s.seed_threshold)
+            .map(|m| m.map(Arc::new))
+            .map_err(|e| ctx.invalid("model", t::error_chain(&e)))
+    })?;
     Ok(chosen.as_ref().clone())
 }
 

@@ -121,7 +121,7 @@ pub struct BenchInstansegArgs {
 /// `bench-instanseg`: see [`liveomics::bench::instanseg_image`].
 pub fn bench_instanseg(a: &BenchInstansegArgs) -> anyhow::Result<ExitCode> {
     let opts = a.runtime.options().map_err(Usage)?;
-    let path = liveomics::stage::find_model(&a.model).unwrap_or_else(|| a.model.clone());
+    let path = liveomics::inference::instances::find_model(&a.model).unwrap_or_else(|| a.model.clone());
     let mut m = liveomics::inference::instances::InstanceModel::load(
         &path,
         &opts,

@@ -2,7 +2,7 @@
 //! network in ONNX Runtime by tiles, its post-processing in `liveomics_kernels::instanseg`, on a
 //! field of any pixel size (resampled to the model's and the labels back).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use liveomics_kernels::instanseg::{self, scale, InstanSegParams, Instances, Linear};
@@ -10,6 +10,7 @@ use liveomics_models::instanseg::InstansegConfig;
 use liveomics_models::{Model, ModelError, Role, RuntimeOptions, Tensor, TileOptions};
 
 use crate::component::StageError;
+use crate::telemetry as t;
 
 /// A loaded instance-segmentation model, shared by every worker (the session is behind a lock
 /// inside [`Model`]; the post-processing runs on the caller's thread and rayon).
@@ -37,6 +38,84 @@ pub struct InstanceLabels {
     pub model_size: (usize, usize),
     pub network: Duration,
     pub post: Duration,
+}
+
+/// Why `method = "instanseg"` cannot run (`auto` runs the classical path instead).
+#[derive(Debug, thiserror::Error)]
+pub enum ChooseError {
+    #[error("no InstanSeg model at {0}")]
+    NoModel(PathBuf),
+    #[error("{}: {source}", path.display())]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: Box<ModelError>,
+    },
+}
+
+/// A relative model path from the working directory, else from the repository holding the
+/// running binary (`target/release/liveomics` → the repository root): `liveomics segment` and
+/// `make run` find the shipped model from anywhere.
+pub fn find_model(path: &Path) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    if path.is_relative() {
+        let exe = std::env::current_exe().ok()?;
+        for up in exe.ancestors().skip(1).take(3) {
+            let p = up.join(path);
+            if p.exists() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// The InstanSeg model that `auto` or `instanseg` runs, or `None` for the classical path, with
+/// the choice logged either way: `auto` falls back on any problem, `instanseg` only when ONNX
+/// Runtime is missing. `seed_threshold` replaces the model's.
+pub fn choose(
+    auto: bool,
+    model: &Path,
+    opts: &RuntimeOptions,
+    tile: TileOptions,
+    seed_threshold: f32,
+) -> Result<Option<InstanceModel>, ChooseError> {
+    let fallback = |reason: &str| {
+        t::SegmentMethodChosen {
+            method: "classical",
+            model: "",
+            provider: "",
+            reason: Some(reason),
+        }
+        .emit();
+        Ok(None)
+    };
+    let Some(path) = find_model(model) else {
+        let e = ChooseError::NoModel(model.to_path_buf());
+        return if auto { fallback(&e.to_string()) } else { Err(e) };
+    };
+    match InstanceModel::load(&path, opts, tile) {
+        Ok(mut m) => {
+            m.params.seed_threshold = seed_threshold;
+            t::SegmentMethodChosen {
+                method: "instanseg",
+                model: &path.display().to_string(),
+                provider: &m.model.provider.label(),
+                reason: None,
+            }
+            .emit();
+            Ok(Some(m))
+        }
+        Err(e) if auto || matches!(e, ModelError::OrtNotFound { .. } | ModelError::OrtLoad { .. }) => {
+            fallback(&t::error_chain(&e))
+        }
+        Err(e) => Err(ChooseError::Load {
+            path,
+            source: Box::new(e),
+        }),
+    }
 }
 
 /// The kernels' parameters from the description's section (already checked when it loaded).
