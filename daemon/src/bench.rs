@@ -514,7 +514,7 @@ pub fn instanseg_image(
     reps: usize,
     dump: Option<&Path>,
 ) -> Result<InstansegBench, crate::segment_cli::SegmentError> {
-    use liveomics_kernels::instanseg::{self, scale};
+    use liveomics_kernels::instanseg;
     use liveomics_kernels::segment::NucleiParams;
     let (w, h, planes) = liveomics_adapters::tiff_io::read_channels(image)?;
     let mut notes = Vec::new();
@@ -555,8 +555,7 @@ pub fn instanseg_image(
             path: dir.to_path_buf(),
             source: Box::new(e),
         };
-        let plane: Vec<f32> = img.iter().map(|&v| v as f32).collect();
-        let mut input = liveomics_models::Tensor::new(vec![1, 1, mh, mw], scale::resize_linear(&plane, w, h, mw, mh));
+        let (mut input, _) = crate::inference::instances::InstanceModel::input(&[&img], w, h, factor);
         model.model.preprocess(0, &mut input);
         liveomics_models::npy::write(&dir.join("model_input.npy"), &input).map_err(to_err)?;
         let (e, _) = model.embedding(&[&img], w, h, factor)?;

@@ -18,8 +18,6 @@ use crate::telemetry as t;
 pub struct InstanceModel {
     pub model: Model,
     pub params: InstanSegParams,
-    /// The pixel size the model was trained at.
-    pub pixel_size_um: f64,
     /// The nucleus diameter, in model pixels, fields are resampled to.
     pub nucleus_px: f64,
     /// Channels the network gives per field (5: nuclei only; 10: nuclei and cells).
@@ -175,7 +173,6 @@ impl InstanceModel {
         }
         Ok(Self {
             params: params(section),
-            pixel_size_um: section.pixel_size_um,
             nucleus_px: section.nucleus_diameter_px,
             channels,
             model,
@@ -202,17 +199,22 @@ impl InstanceModel {
         height: usize,
         factor: f64,
     ) -> Result<(Tensor, (usize, usize)), StageError> {
+        let (input, (w, h)) = Self::input(planes, width, height, factor);
+        let mut out = self.model.run_tiled(input, &self.tile)?;
+        out.shape = vec![self.channels, h, w];
+        Ok((out, (w, h)))
+    }
+
+    /// The network's input before its preprocessing: `planes` resampled by `factor`, as
+    /// `[1, C, h, w]`, and that size.
+    pub fn input(planes: &[&[u16]], width: usize, height: usize, factor: f64) -> (Tensor, (usize, usize)) {
         let (w, h) = scale::scaled_size(width, height, factor);
         let mut data = Vec::with_capacity(planes.len() * w * h);
         for p in planes {
             let plane: Vec<f32> = p.iter().map(|&v| v as f32).collect();
             data.extend(scale::resize_linear(&plane, width, height, w, h));
         }
-        let mut out = self
-            .model
-            .run_tiled(Tensor::new(vec![1, planes.len(), h, w], data), &self.tile)?;
-        out.shape = vec![self.channels, h, w];
-        Ok((out, (w, h)))
+        (Tensor::new(vec![1, planes.len(), h, w], data), (w, h))
     }
 
     /// Nuclei (and cells, when `cells` and the model gives them) of one field, resampled by
