@@ -1,7 +1,8 @@
 """Accuracy of `liveomics segment` on real annotated nuclei (DSB2018 `img2d`, 125 nuclei; fetched
 by `tests/real_data.py`), over the settings a user can give it: nucleus diameter and threshold
-method. With scikit-image installed (benches/requirements.txt) the same classical pipeline in
-scikit-image (segment_bench.py's) is scored on the same image, in the same script.
+method (local, the default, or one global otsu/triangle). With scikit-image installed
+(benches/requirements.txt) the same classical pipeline in scikit-image (segment_bench.py's, one
+Otsu threshold) is scored on the same image, in the same script.
 
     .venv/bin/python tests/real_data.py && .venv/bin/python benches/real_nuclei.py
 """
@@ -27,7 +28,7 @@ def main():
     print(f"{'method':<28} {'objects':>7} {'AP@0.5':>7} {'AP@0.7':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for diameter in (None, 5, 7, 9, 11, 13):
-            for threshold in ("otsu", "triangle"):
+            for threshold in ("local", "otsu", "triangle"):
                 if diameter is None and threshold == "triangle":
                     continue
                 out = Path(tmp) / "l.tif"
@@ -37,7 +38,7 @@ def main():
                     args += ["--diameter-um", str(diameter)]
                 subprocess.run(args, check=True, capture_output=True)
                 lab = tifffile.imread(out)
-                name = "classical default" if diameter is None else f"classical d={diameter} {threshold}"
+                name = f"classical default {threshold}" if diameter is None else f"classical d={diameter} {threshold}"
                 print(f"{name:<28} {lab.max():>7} {ap(lab, truth, 0.5):>7.3f} {ap(lab, truth, 0.7):>7.3f}")
     try:
         from segment_bench import params, skimage_nuclei

@@ -1,6 +1,8 @@
 """Nuclei segmentation speed and accuracy: liveomics vs scikit-image doing the same pipeline
 (percentile normalisation, Gaussian, Otsu, exact distance transform, peak markers, watershed,
-size filter, regionprops) with the same parameters on the same simulated images, in one script.
+size filter, regionprops) with the same parameters on the same simulated images, in one script;
+and liveomics' default local foreground (background surface and per-nucleus thresholds, in place
+of the one Otsu threshold) on the same images, for what it costs.
 
     .venv/bin/pip install -r benches/requirements.txt
     .venv/bin/python benches/segment_bench.py [--sizes 512 2160] [--fields 2] [--repeat 3]
@@ -97,10 +99,14 @@ rate_fields_per_s = 0.0
 """)
             subprocess.run([args.binary, "simulate", "--config", cfg, "--out", d / "sim"], check=True, capture_output=True)
             files = sorted((d / "sim" / "images").glob("*_DAPI.tif"))
-            (d / "labels").mkdir()
-            out = subprocess.run([args.binary, "bench-segment", "--out-dir", d / "labels", "--repeat", str(args.repeat),
-                                  "--device", args.device, *files], check=True, capture_output=True, text=True).stdout
-            ours = {r["file"]: r for r in map(json.loads, out.splitlines())}
+            runs = {}
+            for threshold in ("otsu", "local"):
+                (d / threshold).mkdir()
+                out = subprocess.run([args.binary, "bench-segment", "--out-dir", d / threshold, "--repeat",
+                                      str(args.repeat), "--device", args.device, "--threshold", threshold, *files],
+                                     check=True, capture_output=True, text=True).stdout
+                runs[threshold] = {r["file"]: r for r in map(json.loads, out.splitlines())}
+            ours, local = runs["otsu"], runs["local"]
             for f in files:
                 img = tifffile.imread(f)
                 truth = tifffile.imread(d / "sim" / "truth" / f.name.replace("_DAPI.tif", "_nuclei.tif"))
@@ -109,18 +115,23 @@ rate_fields_per_s = 0.0
                     t0 = time.perf_counter()
                     sk = skimage_nuclei(img, p)
                     times.append((time.perf_counter() - t0) * 1e3)
-                lo = tifffile.imread(d / "labels" / f.name)
+                lo = tifffile.imread(d / "otsu" / f.name)
+                ll = tifffile.imread(d / "local" / f.name)
                 rows.append(dict(size=size, file=f.name, nuclei_true=int(truth.max()),
                                  ours_ms=ours[f.name]["best_ms"], skimage_ms=min(times),
+                                 local_ms=local[f.name]["best_ms"],
                                  ours_ap50=ap(lo, truth, 0.5), ours_ap70=ap(lo, truth, 0.7),
-                                 sk_ap50=ap(sk, truth, 0.5), sk_ap70=ap(sk, truth, 0.7)))
+                                 sk_ap50=ap(sk, truth, 0.5), sk_ap70=ap(sk, truth, 0.7),
+                                 local_ap50=ap(ll, truth, 0.5), local_ap70=ap(ll, truth, 0.7)))
     print(f"liveomics ran on: {next(iter(ours.values()))['device'] if rows else args.device}")
+    print("same pipeline (one Otsu threshold) on both sides; 'local': liveomics' default foreground")
     print(f"{'size':>5} {'nuclei':>6} {'liveomics ms':>12} {'skimage ms':>10} {'speedup':>7}  "
-          f"{'AP@0.5 ours/sk':>15} {'AP@0.7 ours/sk':>15}")
+          f"{'AP@0.5 ours/sk':>15} {'AP@0.7 ours/sk':>15} {'local ms':>9} {'AP@0.5/0.7 local':>17}")
     for r in rows:
         print(f"{r['size']:>5} {r['nuclei_true']:>6} {r['ours_ms']:>12.1f} {r['skimage_ms']:>10.1f} "
               f"{r['skimage_ms'] / r['ours_ms']:>6.1f}x  {r['ours_ap50']:.3f}/{r['sk_ap50']:.3f}     "
-              f"{r['ours_ap70']:.3f}/{r['sk_ap70']:.3f}")
+              f"{r['ours_ap70']:.3f}/{r['sk_ap70']:.3f}     {r['local_ms']:>9.1f} "
+              f"{r['local_ap50']:.3f}/{r['local_ap70']:.3f}")
     for size in args.sizes:
         rs = [r for r in rows if r["size"] == size]
         print(f"{size}^2: liveomics is {sum(r['skimage_ms'] for r in rs) / sum(r['ours_ms'] for r in rs):.1f}x "

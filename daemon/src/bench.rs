@@ -433,8 +433,8 @@ pub fn segment_files(
     compute: &liveomics_kernels::gpu::Compute,
     files: &[PathBuf],
     out_dir: &Path,
-    pixel_size_um: f64,
-    diameter_um: f64,
+    (pixel_size_um, diameter_um): (f64, f64),
+    foreground: liveomics_kernels::segment::Foreground,
     repeat: usize,
 ) -> Result<Vec<SegmentBench>, crate::segment_cli::SegmentError> {
     use liveomics_kernels::segment::NucleiParams;
@@ -442,7 +442,8 @@ pub fn segment_files(
         device: compute.describe(),
         source,
     };
-    let params = NucleiParams::from_physical(diameter_um, pixel_size_um)?;
+    let mut params = NucleiParams::from_physical(diameter_um, pixel_size_um)?;
+    params.foreground = foreground;
     let mut out = Vec::new();
     for f in files {
         let (w, h, planes) = liveomics_adapters::tiff_io::read_channels(f)?;

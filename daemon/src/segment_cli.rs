@@ -79,8 +79,8 @@ pub struct SegmentRequest {
     /// auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Automatic threshold of the nuclear channel (classical).
-    #[arg(long, value_enum, default_value_t = crate::stage::NucleiThreshold::Otsu)]
+    /// Foreground of the nuclear channel (classical): local, or one global otsu/triangle.
+    #[arg(long, value_enum, default_value_t = crate::stage::NucleiThreshold::Local)]
     pub threshold: crate::stage::NucleiThreshold,
     /// auto: InstanSeg when its model is found, ONNX Runtime loads and the pixel size is known
     /// (the TIFF's or --pixel-size-um), else classical; the log says which and why.
@@ -202,7 +202,7 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
             pixel_from,
             source,
         })?;
-    params.threshold = req.threshold.into();
+    params.foreground = req.threshold.into();
     if let Some(m) = instance_model(req)? {
         let nucleus_px = if known {
             req.diameter_um / pixel_size_um

@@ -41,7 +41,9 @@ pub struct SegmentationConfig {
     pub cells_channel: String,
     /// Expected nucleus diameter; every pixel parameter is derived from it and the pixel size.
     pub nucleus_diameter_um: f64,
-    /// Automatic threshold of the nuclear channel: `otsu`, or `triangle` for sparse or dim nuclei.
+    /// Foreground of the nuclear channel (classical path): `local` (background-corrected and
+    /// per-object, so dim nuclei beside bright ones are kept), or one global `otsu` or
+    /// `triangle` threshold for the whole field.
     pub nuclei_threshold: NucleiThreshold,
     /// Name of an `[[inference.models]]` entry with the segmentation role: its foreground
     /// probability (first output channel, > `probability_threshold`) replaces the automatic
@@ -73,7 +75,7 @@ impl Default for SegmentationConfig {
             nuclei_channel: "DAPI".into(),
             cells_channel: "ER".into(),
             nucleus_diameter_um: 11.0,
-            nuclei_threshold: NucleiThreshold::Otsu,
+            nuclei_threshold: NucleiThreshold::Local,
             probability_model: String::new(),
             probability_threshold: 0.5,
             cells_threshold_scale: 0.3,
@@ -136,15 +138,22 @@ pub enum InstansegCells {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum NucleiThreshold {
+    /// Background surface plus noise, then a threshold per object: survives a field whose
+    /// nuclei differ tenfold in brightness (DSB2018 AP@0.5 in docs/BENCHMARKS.md).
+    Local,
+    /// One Otsu threshold for the field: fine when every nucleus is about as bright.
     Otsu,
+    /// One triangle threshold for the field: for sparse nuclei on a large background.
     Triangle,
 }
 
-impl From<NucleiThreshold> for liveomics_kernels::segment::ThresholdMethod {
+impl From<NucleiThreshold> for liveomics_kernels::segment::Foreground {
     fn from(t: NucleiThreshold) -> Self {
+        use liveomics_kernels::segment::ThresholdMethod;
         match t {
-            NucleiThreshold::Otsu => Self::Otsu,
-            NucleiThreshold::Triangle => Self::Triangle,
+            NucleiThreshold::Local => Self::Local,
+            NucleiThreshold::Otsu => Self::Global(ThresholdMethod::Otsu),
+            NucleiThreshold::Triangle => Self::Global(ThresholdMethod::Triangle),
         }
     }
 }
@@ -184,7 +193,7 @@ impl SegmentStage {
         };
         let mut nuclei = NucleiParams::from_physical(s.nucleus_diameter_um, plan.pixel_size_um)
             .map_err(|e| ctx.invalid("nucleus_diameter_um", e.to_string()))?;
-        nuclei.threshold = s.nuclei_threshold.into();
+        nuclei.foreground = s.nuclei_threshold.into();
         nuclei.illumination = s.illumination_correction.then(|| {
             liveomics_kernels::segment::Illumination::for_nucleus_px(
                 s.nucleus_diameter_um / plan.pixel_size_um,

@@ -9,7 +9,9 @@ use liveomics_adapters::model::WellId;
 use liveomics_adapters::simulator::{Simulator, SimulatorConfig};
 use liveomics_adapters::source::Source;
 use liveomics_kernels::metrics::match_labels;
-use liveomics_kernels::segment::{segment_cells, segment_nuclei, CellParams, Illumination, NucleiParams};
+use liveomics_kernels::segment::{
+    segment_cells, segment_nuclei, CellParams, Foreground, Illumination, NucleiParams, ThresholdMethod,
+};
 
 struct Score {
     nuclei: [f64; 2],
@@ -17,37 +19,13 @@ struct Score {
     objects: usize,
 }
 
-fn evaluate(seed: u64, density: f64, touching: f64, fields: u32) -> Score {
-    evaluate_with(seed, density, touching, fields, 0.15, false)
-}
-
-fn evaluate_with(seed: u64, density: f64, touching: f64, fields: u32, vignetting: f64, correct: bool) -> Score {
-    evaluate_cells(
-        seed,
-        density,
-        touching,
-        fields,
-        vignetting,
-        correct,
-        &CellParams::default(),
-    )
-}
-
-fn evaluate_cells(
-    seed: u64,
-    density: f64,
-    touching: f64,
-    fields: u32,
-    vignetting: f64,
-    correct: bool,
-    cp: &CellParams,
-) -> Score {
-    let camera = liveomics_adapters::simulator::CameraConfig {
-        vignetting,
-        ..Default::default()
-    };
-    let cfg = SimulatorConfig {
-        camera: camera.clone(),
+/// A simulated well of 768² fields: the defaults with the given density and touching fraction.
+fn plate(seed: u64, density: f64, touching: f64, fields: u32, vignetting: f64) -> SimulatorConfig {
+    SimulatorConfig {
+        camera: liveomics_adapters::simulator::CameraConfig {
+            vignetting,
+            ..Default::default()
+        },
         seed,
         wells: vec!["C4".into()],
         control_wells: vec!["C4".into()],
@@ -58,19 +36,37 @@ fn evaluate_cells(
         touching_fraction: touching,
         rate_fields_per_s: 0.0,
         ..SimulatorConfig::default()
-    };
+    }
+}
+
+fn evaluate(seed: u64, density: f64, touching: f64, fields: u32) -> Score {
+    let cfg = plate(seed, density, touching, fields, 0.15);
+    let np = NucleiParams::from_physical(cfg.nucleus_diameter_um, cfg.pixel_size_um).unwrap();
+    score(cfg, &np, &CellParams::default())
+}
+
+fn evaluate_with(seed: u64, density: f64, touching: f64, fields: u32, vignetting: f64, correct: bool) -> Score {
+    let cfg = plate(seed, density, touching, fields, vignetting);
+    let mut np = NucleiParams::from_physical(cfg.nucleus_diameter_um, cfg.pixel_size_um).unwrap();
+    np.foreground = Foreground::Global(ThresholdMethod::Otsu);
+    np.illumination = correct.then(|| {
+        Illumination::for_nucleus_px(
+            cfg.nucleus_diameter_um / cfg.pixel_size_um,
+            cfg.camera.offset_adu as f32,
+        )
+    });
+    score(cfg, &np, &CellParams::default())
+}
+
+fn score(cfg: SimulatorConfig, np: &NucleiParams, cp: &CellParams) -> Score {
     let sim = Simulator::new(cfg.clone()).unwrap();
     let well = WellId::parse("C4", sim.plan().format).unwrap();
-    let mut np = NucleiParams::from_physical(cfg.nucleus_diameter_um, cfg.pixel_size_um).unwrap();
-    let illumination = correct
-        .then(|| Illumination::for_nucleus_px(cfg.nucleus_diameter_um / cfg.pixel_size_um, camera.offset_adu as f32));
-    np.illumination = illumination;
     let (mut tp_n, mut all_n, mut tp_c, mut all_c) = ([0usize; 2], [0usize; 2], [0usize; 2], [0usize; 2]);
     let mut objects = 0;
-    for f in 0..fields {
+    for f in 0..cfg.fields_per_well {
         let field = sim.render(well, f, 0);
         let (w, h) = (field.width, field.height);
-        let (nuclei, _) = segment_nuclei(&field.channels[0], w, h, &np).unwrap();
+        let (nuclei, _) = segment_nuclei(&field.channels[0], w, h, np).unwrap();
         let er = sim.plan().channels.iter().position(|c| c.name == "ER").unwrap();
         let cells = segment_cells(&nuclei, &field.channels[er], w, h, cp).unwrap();
         let mn = match_labels(&nuclei, &field.nuclei_labels, &[0.5, 0.7]).unwrap();
@@ -110,9 +106,9 @@ fn ap_on_held_out_seeds_sparse_and_confluent() {
     }
 }
 
-/// Strong vignetting (corners at 40 % of the centre): dividing the estimated illumination out of
-/// the nuclear channel recovers what a global threshold loses in the corners, and costs nothing
-/// at the default vignetting.
+/// Strong vignetting (corners at 40 % of the centre): with one global threshold, dividing the
+/// estimated illumination out of the nuclear channel recovers what the corners lose, and costs
+/// nothing at the default vignetting. The default local foreground needs no correction.
 #[test]
 fn illumination_correction_recovers_vignetted_corners() {
     let seed = 9021;
@@ -120,10 +116,14 @@ fn illumination_correction_recovers_vignetted_corners() {
     let corrected = evaluate_with(seed, 500.0, 0.15, 2, 0.6, true);
     let default_plain = evaluate_with(seed, 500.0, 0.15, 2, 0.15, false);
     let default_corrected = evaluate_with(seed, 500.0, 0.15, 2, 0.15, true);
+    let cfg = plate(seed, 500.0, 0.15, 2, 0.6);
+    let np = NucleiParams::from_physical(cfg.nucleus_diameter_um, cfg.pixel_size_um).unwrap();
+    let local = score(cfg, &np, &CellParams::default());
     eprintln!(
-        "vignetting 0.6: nuclei AP@0.5 {:.3} -> {:.3}, cells {:.3} -> {:.3}; vignetting 0.15: nuclei {:.3} -> {:.3}, cells {:.3} -> {:.3}",
+        "vignetting 0.6, otsu: nuclei AP@0.5 {:.3} -> {:.3}, cells {:.3} -> {:.3}; vignetting 0.15: nuclei {:.3} -> {:.3}, cells {:.3} -> {:.3}; vignetting 0.6, local, uncorrected: nuclei {:.3}, cells {:.3}",
         plain.nuclei[0], corrected.nuclei[0], plain.cells[0], corrected.cells[0],
-        default_plain.nuclei[0], default_corrected.nuclei[0], default_plain.cells[0], default_corrected.cells[0]
+        default_plain.nuclei[0], default_corrected.nuclei[0], default_plain.cells[0], default_corrected.cells[0],
+        local.nuclei[0], local.cells[0]
     );
     assert!(
         corrected.nuclei[0] >= 0.90,
@@ -132,6 +132,45 @@ fn illumination_correction_recovers_vignetted_corners() {
     );
     assert!(corrected.nuclei[0] > plain.nuclei[0] + 0.02 || corrected.cells[0] > plain.cells[0] + 0.02);
     assert!(default_corrected.nuclei[0] >= 0.90);
+    assert!(local.nuclei[0] >= 0.90, "local nuclei AP@0.5 {:.3}", local.nuclei[0]);
+}
+
+/// The case one global threshold fails on real images (DSB2018): nuclear stain falling to 15 %
+/// across the field and bright mitotic nuclei beside dim interphase ones, sparse and clustered.
+/// The default local foreground keeps the dim nuclei; Otsu, printed beside it, loses them.
+#[test]
+fn dim_nuclei_beside_bright_ones_and_clusters() {
+    for (name, seed, density, touching) in [
+        ("uneven, sparse", 9031, 300.0, 0.05),
+        ("uneven, clustered", 9032, 900.0, 0.5),
+    ] {
+        let cfg = SimulatorConfig {
+            nuclear_stain_gradient: 0.85,
+            mitotic_fraction: 0.1,
+            mitotic_brightness: 3.0,
+            ..plate(seed, density, touching, 2, 0.15)
+        };
+        let mut np = NucleiParams::from_physical(cfg.nucleus_diameter_um, cfg.pixel_size_um).unwrap();
+        let local = score(cfg.clone(), &np, &CellParams::default());
+        np.foreground = Foreground::Global(ThresholdMethod::Otsu);
+        let otsu = score(cfg, &np, &CellParams::default());
+        eprintln!(
+            "{name} (seed {seed}): {} cells; nuclei AP@0.5/0.7 local {:.3}/{:.3}, otsu {:.3}/{:.3}; cells AP@0.5 local {:.3}, otsu {:.3}",
+            local.objects, local.nuclei[0], local.nuclei[1], otsu.nuclei[0], otsu.nuclei[1], local.cells[0], otsu.cells[0]
+        );
+        assert!(local.objects > 50, "{name}: too few cells to judge");
+        assert!(
+            local.nuclei[0] >= 0.85,
+            "{name}: local nuclei AP@0.5 {:.3}",
+            local.nuclei[0]
+        );
+        assert!(
+            local.nuclei[0] > otsu.nuclei[0] + 0.1,
+            "{name}: local {:.3} vs otsu {:.3}",
+            local.nuclei[0],
+            otsu.nuclei[0]
+        );
+    }
 }
 
 /// How the cell defaults were chosen: a sweep on tuning seed 77, confluent (never on the held-out
@@ -147,7 +186,9 @@ fn sweep_cell_parameters_on_the_tuning_seed() {
                 spatial_weight: weight,
                 ..CellParams::default()
             };
-            let s = evaluate_cells(77, 900.0, 0.35, 3, 0.15, false, &cp);
+            let cfg = plate(77, 900.0, 0.35, 3, 0.15);
+            let np = NucleiParams::from_physical(cfg.nucleus_diameter_um, cfg.pixel_size_um).unwrap();
+            let s = score(cfg, &np, &cp);
             eprintln!(
                 "threshold_scale {scale} spatial_weight {weight}: cells AP@0.5 {:.3} AP@0.7 {:.3}",
                 s.cells[0], s.cells[1]

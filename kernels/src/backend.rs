@@ -109,6 +109,16 @@ pub trait Steps {
         threshold: f32,
     ) -> Result<Self::Mask, Self::Error>;
 
+    /// [`crate::local::local_foreground`] of a normalised image and its smoothing.
+    fn local_foreground(
+        &self,
+        norm: &Self::Image,
+        smooth: &Self::Image,
+        width: usize,
+        height: usize,
+        p: &NucleiParams,
+    ) -> Result<Self::Mask, Self::Error>;
+
     /// [`cpu::distance_transform`].
     fn distance(&self, mask: &Self::Mask, width: usize, height: usize) -> Result<Self::Image, Self::Error>;
 
@@ -300,6 +310,26 @@ impl Steps for Cpu {
             Some(l) => img.iter().zip(l).map(|(&v, &l)| v > threshold || l != 0).collect(),
             None => img.iter().map(|&v| v > threshold).collect(),
         })
+    }
+
+    fn local_foreground(
+        &self,
+        norm: &Vec<f32>,
+        smooth: &Vec<f32>,
+        width: usize,
+        height: usize,
+        p: &NucleiParams,
+    ) -> Result<Vec<bool>, KernelError> {
+        let (mask, _) = crate::local::local_foreground(
+            norm,
+            smooth,
+            width,
+            height,
+            p.smoothing_sigma_px,
+            p.diameter_px,
+            p.threshold_scale,
+        )?;
+        Ok(mask)
     }
 
     fn distance(&self, mask: &Vec<bool>, width: usize, height: usize) -> Result<Vec<f32>, KernelError> {

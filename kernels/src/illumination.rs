@@ -60,7 +60,13 @@ pub(crate) fn check_tiles(block: usize, percentile: f64) -> Result<(), KernelErr
 }
 
 /// `(u, v, percentile)` of each `block`² tile, u and v in [-1, 1] at the tile centre.
-fn tile_percentiles(img: &[f32], width: usize, height: usize, block: usize, percentile: f64) -> Vec<(f64, f64, f64)> {
+pub(crate) fn tile_percentiles(
+    img: &[f32],
+    width: usize,
+    height: usize,
+    block: usize,
+    percentile: f64,
+) -> Vec<(f64, f64, f64)> {
     let (gw, gh) = (width.div_ceil(block), height.div_ceil(block));
     let q: Vec<f32> = (0..gw * gh)
         .into_par_iter()
@@ -132,11 +138,11 @@ pub(crate) fn robust_surface(tiles: &[(f64, f64, f64)]) -> [f64; 6] {
 }
 
 /// Pixel position to [-1, 1] across the image.
-fn unit(p: f64, n: usize) -> f64 {
+pub(crate) fn unit(p: f64, n: usize) -> f64 {
     2.0 * p / n as f64 - 1.0
 }
 
-fn quadratic(c: &[f64; 6], u: f64, v: f64) -> f64 {
+pub(crate) fn quadratic(c: &[f64; 6], u: f64, v: f64) -> f64 {
     c[0] + c[1] * u + c[2] * v + c[3] * u * u + c[4] * u * v + c[5] * v * v
 }
 

@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod gpu;
 pub mod illumination;
 pub mod instanseg;
+pub mod local;
 pub mod measure;
 pub mod metrics;
 pub mod segment;

@@ -1,5 +1,6 @@
-//! Segmentation v1: nuclei by smoothing + Otsu + distance-transform seeded watershed, cells by
-//! propagation from the nuclei over a cytoplasm channel. Parameters are physical (µm) at the
+//! Classical segmentation: nuclei by smoothing, a foreground threshold (per nucleus by default,
+//! [`crate::local`]; or one global Otsu/triangle) and a distance-transform seeded watershed,
+//! cells by propagation from the nuclei over a cytoplasm channel. Parameters are physical (µm) at the
 //! config level and converted here, so that a change of objective does not need retuning.
 
 use crate::backend::{Cpu, Steps};
@@ -32,13 +33,28 @@ impl ThresholdMethod {
     }
 }
 
+/// How the nuclei foreground is separated from the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Foreground {
+    /// Background-corrected, per-nucleus thresholds ([`crate::local`]): holds when nuclei of
+    /// very different brightness share a field.
+    #[default]
+    Local,
+    /// One automatic threshold for the whole field: the older path, kept for comparison and for
+    /// fields of uniformly stained nuclei.
+    Global(ThresholdMethod),
+}
+
 /// Nuclei parameters in pixels. Build them with [`NucleiParams::from_physical`] unless a test needs
 /// exact pixel values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NucleiParams {
+    /// The expected nucleus diameter: the scale of the local path's background tiles and peaks.
+    pub diameter_px: f32,
     pub smoothing_sigma_px: f32,
-    pub threshold: ThresholdMethod,
-    /// Multiplies the automatic threshold; below 1 keeps dim nuclei, above 1 trims halos.
+    pub foreground: Foreground,
+    /// Multiplies the automatic threshold (the global methods) or the half-maximum edge (the
+    /// local one); below 1 keeps dim nuclei and halos, above 1 trims them.
     pub threshold_scale: f32,
     /// Half-width of the window in which a distance peak must be maximal to seed an object: about
     /// a third of a nucleus diameter splits touching pairs without cutting single ellipses.
@@ -98,8 +114,9 @@ impl NucleiParams {
         }
         let area = std::f64::consts::PI * (d / 2.0).powi(2);
         Ok(Self {
+            diameter_px: d as f32,
             smoothing_sigma_px: (d / 12.0).clamp(0.5, 4.0) as f32,
-            threshold: ThresholdMethod::Otsu,
+            foreground: Foreground::Local,
             threshold_scale: 1.0,
             seed_radius_px: ((d / 3.0).round() as usize).max(1),
             seed_min_depth_px: (d / 8.0).max(1.0) as f32,
@@ -172,8 +189,8 @@ pub fn segment_cells(
 }
 
 /// The nuclei algorithm, written once for every back end: percentile normalisation (after
-/// dividing out the illumination if asked), smoothing, automatic threshold, then
-/// [`split_foreground`].
+/// dividing out the illumination if asked), smoothing, the foreground (per nucleus or one
+/// threshold), then [`split_foreground`].
 pub(crate) fn nuclei<S: Steps>(
     s: &S,
     raw: &[u16],
@@ -188,8 +205,13 @@ pub(crate) fn nuclei<S: Steps>(
     let n = raw.len();
     let norm = s.normalize_raw(raw, width, height, p.illumination, 0.5, 99.95)?;
     let smooth = s.blur(&norm, width, height, p.smoothing_sigma_px)?;
-    let t = s.threshold(&smooth, n, p.threshold)? * p.threshold_scale;
-    let mask = s.mask_above(&smooth, None, n, t)?;
+    let mask = match p.foreground {
+        Foreground::Local => s.local_foreground(&norm, &smooth, width, height, p)?,
+        Foreground::Global(method) => {
+            let t = s.threshold(&smooth, n, method)? * p.threshold_scale;
+            s.mask_above(&smooth, None, n, t)?
+        }
+    };
     split_foreground(s, &mask, width, height, p)
 }
 

@@ -81,6 +81,12 @@ pub struct SimulatorConfig {
     /// Fraction of cells placed touching a neighbour's nucleus (the hard case for segmentation).
     pub touching_fraction: f64,
     pub mitotic_fraction: f64,
+    /// How much brighter a mitotic nucleus's condensed chromatin is than an interphase one's.
+    pub mitotic_brightness: f64,
+    /// Drop of the nuclear stain across the field, left to right (exponential in each cell's x):
+    /// 0 for even staining, 0.85 for right-hand nuclei at 15 % of left-hand ones, as in a well
+    /// stained unevenly. Unlike vignetting it is per cell, so flat-field correction cannot undo it.
+    pub nuclear_stain_gradient: f64,
     /// Number of genes with simulated per-cell expression.
     pub genes: u32,
     /// How many of them (the first ones) shape the images; the rest are invisible controls.
@@ -112,6 +118,8 @@ impl Default for SimulatorConfig {
             cell_density_per_mm2: 500.0,
             touching_fraction: 0.15,
             mitotic_fraction: 0.03,
+            mitotic_brightness: 2.2,
+            nuclear_stain_gradient: 0.0,
             genes: 16,
             visible_genes: 8,
             perturbation_strength: 1.5,
@@ -215,6 +223,18 @@ impl SimulatorConfig {
             if !(0.0..=1.0).contains(&v) {
                 bad(key, format!("must be within 0..=1, got {v}"));
             }
+        }
+        if !(1.0..=20.0).contains(&self.mitotic_brightness) {
+            bad(
+                "mitotic_brightness",
+                format!("must be within 1..=20, got {}", self.mitotic_brightness),
+            );
+        }
+        if !(0.0..0.99).contains(&self.nuclear_stain_gradient) {
+            bad(
+                "nuclear_stain_gradient",
+                format!("must be within 0..0.99, got {}", self.nuclear_stain_gradient),
+            );
         }
         if self.genes == 0 || self.genes > 100_000 {
             bad("genes", format!("must be 1..=100000, got {}", self.genes));

@@ -271,6 +271,8 @@ impl Simulator {
         let area_mm2 = (w + 2.0 * margin) * (h + 2.0 * margin) * px * px * 1e-6;
         let target = (cfg.cell_density_per_mm2 * area_mm2).round() as usize;
         let shift = self.well_shift(well);
+        let stain_drop = (1.0 - cfg.nuclear_stain_gradient).ln();
+        let stain_at = |cx: f64| (stain_drop * (cx / w).clamp(0.0, 1.0)).exp();
         let mut cells: Vec<SimCell> = Vec::with_capacity(target);
         let mut attempts = 0;
         while cells.len() < target && attempts < target * 200 {
@@ -328,7 +330,9 @@ impl Simulator {
                 cell_r: cell_r * (0.12 * z[0] + 0.12 * normal(&mut rng)).exp(),
                 cell_harm: harmonics(&mut rng, 0.35),
                 mitotic,
-                brightness: (0.15 * z[1] + 0.1 * normal(&mut rng)).exp() * if mitotic { 2.2 } else { 1.0 },
+                brightness: (0.15 * z[1] + 0.1 * normal(&mut rng)).exp()
+                    * if mitotic { cfg.mitotic_brightness } else { 1.0 }
+                    * stain_at(cx),
                 microtubules: (0.25 * z[2] + 0.1 * normal(&mut rng)).exp(),
                 er: (0.2 * (z[0] - z[2]) + 0.1 * normal(&mut rng)).exp(),
                 z,

@@ -79,6 +79,7 @@ pub fn bench_segment(
     diameter_um: f64,
     repeat: usize,
     device: &str,
+    threshold: liveomics::stage::NucleiThreshold,
     files: &[PathBuf],
 ) -> anyhow::Result<ExitCode> {
     let request = device
@@ -88,7 +89,14 @@ pub fn bench_segment(
     if let Some(why) = fallback {
         eprintln!("device auto: running on the CPU ({why})");
     }
-    for r in liveomics::bench::segment_files(&compute, files, out_dir, pixel_size_um, diameter_um, repeat)? {
+    for r in liveomics::bench::segment_files(
+        &compute,
+        files,
+        out_dir,
+        (pixel_size_um, diameter_um),
+        threshold.into(),
+        repeat,
+    )? {
         println!("{}", serde_json::to_string(&r)?);
     }
     Ok(ExitCode::SUCCESS)

@@ -109,6 +109,10 @@ pub enum Command {
         /// auto, cpu or cuda:N (as `compute.device`).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Foreground of the nuclear channel: local, or one global otsu/triangle (scikit-image's
+        /// pipeline in the script is otsu).
+        #[arg(long, value_enum, default_value_t = liveomics::stage::NucleiThreshold::Local)]
+        threshold: liveomics::stage::NucleiThreshold,
         files: Vec<PathBuf>,
     },
     /// Benchmark helper for benches/instanseg.py: one TIFF through InstanSeg (network, post-
@@ -164,8 +168,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             diameter_um,
             repeat,
             device,
+            threshold,
             files,
-        } => bench::bench_segment(&out_dir, pixel_size_um, diameter_um, repeat, &device, &files),
+        } => bench::bench_segment(&out_dir, pixel_size_um, diameter_um, repeat, &device, threshold, &files),
         Command::BenchInstanseg(a) => bench::bench_instanseg(&a),
         Command::BenchWrite {
             out,

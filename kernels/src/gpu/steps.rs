@@ -59,6 +59,30 @@ impl Steps for Gpu {
         self.mask_above_dev(img, labelled, n, threshold)
     }
 
+    /// On the host: per-region percentiles and the hole test are sequential bookkeeping over a
+    /// few hundred regions, and the field goes back to the device for the watershed.
+    fn local_foreground(
+        &self,
+        norm: &Buf,
+        smooth: &Buf,
+        width: usize,
+        height: usize,
+        p: &NucleiParams,
+    ) -> Result<Buf, GpuError> {
+        let n = width * height;
+        let (mask, _) = crate::local::local_foreground(
+            &self.dev.read::<f32>(norm, n)?,
+            &self.dev.read::<f32>(smooth, n)?,
+            width,
+            height,
+            p.smoothing_sigma_px,
+            p.diameter_px,
+            p.threshold_scale,
+        )?;
+        let bytes: Vec<u8> = mask.into_iter().map(u8::from).collect();
+        self.dev.upload(&bytes)
+    }
+
     fn distance(&self, mask: &Buf, width: usize, height: usize) -> Result<Buf, GpuError> {
         self.edt_dev(mask, width, height)
     }

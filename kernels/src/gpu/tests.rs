@@ -221,8 +221,12 @@ fn segmentation_on_the_gpu_equals_the_cpu() {
         for (w, h, count, seed) in [(160, 120, 40, 1), (200, 90, 90, 2), (50, 40, 0, 3)] {
             let (dapi, cyto) = field(w, h, count, seed);
             let mut p = NucleiParams::from_physical(7.0, 0.5).unwrap();
-            for threshold in [segment::ThresholdMethod::Otsu, segment::ThresholdMethod::Triangle] {
-                p.threshold = threshold;
+            for threshold in [
+                segment::Foreground::Local,
+                segment::Foreground::Global(segment::ThresholdMethod::Otsu),
+                segment::Foreground::Global(segment::ThresholdMethod::Triangle),
+            ] {
+                p.foreground = threshold;
                 let cpu_nuclei = segment::segment_nuclei(&dapi, w, h, &p).unwrap();
                 let gpu_nuclei = g.segment_nuclei(&dapi, w, h, &p).unwrap();
                 assert_eq!(gpu_nuclei, cpu_nuclei, "nuclei {w}x{h} {threshold:?}");
