@@ -79,16 +79,61 @@ fn control_wells_are_unshifted_and_invisible_genes_ignore_visible_latent() {
     }
 }
 
+/// The stain gradient dims the right-hand nuclei and nothing else: same cells, same labels.
+#[test]
+fn nuclear_stain_gradient_dims_nuclei_across_the_field() {
+    let even = Simulator::new(small()).unwrap();
+    let uneven = Simulator::new(SimulatorConfig {
+        nuclear_stain_gradient: 0.8,
+        ..small()
+    })
+    .unwrap();
+    let well = WellId::parse("B2", even.plan().format).unwrap();
+    let (a, b) = (even.render(well, 0, 0), uneven.render(well, 0, 0));
+    assert_eq!(a.nuclei_labels, b.nuclei_labels);
+    let w = a.width;
+    let offset = CameraConfig::default().offset_adu;
+    // Mean nuclear signal above the offset per half of the field, uneven / even.
+    let ratio = |left: bool| {
+        let (mut sa, mut sb) = (0.0, 0.0);
+        for (i, &l) in a.nuclei_labels.iter().enumerate() {
+            if l != 0 && ((i % w) < w / 2) == left {
+                sa += f64::from(a.channels[0][i]) - offset;
+                sb += f64::from(b.channels[0][i]) - offset;
+            }
+        }
+        sb / sa
+    };
+    // 0.2^t averaged over t in [0, 0.5] is 0.69, over [0.5, 1] 0.31 (plus noise and cells
+    // straddling the middle).
+    let (left, right) = (ratio(true), ratio(false));
+    assert!(
+        (0.6..0.8).contains(&left) && (0.22..0.42).contains(&right),
+        "left {left:.2} right {right:.2}"
+    );
+}
+
 #[test]
 fn invalid_config_reports_every_problem() {
     let cfg = SimulatorConfig {
         plate: "a/b".into(),
         wells: vec!["Z99".into()],
         width_px: 10,
+        mitotic_brightness: 0.5,
+        nuclear_stain_gradient: f64::NAN,
         ..Default::default()
     };
     let keys: Vec<String> = cfg.validate().into_iter().map(|i| i.key).collect();
-    assert_eq!(keys, vec!["plate", "wells[0]", "width_px"]);
+    assert_eq!(
+        keys,
+        vec![
+            "plate",
+            "wells[0]",
+            "width_px",
+            "mitotic_brightness",
+            "nuclear_stain_gradient"
+        ]
+    );
 }
 
 #[test]
