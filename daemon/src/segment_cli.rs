@@ -305,6 +305,7 @@ fn instance_model(req: &SegmentRequest) -> Result<Option<InstanceModel>, Segment
         &opts,
         tile,
         req.seed_threshold,
+        req.instanseg_cells == crate::stage::InstansegCells::Model && req.cells_out.is_some(),
     )
     .map_err(|e| match e {
         ChooseError::NoModel(p) => SegmentError::NoModel(p),

@@ -258,8 +258,10 @@ fn instance_model(
 ) -> Result<Option<Arc<InstanceModel>>, Invalid> {
     let inf = ctx.inference;
     let opts = inf.runtime_options();
+    // Without the model's cells the network is cut to its nuclei decoder.
+    let cells = s.instanseg_cells == InstansegCells::Model && !s.cells_channel.is_empty();
     let key = format!(
-        "segment-method|{method:?}|{:?}|{}|{}|{opts:?}",
+        "segment-method|{method:?}|{:?}|{}|{}|{cells}|{opts:?}",
         s.model, s.seed_threshold, s.instanseg_tile_px
     );
     let tile = liveomics_models::TileOptions {
@@ -268,9 +270,16 @@ fn instance_model(
         batch: 1,
     };
     let chosen = ctx.resources.loaded(&key, || {
-        crate::inference::instances::choose(method == SegmentMethod::Auto, &s.model, &opts, tile, s.seed_threshold)
-            .map(|m| m.map(Arc::new))
-            .map_err(|e| ctx.invalid("model", t::error_chain(&e)))
+        crate::inference::instances::choose(
+            method == SegmentMethod::Auto,
+            &s.model,
+            &opts,
+            tile,
+            s.seed_threshold,
+            cells,
+        )
+        .map(|m| m.map(Arc::new))
+        .map_err(|e| ctx.invalid("model", t::error_chain(&e)))
     })?;
     Ok(chosen.as_ref().clone())
 }

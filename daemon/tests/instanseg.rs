@@ -12,6 +12,19 @@ use liveomics_kernels::instanseg::{self, Instances};
 use liveomics_kernels::metrics::partition_differences;
 use liveomics_models::{npy, Description, TileOptions};
 
+/// The test input as camera planes, `w`, `h`.
+fn test_planes() -> (Vec<Vec<u16>>, usize, usize) {
+    let raw = npy::read(&model_dir().join("test_input.npy")).unwrap();
+    let (h, w) = (raw.shape[2], raw.shape[3]);
+    // The test input holds integers 1..180: exact as camera counts.
+    let planes = raw
+        .data
+        .chunks(w * h)
+        .map(|p| p.iter().map(|&v| v as u16).collect())
+        .collect();
+    (planes, w, h)
+}
+
 fn model_dir() -> std::path::PathBuf {
     common::repo().join("models/instanseg_fluorescence")
 }
@@ -58,15 +71,8 @@ fn the_whole_model_through_onnx_runtime_matches_the_torchscript_labels() {
     let Some(()) = common::ort_or_skip() else {
         return;
     };
-    let m = InstanceModel::load(&model_dir(), &common::cpu(), TileOptions::default()).unwrap();
-    let raw = npy::read(&model_dir().join("test_input.npy")).unwrap();
-    let (h, w) = (raw.shape[2], raw.shape[3]);
-    // The test input holds integers 1..180: exact as camera counts.
-    let planes: Vec<Vec<u16>> = raw
-        .data
-        .chunks(w * h)
-        .map(|p| p.iter().map(|&v| v as u16).collect())
-        .collect();
+    let m = InstanceModel::load(&model_dir(), &common::cpu(), TileOptions::default(), true).unwrap();
+    let (planes, w, h) = test_planes();
     let views: Vec<&[u16]> = planes.iter().map(Vec::as_slice).collect();
     let got = m.segment(&views, w, h, 1.0, true).unwrap();
     let (nuclei, cells, ..) = expected();
@@ -83,4 +89,28 @@ fn the_whole_model_through_onnx_runtime_matches_the_torchscript_labels() {
     // The ONNX network differs from TorchScript's by float rounding (< 1e-3): a few pixels on
     // object borders may change hands, never whole objects.
     assert!(dn + dc <= w * h / 200, "nuclei {dn}, cells {dc}");
+}
+
+/// Without the model's cells the network is cut to its nuclei decoder: the same five channels,
+/// bit for bit, as the whole network's first five, so the same nuclei.
+#[test]
+fn the_nuclei_decoder_alone_gives_the_whole_networks_nuclei() {
+    let Some(()) = common::ort_or_skip() else {
+        return;
+    };
+    let whole = InstanceModel::load(&model_dir(), &common::cpu(), TileOptions::default(), true).unwrap();
+    let cut = InstanceModel::load(&model_dir(), &common::cpu(), TileOptions::default(), false).unwrap();
+    assert_eq!((whole.channels, cut.channels), (10, 5));
+    assert!(whole.has_cells() && !cut.has_cells());
+    let (planes, w, h) = test_planes();
+    let nuclear = [planes[0].as_slice()];
+    let (a, _) = whole.embedding(&nuclear, w, h, 1.0).unwrap();
+    let (b, _) = cut.embedding(&nuclear, w, h, 1.0).unwrap();
+    assert_eq!(b.shape, [5, h, w]);
+    assert_eq!(&a.data[..5 * w * h], &b.data[..], "nuclei channels differ");
+    let la = whole.segment(&nuclear, w, h, 1.0, false).unwrap();
+    let lb = cut.segment(&nuclear, w, h, 1.0, false).unwrap();
+    assert!(la.count > 0);
+    assert_eq!(la.nuclei, lb.nuclei);
+    assert!(lb.cells.is_none());
 }

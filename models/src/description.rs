@@ -572,6 +572,30 @@ impl Description {
     }
 
     /// Checks the weights file against its sha256 (reads it once; about 10 ms per 10 MB).
+    /// Keeps the first `n` channels of output `i` (after a graph edit dropped the others).
+    pub fn truncate_output_channels(&mut self, i: usize, n: usize) {
+        for a in &mut self.outputs[i].axes {
+            if let AxisKind::Channel { names } = &mut a.kind {
+                names.truncate(n);
+                if let AxisSize::Fixed(size) = &mut a.size {
+                    *size = (*size).min(n);
+                }
+            }
+        }
+    }
+
+    /// The channel names of output `i` (empty when it has no channel axis).
+    pub fn output_channels(&self, i: usize) -> Vec<String> {
+        self.outputs[i]
+            .axes
+            .iter()
+            .find_map(|a| match &a.kind {
+                AxisKind::Channel { names } => Some(names.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
     pub fn verify_weights(&self) -> Result<(), ModelError> {
         match &self.weights_sha256 {
             Some(sum) => verify_sha256(&self.name, &self.weights, sum),

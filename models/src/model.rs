@@ -42,10 +42,27 @@ impl Model {
     /// Loads the description at `path` (file or folder), checks the weights' sha256, creates the
     /// session and checks that the description's tensors match the ONNX graph's.
     pub fn load(path: &Path, opts: &RuntimeOptions) -> Result<Self, ModelError> {
-        let descr = Description::load(path)?;
+        Self::load_edited(path, opts, |_, bytes| Ok(bytes))
+    }
+
+    /// [`Model::load`] with the ONNX bytes passed through `edit` (after the sha256 check) before
+    /// the session is made: a graph cut to the outputs a caller needs
+    /// ([`crate::onnx_graph`]) runs only those. `edit` brings the description in line with
+    /// what it changed (an output's channels), which the graph is then checked against.
+    pub fn load_edited(
+        path: &Path,
+        opts: &RuntimeOptions,
+        edit: impl FnOnce(&mut Description, Vec<u8>) -> Result<Vec<u8>, ModelError>,
+    ) -> Result<Self, ModelError> {
+        let mut descr = Description::load(path)?;
         descr.verify_weights()?;
         let rt = runtime::runtime(opts.ort_library.as_deref())?;
-        let built = rt.session(&descr.name, &descr.weights, opts)?;
+        let bytes = std::fs::read(&descr.weights).map_err(|source| ModelError::Io {
+            path: descr.weights.clone(),
+            source,
+        })?;
+        let bytes = edit(&mut descr, bytes)?;
+        let built = rt.session_from_bytes(&descr.name, &bytes, opts)?;
         for s in &built.skipped {
             tracing::debug!(model = %descr.name, "execution provider skipped: {s}");
         }
@@ -282,14 +299,7 @@ impl Model {
 
     /// The channel names of output `i`, when its channel axis lists them.
     pub fn output_channels(&self, i: usize) -> Vec<String> {
-        self.descr.outputs[i]
-            .axes
-            .iter()
-            .find_map(|a| match &a.kind {
-                AxisKind::Channel { names } => Some(names.clone()),
-                _ => None,
-            })
-            .unwrap_or_default()
+        self.descr.output_channels(i)
     }
 }
 

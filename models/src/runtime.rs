@@ -226,9 +226,19 @@ impl Runtime {
             path: weights.to_path_buf(),
             source,
         })?;
+        self.session_from_bytes(model, &bytes, opts)
+    }
+
+    /// [`Runtime::session`] on ONNX bytes already in memory (weights edited before loading).
+    pub fn session_from_bytes(
+        &self,
+        model: &str,
+        bytes: &[u8],
+        opts: &RuntimeOptions,
+    ) -> Result<BuiltSession, ModelError> {
         let mut skipped = Vec::new();
         for &p in &opts.providers {
-            match self.try_session(model, &bytes, p, opts) {
+            match self.try_session(model, bytes, p, opts) {
                 Ok(session) => {
                     return Ok(BuiltSession {
                         session,

@@ -116,6 +116,10 @@ pub struct BenchInstansegArgs {
     /// Tile side for the network (as `inference.tile_px`).
     #[arg(long, default_value_t = liveomics::stage::DEFAULT_INSTANSEG_TILE_PX)]
     tile: usize,
+    /// Run the whole network (nuclei and cells decoders), as the TorchScript original does, not
+    /// the nuclei decoder alone the daemon runs when cells come from elsewhere.
+    #[arg(long)]
+    whole_network: bool,
     /// InstanSeg's seed threshold; default: the model's own (what the TorchScript original uses).
     #[arg(long)]
     seed_threshold: Option<f32>,
@@ -137,6 +141,7 @@ pub fn bench_instanseg(a: &BenchInstansegArgs) -> anyhow::Result<ExitCode> {
             tile: a.tile,
             ..Default::default()
         },
+        a.whole_network,
     )?;
     if let Some(v) = a.seed_threshold {
         m.params.seed_threshold = v;

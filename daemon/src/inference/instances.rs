@@ -79,6 +79,7 @@ pub fn choose(
     opts: &RuntimeOptions,
     tile: TileOptions,
     seed_threshold: f32,
+    cells: bool,
 ) -> Result<Option<InstanceModel>, ChooseError> {
     let fallback = |reason: &str| {
         t::SegmentMethodChosen {
@@ -94,7 +95,7 @@ pub fn choose(
         let e = ChooseError::NoModel(model.to_path_buf());
         return if auto { fallback(&e.to_string()) } else { Err(e) };
     };
-    match InstanceModel::load(&path, opts, tile) {
+    match InstanceModel::load(&path, opts, tile, cells) {
         Ok(mut m) => {
             m.params.seed_threshold = seed_threshold;
             t::SegmentMethodChosen {
@@ -141,9 +142,34 @@ pub fn params(c: &InstansegConfig) -> InstanSegParams {
 
 impl InstanceModel {
     /// Loads the model at `path` (folder or description); it must have the
-    /// instance-segmentation role and give 5 or 10 channels.
-    pub fn load(path: &Path, opts: &RuntimeOptions, tile: TileOptions) -> Result<Self, ModelError> {
-        let model = Model::load(path, opts)?;
+    /// instance-segmentation role and give 5 or 10 channels. Without `cells`, a network that
+    /// gives both is cut to its nuclei decoder ([`liveomics_models::onnx_graph`]): the same
+    /// nuclei for a third less work; when the graph cannot be cut, it runs whole (logged).
+    pub fn load(path: &Path, opts: &RuntimeOptions, tile: TileOptions, cells: bool) -> Result<Self, ModelError> {
+        let mut cut = None;
+        let model = Model::load_edited(path, opts, |d, bytes| {
+            if cells || d.outputs.len() != 1 || d.output_channels(0).len() != 2 * instanseg::CHANNELS_PER_TARGET {
+                return Ok(bytes);
+            }
+            Ok(match liveomics_models::onnx_graph::keep_first_half_of_output(&bytes) {
+                Ok((pruned, dropped)) => {
+                    cut = Some(Ok(dropped));
+                    d.truncate_output_channels(0, instanseg::CHANNELS_PER_TARGET);
+                    pruned
+                }
+                Err(e) => {
+                    cut = Some(Err(e.to_string()));
+                    bytes
+                }
+            })
+        })?;
+        if let Some(outcome) = &cut {
+            t::InstansegNetworkCut {
+                model: &model.descr.name,
+                outcome: outcome.as_ref().copied().map_err(String::as_str),
+            }
+            .emit();
+        }
         let d = &model.descr;
         let wrong = |key: &str, message: String| ModelError::Description {
             model: d.name.clone(),
@@ -201,6 +227,17 @@ impl InstanceModel {
     ) -> Result<(Tensor, (usize, usize)), StageError> {
         let (input, (w, h)) = Self::input(planes, width, height, factor);
         let mut out = self.model.run_tiled(input, &self.tile)?;
+        if out.data.len() != self.channels * h * w {
+            return Err(ModelError::Shape {
+                model: self.model.descr.name.clone(),
+                message: format!(
+                    "the network gave {} values for {} channels of {w}x{h}",
+                    out.data.len(),
+                    self.channels
+                ),
+            }
+            .into());
+        }
         out.shape = vec![self.channels, h, w];
         Ok((out, (w, h)))
     }

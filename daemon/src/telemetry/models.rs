@@ -60,6 +60,31 @@ impl SegmentMethodChosen<'_> {
     }
 }
 
+/// InstanSeg's network was cut to its nuclei decoder (cells come from elsewhere), or could not be
+/// and runs whole.
+#[derive(Debug)]
+pub struct InstansegNetworkCut<'a> {
+    pub model: &'a str,
+    /// The nodes dropped, or why the graph was left whole.
+    pub outcome: Result<usize, &'a str>,
+}
+
+impl InstansegNetworkCut<'_> {
+    pub fn emit(&self) {
+        match self.outcome {
+            Ok(dropped) => info!(
+                model = self.model,
+                dropped_nodes = dropped,
+                "InstanSeg runs its nuclei decoder alone: no cells are asked of the model"
+            ),
+            Err(reason) => warn!(
+                model = self.model,
+                reason, "InstanSeg runs its whole network: the cells decoder could not be cut"
+            ),
+        }
+    }
+}
+
 /// A model's session was created.
 #[derive(Debug)]
 pub struct ModelLoaded<'a> {
