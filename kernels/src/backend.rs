@@ -320,16 +320,7 @@ impl Steps for Cpu {
         height: usize,
         p: &NucleiParams,
     ) -> Result<Vec<bool>, KernelError> {
-        let (mask, _) = crate::local::local_foreground(
-            norm,
-            smooth,
-            width,
-            height,
-            p.smoothing_sigma_px,
-            p.diameter_px,
-            p.threshold_scale,
-        )?;
-        Ok(mask)
+        crate::local::nuclei_foreground(norm, smooth, width, height, p)
     }
 
     fn distance(&self, mask: &Vec<bool>, width: usize, height: usize) -> Result<Vec<f32>, KernelError> {

@@ -109,6 +109,27 @@ pub fn local_foreground(
     ))
 }
 
+/// [`local_foreground`] with the nuclei parameters' diameter, smoothing and edge scale: what
+/// both back ends run for [`crate::segment::Foreground::Local`].
+pub fn nuclei_foreground(
+    norm: &[f32],
+    smooth: &[f32],
+    width: usize,
+    height: usize,
+    p: &crate::segment::NucleiParams,
+) -> Result<Vec<bool>, KernelError> {
+    local_foreground(
+        norm,
+        smooth,
+        width,
+        height,
+        p.smoothing_sigma_px,
+        p.diameter_px,
+        p.threshold_scale,
+    )
+    .map(|(mask, _)| mask)
+}
+
 /// The noise of `img` after a Gaussian of `sigma`: the median absolute deviation of the image's
 /// finest scale (`img` minus its blur at 1 px, mostly noise wherever there is no edge),
 /// converted to white-noise sigma through the exact gains of the two discrete kernels.

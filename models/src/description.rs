@@ -602,6 +602,14 @@ impl Description {
             None => Ok(()),
         }
     }
+
+    /// [`Description::verify_weights`] on the weights' bytes, read once by the caller.
+    pub fn verify_weights_bytes(&self, bytes: &[u8]) -> Result<(), ModelError> {
+        match &self.weights_sha256 {
+            Some(sum) => verify_sha256_of(&self.name, &self.weights, bytes, sum),
+            None => Ok(()),
+        }
+    }
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -615,7 +623,12 @@ pub(crate) fn verify_sha256(model: &str, path: &Path, expected: &str) -> Result<
         path: path.to_path_buf(),
         source,
     })?;
-    let actual = sha256_hex(&bytes);
+    verify_sha256_of(model, path, &bytes, expected)
+}
+
+/// [`verify_sha256`] on bytes already read from `path`.
+pub(crate) fn verify_sha256_of(model: &str, path: &Path, bytes: &[u8], expected: &str) -> Result<(), ModelError> {
+    let actual = sha256_hex(bytes);
     if !actual.eq_ignore_ascii_case(expected) {
         return Err(ModelError::Checksum {
             model: model.to_string(),

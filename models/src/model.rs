@@ -55,12 +55,12 @@ impl Model {
         edit: impl FnOnce(&mut Description, Vec<u8>) -> Result<Vec<u8>, ModelError>,
     ) -> Result<Self, ModelError> {
         let mut descr = Description::load(path)?;
-        descr.verify_weights()?;
-        let rt = runtime::runtime(opts.ort_library.as_deref())?;
         let bytes = std::fs::read(&descr.weights).map_err(|source| ModelError::Io {
             path: descr.weights.clone(),
             source,
         })?;
+        descr.verify_weights_bytes(&bytes)?;
+        let rt = runtime::runtime(opts.ort_library.as_deref())?;
         let bytes = edit(&mut descr, bytes)?;
         let built = rt.session_from_bytes(&descr.name, &bytes, opts)?;
         for s in &built.skipped {

@@ -70,14 +70,12 @@ impl Steps for Gpu {
         p: &NucleiParams,
     ) -> Result<Buf, GpuError> {
         let n = width * height;
-        let (mask, _) = crate::local::local_foreground(
+        let mask = crate::local::nuclei_foreground(
             &self.dev.read::<f32>(norm, n)?,
             &self.dev.read::<f32>(smooth, n)?,
             width,
             height,
-            p.smoothing_sigma_px,
-            p.diameter_px,
-            p.threshold_scale,
+            p,
         )?;
         let bytes: Vec<u8> = mask.into_iter().map(u8::from).collect();
         self.dev.upload(&bytes)
