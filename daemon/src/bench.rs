@@ -493,6 +493,8 @@ fn write_plane_u32(path: &Path, w: usize, h: usize, labels: &[u32]) -> Result<()
 #[derive(Debug, serde::Serialize)]
 pub struct InstansegBench {
     pub provider: String,
+    /// Where the post-processing and the classical path ran.
+    pub compute: String,
     pub width: usize,
     pub height: usize,
     pub model_width: usize,
@@ -530,7 +532,7 @@ pub fn instanseg_image(
     // Nucleus diameter in field pixels that this factor resamples to the model's.
     let params = NucleiParams::from_physical(model.nucleus_px / factor, 1.0)?;
     for rep in 0..=reps.max(1) {
-        let r = model.segment(&[&img], w, h, factor, false)?;
+        let r = model.segment(compute, &[&img], w, h, factor, false)?;
         let t0 = Instant::now();
         let (n, count) =
             compute
@@ -569,6 +571,7 @@ pub fn instanseg_image(
     }
     Ok(InstansegBench {
         provider: model.model.provider.label(),
+        compute: compute.describe(),
         width: w,
         height: h,
         model_width: mw,

@@ -220,6 +220,7 @@ pub fn segment_file(req: &SegmentRequest) -> Result<SegmentReport, SegmentError>
             planes.push(c.as_slice());
         }
         let mut r = m.segment(
+            &compute,
             &planes,
             w,
             h,

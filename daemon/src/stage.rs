@@ -387,6 +387,7 @@ impl SegmentStage {
             planes.push(c);
         }
         let r = m.segment(
+            &self.compute,
             &planes,
             f.width,
             f.height,

@@ -8,6 +8,7 @@
 mod common;
 
 use liveomics::inference::instances::{params, InstanceModel};
+use liveomics_kernels::gpu::Compute;
 use liveomics_kernels::instanseg::{self, Instances};
 use liveomics_kernels::metrics::partition_differences;
 use liveomics_models::{npy, Description, TileOptions};
@@ -66,6 +67,41 @@ fn post_processing_equals_the_torchscript_on_its_own_network_output() {
     assert_eq!(differences(&renumbered, &nuclei, &cells), (0, 0));
 }
 
+/// The CUDA back end's post-processing (its kernels on the host emulation, and on device 0 when
+/// there is one) on the same network output: the CPU's labels, so the TorchScript's.
+#[test]
+fn cuda_post_processing_equals_the_torchscript_on_its_own_network_output() {
+    let d = Description::load(&model_dir()).unwrap();
+    let p = params(d.liveomics.instanseg.as_ref().unwrap());
+    let e = npy::read(&model_dir().join("test_output.npy")).unwrap();
+    let (c, h, w) = (e.shape[1], e.shape[2], e.shape[3]);
+    let (nuclei, cells, ..) = expected();
+    let mut backends = vec![Compute::emulated().unwrap()];
+    match liveomics_kernels::gpu::Gpu::open(0) {
+        Ok(_) => backends.push(
+            Compute::select(liveomics_kernels::gpu::DeviceRequest::Cuda(0))
+                .unwrap()
+                .0,
+        ),
+        Err(e) => eprintln!("CUDA device skipped (host emulation of the kernels checked only): {e}"),
+    }
+    let cpu = instanseg::instances(&e.data, c, w, h, true, &p).unwrap();
+    for b in backends {
+        let got = b.instanseg(&e.data, c, w, h, true, &p).unwrap();
+        let (dn, dc) = differences(&got, &nuclei, &cells);
+        eprintln!(
+            "{}: pixels differing from the TorchScript labels: nuclei {dn}, cells {dc}",
+            b.describe()
+        );
+        if b.describe().contains("emulation") {
+            assert_eq!(got, cpu, "the emulated kernels give the CPU's labels exactly");
+        } else {
+            // The device's expf may differ from the host's by an ulp (docs/GPU.md).
+            assert!(dn + dc <= w * h / 1000, "nuclei {dn}, cells {dc}");
+        }
+    }
+}
+
 #[test]
 fn the_whole_model_through_onnx_runtime_matches_the_torchscript_labels() {
     let Some(()) = common::ort_or_skip() else {
@@ -74,7 +110,7 @@ fn the_whole_model_through_onnx_runtime_matches_the_torchscript_labels() {
     let m = InstanceModel::load(&model_dir(), &common::cpu(), TileOptions::default(), true).unwrap();
     let (planes, w, h) = test_planes();
     let views: Vec<&[u16]> = planes.iter().map(Vec::as_slice).collect();
-    let got = m.segment(&views, w, h, 1.0, true).unwrap();
+    let got = m.segment(&Compute::cpu(), &views, w, h, 1.0, true).unwrap();
     let (nuclei, cells, ..) = expected();
     let inst = Instances {
         nuclei: got.nuclei,
@@ -108,8 +144,8 @@ fn the_nuclei_decoder_alone_gives_the_whole_networks_nuclei() {
     let (b, _) = cut.embedding(&nuclear, w, h, 1.0).unwrap();
     assert_eq!(b.shape, [5, h, w]);
     assert_eq!(&a.data[..5 * w * h], &b.data[..], "nuclei channels differ");
-    let la = whole.segment(&nuclear, w, h, 1.0, false).unwrap();
-    let lb = cut.segment(&nuclear, w, h, 1.0, false).unwrap();
+    let la = whole.segment(&Compute::cpu(), &nuclear, w, h, 1.0, false).unwrap();
+    let lb = cut.segment(&Compute::cpu(), &nuclear, w, h, 1.0, false).unwrap();
     assert!(la.count > 0);
     assert_eq!(la.nuclei, lb.nuclei);
     assert!(lb.cells.is_none());

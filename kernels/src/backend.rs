@@ -8,6 +8,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use crate::gpu::{DeviceRequest, Gpu, GpuError};
+use crate::instanseg::{self, InstanSegParams, Instances};
 use crate::measure::{self, RegionProps};
 use crate::segment::{self, CellParams, Illumination, NucleiParams, ThresholdMethod};
 use crate::{cpu, illumination, KernelError};
@@ -57,6 +58,17 @@ pub trait Backend: Send + Sync + Debug {
         width: usize,
         height: usize,
     ) -> Result<Vec<RegionProps>, GpuError>;
+
+    /// [`instanseg::instances`] of an InstanSeg network's output.
+    fn instanseg(
+        &self,
+        embedding: &[f32],
+        channels: usize,
+        width: usize,
+        height: usize,
+        cells: bool,
+        p: &InstanSegParams,
+    ) -> Result<Instances, GpuError>;
 }
 
 /// What a back end implements: the steps the segmentation is composed of, on its own buffers
@@ -187,6 +199,17 @@ pub trait Steps {
         width: usize,
         height: usize,
     ) -> Result<Vec<RegionProps>, Self::Error>;
+
+    /// [`instanseg::instances`].
+    fn instanseg(
+        &self,
+        embedding: &[f32],
+        channels: usize,
+        width: usize,
+        height: usize,
+        cells: bool,
+        p: &InstanSegParams,
+    ) -> Result<Instances, Self::Error>;
 }
 
 impl<S> Backend for S
@@ -244,6 +267,18 @@ where
         height: usize,
     ) -> Result<Vec<RegionProps>, GpuError> {
         Ok(Steps::region_props(self, labels, channels, width, height)?)
+    }
+
+    fn instanseg(
+        &self,
+        embedding: &[f32],
+        channels: usize,
+        width: usize,
+        height: usize,
+        cells: bool,
+        p: &InstanSegParams,
+    ) -> Result<Instances, GpuError> {
+        Ok(Steps::instanseg(self, embedding, channels, width, height, cells, p)?)
     }
 }
 
@@ -417,6 +452,18 @@ impl Steps for Cpu {
     ) -> Result<Vec<RegionProps>, KernelError> {
         measure::region_props(labels, channels, width, height)
     }
+
+    fn instanseg(
+        &self,
+        embedding: &[f32],
+        channels: usize,
+        width: usize,
+        height: usize,
+        cells: bool,
+        p: &InstanSegParams,
+    ) -> Result<Instances, KernelError> {
+        instanseg::instances(embedding, channels, width, height, cells, p)
+    }
 }
 
 /// The back end chosen for a run. Cloning shares the device (one CUDA context, one compile of
@@ -427,6 +474,12 @@ pub struct Compute(Arc<dyn Backend>);
 impl Compute {
     pub fn cpu() -> Self {
         Self(Arc::new(Cpu))
+    }
+
+    /// The CUDA back end on the host emulation of its kernels ([`Gpu::emulated`]).
+    #[cfg(any(test, feature = "emulation"))]
+    pub fn emulated() -> Result<Self, GpuError> {
+        Ok(Self(Arc::new(Gpu::emulated()?)))
     }
 
     /// Resolves a request. `Auto` never fails: without a usable device it returns the CPU and the

@@ -126,6 +126,9 @@ pub struct BenchInstansegArgs {
     /// Folder for model_input.npy, nuclei_model_scale.npy and nuclei.npy.
     #[arg(long)]
     dump: Option<PathBuf>,
+    /// Where the post-processing (and the classical comparison) runs: `cpu`, `auto`, `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -147,7 +150,15 @@ pub fn bench_instanseg(a: &BenchInstansegArgs) -> anyhow::Result<ExitCode> {
         m.params.seed_threshold = v;
     }
     announce(&m.model);
-    let (compute, _) = liveomics_kernels::gpu::Compute::select(liveomics_kernels::gpu::DeviceRequest::Cpu)?;
+    let request = a
+        .device
+        .parse()
+        .map_err(|e: liveomics_kernels::gpu::BadDeviceRequest| Usage::msg(format!("--device {e}")))?;
+    let (compute, fallback) = liveomics_kernels::gpu::Compute::select(request)?;
+    if let Some(why) = fallback {
+        eprintln!("device auto: running on the CPU ({why})");
+    }
+    eprintln!("post-processing on {}", compute.describe());
     let r = liveomics::bench::instanseg_image(&m, &compute, &a.image, a.factor, a.reps, a.dump.as_deref())?;
     println!("{}", serde_json::to_string(&r)?);
     Ok(ExitCode::SUCCESS)

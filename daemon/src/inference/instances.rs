@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use liveomics_kernels::gpu::Compute;
 use liveomics_kernels::instanseg::{self, scale, InstanSegParams, Instances, Linear};
 use liveomics_models::instanseg::InstansegConfig;
 use liveomics_models::{Model, ModelError, Role, RuntimeOptions, Tensor, TileOptions};
@@ -255,9 +256,11 @@ impl InstanceModel {
     }
 
     /// Nuclei (and cells, when `cells` and the model gives them) of one field, resampled by
-    /// `factor` model pixels per field pixel ([`InstanceModel::factor`]).
+    /// `factor` model pixels per field pixel ([`InstanceModel::factor`]); the post-processing
+    /// runs on `compute` (the CUDA kernels, or the CPU).
     pub fn segment(
         &self,
+        compute: &Compute,
         planes: &[&[u16]],
         width: usize,
         height: usize,
@@ -267,7 +270,7 @@ impl InstanceModel {
         let t0 = Instant::now();
         let (embedding, (w, h)) = self.embedding(planes, width, height, factor)?;
         let t1 = Instant::now();
-        let inst = instanseg::instances(&embedding.data, self.channels, w, h, cells, &self.params)?;
+        let inst = compute.instanseg(&embedding.data, self.channels, w, h, cells, &self.params)?;
         // Back to the field's size first, so that the numbering skips objects too small to
         // survive the resampling.
         let back = |l: Vec<u32>| scale::resize_labels(&l, w, h, width, height);

@@ -11,13 +11,14 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use super::GpuError;
 
 /// The kernel sources, in the order they are concatenated into one NVRTC program.
-pub const SOURCES: [(&str, &str); 6] = [
+pub const SOURCES: [(&str, &str); 7] = [
     ("image.cu", include_str!("../../cuda/image.cu")),
     ("distance.cu", include_str!("../../cuda/distance.cu")),
     ("label.cu", include_str!("../../cuda/label.cu")),
     ("crop.cu", include_str!("../../cuda/crop.cu")),
     ("flood.cu", include_str!("../../cuda/flood.cu")),
     ("illumination.cu", include_str!("../../cuda/illumination.cu")),
+    ("instanseg.cu", include_str!("../../cuda/instanseg.cu")),
 ];
 
 /// What `kernels/cuda/emu.h` defines for the host, defined for NVRTC.
@@ -27,7 +28,7 @@ const CUDA_PRELUDE: &str = "#define KERNEL extern \"C\" __global__\n\
 #define F64_INF __longlong_as_double(0x7ff0000000000000LL)\n";
 
 /// Every kernel the sources define; each is looked up once when the module is loaded.
-pub const KERNELS: [&str; 35] = [
+pub const KERNELS: [&str; 39] = [
     "hist_u16",
     "normalize_u16",
     "blur_rows",
@@ -63,6 +64,10 @@ pub const KERNELS: [&str; 35] = [
     "surface_flatten",
     "radix_hist",
     "normalize_f32",
+    "instanseg_fields",
+    "instanseg_peaks",
+    "instanseg_score",
+    "instanseg_cleanup",
 ];
 
 /// The full NVRTC program text.
@@ -121,7 +126,7 @@ pub struct Buf {
 #[derive(Debug)]
 enum Owner {
     Cuda(Arc<CudaContext>),
-    #[cfg(test)]
+    #[cfg(any(test, feature = "emulation"))]
     Host(#[allow(dead_code)] Vec<u64>),
 }
 
@@ -297,7 +302,7 @@ impl Cuda {
 #[derive(Debug)]
 pub enum Device {
     Cuda(Cuda),
-    #[cfg(test)]
+    #[cfg(any(test, feature = "emulation"))]
     Emu(super::emu::Emu),
 }
 
@@ -321,7 +326,7 @@ impl Device {
                     owner: Owner::Cuda(c.ctx.clone()),
                 })
             }
-            #[cfg(test)]
+            #[cfg(any(test, feature = "emulation"))]
             Device::Emu(_) => {
                 let store = vec![0u64; bytes.div_ceil(8).max(1)];
                 Ok(Buf {
@@ -356,7 +361,7 @@ impl Device {
                 // SAFETY: the destination holds at least `src.len()` bytes (checked above).
                 unsafe { cudarc::driver::result::memcpy_htod_sync(buf.ptr, src) }.map_err(GpuError::driver)
             }
-            #[cfg(test)]
+            #[cfg(any(test, feature = "emulation"))]
             Device::Emu(_) => {
                 // SAFETY: host memory of at least `src.len()` bytes, owned by `buf`.
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), buf.ptr as *mut u8, src.len()) };
@@ -384,7 +389,7 @@ impl Device {
                 // SAFETY: the source holds at least `dst.len()` bytes (checked above).
                 unsafe { cudarc::driver::result::memcpy_dtoh_sync(dst, buf.ptr) }.map_err(GpuError::driver)?;
             }
-            #[cfg(test)]
+            #[cfg(any(test, feature = "emulation"))]
             Device::Emu(_) => {
                 // SAFETY: host memory of at least `dst.len()` bytes, owned by `buf`.
                 unsafe { std::ptr::copy_nonoverlapping(buf.ptr as *const u8, dst.as_mut_ptr(), dst.len()) };
@@ -414,7 +419,7 @@ impl Device {
                 unsafe { b.launch(cfg) }.map_err(GpuError::driver)?;
                 Ok(())
             }
-            #[cfg(test)]
+            #[cfg(any(test, feature = "emulation"))]
             Device::Emu(e) => e.launch(name, grid, args),
         }
     }
@@ -423,7 +428,7 @@ impl Device {
     pub fn sync(&self) -> Result<(), GpuError> {
         match self {
             Device::Cuda(c) => c.stream.synchronize().map_err(GpuError::driver),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "emulation"))]
             Device::Emu(_) => Ok(()),
         }
     }

@@ -13,11 +13,12 @@
 mod crop;
 mod device;
 mod distance;
-#[cfg(test)]
+#[cfg(any(test, feature = "emulation"))]
 mod emu;
 mod flatten;
 mod flood;
 mod image;
+mod instanseg;
 mod label;
 mod steps;
 #[cfg(test)]
@@ -158,6 +159,15 @@ kernel_args! {
         src: u64, first: u64, dst: u64, b1: [f64; 6], b2: [f64; 6], width: u32, height: u32, offset: f32,
     }
     RadixArgs { src: u64, hist: u64, n: u64, high: u32, pass: u32 }
+    InstansegFieldsArgs { emb: u64, xx: u64, yy: u64, x: u64, y: u64, seed: u64, width: u32, height: u32 }
+    InstansegPeaksArgs { map: u64, flag: u64, width: u32, height: u32, distance: u32, threshold: f32 }
+    InstansegScoreArgs {
+        x: u64, y: u64, sigma0: u64, sigma1: u64, windows: u64, layers: u64, shapes: u64, score: u64,
+        width: u32, side: u32, count: u32, layer_count: u32,
+    }
+    InstansegCleanupArgs {
+        score: u64, windows: u64, scratch: u64, queue: u64, side: u32, count: u32, threshold: f32,
+    }
 }
 
 /// Image sides are u32 on the device.
@@ -198,9 +208,10 @@ impl Gpu {
         })
     }
 
-    /// The kernels run on the host, serially (tests only).
-    #[cfg(test)]
-    pub(crate) fn emulated() -> Result<Self, GpuError> {
+    /// The kernels run on the host, serially: for parity tests on machines without a GPU (the
+    /// `emulation` feature lets other crates' tests use it; it needs a C compiler at run time).
+    #[cfg(any(test, feature = "emulation"))]
+    pub fn emulated() -> Result<Self, GpuError> {
         Ok(Self {
             dev: Device::Emu(emu::Emu::new()?),
             description: "host emulation of the CUDA kernels".into(),

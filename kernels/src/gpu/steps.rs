@@ -250,4 +250,16 @@ impl Steps for Gpu {
             maxima: &maxs,
         }))
     }
+
+    fn instanseg(
+        &self,
+        embedding: &[f32],
+        channels: usize,
+        width: usize,
+        height: usize,
+        cells: bool,
+        p: &crate::instanseg::InstanSegParams,
+    ) -> Result<crate::instanseg::Instances, GpuError> {
+        self.instances(embedding, channels, width, height, cells, p)
+    }
 }

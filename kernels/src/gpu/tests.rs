@@ -421,3 +421,124 @@ fn illumination_correction_equals_the_cpu() {
         assert!(g.flatten_u16(&[1, 2, 3, 4], 2, 2, 0.0, 2).is_err());
     }
 }
+
+/// A pixel classifier whose logit is `1 - |dx| - |dy| + sigma0 / 4` (ReLU pairs give the
+/// absolute values), so that windows hold diamond-shaped objects cut by the offsets' noise.
+fn diamond_classifier(window_size: usize, cleanup: bool) -> crate::instanseg::InstanSegParams {
+    use crate::instanseg::{InstanSegParams, Linear};
+    InstanSegParams {
+        mask_threshold: 0.53,
+        peak_distance: 3,
+        seed_threshold: 0.7,
+        overlap_threshold: 0.3,
+        window_size,
+        cleanup_fragments: cleanup,
+        resolve_cell_and_nucleus: true,
+        classifier: vec![
+            Linear {
+                inputs: 4,
+                outputs: 5,
+                weight: vec![
+                    1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.25,
+                    0.0,
+                ],
+                bias: vec![0.0, 0.0, 0.0, 0.0, 2.0],
+            },
+            Linear {
+                inputs: 5,
+                outputs: 1,
+                weight: vec![-1.0, -1.0, -1.0, -1.0, 1.0],
+                bias: vec![-1.0],
+            },
+        ],
+    }
+}
+
+/// Ten channels (nuclei, then cells) of an InstanSeg-like output: offsets pulling pixels to the
+/// nearest of `count` centres, noise, seed maps peaked at the centres (one on a plateau), and one
+/// NaN in each of an offset and a seed map.
+fn instanseg_embedding(w: usize, h: usize, count: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng(seed);
+    let centres: Vec<(f32, f32)> = (0..count).map(|_| (r.unit() * w as f32, r.unit() * h as f32)).collect();
+    let n = w * h;
+    let mut e = vec![0f32; 10 * n];
+    for t in 0..2 {
+        let spread = if t == 0 { 6.0 } else { 20.0 };
+        for y in 0..h {
+            for x in 0..w {
+                let i = y * w + x;
+                let (cx, cy) = centres
+                    .iter()
+                    .copied()
+                    .min_by(|a, b| {
+                        let d = |c: &(f32, f32)| (c.0 - x as f32).powi(2) + (c.1 - y as f32).powi(2);
+                        d(a).total_cmp(&d(b))
+                    })
+                    .unwrap_or((-1e3, -1e3));
+                let d2 = (cx - x as f32).powi(2) + (cy - y as f32).powi(2);
+                let o = t * 5 * n;
+                e[o + i] = 0.12 * (cx - x as f32) + 0.4 * (r.unit() - 0.5);
+                e[o + n + i] = 0.12 * (cy - y as f32) + 0.4 * (r.unit() - 0.5);
+                e[o + 2 * n + i] = r.unit() - 0.5;
+                e[o + 3 * n + i] = r.unit();
+                let s = 0.95 * (-d2 / spread).exp() + 0.1 * r.unit();
+                e[o + 4 * n + i] = 15.0 * (s - 0.5);
+            }
+        }
+    }
+    // A 2x2 plateau on the first centre: one seed, its first pixel.
+    if let (Some(&(cx, cy)), true) = (centres.first(), w >= 2 && h >= 2) {
+        let (x, y) = ((cx as usize).min(w - 2), (cy as usize).min(h - 2));
+        for i in [y * w + x, y * w + x + 1, (y + 1) * w + x, (y + 1) * w + x + 1] {
+            e[4 * n + i] = 7.5;
+        }
+    }
+    e[3 * w + 5] = f32::NAN;
+    e[4 * n + 7 * w + 9] = f32::NAN;
+    e
+}
+
+#[test]
+fn instanseg_post_processing_equals_the_cpu() {
+    use crate::instanseg;
+    use crate::metrics::partition_differences;
+    for g in backends() {
+        let emulated = g.describe().contains("emulation");
+        for (w, h, count, ws) in [(96, 80, 14, 8), (12, 40, 3, 8), (64, 64, 0, 8)] {
+            let e = instanseg_embedding(w, h, count, 7 + w as u64);
+            for cleanup in [true, false] {
+                for cells in [false, true] {
+                    let p = diamond_classifier(ws, cleanup);
+                    let want = instanseg::instances(&e, 10, w, h, cells, &p).unwrap();
+                    let got = g.instances(&e, 10, w, h, cells, &p).unwrap();
+                    let what = format!("{w}x{h}, {count} centres, cleanup {cleanup}, cells {cells}");
+                    if count > 0 {
+                        assert!(want.nuclei.iter().any(|&v| v > 0), "{what}: the test finds objects");
+                    }
+                    if emulated {
+                        assert_eq!(got, want, "{what}");
+                    } else {
+                        // expf on the device may differ from the host's by an ulp: a pixel scored
+                        // within an ulp of the threshold or of another window may go either way.
+                        let d = partition_differences(&got.nuclei, &want.nuclei);
+                        eprintln!("{}: {what}: {d} nuclei pixels differ", g.describe());
+                        assert!(d * 1000 <= w * h, "{what}: {d} pixels differ");
+                    }
+                }
+            }
+        }
+        // Five channels (nuclei only) and a field too small for a window.
+        let e = instanseg_embedding(96, 80, 14, 3);
+        let p = diamond_classifier(8, true);
+        let five = &e[..5 * 96 * 80];
+        assert_eq!(
+            g.instances(five, 5, 96, 80, true, &p).unwrap(),
+            instanseg::instances(five, 5, 96, 80, true, &p).unwrap()
+        );
+        let tiny = instanseg_embedding(1, 9, 1, 3);
+        assert_eq!(
+            g.instances(&tiny, 10, 1, 9, true, &p).unwrap(),
+            instanseg::instances(&tiny, 10, 1, 9, true, &p).unwrap()
+        );
+    }
+}

@@ -14,10 +14,10 @@
 //! tensors of `models/instanseg_fluorescence`), including its tie rules (first maximum in
 //! row-major order, lowest window on equal scores) and iteration limits.
 
-mod merge;
+pub(crate) mod merge;
 pub mod resolve;
 pub mod scale;
-mod window;
+pub(crate) mod window;
 
 #[cfg(test)]
 mod tests;
@@ -122,13 +122,36 @@ pub fn instances(
     cells: bool,
     p: &InstanSegParams,
 ) -> Result<Instances, KernelError> {
+    instances_with(embedding, channels, width, height, cells, p, true, |e| {
+        Ok(target(e, width, height, p))
+    })
+}
+
+/// [`instances`] with each target's labels from `target` (given that target's five channels):
+/// the CPU's [`target`] or the CUDA back end's. `parallel` runs the two targets on rayon.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn instances_with<E, F>(
+    embedding: &[f32],
+    channels: usize,
+    width: usize,
+    height: usize,
+    cells: bool,
+    p: &InstanSegParams,
+    parallel: bool,
+    target: F,
+) -> Result<Instances, E>
+where
+    E: From<KernelError> + Send,
+    F: Fn(&[f32]) -> Result<Vec<u32>, E> + Sync,
+{
     p.validate()?;
     let n = width * height;
     if channels != CHANNELS_PER_TARGET && channels != 2 * CHANNELS_PER_TARGET {
         return Err(KernelError::Parameter {
             name: "channels",
             reason: format!("InstanSeg outputs 5 channels per target, got {channels}"),
-        });
+        }
+        .into());
     }
     crate::check_len("embedding", embedding, width * channels, height)?;
     let targets = if cells && channels == 2 * CHANNELS_PER_TARGET {
@@ -136,13 +159,12 @@ pub fn instances(
     } else {
         1
     };
-    let mut labels: Vec<Vec<u32>> = (0..targets)
-        .into_par_iter()
-        .map(|t| {
-            let e = &embedding[t * CHANNELS_PER_TARGET * n..(t + 1) * CHANNELS_PER_TARGET * n];
-            target(e, width, height, p)
-        })
-        .collect();
+    let one = |t: usize| target(&embedding[t * CHANNELS_PER_TARGET * n..(t + 1) * CHANNELS_PER_TARGET * n]);
+    let mut labels: Vec<Vec<u32>> = if parallel {
+        (0..targets).into_par_iter().map(one).collect::<Result<_, E>>()?
+    } else {
+        (0..targets).map(one).collect::<Result<_, E>>()?
+    };
     let nuclei_raw = labels.remove(0);
     Ok(match labels.pop() {
         Some(cells_raw) if p.resolve_cell_and_nucleus => {
@@ -180,7 +202,7 @@ pub fn consecutive(inst: &mut Instances) -> u32 {
 }
 
 /// torch's float32 `linspace` (first half counted from `start`, second from `end`).
-fn linspace(start: f32, end: f32, n: usize) -> Vec<f32> {
+pub(crate) fn linspace(start: f32, end: f32, n: usize) -> Vec<f32> {
     if n == 1 {
         return vec![start];
     }
@@ -246,12 +268,23 @@ pub(crate) fn peaks(map: &[f32], width: usize, height: usize, d: usize, threshol
     rows.into_iter().flatten().collect()
 }
 
+/// The embedding grid of a side of `n` pixels: a quarter pixel per pixel.
+pub(crate) fn grid(n: usize) -> Vec<f32> {
+    linspace(0.0, (n * 64) as f32 / 256.0, n)
+}
+
+/// The half-side of the windows scored on a `width x height` image: torch clamps seeds to
+/// [ws, side - ws]; on sides under 2 * window_size that would index outside the image, so the
+/// window shrinks to fit instead (never the case from 64 px up).
+pub(crate) fn window_half_side(width: usize, height: usize, p: &InstanSegParams) -> usize {
+    p.window_size.min(height / 2).min(width / 2).max(1)
+}
+
 /// One target's labels: seeds, scored windows, merged objects.
 fn target(e: &[f32], width: usize, height: usize, p: &InstanSegParams) -> Vec<u32> {
     let n = width * height;
     let ch = |k: usize| &e[k * n..(k + 1) * n];
-    let xx = linspace(0.0, (width * 64) as f32 / 256.0, width);
-    let yy = linspace(0.0, (height * 64) as f32 / 256.0, height);
+    let (xx, yy) = (grid(width), grid(height));
     let offset = |k: usize, grid: &(dyn Fn(usize) -> f32 + Sync)| -> Vec<f32> {
         ch(k)
             .par_iter()
@@ -270,9 +303,7 @@ fn target(e: &[f32], width: usize, height: usize, p: &InstanSegParams) -> Vec<u3
     if seeds.is_empty() || width < 2 || height < 2 {
         return vec![0; n];
     }
-    // torch clamps seeds to [ws, side - ws]; on sides under 2 * window_size that would index
-    // outside the image, so the window shrinks to fit instead (never the case from 64 px up).
-    let ws = p.window_size.min(height / 2).min(width / 2).max(1);
+    let ws = window_half_side(width, height, p);
     let windows: Vec<window::Window> = seeds
         .par_iter()
         .map(|&(y, x)| window::Window::score(&fields, y, x, ws, height, p))

@@ -12,13 +12,18 @@ pub(crate) struct Window {
 }
 
 impl Window {
+    /// The top-left pixel of the window of half-side `ws` around the seed at (`y`, `x`),
+    /// clamped inside the `width x height` image.
+    pub fn corner(y: usize, x: usize, ws: usize, width: usize, height: usize) -> (usize, usize) {
+        (y.clamp(ws, height - ws) - ws, x.clamp(ws, width - ws) - ws)
+    }
+
     /// Scores the window of half-side `ws` around the seed at (`y`, `x`): the window is clamped
     /// inside the image, the seed's embedding is the reference.
     pub fn score(f: &Fields, y: usize, x: usize, ws: usize, height: usize, p: &InstanSegParams) -> Self {
         let w = f.width;
         let side = 2 * ws;
-        let top = y.clamp(ws, height - ws) - ws;
-        let left = x.clamp(ws, w - ws) - ws;
+        let (top, left) = Self::corner(y, x, ws, w, height);
         let c = [f.x[y * w + x], f.y[y * w + x]];
         let mut score = Vec::with_capacity(side * side);
         for i in 0..side {
