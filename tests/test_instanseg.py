@@ -50,6 +50,36 @@ def test_the_models_own_cells_on_request(binary, field, tmp_path):
           "(the model was trained on membrane markers, not ER)")
 
 
+@pytest.mark.parametrize("case", ["tiny", "zero", "saturated", "some_nan", "all_nan"])
+def test_bad_images_give_a_valid_label_image_and_a_reason(binary, tmp_path, case):
+    """Images a microscope or a converter can produce: smaller than the network's tile, empty,
+    saturated, with NaN holes or nothing finite. Each gives a label image of the input's shape
+    (empty where there is nothing to find) and says why in the log, through InstanSeg."""
+    rng = np.random.default_rng(3)
+    img = {
+        "tiny": (rng.random((8, 8)) * 1000).astype(np.uint16),
+        "zero": np.zeros((256, 256), np.uint16),
+        "saturated": np.full((256, 256), 65535, np.uint16),
+        "some_nan": (rng.random((256, 256)) * 1000).astype(np.float32),
+        "all_nan": np.full((256, 256), np.nan, np.float32),
+    }[case]
+    if case == "some_nan":
+        img[10:60, 10:60] = np.nan
+    tifffile.imwrite(tmp_path / "in.tif", img)
+    p = run(binary, "segment", tmp_path / "in.tif", "--out", tmp_path / "n.tif", "--method", "instanseg",
+            "--pixel-size-um", 0.5, "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert "segmentation runs InstanSeg" in p.stderr
+    labels = tifffile.imread(tmp_path / "n.tif")
+    assert labels.shape == img.shape and labels.dtype.kind == "u"
+    if case in ("zero", "saturated", "all_nan"):
+        assert labels.max() == 0
+        assert "no nuclei found" in p.stderr, p.stderr
+    if case.endswith("nan"):
+        assert "NaN or infinite pixel(s) treated as background" in p.stderr, p.stderr
+        assert (labels[img != img] == 0).all()
+
+
 def test_explicit_instanseg_without_a_model_is_a_usage_error(binary, field, tmp_path):
     src, _ = field
     p = run(binary, "segment", src, "--out", tmp_path / "n.tif", "--method", "instanseg",
