@@ -27,13 +27,13 @@ import zarr
 VOLATILE = {"acquired_unix_ns"}
 
 
-def _normal(value):
-    """Attributes without timestamps; lists of `{path: …}` in path order (fields and wells are
-    listed as they finish, and workers finish in either order)."""
+def _normal(value, ignore=frozenset()):
+    """Attributes without timestamps (and the keys in `ignore`); lists of `{path: …}` in path
+    order (fields and wells are listed as they finish, and workers finish in either order)."""
     if isinstance(value, dict):
-        return {k: _normal(v) for k, v in value.items() if k not in VOLATILE}
+        return {k: _normal(v, ignore) for k, v in value.items() if k not in VOLATILE | ignore}
     if isinstance(value, list):
-        items = [_normal(v) for v in value]
+        items = [_normal(v, ignore) for v in value]
         if items and all(isinstance(v, dict) and "path" in v for v in items):
             items.sort(key=lambda v: str(v["path"]))
         return items
@@ -50,7 +50,10 @@ def _walk(group, prefix=""):
             yield path, member
 
 
-def compare(a: Path, b: Path) -> list[str]:
+def compare(a: Path, b: Path, ignore=frozenset()) -> list[str]:
+    """The differences between two plates; attribute keys in `ignore` are left out (a channel's
+    display `window` is a running mean over the fields written so far, so it depends on the order
+    fields were written in)."""
     left = dict(_walk(zarr.open_group(a, mode="r")))
     right = dict(_walk(zarr.open_group(b, mode="r")))
     problems = [f"only in {a}: {p}" for p in sorted(set(left) - set(right))]
@@ -58,7 +61,7 @@ def compare(a: Path, b: Path) -> list[str]:
     arrays = groups = 0
     for path in sorted(set(left) & set(right)):
         x, y = left[path], right[path]
-        if _normal(dict(x.attrs)) != _normal(dict(y.attrs)):
+        if _normal(dict(x.attrs), ignore) != _normal(dict(y.attrs), ignore):
             problems.append(f"{path or '/'}: attributes differ")
         if isinstance(x, zarr.Group) != isinstance(y, zarr.Group):
             problems.append(f"{path}: a group in one plate, an array in the other")

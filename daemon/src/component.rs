@@ -191,6 +191,11 @@ impl From<liveomics_models::ModelError> for StageError {
 pub trait Stage: Send {
     fn name(&self) -> StageName;
     fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError>;
+    /// Runs `models`, work that was skipped on this field when it was processed, for a backfill;
+    /// a stage that skips nothing has nothing to do.
+    fn run_owed(&mut self, _work: &mut FieldWork, _models: &[String]) -> Result<(), StageError> {
+        Ok(())
+    }
 }
 
 /// Sink failures. A failed field is logged and counted; the sink keeps serving later fields.

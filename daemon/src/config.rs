@@ -128,6 +128,10 @@ pub struct PipelineConfig {
     /// fill memory. An acquisition that sends channel by channel (all positions in one channel,
     /// then the next) holds a whole channel's frames and needs it (and the timeout) raised.
     pub max_pending_mb: u64,
+    /// How long every worker must have been idle, with no field waiting, before owed work
+    /// (skipped inline to keep deadlines) is backfilled during the acquisition; one field at a
+    /// time then. Whatever is still owed is backfilled at the end of the plate.
+    pub backfill_after_idle_ms: u64,
 }
 
 impl Default for PipelineConfig {
@@ -139,6 +143,7 @@ impl Default for PipelineConfig {
             workers: 1,
             assembly_timeout_ms: 10_000,
             max_pending_mb: 2048,
+            backfill_after_idle_ms: 1000,
         }
     }
 }
@@ -336,6 +341,12 @@ impl PipelineConfig {
         }
         if self.max_pending_mb == 0 {
             out.push(Invalid::new("max_pending_mb", "must be > 0"));
+        }
+        if self.backfill_after_idle_ms > 3_600_000 {
+            out.push(Invalid::new(
+                "backfill_after_idle_ms",
+                format!("must be at most 3600000 (an hour), got {}", self.backfill_after_idle_ms),
+            ));
         }
         let mut seen: Vec<StageName> = Vec::new();
         for (i, name) in self.stages.iter().enumerate() {

@@ -43,6 +43,16 @@ pub struct FieldWork {
     pub failed_models: Vec<String>,
     /// Well-omics readouts of this field's well, updated with this field.
     pub well_readouts: Vec<WellReadout>,
+    /// Models skipped inline to keep the deadline (a degraded field): owed, and backfilled
+    /// later into the same field.
+    pub owed: Vec<String>,
+    /// `Some(models)` when this is not a new field but the backfill of an already written one:
+    /// it carries the raw planes and those models' outputs only, and sinks add them to the field.
+    pub backfill: Option<Vec<String>>,
+    /// When the field's required work ended (its stages, less skipped or optional models).
+    pub required_done_at: Option<Instant>,
+    /// When the field left its worker for the sinks.
+    pub stages_done_at: Option<Instant>,
     /// `plate/well/fN/tN`, for logs.
     pub name: String,
     /// The per-cell table, built from the records and predictions the first time a sink asks
@@ -64,6 +74,10 @@ impl FieldWork {
             images: Vec::new(),
             failed_models: Vec::new(),
             well_readouts: Vec::new(),
+            owed: Vec::new(),
+            backfill: None,
+            required_done_at: None,
+            stages_done_at: None,
             name,
             table: OnceLock::new(),
         }

@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod registry;
 pub mod replay;
 pub mod resources;
+pub mod schedule;
 pub mod segment_cli;
 pub mod simulate;
 pub mod sink;

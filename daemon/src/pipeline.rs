@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -106,6 +107,18 @@ pub struct RunSummary {
     pub sinks: Vec<&'static str>,
     /// Final well-omics readout of every well of this plate.
     pub well_readouts: Vec<WellReadout>,
+    /// First frame to the end of the field's required work.
+    pub required_p50_ms: f64,
+    pub required_p99_ms: f64,
+    /// Fields whose required work ended past their deadline.
+    pub required_misses: u64,
+    /// Fields written without optional work (owed), and fields whose owed work every sink
+    /// has since written.
+    pub degraded: u64,
+    pub backfilled: u64,
+    /// Fields still owed work at exit (a stop signal, or a backfill that failed): a restart on
+    /// the same plate does them.
+    pub backlog_left: usize,
 }
 
 /// A sink finished a field (successfully or not).
@@ -118,6 +131,12 @@ struct Done {
     ok: bool,
     /// The well-omics readouts of the field's well after this field.
     well_readouts: Vec<WellReadout>,
+    /// The field was written without some of its work, owed for backfill.
+    degraded: bool,
+    /// This is the backfill of these models into an already written field.
+    backfill: Option<Vec<String>>,
+    stages_done_at: Option<Instant>,
+    required_done_at: Option<Instant>,
 }
 
 impl Done {
@@ -130,6 +149,10 @@ impl Done {
             deadline: work.deadline,
             ok,
             well_readouts: work.well_readouts.clone(),
+            degraded: !work.owed.is_empty(),
+            backfill: work.backfill.clone(),
+            stages_done_at: work.stages_done_at,
+            required_done_at: work.required_done_at,
         }
     }
 }
@@ -186,8 +209,19 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     }
     let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
     let output = sinks.iter().find_map(|s| s.output());
+    let scheduler = Arc::clone(&opts.resources.scheduler);
+    // Work may only be skipped where it can be backfilled: into the plate store, by the stages.
+    let backfill_into = output
+        .clone()
+        .filter(|_| cfg.pipeline.stages.contains(&crate::component::StageName::Inference));
+    scheduler.enable_deferral(backfill_into.is_some());
+    let backfillers = if backfill_into.is_some() {
+        cfg.pipeline.workers
+    } else {
+        0
+    };
     let mut worker_stages = Vec::new();
-    for _ in 0..cfg.pipeline.workers {
+    for _ in 0..cfg.pipeline.workers + backfillers {
         let stages = registry::build_stages(cfg, &plan, &opts.resources).map_err(|(name, e)| RunError::Stage {
             name,
             message: e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
@@ -281,7 +315,10 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         _ => None,
     };
     let tracker_progress = progress.clone();
-    let tracker = spawn("tracker", move || track(done_rx, n_sinks, tracker_progress))?;
+    let tracker_scheduler = Arc::clone(&scheduler);
+    let tracker = spawn("tracker", move || {
+        track(done_rx, n_sinks, tracker_progress, &tracker_scheduler)
+    })?;
     let (problem_tx, problem_rx) = bounded::<liveomics_adapters::source::SourceProblem>(1024);
     source.observe(problem_tx);
     let problems = spawn("source-problems", move || {
@@ -295,14 +332,22 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         }
     })?;
 
+    let busy = Arc::new(AtomicUsize::new(0));
+    let workers_left = Arc::new(AtomicUsize::new(cfg.pipeline.workers));
+    let mut backfill_stages = worker_stages.split_off(cfg.pipeline.workers);
     let mut workers = Vec::new();
     for (i, mut stages) in worker_stages.into_iter().enumerate() {
         let rx = field_rx.clone();
         let txs = sink_txs.clone();
         let done_tx = done_tx.clone();
         let plan = plan.clone();
+        let busy = Arc::clone(&busy);
+        let leaving = Leaving(Arc::clone(&workers_left));
+        let scheduler = Arc::clone(&scheduler);
         workers.push(spawn(&format!("worker-{i}"), move || {
+            let _leaving = leaving;
             while let Ok(field) = rx.recv() {
+                let _busy = Busy::new(&busy);
                 t::QueueDepth {
                     queue: "fields",
                     depth: rx.len(),
@@ -333,6 +378,17 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                     cells: work.records.len(),
                 }
                 .emit();
+                let now = Instant::now();
+                let required = *work.required_done_at.get_or_insert(now);
+                work.stages_done_at = Some(now);
+                t::RequiredDone {
+                    latency: required.saturating_duration_since(work.field.received_at),
+                    missed_deadline: required > work.deadline,
+                }
+                .emit();
+                if !work.owed.is_empty() {
+                    scheduler.backlog.expect();
+                }
                 let work = Arc::new(work);
                 if txs.is_empty() {
                     let _ = done_tx.send(Done::of(&work, true));
@@ -343,6 +399,26 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                 }
             }
         })?);
+    }
+    let mut backfill = Vec::new();
+    if let Some(plate_dir) = backfill_into {
+        for (i, stages) in backfill_stages.drain(..).enumerate() {
+            let b = Backfill {
+                first: i == 0,
+                scheduler: Arc::clone(&scheduler),
+                stages,
+                plan: plan.clone(),
+                plate_dir: plate_dir.clone(),
+                txs: sink_txs.clone(),
+                fields: field_rx.clone(),
+                busy: Arc::clone(&busy),
+                workers_left: Arc::clone(&workers_left),
+                stop: opts.stop.clone(),
+                idle: Duration::from_millis(p.backfill_after_idle_ms),
+                budget,
+            };
+            backfill.push(spawn(&format!("backfill-{i}"), move || b.run())?);
+        }
     }
     drop((field_rx, sink_txs, done_tx));
 
@@ -371,6 +447,9 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     let asm = join(assembler, &mut panics);
     for w in workers {
         join(w, &mut panics);
+    }
+    for b in backfill {
+        join(b, &mut panics);
     }
     for s in handles_sinks {
         join(s, &mut panics);
@@ -421,7 +500,130 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
             .into_values()
             .filter(|r| r.plate == plan.plate.as_str())
             .collect(),
+        required_p50_ms: tracked.required_us.value_at_quantile(0.5) as f64 / 1e3,
+        required_p99_ms: tracked.required_us.value_at_quantile(0.99) as f64 / 1e3,
+        required_misses: tracked.required_misses,
+        degraded: tracked.degraded,
+        backfilled: tracked.backfilled,
+        backlog_left: scheduler.backlog.left(),
     })
+}
+
+/// Counts a worker out when it ends, however it ends: the backfill threads drain the backlog
+/// once every worker has.
+struct Leaving(Arc<AtomicUsize>);
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Marks a worker busy with a field while it lives.
+struct Busy<'a>(&'a AtomicUsize);
+
+impl<'a> Busy<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Self(n)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A backfill thread: takes owed work from the backlog, oldest field first, when the workers
+/// have been idle for `idle` (at most one item at a time then, so that a field arriving finds
+/// the machine nearly free), and once every worker has ended, all of it before exit. Each item
+/// is the field's raw planes read back from the plate, the owed models run on them, and the
+/// result handed to every sink as a backfill.
+struct Backfill {
+    /// The thread that announces the end-of-plate drain.
+    first: bool,
+    scheduler: Arc<crate::schedule::Scheduler>,
+    stages: Vec<Box<dyn crate::component::Stage>>,
+    plan: Arc<liveomics_adapters::model::AcquisitionPlan>,
+    plate_dir: PathBuf,
+    txs: Vec<Sender<Arc<FieldWork>>>,
+    fields: Receiver<Field>,
+    busy: Arc<AtomicUsize>,
+    workers_left: Arc<AtomicUsize>,
+    stop: StopToken,
+    idle: Duration,
+    budget: Duration,
+}
+
+impl Backfill {
+    fn run(mut self) {
+        let mut idle_since: Option<Instant> = None;
+        let mut draining = false;
+        while !self.stop.is_stopped() {
+            let intake_over = self.workers_left.load(Ordering::SeqCst) == 0;
+            let now = Instant::now();
+            if intake_over && !draining {
+                draining = true;
+                if self.first {
+                    t::BackfillDraining {
+                        fields: self.scheduler.backlog.size(now).0,
+                    }
+                    .emit();
+                }
+            }
+            let idle = self.busy.load(Ordering::SeqCst) == 0 && self.fields.is_empty();
+            idle_since = if idle { Some(idle_since.unwrap_or(now)) } else { None };
+            let ready = intake_over || idle_since.is_some_and(|t| now.saturating_duration_since(t) >= self.idle);
+            if ready {
+                if let Some(item) = self.scheduler.backlog.take(!intake_over) {
+                    let ok = self.one(item.owed);
+                    self.scheduler.backlog.finished(ok);
+                    let (fields, oldest) = self.scheduler.backlog.size(Instant::now());
+                    t::Backlog { fields, oldest }.emit();
+                    continue;
+                }
+            }
+            if intake_over && self.scheduler.backlog.settled() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// One owed field: whether its backfill reached the sinks.
+    fn one(&mut self, owed: crate::schedule::Owed) -> bool {
+        let name = owed.key.to_string();
+        let field = match crate::sink::zarr::read_field(&self.plate_dir, &self.plan, &owed.key, owed.since) {
+            Ok(f) => f,
+            Err(e) => {
+                t::BackfillFailed {
+                    field: &name,
+                    error: &e,
+                }
+                .emit();
+                return false;
+            }
+        };
+        let mut work = FieldWork::new(field, self.plan.clone(), Instant::now() + self.budget);
+        for stage in self.stages.iter_mut() {
+            if let Err(e) = stage.run_owed(&mut work, &owed.models) {
+                t::BackfillFailed {
+                    field: &name,
+                    error: &e,
+                }
+                .emit();
+                return false;
+            }
+        }
+        work.backfill = Some(owed.models);
+        work.stages_done_at = Some(Instant::now());
+        let work = Arc::new(work);
+        for tx in &self.txs {
+            let _ = tx.send(work.clone());
+        }
+        true
+    }
 }
 
 struct Tracked {
@@ -429,6 +631,10 @@ struct Tracked {
     fields_failed: u64,
     cells: u64,
     misses: u64,
+    required_misses: u64,
+    degraded: u64,
+    backfilled: u64,
+    required_us: hdrhistogram::Histogram<u64>,
     wells: BTreeSet<WellId>,
     latency_us: hdrhistogram::Histogram<u64>,
     /// The latest readout of each well of each well-omics model: the one pooled over the most
@@ -436,35 +642,73 @@ struct Tracked {
     well_readouts: BTreeMap<(String, String, String), WellReadout>,
 }
 
-/// Counts sink completions; a field is done when every sink has reported it.
-fn track(rx: Receiver<Done>, n_sinks: usize, progress: Option<indicatif::ProgressBar>) -> Tracked {
-    let mut pending: HashMap<String, (usize, bool)> = HashMap::new();
+/// Counts sink completions; a field (or a field's backfill) is done when every sink has
+/// reported it.
+fn track(
+    rx: Receiver<Done>,
+    n_sinks: usize,
+    progress: Option<indicatif::ProgressBar>,
+    scheduler: &crate::schedule::Scheduler,
+) -> Tracked {
+    let mut pending: HashMap<(String, bool), (usize, bool)> = HashMap::new();
+    let histogram = || hdrhistogram::Histogram::new(3).expect("3 significant figures is a valid precision");
     let mut out = Tracked {
         fields_done: 0,
         fields_failed: 0,
         cells: 0,
         misses: 0,
+        required_misses: 0,
+        degraded: 0,
+        backfilled: 0,
+        required_us: histogram(),
         wells: BTreeSet::new(),
-        latency_us: hdrhistogram::Histogram::new(3).expect("3 significant figures is a valid precision"),
+        latency_us: histogram(),
         well_readouts: BTreeMap::new(),
     };
     let need = n_sinks.max(1);
     for d in rx {
-        let e = pending.entry(d.name.clone()).or_insert((0, true));
+        let key = (d.name.clone(), d.backfill.is_some());
+        let e = pending.entry(key.clone()).or_insert((0, true));
         e.0 += 1;
         e.1 &= d.ok;
         if e.0 < need {
             continue;
         }
-        let (_, ok) = pending.remove(&d.name).unwrap_or((need, d.ok));
+        let (_, ok) = pending.remove(&key).unwrap_or((need, d.ok));
         let now = Instant::now();
+        if let Some(models) = &d.backfill {
+            t::FieldBackfilled {
+                field: &d.name,
+                models,
+                age: now.saturating_duration_since(d.received_at),
+                ok,
+            }
+            .emit();
+            out.backfilled += u64::from(ok);
+            continue;
+        }
+        if let Some(at) = d.stages_done_at {
+            scheduler.observe_tail(now.saturating_duration_since(at));
+        }
+        if let Some(at) = d.required_done_at {
+            let _ = out
+                .required_us
+                .record(at.saturating_duration_since(d.received_at).as_micros() as u64);
+            out.required_misses += u64::from(at > d.deadline);
+        }
+        if d.degraded {
+            out.degraded += 1;
+            scheduler.backlog.arrived();
+        }
         let latency = now - d.received_at;
         let missed = now > d.deadline;
         t::FieldDone {
             field: &d.name,
             cells: d.cells,
             latency,
+            required: d.required_done_at.map(|at| at.saturating_duration_since(d.received_at)),
             missed_deadline: missed,
+            degraded: d.degraded,
         }
         .emit();
         out.fields_done += 1;

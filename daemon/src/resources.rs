@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use liveomics_adapters::Invalid;
 use liveomics_kernels::gpu::{Compute, DeviceRequest};
 
+use crate::schedule::Scheduler;
 use crate::zenoh_session::SharedSession;
 
 /// A back end opened for a device request, with the reason `auto` fell back to the CPU.
@@ -24,6 +25,9 @@ pub struct Resources {
     compute: Arc<Mutex<Vec<OpenedCompute>>>,
     loaded: Arc<Mutex<Vec<Loaded>>>,
     pub zenoh: SharedSession,
+    /// The run's deadline scheduler: learnt costs and the backlog of owed work, shared by the
+    /// inference stages, the zarr sink, the tracker and the backfill threads.
+    pub scheduler: Arc<Scheduler>,
 }
 
 impl Resources {

@@ -15,6 +15,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::error::ModelError;
 use crate::model::Model;
+use crate::schedule::{Edf, Ewma};
 use crate::tensor::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,8 +45,8 @@ pub fn buckets(max_batch: usize) -> Vec<usize> {
 type Reply = Sender<Result<Tensor, ModelError>>;
 
 struct Request {
-    deadline: Instant,
-    seq: u64,
+    /// Earliest deadline first, in arrival order among equals.
+    order: Edf,
     arrived: Instant,
     /// Preprocessed samples, `n` of them, each `sample_len` long.
     data: Vec<f32>,
@@ -55,7 +56,7 @@ struct Request {
 
 impl PartialEq for Request {
     fn eq(&self, o: &Self) -> bool {
-        (self.deadline, self.seq) == (o.deadline, o.seq)
+        self.order == o.order
     }
 }
 impl Eq for Request {}
@@ -66,7 +67,7 @@ impl PartialOrd for Request {
 }
 impl Ord for Request {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.deadline, self.seq).cmp(&(o.deadline, o.seq))
+        self.order.cmp(&o.order)
     }
 }
 
@@ -153,8 +154,10 @@ impl Batcher {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Request {
-                deadline,
-                seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                order: Edf {
+                    deadline,
+                    seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                },
                 arrived: Instant::now(),
                 data: samples.data,
                 n,
@@ -209,7 +212,7 @@ fn batch_loop(model: &Model, opts: BatchOptions, rx: &Receiver<Request>, on_batc
     let buckets = buckets(opts.max_batch);
     let mut pending: BinaryHeap<Reverse<Request>> = BinaryHeap::new();
     // Smoothed run time of a full batch: how long before a deadline a batch must start.
-    let mut est_run = Duration::from_millis(1);
+    let mut est_run = Ewma::with_prior(Duration::from_millis(1));
     loop {
         if pending.is_empty() {
             match rx.recv() {
@@ -225,8 +228,9 @@ fn batch_loop(model: &Model, opts: BatchOptions, rx: &Receiver<Request>, on_batc
                 break;
             }
             let oldest = pending.iter().map(|r| r.0.arrived).min().unwrap_or_else(Instant::now);
-            let earliest = pending.peek().map(|r| r.0.deadline).unwrap_or_else(Instant::now);
-            let until = (oldest + opts.max_queue_delay).min(earliest.checked_sub(est_run).unwrap_or(earliest));
+            let earliest = pending.peek().map(|r| r.0.order.deadline).unwrap_or_else(Instant::now);
+            let run = est_run.predict().unwrap_or_default();
+            let until = (oldest + opts.max_queue_delay).min(earliest.checked_sub(run).unwrap_or(earliest));
             let now = Instant::now();
             if until <= now {
                 break;
@@ -251,7 +255,7 @@ fn batch_loop(model: &Model, opts: BatchOptions, rx: &Receiver<Request>, on_batc
         let t0 = Instant::now();
         let (padded, infer_time) = run_batch(model, &buckets, &mut batch, total);
         let run_time = t0.elapsed();
-        est_run = (est_run * 7 + run_time) / 8;
+        est_run.observe(run_time);
         on_batch(&BatchStats {
             samples: total,
             padded_to: padded,

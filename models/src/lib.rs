@@ -13,6 +13,7 @@ pub mod npy;
 pub mod onnx_graph;
 pub mod process;
 pub mod runtime;
+pub mod schedule;
 pub mod tensor;
 pub mod tile;
 pub mod well;

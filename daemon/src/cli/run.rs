@@ -288,8 +288,23 @@ fn print_summary(s: &RunSummary) {
         s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms
     );
     println!(
+        "  required work    p50 {:.0} ms, p99 {:.0} ms (first frame to the end of required work), late on {} fields",
+        s.required_p50_ms, s.required_p99_ms, s.required_misses
+    );
+    println!(
         "  deadline misses  {} (budget {} ms)",
         s.deadline_misses, s.latency_budget_ms
+    );
+    println!(
+        "  scheduler        degraded {}, backfilled {}, backlog left {}{}",
+        s.degraded,
+        s.backfilled,
+        s.backlog_left,
+        if s.backlog_left > 0 {
+            " (owed in the plate: a run on the same plate backfills it)"
+        } else {
+            ""
+        }
     );
     println!(
         "  acquisition held {:.2} s by backpressure",

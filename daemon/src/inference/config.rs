@@ -11,6 +11,7 @@ use liveomics_models::Role;
 use serde::{Deserialize, Serialize};
 
 use crate::field::{virtual_label, VirtualChannel};
+use crate::schedule::Class;
 
 /// ONNX models and how they run (the `inference` stage).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,6 +94,12 @@ pub struct ModelConfig {
     /// model on 0.325 µm pixels).
     #[serde(default = "default_crop_scale")]
     pub crop_scale: f32,
+    /// When the model's work must be done: `required` (always inline), `inline-if-on-time`
+    /// (skipped when the field would miss its deadline, then backfilled) or `deferred` (only
+    /// backfilled). Default: `inline-if-on-time` for virtual staining, `required` for the rest;
+    /// only virtual-staining roles may wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<Class>,
 }
 
 fn default_crop_scale() -> f32 {

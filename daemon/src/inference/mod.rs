@@ -21,6 +21,7 @@ pub mod instances;
 
 use crate::component::{Context, Stage, StageConfig, StageError, StageName};
 use crate::field::{channel_index, prediction_column, FieldWork, ModelImage, WellReadout};
+use crate::schedule::{Class, Decision, Scheduler};
 use crate::telemetry as t;
 use checks::description_checks;
 use config::{InferenceConfig, ModelConfig};
@@ -97,12 +98,16 @@ struct Loaded {
     outputs: Vec<String>,
     provider: String,
     runner: Runner,
+    class: Class,
 }
 
 #[derive(Debug)]
 pub struct InferenceStage {
+    /// Required models first, then the optional ones in config order: optional work never
+    /// delays required work.
     models: Vec<Arc<Loaded>>,
     tile: TileOptions,
+    scheduler: Arc<Scheduler>,
 }
 
 impl StageConfig for InferenceConfig {
@@ -136,6 +141,7 @@ impl InferenceStage {
         if !errors.is_empty() {
             return Err(errors);
         }
+        models.sort_by_key(|l| l.class != Class::Required);
         let inf = ctx.inference;
         Ok(Self {
             models,
@@ -144,6 +150,7 @@ impl InferenceStage {
                 overlap: inf.tile_overlap_px,
                 batch: inf.tile_batch,
             },
+            scheduler: Arc::clone(&ctx.resources.scheduler),
         })
     }
 }
@@ -179,6 +186,18 @@ fn load_new(
     let key = ctx.key(&format!("models[{i}]"));
     let d = Description::load(&m.path).map_err(|e| Invalid::new(&format!("{key}.path"), t::error_chain(&e)))?;
     let (role, channels, crop) = description_checks(i, m, &d, ctx, plan)?;
+    let class = m.class.unwrap_or(Class::default_for(role));
+    if !class.allowed_for(role) {
+        return Err(Invalid::new(
+            &format!("{key}.class"),
+            format!(
+                "a {} model is {}: its outputs feed the per-cell tables, the well readouts and the \
+                 closed loop, which are written with the field; only virtual-staining models may wait",
+                role.as_str(),
+                Class::Required.as_str()
+            ),
+        ));
+    }
     // Filed under the key that fixes it: the runtime library and the providers are settings of
     // `[inference]`, everything else is about the model at `path`.
     let path_err = |e: ModelError| {
@@ -290,6 +309,7 @@ fn load_new(
         outputs,
         provider,
         runner,
+        class,
     })
 }
 
@@ -517,33 +537,73 @@ impl Stage for InferenceStage {
         StageName::Inference
     }
 
-    /// Runs every model; one failing does not stop the others. Returns the first failure (all
-    /// are logged and counted).
+    /// Runs every model; one failing does not stop the others. Required models first; then
+    /// each optional one only if the scheduler predicts the field still makes its deadline with
+    /// it, else it is owed (the field is degraded). Returns the first failure (all are logged
+    /// and counted).
     fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError> {
         let mut first_err = None;
         for l in &self.models {
-            let t0 = Instant::now();
-            match self.run_one(l, work) {
-                Ok(items) => t::ModelRan {
+            if l.class != Class::Required {
+                work.required_done_at.get_or_insert_with(Instant::now);
+                if let Decision::Skip(why) = self.scheduler.decide(&l.name, l.class, Instant::now(), work.deadline) {
+                    t::WorkDeferred {
+                        field: &work.name,
+                        model: &l.name,
+                        class: l.class.as_str(),
+                        why: &why.describe(),
+                    }
+                    .emit();
+                    work.owed.push(l.name.clone());
+                    continue;
+                }
+            }
+            if let Err(e) = self.run_timed(l, work) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn run_owed(&mut self, work: &mut FieldWork, models: &[String]) -> Result<(), StageError> {
+        let mut first_err = None;
+        for l in self.models.iter().filter(|l| models.contains(&l.name)) {
+            if let Err(e) = self.run_timed(l, work) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl InferenceStage {
+    /// One model on the field, timed: its cost is what the scheduler predicts from.
+    fn run_timed(&self, l: &Loaded, work: &mut FieldWork) -> Result<(), StageError> {
+        let t0 = Instant::now();
+        match self.run_one(l, work) {
+            Ok(items) => {
+                let elapsed = t0.elapsed();
+                self.scheduler.observe(&l.name, elapsed);
+                t::ModelRan {
                     model: &l.name,
                     provider: &l.provider,
                     field: &work.name,
                     items,
-                    elapsed: t0.elapsed(),
+                    elapsed,
                 }
-                .emit(),
-                Err(e) => {
-                    t::ModelFailed {
-                        model: &l.name,
-                        field: &work.name,
-                        error: &e,
-                    }
-                    .emit();
-                    work.failed_models.push(l.name.clone());
-                    first_err.get_or_insert(e);
+                .emit();
+                Ok(())
+            }
+            Err(e) => {
+                t::ModelFailed {
+                    model: &l.name,
+                    field: &work.name,
+                    error: &e,
                 }
+                .emit();
+                work.failed_models.push(l.name.clone());
+                Err(e)
             }
         }
-        first_err.map_or(Ok(()), Err)
     }
 }

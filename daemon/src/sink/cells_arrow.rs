@@ -35,6 +35,7 @@ pub fn field_metadata(work: &FieldWork, instrument: &str) -> HashMap<String, Str
         ("cells".into(), work.records.len().to_string()),
         ("segmented".into(), work.nuclei.is_some().to_string()),
         ("failed_models".into(), work.failed_models.join(",")),
+        ("owed_models".into(), work.owed.join(",")),
         (
             "channels".into(),
             work.plan

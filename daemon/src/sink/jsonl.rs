@@ -82,6 +82,18 @@ impl JsonlSink {
 
     /// The line of one field (without its newline).
     pub fn line(&self, work: &FieldWork) -> Value {
+        let k = &work.field.key;
+        if let Some(models) = &work.backfill {
+            // A written field completed later: which models' outputs it now has.
+            return json!({
+                "plate": k.plate.as_str(),
+                "well": k.well.to_string(),
+                "field": k.field,
+                "timepoint": k.timepoint,
+                "backfilled": models,
+                "failed_models": work.failed_models,
+            });
+        }
         let table = work.table();
         let mean = |values: Vec<f64>| -> Value {
             let (sum, count) = values
@@ -113,7 +125,6 @@ impl JsonlSink {
                 json!({"model": r.model, "fields": r.fields, "values": values})
             })
             .collect();
-        let k = &work.field.key;
         let acquired_unix_ns = work
             .field
             .acquired_at
@@ -130,6 +141,7 @@ impl JsonlSink {
             "cells": table.rows,
             "means": means,
             "failed_models": work.failed_models,
+            "owed": work.owed,
             "well_readouts": readouts,
         })
     }

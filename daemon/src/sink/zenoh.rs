@@ -147,6 +147,43 @@ impl ZenohSink {
     }
 
     /// The key of a field's per-cell message. Every chunk is a validated name.
+    /// `liveomics/{instrument}/fields/{plate}/{well}/{field}`: a degraded field's state, version 1
+    /// when it is written without the work it is owed, version 2 when the backfill completed it
+    /// (docs/PROTOCOL.md).
+    fn publish_field_state(&self, work: &FieldWork) -> Result<(), SinkError> {
+        let k = &work.field.key;
+        let (version, owed, backfilled): (u32, &[String], &[String]) = match &work.backfill {
+            Some(models) => (2, &[], models),
+            None => (1, &work.owed, &[]),
+        };
+        let body = serde_json::json!({
+            "plate": k.plate.as_str(),
+            "well": k.well.name(),
+            "field": k.field,
+            "timepoint": k.timepoint,
+            "version": version,
+            "owed": owed,
+            "backfilled": backfilled,
+            "complete": owed.is_empty(),
+            "failed_models": work.failed_models,
+        });
+        self.session
+            .put(
+                format!(
+                    "liveomics/{}/fields/{}/{}/{}",
+                    self.instrument,
+                    k.plate,
+                    k.well.name(),
+                    k.field
+                ),
+                serde_json::to_vec(&body).unwrap_or_default(),
+            )
+            .encoding("application/json")
+            .congestion_control(zenoh::qos::CongestionControl::Block)
+            .wait()
+            .map_err(zenoh_err("cannot publish a field's state"))
+    }
+
     pub fn cells_key(instrument: &str, work: &FieldWork) -> String {
         let k = &work.field.key;
         format!("liveomics/{instrument}/cells/{}/{}/{}", k.plate, k.well.name(), k.field)
@@ -159,6 +196,12 @@ impl Sink for ZenohSink {
     }
 
     fn write(&mut self, work: &FieldWork) -> Result<(), SinkError> {
+        if work.backfill.is_some() {
+            return self.publish_field_state(work);
+        }
+        if !work.owed.is_empty() {
+            self.publish_field_state(work)?;
+        }
         let payload = cells_arrow::encode(work, &self.instrument).map_err(SinkError::Encode)?;
         let meta = cells_arrow::field_metadata(work, &self.instrument);
         let attachment = serde_json::to_vec(&meta).unwrap_or_default();

@@ -19,11 +19,13 @@ mod http;
 mod models;
 mod network;
 mod pipeline;
+mod schedule;
 
 pub use closed_loop::*;
 pub use models::*;
 pub use network::*;
 pub use pipeline::*;
+pub use schedule::*;
 
 pub const FRAMES_IN: &str = "liveomics_frames_in_total";
 pub const FRAMES_REJECTED: &str = "liveomics_frames_rejected_total";
@@ -48,6 +50,13 @@ pub const COMPUTE_INFO: &str = "liveomics_compute_info";
 pub const SEGMENT_METHOD_INFO: &str = "liveomics_segment_method_info";
 pub const FOLLOWUPS: &str = "liveomics_followups_total";
 pub const FOLLOWUP_ACKS_REJECTED: &str = "liveomics_followup_acks_rejected_total";
+pub const DEGRADED: &str = "liveomics_work_deferred_total";
+pub const BACKFILLED: &str = "liveomics_fields_backfilled_total";
+pub const BACKFILL_LOST: &str = "liveomics_backfill_failures_total";
+pub const BACKLOG_FIELDS: &str = "liveomics_backlog_fields";
+pub const BACKLOG_AGE_SECONDS: &str = "liveomics_backlog_oldest_seconds";
+pub const REQUIRED_LATENCY_SECONDS: &str = "liveomics_required_latency_seconds";
+pub const REQUIRED_MISSES: &str = "liveomics_required_deadline_misses_total";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -157,7 +157,11 @@ pub struct FieldDone<'a> {
     pub field: &'a str,
     pub cells: usize,
     pub latency: Duration,
+    /// First frame to the end of the field's required work.
+    pub required: Option<Duration>,
     pub missed_deadline: bool,
+    /// Written without some optional work, which is owed.
+    pub degraded: bool,
 }
 
 impl FieldDone<'_> {
@@ -166,7 +170,9 @@ impl FieldDone<'_> {
             field = self.field,
             cells = self.cells,
             latency_ms = (self.latency.as_secs_f64() * 1e3).round(),
+            required_ms = self.required.map(|r| (r.as_secs_f64() * 1e3).round()),
             missed_deadline = self.missed_deadline,
+            degraded = self.degraded,
             "field done"
         );
         counter!(FIELDS_DONE).increment(1);

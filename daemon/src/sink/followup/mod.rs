@@ -251,6 +251,10 @@ impl Sink for FollowupSink {
 
     fn write(&mut self, work: &FieldWork) -> Result<(), SinkError> {
         self.drain_acks();
+        // Rules fired on the field when it was first written; a backfill adds images only.
+        if work.backfill.is_some() {
+            return Ok(());
+        }
         let now = Instant::now();
         for request in self.rules.field(work, now) {
             self.session

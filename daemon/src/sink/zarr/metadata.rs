@@ -93,6 +93,11 @@ impl ZarrSink {
                 .get(&(well, field))
                 .map(|m| m.iter().map(|(t, ns)| (t.to_string(), ns.to_string())).collect())
                 .unwrap_or_default(),
+            owed: self
+                .owed
+                .get(&(well, field))
+                .map(|m| m.iter().map(|(t, models)| (t.to_string(), models.clone())).collect())
+                .unwrap_or_default(),
         };
         let image = ome::ImageAttrs {
             multiscales: self.multiscales("raw"),

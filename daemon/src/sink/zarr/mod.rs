@@ -13,6 +13,7 @@
 //! store, so no two writers ever touch the same chunk or shard.
 
 pub mod anndata;
+mod backfill;
 pub mod config;
 mod metadata;
 pub mod node;
@@ -32,6 +33,8 @@ use zarrs::filesystem::FilesystemStore;
 use self::node::{io_err, store_plane, Store};
 use crate::component::{Context, Sink, SinkConfig, SinkError, StageName};
 use crate::field::{FieldWork, Values, VirtualChannel, WellReadout};
+use crate::schedule::Scheduler;
+pub use backfill::read_field;
 pub use config::{Compression, ZarrSinkConfig};
 
 pub const LABEL_NAMES: [&str; 2] = ["nuclei", "cells"];
@@ -88,6 +91,10 @@ pub struct ZarrSink {
     virtual_channels: Vec<VirtualChannel>,
     /// Well-omics readouts per well and model, with the readout after each field (convergence).
     bulk: BTreeMap<WellId, BTreeMap<String, BulkHistory>>,
+    /// Models owed to each image, by timepoint (its `liveomics.owed`).
+    owed: BTreeMap<(WellId, u32), BTreeMap<u32, Vec<String>>>,
+    /// Where owed work goes once its field is on disk.
+    scheduler: Arc<Scheduler>,
 }
 
 /// The latest well-omics readout of a well and the readout after each of its fields.
@@ -155,6 +162,7 @@ impl ZarrSink {
         plan: Arc<AcquisitionPlan>,
         virtual_channels: Vec<VirtualChannel>,
         overwrite: bool,
+        scheduler: Arc<Scheduler>,
     ) -> Result<Self, SinkError> {
         let out = &cfg.output;
         if out.exists() && !out.is_dir() {
@@ -201,9 +209,12 @@ impl ZarrSink {
             images: BTreeSet::new(),
             acquired: BTreeMap::new(),
             incomplete: BTreeMap::new(),
+            owed: BTreeMap::new(),
+            scheduler,
         };
         if !nothing_written(&plate_dir) {
             sink.load_existing(&plate_dir)?;
+            sink.resume_owed();
         }
         sink.write_plate()?;
         Ok(sink)
@@ -266,6 +277,11 @@ impl ZarrSink {
                         entry.insert(t, ns);
                     }
                 }
+                for (t, models) in image.owed {
+                    if let (Ok(t), false) = (t.parse::<u32>(), models.is_empty()) {
+                        self.owed.entry((id, f)).or_default().insert(t, models);
+                    }
+                }
             }
             let mut listed = done;
             listed.extend(incomplete.iter().copied());
@@ -317,7 +333,13 @@ impl SinkConfig for ZarrSinkConfig {
         } else {
             Vec::new()
         };
-        Ok(Box::new(ZarrSink::open(self, plan, virtual_channels, ctx.overwrite)?))
+        Ok(Box::new(ZarrSink::open(
+            self,
+            plan,
+            virtual_channels,
+            ctx.overwrite,
+            Arc::clone(&ctx.resources.scheduler),
+        )?))
     }
 }
 
@@ -335,6 +357,9 @@ impl Sink for ZarrSink {
     }
 
     fn write(&mut self, work: &FieldWork) -> Result<(), SinkError> {
+        if let Some(models) = &work.backfill {
+            return self.write_backfill(work, models);
+        }
         let key = &work.field.key;
         let pair = (key.field, key.timepoint);
         let listed = self.wells.get(&key.well).is_some_and(|d| d.contains(&pair));
@@ -407,6 +432,7 @@ impl Sink for ZarrSink {
             .entry((key.well, key.field))
             .or_default()
             .insert(key.timepoint, ns);
+        self.note_owed(work);
         self.store.group(&image, self.image_metadata(key.well, key.field))?;
         self.images.insert((key.well, key.field));
         if self.cfg.fsync {
@@ -461,6 +487,8 @@ impl Sink for ZarrSink {
         };
         self.store
             .group(&format!("/{row}/{col}"), ome::attributes(Some(&well), Some(&liveomics)))?;
-        self.write_plate()
+        self.write_plate()?;
+        self.hand_to_backlog(work);
+        Ok(())
     }
 }

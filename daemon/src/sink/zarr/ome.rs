@@ -133,6 +133,10 @@ pub struct WellLiveomics {
 pub struct ImageLiveomics {
     #[serde(default)]
     pub acquired_unix_ns: BTreeMap<String, String>,
+    /// Models skipped inline to keep the deadline, by timepoint: their virtual channels are
+    /// empty until the backfill writes them and takes them off this list.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub owed: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

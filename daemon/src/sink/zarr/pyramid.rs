@@ -154,31 +154,35 @@ impl ZarrSink {
         virtual_planes: &[(usize, Vec<u16>)],
     ) -> Result<(), SinkError> {
         let t = work.field.key.timepoint;
+        let raw: Vec<(usize, &[u16])> = work
+            .field
+            .channels
+            .iter()
+            .enumerate()
+            .filter_map(|(c, px)| px.as_deref().map(|px| (c, px)))
+            .chain(virtual_planes.iter().map(|(c, px)| (*c, px.as_slice())))
+            .collect();
+        self.write_planes(image, t, &raw)
+    }
+
+    /// Planes of an image at timepoint `t`, each into its channel at every level. Channels are
+    /// separate shards: encoded and written concurrently on the pool.
+    pub(super) fn write_planes<P: AsRef<[u16]> + Sync>(
+        &self,
+        image: &str,
+        t: u32,
+        planes: &[(usize, P)],
+    ) -> Result<(), SinkError> {
         let arrays = self.open_levels(image)?;
-        virtual_planes.par_iter().try_for_each(|(c, px)| {
+        planes.par_iter().try_for_each(|(c, px)| {
             self.write_pyramid(
                 image,
                 &arrays,
                 &self.prefix(t, *c as u64),
-                px,
+                px.as_ref(),
                 liveomics_kernels::cpu::downsample2x_mean,
             )
-        })?;
-        // Channels are separate shards: encode and write them concurrently on the pool.
-        work.field
-            .channels
-            .par_iter()
-            .enumerate()
-            .try_for_each(|(c, px)| match px {
-                Some(px) => self.write_pyramid(
-                    image,
-                    &arrays,
-                    &self.prefix(t, c as u64),
-                    px,
-                    liveomics_kernels::cpu::downsample2x_mean,
-                ),
-                None => Ok(()),
-            })
+        })
     }
 
     pub(super) fn write_label(&self, node: &str, t: u32, labels: &[u32]) -> Result<(), SinkError> {
