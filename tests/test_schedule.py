@@ -25,11 +25,14 @@ FIELDS = 3
 WINDOW = frozenset({"window"})
 
 
-def config(out, vstain_class=None, budget_ms=5000, port=None, rate=0.0, jsonl=None):
+def config(out, vstain_class=None, budget_ms=5000, port=None, rate=0.0, jsonl=None, idle_ms=None, cell_class=None):
     extra = {"class": vstain_class} if vstain_class else {}
+    cell = {"class": cell_class} if cell_class else {}
     inf = inference_config(("vstain", MODELS / "virtual_stain_unet", extra),
-                           ("cellomics", MODELS / "cell_omics_cnn"), workers=2)
+                           ("cellomics", MODELS / "cell_omics_cnn", cell), workers=2)
     inf["latency_budget_ms"] = budget_ms
+    if idle_ms is not None:
+        inf["pipeline"]["backfill_after_idle_ms"] = idle_ms
     if jsonl:
         inf["sinks"] = {"jsonl": {"enabled": True, "path": jsonl}}
     return daemon_toml(out, "sched", port, sim_config(plate="sched", wells=WELLS, fields=FIELDS, size=256, rate=rate),
@@ -117,6 +120,28 @@ def test_a_budget_too_small_for_the_optional_model_degrades_and_backfills(binary
     assert degraded >= 1 and degraded == backfilled, p.stdout
     assert "predicted" in p.stderr and "before the deadline" in p.stderr
     assert compare(ref, tmp_path / "o" / "sched.zarr", WINDOW) == []
+
+
+def test_idle_gaps_in_the_acquisition_are_used_for_backfill(binary, tmp_path):
+    # 4 fields/s of 256² fields leave the two workers idle most of the time: with a 50 ms idle
+    # threshold the owed virtual stains are backfilled between fields, not only at the end.
+    (tmp_path / "i.toml").write_text(config(tmp_path / "i", vstain_class="deferred", rate=4.0, idle_ms=50))
+    p = run(binary, "run", "--config", tmp_path / "i.toml", timeout=600)
+    assert p.returncode == 0, p.stderr
+    n = len(WELLS) * FIELDS
+    assert summary_counts(p.stdout) == (n, n), p.stdout
+    log = p.stderr.splitlines()
+    done = [i for i, x in enumerate(log) if "field done" in x]
+    backfilled = [i for i, x in enumerate(log) if "field backfilled" in x]
+    assert backfilled and backfilled[0] < done[-1], "no backfill before the last field was done:\n" + p.stderr
+
+
+def test_a_class_that_would_lose_table_columns_is_refused_with_its_key(binary, tmp_path):
+    (tmp_path / "x.toml").write_text(config(tmp_path / "x", cell_class="deferred"))
+    p = run(binary, "validate", tmp_path / "x.toml")
+    assert p.returncode != 0
+    assert "inference.models[1].class" in p.stdout + p.stderr, p.stdout + p.stderr
+    assert "only virtual-staining models may wait" in p.stdout + p.stderr
 
 
 def test_a_daemon_killed_mid_backfill_finishes_it_on_restart_once_per_field(binary, tmp_path):
