@@ -255,13 +255,17 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     let (done_tx, done_rx) = bounded::<Done>(1024);
     let mut sink_txs = Vec::new();
     let mut handles_sinks = Vec::new();
+    let n_sinks = sinks.len();
+    let sinks_alive = Arc::new(AtomicUsize::new(n_sinks));
     for mut sink in sinks {
         let (tx, rx) = bounded::<Arc<FieldWork>>(p.field_queue);
         sink_txs.push(tx);
         let done_tx = done_tx.clone();
         let stop = opts.stop.clone();
         let queue = format!("sink_{}", sink.name());
+        let leaving = Leaving(Arc::clone(&sinks_alive));
         handles_sinks.push(spawn(&format!("sink-{}", sink.name()), move || {
+            let _leaving = leaving;
             while let Ok(work) = rx.recv() {
                 t::QueueDepth {
                     queue: &queue,
@@ -301,7 +305,6 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         })?);
     }
 
-    let n_sinks = sink_txs.len();
     let budget = Duration::from_millis(cfg.latency_budget_ms);
     let progress = match (opts.progress, source.expected_fields()) {
         (true, Some(n)) => {
@@ -413,6 +416,8 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                 fields: field_rx.clone(),
                 busy: Arc::clone(&busy),
                 workers_left: Arc::clone(&workers_left),
+                sinks_alive: Arc::clone(&sinks_alive),
+                n_sinks,
                 stop: opts.stop.clone(),
                 idle: Duration::from_millis(p.backfill_after_idle_ms),
                 budget,
@@ -509,8 +514,8 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     })
 }
 
-/// Counts a worker out when it ends, however it ends: the backfill threads drain the backlog
-/// once every worker has.
+/// Counts a worker (or a sink) out when it ends, however it ends: the backfill threads drain
+/// the backlog once every worker has, and give up when a sink has died.
 struct Leaving(Arc<AtomicUsize>);
 
 impl Drop for Leaving {
@@ -551,6 +556,10 @@ struct Backfill {
     fields: Receiver<Field>,
     busy: Arc<AtomicUsize>,
     workers_left: Arc<AtomicUsize>,
+    /// Sink threads still running, of `n_sinks`: a sink that died (a panic, reported at join)
+    /// would never report the fields it was handed, so the backlog could never settle.
+    sinks_alive: Arc<AtomicUsize>,
+    n_sinks: usize,
     stop: StopToken,
     idle: Duration,
     budget: Duration,
@@ -560,7 +569,7 @@ impl Backfill {
     fn run(mut self) {
         let mut idle_since: Option<Instant> = None;
         let mut draining = false;
-        while !self.stop.is_stopped() {
+        while !self.stop.is_stopped() && self.sinks_alive.load(Ordering::SeqCst) == self.n_sinks {
             let intake_over = self.workers_left.load(Ordering::SeqCst) == 0;
             let now = Instant::now();
             if intake_over && !draining {

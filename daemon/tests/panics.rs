@@ -11,6 +11,9 @@ use liveomics::pipeline::{run, RunError, RunOptions};
 
 mod common;
 
+#[path = "../../models/tests/common/mod.rs"]
+mod models_common;
+
 /// Panics on its second field.
 struct Panics(usize);
 
@@ -69,4 +72,39 @@ fn a_panicking_sink_is_reported_after_every_other_thread_has_finished() {
         1,
         "and was finished before run returned"
     );
+}
+
+/// A sink that dies while fields are owed work: the backfill threads wait for every degraded
+/// field to be recorded, which a dead sink never reports, so they must give up instead of
+/// holding the run open.
+#[test]
+fn a_sink_that_dies_with_work_owed_does_not_hold_the_run() {
+    let Some(()) = models_common::ort_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let sim = common::plate("PANICOWED", &["A1", "A2"], 3, 128);
+    let mut cfg = common::run_config(&sim, dir.path());
+    cfg.pipeline.stages = vec![
+        liveomics::component::StageName::Segment,
+        liveomics::component::StageName::Measure,
+        liveomics::component::StageName::Inference,
+    ];
+    cfg.inference.providers = vec!["cpu".into()];
+    cfg.inference.models = vec![toml::from_str(&format!(
+        "name = \"vstain\"\npath = {:?}\nclass = \"deferred\"",
+        models_common::repo()
+            .join("models/virtual_stain_unet")
+            .display()
+            .to_string()
+    ))
+    .expect("a model entry")];
+    let opts = RunOptions {
+        extra_sinks: vec![Box::new(Panics(0))],
+        ..Default::default()
+    };
+    match run(&cfg, opts) {
+        Err(RunError::Panicked(what)) => assert!(what.contains("sink-panics"), "{what}"),
+        other => panic!("expected the sink's panic, got {other:?}"),
+    }
 }
