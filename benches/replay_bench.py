@@ -39,7 +39,7 @@ height_px = {args.size}
 [sinks.zenoh]
 enabled = false
 [telemetry]
-metrics_listen = ""
+http_listen = ""
 """.replace("'", '"')
         )
         subprocess.run([binary, "simulate", "--config", cfg, "--out", work / "sim", "--layout", "phenix"], check=True, capture_output=True)

@@ -89,7 +89,7 @@ enabled = true
 listen = []
 
 [telemetry]
-metrics_listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
 """
     if args.models:
         text += f"""

@@ -114,7 +114,7 @@ def write_plate(binary: str, out: Path, config: str | None) -> Path:
     cfg = out.parent / f"{out.name}.toml"
     d = tomllib.loads(Path(config).read_text()) if config else {}
     d.setdefault("sinks", {}).setdefault("zenoh", {})["enabled"] = False
-    d.setdefault("telemetry", {})["metrics_listen"] = ""
+    d.setdefault("telemetry", {})["http_listen"] = ""
     cfg.write_text(dump_toml(d))
     p = subprocess.run([binary, "run", "--config", str(cfg), "--output", str(out)], capture_output=True, text=True)
     if p.returncode != 0:

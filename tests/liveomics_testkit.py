@@ -103,7 +103,7 @@ def daemon_config(out: Path, instrument: str, zenoh_port: int | None, zenoh_enab
         "latency_budget_ms": 5000,
         "sinks": {"zarr": {"output": out}, "zenoh": {"enabled": zenoh_enabled}},
         "zenoh": {"listen": [], "connect": [f"tcp/127.0.0.1:{zenoh_port}"] if zenoh_port else []},
-        "telemetry": {"metrics_listen": "127.0.0.1:0"},
+        "telemetry": {"http_listen": "127.0.0.1:0"},
     }
 
 
@@ -122,7 +122,7 @@ def zenoh_daemon_config(out: Path, endpoint: str, instrument="mm", plate="MM1", 
                          "nucleus_diameter_um": 10.0},
         "sinks": {"zarr": {"output": out}},
         "zenoh": {"listen": [endpoint], "config_file": str(zenoh_file)},
-        "telemetry": {"metrics_listen": ""},
+        "telemetry": {"http_listen": ""},
     }
 
 

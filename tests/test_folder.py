@@ -44,7 +44,7 @@ output = "{out}"
 [sinks.zenoh]
 enabled = false
 [telemetry]
-metrics_listen = ""
+http_listen = ""
 """
 
 
@@ -145,7 +145,7 @@ def test_replaying_the_plate_reproduces_the_cell_records(binary, tmp_path):
     cfg.write_text(
         toml_text(merged(sim_config(plate="orig", wells=("B2", "B3"), fields=2, size=256, seed=9), {
             "sinks": {"zarr": {"output": tmp_path / "a"}, "zenoh": {"enabled": False}},
-            "telemetry": {"metrics_listen": ""},
+            "telemetry": {"http_listen": ""},
         }))
     )
     assert run(binary, "run", "--config", cfg).returncode == 0

@@ -94,7 +94,7 @@ def test_an_exposed_session_without_security_is_warned_about(binary, tmp_path):
     cfg.write_text(toml_text(merged(sim_config(plate="exp", wells=("A1",), fields=1, size=128), {
         "sinks": {"zarr": {"output": tmp_path / "out"}},
         "zenoh": {"listen": [f"tcp/0.0.0.0:{port}"]},
-        "telemetry": {"metrics_listen": ""},
+        "telemetry": {"http_listen": ""},
     })))
     p = subprocess.run([str(binary), "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-3000:]

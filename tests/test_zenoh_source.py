@@ -42,7 +42,7 @@ enabled = false
 [zenoh]
 listen = ["tcp/127.0.0.1:{port}"]
 [telemetry]
-metrics_listen = ""
+http_listen = ""
 """
     )
     proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -229,7 +229,7 @@ pub struct ModelImage {
 }
 
 /// The readout of a well-omics model for one well, after the fields seen so far.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WellReadout {
     pub model: String,
     pub plate: String,

@@ -46,6 +46,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     Telemetry(#[from] t::TelemetryError),
+    #[error(transparent)]
+    Web(#[from] crate::web::WebError),
     #[error("the source failed")]
     SourceFailed(#[source] SourceError),
     /// Every thread was still joined and the others' results collected: what was written is
@@ -196,13 +198,43 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RunError> {
 /// entry point for sources built outside the registry, such as tests feeding malformed frames.
 pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOptions) -> Result<RunSummary, RunError> {
     let started = Instant::now();
-    let metrics = Metrics::install(&cfg.telemetry)?;
+    let metrics = Metrics::install()?;
     let plan = Arc::new(source.plan().clone());
+
+    // The HTTP server (page, metrics, the store for viewers) binds first: a taken port fails
+    // before anything is written.
+    let live = Arc::clone(&opts.resources.live);
+    let plate_dir = cfg
+        .sinks
+        .zarr
+        .enabled
+        .then(|| crate::sink::zarr::ZarrSink::plate_path(&cfg.sinks.zarr.output, &plan));
+    let http_addr = crate::web::start(
+        &cfg.telemetry.http_listen,
+        Some(metrics.handle()),
+        Arc::clone(&live),
+        plate_dir.clone(),
+    )?;
+    if let Some(addr) = http_addr {
+        t::HttpListening { addr }.emit();
+    }
 
     // Sinks open before the first frame: an unusable output fails now, not an hour in.
     let mut sinks = registry::open_sinks(cfg, &plan, &opts.resources, opts.overwrite)
         .map_err(|(name, source)| RunError::Sink { name, source })?;
     sinks.append(&mut opts.extra_sinks);
+    if http_addr.is_some() {
+        let mut channels: Vec<String> = plan.channels.iter().map(|c| c.name.clone()).collect();
+        if cfg.pipeline.stages.contains(&crate::component::StageName::Inference) {
+            channels.extend(cfg.inference.virtual_channels().into_iter().map(|v| v.label));
+        }
+        let zarr = plate_dir
+            .as_ref()
+            .and_then(|d| d.file_name())
+            .map(|n| format!("/zarr/{}", n.to_string_lossy()));
+        live.start(&plan, channels, zarr, "running");
+        sinks.push(Box::new(crate::sink::live::LiveSink(Arc::clone(&live))));
+    }
     let done: Vec<liveomics_adapters::model::FieldKey> = sinks.iter().flat_map(|s| s.completed()).collect();
     if !done.is_empty() {
         source.skip(&done);
@@ -319,8 +351,15 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     };
     let tracker_progress = progress.clone();
     let tracker_scheduler = Arc::clone(&scheduler);
+    let tracker_live = http_addr.map(|_| Arc::clone(&live));
     let tracker = spawn("tracker", move || {
-        track(done_rx, n_sinks, tracker_progress, &tracker_scheduler)
+        track(
+            done_rx,
+            n_sinks,
+            tracker_progress,
+            &tracker_scheduler,
+            tracker_live.as_deref(),
+        )
     })?;
     let (problem_tx, problem_rx) = bounded::<liveomics_adapters::source::SourceProblem>(1024);
     source.observe(problem_tx);
@@ -473,6 +512,9 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     if let Some(pb) = progress {
         pb.finish();
     }
+    if http_addr.is_some() {
+        live.finish(scheduler.backlog.left());
+    }
     let (true, Some(source_result), Some(asm), Some(tracked)) = (panics.is_empty(), source_result, asm, tracked) else {
         return Err(RunError::Panicked(panics.join("; ")));
     };
@@ -498,7 +540,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         fields_incomplete: asm.incomplete,
         elapsed: started.elapsed(),
         source: source_report,
-        metrics_addr: metrics.addr,
+        metrics_addr: http_addr,
         sinks: sink_names,
         well_readouts: tracked
             .well_readouts
@@ -658,6 +700,7 @@ fn track(
     n_sinks: usize,
     progress: Option<indicatif::ProgressBar>,
     scheduler: &crate::schedule::Scheduler,
+    live: Option<&crate::live::Live>,
 ) -> Tracked {
     let mut pending: HashMap<(String, bool), (usize, bool)> = HashMap::new();
     let histogram = || hdrhistogram::Histogram::new(3).expect("3 significant figures is a valid precision");
@@ -720,6 +763,9 @@ fn track(
             degraded: d.degraded,
         }
         .emit();
+        if let Some(live) = live {
+            live.done(&d.well.name(), latency, missed, scheduler.backlog.left());
+        }
         out.fields_done += 1;
         out.fields_failed += u64::from(!ok);
         out.cells += d.cells as u64;

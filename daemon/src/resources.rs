@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use liveomics_adapters::Invalid;
 use liveomics_kernels::gpu::{Compute, DeviceRequest};
 
+use crate::live::Live;
 use crate::schedule::Scheduler;
 use crate::zenoh_session::SharedSession;
 
@@ -28,6 +29,8 @@ pub struct Resources {
     /// The run's deadline scheduler: learnt costs and the backlog of owed work, shared by the
     /// inference stages, the zarr sink, the tracker and the backfill threads.
     pub scheduler: Arc<Scheduler>,
+    /// What the plate page shows, updated by the pipeline and the follow-up sink.
+    pub live: Arc<Live>,
 }
 
 impl Resources {

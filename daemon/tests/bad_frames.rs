@@ -101,7 +101,7 @@ fn bad_frames_are_rejected_counted_and_the_run_continues() {
     let plan = sim.plan().clone();
     let mut cfg = common::run_config(&sim_cfg, dir.path());
     cfg.pipeline.assembly_timeout_ms = 200;
-    cfg.telemetry.metrics_listen = "127.0.0.1:0".into();
+    cfg.telemetry.http_listen = "127.0.0.1:0".into();
     let summary = run_source(&cfg, Box::new(FaultySource { sim, plan }), RunOptions::default()).expect("run");
     assert_eq!(
         summary.frames_rejected, 5,

@@ -48,7 +48,7 @@ fn config(dir: &Path) -> Config {
         enabled: true,
         path: dir.join("sub/fields.jsonl"),
     };
-    cfg.telemetry.metrics_listen = String::new();
+    cfg.telemetry.http_listen = String::new();
     cfg
 }
 

@@ -1,12 +1,15 @@
-//! The metrics endpoint as a client on the network sees it: `/metrics` answers, other paths and
+//! The HTTP server as a client on the network sees it: `/metrics` answers, other paths and
 //! methods do not, and clients that connect and send nothing can neither block a scrape nor hold
-//! more than their few slots, which the header timeout frees.
+//! more than their slots, which the header timeout frees.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use liveomics::telemetry::{Metrics, TelemetryConfig};
+use std::sync::Arc;
+
+use liveomics::live::Live;
+use liveomics::telemetry::Metrics;
 
 fn exchange(addr: SocketAddr, request: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect");
@@ -19,12 +22,10 @@ fn exchange(addr: SocketAddr, request: &str) -> String {
 
 #[test]
 fn metrics_are_served_and_the_endpoint_stays_bounded() {
-    let cfg = TelemetryConfig {
-        metrics_listen: "127.0.0.1:0".into(),
-        ..Default::default()
-    };
-    let m = Metrics::install(&cfg).expect("metrics");
-    let addr = m.addr.expect("bound");
+    let m = Metrics::install().expect("metrics");
+    let addr = liveomics::web::start("127.0.0.1:0", Some(m.handle()), Arc::new(Live::default()), None)
+        .expect("a server")
+        .expect("bound");
     let ok = exchange(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     assert!(ok.contains("text/plain; version=0.0.4"), "{ok}");
@@ -38,8 +39,10 @@ fn metrics_are_served_and_the_endpoint_stays_bounded() {
     let garbage = exchange(addr, "\x16\x03\x01 not http at all\r\n\r\n");
     assert!(!garbage.contains("200 OK"), "{garbage}");
 
-    // Eight clients that connect and say nothing hold every slot: a ninth is closed at once...
-    let idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(addr).expect("connect")).collect();
+    // Clients that connect and say nothing hold every slot: one more is closed at once...
+    let idle: Vec<TcpStream> = (0..liveomics::web::MAX_CONNECTIONS)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
     std::thread::sleep(Duration::from_millis(200));
     let refused = exchange(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(refused.is_empty(), "{refused}");

@@ -88,6 +88,15 @@ pub enum Command {
         #[command(subcommand)]
         command: models::ModelsCommand,
     },
+    /// Serve a finished plate: the plate page at `/` and the OME-Zarr store for viewers under
+    /// `/zarr/`, as during its run, until SIGINT/SIGTERM.
+    Serve {
+        /// The plate (`….zarr`) a liveomics run wrote.
+        plate: PathBuf,
+        /// Address to listen on; port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: String,
+    },
     /// Print the embedded default configuration.
     PrintConfig,
     /// Benchmark: model path overhead (tiling, batching, pre/postprocessing) against bare
@@ -156,6 +165,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => run::simulate(&out, config, layout, files_per_s),
         Command::Replay(a) => run::replay(a),
         Command::Segment(req) => segment::segment(&req),
+        Command::Serve { plate, listen } => run::serve(&plate, &listen),
         Command::Models { command } => models::models(command),
         Command::PrintConfig => {
             print!("{}", liveomics::config::DEFAULT_TOML);

@@ -335,3 +335,27 @@ fn print_summary(s: &RunSummary) {
         );
     }
 }
+
+/// `liveomics serve`: the page and the store of a finished plate, until a signal.
+pub fn serve(plate: &std::path::Path, listen: &str) -> anyhow::Result<ExitCode> {
+    liveomics::telemetry::init_logging(&liveomics::telemetry::TelemetryConfig::default());
+    let live = liveomics::web::plate::load(plate).map_err(|e| Usage(e.into()))?;
+    let metrics = liveomics::telemetry::Metrics::install()?;
+    let Some(addr) = liveomics::web::start(listen, Some(metrics.handle()), live, Some(plate.to_path_buf()))? else {
+        return Err(Usage::msg("--listen must be an address, e.g. 127.0.0.1:9464").into());
+    };
+    let name = plate
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    println!(
+        "serving {} at http://{addr}/ (the store at http://{addr}/zarr/{name}); Ctrl-C stops",
+        plate.display()
+    );
+    let stop = StopToken::new();
+    install_signals(&stop)?;
+    while !stop.is_stopped() {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -6,6 +6,7 @@
 pub mod cells_arrow;
 pub mod followup;
 pub mod jsonl;
+pub mod live;
 pub mod zarr;
 pub mod zenoh;
 

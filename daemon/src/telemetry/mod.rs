@@ -5,7 +5,7 @@
 //! debugging; whatever an operator needs from them reaches this module as data (a model's
 //! provider and skipped providers, a source's rejected inputs).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -15,7 +15,6 @@ use tracing::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 
 mod closed_loop;
-mod http;
 mod models;
 mod network;
 mod pipeline;
@@ -68,9 +67,12 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
-    /// Address of the Prometheus endpoint (`/metrics`); port 0 picks a free port (logged); empty
-    /// disables it. Localhost by default: metrics are not for the whole network.
-    pub metrics_listen: String,
+    /// Address of the daemon's HTTP server: `/metrics`, the live plate page at `/`, and the plate
+    /// store for viewers under `/zarr/` (docs/OUTPUT.md); port 0 picks a free port (logged);
+    /// empty disables it. Localhost by default: none of it is for the whole network. Also read
+    /// under its former name, `metrics_listen`.
+    #[serde(alias = "metrics_listen")]
+    pub http_listen: String,
     pub log_format: LogFormat,
     /// A `tracing` filter, e.g. `info` or `liveomics=debug`; `RUST_LOG` overrides it.
     pub log_level: String,
@@ -81,12 +83,12 @@ impl TelemetryConfig {
     pub fn validate(&self) -> Vec<liveomics_adapters::Invalid> {
         use liveomics_adapters::Invalid;
         let mut out = Vec::new();
-        if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<SocketAddr>().is_err() {
+        if !self.http_listen.is_empty() && self.http_listen.parse::<SocketAddr>().is_err() {
             out.push(Invalid::new(
-                "metrics_listen",
+                "http_listen",
                 format!(
                     "{:?} is not an address like 127.0.0.1:9464 (empty disables)",
-                    self.metrics_listen
+                    self.http_listen
                 ),
             ));
         }
@@ -114,7 +116,7 @@ impl TelemetryConfig {
 impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
-            metrics_listen: "127.0.0.1:9464".into(),
+            http_listen: "127.0.0.1:9464".into(),
             log_format: LogFormat::Text,
             log_level: "info".into(),
         }
@@ -152,26 +154,18 @@ pub fn init_logging(cfg: &TelemetryConfig) {
 pub enum TelemetryError {
     #[error("cannot start the metrics upkeep thread")]
     Upkeep(#[source] std::io::Error),
-    #[error("cannot listen for metrics on {addr}")]
-    Bind {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("cannot install the metrics recorder")]
     Recorder(#[source] metrics_exporter_prometheus::BuildError),
 }
 
-/// The Prometheus recorder plus, when configured, the HTTP endpoint serving `/metrics`
-/// (`http.rs`).
+/// The Prometheus recorder; the daemon's HTTP server (`web/`) renders it at `/metrics`.
 #[derive(Debug)]
 pub struct Metrics {
     handle: PrometheusHandle,
-    pub addr: Option<SocketAddr>,
 }
 
 impl Metrics {
-    pub fn install(cfg: &TelemetryConfig) -> Result<Self, TelemetryError> {
+    pub fn install() -> Result<Self, TelemetryError> {
         // One recorder per process: a second run in the same process (tests, embedding) shares it,
         // and its endpoint serves the same registry.
         static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
@@ -202,28 +196,16 @@ impl Metrics {
                 handle
             }
         };
-        let addr = if cfg.metrics_listen.is_empty() {
-            None
-        } else {
-            let listener = TcpListener::bind(&cfg.metrics_listen).map_err(|source| TelemetryError::Bind {
-                addr: cfg.metrics_listen.clone(),
-                source,
-            })?;
-            let addr = listener.local_addr().ok();
-            http::spawn(listener, handle.clone()).map_err(|source| TelemetryError::Bind {
-                addr: cfg.metrics_listen.clone(),
-                source,
-            })?;
-            if let Some(a) = addr {
-                info!(metrics = %format!("http://{a}/metrics"), "metrics endpoint listening");
-            }
-            addr
-        };
-        Ok(Self { handle, addr })
+        Ok(Self { handle })
     }
 
     pub fn render(&self) -> String {
         self.handle.render()
+    }
+
+    /// What the HTTP server renders `/metrics` from.
+    pub fn handle(&self) -> PrometheusHandle {
+        self.handle.clone()
     }
 }
 

@@ -299,3 +299,19 @@ impl FieldAlreadyWritten<'_> {
         info!(field = self.field, "already complete in the plate; not written again");
     }
 }
+
+/// The HTTP server is up: the plate page and `/metrics`.
+#[derive(Debug)]
+pub struct HttpListening {
+    pub addr: std::net::SocketAddr,
+}
+
+impl HttpListening {
+    pub fn emit(&self) {
+        info!(
+            page = %format!("http://{}/", self.addr),
+            metrics = %format!("http://{}/metrics", self.addr),
+            "http server listening: plate page and metrics"
+        );
+    }
+}

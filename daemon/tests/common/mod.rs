@@ -25,7 +25,7 @@ pub fn run_config(sim: &SimulatorConfig, out: &std::path::Path) -> Config {
     cfg.source.simulator = sim.clone();
     cfg.sinks.zenoh.enabled = false;
     cfg.sinks.zarr.output = out.to_path_buf();
-    cfg.telemetry.metrics_listen = String::new();
+    cfg.telemetry.http_listen = String::new();
     // The tests exercise the pipeline, not a model: the classical path, whatever is installed.
     cfg.segmentation.method = liveomics::stage::SegmentMethod::Classical;
     cfg

@@ -192,6 +192,8 @@ pub struct FollowupSink {
     session: Session,
     acks: zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>,
     rules: Rules,
+    /// The plate page's state: requests and their acks per well.
+    live: std::sync::Arc<crate::live::Live>,
 }
 
 impl std::fmt::Debug for FollowupSink {
@@ -233,12 +235,15 @@ impl FollowupSink {
             session,
             acks,
             rules: Rules::new(c, ctx.instrument, plan),
+            live: std::sync::Arc::clone(&ctx.resources.live),
         })
     }
 
     fn drain_acks(&mut self) {
         while let Ok(Some(sample)) = self.acks.try_recv() {
-            self.rules.ack(&sample.payload().to_bytes());
+            if let Some((id, well, rule, state)) = self.rules.ack(&sample.payload().to_bytes()) {
+                self.live.followup(&well.name(), &id, &rule, state.as_str());
+            }
         }
         self.rules.timeouts(Instant::now());
     }
@@ -264,6 +269,8 @@ impl Sink for FollowupSink {
                 .wait()
                 .map_err(zenoh_err("cannot publish a follow-up request"))?;
             self.rules.sent(&request, now);
+            self.live
+                .followup(&request.well.name(), &request.id, &request.rule, "requested");
         }
         Ok(())
     }

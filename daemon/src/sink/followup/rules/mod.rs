@@ -15,6 +15,7 @@ use crate::telemetry::{self as t, FollowupState};
 #[derive(Debug)]
 struct PendingRequest {
     rule: String,
+    well: WellId,
     sent: Instant,
     state: FollowupState,
     warned: bool,
@@ -24,13 +25,14 @@ struct PendingRequest {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub id: String,
+    /// The well whose field fired it.
+    pub well: WellId,
+    pub rule: String,
     /// `liveomics/{instrument}/followup/{plate}`.
     pub topic: String,
     /// The request as the bridge reads it (docs/PROTOCOL.md).
     pub body: Value,
     rule_index: usize,
-    rule: String,
-    well: WellId,
     field: String,
     value: f64,
     cells: u64,
@@ -91,7 +93,9 @@ impl Rules {
 
     /// One ack from the bridge (untrusted bytes): moves its request's state forward, or is
     /// logged and counted as rejected.
-    pub fn ack(&mut self, bytes: &[u8]) {
+    /// Applies an ack from the bridge; returns the request's id, well, rule and new state when it
+    /// moved it (a rejected ack is logged and counted here).
+    pub fn ack(&mut self, bytes: &[u8]) -> Option<(String, WellId, String, FollowupState)> {
         let reject = |reason, detail, id, state| {
             t::FollowupAckRejected {
                 reason,
@@ -103,11 +107,11 @@ impl Rules {
         };
         let Ok(ack) = serde_json::from_slice::<Value>(bytes) else {
             reject("json", "not JSON", None, None);
-            return;
+            return None;
         };
         let (Some(id), Some(state)) = (ack["id"].as_str(), ack["state"].as_str()) else {
             reject("fields", "no string `id` and `state`", None, None);
-            return;
+            return None;
         };
         let Some(new) = FollowupState::from_ack(state) else {
             reject(
@@ -116,7 +120,7 @@ impl Rules {
                 Some(id),
                 Some(state),
             );
-            return;
+            return None;
         };
         let Some(p) = self.pending.get_mut(id) else {
             reject(
@@ -125,7 +129,7 @@ impl Rules {
                 Some(id),
                 Some(state),
             );
-            return;
+            return None;
         };
         // Acks may overtake each other, or come twice: a state only moves forward, and a
         // request that is done or rejected stays so.
@@ -136,7 +140,7 @@ impl Rules {
                 Some(id),
                 Some(state),
             );
-            return;
+            return None;
         }
         t::FollowupChanged {
             id: Some(id),
@@ -146,6 +150,7 @@ impl Rules {
         }
         .emit();
         p.state = new;
+        Some((id.to_string(), p.well, p.rule.clone(), new))
     }
 
     /// Requests not done by `now` minus `request_timeout_ms`, warned about once each; returns
@@ -347,6 +352,7 @@ impl Rules {
             r.id.clone(),
             PendingRequest {
                 rule: r.rule.clone(),
+                well: r.well,
                 sent: now,
                 state: FollowupState::Requested,
                 warned: false,

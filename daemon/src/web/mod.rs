@@ -1,0 +1,226 @@
+//! The daemon's one HTTP server (`telemetry.http_listen`): `/metrics` for Prometheus, the live
+//! plate page at `/` with its JSON state and event stream under `/api/`, field thumbnails, and
+//! the OME-Zarr plate itself, read-only with CORS and byte ranges, under `/zarr/{plate}.zarr/`
+//! for web viewers (vizarr, Viv, neuroglancer) while it is written. `liveomics serve` runs the
+//! same server over a finished plate.
+//!
+//! Bounded like everything the network reaches: at most `MAX_CONNECTIONS` connections (more are
+//! closed at once), a request head within two seconds, one request per connection, no request
+//! body read, ten seconds per answer except the event stream, at most `MAX_STREAMS` event
+//! streams. Paths are matched, never joined: the store is served by `tower-http`'s `ServeDir`,
+//! which refuses `..` and anything outside the plate directory. Async for this I/O only, on a
+//! runtime of its own thread: the pipeline never waits on it.
+
+pub mod plate;
+pub mod thumb;
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_stream::StreamExt;
+use tower_http::cors::{Any, CorsLayer};
+use tower_http::services::ServeDir;
+use tower_http::timeout::TimeoutLayer;
+
+pub use crate::live::Live;
+
+/// Connections served at once: a scraper, a few browser tabs and a viewer's parallel reads.
+pub const MAX_CONNECTIONS: usize = 48;
+/// Event streams at once (each holds a connection for as long as the page is open).
+const MAX_STREAMS: usize = 16;
+/// Time to receive the request line and headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time for any answer but the event stream.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+const INDEX: &str = include_str!("page/index.html");
+const APP: &str = include_str!("page/app.js");
+const STYLE: &str = include_str!("page/style.css");
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error("cannot listen on {addr} (telemetry.http_listen)")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+struct App {
+    metrics: Option<PrometheusHandle>,
+    live: Arc<Live>,
+    plate_dir: Option<PathBuf>,
+    streams: Arc<tokio::sync::Semaphore>,
+}
+
+/// Starts the server on `listen` (empty: no server) on its own thread until the process exits,
+/// and returns the address it is bound to (port 0 picks one).
+pub fn start(
+    listen: &str,
+    metrics: Option<PrometheusHandle>,
+    live: Arc<Live>,
+    plate_dir: Option<PathBuf>,
+) -> Result<Option<SocketAddr>, WebError> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let bind = |source| WebError::Bind {
+        addr: listen.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(listen).map_err(bind)?;
+    listener.set_nonblocking(true).map_err(bind)?;
+    let addr = listener.local_addr().map_err(bind)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(bind)?;
+    let app = App {
+        metrics,
+        live,
+        plate_dir,
+        streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+    };
+    std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || runtime.block_on(serve(listener, router(app))))
+        .map_err(bind)?;
+    Ok(Some(addr))
+}
+
+fn router(app: App) -> Router {
+    let answers = Router::new()
+        .route("/", get(|| async { page(INDEX, "text/html; charset=utf-8") }))
+        .route("/app.js", get(|| async { page(APP, "text/javascript; charset=utf-8") }))
+        .route("/style.css", get(|| async { page(STYLE, "text/css; charset=utf-8") }))
+        .route("/metrics", get(metrics))
+        .route("/api/state", get(state))
+        .route("/api/thumb/{row}/{column}/{field}/{channel}", get(thumbnail));
+    let mut answers = answers;
+    if let Some(dir) = &app.plate_dir {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let cors = CorsLayer::new()
+            .allow_origin(Any)
+            .allow_methods([Method::GET, Method::HEAD])
+            .allow_headers([header::RANGE])
+            .expose_headers([header::CONTENT_RANGE, header::ACCEPT_RANGES, header::CONTENT_LENGTH]);
+        answers = answers.nest_service(
+            &format!("/zarr/{name}"),
+            ServeDir::new(dir).append_index_html_on_directories(false),
+        );
+        answers = answers.layer(cors);
+    }
+    let answers = answers.layer(TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        ANSWER_TIMEOUT,
+    ));
+    Router::new()
+        .route("/api/events", get(events))
+        .merge(answers)
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: see / or /metrics\n") })
+        .with_state(app)
+}
+
+fn page(body: &'static str, kind: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, kind)], body).into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    match &app.metrics {
+        Some(h) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            )],
+            h.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no metrics in this process\n").into_response(),
+    }
+}
+
+async fn state(State(app): State<App>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], app.live.snapshot()).into_response()
+}
+
+/// Server-Sent Events: the whole state first (a late joiner sees what happened so far), then
+/// every change; a subscriber that fell behind gets the whole state again.
+async fn events(State(app): State<App>) -> Response {
+    let Ok(permit) = app.streams.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many event streams\n").into_response();
+    };
+    let rx = app.live.subscribe();
+    let first = app.live.snapshot();
+    let live = app.live.clone();
+    let changes = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |item| {
+        let _held = &permit;
+        Ok::<_, Infallible>(Event::default().data(item.unwrap_or_else(|_| live.snapshot())))
+    });
+    let stream = tokio_stream::once(Ok::<_, Infallible>(Event::default().data(first))).chain(changes);
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+async fn thumbnail(
+    State(app): State<App>,
+    UrlPath((row, column, field, channel)): UrlPath<(String, String, u32, String)>,
+) -> Response {
+    let Some(dir) = app.plate_dir.clone() else {
+        return (StatusCode::NOT_FOUND, "no plate store\n").into_response();
+    };
+    let Some(channel) = channel.strip_suffix(".png").and_then(|c| c.parse::<usize>().ok()) else {
+        return (StatusCode::NOT_FOUND, "expected CHANNEL.png\n").into_response();
+    };
+    let made = tokio::task::spawn_blocking(move || thumb::png(&dir, &row, &column, field, channel)).await;
+    match made {
+        Ok(Ok(png)) => (
+            [(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "no-cache")],
+            png,
+        )
+            .into_response(),
+        Ok(Err(e)) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "thumbnail failed\n").into_response(),
+    }
+}
+
+async fn serve(listener: TcpListener, router: Router) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+}
