@@ -6,6 +6,7 @@ back tagged with the follow-up id and are written as another field of the well (
 
 import json
 import time
+import urllib.request
 
 import pytest
 import useq
@@ -58,7 +59,9 @@ def test_rule_fires_and_the_followup_is_acquired_and_written(binary, tmp_path, t
         bridge_conf = session_config(connect=[ep], listen=[bridge_ep],
                                      config_file=pki.example("bridge-tls-acl.json5", tmp_path / "b.json5"))
     else:
-        proc, head = start_daemon(binary, tmp_path, port, RULE)
+        # The plate page too: its state must show the request and how far the bridge took it.
+        page_port = free_port()
+        proc, head = start_daemon(binary, tmp_path, port, {**RULE, "telemetry": {"http_listen": f"127.0.0.1:{page_port}"}})
         watcher_conf, bridge_conf = zconf(port), zconf(port)
     requests, acks = [], []
     watcher = zenoh.open(watcher_conf)
@@ -73,9 +76,20 @@ def test_rule_fires_and_the_followup_is_acquired_and_written(binary, tmp_path, t
         stats = bridge.run(useq.MDASequence(stage_positions=plan, channels=["DAPI", "FITC"]))
     finally:
         bridge.close()
+    page = None
+    if not tls:
+        # The daemon waits idle_exit_ms for more frames: the page is still up.
+        with urllib.request.urlopen(f"http://127.0.0.1:{page_port}/api/state", timeout=10) as r:
+            page = json.loads(r.read())
     out, err = proc.communicate(timeout=120)
     watcher.close()
     assert proc.returncode == 0, err[-3000:]
+    if page is not None:
+        followups = page["wells"]["A1"]["followups"]
+        assert len(followups) == 1 and followups[0]["rule"] == "more", followups
+        # Acks are taken when the next field is written: the follow-up field itself came after
+        # `started`.
+        assert followups[0]["state"] in ("started", "done"), followups
     # The request: one, from the rule, with valid useq events at a new field of A1.
     assert len(requests) == 1, requests
     req = requests[0]

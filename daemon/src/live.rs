@@ -124,7 +124,9 @@ struct State {
     header: Header,
     wells: BTreeMap<String, WellView>,
     started: Option<Instant>,
-    latencies_ms: Vec<f64>,
+    /// Field latencies in microseconds: constant memory and time per field, however long the
+    /// plate.
+    latency_us: Option<hdrhistogram::Histogram<u64>>,
 }
 
 /// The page's state and its event stream; shared by the pipeline's threads and the server.
@@ -141,13 +143,6 @@ impl Default for Live {
             events: broadcast::channel(EVENTS).0,
         }
     }
-}
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
 impl Live {
@@ -241,15 +236,20 @@ impl Live {
     /// Every sink finished a field `latency` after its first frame.
     pub fn done(&self, well: &str, latency: Duration, missed: bool, backlog: usize) {
         let mut s = self.lock();
-        s.latencies_ms.push(latency.as_secs_f64() * 1e3);
-        let mut sorted = s.latencies_ms.clone();
-        sorted.sort_by(f64::total_cmp);
+        let hist = s.latency_us.get_or_insert_with(|| {
+            hdrhistogram::Histogram::new(3).expect("3 significant figures is a valid precision")
+        });
+        let _ = hist.record(latency.as_micros() as u64);
+        let (p50, p99) = (
+            hist.value_at_quantile(0.5) as f64 / 1e3,
+            hist.value_at_quantile(0.99) as f64 / 1e3,
+        );
         let elapsed = s.started.map(|t| t.elapsed().as_secs_f64()).unwrap_or_default();
         let h = &mut s.header;
         h.fields_done += 1;
         h.deadline_misses += u64::from(missed);
-        h.latency_p50_ms = quantile(&sorted, 0.5);
-        h.latency_p99_ms = quantile(&sorted, 0.99);
+        h.latency_p50_ms = p50;
+        h.latency_p99_ms = p99;
         h.fields_per_s = if elapsed > 0.0 {
             h.fields_done as f64 / elapsed
         } else {
