@@ -172,6 +172,8 @@ pub trait SinkConfig {
 pub enum StageError {
     #[error("channel {0:?} is missing from this field")]
     MissingChannel(String),
+    #[error("model {0:?} is owed to this field but is not one of this run's [[inference.models]]")]
+    NotConfigured(String),
     #[error(transparent)]
     Kernel(#[from] liveomics_kernels::KernelError),
     #[error(transparent)]

@@ -43,6 +43,8 @@ pub struct BulkView {
     pub outputs: Vec<String>,
     pub values: Vec<f32>,
     pub history: Vec<Vec<f32>>,
+    /// Fields pooled in `values`.
+    pub fields: usize,
 }
 
 /// A follow-up request for a well and what the bridge said of it.
@@ -79,7 +81,8 @@ impl WellView {
         if let Some(slot) = r.fields.checked_sub(1).and_then(|i| b.history.get_mut(i)) {
             *slot = r.values.clone();
         }
-        if r.fields >= b.history.iter().filter(|h| !h.is_empty()).count() {
+        if r.fields >= b.fields {
+            b.fields = r.fields;
             b.outputs = r.outputs.clone();
             b.values = r.values.clone();
         }
@@ -351,8 +354,10 @@ mod tests {
             spread: vec![0.0],
         };
         w.add_readout(&r(2, 2.0));
+        w.add_readout(&r(4, 4.0));
+        w.add_readout(&r(3, 3.0));
         w.add_readout(&r(1, 1.0));
-        assert_eq!(w.bulk["m"].history, vec![vec![1.0], vec![2.0]]);
-        assert_eq!(w.bulk["m"].values, vec![2.0]);
+        assert_eq!(w.bulk["m"].history, vec![vec![1.0], vec![2.0], vec![3.0], vec![4.0]]);
+        assert_eq!(w.bulk["m"].values, vec![4.0], "the readout over the most fields");
     }
 }

@@ -126,6 +126,7 @@ pub struct RunSummary {
 /// A sink finished a field (successfully or not).
 struct Done {
     name: String,
+    key: liveomics_adapters::model::FieldKey,
     well: WellId,
     cells: usize,
     received_at: Instant,
@@ -145,6 +146,7 @@ impl Done {
     fn of(work: &FieldWork, ok: bool) -> Self {
         Self {
             name: work.name.clone(),
+            key: work.field.key.clone(),
             well: work.field.key.well,
             cells: work.records.len(),
             received_at: work.field.received_at,
@@ -566,6 +568,18 @@ impl Drop for Leaving {
     }
 }
 
+/// Hands a taken backlog item back when dropped.
+struct Finished<'a> {
+    backlog: &'a crate::schedule::Backlog,
+    ok: bool,
+}
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.backlog.finished(self.ok);
+    }
+}
+
 /// Marks a worker busy with a field while it lives.
 struct Busy<'a>(&'a AtomicUsize);
 
@@ -628,9 +642,16 @@ impl Backfill {
             let ready = intake_over || idle_since.is_some_and(|t| now.saturating_duration_since(t) >= self.idle);
             if ready {
                 if let Some(item) = self.scheduler.backlog.take(!intake_over) {
-                    let ok = self.one(item.owed);
-                    self.scheduler.backlog.finished(ok);
-                    let (fields, oldest) = self.scheduler.backlog.size(Instant::now());
+                    let scheduler = Arc::clone(&self.scheduler);
+                    // Handed back however `one` ends, a panic included: the other backfill
+                    // threads wait for every taken item before they may exit.
+                    let mut taken = Finished {
+                        backlog: &scheduler.backlog,
+                        ok: false,
+                    };
+                    taken.ok = self.one(item.owed);
+                    drop(taken);
+                    let (fields, oldest) = scheduler.backlog.size(Instant::now());
                     t::Backlog { fields, oldest }.emit();
                     continue;
                 }
@@ -737,6 +758,9 @@ fn track(
             }
             .emit();
             out.backfilled += u64::from(ok);
+            if !ok {
+                scheduler.backlog.not_written();
+            }
             continue;
         }
         if let Some(at) = d.stages_done_at {
@@ -750,7 +774,9 @@ fn track(
         }
         if d.degraded {
             out.degraded += 1;
-            scheduler.backlog.arrived();
+            scheduler.backlog.arrived(&d.key);
+            let (fields, oldest) = scheduler.backlog.size(now);
+            t::Backlog { fields, oldest }.emit();
         }
         let latency = now - d.received_at;
         let missed = now > d.deadline;

@@ -10,7 +10,7 @@
 //! optional ones. The per-cell batcher orders its requests by the same [`Edf`] key and learns
 //! its batch cost with the same [`Ewma`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -133,8 +133,12 @@ pub struct Owed {
 struct BacklogState {
     owed: BTreeMap<Edf, Owed>,
     next: u64,
-    /// Fields handed to the sinks with work owed that the plate store has not recorded yet.
+    /// Fields handed to the sinks with work owed that not every sink has reported yet.
     expected: usize,
+    /// Degraded fields the plate store has recorded while other sinks may still hold them:
+    /// owed once every sink is done with the field, so that no backfill overtakes the field
+    /// itself in any sink.
+    parked: HashMap<FieldKey, (Instant, Owed)>,
     /// Items taken and not yet handed back finished.
     running: usize,
     /// Items whose backfill failed: still owed in the plate, for the next run.
@@ -167,16 +171,28 @@ impl Backlog {
         self.lock().expected += 1;
     }
 
-    /// Every sink is done with a degraded field (recorded by then, or its write failed).
-    pub fn arrived(&self) {
+    /// Every sink is done with the degraded field `key`: what the store recorded for it is owed
+    /// from now on (nothing, if its write failed).
+    pub fn arrived(&self, key: &FieldKey) {
         let mut s = self.lock();
         s.expected = s.expected.saturating_sub(1);
+        if let Some((deadline, owed)) = s.parked.remove(key) {
+            Self::insert(&mut s, owed, deadline);
+        }
     }
 
-    /// Work owed to a field on disk. `deadline` orders it (the field's own deadline, or for
-    /// fields found at startup the time they were found, in plate order).
+    /// The plate store wrote a degraded field: owed once every sink is done with it
+    /// ([`Backlog::arrived`]).
+    pub fn written(&self, owed: Owed, deadline: Instant) {
+        self.lock().parked.insert(owed.key.clone(), (deadline, owed));
+    }
+
+    /// Work owed to a field on disk, found at startup. `deadline` orders it (in plate order).
     pub fn record(&self, owed: Owed, deadline: Instant) {
-        let mut s = self.lock();
+        Self::insert(&mut self.lock(), owed, deadline);
+    }
+
+    fn insert(s: &mut BacklogState, owed: Owed, deadline: Instant) {
         let seq = s.next;
         s.next += 1;
         // One entry per field: a second record of the same field (a restart that finds what a
@@ -204,6 +220,11 @@ impl Backlog {
         s.failed += usize::from(!ok);
     }
 
+    /// A backfill handed to the sinks was not written by every one: still owed in the plate.
+    pub fn not_written(&self) {
+        self.lock().failed += 1;
+    }
+
     /// Fields still owed: in the backlog, or failed and left owed in the plate.
     pub fn left(&self) -> usize {
         let s = self.lock();
@@ -213,7 +234,7 @@ impl Backlog {
     /// Nothing owed, nothing on its way to being recorded, nothing running.
     pub fn settled(&self) -> bool {
         let s = self.lock();
-        s.owed.is_empty() && s.expected == 0 && s.running == 0
+        s.owed.is_empty() && s.expected == 0 && s.running == 0 && s.parked.is_empty()
     }
 
     /// Owed fields and the age of the oldest.
@@ -233,7 +254,10 @@ impl Backlog {
 /// backlog, and whether skipping is possible at all.
 #[derive(Debug, Default)]
 pub struct Scheduler {
-    costs: Mutex<BTreeMap<String, Ewma>>,
+    /// Per model: runs seen, and the cost learnt from all but the first (a first run pays for
+    /// session set-up, allocations and a GPU's autotuning: learnt from, it could make a model
+    /// look too slow for every later field).
+    costs: Mutex<BTreeMap<String, (u64, Ewma)>>,
     tail: Mutex<Ewma>,
     can_defer: AtomicBool,
     pub backlog: Backlog,
@@ -256,19 +280,19 @@ impl Scheduler {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(model)
-            .and_then(Ewma::predict);
+            .and_then(|(_, e)| e.predict());
         let tail = self.tail.lock().unwrap_or_else(|e| e.into_inner()).predict();
         decide(class, cost, tail.unwrap_or_default(), now, deadline, self.can_defer())
     }
 
-    /// A model ran inline on a field in `took`.
+    /// A model ran on a field in `took`.
     pub fn observe(&self, model: &str, took: Duration) {
-        self.costs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(model.to_string())
-            .or_default()
-            .observe(took);
+        let mut costs = self.costs.lock().unwrap_or_else(|e| e.into_inner());
+        let (seen, cost) = costs.entry(model.to_string()).or_default();
+        *seen += 1;
+        if *seen > 1 {
+            cost.observe(took);
+        }
     }
 
     /// A field went from the end of its stages to written by every sink in `took`.
@@ -384,6 +408,9 @@ mod tests {
         let t0 = Instant::now();
         let deadline = t0 + ms(1000);
         assert_eq!(s.decide("vs", Class::InlineIfOnTime, t0, deadline), Decision::Run);
+        // The first run is a warm-up, however slow: not learnt from.
+        s.observe("vs", ms(60_000));
+        assert_eq!(s.decide("vs", Class::InlineIfOnTime, t0, deadline), Decision::Run);
         s.observe("vs", ms(600));
         assert_eq!(s.decide("vs", Class::InlineIfOnTime, t0, deadline), Decision::Run);
         s.observe_tail(ms(500));
@@ -417,17 +444,26 @@ mod tests {
     }
 
     #[test]
-    fn the_backlog_is_not_settled_while_a_degraded_field_is_on_its_way() {
+    fn a_degraded_field_is_owed_only_once_every_sink_is_done_with_it() {
         let b = Backlog::default();
         let t0 = Instant::now();
         b.expect();
         assert!(!b.settled());
-        b.record(owed(1, t0), t0);
-        b.arrived();
+        b.written(owed(1, t0), t0);
+        assert!(b.take(false).is_none(), "another sink may still hold the field");
+        assert!(!b.settled());
+        b.arrived(&key(1));
         assert!(!b.settled());
         b.take(false).unwrap();
         b.finished(true);
         assert!(b.settled());
+        // A field whose store write failed was never written: nothing is owed.
+        b.expect();
+        b.arrived(&key(2));
+        assert!(b.settled());
+        assert_eq!(b.left(), 0);
+        b.not_written();
+        assert_eq!(b.left(), 1);
     }
 
     #[test]

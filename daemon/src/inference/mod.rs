@@ -543,10 +543,18 @@ impl Stage for InferenceStage {
     /// and counted).
     fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError> {
         let mut first_err = None;
+        // A backfill reads the raw planes back from the plate, where a channel that never arrived
+        // reads as zeros: an incomplete field's work is done now, never owed.
+        let may_skip = work.field.missing_channels().is_empty();
         for l in &self.models {
             if l.class != Class::Required {
                 work.required_done_at.get_or_insert_with(Instant::now);
-                if let Decision::Skip(why) = self.scheduler.decide(&l.name, l.class, Instant::now(), work.deadline) {
+                let decision = if may_skip {
+                    self.scheduler.decide(&l.name, l.class, Instant::now(), work.deadline)
+                } else {
+                    Decision::Run
+                };
+                if let Decision::Skip(why) = decision {
                     t::WorkDeferred {
                         field: &work.name,
                         model: &l.name,
@@ -566,6 +574,11 @@ impl Stage for InferenceStage {
     }
 
     fn run_owed(&mut self, work: &mut FieldWork, models: &[String]) -> Result<(), StageError> {
+        // Owed to a model this run does not have (renamed or removed since): the field stays
+        // owed rather than being written off as backfilled.
+        if let Some(unknown) = models.iter().find(|m| !self.models.iter().any(|l| &l.name == *m)) {
+            return Err(StageError::NotConfigured(unknown.clone()));
+        }
         let mut first_err = None;
         for l in self.models.iter().filter(|l| models.contains(&l.name)) {
             if let Err(e) = self.run_timed(l, work) {

@@ -51,6 +51,8 @@ const STYLE: &str = include_str!("page/style.css");
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
+    #[error("cannot serve {0:?} under /zarr/: a store name may hold letters, digits, '.', '_' and '-' only")]
+    StoreName(String),
     #[error("cannot listen on {addr} (telemetry.http_listen)")]
     Bind {
         addr: String,
@@ -77,6 +79,13 @@ pub fn start(
 ) -> Result<Option<SocketAddr>, WebError> {
     if listen.is_empty() {
         return Ok(None);
+    }
+    if let Some(name) = plate_dir.as_ref().and_then(|d| d.file_name()) {
+        let name = name.to_string_lossy();
+        let plain = |b: u8| b.is_ascii_alphanumeric() || b"._-".contains(&b);
+        if name.is_empty() || !name.bytes().all(plain) {
+            return Err(WebError::StoreName(name.into_owned()));
+        }
     }
     let bind = |source| WebError::Bind {
         addr: listen.to_string(),
@@ -206,6 +215,8 @@ async fn serve(listener: TcpListener, router: Router) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, say: wait instead of spinning.
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {

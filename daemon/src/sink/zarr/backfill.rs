@@ -75,12 +75,12 @@ impl ZarrSink {
         }
     }
 
-    /// Hands a degraded field, now on disk, to the backlog.
+    /// Hands a degraded field, now on disk, to the backlog (owed once every sink has it).
     pub(super) fn hand_to_backlog(&self, work: &FieldWork) {
         if work.owed.is_empty() {
             return;
         }
-        self.scheduler.backlog.record(
+        self.scheduler.backlog.written(
             Owed {
                 key: work.field.key.clone(),
                 models: work.owed.clone(),
@@ -88,8 +88,6 @@ impl ZarrSink {
             },
             work.deadline,
         );
-        let (fields, oldest) = self.scheduler.backlog.size(Instant::now());
-        crate::telemetry::Backlog { fields, oldest }.emit();
     }
 
     /// Adds the virtual channels of `models`, computed after the field was written, to its

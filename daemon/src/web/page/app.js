@@ -145,8 +145,16 @@ function renderWell() {
     const genes = b.outputs.slice(0, 6);
     const t = document.createElement("table");
     t.id = "readout-table";
-    t.innerHTML = `<caption>${model}: ln abundance after each field</caption><tr><th>fields</th>${genes.map((g) => `<th>${g}</th>`).join("")}</tr>` +
-      b.history.map((h, i) => `<tr><td>${i + 1}</td>${genes.map((_, k) => `<td>${h.length ? h[k].toFixed(3) : ""}</td>`).join("")}</tr>`).join("");
+    const cell = (tag, text) => Object.assign(document.createElement(tag), { textContent: text });
+    t.append(cell("caption", `${model}: ln abundance after each field`));
+    const head = document.createElement("tr");
+    head.append(cell("th", "fields"), ...genes.map((g) => cell("th", g)));
+    t.append(head);
+    b.history.forEach((h, i) => {
+      const tr = document.createElement("tr");
+      tr.append(cell("td", String(i + 1)), ...genes.map((_, k) => cell("td", h.length ? h[k].toFixed(3) : "")));
+      t.append(tr);
+    });
     readout.replaceChildren(t);
   }
   const ul = $("followups");
