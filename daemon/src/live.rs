@@ -17,6 +17,9 @@ use crate::field::{ColumnKind, FieldWork, WellReadout};
 /// Events buffered for a slow subscriber; one that falls further behind gets the whole state
 /// again instead of the events it missed.
 const EVENTS: usize = 256;
+/// More (field, timepoint) pairs than a well can hold: the simulator's and the sources' limits
+/// are far below.
+const MAX_FIELDS: usize = 1_000_000;
 
 /// One well as the page shows it.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -74,6 +77,10 @@ impl WellView {
     /// Takes a well-omics readout (the one pooled over the most fields wins: workers finish out
     /// of order) into the well's history.
     pub fn add_readout(&mut self, r: &WellReadout) {
+        // A readout read from a plate file is not trusted to size the history.
+        if r.fields > MAX_FIELDS {
+            return;
+        }
         let b = self.bulk.entry(r.model.clone()).or_default();
         if b.history.len() < r.fields {
             b.history.resize(r.fields, Vec::new());

@@ -108,6 +108,9 @@ pub struct InferenceStage {
     models: Vec<Arc<Loaded>>,
     tile: TileOptions,
     scheduler: Arc<Scheduler>,
+    /// Whether this is the last stage: only then is the rest of a field's required work known
+    /// when an optional model is weighed against its deadline, so only then is anything skipped.
+    last: bool,
 }
 
 impl StageConfig for InferenceConfig {
@@ -151,6 +154,7 @@ impl InferenceStage {
                 batch: inf.tile_batch,
             },
             scheduler: Arc::clone(&ctx.resources.scheduler),
+            last: ctx.stages.last() == Some(&StageName::Inference),
         })
     }
 }
@@ -544,8 +548,9 @@ impl Stage for InferenceStage {
     fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError> {
         let mut first_err = None;
         // A backfill reads the raw planes back from the plate, where a channel that never arrived
-        // reads as zeros: an incomplete field's work is done now, never owed.
-        let may_skip = work.field.missing_channels().is_empty();
+        // reads as zeros: an incomplete field's work is done now, never owed. Nor is anything
+        // skipped when stages follow this one: their cost is not weighed.
+        let may_skip = self.last && work.field.missing_channels().is_empty();
         for l in &self.models {
             if l.class != Class::Required {
                 work.required_done_at.get_or_insert_with(Instant::now);
