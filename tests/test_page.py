@@ -124,6 +124,10 @@ def test_http_surface_during_a_run_and_after_it(binary, tmp_path):
             assert live["cells"] > 0 and len(live["fields"]) == 4, live
             assert live["bulk"]["wellomics"]["history"] and len(live["bulk"]["wellomics"]["history"]) == 4
         assert get(port2, "/api/thumb/C/2/0/4.png")[0] == 200, "the virtual channel's thumbnail"
+        first_t, last_t = get(port2, "/api/thumb/B/2/0/0.png?t=0")[2], get(port2, "/api/thumb/B/2/0/0.png?t=3")[2]
+        assert first_t[:8] == last_t[:8] == b"\x89PNG\r\n\x1a\n" and first_t != last_t, "each timepoint its own image"
+        assert get(port2, "/api/thumb/B/2/0/0.png?t=4")[0] == 404
+        assert get(port2, "/api/thumb/B/2/0/0.png?t=x")[0] == 400
         assert get(port2, "/zarr/page.zarr/B/2/0/zarr.json")[0] == 200
     finally:
         proc.terminate()

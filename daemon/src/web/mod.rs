@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -186,9 +186,17 @@ async fn events(State(app): State<App>) -> Response {
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
+/// `?t=N`: the timepoint (default 0).
+#[derive(Debug, serde::Deserialize)]
+struct Timepoint {
+    #[serde(default)]
+    t: u32,
+}
+
 async fn thumbnail(
     State(app): State<App>,
     UrlPath((row, column, field, channel)): UrlPath<(String, String, u32, String)>,
+    Query(Timepoint { t }): Query<Timepoint>,
 ) -> Response {
     let Some(dir) = app.plate_dir.clone() else {
         return (StatusCode::NOT_FOUND, "no plate store\n").into_response();
@@ -196,7 +204,7 @@ async fn thumbnail(
     let Some(channel) = channel.strip_suffix(".png").and_then(|c| c.parse::<usize>().ok()) else {
         return (StatusCode::NOT_FOUND, "expected CHANNEL.png\n").into_response();
     };
-    let made = tokio::task::spawn_blocking(move || thumb::png(&dir, &row, &column, field, channel)).await;
+    let made = tokio::task::spawn_blocking(move || thumb::png(&dir, &row, &column, field, channel, t)).await;
     match made {
         Ok(Ok(png)) => (
             [(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "no-cache")],

@@ -42,6 +42,9 @@ fn read_plane<T: zarrs::array::ElementOwned>(
     if n < 3 {
         return Err(read(&format!("{n} dimensions")));
     }
+    if n == 4 && timepoint >= shape[0] {
+        return Err(ThumbError::NotFound(format!("{node}: timepoint {timepoint}")));
+    }
     let (h, w) = (shape[n - 2], shape[n - 1]);
     let mut ranges = vec![channel..channel + 1, 0..h, 0..w];
     if n == 4 {
@@ -62,10 +65,17 @@ fn hex_rgb(color: &str) -> [f32; 3] {
     ]
 }
 
-/// The PNG of channel `channel` of the field `row/column/field` of the plate at `plate_dir`.
-/// The names come from the request; they are checked against what the plate lists, never
-/// joined into a path as they are.
-pub fn png(plate_dir: &Path, row: &str, column: &str, field: u32, channel: usize) -> Result<Vec<u8>, ThumbError> {
+/// The PNG of channel `channel` at timepoint `timepoint` of the field `row/column/field` of the
+/// plate at `plate_dir`. The names come from the request; they are checked to be plain names,
+/// never joined into a path as they are.
+pub fn png(
+    plate_dir: &Path,
+    row: &str,
+    column: &str,
+    field: u32,
+    channel: usize,
+    timepoint: u32,
+) -> Result<Vec<u8>, ThumbError> {
     let ok_name = |s: &str| !s.is_empty() && s.len() <= 8 && s.bytes().all(|b| b.is_ascii_alphanumeric());
     if !ok_name(row) || !ok_name(column) {
         return Err(ThumbError::NotFound(format!("{row}/{column}")));
@@ -90,9 +100,10 @@ pub fn png(plate_dir: &Path, row: &str, column: &str, field: u32, channel: usize
         path: plate_dir.display().to_string(),
         message: e.to_string(),
     })?);
-    let (px, w, h) = read_plane::<u16>(&store, &format!("/{image}/{lowest}"), channel as u64, 0)?;
+    let t = u64::from(timepoint);
+    let (px, w, h) = read_plane::<u16>(&store, &format!("/{image}/{lowest}"), channel as u64, t)?;
     // The outlines of the cells, when the field was segmented.
-    let labels = read_plane::<u32>(&store, &format!("/{image}/labels/cells/{lowest}"), 0, 0)
+    let labels = read_plane::<u32>(&store, &format!("/{image}/labels/cells/{lowest}"), 0, t)
         .ok()
         .filter(|(_, lw, lh)| (*lw, *lh) == (w, h))
         .map(|(l, ..)| l);

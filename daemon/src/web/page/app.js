@@ -118,7 +118,10 @@ function renderWell() {
   $("well-summary").textContent = `${new Set(w.fields.map((f) => f[0])).size} fields, ${w.cells} cells, ` +
     `${w.deadline_misses} deadline misses, ${w.degraded} degraded`;
   const fields = $("fields");
-  const shown = [...new Set(w.fields.map((f) => f[0]))].sort((a, b) => a - b);
+  // Each field at its latest timepoint written.
+  const latest = new Map();
+  for (const [f, t] of w.fields) latest.set(f, Math.max(t, latest.get(f) ?? 0));
+  const shown = [...latest.keys()].sort((a, b) => a - b);
   const row = selected[0], col = selected.slice(1);
   const rows = shown.map((f) => {
     const div = document.createElement("div");
@@ -127,9 +130,9 @@ function renderWell() {
       const fig = document.createElement("figure");
       const img = document.createElement("img");
       img.alt = `${selected} field ${f} ${ch}`;
-      img.src = `/api/thumb/${row}/${col}/${f}/${k}.png?n=${w.fields.length}`;
+      img.src = `/api/thumb/${row}/${col}/${f}/${k}.png?t=${latest.get(f)}`;
       const cap = document.createElement("figcaption");
-      cap.textContent = `f${f} ${ch}`;
+      cap.textContent = `f${f} t${latest.get(f)} ${ch}`;
       fig.append(img, cap);
       div.append(fig);
     });
