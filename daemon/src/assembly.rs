@@ -23,6 +23,8 @@ struct Pending {
     channels: Vec<Option<Arc<[u16]>>>,
     acquired_at: std::time::SystemTime,
     received_at: Instant,
+    /// When its latest frame reached assembly: the timeout counts from here.
+    last_arrival: Instant,
     origin: liveomics_adapters::model::Origin,
     have: usize,
     /// Pixel bytes held, for `pipeline.max_pending_mb`.
@@ -34,7 +36,7 @@ struct Pending {
 const REMEMBERED: usize = 100_000;
 
 /// Groups frames into fields. A complete field goes on at once. A field still missing channels
-/// `timeout` after its first frame goes on incomplete, and so do the oldest others when the
+/// `timeout` after its latest frame reached assembly goes on incomplete, and so do the oldest others when the
 /// frames waiting would hold more than `max_pending` bytes; each with a counted warning, its raw
 /// frames kept, never dropped. Invalid, late and duplicate frames are rejected, logged and
 /// counted.
@@ -125,6 +127,13 @@ impl Assembler {
     /// One frame in; the fields it lets go on, in order (partial fields it evicts over the
     /// memory cap, then its own field if it completes it).
     pub fn frame(&mut self, frame: Frame) -> Vec<Field> {
+        let at = frame.received_at;
+        self.frame_at(frame, at)
+    }
+
+    /// [`Assembler::frame`] for a frame that reached assembly at `arrived` (the source's stamp
+    /// says when it was produced; under backpressure it may have waited long in the queue).
+    pub fn frame_at(&mut self, frame: Frame, arrived: Instant) -> Vec<Field> {
         let mut out = Vec::new();
         let plan = self.plan.clone();
         let n = plan.channels.len();
@@ -207,6 +216,7 @@ impl Assembler {
             channels: vec![None; n],
             acquired_at: frame.acquired_at,
             received_at: frame.received_at,
+            last_arrival: arrived,
             origin: frame.origin.clone(),
             have: 0,
             bytes: 0,
@@ -219,6 +229,7 @@ impl Assembler {
         entry.have += 1;
         entry.bytes += frame_bytes;
         entry.received_at = entry.received_at.min(frame.received_at);
+        entry.last_arrival = entry.last_arrival.max(arrived);
         let complete = entry.have == n;
         self.held += frame_bytes;
         if complete {
@@ -230,12 +241,14 @@ impl Assembler {
         out
     }
 
-    /// The clock at `now`: fields whose first frame is older than the timeout go on as they are.
+    /// The clock at `now`: fields that got no frame for longer than the timeout go on as they
+    /// are. The caller ticks only while no frame waits for it, so that frames held back by
+    /// backpressure never make their own field late.
     pub fn tick(&mut self, now: Instant) -> Vec<Field> {
         let mut expired: Vec<(FieldKey, Instant)> = self
             .pending
             .iter()
-            .filter(|(_, p)| now.saturating_duration_since(p.received_at) > self.timeout)
+            .filter(|(_, p)| now.saturating_duration_since(p.last_arrival) > self.timeout)
             .map(|(k, p)| (k.clone(), p.received_at))
             .collect();
         expired.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
@@ -311,6 +324,32 @@ mod tests {
         assert_eq!(px, [0, 1, 2], "channels in plan order, whatever the arrival order");
         assert_eq!(a.held_bytes(), 0);
         assert_eq!(a.stats(), AssemblyStats::default());
+    }
+
+    #[test]
+    fn a_field_whose_frames_keep_coming_is_not_timed_out() {
+        let p = plan(3);
+        let mut a = Assembler::new(p.clone(), Duration::from_secs(5), u64::MAX);
+        let t0 = Instant::now();
+        // The source stamped all three channels at t0, but backpressure held them: they reach
+        // assembly 4 s apart, 8 s in all, each within the timeout of the one before.
+        assert!(a.frame_at(frame(&p, "B2", 0, 0, t0), t0).is_empty());
+        assert!(a.tick(t0 + Duration::from_secs(4)).is_empty());
+        assert!(a
+            .frame_at(frame(&p, "B2", 0, 1, t0), t0 + Duration::from_secs(4))
+            .is_empty());
+        assert!(
+            a.tick(t0 + Duration::from_secs(8)).is_empty(),
+            "4 s since its latest frame"
+        );
+        let out = a.frame_at(frame(&p, "B2", 0, 2, t0), t0 + Duration::from_secs(8));
+        assert_eq!(out.len(), 1);
+        assert!(out[0].missing_channels().is_empty());
+        assert_eq!(
+            out[0].received_at, t0,
+            "latency still counts from the first frame's stamp"
+        );
+        assert_eq!(a.stats().incomplete, 0);
     }
 
     #[test]

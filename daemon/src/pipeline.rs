@@ -826,8 +826,13 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, mut asm: Assembler) -> Assem
                     depth: rx.len(),
                 }
                 .emit();
-                let mut out = asm.frame(frame);
-                out.extend(asm.tick(Instant::now()));
+                let now = Instant::now();
+                let mut out = asm.frame_at(frame, now);
+                // Frames still waiting may be the missing channels, held back by backpressure:
+                // no field times out before they are in.
+                if rx.is_empty() {
+                    out.extend(asm.tick(now));
+                }
                 out
             }
             Err(RecvTimeoutError::Timeout) => asm.tick(Instant::now()),
