@@ -649,10 +649,9 @@ impl Backfill {
                         backlog: &scheduler.backlog,
                         ok: false,
                     };
-                    taken.ok = self.one(item.owed);
+                    taken.ok = self.one(item);
                     drop(taken);
-                    let (fields, oldest) = scheduler.backlog.size(Instant::now());
-                    t::Backlog { fields, oldest }.emit();
+                    scheduler.backlog.report();
                     continue;
                 }
             }
@@ -775,8 +774,7 @@ fn track(
         if d.degraded {
             out.degraded += 1;
             scheduler.backlog.arrived(&d.key);
-            let (fields, oldest) = scheduler.backlog.size(now);
-            t::Backlog { fields, oldest }.emit();
+            scheduler.backlog.report();
         }
         let latency = now - d.received_at;
         let missed = now > d.deadline;

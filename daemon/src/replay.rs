@@ -11,7 +11,7 @@ use liveomics_adapters::folder::Speed;
 use liveomics_adapters::model::{AcquisitionPlan, ChannelInfo, FieldKey, Frame, Name, Pixels, PlateFormat, WellId};
 use liveomics_adapters::source::{wait_until, Source, SourceError, SourceReport, StopToken};
 use serde_json::Value;
-use zarrs::array::{Array, ArraySubset};
+use zarrs::array::Array;
 use zarrs::filesystem::FilesystemStore;
 
 use liveomics_adapters::Invalid;
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::component::{Context, SourceConfig};
 use crate::field::is_virtual_label;
+use crate::sink::zarr::node::read_plane;
 use crate::sink::zarr::ome;
 
 /// Replay of an OME-Zarr plate written by liveomics.
@@ -260,12 +261,7 @@ impl Source for ZarrReplay {
             let acquired_at = UNIX_EPOCH + Duration::from_nanos(item.acquired_ns as u64);
             let mut frames = Vec::new();
             for c in 0..self.plan.channels.len() as u64 {
-                let mut ranges = vec![c..c + 1, 0..shape[n - 2], 0..shape[n - 1]];
-                if n == 4 {
-                    ranges.insert(0, item.key.timepoint as u64..item.key.timepoint as u64 + 1);
-                }
-                let px: Vec<u16> = array
-                    .retrieve_array_subset(&ArraySubset::new_with_ranges(&ranges))
+                let px: Vec<u16> = read_plane(&array, c, u64::from(item.key.timepoint))
                     .map_err(|e| SourceError::Config(format!("{node}: {e}")))?;
                 frames.push(Frame {
                     key: item.key.clone(),

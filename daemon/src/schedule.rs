@@ -153,13 +153,6 @@ pub struct Backlog {
     state: Mutex<BacklogState>,
 }
 
-/// An item of the backlog taken for backfilling.
-#[derive(Debug, Clone)]
-pub struct Taken {
-    pub id: Edf,
-    pub owed: Owed,
-}
-
 impl Backlog {
     fn lock(&self) -> std::sync::MutexGuard<'_, BacklogState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -203,14 +196,14 @@ impl Backlog {
 
     /// The oldest owed field. `during_intake`: the acquisition is still running, so at most one
     /// item is backfilled at a time and the rest of the machine stays with the live fields.
-    pub fn take(&self, during_intake: bool) -> Option<Taken> {
+    pub fn take(&self, during_intake: bool) -> Option<Owed> {
         let mut s = self.lock();
         if during_intake && s.running > 0 {
             return None;
         }
-        let (id, owed) = s.owed.pop_first()?;
+        let (_, owed) = s.owed.pop_first()?;
         s.running += 1;
-        Some(Taken { id, owed })
+        Some(owed)
     }
 
     /// A taken item was handed to the sinks (`ok`), or failed and was reported.
@@ -235,6 +228,12 @@ impl Backlog {
     pub fn settled(&self) -> bool {
         let s = self.lock();
         s.owed.is_empty() && s.expected == 0 && s.running == 0 && s.parked.is_empty()
+    }
+
+    /// Sets the backlog's gauges (size, age of the oldest) after a change.
+    pub fn report(&self) {
+        let (fields, oldest) = self.size(Instant::now());
+        crate::telemetry::Backlog { fields, oldest }.emit();
     }
 
     /// Owed fields and the age of the oldest.
@@ -431,13 +430,13 @@ mod tests {
         b.record(owed(2, t0), t0 + ms(200));
         assert_eq!(b.size(t0).0, 3);
         let first = b.take(true).unwrap();
-        assert_eq!(first.owed.key.field, 1);
+        assert_eq!(first.key.field, 1);
         assert!(b.take(true).is_none(), "one at a time while fields are still coming");
         let second = b.take(false).unwrap();
-        assert_eq!(second.owed.key.field, 2);
+        assert_eq!(second.key.field, 2);
         b.finished(true);
         b.finished(true);
-        assert_eq!(b.take(true).unwrap().owed.key.field, 3);
+        assert_eq!(b.take(true).unwrap().key.field, 3);
         assert!(!b.settled());
         b.finished(true);
         assert!(b.settled());

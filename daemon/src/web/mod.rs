@@ -112,14 +112,13 @@ pub fn start(
 }
 
 fn router(app: App) -> Router {
-    let answers = Router::new()
+    let mut answers = Router::new()
         .route("/", get(|| async { page(INDEX, "text/html; charset=utf-8") }))
         .route("/app.js", get(|| async { page(APP, "text/javascript; charset=utf-8") }))
         .route("/style.css", get(|| async { page(STYLE, "text/css; charset=utf-8") }))
         .route("/metrics", get(metrics))
         .route("/api/state", get(state))
         .route("/api/thumb/{row}/{column}/{field}/{channel}", get(thumbnail));
-    let mut answers = answers;
     if let Some(dir) = &app.plate_dir {
         let name = dir
             .file_name()

@@ -33,7 +33,8 @@ const NOT_MEASURES: [&str; 9] = [
     "bbox_max_y",
 ];
 
-fn attrs(dir: &Path, node: &str) -> Option<Value> {
+/// The `attributes` of the node `node` (a relative path) of the store at `dir`.
+pub(super) fn attrs(dir: &Path, node: &str) -> Option<Value> {
     let text = std::fs::read_to_string(dir.join(node).join("zarr.json")).ok()?;
     serde_json::from_str::<Value>(&text).ok()?.get("attributes").cloned()
 }

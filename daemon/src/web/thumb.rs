@@ -6,8 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::Value;
-use zarrs::array::{Array, ArraySubset};
+use zarrs::array::Array;
 use zarrs::filesystem::FilesystemStore;
+
+use crate::sink::zarr::node::read_plane;
 
 /// Why a thumbnail could not be made; the server answers 404 with it.
 #[derive(Debug, thiserror::Error)]
@@ -20,40 +22,21 @@ pub enum ThumbError {
     Encode(String),
 }
 
-fn read_attrs(store: &Path, node: &str) -> Option<Value> {
-    let text = std::fs::read_to_string(store.join(node).join("zarr.json")).ok()?;
-    let v: Value = serde_json::from_str(&text).ok()?;
-    v.pointer("/attributes/ome").cloned()
-}
-
-fn read_plane<T: zarrs::array::ElementOwned>(
+/// A plane of the array at `node` and its width and height.
+fn plane<T: zarrs::array::ElementOwned>(
     store: &Arc<FilesystemStore>,
     node: &str,
     channel: u64,
     timepoint: u64,
 ) -> Result<(Vec<T>, usize, usize), ThumbError> {
-    let read = |e: &dyn std::fmt::Display| ThumbError::Read {
+    let read = |message: String| ThumbError::Read {
         path: node.to_string(),
-        message: e.to_string(),
+        message,
     };
-    let array = Array::open(store.clone(), node).map_err(|e| read(&e))?;
+    let array = Array::open(store.clone(), node).map_err(|e| read(e.to_string()))?;
     let shape = array.shape().to_vec();
-    let n = shape.len();
-    if n < 3 {
-        return Err(read(&format!("{n} dimensions")));
-    }
-    if n == 4 && timepoint >= shape[0] {
-        return Err(ThumbError::NotFound(format!("{node}: timepoint {timepoint}")));
-    }
-    let (h, w) = (shape[n - 2], shape[n - 1]);
-    let mut ranges = vec![channel..channel + 1, 0..h, 0..w];
-    if n == 4 {
-        ranges.insert(0, timepoint..timepoint + 1);
-    }
-    let px: Vec<T> = array
-        .retrieve_array_subset(&ArraySubset::new_with_ranges(&ranges))
-        .map_err(|e| read(&e))?;
-    Ok((px, w as usize, h as usize))
+    let px = read_plane(&array, channel, timepoint).map_err(read)?;
+    Ok((px, shape[shape.len() - 1] as usize, shape[shape.len() - 2] as usize))
 }
 
 fn hex_rgb(color: &str) -> [f32; 3] {
@@ -81,7 +64,9 @@ pub fn png(
         return Err(ThumbError::NotFound(format!("{row}/{column}")));
     }
     let image = format!("{row}/{column}/{field}");
-    let attrs = read_attrs(plate_dir, &image).ok_or_else(|| ThumbError::NotFound(image.clone()))?;
+    let attrs = super::plate::attrs(plate_dir, &image)
+        .and_then(|a| a.get("ome").cloned())
+        .ok_or_else(|| ThumbError::NotFound(image.clone()))?;
     let lowest = attrs
         .pointer("/multiscales/0/datasets")
         .and_then(Value::as_array)
@@ -101,9 +86,9 @@ pub fn png(
         message: e.to_string(),
     })?);
     let t = u64::from(timepoint);
-    let (px, w, h) = read_plane::<u16>(&store, &format!("/{image}/{lowest}"), channel as u64, t)?;
+    let (px, w, h) = plane::<u16>(&store, &format!("/{image}/{lowest}"), channel as u64, t)?;
     // The outlines of the cells, when the field was segmented.
-    let labels = read_plane::<u32>(&store, &format!("/{image}/labels/cells/{lowest}"), 0, t)
+    let labels = plane::<u32>(&store, &format!("/{image}/labels/cells/{lowest}"), 0, t)
         .ok()
         .filter(|(_, lw, lh)| (*lw, *lh) == (w, h))
         .map(|(l, ..)| l);

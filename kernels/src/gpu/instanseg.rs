@@ -5,27 +5,12 @@
 //! evaluations.
 
 use super::*;
-use crate::instanseg::{self, merge, window::Window, InstanSegParams, Instances, CHANNELS_PER_TARGET};
+use crate::instanseg::{self, merge, window::Window, InstanSegParams, CHANNELS_PER_TARGET};
 
 impl Gpu {
-    /// [`instanseg::instances`] on the device.
-    pub fn instances(
-        &self,
-        embedding: &[f32],
-        channels: usize,
-        width: usize,
-        height: usize,
-        cells: bool,
-        p: &InstanSegParams,
-    ) -> Result<Instances, GpuError> {
-        // The targets run one after the other: each already fills the device.
-        instanseg::instances_with(embedding, channels, width, height, cells, p, false, |e| {
-            self.instanseg_target(e, width, height, p)
-        })
-    }
-
-    /// One target's labels from its five channels.
-    fn instanseg_target(
+    /// One target's labels from its five channels (`Steps::instanseg` runs the targets one
+    /// after the other: each already fills the device).
+    pub(super) fn instanseg_target(
         &self,
         e: &[f32],
         width: usize,

@@ -260,6 +260,8 @@ impl Steps for Gpu {
         cells: bool,
         p: &crate::instanseg::InstanSegParams,
     ) -> Result<crate::instanseg::Instances, GpuError> {
-        self.instances(embedding, channels, width, height, cells, p)
+        crate::instanseg::instances_with(embedding, channels, width, height, cells, p, false, |e| {
+            self.instanseg_target(e, width, height, p)
+        })
     }
 }

@@ -510,7 +510,7 @@ fn instanseg_post_processing_equals_the_cpu() {
                 for cells in [false, true] {
                     let p = diamond_classifier(ws, cleanup);
                     let want = instanseg::instances(&e, 10, w, h, cells, &p).unwrap();
-                    let got = g.instances(&e, 10, w, h, cells, &p).unwrap();
+                    let got = Backend::instanseg(&g, &e, 10, w, h, cells, &p).unwrap();
                     let what = format!("{w}x{h}, {count} centres, cleanup {cleanup}, cells {cells}");
                     if count > 0 {
                         assert!(want.nuclei.iter().any(|&v| v > 0), "{what}: the test finds objects");
@@ -532,12 +532,12 @@ fn instanseg_post_processing_equals_the_cpu() {
         let p = diamond_classifier(8, true);
         let five = &e[..5 * 96 * 80];
         assert_eq!(
-            g.instances(five, 5, 96, 80, true, &p).unwrap(),
+            Backend::instanseg(&g, five, 5, 96, 80, true, &p).unwrap(),
             instanseg::instances(five, 5, 96, 80, true, &p).unwrap()
         );
         let tiny = instanseg_embedding(1, 9, 1, 3);
         assert_eq!(
-            g.instances(&tiny, 10, 1, 9, true, &p).unwrap(),
+            Backend::instanseg(&g, &tiny, 10, 1, 9, true, &p).unwrap(),
             instanseg::instances(&tiny, 10, 1, 9, true, &p).unwrap()
         );
     }

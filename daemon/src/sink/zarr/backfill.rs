@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use liveomics_adapters::model::{AcquisitionPlan, Field, FieldKey};
-use zarrs::array::{Array, ArraySubset};
+use zarrs::array::Array;
 use zarrs::filesystem::FilesystemStore;
 
-use super::node::zerr;
+use super::node::{read_plane, zerr};
 use super::ZarrSink;
 use crate::component::SinkError;
 use crate::field::FieldWork;
@@ -29,9 +29,9 @@ pub fn read_field(
     let node = format!("/{}/{}/{}/0", key.well.row_name(), key.well.column_name(), key.field);
     let store = Arc::new(FilesystemStore::new(plate_dir).map_err(zerr("/"))?);
     let array = Array::open(store, &node).map_err(zerr(&node))?;
-    let shape = array.shape().to_vec();
+    let shape = array.shape();
     let n = shape.len();
-    if !(n == 3 || n == 4) || shape[n - 1] as usize != plan.width || shape[n - 2] as usize != plan.height {
+    if n < 2 || shape[n - 1] as usize != plan.width || shape[n - 2] as usize != plan.height {
         return Err(SinkError::Config(format!(
             "{node}: shape {shape:?} is not this plan's (c, {}, {}) image",
             plan.height, plan.width
@@ -39,14 +39,8 @@ pub fn read_field(
     }
     let mut channels = Vec::with_capacity(plan.channels.len());
     for c in 0..plan.channels.len() as u64 {
-        let mut ranges = vec![c..c + 1, 0..shape[n - 2], 0..shape[n - 1]];
-        if n == 4 {
-            let t = u64::from(key.timepoint);
-            ranges.insert(0, t..t + 1);
-        }
-        let px: Vec<u16> = array
-            .retrieve_array_subset(&ArraySubset::new_with_ranges(&ranges))
-            .map_err(zerr(&node))?;
+        let px: Vec<u16> =
+            read_plane(&array, c, u64::from(key.timepoint)).map_err(|e| SinkError::Config(format!("{node}: {e}")))?;
         channels.push(Some(Arc::from(px)));
     }
     Ok(Field {
@@ -146,9 +140,6 @@ impl ZarrSink {
                 );
             }
         }
-        let (fields, oldest) = self.scheduler.backlog.size(now);
-        if fields > 0 {
-            crate::telemetry::Backlog { fields, oldest }.emit();
-        }
+        self.scheduler.backlog.report();
     }
 }

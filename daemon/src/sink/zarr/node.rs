@@ -30,6 +30,33 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// One plane of an image or label array, `(c, y, x)` or `(t, c, y, x)`: channel `channel` at
+/// `timepoint` (which a time-less array ignores). What backfills, replays and thumbnails read.
+pub fn read_plane<T: zarrs::array::ElementOwned>(
+    array: &Array<FilesystemStore>,
+    channel: u64,
+    timepoint: u64,
+) -> Result<Vec<T>, String> {
+    let shape = array.shape();
+    let n = shape.len();
+    if !(n == 3 || n == 4) {
+        return Err(format!("{n} dimensions; expected (c, y, x) or (t, c, y, x)"));
+    }
+    if channel >= shape[n - 3] {
+        return Err(format!("no channel {channel}"));
+    }
+    if n == 4 && timepoint >= shape[0] {
+        return Err(format!("no timepoint {timepoint}"));
+    }
+    let mut ranges = vec![channel..channel + 1, 0..shape[n - 2], 0..shape[n - 1]];
+    if n == 4 {
+        ranges.insert(0, timepoint..timepoint + 1);
+    }
+    array
+        .retrieve_array_subset(&ArraySubset::new_with_ranges(&ranges))
+        .map_err(|e| e.to_string())
+}
+
 pub fn zerr<E: std::error::Error + Send + Sync + 'static>(path: &str) -> impl FnOnce(E) -> SinkError + '_ {
     move |e| SinkError::Zarr {
         path: path.to_string(),
