@@ -255,6 +255,9 @@ pub struct AcquisitionPlan {
     pub wells: Vec<WellId>,
     pub fields_per_well: u32,
     pub timepoints: u32,
+    /// Negative-control wells, when the source declares them: what per-well scores (the
+    /// relocalization shift) are measured against.
+    pub controls: Vec<WellId>,
 }
 
 impl AcquisitionPlan {
@@ -278,6 +281,7 @@ impl AcquisitionPlan {
             wells: Vec::new(),
             fields_per_well: 0,
             timepoints,
+            controls: Vec::new(),
         })
     }
 }

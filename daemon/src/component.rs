@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::field::FieldWork;
 use crate::inference::config::InferenceConfig;
+use crate::localize::config::LocalizationConfig;
 use crate::resources::Resources;
 use crate::zenoh_session::ZenohConfig;
 
@@ -34,6 +35,8 @@ pub struct Context<'a> {
     /// The models and how they run: the inference stage runs them, the segment stage may take
     /// one as its probability model, and closed-loop rules name their outputs.
     pub inference: &'a InferenceConfig,
+    /// What the `localize` stage profiles: closed-loop rules may name its columns and scores.
+    pub localization: &'a LocalizationConfig,
     /// The model the segment stage runs itself (`segmentation.probability_model`; empty for
     /// none), which the inference stage leaves out.
     pub probability_model: &'a str,
@@ -84,16 +87,18 @@ pub enum StageName {
     Segment,
     Measure,
     Inference,
+    Localize,
 }
 
 impl StageName {
-    pub const ALL: [StageName; 3] = [Self::Segment, Self::Measure, Self::Inference];
+    pub const ALL: [StageName; 4] = [Self::Segment, Self::Measure, Self::Inference, Self::Localize];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Segment => "segment",
             Self::Measure => "measure",
             Self::Inference => "inference",
+            Self::Localize => "localize",
         }
     }
 
@@ -101,13 +106,14 @@ impl StageName {
     pub fn after(self) -> &'static [StageName] {
         match self {
             Self::Measure => &[Self::Segment],
+            Self::Localize => &[Self::Measure],
             Self::Segment | Self::Inference => &[],
         }
     }
 
     /// Whether the stage runs the image kernels (and so opens `compute.device`).
     pub fn uses_compute(self) -> bool {
-        matches!(self, Self::Segment | Self::Measure)
+        matches!(self, Self::Segment | Self::Measure | Self::Localize)
     }
 }
 

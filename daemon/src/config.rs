@@ -21,6 +21,7 @@ use crate::inference::config::InferenceConfig;
 use crate::replay::ReplayConfig;
 use crate::sink::followup::ClosedLoopConfig;
 use crate::sink::SinksConfig;
+use crate::localize::LocalizationConfig;
 use crate::stage::SegmentationConfig;
 use crate::telemetry::TelemetryConfig;
 use crate::zenoh_session::ZenohConfig;
@@ -42,6 +43,8 @@ pub struct Config {
     /// Where the image kernels (segmentation) run.
     pub compute: ComputeConfig,
     pub inference: InferenceConfig,
+    /// Per-cell localization profiles and per-well relocalization scores (the `localize` stage).
+    pub localization: LocalizationConfig,
     pub sinks: SinksConfig,
     /// Rules that send the microscope back (the `followup` sink; needs a zenoh connection).
     pub closed_loop: ClosedLoopConfig,
@@ -60,6 +63,7 @@ impl Default for Config {
             segmentation: SegmentationConfig::default(),
             compute: ComputeConfig::default(),
             inference: InferenceConfig::default(),
+            localization: LocalizationConfig::default(),
             sinks: SinksConfig::default(),
             closed_loop: Default::default(),
             zenoh: ZenohConfig::default(),

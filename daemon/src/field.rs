@@ -37,12 +37,17 @@ pub struct FieldWork {
     pub records: Vec<CellRecord>,
     /// Per-cell model outputs, one `(column, values)` per model output, aligned with `records`.
     pub cell_predictions: Vec<(String, Vec<f32>)>,
+    /// Per-cell measures computed after the measure stage (localization profiles,
+    /// `loc.{protein}.{feature}`), aligned with `records`.
+    pub cell_measures: Vec<(String, Vec<f32>)>,
     /// Whole-field model outputs.
     pub images: Vec<ModelImage>,
     /// Models that failed on this field: their predictions are missing, not zero.
     pub failed_models: Vec<String>,
     /// Well-omics readouts of this field's well, updated with this field.
     pub well_readouts: Vec<WellReadout>,
+    /// Relocalization scores of this field's well, one per protein, updated with this field.
+    pub localization: Vec<WellShift>,
     /// Models skipped inline to keep the deadline (a degraded field): owed, and backfilled
     /// later into the same field.
     pub owed: Vec<String>,
@@ -71,9 +76,11 @@ impl FieldWork {
             cells: None,
             records: Vec::new(),
             cell_predictions: Vec::new(),
+            cell_measures: Vec::new(),
             images: Vec::new(),
             failed_models: Vec::new(),
             well_readouts: Vec::new(),
+            localization: Vec::new(),
             owed: Vec::new(),
             backfill: None,
             required_done_at: None,
@@ -128,7 +135,8 @@ pub struct Column {
 
 /// The per-cell columns of a field, in the one order every output lists them: `label`,
 /// `centroid_x_px`, `centroid_y_px`, `area_px`, `nucleus_area_px`, the bounding box, `mean_{channel}`
-/// for each plan channel, then each per-cell model output (`{model}.{output}`).
+/// for each plan channel, each per-cell model output (`{model}.{output}`), then the later
+/// measures (`loc.{protein}.{feature}`).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CellTable {
     pub rows: usize,
@@ -182,7 +190,7 @@ impl CellTable {
                 .collect();
             columns.push(f32col(mean_column(&ch.name), ColumnKind::Measure, values));
         }
-        for (name, values) in &work.cell_predictions {
+        for (name, values) in work.cell_predictions.iter().chain(&work.cell_measures) {
             columns.push(f32col(name.clone(), ColumnKind::Measure, values.clone()));
         }
         Self { rows: r.len(), columns }
@@ -244,6 +252,38 @@ pub struct WellReadout {
     /// Standard deviation across fields of the per-field readouts (0 with one field): how much
     /// the readout still depends on which fields were imaged.
     pub spread: Vec<f32>,
+}
+
+/// A well's relocalization score for one protein after the fields seen so far: its localization
+/// profile against the control wells', with a null drawn from the control fields
+/// (`daemon/src/localize/shift.rs`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WellShift {
+    /// The profiled channel: its name, or `{protein}_virtual` / `{protein}_diffusion` for a
+    /// model's output.
+    pub protein: String,
+    pub well: String,
+    /// Fields of the well and of the controls it was compared with.
+    pub fields: usize,
+    pub control_fields: usize,
+    /// Names of the profile's features, aligned with `profile` and `control`.
+    pub features: Vec<String>,
+    /// The well's profile (mean of its fields' mean cell profiles) and the controls'.
+    pub profile: Vec<f32>,
+    pub control: Vec<f32>,
+    /// Squared distance of the two, each feature scaled by its cell-to-cell sd in the controls.
+    pub distance: f64,
+    /// `(distance − null mean) / null sd`: the closed-loop metric `loc.{protein}.shift`.
+    pub shift: f64,
+    /// Share of the null (pseudo-wells of control fields) at least as far from the controls.
+    pub p: f64,
+    /// `shift` at or above `localization.shift_threshold`.
+    pub relocalized: bool,
+}
+
+/// Per-cell column of a localization feature: `loc.{protein}.{feature}`.
+pub fn localization_column(protein: &str, feature: &str) -> String {
+    format!("loc.{protein}.{feature}")
 }
 
 /// Label of a virtual channel in the OME-Zarr image: direct models give `TOMM20 (virtual)`,

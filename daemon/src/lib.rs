@@ -8,6 +8,7 @@ pub mod config;
 pub mod field;
 pub mod inference;
 pub mod live;
+pub mod localize;
 pub mod pipeline;
 pub mod registry;
 pub mod replay;

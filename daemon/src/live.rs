@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::field::{ColumnKind, FieldWork, WellReadout};
+use crate::field::{ColumnKind, FieldWork, WellReadout, WellShift};
 
 /// Events buffered for a slow subscriber; one that falls further behind gets the whole state
 /// again instead of the events it missed.
@@ -33,6 +33,8 @@ pub struct WellView {
     /// Per well-omics model: its outputs, latest values and the values after each field (how the
     /// estimate converged).
     pub bulk: BTreeMap<String, BulkView>,
+    /// Relocalization score per protein: the latest (most fields) of the well.
+    pub localization: BTreeMap<String, WellShift>,
     pub deadline_misses: u64,
     pub degraded: u64,
     pub followups: Vec<FollowupView>,
@@ -71,6 +73,13 @@ impl WellView {
             if s.1 > 0 {
                 self.means.insert(name.to_string(), s.0 / s.1 as f64);
             }
+        }
+    }
+
+    /// Takes a relocalization score (the one over the most fields wins, as for readouts).
+    pub fn add_shift(&mut self, s: &WellShift) {
+        if self.localization.get(&s.protein).is_none_or(|old| old.fields <= s.fields) {
+            self.localization.insert(s.protein.clone(), s.clone());
         }
     }
 
@@ -236,6 +245,9 @@ impl Live {
         );
         for r in &work.well_readouts {
             view.add_readout(r);
+        }
+        for s in &work.localization {
+            view.add_shift(s);
         }
         view.degraded += u64::from(!work.owed.is_empty());
         let view = view.clone();

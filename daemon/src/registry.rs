@@ -46,6 +46,7 @@ pub fn context<'a>(cfg: &'a Config, res: &'a Resources, overwrite: bool) -> Cont
         stages: &cfg.pipeline.stages,
         device: cfg.compute.device,
         inference: &cfg.inference,
+        localization: &cfg.localization,
         probability_model: &cfg.segmentation.probability_model,
         zenoh: &cfg.zenoh,
         resources: res,
@@ -70,6 +71,7 @@ pub fn stage(cfg: &Config, name: StageName) -> (&'static str, &dyn StageConfig) 
         StageName::Segment => ("segmentation", &cfg.segmentation),
         StageName::Measure => ("", &MeasureConfig),
         StageName::Inference => ("inference", &cfg.inference),
+        StageName::Localize => ("localization", &cfg.localization),
     }
 }
 

@@ -205,6 +205,7 @@ impl ZarrReplay {
             wells: Vec::new(),
             fields_per_well: 0,
             timepoints,
+            controls: Vec::new(),
         };
         Ok(Self {
             plan,

@@ -4,14 +4,15 @@
 //! `images/{well}_f{field}_t{t}_{channel}.tif` (uint16 camera images),
 //! `truth/{well}_f{field}_t{t}_{nuclei|cells}.tif` (uint32 labels),
 //! `truth/{well}_f{field}_t{t}_{protein}_clean.tif` (float32 noise-free protein images),
-//! `truth/cells.csv` (one row per cell: latent state and gene expression) and `manifest.json`.
+//! `truth/cells.csv` (one row per cell: latent state, gene expression and, per protein, its
+//! relocalized share and compartment fractions) and `manifest.json`.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use liveomics_adapters::folder::layout::{Layout, LayoutKind, Parsed};
-use liveomics_adapters::simulator::{Simulator, SimulatorConfig, LATENT};
+use liveomics_adapters::simulator::{Simulator, SimulatorConfig, COMPARTMENTS, LATENT};
 use liveomics_adapters::source::{Source, SourceError};
 use liveomics_adapters::tiff_io::{write_plane, Plane, TiffError};
 use serde_json::json;
@@ -62,6 +63,12 @@ pub fn write_plate(
     }
     for g in &genes.names {
         let _ = write!(csv, ",{g}");
+    }
+    for p in &cfg.proteins {
+        let _ = write!(csv, ",reloc_{}", p.name);
+        for c in COMPARTMENTS {
+            let _ = write!(csv, ",loc_{}_{c}", p.name);
+        }
     }
     csv.push('\n');
     let (w, h) = (plan.width, plan.height);
@@ -129,6 +136,12 @@ pub fn write_plate(
                     }
                     for e in &c.expression {
                         let _ = write!(csv, ",{e:.6}");
+                    }
+                    for (m, fractions) in c.relocalized.iter().zip(&c.localization) {
+                        let _ = write!(csv, ",{m:.6}");
+                        for v in fractions {
+                            let _ = write!(csv, ",{v:.6}");
+                        }
                     }
                     csv.push('\n');
                 }

@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod illumination;
 pub mod instanseg;
 pub mod local;
+pub mod localize;
 pub mod measure;
 pub mod metrics;
 pub mod segment;

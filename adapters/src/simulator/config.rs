@@ -18,6 +18,42 @@ pub enum Localization {
     Er,
 }
 
+impl Localization {
+    /// Index of the compartment in the truth's fractions: nucleus, cytoplasm, membrane, er,
+    /// puncta (the daemon's `loc` columns in the same order).
+    pub fn compartment(self) -> usize {
+        match self {
+            Self::Nuclear => 0,
+            Self::Cytoplasmic => 1,
+            Self::Membrane => 2,
+            Self::Er => 3,
+            Self::Mitochondria => 4,
+        }
+    }
+}
+
+/// The compartments of the truth's localization fractions, in order.
+pub const COMPARTMENTS: [&str; 5] = ["nucleus", "cytoplasm", "membrane", "er", "puncta"];
+
+/// A known relocalization, the truth a relocalization readout is tested against: in `wells`,
+/// each cell draws a share of `protein`'s signal (about `fraction`, varying from cell to cell)
+/// in the pattern of the `to` compartment instead of its own, as a drug that sends a nuclear
+/// protein to the cytoplasm does. Morphology is untouched, so only the protein's own channel
+/// shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Relocalization {
+    pub protein: String,
+    pub to: Localization,
+    pub wells: Vec<String>,
+    #[serde(default = "default_relocalized_fraction")]
+    pub fraction: f64,
+}
+
+fn default_relocalized_fraction() -> f64 {
+    0.5
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProteinChannel {
@@ -94,6 +130,8 @@ pub struct SimulatorConfig {
     /// Size of the per-well shift of the latent state, in units of the cell-to-cell spread.
     pub perturbation_strength: f64,
     pub proteins: Vec<ProteinChannel>,
+    /// Known relocalizations of proteins in some wells (none by default).
+    pub relocalization: Vec<Relocalization>,
     /// Fields per second; 0 acquires as fast as the pipeline accepts frames.
     pub rate_fields_per_s: f64,
     pub camera: CameraConfig,
@@ -127,6 +165,7 @@ impl Default for SimulatorConfig {
                 name: "TOMM20".into(),
                 localization: Localization::Mitochondria,
             }],
+            relocalization: Vec::new(),
             rate_fields_per_s: 0.0,
             camera: CameraConfig::default(),
         }
@@ -267,6 +306,30 @@ impl SimulatorConfig {
                     &format!("proteins[{i}].name"),
                     format!("{} is a landmark channel name", p.name),
                 );
+            }
+        }
+        for (i, r) in self.relocalization.iter().enumerate() {
+            let key = format!("relocalization[{i}]");
+            match self.proteins.iter().find(|p| p.name == r.protein) {
+                None => bad(
+                    &format!("{key}.protein"),
+                    format!("{:?} is not one of the simulated proteins", r.protein),
+                ),
+                Some(p) if p.localization == r.to => bad(
+                    &format!("{key}.to"),
+                    format!("{} already sits in {:?}", r.protein, r.to),
+                ),
+                Some(_) => {}
+            }
+            if !(0.0..=1.0).contains(&r.fraction) {
+                bad(&format!("{key}.fraction"), format!("must be within 0..=1, got {}", r.fraction));
+            }
+            if let Ok(fmt) = PlateFormat::new(self.plate_format) {
+                for (j, w) in r.wells.iter().enumerate() {
+                    if let Err(e) = WellId::parse(w, fmt) {
+                        bad(&format!("{key}.wells[{j}]"), e.to_string());
+                    }
+                }
             }
         }
         let c = &self.camera;

@@ -53,6 +53,13 @@ pub struct CellTruth {
     pub mitotic: bool,
     pub latent: [f64; LATENT],
     pub expression: Vec<f64>,
+    /// Per protein channel: the share of its signal drawn in a relocalization's target
+    /// compartment (0 outside relocalizing wells).
+    pub relocalized: Vec<f64>,
+    /// Per protein channel: the fraction of the cell's noise-free signal in each compartment
+    /// ([`COMPARTMENTS`] order), summed before the point-spread function; NaN for a cell with no
+    /// signal.
+    pub localization: Vec<[f64; 5]>,
 }
 
 /// A rendered field: the camera images and everything a test needs to judge a pipeline.
@@ -105,6 +112,22 @@ const STREAM_WELL: u64 = 2;
 const STREAM_CELLS: u64 = 3;
 const STREAM_TEXTURE: u64 = 4;
 const STREAM_NOISE: u64 = 5;
+const STREAM_RELOCALIZATION: u64 = 6;
+
+/// Per-cell sums of a protein's noise-free signal by compartment, along one row: runs of one
+/// label, so a row holds few entries.
+type RowSums = Vec<(u32, [f64; 5])>;
+
+fn add_to(sums: &mut RowSums, label: u32, part: usize, v: f64) {
+    match sums.last_mut() {
+        Some((l, s)) if *l == label => s[part] += v,
+        _ => {
+            let mut s = [0.0; 5];
+            s[part] = v;
+            sums.push((label, s));
+        }
+    }
+}
 
 impl Simulator {
     pub fn new(cfg: SimulatorConfig) -> Result<Self, SourceError> {
@@ -147,6 +170,7 @@ impl Simulator {
             wells,
             fields_per_well: cfg.fields_per_well,
             timepoints: cfg.timepoints,
+            controls: controls.clone(),
         };
         let genes = Self::gene_model(&cfg);
         Ok(Self {
@@ -224,7 +248,8 @@ impl Simulator {
         let cells = self.place_cells(well, &ids);
         let geo = rasterize(&cells, w, h);
         let tex = Textures::new(w, h, &ids);
-        let mut clean = self.stain_images(&cells, &geo, &tex, w, h, &ids);
+        let moved = self.relocalized(well, &cells);
+        let (mut clean, sums) = self.stain_images(&cells, &geo, &tex, w, h, &ids, &moved);
         let protein_clean: Vec<Vec<f32>> = clean[3..].to_vec();
         let raw: Vec<Vec<u16>> = clean
             .iter_mut()
@@ -245,6 +270,15 @@ impl Simulator {
                     mitotic: c.mitotic,
                     latent: c.z,
                     expression: c.expression.clone(),
+                    relocalized: moved.iter().map(|m| m[i]).collect(),
+                    localization: sums
+                        .iter()
+                        .map(|by_label| {
+                            let s = by_label[label as usize];
+                            let total: f64 = s.iter().sum();
+                            s.map(|v| if total > 0.0 { v / total } else { f64::NAN })
+                        })
+                        .collect(),
                 })
             })
             .collect();
@@ -258,6 +292,31 @@ impl Simulator {
             cells: truth,
             protein_clean,
         }
+    }
+
+    /// Per protein channel and placed cell: the share of its signal relocalized in this well.
+    /// Drawn from its own stream per cell, so plates without relocalization render the same
+    /// bytes as before it existed.
+    fn relocalized(&self, well: WellId, cells: &[SimCell]) -> Vec<Vec<f64>> {
+        let format = self.plan.format;
+        self.cfg
+            .proteins
+            .iter()
+            .map(|p| {
+                let r = self.cfg.relocalization.iter().find(|r| {
+                    r.protein == p.name && r.wells.iter().any(|w| WellId::parse(w, format).ok() == Some(well))
+                });
+                cells
+                    .iter()
+                    .map(|c| {
+                        r.map_or(0.0, |r| {
+                            let mut rng = rng_for(&[self.cfg.seed, STREAM_RELOCALIZATION, c.stream]);
+                            (r.fraction + 0.15 * normal(&mut rng)).clamp(0.0, 1.0)
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     fn place_cells(&self, well: WellId, ids: &[u64; 5]) -> Vec<SimCell> {
@@ -351,8 +410,22 @@ impl Simulator {
         w: usize,
         h: usize,
         ids: &[u64; 5],
-    ) -> Vec<Vec<f32>> {
+        moved: &[Vec<f64>],
+    ) -> (Vec<Vec<f32>>, Vec<Vec<[f64; 5]>>) {
         let n_protein = self.cfg.proteins.len();
+        // Where each protein goes in relocalizing wells (its own compartment elsewhere).
+        let target: Vec<Localization> = self
+            .cfg
+            .proteins
+            .iter()
+            .map(|p| {
+                self.cfg
+                    .relocalization
+                    .iter()
+                    .find(|r| r.protein == p.name)
+                    .map_or(p.localization, |r| r.to)
+            })
+            .collect();
         // Relative expression of the gene each protein reports, so that brightness follows biology.
         let protein_gene: Vec<usize> = (0..n_protein)
             .map(|p| p % (self.cfg.visible_genes.max(1) as usize).min(self.genes.names.len()))
@@ -369,12 +442,13 @@ impl Simulator {
         let mut er = vec![0f32; w * h];
         let mut prot: Vec<Vec<f32>> = vec![vec![0f32; w * h]; n_protein];
         // Per-pixel stains: rows in parallel, each pixel a pure function of geometry and textures.
-        let rows: Vec<StainRow> = (0..h)
+        let rows: Vec<(StainRow, Vec<RowSums>)> = (0..h)
             .into_par_iter()
             .map(|y| {
                 let mut d = vec![0f32; w];
                 let mut e = vec![0f32; w];
                 let mut pr = vec![vec![0f32; w]; n_protein];
+                let mut sums: Vec<RowSums> = vec![Vec::new(); n_protein];
                 for x in 0..w {
                     let i = y * w + x;
                     let cl = geo.cells[i];
@@ -407,40 +481,61 @@ impl Simulator {
                             * fade
                             * ((0.25 + 0.75 * (-3.0 * t).exp()) * (0.35 + 0.65 * reticulum) + 0.6 * rim);
                     }
+                    let pattern = |loc: Localization| -> f32 {
+                        match loc {
+                            Localization::Nuclear => {
+                                if nl != 0 {
+                                    0.8 + 0.4 * tex.coarse[i]
+                                } else {
+                                    0.0
+                                }
+                            }
+                            Localization::Cytoplasmic => {
+                                if nl == 0 {
+                                    (0.7 + 0.3 * tex.coarse[i]) * smoothstep(1.0, 0.85, rho_c as f64) as f32
+                                } else {
+                                    0.1
+                                }
+                            }
+                            Localization::Membrane => smoothstep(0.8, 0.97, rho_c as f64) as f32,
+                            Localization::Er => {
+                                if nl == 0 {
+                                    0.35 + 0.65 * tex.ridge[i].powi(3)
+                                } else {
+                                    0.0
+                                }
+                            }
+                            Localization::Mitochondria => 0.0,
+                        }
+                    };
                     for (p, out) in pr.iter_mut().enumerate() {
                         let g = protein_gene[p];
                         let level = (c.expression[g] / gene_scale[p]) as f32;
-                        out[x] = 0.4
-                            * peak
-                            * level
-                            * match self.cfg.proteins[p].localization {
-                                Localization::Nuclear => {
-                                    if nl != 0 {
-                                        0.8 + 0.4 * tex.coarse[i]
-                                    } else {
-                                        0.0
-                                    }
-                                }
-                                Localization::Cytoplasmic => {
-                                    if nl == 0 {
-                                        (0.7 + 0.3 * tex.coarse[i]) * smoothstep(1.0, 0.85, rho_c as f64) as f32
-                                    } else {
-                                        0.1
-                                    }
-                                }
-                                Localization::Membrane => smoothstep(0.8, 0.97, rho_c as f64) as f32,
-                                Localization::Er => {
-                                    if nl == 0 {
-                                        0.35 + 0.65 * tex.ridge[i].powi(3)
-                                    } else {
-                                        0.0
-                                    }
-                                }
-                                Localization::Mitochondria => 0.0,
-                            };
+                        let home = self.cfg.proteins[p].localization;
+                        let m = moved[p][geo.index_of[cl as usize]] as f32;
+                        let a_home = 0.4 * peak * level * (1.0 - m) * pattern(home);
+                        let a_to = 0.4 * peak * level * m * pattern(target[p]);
+                        out[x] = a_home + a_to;
+                        add_to(&mut sums[p], cl, home.compartment(), f64::from(a_home));
+                        add_to(&mut sums[p], cl, target[p].compartment(), f64::from(a_to));
                     }
                 }
-                (d, e, pr)
+                ((d, e, pr), sums)
+            })
+            .collect();
+        let labels = geo.index_of.len();
+        let mut truth = vec![vec![[0f64; 5]; labels]; n_protein];
+        let rows: Vec<StainRow> = rows
+            .into_iter()
+            .map(|(row, sums)| {
+                for (p, s) in sums.into_iter().enumerate() {
+                    for (l, v) in s {
+                        for k in 0..5 {
+                            truth[p][l as usize][k] += v[k];
+                        }
+                    }
+                }
+                row
             })
             .collect();
         for (y, (d, e, pr)) in rows.into_iter().enumerate() {
@@ -482,10 +577,19 @@ impl Simulator {
                 }
             }
             for p in 0..n_protein {
-                if self.cfg.proteins[p].localization != Localization::Mitochondria || owner == 0 {
+                // Spots carry the share of the signal that sits in mitochondria: all of it for a
+                // mitochondrial protein outside relocalizing wells.
+                let m = moved[p][ci] as f32;
+                let share = match (self.cfg.proteins[p].localization, target[p]) {
+                    (Localization::Mitochondria, Localization::Mitochondria) => 1.0,
+                    (Localization::Mitochondria, _) => 1.0 - m,
+                    (_, Localization::Mitochondria) => m,
+                    _ => 0.0,
+                };
+                if share == 0.0 || owner == 0 {
                     continue;
                 }
-                let level = (c.expression[protein_gene[p]] / gene_scale[p]) as f32;
+                let level = share * (c.expression[protein_gene[p]] / gene_scale[p]) as f32;
                 let n_spots = (c.cell_r * c.cell_r * 0.12) as usize;
                 for _ in 0..n_spots {
                     let a = rng.random::<f64>() * 2.0 * PI;
@@ -500,6 +604,7 @@ impl Simulator {
                         }
                         if geo.cells[py as usize * w + px as usize] == owner {
                             splat(&mut prot[p], w, px, py, 1.2 * peak * level);
+                            truth[p][owner as usize][4] += f64::from(1.2 * peak * level);
                         }
                     }
                 }
@@ -518,7 +623,7 @@ impl Simulator {
         let mt: Vec<f32> = blur(mt, 0.8).iter().zip(&cytoplasm_mt).map(|(a, b)| a + b).collect();
         let mut out = vec![blur(dapi, 0.9), mt, blur(er, 0.9)];
         out.extend(prot.into_iter().map(|p| blur(p, 0.9)));
-        out
+        (out, truth)
     }
 
     /// Photons to camera counts: background and vignetting, Poisson shot noise, read noise, offset.

@@ -161,3 +161,65 @@ fn values_no_microscope_has_are_refused_before_they_reach_an_allocation() {
         assert!(keys.contains(&key.to_string()), "{key} not in {keys:?}");
     }
 }
+
+#[test]
+fn a_relocalization_moves_the_protein_in_its_wells_only_and_the_truth_says_so() {
+    let proteins = vec![
+        ProteinChannel {
+            name: "HNRNPA1".into(),
+            localization: Localization::Nuclear,
+        },
+        ProteinChannel {
+            name: "TOMM20".into(),
+            localization: Localization::Mitochondria,
+        },
+    ];
+    let plain = SimulatorConfig {
+        proteins: proteins.clone(),
+        ..small()
+    };
+    let moved = SimulatorConfig {
+        relocalization: vec![Relocalization {
+            protein: "HNRNPA1".into(),
+            to: Localization::Cytoplasmic,
+            wells: vec!["B3".into()],
+            fraction: 0.6,
+        }],
+        ..plain.clone()
+    };
+    let (a, b) = (Simulator::new(plain).unwrap(), Simulator::new(moved).unwrap());
+    let (b2, b3) = (a.plan().wells[0], a.plan().wells[1]);
+    // Other wells, and other proteins of the relocalizing well, render the same bytes.
+    assert_eq!(a.render(b2, 0, 0).channels, b.render(b2, 0, 0).channels);
+    let (fa, fb) = (a.render(b3, 0, 0), b.render(b3, 0, 0));
+    assert_eq!(fa.channels[..3], fb.channels[..3], "landmarks are untouched");
+    assert_eq!(fa.channels[4], fb.channels[4], "TOMM20 is untouched");
+    assert_ne!(fa.channels[3], fb.channels[3]);
+    let mean = |f: &SimulatedField, p: usize, k: usize| {
+        let v: Vec<f64> = f.cells.iter().map(|c| c.localization[p][k]).filter(|v| v.is_finite()).collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    // Nuclear at home: all of its signal in the nucleus; relocalized: about 60 % in the cytoplasm.
+    assert!(mean(&fa, 0, 0) > 0.999, "{}", mean(&fa, 0, 0));
+    assert!((0.45..0.75).contains(&mean(&fb, 0, 1)), "{}", mean(&fb, 0, 1));
+    assert!(mean(&fb, 1, 4) > 0.999, "TOMM20 is all puncta: {}", mean(&fb, 1, 4));
+    let m: f64 = fb.cells.iter().map(|c| c.relocalized[0]).sum::<f64>() / fb.cells.len() as f64;
+    assert!((0.5..0.7).contains(&m), "mean relocalized share {m}");
+    for c in &fb.cells {
+        let s: f64 = c.localization[0].iter().sum();
+        assert!((s - 1.0).abs() < 1e-9);
+    }
+    let bad = SimulatorConfig {
+        relocalization: vec![Relocalization {
+            protein: "XYZ".into(),
+            to: Localization::Nuclear,
+            wells: vec!["Z99".into()],
+            fraction: 2.0,
+        }],
+        ..small()
+    };
+    let keys: Vec<String> = bad.validate().iter().map(|e| e.to_string()).collect();
+    for k in ["relocalization[0].protein", "relocalization[0].fraction", "relocalization[0].wells[0]"] {
+        assert!(keys.iter().any(|e| e.contains(k)), "{k} not in {keys:?}");
+    }
+}

@@ -143,6 +143,7 @@ impl JsonlSink {
             "failed_models": work.failed_models,
             "owed": work.owed,
             "well_readouts": readouts,
+            "localization": work.localization,
         })
     }
 }

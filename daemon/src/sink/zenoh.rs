@@ -8,7 +8,7 @@ use zenoh::{Session, Wait};
 
 use super::cells_arrow;
 use crate::component::{zenoh_err, Context, Sink, SinkConfig, SinkError};
-use crate::field::{FieldWork, WellReadout};
+use crate::field::{FieldWork, WellReadout, WellShift};
 use crate::zenoh_session::{SharedSession, ZenohConfig};
 
 /// `[sinks.zenoh]`: the session itself is `[zenoh]`'s.
@@ -52,6 +52,9 @@ struct WellSummary {
     /// Well-omics readouts by model: bulk abundance per gene from the features pooled over the
     /// well's fields so far, with the number of fields and the spread across fields.
     bulk: std::collections::BTreeMap<String, WellReadout>,
+    /// Relocalization score per protein against the control wells, after the well's fields so
+    /// far (the `localize` stage).
+    localization: std::collections::BTreeMap<String, WellShift>,
     #[serde(skip)]
     prediction_cells: std::collections::BTreeMap<String, u64>,
 }
@@ -236,6 +239,11 @@ impl Sink for ZenohSink {
                 // Fields finish out of order across workers: never replace a readout by an older one.
                 if w.bulk.get(&r.model).is_none_or(|old| old.fields <= r.fields) {
                     w.bulk.insert(r.model.clone(), r.clone());
+                }
+            }
+            for s in &work.localization {
+                if w.localization.get(&s.protein).is_none_or(|old| old.fields <= s.fields) {
+                    w.localization.insert(s.protein.clone(), s.clone());
                 }
             }
             let body = serde_json::to_vec(&*w).unwrap_or_default();

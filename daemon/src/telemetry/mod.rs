@@ -15,12 +15,14 @@ use tracing::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 
 mod closed_loop;
+mod localization;
 mod models;
 mod network;
 mod pipeline;
 mod schedule;
 
 pub use closed_loop::*;
+pub use localization::*;
 pub use models::*;
 pub use network::*;
 pub use pipeline::*;
@@ -56,6 +58,7 @@ pub const BACKLOG_FIELDS: &str = "liveomics_backlog_fields";
 pub const BACKLOG_AGE_SECONDS: &str = "liveomics_backlog_oldest_seconds";
 pub const REQUIRED_LATENCY_SECONDS: &str = "liveomics_required_latency_seconds";
 pub const REQUIRED_MISSES: &str = "liveomics_required_deadline_misses_total";
+pub const WELL_RELOCALIZATION: &str = "liveomics_well_relocalization_shift";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -263,6 +266,10 @@ fn describe() {
     describe_gauge!(
         SEGMENT_METHOD_INFO,
         "1 for the segmentation method the segment stage runs (auto resolves to instanseg or classical)"
+    );
+    describe_gauge!(
+        WELL_RELOCALIZATION,
+        "Relocalization score (z against the permutation null over control fields) by protein and well, after the well's latest field"
     );
     describe_gauge!(
         MODEL_INFO,

@@ -156,6 +156,7 @@ pub fn load(dir: &Path) -> Result<Arc<Live>, PlateError> {
         wells: planned,
         fields_per_well: plate.get("field_count").and_then(Value::as_u64).unwrap_or(0) as u32,
         timepoints: 1,
+        controls: Vec::new(),
     };
     let zarr = dir.file_name().map(|n| format!("/zarr/{}", n.to_string_lossy()));
     live.start(&plan, channels, zarr, "finished");

@@ -17,7 +17,7 @@ pub use rules::{Request, Rules};
 use serde::{Deserialize, Serialize};
 use zenoh::{Session, Wait};
 
-use crate::component::{zenoh_err, Context, Sink, SinkConfig, SinkError};
+use crate::component::{zenoh_err, Context, Sink, SinkConfig, SinkError, StageName};
 use crate::field::{mean_column, FieldWork, GEOMETRY_MEASURES};
 use crate::telemetry as t;
 
@@ -138,19 +138,37 @@ fn validate(c: &ClosedLoopConfig, ctx: &Context, plan: &AcquisitionPlan) -> Vec<
             ));
         }
         let m = r.metric.as_str();
+        let virtual_models = ctx.inference.models.iter().any(|m| {
+            matches!(
+                m.role,
+                Some(liveomics_models::Role::VirtualStain | liveomics_models::Role::VirtualStainDiffusion)
+            ) || m.role.is_none()
+        });
+        let localization = ctx
+            .runs(StageName::Localize)
+            .then(|| ctx.localization.metric(m, plan, virtual_models))
+            .flatten();
         let known = m == "cells"
             || GEOMETRY_MEASURES.contains(&m)
             || plan.channels.iter().any(|ch| mean_column(&ch.name) == m)
+            || localization.is_some()
             || m.split_once('.').is_some_and(|(model, _)| models.contains(&model));
         if !known {
             let chans: Vec<String> = plan.channels.iter().map(|ch| mean_column(&ch.name)).collect();
             out.push(Invalid::new(
                 &format!("{key}.metric"),
                 format!(
-                    "unknown metric {m:?}; known: cells, {}, {}, or {{model}}.{{output}}",
+                    "unknown metric {m:?}; known: cells, {}, {}, {{model}}.{{output}}, or with the \
+                     \"localize\" stage loc.{{protein}}.{{feature}} and loc.{{protein}}.shift",
                     GEOMETRY_MEASURES.join(", "),
                     chans.join(", ")
                 ),
+            ));
+        }
+        if localization == Some(true) && r.scope != Scope::Well {
+            out.push(Invalid::new(
+                &format!("{key}.scope"),
+                format!("{m:?} is a well's score: it needs scope \"well\""),
             ));
         }
         if m == "cells" && r.scope == Scope::Cell {

@@ -32,7 +32,7 @@ use zarrs::filesystem::FilesystemStore;
 
 use self::node::{io_err, store_plane, Store};
 use crate::component::{Context, Sink, SinkConfig, SinkError, StageName};
-use crate::field::{FieldWork, Values, VirtualChannel, WellReadout};
+use crate::field::{FieldWork, Values, VirtualChannel, WellReadout, WellShift};
 use crate::schedule::Scheduler;
 pub use backfill::read_field;
 pub use config::{Compression, ZarrSinkConfig};
@@ -91,6 +91,8 @@ pub struct ZarrSink {
     virtual_channels: Vec<VirtualChannel>,
     /// Well-omics readouts per well and model, with the readout after each field (convergence).
     bulk: BTreeMap<WellId, BTreeMap<String, BulkHistory>>,
+    /// Relocalization scores per well and protein: the latest and `(fields, shift, p)` by fields.
+    localization: BTreeMap<WellId, BTreeMap<String, ShiftHistory>>,
     /// Models owed to each image, by timepoint (its `liveomics.owed`).
     owed: BTreeMap<(WellId, u32), BTreeMap<u32, Vec<String>>>,
     /// Where owed work goes once its field is on disk.
@@ -99,6 +101,9 @@ pub struct ZarrSink {
 
 /// The latest well-omics readout of a well and the readout after each of its fields.
 type BulkHistory = (WellReadout, Vec<Vec<f32>>);
+
+/// The latest relocalization score of a well for a protein and the score after each field count.
+type ShiftHistory = (WellShift, BTreeMap<usize, (f64, f64)>);
 
 impl std::fmt::Debug for ZarrSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -202,6 +207,7 @@ impl ZarrSink {
             windows: vec![RunningWindow::default(); plan.channels.len() + virtual_channels.len()],
             virtual_channels,
             bulk: BTreeMap::new(),
+            localization: BTreeMap::new(),
             plan,
             cfg: cfg.clone(),
             marker,
@@ -477,6 +483,22 @@ impl Sink for ZarrSink {
                 (model.clone(), v)
             })
             .collect();
+        let shifts = self.localization.entry(key.well).or_default();
+        for s in &work.localization {
+            let (last, history) = shifts.entry(s.protein.clone()).or_insert_with(|| (s.clone(), BTreeMap::new()));
+            history.insert(s.fields, (s.shift, s.p));
+            if s.fields >= last.fields {
+                *last = s.clone();
+            }
+        }
+        let localization: Map<String, Value> = shifts
+            .iter()
+            .map(|(protein, (s, history))| {
+                let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+                v["history"] = json!(history.iter().map(|(n, (z, p))| json!([n, z, p])).collect::<Vec<_>>());
+                (protein.clone(), v)
+            })
+            .collect();
         let well = ome::WellAttrs {
             well: ome::Well { images },
         };
@@ -484,6 +506,7 @@ impl Sink for ZarrSink {
             complete,
             incomplete: missing,
             bulk,
+            localization,
         };
         self.store
             .group(&format!("/{row}/{col}"), ome::attributes(Some(&well), Some(&liveomics)))?;

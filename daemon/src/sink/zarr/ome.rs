@@ -125,6 +125,10 @@ pub struct WellLiveomics {
     pub incomplete: Vec<(u32, u32)>,
     #[serde(default)]
     pub bulk: Map<String, Value>,
+    /// Relocalization score per protein (the latest, over the most fields) with `history`: the
+    /// score after each number of fields, `[fields, shift, p]`.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub localization: Map<String, Value>,
 }
 
 /// `liveomics` on an image: when each timepoint was acquired (ns since the epoch, as strings:

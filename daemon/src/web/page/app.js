@@ -16,6 +16,7 @@ function metricValue(well, m) {
   if (m === "deadline misses") return well.deadline_misses;
   if (m === "degraded") return well.degraded;
   if (m.startsWith("mean: ")) return well.means[m.slice(6)];
+  if (m.startsWith("relocalization: ")) return well.localization?.[m.slice(16)]?.shift;
   if (m.startsWith("bulk: ")) {
     const [model, gene] = m.slice(6).split(" / ");
     const b = well.bulk[model];
@@ -31,6 +32,7 @@ function metricNames() {
   for (const w of Object.values(state.wells)) {
     for (const k of Object.keys(w.means || {})) names.add("mean: " + k);
     for (const [model, b] of Object.entries(w.bulk || {})) for (const g of b.outputs) names.add(`bulk: ${model} / ${g}`);
+    for (const p of Object.keys(w.localization || {})) names.add("relocalization: " + p);
   }
   return [...names];
 }
@@ -159,6 +161,27 @@ function renderWell() {
       t.append(tr);
     });
     readout.replaceChildren(t);
+  }
+  const loc = Object.entries(w.localization || {});
+  const shifts = $("localization");
+  if (!loc.length) {
+    shifts.textContent = "no relocalization score (needs the localize stage and control wells)";
+  } else {
+    const t = document.createElement("table");
+    t.id = "localization-table";
+    const cell = (tag, text) => Object.assign(document.createElement(tag), { textContent: text });
+    t.append(cell("caption", "relocalization against the control wells"));
+    const head = document.createElement("tr");
+    head.append(...["protein", "shift (z)", "p", "fields", "nucleus", "cytoplasm", "membrane", "er", "puncta"].map((h) => cell("th", h)));
+    t.append(head);
+    for (const [p, s] of loc) {
+      const tr = document.createElement("tr");
+      if (s.relocalized) tr.className = "relocalized";
+      const frac = s.features.slice(0, 5).map((_, k) => `${s.profile[k].toFixed(2)} (${s.control[k].toFixed(2)})`);
+      tr.append(cell("td", p), cell("td", s.shift.toFixed(1)), cell("td", s.p.toFixed(3)), cell("td", String(s.fields)), ...frac.map((f) => cell("td", f)));
+      t.append(tr);
+    }
+    shifts.replaceChildren(t);
   }
   const ul = $("followups");
   ul.replaceChildren(...(w.followups.length ? w.followups.map((f) => {

@@ -53,6 +53,13 @@ pub struct Rules {
     well_acc: HashMap<(usize, WellId), (f64, u64)>,
 }
 
+/// For a metric `loc.{protein}.shift`: `Some` of the field's well's score for that protein, which
+/// is `None` until the well can be scored (no control fields yet). `None` for other metrics.
+fn well_score(work: &FieldWork, metric: &str) -> Option<Option<f64>> {
+    let protein = metric.strip_prefix("loc.")?.strip_suffix(".shift")?;
+    Some(work.localization.iter().find(|s| s.protein == protein).map(|s| s.shift))
+}
+
 fn unix_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -210,7 +217,9 @@ impl Rules {
             if !self.wells_filter[ri].is_empty() && !self.wells_filter[ri].contains(&key.well) {
                 continue;
             }
-            let values = if rule.metric == "cells" {
+            // A well's relocalization score arrives with the field, already over the well.
+            let score = well_score(work, &rule.metric);
+            let values = if rule.metric == "cells" || score.is_some() {
                 Vec::new()
             } else {
                 Self::values(work, &rule.metric)
@@ -218,7 +227,7 @@ impl Rules {
             let cells = work.records.len() as u64;
             let acc = self.well_acc.entry((ri, key.well)).or_insert((0.0, 0));
             acc.0 += values.iter().filter(|v| v.is_finite()).sum::<f64>();
-            acc.1 += if rule.metric == "cells" {
+            acc.1 += if rule.metric == "cells" || score.is_some() {
                 cells
             } else {
                 values.iter().filter(|v| v.is_finite()).count() as u64
@@ -246,7 +255,12 @@ impl Rules {
                 }
                 Scope::Well => {
                     let (s, k) = *acc;
-                    let v = if rule.metric == "cells" { k as f64 } else { mean(s, k) };
+                    let v = match score {
+                        Some(Some(z)) => z,
+                        Some(None) => f64::NAN,
+                        None if rule.metric == "cells" => k as f64,
+                        None => mean(s, k),
+                    };
                     (
                         v,
                         k,

@@ -1,0 +1,124 @@
+//! `[localization]`: which channels are profiled, the compartments' sizes, the control wells
+//! and the score's null. Read by the `localize` stage and, for the metrics rules may name, by
+//! the closed loop (through the `Context`), so it imports no component.
+
+use liveomics_adapters::model::AcquisitionPlan;
+use liveomics_kernels::localize::{LocParams, FEATURES};
+use liveomics_models::Role;
+use serde::{Deserialize, Serialize};
+
+/// `[localization]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalizationConfig {
+    /// Acquired channels to profile; empty: every channel not listed in `landmarks`.
+    pub proteins: Vec<String>,
+    /// The stains that define the cell rather than report a protein (left out of the default
+    /// `proteins`).
+    pub landmarks: Vec<String>,
+    /// The ER stain that defines the `er` compartment and `er_corr`; empty: no ER compartment.
+    pub er_channel: String,
+    /// Profile every virtual-stain output too (`{protein}_virtual`, `{protein}_diffusion`).
+    pub virtual_channels: bool,
+    /// Width of the membrane rim inside the cell's outline.
+    pub rim_um: f64,
+    /// Scale of the smoothing puncta must stand out from.
+    pub puncta_sigma_um: f64,
+    /// Robust standard deviations above the field's median that make a punctum.
+    pub puncta_mads: f64,
+    /// Control wells besides those the source declares (a simulated plate's `control_wells`).
+    pub control_wells: Vec<String>,
+    /// Take the source's declared controls; false: only `control_wells` (when the plan's
+    /// controls are for another purpose, or to hold some back as a check of the null).
+    pub controls_from_plan: bool,
+    /// Random reassignments of fields in the null of each well's score.
+    pub permutations: usize,
+    /// `loc.{protein}.shift` at or above which a well is reported relocalized.
+    pub shift_threshold: f64,
+}
+
+impl Default for LocalizationConfig {
+    fn default() -> Self {
+        Self {
+            proteins: Vec::new(),
+            landmarks: vec!["DAPI".into(), "Microtubules".into(), "ER".into()],
+            er_channel: "ER".into(),
+            virtual_channels: true,
+            rim_um: 1.5,
+            puncta_sigma_um: 1.3,
+            puncta_mads: 4.0,
+            control_wells: Vec::new(),
+            controls_from_plan: true,
+            permutations: 999,
+            shift_threshold: 3.0,
+        }
+    }
+}
+
+/// The name a channel's profile goes by in column names: letters, digits, `_` and `-` kept,
+/// anything else `_` (it becomes a zarr node name).
+fn protein_key(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The key of a virtual channel's profile.
+pub(crate) fn virtual_key(role: Role, protein: &str) -> String {
+    match role {
+        Role::VirtualStainDiffusion => format!("{}_diffusion", protein_key(protein)),
+        _ => format!("{}_virtual", protein_key(protein)),
+    }
+}
+
+impl LocalizationConfig {
+    /// The acquired channels profiled, as `(key, channel index)`.
+    pub(crate) fn real(&self, plan: &AcquisitionPlan) -> Vec<(String, usize)> {
+        plan.channels
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                if self.proteins.is_empty() {
+                    !self.landmarks.iter().any(|l| l.eq_ignore_ascii_case(&c.name))
+                } else {
+                    self.proteins.iter().any(|p| p.eq_ignore_ascii_case(&c.name))
+                }
+            })
+            .map(|(i, c)| (protein_key(&c.name), i))
+            .collect()
+    }
+
+    /// Whether `metric` is a localization metric this run can produce: a per-cell
+    /// `loc.{protein}.{feature}` or the well's `loc.{protein}.shift` (returned as `Some(true)`).
+    pub fn metric(&self, metric: &str, plan: &AcquisitionPlan, virtual_models: bool) -> Option<bool> {
+        let rest = metric.strip_prefix("loc.")?;
+        let (protein, feature) = rest.rsplit_once('.')?;
+        let known = self.real(plan).iter().any(|(k, _)| k == protein)
+            || (self.virtual_channels
+                && virtual_models
+                && (protein.ends_with("_virtual") || protein.ends_with("_diffusion")));
+        if !known {
+            return None;
+        }
+        match feature {
+            "shift" => Some(true),
+            f if FEATURES.contains(&f) => Some(false),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn params(&self, pixel_size_um: f64) -> LocParams {
+        LocParams {
+            rim_px: (self.rim_um / pixel_size_um) as f32,
+            puncta_sigma_px: (self.puncta_sigma_um / pixel_size_um) as f32,
+            puncta_mads: self.puncta_mads as f32,
+        }
+    }
+}
+

@@ -1,0 +1,234 @@
+//! The `localize` stage (`[localization]`): where each protein sits in each cell, and how far
+//! each well's localization is from the control wells'.
+//!
+//! Per cell and per protein channel, acquired or virtual, it adds the columns
+//! `loc.{protein}.{feature}` (`liveomics_kernels::localize::FEATURES`: the fraction of the cell's
+//! signal in the nucleus, cytoplasm, membrane rim, ER and puncta, the radial position, the
+//! coefficient of variation, the correlation with the ER stain). Per well it updates, after every
+//! field, the relocalization score against the plan's control wells (`shift.rs`), which travels
+//! with the field to the sinks (`FieldWork::localization`) and the closed loop
+//! (`loc.{protein}.shift`). It runs after `measure` and, to profile virtual channels, after
+//! `inference`; a stage after `inference` means no optional model is skipped inline, so every
+//! field's virtual channels are there to profile.
+
+pub mod config;
+pub mod shift;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use liveomics_adapters::model::{AcquisitionPlan, WellId};
+use liveomics_adapters::Invalid;
+use liveomics_kernels::localize::{self, LocParams, FEATURES};
+use liveomics_models::Role;
+
+use crate::component::{Context, Stage, StageConfig, StageError, StageName};
+use crate::field::{channel_index, localization_column, FieldWork, WellShift};
+use crate::telemetry as t;
+pub use config::LocalizationConfig;
+use config::virtual_key;
+use shift::ShiftPool;
+
+impl StageConfig for LocalizationConfig {
+    fn validate(&self, ctx: &Context, problems: &mut Vec<Invalid>) {
+        for (key, v) in [
+            ("rim_um", self.rim_um),
+            ("puncta_sigma_um", self.puncta_sigma_um),
+            ("puncta_mads", self.puncta_mads),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 1000.0) {
+                problems.push(ctx.invalid(key, format!("must be within (0, 1000], got {v}")));
+            }
+        }
+        if !(19..=100_000).contains(&self.permutations) {
+            problems.push(ctx.invalid(
+                "permutations",
+                format!(
+                    "must be 19..=100000 (fewer cannot reach p < 0.05), got {}",
+                    self.permutations
+                ),
+            ));
+        }
+        if !self.shift_threshold.is_finite() {
+            problems.push(ctx.invalid("shift_threshold", "must be a finite number"));
+        }
+    }
+
+    fn build(&self, ctx: &Context, plan: &AcquisitionPlan) -> Result<Box<dyn Stage>, Vec<Invalid>> {
+        let mut problems = Vec::new();
+        for (i, p) in self.proteins.iter().enumerate() {
+            if channel_index(plan, p).is_none() {
+                problems.push(ctx.invalid(&format!("proteins[{i}]"), format!("no acquisition channel {p:?}")));
+            }
+        }
+        let er = if self.er_channel.is_empty() {
+            None
+        } else {
+            let found = channel_index(plan, &self.er_channel);
+            if found.is_none() {
+                problems.push(ctx.invalid(
+                    "er_channel",
+                    format!("no acquisition channel {:?} (empty: no ER compartment)", self.er_channel),
+                ));
+            }
+            found
+        };
+        let mut controls: BTreeSet<WellId> = if self.controls_from_plan {
+            plan.controls.iter().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
+        for (i, w) in self.control_wells.iter().enumerate() {
+            match WellId::parse(w, plan.format) {
+                Ok(id) => {
+                    controls.insert(id);
+                }
+                Err(e) => problems.push(ctx.invalid(&format!("control_wells[{i}]"), e.to_string())),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let key = format!("localization-pool|{}", plan.plate);
+        let pool = ctx
+            .resources
+            .loaded::<_, std::convert::Infallible>(&key, || {
+                Ok(Pools {
+                    controls: controls.clone(),
+                    by_protein: Mutex::new(BTreeMap::new()),
+                })
+            })
+            .unwrap_or_else(|e| match e {});
+        if controls.is_empty() {
+            t::LocalizationWithoutControls { plate: plan.plate.as_str() }.emit();
+        }
+        Ok(Box::new(LocalizeStage {
+            params: self.params(plan.pixel_size_um),
+            real: self.real(plan),
+            virtual_channels: self.virtual_channels,
+            er,
+            pool,
+            permutations: self.permutations,
+            threshold: self.shift_threshold,
+        }))
+    }
+}
+
+/// The features a well's score is computed over: the compartment fractions and the radial
+/// position, where the protein sits. The texture measures (`cv`, `er_corr`) stay per-cell
+/// columns: they follow the cells' shape and stain levels as much as the protein's place, so a
+/// perturbation that changes morphology alone would move the score.
+const SCORED: usize = 6;
+
+/// The per-protein pools of a plate, shared by every worker's stage.
+#[derive(Debug)]
+struct Pools {
+    controls: BTreeSet<WellId>,
+    by_protein: Mutex<BTreeMap<String, ShiftPool>>,
+}
+
+/// One worker's localize stage.
+#[derive(Debug)]
+pub struct LocalizeStage {
+    params: LocParams,
+    real: Vec<(String, usize)>,
+    virtual_channels: bool,
+    er: Option<usize>,
+    pool: Arc<Pools>,
+    permutations: usize,
+    threshold: f64,
+}
+
+impl Stage for LocalizeStage {
+    fn name(&self) -> StageName {
+        StageName::Localize
+    }
+
+    fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError> {
+        let Some(nuclei) = work.nuclei.as_ref() else {
+            return Ok(());
+        };
+        let f = &work.field;
+        let (w, h) = (f.width, f.height);
+        let cells = work.cells.as_ref().unwrap_or(nuclei);
+        let er = self.er.and_then(|c| f.channels[c].as_deref());
+        let comps = localize::compartments(nuclei, cells, er, w, h, self.params)?;
+        // Every protein plane of the field: acquired channels that arrived, then model outputs.
+        let mut profiles: Vec<(String, Vec<[f32; 8]>)> = Vec::new();
+        for (key, c) in &self.real {
+            if let Some(plane) = f.channels[*c].as_deref() {
+                profiles.push((key.clone(), comps.profiles(plane)?));
+            }
+        }
+        if self.virtual_channels {
+            for img in &work.images {
+                if !matches!(img.role, Role::VirtualStain | Role::VirtualStainDiffusion) {
+                    continue;
+                }
+                for (k, protein) in img.channels.iter().enumerate() {
+                    if let Some(plane) = img.data.data.get(k * w * h..(k + 1) * w * h) {
+                        profiles.push((virtual_key(img.role, protein), comps.profiles(plane)?));
+                    }
+                }
+            }
+        }
+        let labels: Vec<usize> = work.records.iter().map(|r| r.label as usize).collect();
+        let key = &f.key;
+        let mut shifts = Vec::new();
+        for (protein, by_label) in profiles {
+            let rows: Vec<Vec<f32>> = labels
+                .iter()
+                .map(|&l| by_label.get(l).map_or(vec![f32::NAN; FEATURES.len()], |p| p.to_vec()))
+                .collect();
+            for (d, feature) in FEATURES.iter().enumerate() {
+                work.cell_measures
+                    .push((localization_column(&protein, feature), rows.iter().map(|r| r[d]).collect()));
+            }
+            let score = {
+                let mut pools = self.pool.by_protein.lock().unwrap_or_else(|p| p.into_inner());
+                let pool = pools
+                    .entry(protein.clone())
+                    .or_insert_with(|| ShiftPool::new(SCORED, self.pool.controls.clone()));
+                pool.add(key.well, key.field, key.timepoint, &rows);
+                // Seeded by what the score is of, so the same fields give the same score.
+                let seed = seed_of(&[&protein, &key.well.name()]);
+                pool.score(key.well, self.permutations, seed)
+            };
+            let Some(s) = score else { continue };
+            let shift = WellShift {
+                protein,
+                well: key.well.name(),
+                fields: s.fields,
+                control_fields: s.control_fields,
+                features: FEATURES[..SCORED].iter().map(|f| f.to_string()).collect(),
+                profile: s.profile,
+                control: s.control,
+                distance: s.distance,
+                shift: s.z,
+                p: s.p,
+                relocalized: s.z >= self.threshold,
+            };
+            t::WellLocalization {
+                field: &work.name,
+                shift: &shift,
+            }
+            .emit();
+            shifts.push(shift);
+        }
+        work.localization = shifts;
+        Ok(())
+    }
+}
+
+/// A stable 64-bit seed from strings (FNV-1a), so permutation draws do not depend on the order
+/// in which workers finish fields.
+fn seed_of(parts: &[&str]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325_u64;
+    for p in parts {
+        for b in p.bytes().chain([0xff]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
