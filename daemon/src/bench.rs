@@ -585,3 +585,81 @@ pub fn instanseg_image(
         classical_nuclei: classical_n,
     })
 }
+
+/// What the localize stage costs on top of the measure stage, on one simulated field.
+#[derive(Debug, serde::Serialize)]
+pub struct LocalizeCost {
+    pub field_px: usize,
+    pub cells: usize,
+    pub proteins: usize,
+    /// Median ms: region properties over every channel (the measure stage).
+    pub measure_ms: f64,
+    /// Median ms: compartments and every protein's profiles (the localize stage).
+    pub localize_ms: f64,
+    /// `(measure + localize) / measure`.
+    pub ratio: f64,
+}
+
+/// The measure stage's work with and without localization, alternated on the same simulated
+/// field of four protein channels (the simulator's own labels, so segmentation is not timed);
+/// proteins are profiled in parallel, as the stage does.
+pub fn localize_cost(field_px: usize, reps: usize) -> Result<LocalizeCost, liveomics_kernels::KernelError> {
+    use liveomics_adapters::simulator::{Localization as L, ProteinChannel, Simulator, SimulatorConfig};
+    let proteins = [
+        ("HNRNPA1", L::Nuclear),
+        ("CALR", L::Er),
+        ("ATP1A1", L::Membrane),
+        ("TOMM20", L::Mitochondria),
+    ];
+    let cfg = SimulatorConfig {
+        width_px: field_px as u32,
+        height_px: field_px as u32,
+        proteins: proteins
+            .iter()
+            .map(|(n, l)| ProteinChannel {
+                name: n.to_string(),
+                localization: *l,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let sim = Simulator::new(cfg).map_err(|e| liveomics_kernels::KernelError::Parameter {
+        name: "simulator",
+        reason: e.to_string(),
+    })?;
+    let f = sim.render(liveomics_adapters::model::WellId { row: 1, column: 2 }, 0, 0);
+    let (w, h) = (f.width, f.height);
+    let planes: Vec<&[u16]> = f.channels.iter().map(Vec::as_slice).collect();
+    let params = liveomics_kernels::localize::LocParams {
+        rim_px: (1.5 / 0.65) as f32,
+        puncta_sigma_px: 2.0,
+        puncta_mads: 4.0,
+    };
+    let (mut measure, mut localize) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        let props = liveomics_kernels::measure::region_props(&f.cell_labels, &planes, w, h)?;
+        let nuc = liveomics_kernels::measure::region_props(&f.nuclei_labels, &[], w, h)?;
+        std::hint::black_box((props, nuc));
+        measure.push(t0.elapsed().as_secs_f64() * 1e3);
+        let t0 = Instant::now();
+        let c =
+            liveomics_kernels::localize::compartments(&f.nuclei_labels, &f.cell_labels, Some(planes[2]), w, h, params)?;
+        let profiles: Result<Vec<_>, _> = planes[3..].par_iter().map(|p| c.profiles(p)).collect();
+        std::hint::black_box(profiles?);
+        localize.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (m, l) = (median(&mut measure), median(&mut localize));
+    Ok(LocalizeCost {
+        field_px,
+        cells: f.cells.len(),
+        proteins: proteins.len(),
+        measure_ms: m,
+        localize_ms: l,
+        ratio: (m + l) / m,
+    })
+}

@@ -18,10 +18,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::component::{SourceName, StageName};
 use crate::inference::config::InferenceConfig;
+use crate::localize::LocalizationConfig;
 use crate::replay::ReplayConfig;
 use crate::sink::followup::ClosedLoopConfig;
 use crate::sink::SinksConfig;
-use crate::localize::LocalizationConfig;
 use crate::stage::SegmentationConfig;
 use crate::telemetry::TelemetryConfig;
 use crate::zenoh_session::ZenohConfig;

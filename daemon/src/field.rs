@@ -277,7 +277,7 @@ pub struct WellShift {
     pub shift: f64,
     /// Share of the null (pseudo-wells of control fields) at least as far from the controls.
     pub p: f64,
-    /// `shift` at or above `localization.shift_threshold`.
+    /// `shift` at or above `localization.shift_threshold` and `p` at most `localization.alpha`.
     pub relocalized: bool,
 }
 

@@ -78,7 +78,11 @@ impl WellView {
 
     /// Takes a relocalization score (the one over the most fields wins, as for readouts).
     pub fn add_shift(&mut self, s: &WellShift) {
-        if self.localization.get(&s.protein).is_none_or(|old| old.fields <= s.fields) {
+        if self
+            .localization
+            .get(&s.protein)
+            .is_none_or(|old| old.fields <= s.fields)
+        {
             self.localization.insert(s.protein.clone(), s.clone());
         }
     }

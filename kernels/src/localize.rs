@@ -5,7 +5,7 @@
 //!
 //! The compartments partition each cell, in this order of precedence: `nucleus` (the nuclei
 //! labels), `membrane` (cell pixels within `rim_px` of the cell's outline), `er` (cytoplasm
-//! brighter than the cell's mean ER stain), `puncta` (in the rest of the cytoplasm, the protein's
+//! where the ER stain is brighter than its surroundings: the reticulum), `puncta` (in the rest of the cytoplasm, the protein's
 //! own spots: pixels whose difference from a Gaussian-smoothed copy stands out from the field's
 //! spread of that difference, as mitochondria or vesicles do), `cytoplasm` (the rest). Landmarks
 //! come first so that an ER protein's reticular texture is not taken for puncta. The five
@@ -20,9 +20,18 @@ pub const COMPARTMENTS: [&str; 5] = ["nucleus", "cytoplasm", "membrane", "er", "
 /// Every value of a profile, in order: the compartment fractions, then `radial` (the
 /// intensity-weighted mean of the normalised radial position: 0 at the nucleus' centre, 1 on the
 /// cell's outline), `cv` (coefficient of variation of the signal over the cell: how uneven it
-/// is) and `er_corr` (Pearson correlation with the ER stain over the cell's cytoplasm, rim
-/// excluded).
-pub const FEATURES: [&str; 8] = ["nucleus", "cytoplasm", "membrane", "er", "puncta", "radial", "cv", "er_corr"];
+/// is) and `er_corr` (Pearson correlation of the protein's detail with the ER stain's, each less
+/// its smoothed self, over the cell's cytoplasm, rim excluded: whether it follows the reticulum).
+pub const FEATURES: [&str; 8] = [
+    "nucleus",
+    "cytoplasm",
+    "membrane",
+    "er",
+    "puncta",
+    "radial",
+    "cv",
+    "er_corr",
+];
 
 /// Which compartment each pixel is in, before the protein's own puncta are known.
 const OUTSIDE: u8 = 0;
@@ -74,7 +83,8 @@ pub struct Compartments {
     class: Vec<u8>,
     /// Normalised radial position of each cell pixel.
     radial: Vec<f32>,
-    /// Background-subtracted ER stain, when there is one.
+    /// The ER stain's detail (the stain less its surroundings), when there is one: what
+    /// `er_corr` correlates the protein's detail with.
     er: Option<Vec<f32>>,
     labels: usize,
     params: LocParams,
@@ -93,7 +103,11 @@ fn background<T: Copy + Into<f64>>(plane: &[T], cells: &[u32]) -> f32 {
     if outside.len() * 100 >= plane.len().max(1) {
         return quantile(&mut outside, 0.5);
     }
-    let mut all: Vec<f32> = plane.iter().map(|&v| v.into() as f32).filter(|v| v.is_finite()).collect();
+    let mut all: Vec<f32> = plane
+        .iter()
+        .map(|&v| v.into() as f32)
+        .filter(|v| v.is_finite())
+        .collect();
     quantile(&mut all, 0.01)
 }
 
@@ -151,7 +165,11 @@ pub fn compartments(
             continue;
         }
         let (x, y) = ((i % width) as f64, (i / width) as f64);
-        let a = if nuclei[i] != 0 { &mut acc[l as usize] } else { &mut cell_acc[l as usize] };
+        let a = if nuclei[i] != 0 {
+            &mut acc[l as usize]
+        } else {
+            &mut cell_acc[l as usize]
+        };
         a[0] += x;
         a[1] += y;
         a[2] += 1.0;
@@ -188,21 +206,19 @@ pub fn compartments(
         radial[i] = if dc + de > 0.0 { dc / (dc + de) } else { 0.0 };
     }
     let er = er.map(|e| signal(e, background(e, cells)));
+    let mut detail = None;
     if let Some(e) = &er {
-        // ER-rich cytoplasm: brighter than the cell's mean ER over its cytoplasm.
-        let mut mean = vec![[0f64; 2]; labels];
-        for (i, &l) in cells.iter().enumerate() {
-            if class[i] == CYTOPLASM && e[i].is_finite() {
-                mean[l as usize][0] += f64::from(e[i]);
-                mean[l as usize][1] += 1.0;
-            }
-        }
-        for (i, &l) in cells.iter().enumerate() {
-            let m = mean[l as usize];
-            if class[i] == CYTOPLASM && f64::from(e[i]) > m[0] / m[1].max(1.0) {
+        // The reticulum: cytoplasm where the ER stain is brighter than its own surroundings
+        // (a Gaussian twice the puncta scale), so its network, not the perinuclear gradient of
+        // the stain, makes the compartment.
+        let finite: Vec<f32> = e.iter().map(|v| if v.is_finite() { *v } else { 0.0 }).collect();
+        let around = gaussian_blur(&finite, width, height, 2.0 * params.puncta_sigma_px)?;
+        for i in 0..cells.len() {
+            if class[i] == CYTOPLASM && e[i] > around[i] {
                 class[i] = ER;
             }
         }
+        detail = Some(e.iter().zip(&around).map(|(v, a)| v - a).collect());
     }
     Ok(Compartments {
         width,
@@ -210,7 +226,7 @@ pub fn compartments(
         cells: cells.to_vec(),
         class,
         radial,
-        er,
+        er: detail,
         labels,
         params,
     })
@@ -271,15 +287,15 @@ impl Compartments {
             a.n += 1.0;
             a.sq += v * v;
             if let (Some(er), true) = (&self.er, matches!(c, CYTOPLASM | ER)) {
-                let e = f64::from(er[i]);
+                let (e, d) = (f64::from(er[i]), v - f64::from(smooth[i]));
                 if e.is_finite() {
                     let co = &mut a.co;
                     co[0] += 1.0;
-                    co[1] += v;
+                    co[1] += d;
                     co[2] += e;
-                    co[3] += v * v;
+                    co[3] += d * d;
                     co[4] += e * e;
-                    co[5] += v * e;
+                    co[5] += d * e;
                 }
             }
         }
@@ -387,7 +403,12 @@ mod tests {
         assert!(p[1][3] > 0.99, "ER fraction {}", p[1][3]);
         assert!(p[1][7] > 0.9, "ER correlation {}", p[1][7]);
         assert!(p[2][4] > 0.5, "puncta fraction {}", p[2][4]);
-        assert!(p[2][6] > p[1][6], "spots are more uneven than ER: {} vs {}", p[2][6], p[1][6]);
+        assert!(
+            p[2][6] > p[1][6],
+            "spots are more uneven than ER: {} vs {}",
+            p[2][6],
+            p[1][6]
+        );
     }
 
     #[test]

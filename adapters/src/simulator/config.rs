@@ -322,7 +322,10 @@ impl SimulatorConfig {
                 Some(_) => {}
             }
             if !(0.0..=1.0).contains(&r.fraction) {
-                bad(&format!("{key}.fraction"), format!("must be within 0..=1, got {}", r.fraction));
+                bad(
+                    &format!("{key}.fraction"),
+                    format!("must be within 0..=1, got {}", r.fraction),
+                );
             }
             if let Ok(fmt) = PlateFormat::new(self.plate_format) {
                 for (j, w) in r.wells.iter().enumerate() {

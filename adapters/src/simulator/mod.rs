@@ -249,7 +249,7 @@ impl Simulator {
         let geo = rasterize(&cells, w, h);
         let tex = Textures::new(w, h, &ids);
         let moved = self.relocalized(well, &cells);
-        let (mut clean, sums) = self.stain_images(&cells, &geo, &tex, w, h, &ids, &moved);
+        let (mut clean, sums) = self.stain_images(&cells, &geo, &tex, (w, h), &ids, &moved);
         let protein_clean: Vec<Vec<f32>> = clean[3..].to_vec();
         let raw: Vec<Vec<u16>> = clean
             .iter_mut()
@@ -407,8 +407,7 @@ impl Simulator {
         cells: &[SimCell],
         geo: &Geometry,
         tex: &Textures,
-        w: usize,
-        h: usize,
+        (w, h): (usize, usize),
         ids: &[u64; 5],
         moved: &[Vec<f64>],
     ) -> (Vec<Vec<f32>>, Vec<Vec<[f64; 5]>>) {

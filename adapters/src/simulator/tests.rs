@@ -196,7 +196,12 @@ fn a_relocalization_moves_the_protein_in_its_wells_only_and_the_truth_says_so() 
     assert_eq!(fa.channels[4], fb.channels[4], "TOMM20 is untouched");
     assert_ne!(fa.channels[3], fb.channels[3]);
     let mean = |f: &SimulatedField, p: usize, k: usize| {
-        let v: Vec<f64> = f.cells.iter().map(|c| c.localization[p][k]).filter(|v| v.is_finite()).collect();
+        let v: Vec<f64> = f
+            .cells
+            .iter()
+            .map(|c| c.localization[p][k])
+            .filter(|v| v.is_finite())
+            .collect();
         v.iter().sum::<f64>() / v.len() as f64
     };
     // Nuclear at home: all of its signal in the nucleus; relocalized: about 60 % in the cytoplasm.
@@ -219,7 +224,11 @@ fn a_relocalization_moves_the_protein_in_its_wells_only_and_the_truth_says_so() 
         ..small()
     };
     let keys: Vec<String> = bad.validate().iter().map(|e| e.to_string()).collect();
-    for k in ["relocalization[0].protein", "relocalization[0].fraction", "relocalization[0].wells[0]"] {
+    for k in [
+        "relocalization[0].protein",
+        "relocalization[0].fraction",
+        "relocalization[0].wells[0]",
+    ] {
         assert!(keys.iter().any(|e| e.contains(k)), "{k} not in {keys:?}");
     }
 }

@@ -128,6 +128,15 @@ pub enum Command {
     /// processing) and the classical path, one JSON line; --dump writes the model's input.
     #[command(hide = true)]
     BenchInstanseg(bench::BenchInstansegArgs),
+    /// Benchmark helper for benches/localization_bench.py: the measure stage's work with and
+    /// without localization on a simulated field, one JSON line per field size.
+    #[command(hide = true)]
+    BenchLocalize {
+        #[arg(long, default_values_t = [1024, 2160])]
+        field_px: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+    },
     /// Benchmark helper: write uint16 TIFF frames through the zarr write path and print JSON
     /// (used by benches/write_bench.py).
     #[command(hide = true)]
@@ -182,6 +191,13 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             files,
         } => bench::bench_segment(&out_dir, pixel_size_um, diameter_um, repeat, &device, threshold, &files),
         Command::BenchInstanseg(a) => bench::bench_instanseg(&a),
+        Command::BenchLocalize { field_px, repeat } => {
+            for px in field_px {
+                let r = liveomics::bench::localize_cost(px, repeat)?;
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::BenchWrite {
             out,
             repeat,

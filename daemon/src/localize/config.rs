@@ -31,10 +31,17 @@ pub struct LocalizationConfig {
     /// Take the source's declared controls; false: only `control_wells` (when the plan's
     /// controls are for another purpose, or to hold some back as a check of the null).
     pub controls_from_plan: bool,
-    /// Random reassignments of fields in the null of each well's score.
+    /// Draws of the null of each well's score (pseudo-wells of control fields).
     pub permutations: usize,
-    /// `loc.{protein}.shift` at or above which a well is reported relocalized.
+    /// Control fields (outside the well) a well's score waits for: fewer make too few distinct
+    /// pseudo-wells for a null (4 fields give 6), and every well looks shifted.
+    pub min_control_fields: usize,
+    /// `loc.{protein}.shift` at or above which a well is reported relocalized (with `alpha`).
     pub shift_threshold: f64,
+    /// The largest `p` at which a well is reported relocalized: the false-positive rate per well
+    /// and protein the call allows. Few control fields cannot reach it (4 fields of the well
+    /// against 8 give at most 70 distinct pseudo-wells, p ≥ 0.014), so early calls wait.
+    pub alpha: f64,
 }
 
 impl Default for LocalizationConfig {
@@ -50,7 +57,9 @@ impl Default for LocalizationConfig {
             control_wells: Vec::new(),
             controls_from_plan: true,
             permutations: 999,
+            min_control_fields: 6,
             shift_threshold: 3.0,
+            alpha: 0.01,
         }
     }
 }
@@ -121,4 +130,3 @@ impl LocalizationConfig {
         }
     }
 }
-

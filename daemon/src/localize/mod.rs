@@ -21,12 +21,13 @@ use liveomics_adapters::model::{AcquisitionPlan, WellId};
 use liveomics_adapters::Invalid;
 use liveomics_kernels::localize::{self, LocParams, FEATURES};
 use liveomics_models::Role;
+use rayon::prelude::*;
 
 use crate::component::{Context, Stage, StageConfig, StageError, StageName};
 use crate::field::{channel_index, localization_column, FieldWork, WellShift};
 use crate::telemetry as t;
-pub use config::LocalizationConfig;
 use config::virtual_key;
+pub use config::LocalizationConfig;
 use shift::ShiftPool;
 
 impl StageConfig for LocalizationConfig {
@@ -49,6 +50,15 @@ impl StageConfig for LocalizationConfig {
                 ),
             ));
         }
+        if !(2..=100_000).contains(&self.min_control_fields) {
+            problems.push(ctx.invalid(
+                "min_control_fields",
+                format!("must be 2..=100000, got {}", self.min_control_fields),
+            ));
+        }
+        if !(self.alpha > 0.0 && self.alpha < 1.0) {
+            problems.push(ctx.invalid("alpha", format!("must be within (0, 1), got {}", self.alpha)));
+        }
         if !self.shift_threshold.is_finite() {
             problems.push(ctx.invalid("shift_threshold", "must be a finite number"));
         }
@@ -68,7 +78,10 @@ impl StageConfig for LocalizationConfig {
             if found.is_none() {
                 problems.push(ctx.invalid(
                     "er_channel",
-                    format!("no acquisition channel {:?} (empty: no ER compartment)", self.er_channel),
+                    format!(
+                        "no acquisition channel {:?} (empty: no ER compartment)",
+                        self.er_channel
+                    ),
                 ));
             }
             found
@@ -100,7 +113,10 @@ impl StageConfig for LocalizationConfig {
             })
             .unwrap_or_else(|e| match e {});
         if controls.is_empty() {
-            t::LocalizationWithoutControls { plate: plan.plate.as_str() }.emit();
+            t::LocalizationWithoutControls {
+                plate: plan.plate.as_str(),
+            }
+            .emit();
         }
         Ok(Box::new(LocalizeStage {
             params: self.params(plan.pixel_size_um),
@@ -109,7 +125,9 @@ impl StageConfig for LocalizationConfig {
             er,
             pool,
             permutations: self.permutations,
+            min_controls: self.min_control_fields,
             threshold: self.shift_threshold,
+            alpha: self.alpha,
         }))
     }
 }
@@ -136,7 +154,9 @@ pub struct LocalizeStage {
     er: Option<usize>,
     pool: Arc<Pools>,
     permutations: usize,
+    min_controls: usize,
     threshold: f64,
+    alpha: f64,
 }
 
 impl Stage for LocalizeStage {
@@ -153,25 +173,37 @@ impl Stage for LocalizeStage {
         let cells = work.cells.as_ref().unwrap_or(nuclei);
         let er = self.er.and_then(|c| f.channels[c].as_deref());
         let comps = localize::compartments(nuclei, cells, er, w, h, self.params)?;
-        // Every protein plane of the field: acquired channels that arrived, then model outputs.
-        let mut profiles: Vec<(String, Vec<[f32; 8]>)> = Vec::new();
-        for (key, c) in &self.real {
-            if let Some(plane) = f.channels[*c].as_deref() {
-                profiles.push((key.clone(), comps.profiles(plane)?));
-            }
-        }
+        // Every protein plane of the field, acquired channels that arrived, then model outputs,
+        // profiled in parallel.
+        let real: Vec<(String, &[u16])> = self
+            .real
+            .iter()
+            .filter_map(|(key, c)| f.channels[*c].as_deref().map(|p| (key.clone(), p)))
+            .collect();
+        let mut virtual_planes: Vec<(String, &[f32])> = Vec::new();
         if self.virtual_channels {
-            for img in &work.images {
-                if !matches!(img.role, Role::VirtualStain | Role::VirtualStainDiffusion) {
-                    continue;
-                }
+            for img in work
+                .images
+                .iter()
+                .filter(|i| matches!(i.role, Role::VirtualStain | Role::VirtualStainDiffusion))
+            {
                 for (k, protein) in img.channels.iter().enumerate() {
                     if let Some(plane) = img.data.data.get(k * w * h..(k + 1) * w * h) {
-                        profiles.push((virtual_key(img.role, protein), comps.profiles(plane)?));
+                        virtual_planes.push((virtual_key(img.role, protein), plane));
                     }
                 }
             }
         }
+        let mut profiles: Vec<(String, Vec<[f32; 8]>)> = real
+            .into_par_iter()
+            .map(|(key, p)| comps.profiles(p).map(|v| (key, v)))
+            .collect::<Result<_, _>>()?;
+        profiles.extend(
+            virtual_planes
+                .into_par_iter()
+                .map(|(key, p)| comps.profiles(p).map(|v| (key, v)))
+                .collect::<Result<Vec<_>, _>>()?,
+        );
         let labels: Vec<usize> = work.records.iter().map(|r| r.label as usize).collect();
         let key = &f.key;
         let mut shifts = Vec::new();
@@ -181,8 +213,10 @@ impl Stage for LocalizeStage {
                 .map(|&l| by_label.get(l).map_or(vec![f32::NAN; FEATURES.len()], |p| p.to_vec()))
                 .collect();
             for (d, feature) in FEATURES.iter().enumerate() {
-                work.cell_measures
-                    .push((localization_column(&protein, feature), rows.iter().map(|r| r[d]).collect()));
+                work.cell_measures.push((
+                    localization_column(&protein, feature),
+                    rows.iter().map(|r| r[d]).collect(),
+                ));
             }
             let score = {
                 let mut pools = self.pool.by_protein.lock().unwrap_or_else(|p| p.into_inner());
@@ -192,7 +226,7 @@ impl Stage for LocalizeStage {
                 pool.add(key.well, key.field, key.timepoint, &rows);
                 // Seeded by what the score is of, so the same fields give the same score.
                 let seed = seed_of(&[&protein, &key.well.name()]);
-                pool.score(key.well, self.permutations, seed)
+                pool.score(key.well, self.permutations, self.min_controls, seed)
             };
             let Some(s) = score else { continue };
             let shift = WellShift {
@@ -206,7 +240,7 @@ impl Stage for LocalizeStage {
                 distance: s.distance,
                 shift: s.z,
                 p: s.p,
-                relocalized: s.z >= self.threshold,
+                relocalized: s.z >= self.threshold && s.p <= self.alpha,
             };
             t::WellLocalization {
                 field: &work.name,

@@ -18,6 +18,9 @@ use liveomics_adapters::model::WellId;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// Per feature over a field's cells: count, sum and sum of squares.
+type Moments = (Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// One field's mean profile.
 #[derive(Debug, Clone)]
 struct FieldMean {
@@ -38,7 +41,8 @@ pub struct Shift {
     pub distance: f64,
     /// `(distance − null mean) / null sd`: the closed-loop metric `loc.{protein}.shift`.
     pub z: f64,
-    /// Share of the null at least as far: `(1 + k) / (1 + draws)`.
+    /// Share of the null at least as far: `(1 + k) / (1 + draws)`, and never below one in the
+    /// number of distinct pseudo-wells plus one.
     pub p: f64,
 }
 
@@ -49,7 +53,7 @@ pub struct ShiftPool {
     controls: BTreeSet<WellId>,
     fields: BTreeMap<(WellId, u32, u32), FieldMean>,
     /// Over the control cells: count, sum and sum of squares per feature.
-    cells: BTreeMap<(WellId, u32, u32), (Vec<f64>, Vec<f64>, Vec<f64>)>,
+    cells: BTreeMap<(WellId, u32, u32), Moments>,
 }
 
 impl ShiftPool {
@@ -80,7 +84,9 @@ impl ShiftPool {
         if n.iter().all(|&k| k == 0.0) {
             return;
         }
-        let mean = (0..f).map(|d| if n[d] > 0.0 { s[d] / n[d] } else { f64::NAN }).collect();
+        let mean = (0..f)
+            .map(|d| if n[d] > 0.0 { s[d] / n[d] } else { f64::NAN })
+            .collect();
         let key = (well, field, timepoint);
         self.fields.insert(key, FieldMean { well, mean });
         if self.controls.contains(&well) {
@@ -88,16 +94,17 @@ impl ShiftPool {
         }
     }
 
-    /// The well's score now, or `None` until it has a field and there are two control fields
-    /// outside it to compare with. `permutations` draws of the null, from `seed`.
-    pub fn score(&self, well: WellId, permutations: usize, seed: u64) -> Option<Shift> {
+    /// The well's score now, or `None` until it has a field and there are `min_controls` (at
+    /// least 2) control fields outside it to compare with. `permutations` draws of the null,
+    /// from `seed`.
+    pub fn score(&self, well: WellId, permutations: usize, min_controls: usize, seed: u64) -> Option<Shift> {
         let own: Vec<&FieldMean> = self.fields.values().filter(|m| m.well == well).collect();
         let controls: Vec<&FieldMean> = self
             .fields
             .values()
             .filter(|m| m.well != well && self.controls.contains(&m.well))
             .collect();
-        if own.is_empty() || controls.len() < 2 {
+        if own.is_empty() || controls.len() < min_controls.max(2) {
             return None;
         }
         let scale = self.scale(well);
@@ -125,7 +132,8 @@ impl ShiftPool {
         }
         let hits = null.iter().filter(|&&t| t >= observed).count();
         let m = null.iter().sum::<f64>() / null.len().max(1) as f64;
-        let sd = (null.iter().map(|t| (t - m).powi(2)).sum::<f64>() / null.len().max(2).saturating_sub(1) as f64).sqrt();
+        let sd =
+            (null.iter().map(|t| (t - m).powi(2)).sum::<f64>() / null.len().max(2).saturating_sub(1) as f64).sqrt();
         let z = if sd > 0.0 { (observed - m) / sd } else { 0.0 };
         let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
         Some(Shift {
@@ -135,7 +143,9 @@ impl ShiftPool {
             control: f32s(mean_of(&controls, self.features)),
             distance: observed,
             z,
-            p: (1 + hits) as f64 / (1 + permutations) as f64,
+            // Only C(J, k) distinct pseudo-wells exist: a well beyond all of them is as unusual
+            // as one in C(J, k) + 1, however many draws were made.
+            p: ((1 + hits) as f64 / (1 + permutations) as f64).max(1.0 / (1.0 + choose(controls.len(), k))),
         })
     }
 
@@ -163,6 +173,11 @@ impl ShiftPool {
             })
             .collect()
     }
+}
+
+/// `n` choose `k`, as a float (large values only need to be large).
+fn choose(n: usize, k: usize) -> f64 {
+    (0..k.min(n)).fold(1.0, |acc, i| acc * (n - i) as f64 / (i + 1) as f64)
 }
 
 /// Mean over the fields of their mean profiles (NaN features skipped per field).
@@ -222,7 +237,7 @@ mod tests {
                 pool.add(well(w), f, 0, &cells(&mut rng, 0.8));
             }
         }
-        let score = |w: u16| pool.score(well(w), 999, u64::from(w)).unwrap();
+        let score = |w: u16| pool.score(well(w), 999, 6, u64::from(w)).unwrap();
         let false_calls = (10..50).filter(|&w| score(w).p < 0.05).count();
         assert!(false_calls <= 5, "{false_calls} of 40 control-like wells at p < 0.05");
         for w in 50..60 {
@@ -240,12 +255,12 @@ mod tests {
         let mut pool = ShiftPool::new(2, controls);
         pool.add(well(1), 0, 0, &[vec![0.1, f32::NAN]]);
         pool.add(well(0), 0, 0, &[vec![0.1, f32::NAN]]);
-        assert!(pool.score(well(1), 99, 1).is_none());
+        assert!(pool.score(well(1), 99, 2, 1).is_none());
         pool.add(well(0), 1, 0, &[vec![0.2, f32::NAN], vec![0.3, f32::NAN]]);
-        let s = pool.score(well(1), 99, 1).unwrap();
+        let s = pool.score(well(1), 99, 2, 1).unwrap();
         assert!(s.distance.is_finite() && s.profile[1].is_nan());
         // A field processed again replaces itself.
         pool.add(well(1), 0, 0, &[vec![0.2, f32::NAN]]);
-        assert_eq!(pool.score(well(1), 99, 1).unwrap().fields, 1);
+        assert_eq!(pool.score(well(1), 99, 2, 1).unwrap().fields, 1);
     }
 }

@@ -485,7 +485,9 @@ impl Sink for ZarrSink {
             .collect();
         let shifts = self.localization.entry(key.well).or_default();
         for s in &work.localization {
-            let (last, history) = shifts.entry(s.protein.clone()).or_insert_with(|| (s.clone(), BTreeMap::new()));
+            let (last, history) = shifts
+                .entry(s.protein.clone())
+                .or_insert_with(|| (s.clone(), BTreeMap::new()));
             history.insert(s.fields, (s.shift, s.p));
             if s.fields >= last.fields {
                 *last = s.clone();
