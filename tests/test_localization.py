@@ -132,25 +132,27 @@ def test_per_cell_fractions_follow_the_simulator_truth(plate):
 
 def test_wells_where_the_protein_moved_score_above_every_other(plate):
     root, wells_msgs, _, _ = plate
-    # Controls imaged before enough other control fields were in are not scored; every other
-    # well is, after each of its fields.
-    scored = [w for w in WELLS if w not in CONTROLS]
+    # Every well is scored: the controls imaged before enough other control fields were in get
+    # theirs when later control fields rescore every well.
+    scored = WELLS
     score = {w: shifts(root, w)["HNRNPA1"] for w in scored}
     assert all(score[w]["fields"] == FIELDS for w in scored)
+    assert all(score[w]["control_fields"] == FIELDS * (len(CONTROLS) - (w in CONTROLS)) for w in scored)
     assert min(score[w]["shift"] for w in MOVED) > max(score[w]["shift"] for w in scored if w not in MOVED)
     assert all(score[w]["relocalized"] for w in MOVED)
     for w in CONTROLS + CONTROL_LIKE:
         attrs = zarr.open_group(str(root / "out" / "loc.zarr" / w[0] / w[1:]), mode="r").attrs["liveomics"]
         for protein, s in attrs.get("localization", {}).items():
             assert not s["relocalized"], (w, protein, s["shift"])
-    # Each score comes with its history, after each number of fields.
-    assert [h[0] for h in score["B5"]["history"]] == list(range(1, FIELDS + 1))
+    # Each score comes with its history: [fields, control fields, shift, p] after each field.
+    assert [h[:2] for h in score["B5"]["history"]] == [[n, FIELDS * len(CONTROLS)] for n in range(1, FIELDS + 1)]
     # The same readout went out on zenoh, after the well's last field.
     last = {}
     for m in wells_msgs:
         if "HNRNPA1" in m.get("localization", {}):
             s = m["localization"]["HNRNPA1"]
-            if s["fields"] >= last.get(m["well"], {}).get("fields", 0):
+            old = last.get(m["well"], {"fields": 0, "control_fields": 0})
+            if (s["fields"], s["control_fields"]) >= (old["fields"], old["control_fields"]):
                 last[m["well"]] = s
     for w in scored:
         assert last[w]["shift"] == pytest.approx(score[w]["shift"])

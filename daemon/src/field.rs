@@ -281,6 +281,15 @@ pub struct WellShift {
     pub relocalized: bool,
 }
 
+impl WellShift {
+    /// Whether this score supersedes `other` (of the same well and protein): more of the well's
+    /// fields, or as many against more control fields. Workers finish out of order, so sinks
+    /// keep the newest by this and not by arrival.
+    pub fn supersedes(&self, other: &WellShift) -> bool {
+        (self.fields, self.control_fields) >= (other.fields, other.control_fields)
+    }
+}
+
 /// Per-cell column of a localization feature: `loc.{protein}.{feature}`.
 pub fn localization_column(protein: &str, feature: &str) -> String {
     format!("loc.{protein}.{feature}")

@@ -76,13 +76,9 @@ impl WellView {
         }
     }
 
-    /// Takes a relocalization score (the one over the most fields wins, as for readouts).
+    /// Takes a relocalization score (the newest wins: [`WellShift::supersedes`]).
     pub fn add_shift(&mut self, s: &WellShift) {
-        if self
-            .localization
-            .get(&s.protein)
-            .is_none_or(|old| old.fields <= s.fields)
-        {
+        if self.localization.get(&s.protein).is_none_or(|old| s.supersedes(old)) {
             self.localization.insert(s.protein.clone(), s.clone());
         }
     }
@@ -250,13 +246,21 @@ impl Live {
         for r in &work.well_readouts {
             view.add_readout(r);
         }
-        for s in &work.localization {
-            view.add_shift(s);
-        }
         view.degraded += u64::from(!work.owed.is_empty());
-        let view = view.clone();
+        // Scores may be of other wells too (a control field rescores every well).
+        let mut touched = std::collections::BTreeSet::from([well]);
+        for sh in &work.localization {
+            s.wells.entry(sh.well.clone()).or_default().add_shift(sh);
+            touched.insert(sh.well.clone());
+        }
+        let views: Vec<(String, WellView)> = touched
+            .into_iter()
+            .filter_map(|w| s.wells.get(&w).map(|v| (w, v.clone())))
+            .collect();
         drop(s);
-        self.well_event(&well, &view);
+        for (w, view) in &views {
+            self.well_event(w, view);
+        }
     }
 
     /// Every sink finished a field `latency` after its first frame.

@@ -7,7 +7,8 @@
 //! coefficient of variation, the correlation with the ER stain). Per well it updates, after every
 //! field, the relocalization score against the plan's control wells (`shift.rs`), which travels
 //! with the field to the sinks (`FieldWork::localization`) and the closed loop
-//! (`loc.{protein}.shift`). It runs after `measure` and, to profile virtual channels, after
+//! (`loc.{protein}.shift`); a control field rescores every well seen so far, so its scores
+//! travel with it for all of them. It runs after `measure` and, to profile virtual channels, after
 //! `inference`; a stage after `inference` means no optional model is skipped inline, so every
 //! field's virtual channels are there to profile.
 
@@ -28,7 +29,7 @@ use crate::field::{channel_index, localization_column, FieldWork, WellShift};
 use crate::telemetry as t;
 use config::virtual_key;
 pub use config::LocalizationConfig;
-use shift::ShiftPool;
+use shift::{Shift, ShiftPool};
 
 impl StageConfig for LocalizationConfig {
     fn validate(&self, ctx: &Context, problems: &mut Vec<Invalid>) {
@@ -109,6 +110,7 @@ impl StageConfig for LocalizationConfig {
                 Ok(Pools {
                     controls: controls.clone(),
                     by_protein: Mutex::new(BTreeMap::new()),
+                    called: Mutex::new(BTreeSet::new()),
                 })
             })
             .unwrap_or_else(|e| match e {});
@@ -143,6 +145,22 @@ const SCORED: usize = 6;
 struct Pools {
     controls: BTreeSet<WellId>,
     by_protein: Mutex<BTreeMap<String, ShiftPool>>,
+    /// `(protein, well)` pairs called relocalized, so the log says so once per change.
+    called: Mutex<BTreeSet<(String, String)>>,
+}
+
+impl Pools {
+    /// Records the call of a score; true when the well has just become relocalized.
+    fn call(&self, s: &WellShift) -> bool {
+        let mut called = self.called.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (s.protein.clone(), s.well.clone());
+        if s.relocalized {
+            called.insert(key)
+        } else {
+            called.remove(&key);
+            false
+        }
+    }
 }
 
 /// One worker's localize stage.
@@ -218,36 +236,53 @@ impl Stage for LocalizeStage {
                     rows.iter().map(|r| r[d]).collect(),
                 ));
             }
-            let score = {
+            // A control field moves every well's reference: all wells seen so far are scored
+            // again (wells imaged before enough control fields get their first score here).
+            // Any other field scores its own well.
+            let scores: Vec<(WellId, Shift)> = {
                 let mut pools = self.pool.by_protein.lock().unwrap_or_else(|p| p.into_inner());
                 let pool = pools
                     .entry(protein.clone())
                     .or_insert_with(|| ShiftPool::new(SCORED, self.pool.controls.clone()));
                 pool.add(key.well, key.field, key.timepoint, &rows);
-                // Seeded by what the score is of, so the same fields give the same score.
-                let seed = seed_of(&[&protein, &key.well.name()]);
-                pool.score(key.well, self.permutations, self.min_controls, seed)
+                let wells = if pool.is_control(key.well) {
+                    pool.wells()
+                } else {
+                    [key.well].into()
+                };
+                wells
+                    .into_iter()
+                    .filter_map(|well| {
+                        // Seeded by what the score is of, so the same fields give the same score.
+                        let seed = seed_of(&[&protein, &well.name()]);
+                        pool.score(well, self.permutations, self.min_controls, seed)
+                            .map(|s| (well, s))
+                    })
+                    .collect()
             };
-            let Some(s) = score else { continue };
-            let shift = WellShift {
-                protein,
-                well: key.well.name(),
-                fields: s.fields,
-                control_fields: s.control_fields,
-                features: FEATURES[..SCORED].iter().map(|f| f.to_string()).collect(),
-                profile: s.profile,
-                control: s.control,
-                distance: s.distance,
-                shift: s.z,
-                p: s.p,
-                relocalized: s.z >= self.threshold && s.p <= self.alpha,
-            };
-            t::WellLocalization {
-                field: &work.name,
-                shift: &shift,
+            for (well, s) in scores {
+                let shift = WellShift {
+                    protein: protein.clone(),
+                    well: well.name(),
+                    fields: s.fields,
+                    control_fields: s.control_fields,
+                    features: FEATURES[..SCORED].iter().map(|f| f.to_string()).collect(),
+                    profile: s.profile,
+                    control: s.control,
+                    distance: s.distance,
+                    shift: s.z,
+                    p: s.p,
+                    relocalized: s.z >= self.threshold && s.p <= self.alpha,
+                };
+                let newly = self.pool.call(&shift);
+                t::WellLocalization {
+                    field: &work.name,
+                    shift: &shift,
+                    newly_called: newly,
+                }
+                .emit();
+                shifts.push(shift);
             }
-            .emit();
-            shifts.push(shift);
         }
         work.localization = shifts;
         Ok(())

@@ -94,10 +94,21 @@ impl ShiftPool {
         }
     }
 
+    /// Wells with at least one field in the pool.
+    pub fn wells(&self) -> BTreeSet<WellId> {
+        self.fields.values().map(|m| m.well).collect()
+    }
+
+    /// Whether `well` is one of the controls.
+    pub fn is_control(&self, well: WellId) -> bool {
+        self.controls.contains(&well)
+    }
+
     /// The well's score now, or `None` until it has a field and there are `min_controls` (at
     /// least 2) control fields outside it to compare with. `permutations` draws of the null,
     /// from `seed`.
     pub fn score(&self, well: WellId, permutations: usize, min_controls: usize, seed: u64) -> Option<Shift> {
+        let f = self.features;
         let own: Vec<&FieldMean> = self.fields.values().filter(|m| m.well == well).collect();
         let controls: Vec<&FieldMean> = self
             .fields
@@ -108,39 +119,40 @@ impl ShiftPool {
             return None;
         }
         let scale = self.scale(well);
-        let distance = |a: &[&FieldMean], b: &[&FieldMean]| -> f64 {
-            let (ma, mb) = (mean_of(a, self.features), mean_of(b, self.features));
-            (0..self.features)
-                .filter(|&d| ma[d].is_finite() && mb[d].is_finite() && scale[d] > 0.0)
-                .map(|d| ((ma[d] - mb[d]) / scale[d]).powi(2))
-                .sum()
-        };
-        let observed = distance(&own, &controls);
+        let own_sums = Sums::of(&own, f);
+        let all = Sums::of(&controls, f);
+        let observed = own_sums.distance(&all, &scale);
         // The null: a pseudo-well of as many control fields (one fewer than the controls at
-        // most) against the rest, drawn at random.
+        // most) against the rest, drawn at random. The rest's sums are the controls' less the
+        // pseudo-well's, so a draw costs the pseudo-well's fields only.
         let k = own.len().min(controls.len() - 1);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut pool = controls.clone();
+        let mut order: Vec<usize> = (0..controls.len()).collect();
         let mut null = Vec::with_capacity(permutations);
+        let mut pseudo = Sums::new(f);
         for _ in 0..permutations {
             // The first k after a partial Fisher-Yates shuffle are a uniform draw of k fields.
             for i in 0..k {
-                let j = rng.random_range(i..pool.len());
-                pool.swap(i, j);
+                let j = rng.random_range(i..order.len());
+                order.swap(i, j);
             }
-            null.push(distance(&pool[..k], &pool[k..]));
+            pseudo.clear();
+            for &i in &order[..k] {
+                pseudo.add(&controls[i].mean);
+            }
+            null.push(pseudo.distance(&all.less(&pseudo), &scale));
         }
         let hits = null.iter().filter(|&&t| t >= observed).count();
         let m = null.iter().sum::<f64>() / null.len().max(1) as f64;
-        let sd =
-            (null.iter().map(|t| (t - m).powi(2)).sum::<f64>() / null.len().max(2).saturating_sub(1) as f64).sqrt();
+        let var = null.iter().map(|t| (t - m).powi(2)).sum::<f64>() / null.len().max(2).saturating_sub(1) as f64;
+        let sd = var.sqrt();
         let z = if sd > 0.0 { (observed - m) / sd } else { 0.0 };
         let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
         Some(Shift {
             fields: own.len(),
             control_fields: controls.len(),
-            profile: f32s(mean_of(&own, self.features)),
-            control: f32s(mean_of(&controls, self.features)),
+            profile: f32s(own_sums.mean()),
+            control: f32s(all.mean()),
             distance: observed,
             z,
             // Only C(J, k) distinct pseudo-wells exist: a well beyond all of them is as unusual
@@ -180,18 +192,69 @@ fn choose(n: usize, k: usize) -> f64 {
     (0..k.min(n)).fold(1.0, |acc, i| acc * (n - i) as f64 / (i + 1) as f64)
 }
 
-/// Mean over the fields of their mean profiles (NaN features skipped per field).
-fn mean_of(fields: &[&FieldMean], features: usize) -> Vec<f64> {
-    (0..features)
-        .map(|d| {
-            let v: Vec<f64> = fields.iter().map(|f| f.mean[d]).filter(|v| v.is_finite()).collect();
-            if v.is_empty() {
-                f64::NAN
-            } else {
-                v.iter().sum::<f64>() / v.len() as f64
+/// Per feature over a set of fields: the sum of their means and how many were finite.
+#[derive(Debug, Clone)]
+struct Sums {
+    sum: Vec<f64>,
+    count: Vec<f64>,
+}
+
+impl Sums {
+    fn new(features: usize) -> Self {
+        Self {
+            sum: vec![0.0; features],
+            count: vec![0.0; features],
+        }
+    }
+
+    fn of(fields: &[&FieldMean], features: usize) -> Self {
+        let mut s = Self::new(features);
+        for m in fields {
+            s.add(&m.mean);
+        }
+        s
+    }
+
+    fn clear(&mut self) {
+        self.sum.fill(0.0);
+        self.count.fill(0.0);
+    }
+
+    /// Adds one field's means (NaN features skipped).
+    fn add(&mut self, mean: &[f64]) {
+        for (d, &v) in mean.iter().enumerate().take(self.sum.len()) {
+            if v.is_finite() {
+                self.sum[d] += v;
+                self.count[d] += 1.0;
             }
-        })
-        .collect()
+        }
+    }
+
+    /// These sums without `other`'s (a subset of them).
+    fn less(&self, other: &Sums) -> Sums {
+        Sums {
+            sum: self.sum.iter().zip(&other.sum).map(|(a, b)| a - b).collect(),
+            count: self.count.iter().zip(&other.count).map(|(a, b)| a - b).collect(),
+        }
+    }
+
+    /// Mean over the fields of their means, NaN where no field had the feature.
+    fn mean(&self) -> Vec<f64> {
+        self.sum
+            .iter()
+            .zip(&self.count)
+            .map(|(s, &n)| if n > 0.0 { s / n } else { f64::NAN })
+            .collect()
+    }
+
+    /// Squared distance of the two means, each feature divided by its scale; features missing
+    /// on either side or without a scale are left out.
+    fn distance(&self, other: &Sums, scale: &[f64]) -> f64 {
+        (0..self.sum.len())
+            .filter(|&d| self.count[d] > 0.0 && other.count[d] > 0.0 && scale[d] > 0.0)
+            .map(|d| ((self.sum[d] / self.count[d] - other.sum[d] / other.count[d]) / scale[d]).powi(2))
+            .sum()
+    }
 }
 
 #[cfg(test)]

@@ -241,21 +241,28 @@ impl Sink for ZenohSink {
                     w.bulk.insert(r.model.clone(), r.clone());
                 }
             }
-            for s in &work.localization {
-                if w.localization.get(&s.protein).is_none_or(|old| old.fields <= s.fields) {
-                    w.localization.insert(s.protein.clone(), s.clone());
+            // Scores may be of other wells too (a control field rescores every well): each
+            // well whose score moved is published again.
+            let mut touched = std::collections::BTreeSet::from([work.field.key.well.name()]);
+            for sh in &work.localization {
+                let w = s.wells.entry(sh.well.clone()).or_default();
+                w.well = sh.well.clone();
+                if w.localization.get(&sh.protein).is_none_or(|old| sh.supersedes(old)) {
+                    w.localization.insert(sh.protein.clone(), sh.clone());
                 }
+                touched.insert(sh.well.clone());
             }
-            let body = serde_json::to_vec(&*w).unwrap_or_default();
-            let k = &work.field.key;
-            self.session
-                .put(
-                    format!("liveomics/{}/wells/{}/{}", self.instrument, k.plate, k.well.name()),
-                    body,
-                )
-                .encoding("application/json")
-                .wait()
-                .map_err(zenoh_err("cannot publish a well readout"))?;
+            for well in touched {
+                let body = serde_json::to_vec(&s.wells[&well]).unwrap_or_default();
+                self.session
+                    .put(
+                        format!("liveomics/{}/wells/{}/{well}", self.instrument, work.field.key.plate),
+                        body,
+                    )
+                    .encoding("application/json")
+                    .wait()
+                    .map_err(zenoh_err("cannot publish a well readout"))?;
+            }
         }
         self.publish_status()
     }

@@ -8,12 +8,14 @@ use crate::field::WellShift;
 pub struct WellLocalization<'a> {
     pub field: &'a str,
     pub shift: &'a WellShift,
+    /// The well was not called relocalized before this score.
+    pub newly_called: bool,
 }
 
 impl WellLocalization<'_> {
     pub fn emit(&self) {
         let s = self.shift;
-        if s.relocalized {
+        if self.newly_called {
             info!(
                 field = self.field,
                 protein = %s.protein,

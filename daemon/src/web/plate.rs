@@ -10,7 +10,7 @@ use serde_json::Value;
 use zarrs::array::{Array, ArraySubset};
 use zarrs::filesystem::FilesystemStore;
 
-use crate::field::WellReadout;
+use crate::field::{WellReadout, WellShift};
 use crate::live::{Live, WellView};
 
 /// Why a plate cannot be served.
@@ -123,6 +123,12 @@ pub fn load(dir: &Path) -> Result<Arc<Live>, PlateError> {
                 .filter_map(|c| Some((c.clone(), column(&store, &format!("/{table}/obs/{c}"))?)))
                 .collect();
             view.add_columns(rows, cols.iter().map(|(n, v)| (n.as_str(), v.clone())));
+        }
+        if let Some(loc) = well_attrs.pointer("/liveomics/localization").and_then(Value::as_object) {
+            // A score whose profile holds a NaN (written as null) is left out.
+            for s in loc.values().filter_map(|v| serde_json::from_value::<WellShift>(v.clone()).ok()) {
+                view.add_shift(&s);
+            }
         }
         if let Some(bulk) = well_attrs.pointer("/liveomics/bulk").and_then(Value::as_object) {
             for (model, v) in bulk {

@@ -102,8 +102,9 @@ pub struct ZarrSink {
 /// The latest well-omics readout of a well and the readout after each of its fields.
 type BulkHistory = (WellReadout, Vec<Vec<f32>>);
 
-/// The latest relocalization score of a well for a protein and the score after each field count.
-type ShiftHistory = (WellShift, BTreeMap<usize, (f64, f64)>);
+/// The latest relocalization score of a well for a protein, and by the well's field count the
+/// newest score: `(control fields, shift, p)`.
+type ShiftHistory = (WellShift, BTreeMap<usize, (usize, f64, f64)>);
 
 impl std::fmt::Debug for ZarrSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -453,10 +454,6 @@ impl Sink for ZarrSink {
         } else {
             incomplete.insert(pair);
         }
-        let fields: BTreeSet<u32> = done.iter().map(|&(f, _)| f).collect();
-        let images = fields.iter().map(|f| ome::ImageRef { path: f.to_string() }).collect();
-        let complete = done.iter().filter(|p| !incomplete.contains(p)).copied().collect();
-        let missing = incomplete.iter().copied().collect();
         if new_well {
             self.store.group(&format!("/{row}"), Map::new())?;
         }
@@ -475,29 +472,71 @@ impl Sink for ZarrSink {
                 *last = r.clone();
             }
         }
-        let bulk: Map<String, Value> = bulk
-            .iter()
+        // Scores may be of other wells too (a control field rescores every well): each well
+        // written so far whose score moved gets its attributes again.
+        let mut touched = BTreeSet::from([key.well]);
+        for s in &work.localization {
+            let Ok(well) = WellId::parse(&s.well, self.plan.format) else {
+                continue;
+            };
+            let (last, history) = self
+                .localization
+                .entry(well)
+                .or_default()
+                .entry(s.protein.clone())
+                .or_insert_with(|| (s.clone(), BTreeMap::new()));
+            if history.get(&s.fields).is_none_or(|&(c, _, _)| s.control_fields >= c) {
+                history.insert(s.fields, (s.control_fields, s.shift, s.p));
+            }
+            if s.supersedes(last) {
+                *last = s.clone();
+            }
+            if self.wells.contains_key(&well) {
+                touched.insert(well);
+            }
+        }
+        for well in touched {
+            self.write_well(well)?;
+        }
+        self.write_plate()?;
+        self.hand_to_backlog(work);
+        Ok(())
+    }
+
+}
+
+impl ZarrSink {
+    /// A well's group attributes from what the sink holds of it: its images, which are
+    /// complete, its well-omics readouts and relocalization scores with their histories.
+    fn write_well(&self, id: WellId) -> Result<(), SinkError> {
+        let done = self.wells.get(&id).cloned().unwrap_or_default();
+        let incomplete = self.incomplete.get(&id).cloned().unwrap_or_default();
+        let fields: BTreeSet<u32> = done.iter().map(|&(f, _)| f).collect();
+        let images = fields.iter().map(|f| ome::ImageRef { path: f.to_string() }).collect();
+        let complete = done.iter().filter(|p| !incomplete.contains(p)).copied().collect();
+        let missing = incomplete.iter().copied().collect();
+        let bulk: Map<String, Value> = self
+            .bulk
+            .get(&id)
+            .into_iter()
+            .flatten()
             .map(|(model, (r, history))| {
                 let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
                 v["history"] = json!(history);
                 (model.clone(), v)
             })
             .collect();
-        let shifts = self.localization.entry(key.well).or_default();
-        for s in &work.localization {
-            let (last, history) = shifts
-                .entry(s.protein.clone())
-                .or_insert_with(|| (s.clone(), BTreeMap::new()));
-            history.insert(s.fields, (s.shift, s.p));
-            if s.fields >= last.fields {
-                *last = s.clone();
-            }
-        }
-        let localization: Map<String, Value> = shifts
-            .iter()
+        let localization: Map<String, Value> = self
+            .localization
+            .get(&id)
+            .into_iter()
+            .flatten()
             .map(|(protein, (s, history))| {
                 let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
-                v["history"] = json!(history.iter().map(|(n, (z, p))| json!([n, z, p])).collect::<Vec<_>>());
+                v["history"] = json!(history
+                    .iter()
+                    .map(|(n, (c, z, p))| json!([n, c, z, p]))
+                    .collect::<Vec<_>>());
                 (protein.clone(), v)
             })
             .collect();
@@ -510,10 +549,9 @@ impl Sink for ZarrSink {
             bulk,
             localization,
         };
-        self.store
-            .group(&format!("/{row}/{col}"), ome::attributes(Some(&well), Some(&liveomics)))?;
-        self.write_plate()?;
-        self.hand_to_backlog(work);
-        Ok(())
+        self.store.group(
+            &format!("/{}/{}", id.row_name(), id.column_name()),
+            ome::attributes(Some(&well), Some(&liveomics)),
+        )
     }
 }

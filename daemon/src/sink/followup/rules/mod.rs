@@ -55,9 +55,17 @@ pub struct Rules {
 
 /// For a metric `loc.{protein}.shift`: `Some` of the field's well's score for that protein, which
 /// is `None` until the well can be scored (no control fields yet). `None` for other metrics.
+/// Scores of other wells a control field carries are not this field's: a rule fires on a
+/// well's own field, where the microscope can act on it.
 fn well_score(work: &FieldWork, metric: &str) -> Option<Option<f64>> {
     let protein = metric.strip_prefix("loc.")?.strip_suffix(".shift")?;
-    Some(work.localization.iter().find(|s| s.protein == protein).map(|s| s.shift))
+    let well = work.field.key.well.name();
+    Some(
+        work.localization
+            .iter()
+            .find(|s| s.protein == protein && s.well == well)
+            .map(|s| s.shift),
+    )
 }
 
 fn unix_ns() -> u128 {
