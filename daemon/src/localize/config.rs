@@ -31,6 +31,11 @@ pub struct LocalizationConfig {
     /// Take the source's declared controls; false: only `control_wells` (when the plan's
     /// controls are for another purpose, or to hold some back as a check of the null).
     pub controls_from_plan: bool,
+    /// Score where the protein sits beyond what each cell's morphology (log cell and nucleus
+    /// areas, log landmark intensities) predicts, from a regression over the control cells: a
+    /// perturbation that only changes the cells' shape then scores as a control. False: the
+    /// plain profiles.
+    pub adjust_for_morphology: bool,
     /// Draws of the null of each well's score (pseudo-wells of control fields).
     pub permutations: usize,
     /// Control fields (outside the well) a well's score waits for: fewer make too few distinct
@@ -56,6 +61,7 @@ impl Default for LocalizationConfig {
             puncta_mads: 4.0,
             control_wells: Vec::new(),
             controls_from_plan: true,
+            adjust_for_morphology: true,
             permutations: 999,
             min_control_fields: 6,
             shift_threshold: 3.0,
@@ -120,6 +126,17 @@ impl LocalizationConfig {
             f if FEATURES.contains(&f) => Some(false),
             _ => None,
         }
+    }
+
+    /// The landmark channels that are acquired: each cell's log mean intensity in them is a
+    /// morphology covariate.
+    pub(crate) fn landmark_channels(&self, plan: &AcquisitionPlan) -> Vec<usize> {
+        plan.channels
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| self.landmarks.iter().any(|l| l.eq_ignore_ascii_case(&c.name)))
+            .map(|(i, _)| i)
+            .collect()
     }
 
     pub(crate) fn params(&self, pixel_size_um: f64) -> LocParams {

@@ -123,6 +123,7 @@ impl StageConfig for LocalizationConfig {
         Ok(Box::new(LocalizeStage {
             params: self.params(plan.pixel_size_um),
             real: self.real(plan),
+            morphology: self.adjust_for_morphology.then(|| self.landmark_channels(plan)),
             virtual_channels: self.virtual_channels,
             er,
             pool,
@@ -168,6 +169,9 @@ impl Pools {
 pub struct LocalizeStage {
     params: LocParams,
     real: Vec<(String, usize)>,
+    /// The landmark channels whose intensities, with the areas, are the morphology covariates;
+    /// `None`: no adjustment.
+    morphology: Option<Vec<usize>>,
     virtual_channels: bool,
     er: Option<usize>,
     pool: Arc<Pools>,
@@ -223,6 +227,27 @@ impl Stage for LocalizeStage {
                 .collect::<Result<Vec<_>, _>>()?,
         );
         let labels: Vec<usize> = work.records.iter().map(|r| r.label as usize).collect();
+        let covariates: Vec<Vec<f64>> = work
+            .records
+            .iter()
+            .map(|r| match &self.morphology {
+                None => Vec::new(),
+                Some(landmarks) => {
+                    let mut x = vec![f64::from(r.area_px).ln(), f64::from(r.nucleus_area_px + 1).ln()];
+                    // A landmark missing from the field leaves its cells out of the score.
+                    x.extend(landmarks.iter().map(|&c| {
+                        let v = f64::from(r.mean_intensity.get(c).copied().unwrap_or(f32::NAN));
+                        if v.is_finite() {
+                            v.max(1.0).ln()
+                        } else {
+                            f64::NAN
+                        }
+                    }));
+                    x
+                }
+            })
+            .collect();
+        let covariate_count = self.morphology.as_ref().map_or(0, |l| 2 + l.len());
         let key = &f.key;
         let mut shifts = Vec::new();
         for (protein, by_label) in profiles {
@@ -243,8 +268,8 @@ impl Stage for LocalizeStage {
                 let mut pools = self.pool.by_protein.lock().unwrap_or_else(|p| p.into_inner());
                 let pool = pools
                     .entry(protein.clone())
-                    .or_insert_with(|| ShiftPool::new(SCORED, self.pool.controls.clone()));
-                pool.add(key.well, key.field, key.timepoint, &rows);
+                    .or_insert_with(|| ShiftPool::new(SCORED, covariate_count, self.pool.controls.clone()));
+                pool.add(key.well, key.field, key.timepoint, &rows, &covariates);
                 let wells = if pool.is_control(key.well) {
                     pool.wells()
                 } else {
