@@ -181,3 +181,8 @@ def test_bad_localization_settings_are_reported_with_their_keys(binary, tmp_path
     assert r.returncode == 2, r.stdout + r.stderr
     for key in ["pipeline.stages[1]", "localization.rim_um", "localization.permutations"]:
         assert key in r.stderr, key
+
+
+def test_the_shipped_relocalization_config_is_valid(binary):
+    r = run(binary, "validate", ROOT / "config" / "relocalization.toml", cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr

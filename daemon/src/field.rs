@@ -214,8 +214,13 @@ pub fn channel_index(plan: &AcquisitionPlan, name: &str) -> Option<usize> {
 /// Column of a per-cell model output in the cell tables: `{model}.{output}`, with anything but
 /// letters, digits, `_` and `-` in the output name replaced by `_` (it becomes a zarr node name).
 pub fn prediction_column(model: &str, output: &str) -> String {
-    let clean: String = output
-        .chars()
+    format!("{model}.{}", node_safe(output))
+}
+
+/// `name` with anything but letters, digits, `_` and `-` replaced by `_`: a part of a column
+/// name that becomes a zarr node name.
+pub fn node_safe(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
                 c
@@ -223,8 +228,7 @@ pub fn prediction_column(model: &str, output: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("{model}.{clean}")
+        .collect()
 }
 
 /// An image a whole-field model produced: `[K, H, W]`, one plane per output channel.

@@ -12,7 +12,8 @@
 //! ones), `p` the share of the null at least as far. A control well is scored against the other
 //! controls, which is how the null is checked.
 //!
-//! Morphology is taken out first: a perturbation that only changes the cells' shape (bigger
+//! With covariates (`localization.adjust_for_morphology`), morphology is taken out first: a
+//! perturbation that only changes the cells' shape (bigger
 //! nuclei, smaller cells, a brighter ER) moves every protein's fractions with it. Each feature is
 //! regressed, over the control cells, on per-cell covariates the stage hands in (log areas, log
 //! landmark intensities), and fields are compared by their mean residuals, each feature scaled by
@@ -92,7 +93,11 @@ impl ShiftPool {
         };
         let mut x = vec![1.0; k];
         for (c, cov) in cells.iter().zip(covariates) {
-            if c.len() < f || cov.len() != k - 1 || c[..f].iter().any(|v| !v.is_finite()) || cov.iter().any(|v| !v.is_finite()) {
+            if c.len() < f
+                || cov.len() != k - 1
+                || c[..f].iter().any(|v| !v.is_finite())
+                || cov.iter().any(|v| !v.is_finite())
+            {
                 continue;
             }
             x[1..].copy_from_slice(cov);
@@ -102,12 +107,12 @@ impl ShiftPool {
                 for j in 0..k {
                     m.xx[i * k + j] += x[i] * x[j];
                 }
-                for d in 0..f {
-                    m.xy[i * f + d] += x[i] * f64::from(c[d]);
+                for (d, &y) in c[..f].iter().enumerate() {
+                    m.xy[i * f + d] += x[i] * f64::from(y);
                 }
             }
-            for d in 0..f {
-                let y = f64::from(c[d]);
+            for (d, &y) in c[..f].iter().enumerate() {
+                let y = f64::from(y);
                 m.mean[d] += y;
                 m.yy[d] += y * y;
             }
@@ -218,7 +223,9 @@ impl ShiftPool {
                 // Residual sum of squares: Σy² − 2βᵀΣxy + βᵀΣxxβ.
                 let b: Vec<f64> = (0..k).map(|i| beta[i * f + d]).collect();
                 let bxy: f64 = (0..k).map(|i| b[i] * xy[i * f + d]).sum();
-                let bxxb: f64 = (0..k).map(|i| (0..k).map(|j| b[i] * xx[i * k + j] * b[j]).sum::<f64>()).sum();
+                let bxxb: f64 = (0..k)
+                    .map(|i| (0..k).map(|j| b[i] * xx[i * k + j] * b[j]).sum::<f64>())
+                    .sum();
                 let rss = (yy[d] - 2.0 * bxy + bxxb).max(0.0);
                 if n > k as f64 {
                     (rss / (n - k as f64)).sqrt()
@@ -380,7 +387,12 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let controls: BTreeSet<WellId> = (0..6).map(well).collect();
         let mut pool = ShiftPool::new(2, usize::from(adjust), controls);
-        for (wells, centre, size) in [(0..6, 0.5, 0.0), (10..50, 0.5, 0.0), (50..60, 0.8, 0.0), (60..70, 0.5, 1.0)] {
+        for (wells, centre, size) in [
+            (0..6, 0.5, 0.0),
+            (10..50, 0.5, 0.0),
+            (50..60, 0.8, 0.0),
+            (60..70, 0.5, 1.0),
+        ] {
             for w in wells {
                 for f in 0..3 {
                     let (y, x) = cells(&mut rng, centre, size);
@@ -413,7 +425,10 @@ mod tests {
     fn a_change_of_morphology_alone_is_not_a_relocalization_once_adjusted() {
         let (plain, adjusted) = (plate(false), plate(true));
         for w in 60..70 {
-            let (p, a) = (plain.score(well(w), 999, 6, 1).unwrap(), adjusted.score(well(w), 999, 6, 1).unwrap());
+            let (p, a) = (
+                plain.score(well(w), 999, 6, 1).unwrap(),
+                adjusted.score(well(w), 999, 6, 1).unwrap(),
+            );
             assert!(p.z > 10.0, "unadjusted, bigger cells look moved: {p:?}");
             assert!(a.z < 3.0, "adjusted, they do not: {a:?}");
             // The profile reported is the raw one either way.
@@ -429,7 +444,13 @@ mod tests {
         pool.add(well(1), 0, 0, &[vec![0.1, 0.2]], &none(1));
         pool.add(well(0), 0, 0, &[vec![0.1, 0.3]], &none(1));
         assert!(pool.score(well(1), 99, 2, 1).is_none());
-        pool.add(well(0), 1, 0, &[vec![0.2, 0.1], vec![0.3, f32::NAN], vec![0.25, 0.2]], &none(3));
+        pool.add(
+            well(0),
+            1,
+            0,
+            &[vec![0.2, 0.1], vec![0.3, f32::NAN], vec![0.25, 0.2]],
+            &none(3),
+        );
         let s = pool.score(well(1), 99, 2, 1).unwrap();
         assert!(s.distance.is_finite());
         // A field processed again replaces itself; a field of cells without signal is no field.

@@ -126,7 +126,10 @@ pub fn load(dir: &Path) -> Result<Arc<Live>, PlateError> {
         }
         if let Some(loc) = well_attrs.pointer("/liveomics/localization").and_then(Value::as_object) {
             // A score whose profile holds a NaN (written as null) is left out.
-            for s in loc.values().filter_map(|v| serde_json::from_value::<WellShift>(v.clone()).ok()) {
+            for s in loc
+                .values()
+                .filter_map(|v| serde_json::from_value::<WellShift>(v.clone()).ok())
+            {
                 view.add_shift(&s);
             }
         }

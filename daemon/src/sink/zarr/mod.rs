@@ -502,7 +502,6 @@ impl Sink for ZarrSink {
         self.hand_to_backlog(work);
         Ok(())
     }
-
 }
 
 impl ZarrSink {
