@@ -7,7 +7,9 @@ well. The figures on a larger held-out plate come from benches/localization_benc
 
 import csv
 import json
+import subprocess
 import time
+import urllib.request
 import warnings
 
 import anndata
@@ -186,3 +188,21 @@ def test_bad_localization_settings_are_reported_with_their_keys(binary, tmp_path
 def test_the_shipped_relocalization_config_is_valid(binary):
     r = run(binary, "validate", ROOT / "config" / "relocalization.toml", cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_page_of_the_finished_plate_shows_the_scores(binary, plate):
+    root, *_ = plate
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "serve", str(root / "out" / "loc.zarr"), "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=10) as r:
+            state = json.loads(r.read())
+        for w in MOVED:
+            s = state["wells"][w]["localization"]["HNRNPA1"]
+            assert s["relocalized"] and s["shift"] == pytest.approx(shifts(root, w)["HNRNPA1"]["shift"])
+        assert not state["wells"]["B4"]["localization"]["HNRNPA1"]["relocalized"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
