@@ -93,6 +93,10 @@ pub struct ZarrSink {
     bulk: BTreeMap<WellId, BTreeMap<String, BulkHistory>>,
     /// Relocalization scores per well and protein: the latest and `(fields, shift, p)` by fields.
     localization: BTreeMap<WellId, BTreeMap<String, ShiftHistory>>,
+    /// Wells whose scores a control field moved since their attributes were written: written
+    /// at their next field or at the end, not at once (a plate's worth of metadata writes, each
+    /// fsynced, per control field would hold the sink up).
+    stale: BTreeSet<WellId>,
     /// Models owed to each image, by timepoint (its `liveomics.owed`).
     owed: BTreeMap<(WellId, u32), BTreeMap<u32, Vec<String>>>,
     /// Where owed work goes once its field is on disk.
@@ -209,6 +213,7 @@ impl ZarrSink {
             virtual_channels,
             bulk: BTreeMap::new(),
             localization: BTreeMap::new(),
+            stale: BTreeSet::new(),
             plan,
             cfg: cfg.clone(),
             marker,
@@ -359,6 +364,13 @@ impl Sink for ZarrSink {
         Some(self.store.root.clone())
     }
 
+    fn finish(&mut self) -> Result<(), SinkError> {
+        for well in std::mem::take(&mut self.stale) {
+            self.write_well(well)?;
+        }
+        Ok(())
+    }
+
     fn completed(&self) -> Vec<FieldKey> {
         self.completed_fields()
     }
@@ -472,9 +484,7 @@ impl Sink for ZarrSink {
                 *last = r.clone();
             }
         }
-        // Scores may be of other wells too (a control field rescores every well): each well
-        // written so far whose score moved gets its attributes again.
-        let mut touched = BTreeSet::from([key.well]);
+        // Scores may be of other wells too (a control field rescores every well).
         for s in &work.localization {
             let Ok(well) = WellId::parse(&s.well, self.plan.format) else {
                 continue;
@@ -491,13 +501,12 @@ impl Sink for ZarrSink {
             if s.supersedes(last) {
                 *last = s.clone();
             }
-            if self.wells.contains_key(&well) {
-                touched.insert(well);
+            if well != key.well && self.wells.contains_key(&well) {
+                self.stale.insert(well);
             }
         }
-        for well in touched {
-            self.write_well(well)?;
-        }
+        self.stale.remove(&key.well);
+        self.write_well(key.well)?;
         self.write_plate()?;
         self.hand_to_backlog(work);
         Ok(())
