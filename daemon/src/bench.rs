@@ -630,11 +630,8 @@ pub fn localize_cost(field_px: usize, reps: usize) -> Result<LocalizeCost, liveo
     let f = sim.render(liveomics_adapters::model::WellId { row: 1, column: 2 }, 0, 0);
     let (w, h) = (f.width, f.height);
     let planes: Vec<&[u16]> = f.channels.iter().map(Vec::as_slice).collect();
-    let params = liveomics_kernels::localize::LocParams {
-        rim_px: (1.5 / 0.65) as f32,
-        puncta_sigma_px: 2.0,
-        puncta_mads: 4.0,
-    };
+    // The stage's own defaults at the simulator's pixel size.
+    let params = crate::localize::LocalizationConfig::default().params(0.65);
     let (mut measure, mut localize) = (Vec::new(), Vec::new());
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();

@@ -217,6 +217,14 @@ pub fn prediction_column(model: &str, output: &str) -> String {
     format!("{model}.{}", node_safe(output))
 }
 
+/// Stable 64-bit FNV-1a of a byte sequence: seeds keyed by names (a field's sampling noise, a
+/// well's null draws) must not change with the Rust version or the order work finishes in.
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// `name` with anything but letters, digits, `_` and `-` replaced by `_`: a part of a column
 /// name that becomes a zarr node name.
 pub fn node_safe(name: &str) -> String {

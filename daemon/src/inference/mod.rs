@@ -81,13 +81,6 @@ impl Runner {
     }
 }
 
-/// Stable 64-bit FNV-1a: the sampling seed of a field must not change with the Rust version.
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// A model ready to run, shared by all workers.
 #[derive(Debug)]
 struct Loaded {
@@ -359,13 +352,9 @@ impl InferenceStage {
             } => {
                 let input = planes_tensor(&planes, f.width, f.height);
                 let k = &f.key;
-                let field_seed = fnv1a(&format!(
-                    "{seed}/{}/{}/{}/{}",
-                    k.plate,
-                    k.well.name(),
-                    k.field,
-                    k.timepoint
-                ));
+                let field_seed = crate::field::fnv1a(
+                    format!("{seed}/{}/{}/{}/{}", k.plate, k.well.name(), k.field, k.timepoint).into_bytes(),
+                );
                 let ids: Vec<usize> = panel.iter().map(|(_, id)| *id).collect();
                 let out = diffusion.generate(&input, &ids, *cell_line, *steps, field_seed, || {})?;
                 work.images.push(ModelImage {

@@ -7,6 +7,8 @@ use liveomics_kernels::localize::{LocParams, FEATURES};
 use liveomics_models::Role;
 use serde::{Deserialize, Serialize};
 
+use crate::field::node_safe;
+
 /// `[localization]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -72,16 +74,11 @@ impl Default for LocalizationConfig {
     }
 }
 
-/// The name a channel's profile goes by in column names (it becomes a zarr node name).
-fn protein_key(name: &str) -> String {
-    crate::field::node_safe(name)
-}
-
 /// The key of a virtual channel's profile.
 pub(crate) fn virtual_key(role: Role, protein: &str) -> String {
     match role {
-        Role::VirtualStainDiffusion => format!("{}_diffusion", protein_key(protein)),
-        _ => format!("{}_virtual", protein_key(protein)),
+        Role::VirtualStainDiffusion => format!("{}_diffusion", node_safe(protein)),
+        _ => format!("{}_virtual", node_safe(protein)),
     }
 }
 
@@ -98,7 +95,7 @@ impl LocalizationConfig {
                     self.proteins.iter().any(|p| p.eq_ignore_ascii_case(&c.name))
                 }
             })
-            .map(|(i, c)| (protein_key(&c.name), i))
+            .map(|(i, c)| (node_safe(&c.name), i))
             .collect()
     }
 

@@ -25,7 +25,7 @@ use liveomics_models::Role;
 use rayon::prelude::*;
 
 use crate::component::{Context, Stage, StageConfig, StageError, StageName};
-use crate::field::{channel_index, localization_column, FieldWork, WellShift};
+use crate::field::{channel_index, fnv1a, localization_column, FieldWork, WellShift};
 use crate::telemetry as t;
 use config::virtual_key;
 pub use config::LocalizationConfig;
@@ -278,8 +278,14 @@ impl Stage for LocalizeStage {
                 wells
                     .into_iter()
                     .filter_map(|well| {
-                        // Seeded by what the score is of, so the same fields give the same score.
-                        let seed = seed_of(&[&protein, &well.name()]);
+                        // Seeded by what the score is of, so the same fields give the same score
+                        // whatever order the workers finish in.
+                        let name = well.name();
+                        let seed = fnv1a(
+                            [protein.as_bytes(), name.as_bytes()]
+                                .into_iter()
+                                .flat_map(|p| p.iter().copied().chain([0xff])),
+                        );
                         pool.score(well, self.permutations, self.min_controls, seed)
                             .map(|s| (well, s))
                     })
@@ -312,17 +318,4 @@ impl Stage for LocalizeStage {
         work.localization = shifts;
         Ok(())
     }
-}
-
-/// A stable 64-bit seed from strings (FNV-1a), so permutation draws do not depend on the order
-/// in which workers finish fields.
-fn seed_of(parts: &[&str]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325_u64;
-    for p in parts {
-        for b in p.bytes().chain([0xff]) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
 }

@@ -41,7 +41,7 @@ struct FieldMean {
 }
 
 /// A well's score for one protein, after the fields seen so far.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Shift {
     /// Fields of the well and of the controls it was compared with.
     pub fields: usize,
