@@ -16,6 +16,7 @@ use liveomics_adapters::Invalid;
 use liveomics_kernels::gpu::DeviceRequest;
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::ClusterConfig;
 use crate::component::{SourceName, StageName};
 use crate::inference::config::InferenceConfig;
 use crate::localize::LocalizationConfig;
@@ -50,6 +51,8 @@ pub struct Config {
     pub closed_loop: ClosedLoopConfig,
     /// The one zenoh session the zenoh source and sinks share: endpoints and security.
     pub zenoh: ZenohConfig,
+    /// Several daemons sharing one plate (`docs/SCALING.md`).
+    pub cluster: ClusterConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -67,6 +70,7 @@ impl Default for Config {
             sinks: SinksConfig::default(),
             closed_loop: Default::default(),
             zenoh: ZenohConfig::default(),
+            cluster: ClusterConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -324,6 +328,31 @@ impl Config {
             out.push(Invalid::new("latency_budget_ms", "must be > 0"));
         }
         out.extend(self.pipeline.validate().into_iter().map(|e| e.under("pipeline")));
+        out.extend(self.cluster.validate());
+        if self.cluster.enabled {
+            // Members share frames through zenoh and the plate through its store.
+            if self.source.kind != SourceName::Zenoh {
+                out.push(Invalid::new(
+                    "cluster.enabled",
+                    format!(
+                        "needs source.kind = \"zenoh\" (the members share its frames), not {:?}",
+                        self.source.kind.as_str()
+                    ),
+                ));
+            }
+            if !self.sinks.zarr.enabled {
+                out.push(Invalid::new(
+                    "cluster.enabled",
+                    "needs sinks.zarr (the members share the plate store)",
+                ));
+            }
+            if self.pipeline.stages.contains(&crate::component::StageName::Localize) {
+                out.push(Invalid::new(
+                    "cluster.enabled",
+                    "the localize stage scores wells against a pool of control fields each daemon keeps for itself; it cannot run in a cluster yet",
+                ));
+            }
+        }
         out
     }
 }

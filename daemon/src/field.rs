@@ -264,6 +264,23 @@ pub struct WellReadout {
     /// Standard deviation across fields of the per-field readouts (0 with one field): how much
     /// the readout still depends on which fields were imaged.
     pub spread: Vec<f32>,
+    /// Each pooled field's share, by field: stored with the well, so that a daemon that takes
+    /// the well over (a cluster's handoff) pools the fields another one did. Not published.
+    #[serde(skip)]
+    pub pool: Vec<FieldPool>,
+}
+
+/// One field's share of a well-omics pool. Kept per field, the pool of a well whose fields were
+/// done by several daemons is their union, summed in field order whoever did which.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FieldPool {
+    pub field: u32,
+    pub timepoint: u32,
+    pub tiles: usize,
+    pub sum: Vec<f64>,
+    pub max: Vec<f32>,
+    /// The head on this field alone (for the spread across fields).
+    pub values: Vec<f32>,
 }
 
 /// A well's relocalization score for one protein after the fields seen so far: its localization

@@ -3,6 +3,7 @@
 
 pub mod assembly;
 pub mod bench;
+pub mod cluster;
 pub mod component;
 pub mod config;
 pub mod field;

@@ -379,6 +379,7 @@ mod tests {
             outputs: vec!["g".into()],
             values: vec![v],
             spread: vec![0.0],
+            pool: Vec::new(),
         };
         w.add_readout(&r(2, 2.0));
         w.add_readout(&r(4, 4.0));

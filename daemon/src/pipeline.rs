@@ -56,6 +56,8 @@ pub enum RunError {
     Panicked(String),
     #[error("cannot spawn a thread")]
     Spawn(#[source] std::io::Error),
+    #[error("cannot join the cluster: {0}")]
+    Cluster(String),
 }
 
 /// Options of a run that are not configuration.
@@ -221,6 +223,25 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         t::HttpListening { addr }.emit();
     }
 
+    // Members of a cluster find each other before the sinks open: the zarr sink and the
+    // source ask who owns what.
+    if cfg.cluster.enabled {
+        if opts.overwrite {
+            return Err(RunError::Cluster(
+                "--overwrite in a cluster would remove what the other members wrote; remove the plate before the run"
+                    .into(),
+            ));
+        }
+        let session = opts
+            .resources
+            .zenoh
+            .get(&cfg.zenoh)
+            .map_err(|e| RunError::Cluster(e.to_string()))?;
+        let member = crate::cluster::Member::join(&cfg.cluster, session, &cfg.instrument, plan.plate.as_str())
+            .map_err(|e| RunError::Cluster(e.to_string()))?;
+        opts.resources.cluster.set(member);
+    }
+
     // Sinks open before the first frame: an unusable output fails now, not an hour in.
     let mut sinks = registry::open_sinks(cfg, &plan, &opts.resources, opts.overwrite)
         .map_err(|(name, source)| RunError::Sink { name, source })?;
@@ -354,6 +375,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     let tracker_progress = progress.clone();
     let tracker_scheduler = Arc::clone(&scheduler);
     let tracker_live = http_addr.map(|_| Arc::clone(&live));
+    let tracker_member = opts.resources.cluster.member().cloned();
     let tracker = spawn("tracker", move || {
         track(
             done_rx,
@@ -361,6 +383,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
             tracker_progress,
             &tracker_scheduler,
             tracker_live.as_deref(),
+            tracker_member.as_deref(),
         )
     })?;
     let (problem_tx, problem_rx) = bounded::<liveomics_adapters::source::SourceProblem>(1024);
@@ -500,7 +523,9 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     for s in handles_sinks {
         join(s, &mut panics);
     }
-    // Every user of the shared zenoh session has finished: close it so the last messages leave.
+    let tracked = join(tracker, &mut panics);
+    // Every user of the shared zenoh session has finished (the tracker publishes the cluster's
+    // done notices): close it so the last messages leave.
     if let Err(e) = opts.resources.zenoh.close() {
         t::ErrorOccurred {
             kind: "zenoh",
@@ -509,7 +534,6 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         }
         .emit();
     }
-    let tracked = join(tracker, &mut panics);
     join(problems, &mut panics);
     if let Some(pb) = progress {
         pb.finish();
@@ -721,6 +745,7 @@ fn track(
     progress: Option<indicatif::ProgressBar>,
     scheduler: &crate::schedule::Scheduler,
     live: Option<&crate::live::Live>,
+    member: Option<&crate::cluster::Member>,
 ) -> Tracked {
     let mut pending: HashMap<(String, bool), (usize, bool)> = HashMap::new();
     let histogram = || hdrhistogram::Histogram::new(3).expect("3 significant figures is a valid precision");
@@ -789,6 +814,9 @@ fn track(
         .emit();
         if let Some(live) = live {
             live.done(&d.well.name(), latency, missed, scheduler.backlog.left());
+        }
+        if let (Some(m), true) = (member, ok) {
+            m.done(&d.key);
         }
         out.fields_done += 1;
         out.fields_failed += u64::from(!ok);

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use liveomics_adapters::Invalid;
 use liveomics_kernels::gpu::{Compute, DeviceRequest};
 
+use crate::cluster::Cluster;
 use crate::live::Live;
 use crate::schedule::Scheduler;
 use crate::zenoh_session::SharedSession;
@@ -31,6 +32,8 @@ pub struct Resources {
     pub scheduler: Arc<Scheduler>,
     /// What the plate page shows, updated by the pipeline and the follow-up sink.
     pub live: Arc<Live>,
+    /// This daemon's membership of its plate's cluster (`[cluster]`), joined by the pipeline.
+    pub cluster: Cluster,
 }
 
 impl Resources {

@@ -18,6 +18,7 @@ use liveomics_adapters::Invalid;
 use serde::{Deserialize, Serialize};
 use zenoh::Wait;
 
+use crate::cluster::{Change, Cluster, FieldId, Held};
 use crate::component::{Context, SourceConfig};
 use crate::zenoh_session::{SharedSession, ZenohConfig};
 
@@ -56,12 +57,9 @@ impl SourceConfig for ZenohSourceConfig {
     }
 
     fn build(&self, ctx: &Context) -> Result<Box<dyn Source>, SourceError> {
-        Ok(Box::new(ZenohSource::new(
-            self,
-            ctx.instrument,
-            ctx.resources.zenoh.clone(),
-            ctx.zenoh.clone(),
-        )?))
+        let mut source = ZenohSource::new(self, ctx.instrument, ctx.resources.zenoh.clone(), ctx.zenoh.clone())?;
+        source.cluster = ctx.resources.cluster.clone();
+        Ok(Box::new(source))
     }
 }
 
@@ -128,6 +126,29 @@ pub struct ZenohSource {
     skip: std::collections::HashSet<FieldKey>,
     session: SharedSession,
     zenoh: ZenohConfig,
+    /// Membership of the plate's cluster, when `[cluster]` is on: frames of wells another member
+    /// owns are held, not decoded, until that member finishes their field.
+    cluster: Cluster,
+}
+
+/// A frame as it came off the network, held for a handoff.
+type RawFrame = (String, zenoh::bytes::ZBytes, Option<zenoh::bytes::ZBytes>);
+
+/// The well, field and timepoint of a frame from its key and header, without decoding it; `None`
+/// for a malformed one, which the decoding path then reports.
+fn field_id(key: &str, attachment: Option<&[u8]>) -> Option<FieldId> {
+    let parts: Vec<&str> = key.split('/').collect();
+    let [_, _, _, _, well, field, _] = parts.as_slice() else {
+        return None;
+    };
+    let field = field.parse().ok()?;
+    #[derive(Deserialize)]
+    struct Timepoint {
+        #[serde(default)]
+        timepoint: u32,
+    }
+    let t = serde_json::from_slice::<Timepoint>(attachment?).ok()?.timepoint;
+    Some((well.to_string(), field, t))
 }
 
 impl ZenohSource {
@@ -160,6 +181,7 @@ impl ZenohSource {
             skip: Default::default(),
             session,
             zenoh,
+            cluster: Cluster::default(),
         })
     }
 
@@ -296,7 +318,55 @@ impl Source for ZenohSource {
         let idle = Duration::from_millis(c.idle_exit_ms);
         let mut last = Instant::now();
         let mut fields = std::collections::HashSet::new();
+        let member = self.cluster.member().cloned();
+        let done_notices = match &member {
+            Some(m) => Some(
+                session
+                    .declare_subscriber(m.done_key("*/*/*"))
+                    .with(zenoh::handlers::FifoChannel::new(4096))
+                    .wait()
+                    .map_err(zerr)?,
+            ),
+            None => None,
+        };
+        let mut held: Held<RawFrame> = Held::new(
+            member
+                .as_ref()
+                .map_or(0, |m| m.settings.handoff_buffer_mb as usize * 1024 * 1024),
+        );
+        // Frames taken over from a member that left, decoded before the next network sample.
+        let mut taken: std::collections::VecDeque<RawFrame> = Default::default();
         while !stop.is_stopped() {
+            if let (Some(m), Some(notices)) = (&member, &done_notices) {
+                while let Ok(Some(s)) = notices.try_recv() {
+                    let key = s.key_expr().as_str();
+                    if let Some(id) = key.strip_prefix(&m.done_key("")).and_then(|rest| {
+                        let mut p = rest.split('/');
+                        Some((p.next()?.to_string(), p.next()?.parse().ok()?, p.next()?.parse().ok()?))
+                    }) {
+                        held.done(&id);
+                    }
+                }
+                for change in m.changes() {
+                    let Change::Left(gone) = change else { continue };
+                    let wells = m.reassign(&gone);
+                    let mut n = 0;
+                    for w in &wells {
+                        for (_, frames) in held.take_well(w) {
+                            n += 1;
+                            taken.extend(frames);
+                        }
+                    }
+                    if !wells.is_empty() {
+                        crate::telemetry::ClusterHandoff {
+                            from: &gone,
+                            wells: &wells,
+                            fields: n,
+                        }
+                        .emit();
+                    }
+                }
+            }
             while let Ok(Some(s)) = liveliness.try_recv() {
                 let alive = s.kind() == zenoh::sample::SampleKind::Put;
                 if bridge_alive != Some(alive) {
@@ -308,20 +378,46 @@ impl Source for ZenohSource {
                     .emit();
                 }
             }
-            let sample = match subscriber.recv_timeout(Duration::from_millis(100)) {
-                Ok(Some(s)) => s,
-                Ok(None) => {
-                    if !idle.is_zero() && last.elapsed() > idle {
-                        break;
+            let (key, payload, attachment) = if let Some(raw) = taken.pop_front() {
+                raw
+            } else {
+                let sample = match subscriber.recv_timeout(Duration::from_millis(100)) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        if !idle.is_zero() && last.elapsed() > idle {
+                            break;
+                        }
+                        continue;
                     }
-                    continue;
+                    Err(_) => break,
+                };
+                last = Instant::now();
+                let raw: RawFrame = (
+                    sample.key_expr().as_str().to_string(),
+                    sample.payload().clone(),
+                    sample.attachment().cloned(),
+                );
+                if let Some(m) = &member {
+                    let attachment = raw.2.as_ref().map(|a| a.to_bytes());
+                    if let Some(id) = field_id(&raw.0, attachment.as_deref()) {
+                        if m.owner(&id.0) != m.id {
+                            let bytes = raw.1.len();
+                            for ((w, f, t), frames) in held.hold(id, raw, bytes) {
+                                crate::telemetry::ClusterBufferEvicted {
+                                    field: &format!("{w}/{f}/t{t}"),
+                                    frames,
+                                }
+                                .emit();
+                            }
+                            crate::telemetry::ClusterFramePassed.emit();
+                            continue;
+                        }
+                    }
                 }
-                Err(_) => break,
+                raw
             };
-            last = Instant::now();
-            let key = sample.key_expr().as_str().to_string();
-            let payload = sample.payload().to_bytes();
-            let attachment = sample.attachment().map(|a| a.to_bytes());
+            let payload = payload.to_bytes();
+            let attachment = attachment.map(|a| a.to_bytes().into_owned());
             let r0 = Instant::now();
             let parsed = self.frame(&key, &payload, attachment.as_deref());
             report.read_time += r0.elapsed();
@@ -365,6 +461,7 @@ impl Source for ZenohSource {
         // Undeclared here; the session itself is shared with the sinks, which still publish.
         drop(liveliness);
         drop(subscriber);
+        drop(done_notices);
         Ok(report)
     }
 }

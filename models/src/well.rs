@@ -46,6 +46,27 @@ impl Pool {
         }
     }
 
+    /// Tiles, per-feature sums and maxima: what another pool needs to take this one in.
+    pub fn parts(&self) -> (usize, &[f64], &[f32]) {
+        (self.tiles, &self.sum, &self.max)
+    }
+
+    /// Takes in a pool given by its parts (e.g. one field's, stored by another process). Pools
+    /// taken in the same order give the same sums, bit for bit.
+    pub fn absorb(&mut self, tiles: usize, sum: &[f64], max: &[f32]) {
+        if self.sum.is_empty() {
+            self.sum = vec![0.0; sum.len()];
+            self.max = vec![f32::NEG_INFINITY; max.len()];
+        }
+        for (a, b) in self.sum.iter_mut().zip(sum) {
+            *a += b;
+        }
+        for (a, b) in self.max.iter_mut().zip(max) {
+            *a = a.max(*b);
+        }
+        self.tiles += tiles;
+    }
+
     /// The pooled vector the head takes.
     pub fn pooled(&self, pooling: Pooling) -> Vec<f32> {
         let n = self.tiles.max(1) as f64;

@@ -3,7 +3,7 @@
 //! once per process and shared by every worker; a model that fails on a field is logged and
 //! counted, and the field goes on to the sinks with its raw data and segmentation.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,19 +19,16 @@ mod checks;
 pub mod config;
 pub mod instances;
 
+use crate::cluster::Cluster;
 use crate::component::{Context, Stage, StageConfig, StageError, StageName};
-use crate::field::{channel_index, prediction_column, FieldWork, ModelImage, WellReadout};
+use crate::field::{channel_index, prediction_column, FieldPool, FieldWork, ModelImage, WellReadout};
 use crate::schedule::{Class, Decision, Scheduler};
 use crate::telemetry as t;
 use checks::description_checks;
 use config::{InferenceConfig, ModelConfig};
 
-#[derive(Debug, Default)]
-struct WellState {
-    pool: Pool,
-    fields: BTreeSet<(u32, u32)>,
-    per_field: Vec<Vec<f32>>,
-}
+/// A well's pooled fields, by (field, timepoint).
+type WellState = BTreeMap<(u32, u32), FieldPool>;
 
 /// How a model runs, by its role: each runner holds what that role needs and nothing else, so
 /// a per-cell model always has its batcher and a diffusion model its panel.
@@ -58,6 +55,8 @@ enum Runner {
     Well {
         model: Arc<WellModel>,
         wells: Mutex<BTreeMap<(String, WellId), WellState>>,
+        /// In a cluster, what other members pooled for a well is read from the plate store.
+        cluster: Cluster,
     },
 }
 
@@ -239,6 +238,7 @@ fn load_new(
         Role::WellOmics => Runner::Well {
             model: Arc::new(WellModel::load(&m.path, &opts).map_err(path_err)?),
             wells: Mutex::new(BTreeMap::new()),
+            cluster: ctx.resources.cluster.clone(),
         },
         Role::CellOmics => {
             let model = Arc::new(Model::load(&m.path, &opts).map_err(path_err)?);
@@ -365,28 +365,47 @@ impl InferenceStage {
                 });
                 Ok(panel.len() * steps)
             }
-            Runner::Well { model, wells } => {
+            Runner::Well { model, wells, cluster } => {
                 let feats = model.field_features(&planes, f.width, f.height)?;
                 let mut field_pool = Pool::default();
                 field_pool.add(&feats.data, model.features);
-                let field_values = model.readout(&field_pool)?;
                 let k = &f.key;
+                let (tiles, sum, max) = field_pool.parts();
+                let mine = FieldPool {
+                    field: k.field,
+                    timepoint: k.timepoint,
+                    tiles,
+                    sum: sum.to_vec(),
+                    max: max.to_vec(),
+                    values: model.readout(&field_pool)?,
+                };
+                let stored = cluster
+                    .member()
+                    .and_then(|m| m.plate_dir())
+                    .map(|dir| stored_pool(dir, k.well, &l.name))
+                    .unwrap_or_default();
                 let mut wells = wells.lock().unwrap_or_else(|e| e.into_inner());
                 let st = wells.entry((k.plate.to_string(), k.well)).or_default();
-                if st.fields.insert((k.field, k.timepoint)) {
-                    st.pool.add(&feats.data, model.features);
-                    st.per_field.push(field_values);
+                for p in stored {
+                    st.entry((p.field, p.timepoint)).or_insert(p);
                 }
-                let values = model.readout(&st.pool)?;
+                st.entry((k.field, k.timepoint)).or_insert(mine);
+                let mut pool = Pool::default();
+                for p in st.values() {
+                    pool.absorb(p.tiles, &p.sum, &p.max);
+                }
+                let values = model.readout(&pool)?;
+                let per_field: Vec<Vec<f32>> = st.values().map(|p| p.values.clone()).collect();
                 let readout = WellReadout {
                     model: l.name.clone(),
                     plate: k.plate.to_string(),
                     well: k.well.name(),
-                    fields: st.fields.len(),
-                    tiles: st.pool.tiles,
+                    fields: st.len(),
+                    tiles: pool.tiles,
                     outputs: l.outputs.clone(),
-                    spread: spread(&st.per_field, values.len()),
+                    spread: spread(&per_field, values.len()),
                     values,
+                    pool: st.values().cloned().collect(),
                 };
                 work.well_readouts.push(readout);
                 Ok(feats.shape.first().copied().unwrap_or(0))
@@ -403,6 +422,29 @@ impl InferenceStage {
             }
         }
     }
+}
+
+/// The fields of `well` pooled for `model` as the plate store has them (the well's
+/// `liveomics.bulk.{model}.pool`, written by whichever member last wrote the well).
+fn stored_pool(plate_dir: &std::path::Path, well: WellId, model: &str) -> Vec<FieldPool> {
+    let path = plate_dir
+        .join(well.row_name())
+        .join(well.column_name())
+        .join("zarr.json");
+    let Ok(text) = std::fs::read(&path) else {
+        return Vec::new();
+    };
+    serde_json::from_slice::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v.pointer(&format!(
+                "/attributes/liveomics/bulk/{}/pool",
+                model.replace('~', "~0").replace('/', "~1")
+            ))
+            .cloned()
+        })
+        .and_then(|p| serde_json::from_value(p).ok())
+        .unwrap_or_default()
 }
 
 /// Sample standard deviation across fields of each output (0 with fewer than two fields).

@@ -15,6 +15,7 @@ use tracing::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 
 mod closed_loop;
+mod cluster;
 mod localization;
 mod models;
 mod network;
@@ -22,6 +23,7 @@ mod pipeline;
 mod schedule;
 
 pub use closed_loop::*;
+pub use cluster::*;
 pub use localization::*;
 pub use models::*;
 pub use network::*;
@@ -59,6 +61,10 @@ pub const BACKLOG_AGE_SECONDS: &str = "liveomics_backlog_oldest_seconds";
 pub const REQUIRED_LATENCY_SECONDS: &str = "liveomics_required_latency_seconds";
 pub const REQUIRED_MISSES: &str = "liveomics_required_deadline_misses_total";
 pub const WELL_RELOCALIZATION: &str = "liveomics_well_relocalization_shift";
+pub const CLUSTER_MEMBERS: &str = "liveomics_cluster_members";
+pub const CLUSTER_HANDOFF_FIELDS: &str = "liveomics_cluster_handoff_fields_total";
+pub const CLUSTER_BUFFER_EVICTED: &str = "liveomics_cluster_buffer_evicted_total";
+pub const CLUSTER_FRAMES_PASSED: &str = "liveomics_cluster_frames_passed_total";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -210,6 +210,8 @@ pub struct FollowupSink {
     session: Session,
     acks: zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>,
     rules: Rules,
+    /// In a cluster, the requests the other members publish.
+    others: Option<zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>>,
     /// The plate page's state: requests and their acks per well.
     live: std::sync::Arc<crate::live::Live>,
 }
@@ -244,6 +246,23 @@ impl FollowupSink {
             .with(zenoh::handlers::FifoChannel::new(1024))
             .wait()
             .map_err(zenoh_err("cannot subscribe to follow-up acks"))?;
+        // The other members' requests count here too (caps, cooldowns, field numbers).
+        let member = ctx.resources.cluster.member().map(|m| m.id.clone());
+        let others = match &member {
+            Some(_) => Some(
+                session
+                    .declare_subscriber(format!("liveomics/{}/followup/{plate}", ctx.instrument))
+                    .allowed_origin(zenoh::sample::Locality::Remote)
+                    .with(zenoh::handlers::FifoChannel::new(1024))
+                    .wait()
+                    .map_err(zenoh_err("cannot subscribe to the other members' follow-up requests"))?,
+            ),
+            None => None,
+        };
+        let mut rules = Rules::new(c, ctx.instrument, plan);
+        if let Some(m) = &member {
+            rules = rules.in_cluster(m);
+        }
         t::ClosedLoopOn {
             rules: c.rules.len(),
             key: &format!("liveomics/{}/followup/{plate}", ctx.instrument),
@@ -252,12 +271,18 @@ impl FollowupSink {
         Ok(Self {
             session,
             acks,
-            rules: Rules::new(c, ctx.instrument, plan),
+            rules,
+            others,
             live: std::sync::Arc::clone(&ctx.resources.live),
         })
     }
 
     fn drain_acks(&mut self) {
+        if let Some(others) = &self.others {
+            while let Ok(Some(sample)) = others.try_recv() {
+                self.rules.observed(&sample.payload().to_bytes(), Instant::now());
+            }
+        }
         while let Ok(Some(sample)) = self.acks.try_recv() {
             if let Some((id, well, rule, state)) = self.rules.ack(&sample.payload().to_bytes()) {
                 self.live.followup(&well.name(), &id, &rule, state.as_str());

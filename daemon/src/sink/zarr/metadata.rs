@@ -109,11 +109,10 @@ impl ZarrSink {
         ome::attributes(Some(&image), Some(&acquired))
     }
 
-    pub(super) fn plate_metadata(&self) -> Map<String, Value> {
+    pub(super) fn plate_metadata(&self, listed: &BTreeMap<WellId, BTreeSet<(u32, u32)>>) -> Map<String, Value> {
         let fmt = self.plan.format;
         let named = |name: String| ome::Named { name };
-        let wells: Vec<ome::WellRef> = self
-            .wells
+        let wells: Vec<ome::WellRef> = listed
             .keys()
             .map(|w| ome::WellRef {
                 path: format!("{}/{}", w.row_name(), w.column_name()),
@@ -121,8 +120,7 @@ impl ZarrSink {
                 column_index: w.column,
             })
             .collect();
-        let field_count = self
-            .wells
+        let field_count = listed
             .values()
             .map(|f| f.iter().map(|(f, _)| f).collect::<BTreeSet<_>>().len())
             .max()
@@ -141,8 +139,14 @@ impl ZarrSink {
         ome::attributes(plate.as_ref(), Some(&self.marker))
     }
 
+    /// The plate's metadata: of the wells this sink wrote; in a cluster, of every well in the
+    /// store, written by one member at a time (the plate's writer), others skip it.
     pub(super) fn write_plate(&self) -> Result<(), SinkError> {
-        self.store.group("/", self.plate_metadata())
+        match &self.member {
+            None => self.store.group("/", self.plate_metadata(&self.wells)),
+            Some(m) if m.writes_plate() => self.store.group("/", self.plate_metadata(&self.stored_wells())),
+            Some(_) => Ok(()),
+        }
     }
 }
 

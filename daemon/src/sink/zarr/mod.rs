@@ -31,6 +31,7 @@ use zarrs::array::{data_type, Array};
 use zarrs::filesystem::FilesystemStore;
 
 use self::node::{io_err, store_plane, Store};
+use crate::cluster::Member;
 use crate::component::{Context, Sink, SinkConfig, SinkError, StageName};
 use crate::field::{FieldWork, Values, VirtualChannel, WellReadout, WellShift};
 use crate::schedule::Scheduler;
@@ -101,6 +102,9 @@ pub struct ZarrSink {
     owed: BTreeMap<(WellId, u32), BTreeMap<u32, Vec<String>>>,
     /// Where owed work goes once its field is on disk.
     scheduler: Arc<Scheduler>,
+    /// This daemon's membership when several share the plate: wells are reloaded from the store
+    /// before each field, and only the plate's writer writes the plate's metadata.
+    member: Option<Arc<Member>>,
 }
 
 /// The latest well-omics readout of a well and the readout after each of its fields.
@@ -134,10 +138,7 @@ fn parse_well_path(path: &str) -> Option<WellId> {
 /// can leave between writing and renaming the plate's first `zarr.json`: such a directory is
 /// started afresh, not refused as someone else's.
 fn nothing_written(dir: &Path) -> bool {
-    std::fs::read_dir(dir).map_or(true, |d| {
-        d.flatten()
-            .all(|e| e.file_name() == std::ffi::OsStr::new(".zarr.json.partial"))
-    })
+    std::fs::read_dir(dir).map_or(true, |d| d.flatten().all(|e| node::is_partial(&e.file_name())))
 }
 
 impl ZarrSink {
@@ -173,6 +174,7 @@ impl ZarrSink {
         virtual_channels: Vec<VirtualChannel>,
         overwrite: bool,
         scheduler: Arc<Scheduler>,
+        member: Option<Arc<Member>>,
     ) -> Result<Self, SinkError> {
         let out = &cfg.output;
         if out.exists() && !out.is_dir() {
@@ -223,12 +225,21 @@ impl ZarrSink {
             incomplete: BTreeMap::new(),
             owed: BTreeMap::new(),
             scheduler,
+            member,
         };
-        if !nothing_written(&plate_dir) {
+        // Members of a cluster start together: a plate another member is creating (a
+        // directory, no metadata yet) is new here too.
+        let started = sink.member.is_none() || plate_dir.join("zarr.json").is_file();
+        if !nothing_written(&plate_dir) && started {
             sink.load_existing(&plate_dir)?;
             sink.resume_owed();
         }
-        sink.write_plate()?;
+        if let Some(m) = &sink.member {
+            m.set_plate_dir(plate_dir.clone());
+        }
+        if sink.member.is_none() || !plate_dir.join("zarr.json").is_file() {
+            sink.write_plate()?;
+        }
         Ok(sink)
     }
 
@@ -270,35 +281,10 @@ impl ZarrSink {
             }
             None => return Err(not_ours()),
         }
-        let liveomics_of = |node: &str| self.store.attributes(node).map(Value::Object);
         for w in plate.map(|p| p.plate.wells).unwrap_or_default() {
-            let Some(id) = parse_well_path(&w.path) else { continue };
-            let well: ome::WellLiveomics = liveomics_of(&w.path)
-                .and_then(|a| ome::read::<Value, _>(&a).1)
-                .unwrap_or_default();
-            let done: BTreeSet<(u32, u32)> = well.complete.into_iter().collect();
-            let incomplete: BTreeSet<(u32, u32)> = well.incomplete.into_iter().collect();
-            for &(f, _) in done.iter().chain(&incomplete) {
-                self.images.insert((id, f));
-                let image: ome::ImageLiveomics = liveomics_of(&format!("{}/{f}", w.path))
-                    .and_then(|a| ome::read::<Value, _>(&a).1)
-                    .unwrap_or_default();
-                let entry = self.acquired.entry((id, f)).or_default();
-                for (t, ns) in image.acquired_unix_ns {
-                    if let (Ok(t), Ok(ns)) = (t.parse(), ns.parse()) {
-                        entry.insert(t, ns);
-                    }
-                }
-                for (t, models) in image.owed {
-                    if let (Ok(t), false) = (t.parse::<u32>(), models.is_empty()) {
-                        self.owed.entry((id, f)).or_default().insert(t, models);
-                    }
-                }
+            if let Some(id) = parse_well_path(&w.path) {
+                self.load_well(id);
             }
-            let mut listed = done;
-            listed.extend(incomplete.iter().copied());
-            self.wells.insert(id, listed);
-            self.incomplete.insert(id, incomplete);
         }
         crate::telemetry::PlateResumed {
             plate: &plate_dir.display().to_string(),
@@ -306,6 +292,101 @@ impl ZarrSink {
         }
         .emit();
         Ok(())
+    }
+
+    /// Adds what the store holds of well `id` to what the sink knows of it: its fields (complete
+    /// or not), their acquisition times and owed work, and its readouts when they pooled more
+    /// fields. On resume; and in a cluster before each field, since another member may have
+    /// written the well before it came here.
+    fn load_well(&mut self, id: WellId) {
+        let path = format!("{}/{}", id.row_name(), id.column_name());
+        let liveomics_of = |node: &str| self.store.attributes(node).map(Value::Object);
+        let Some(well) = liveomics_of(&path).map(|a| ome::read::<Value, ome::WellLiveomics>(&a).1) else {
+            return;
+        };
+        let well = well.unwrap_or_default();
+        let done: BTreeSet<(u32, u32)> = well.complete.into_iter().collect();
+        let incomplete: BTreeSet<(u32, u32)> = well.incomplete.into_iter().collect();
+        for &(f, _) in done.iter().chain(&incomplete) {
+            if !self.images.insert((id, f)) {
+                continue;
+            }
+            let image: ome::ImageLiveomics = liveomics_of(&format!("{path}/{f}"))
+                .and_then(|a| ome::read::<Value, _>(&a).1)
+                .unwrap_or_default();
+            let entry = self.acquired.entry((id, f)).or_default();
+            for (t, ns) in image.acquired_unix_ns {
+                if let (Ok(t), Ok(ns)) = (t.parse(), ns.parse()) {
+                    entry.insert(t, ns);
+                }
+            }
+            for (t, models) in image.owed {
+                if let (Ok(t), false) = (t.parse::<u32>(), models.is_empty()) {
+                    self.owed.entry((id, f)).or_default().insert(t, models);
+                }
+            }
+        }
+        let known = self.wells.entry(id).or_default();
+        let known_incomplete = self.incomplete.entry(id).or_default();
+        for p in &done {
+            // Complete in the store wins over incomplete here: another member finished it.
+            known.insert(*p);
+            known_incomplete.remove(p);
+        }
+        for p in &incomplete {
+            if known.insert(*p) {
+                known_incomplete.insert(*p);
+            }
+        }
+        let bulk = self.bulk.entry(id).or_default();
+        for (model, v) in well.bulk {
+            let (Ok(r), Some(history)) = (
+                serde_json::from_value::<WellReadout>(v.clone()),
+                v.get("history")
+                    .and_then(|h| serde_json::from_value::<Vec<Vec<f32>>>(h.clone()).ok()),
+            ) else {
+                continue;
+            };
+            let mut r = r;
+            r.pool = v
+                .get("pool")
+                .and_then(|p| serde_json::from_value(p.clone()).ok())
+                .unwrap_or_default();
+            if bulk.get(&model).is_none_or(|(last, _)| r.fields > last.fields) {
+                bulk.insert(model, (r, history));
+            }
+        }
+    }
+
+    /// The wells the store lists, with their fields: what a cluster's plate metadata lists,
+    /// whichever member wrote them.
+    fn stored_wells(&self) -> BTreeMap<WellId, BTreeSet<(u32, u32)>> {
+        let mut out = BTreeMap::new();
+        let Ok(rows) = std::fs::read_dir(&self.store.root) else {
+            return out;
+        };
+        for row in rows.flatten() {
+            let Ok(cols) = std::fs::read_dir(row.path()) else {
+                continue;
+            };
+            for col in cols.flatten() {
+                let path = format!(
+                    "{}/{}",
+                    row.file_name().to_string_lossy(),
+                    col.file_name().to_string_lossy()
+                );
+                let Some(id) = parse_well_path(&path) else { continue };
+                let Some(attrs) = self.store.attributes(&path).map(Value::Object) else {
+                    continue;
+                };
+                let well: ome::WellLiveomics = ome::read::<Value, _>(&attrs).1.unwrap_or_default();
+                let fields: BTreeSet<(u32, u32)> = well.complete.into_iter().chain(well.incomplete).collect();
+                if !fields.is_empty() {
+                    out.insert(id, fields);
+                }
+            }
+        }
+        out
     }
 
     pub fn plate_dir(&self) -> &Path {
@@ -351,6 +432,7 @@ impl SinkConfig for ZarrSinkConfig {
             virtual_channels,
             ctx.overwrite,
             Arc::clone(&ctx.resources.scheduler),
+            ctx.resources.cluster.member().cloned(),
         )?))
     }
 }
@@ -368,6 +450,13 @@ impl Sink for ZarrSink {
         for well in std::mem::take(&mut self.stale) {
             self.write_well(well)?;
         }
+        // The plate's writer lists the wells last, once the other members are done with theirs.
+        if let Some(m) = self.member.clone() {
+            if m.writes_plate() {
+                m.wait_alone(std::time::Duration::from_millis(m.settings.finish_wait_ms));
+            }
+            self.write_plate()?;
+        }
         Ok(())
     }
 
@@ -381,6 +470,9 @@ impl Sink for ZarrSink {
         }
         let key = &work.field.key;
         let pair = (key.field, key.timepoint);
+        if self.member.is_some() {
+            self.load_well(key.well);
+        }
         let listed = self.wells.get(&key.well).is_some_and(|d| d.contains(&pair));
         let was_incomplete = self.incomplete.get(&key.well).is_some_and(|d| d.contains(&pair));
         if listed && !was_incomplete {
@@ -531,6 +623,9 @@ impl ZarrSink {
             .map(|(model, (r, history))| {
                 let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
                 v["history"] = json!(history);
+                if !r.pool.is_empty() {
+                    v["pool"] = json!(r.pool);
+                }
                 (model.clone(), v)
             })
             .collect();

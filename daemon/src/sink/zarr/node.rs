@@ -93,6 +93,12 @@ pub fn codecs(cfg: &ZarrSinkConfig, typesize: usize) -> Result<Vec<Arc<dyn Bytes
     }
 }
 
+/// A metadata document's temporary name, which a crash may leave behind and readers ignore.
+pub fn is_partial(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    name.starts_with(".zarr.json.") && name.ends_with(".partial")
+}
+
 impl Store {
     pub fn open(root: &Path, cfg: &ZarrSinkConfig) -> Result<Self, SinkError> {
         std::fs::create_dir_all(root).map_err(io_err(root))?;
@@ -131,7 +137,10 @@ impl Store {
     pub fn write_metadata(&self, node: &str, doc: &Value) -> Result<(), SinkError> {
         let dir = self.dir(node)?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let tmp = dir.join(".zarr.json.partial");
+        // A name of its own per writer: members of a cluster write some groups (a row) alike.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".zarr.json.{}.{n}.partial", std::process::id()));
         let bytes = serde_json::to_vec_pretty(doc).unwrap_or_default();
         let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
         std::io::Write::write_all(&mut f, &bytes).map_err(io_err(&tmp))?;

@@ -51,6 +51,10 @@ pub struct Rules {
     sent: u32,
     next_field: HashMap<WellId, u32>,
     well_acc: HashMap<(usize, WellId), (f64, u64)>,
+    /// In a cluster, this member's name: part of every request id, which must be unique over
+    /// the members.
+    member: Option<String>,
+    format: liveomics_adapters::model::PlateFormat,
 }
 
 /// For a metric `loc.{protein}.shift`: `Some` of the field's well's score for that protein, which
@@ -98,7 +102,39 @@ impl Rules {
             sent: 0,
             next_field: HashMap::new(),
             well_acc: HashMap::new(),
+            member: None,
+            format: plan.format,
         }
+    }
+
+    /// Rules of one member of a cluster: its request ids carry its name.
+    pub fn in_cluster(mut self, member: &str) -> Self {
+        self.member = Some(member.to_string());
+        self
+    }
+
+    /// Another member of the cluster published a request: it counts against the plate's cap,
+    /// starts its rule's cooldown in its well and takes its field numbers, as one of ours would.
+    /// Returns the request id, or `None` for a body that is not a request of these rules.
+    pub fn observed(&mut self, bytes: &[u8], now: Instant) -> Option<String> {
+        let v: Value = serde_json::from_slice(bytes).ok()?;
+        let id = v.get("id")?.as_str()?.to_string();
+        let rule = v.get("rule")?.as_str()?;
+        let ri = self.cfg.rules.iter().position(|r| r.name == rule)?;
+        let well = WellId::parse(v.get("well")?.as_str()?, self.format).ok()?;
+        self.sent += 1;
+        self.last_fired.insert((ri, well), now);
+        let last = v
+            .get("fields")?
+            .as_array()?
+            .iter()
+            .filter_map(|f| f.as_u64().and_then(|f| u32::try_from(f).ok()))
+            .max();
+        if let Some(last) = last {
+            let next = self.next_field.entry(well).or_insert(self.cfg.followup_field_base);
+            *next = (*next).max(last.saturating_add(1));
+        }
+        Some(id)
     }
 
     /// Per-cell values of a metric in this field.
@@ -326,7 +362,10 @@ impl Rules {
                 continue;
             }
             self.sent += 1;
-            let id = format!("{}-{}-{}", rule.name, self.plate, self.sent);
+            let id = match &self.member {
+                Some(m) => format!("{}-{}-{m}-{}", rule.name, self.plate, self.sent),
+                None => format!("{}-{}-{}", rule.name, self.plate, self.sent),
+            };
             let events = self.events(&rule.action, work, &id, &fields);
             let not_before_unix_ns = match rule.action {
                 Action::Revisit { delay_s } => unix_ns() + Duration::from_secs_f64(delay_s).as_nanos(),

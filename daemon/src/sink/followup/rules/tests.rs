@@ -187,3 +187,27 @@ fn a_request_not_done_in_time_is_reported_once() {
     assert!(r.timeouts(now + Duration::from_secs(7)).is_empty(), "once");
     assert_eq!(r.open(), vec![&a.id], "still open: it may yet be done");
 }
+
+#[test]
+fn another_members_requests_start_cooldowns_spend_the_budget_and_take_field_numbers() {
+    let mut a = rules(MORE).in_cluster("m0");
+    let mut b = rules(MORE).in_cluster("m1");
+    let t0 = Instant::now();
+    let fired = a.field(&work("A1", 0, 5, 100), t0);
+    assert_eq!(fired.len(), 1);
+    a.sent(&fired[0], t0);
+    assert!(fired[0].id.contains("-m0-"), "{}", fired[0].id);
+    let bytes = serde_json::to_vec(&fired[0].body).unwrap();
+    assert_eq!(b.observed(&bytes, t0).as_deref(), Some(fired[0].id.as_str()));
+    // The well changed hands: its new member is in the cooldown the old one started.
+    assert!(b.field(&work("A1", 1, 5, 100), t0 + Duration::from_secs(1)).is_empty());
+    let later = b.field(&work("A1", 2, 5, 100), t0 + Duration::from_secs(61));
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].body["fields"], json!([1002, 1003]), "after the other member's 1000, 1001");
+    b.sent(&later[0], t0 + Duration::from_secs(61));
+    // Two requests over the two members: the plate's budget of 2 is spent for both.
+    assert!(b.field(&work("B1", 0, 9, 100), t0).is_empty());
+    assert_eq!(a.observed(&serde_json::to_vec(&later[0].body).unwrap(), t0), Some(later[0].id.clone()));
+    assert!(a.field(&work("C1", 0, 9, 100), t0).is_empty());
+    assert_eq!(a.observed(b"not json", t0), None);
+}

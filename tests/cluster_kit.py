@@ -1,0 +1,136 @@
+"""Several daemons on one plate, for tests/test_cluster.py and benches/scaleout_bench.py: a staged
+simulated plate, a zenoh hub on a loopback port that publishes its frames, and daemon configs in
+cluster mode (or alone, for the reference run)."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from liveomics_testkit import ROOT, inference_config, merged, run, sim_toml
+
+MODELS = ROOT / "models"
+
+PLATE = "CL1"
+INSTRUMENT = "scopeC"
+
+
+def stage_plate(binary, dest: Path, wells, fields: int, size: int, seed=11) -> tuple[list[str], list[tuple]]:
+    """`liveomics simulate` of the plate under `dest`: its channel names and its frames in
+    acquisition order as `(well, field, channel, pixels)`."""
+    sim = dest / "sim.toml"
+    sim.write_text(sim_toml(plate=PLATE, wells=tuple(wells), fields=fields, size=size, seed=seed))
+    r = run(binary, "simulate", "--config", sim, "--out", dest / "staged")
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((dest / "staged" / "manifest.json").read_text())
+    channels = [c["name"] for c in manifest["channels"]]
+    frames = [(f["well"], f["field"], f["channel"], tifffile.imread(dest / "staged" / f["path"]).astype("<u2"))
+              for f in manifest["files"]]
+    return channels, frames
+
+
+def hub(port: int):
+    """A zenoh router listening on `tcp/127.0.0.1:port`, where the daemons connect (as they would
+    to a zenohd router on the network) and whose session publishes the frames: it routes the
+    frames, the members' liveliness tokens and their done notices."""
+    import zenoh
+
+    conf = zenoh.Config()
+    conf.insert_json5("mode", '"router"')
+    conf.insert_json5("listen/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    return zenoh.open(conf)
+
+
+def publish(session, frames, fields_per_s: float = 0.0, on_field=None):
+    """Publishes `frames` as the microscope would, field by field at `fields_per_s` (0: as fast as
+    the daemons take them); `on_field(i)` is called after the i-th field is out."""
+    import zenoh
+
+    start = time.monotonic()
+    i = 0
+    last = None
+    for well, field, channel, px in frames:
+        if last is not None and (well, field) != last:
+            i += 1
+            if on_field:
+                on_field(i)
+            if fields_per_s > 0:
+                time.sleep(max(0.0, start + i / fields_per_s - time.monotonic()))
+        last = (well, field)
+        header = json.dumps({"shape": list(px.shape), "dtype": "uint16", "timepoint": 0}).encode()
+        session.put(f"liveomics/{INSTRUMENT}/frames/{PLATE}/{well}/{field}/{channel}", px.tobytes(),
+                    attachment=header, congestion_control=zenoh.CongestionControl.BLOCK)
+    if on_field:
+        on_field(i + 1)
+
+
+def start_all(binary, cfgs: list[dict], dest: Path, timeout=60.0) -> list:
+    """Starts a daemon per config at once (members wait for each other before they listen) and
+    returns them (`liveomics_testkit.Daemon`) once each listens for frames."""
+    import subprocess
+    import threading
+
+    from liveomics_testkit import Daemon, toml_text
+
+    procs = []
+    for i, cfg in enumerate(cfgs):
+        path = dest / f"member{i}.toml"
+        path.write_text(toml_text(cfg))
+        procs.append(subprocess.Popen([str(binary), "run", "--config", str(path)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    daemons = [Daemon(p, []) for p in procs]
+
+    def until_listening(d):
+        for line in d.proc.stderr:
+            d.lines.append(line)
+            if "listening for frames" in line:
+                return
+
+    threads = [threading.Thread(target=until_listening, args=(d,)) for d in daemons]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    for d in daemons:
+        if not any("listening for frames" in x for x in d.lines):
+            for x in daemons:
+                x.proc.kill()
+            raise RuntimeError("a member did not start: " + "".join(d.lines)[-3000:])
+    return daemons
+
+
+def daemon_config(out: Path, port: int, channels, size: int, member: str | None, members: int,
+                  idle_exit_ms=5000, workers=1) -> dict:
+    """A daemon fed by the hub's frames, classical segmentation and the reference well-omics
+    model, writing the plate under `out`; in cluster mode as `member` of `members`."""
+    cfg = merged({
+        "instrument": INSTRUMENT,
+        "latency_budget_ms": 10000,
+        "source": {"kind": "zenoh", "zenoh": {
+            "plate": PLATE, "channels": list(channels), "width_px": size, "height_px": size,
+            "pixel_size_um": 0.65, "idle_exit_ms": idle_exit_ms, "queue_frames": 256,
+        }},
+        "segmentation": {"method": "classical"},
+        "sinks": {"zarr": {"output": out}, "zenoh": {"enabled": False}},
+        "zenoh": {"mode": "client", "listen": [], "connect": [f"tcp/127.0.0.1:{port}"]},
+        "telemetry": {"http_listen": ""},
+    }, inference_config(("wellomics", MODELS / "well_omics_mil"), workers=workers))
+    if member:
+        cfg["cluster"] = {"enabled": True, "member": member, "expect_members": members,
+                          "startup_wait_ms": 30000, "finish_wait_ms": 60000}
+    return cfg
+
+
+def readouts(plate: Path) -> dict:
+    """`{well: values}` of the well-omics readout in each well's attributes."""
+    import zarr
+
+    root = zarr.open_group(plate, mode="r")
+    out = {}
+    for w in root.attrs["ome"]["plate"]["wells"]:
+        bulk = root[w["path"]].attrs["liveomics"]["bulk"]["wellomics"]
+        out[w["path"]] = (bulk["fields"], np.array(bulk["values"], dtype=np.float64))
+    return out

@@ -1,0 +1,126 @@
+"""Three daemons share one plate (`[cluster]`): a zenoh router on a loopback port publishes a
+simulated plate's frames, one member is killed with SIGKILL mid-plate, and the plate the others
+finish is valid OME-Zarr with every field once and the same per-well readouts as one daemon
+alone gives for the same frames."""
+
+import signal
+import warnings
+
+import numpy as np
+import zarr
+
+import cluster_kit as ck
+from liveomics_testkit import Daemon, free_port, run, toml_text
+
+WELLS = ["B2", "B3", "B4", "C2", "C3", "C4", "D2", "D3"]
+FIELDS = 3
+SIZE = 512
+
+
+def fields_in(plate) -> dict:
+    """`{well path: [(field, timepoint), ...]}` as the wells list them, and the plate's wells."""
+    root = zarr.open_group(plate, mode="r")
+    out = {}
+    for w in root.attrs["ome"]["plate"]["wells"]:
+        attrs = root[w["path"]].attrs
+        out[w["path"]] = sorted(tuple(p) for p in attrs["liveomics"]["complete"])
+        images = [i["path"] for i in attrs["ome"]["well"]["images"]]
+        assert len(images) == len(set(images)), (w["path"], images)
+    return out
+
+
+def test_three_members_share_a_plate_and_survive_one_killed(binary, tmp_path):
+    channels, frames = ck.stage_plate(binary, tmp_path, WELLS, FIELDS, SIZE)
+    want = {f"{w[0]}/{w[1:]}": [(f, 0) for f in range(FIELDS)] for w in WELLS}
+
+    # The reference: one daemon alone, the same frames.
+    port = free_port()
+    hub = ck.hub(port)
+    try:
+        alone = Daemon.start(ck.daemon_config(tmp_path / "alone", port, channels, SIZE, None, 1,
+                                              idle_exit_ms=3000), tmp_path / "alone.toml")
+        with alone:
+            ck.publish(hub, frames)
+            _, err = alone.wait(300)
+            assert alone.proc.returncode == 0, err[-3000:]
+    finally:
+        hub.close()
+    reference = ck.readouts(tmp_path / "alone" / f"{ck.PLATE}.zarr")
+    assert fields_in(tmp_path / "alone" / f"{ck.PLATE}.zarr") == want
+
+    port = free_port()
+    hub = ck.hub(port)
+    out = tmp_path / "shared"
+    cfgs = [ck.daemon_config(out, port, channels, SIZE, f"m{i}", 3, idle_exit_ms=4000) for i in range(3)]
+    members = ck.start_all(binary, cfgs, tmp_path)
+    logs = {}
+    try:
+        victim = members[1]
+
+        def kill_mid_plate(i):
+            if i == len(WELLS) * FIELDS // 3 and victim.proc.poll() is None:
+                victim.proc.send_signal(signal.SIGKILL)
+
+        # Paced so that the victim has fields in flight when it dies.
+        ck.publish(hub, frames, fields_per_s=4.0, on_field=kill_mid_plate)
+        for i, m in enumerate(members):
+            _, err = m.proc.communicate(timeout=300)
+            logs[i] = "".join(m.lines) + err
+        assert members[1].proc.returncode == -signal.SIGKILL
+        for i in (0, 2):
+            assert members[i].proc.returncode == 0, logs[i][-3000:]
+    finally:
+        hub.close()
+        for m in members:
+            if m.proc.poll() is None:
+                m.proc.kill()
+    survivors = logs[0] + logs[2]
+    assert 'member="m1"' in survivors and "cluster member left" in survivors, survivors[-3000:]
+    # Every member did some of the plate; the victim's wells went to the others.
+    done = {i: logs[i].count("field done") for i in logs}
+    assert all(n > 0 for n in done.values()), done
+    assert "took over wells" in survivors, survivors[-3000:]
+
+    plate = out / f"{ck.PLATE}.zarr"
+    from ome_zarr_models.v05.hcs import HCS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HCS.from_zarr(zarr.open_group(plate, mode="r"))
+    # Every field exactly once, complete, with its raw planes as published.
+    assert fields_in(plate) == want
+    for well, field, channel, px in frames[:: max(1, len(frames) // 7)]:
+        arr = zarr.open_array(plate / well[0] / well[1:] / str(field) / "0", mode="r")
+        np.testing.assert_array_equal(arr[channels.index(channel)], px)
+    for w in WELLS:
+        for f in range(FIELDS):
+            labels = zarr.open_array(plate / w[0] / w[1:] / str(f) / "labels" / "nuclei" / "0", mode="r")
+            assert labels[:].max() > 0, (w, f)
+    # The per-well readouts pooled every field, whoever did them, as one daemon does.
+    got = ck.readouts(plate)
+    assert got.keys() == reference.keys()
+    for w, (n, values) in reference.items():
+        assert got[w][0] == n == FIELDS, (w, got[w][0], n)
+        np.testing.assert_allclose(got[w][1], values, rtol=1e-5, atol=1e-5, err_msg=w)
+
+
+def test_cluster_settings_are_checked_with_their_keys(binary, tmp_path):
+    cfg = ck.daemon_config(tmp_path / "out", 7447, ["DAPI"], 256, "bad/name", 0)
+    cfg["source"]["kind"] = "simulator"
+    cfg["pipeline"]["stages"] = ["segment", "measure", "localize"]
+    (tmp_path / "c.toml").write_text(toml_text(cfg))
+    r = run(binary, "validate", tmp_path / "c.toml")
+    assert r.returncode != 0
+    text = r.stdout + r.stderr
+    for key in ("cluster.member", "cluster.expect_members", "cluster.enabled"):
+        assert key in text, (key, text)
+    assert 'source.kind = "zenoh"' in text and "localize" in text, text
+
+
+def test_overwrite_is_refused_in_a_cluster(binary, tmp_path):
+    port = free_port()
+    cfg = ck.daemon_config(tmp_path / "out", port, ["DAPI", "Microtubules", "ER"], 256, "m0", 1)
+    (tmp_path / "c.toml").write_text(toml_text(cfg))
+    r = run(binary, "run", "--config", tmp_path / "c.toml", "--overwrite", timeout=60)
+    assert r.returncode != 0
+    assert "--overwrite in a cluster" in r.stderr, r.stderr[-2000:]
