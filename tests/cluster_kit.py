@@ -49,6 +49,14 @@ def publish(session, frames, fields_per_s: float = 0.0, on_field=None):
     the daemons take them); `on_field(i)` is called after the i-th field is out."""
     import zenoh
 
+    # A subscription declared downstream of the router takes a moment to reach it; frames put
+    # before that reach nobody.
+    probe = session.declare_publisher(f"liveomics/{INSTRUMENT}/frames/{PLATE}/{frames[0][0]}/0/{frames[0][2]}")
+    deadline = time.monotonic() + 10
+    while not probe.matching_status.matching and time.monotonic() < deadline:
+        time.sleep(0.05)
+    probe.undeclare()
+    time.sleep(0.5)
     start = time.monotonic()
     i = 0
     last = None
@@ -67,7 +75,7 @@ def publish(session, frames, fields_per_s: float = 0.0, on_field=None):
         on_field(i + 1)
 
 
-def start_all(binary, cfgs: list[dict], dest: Path, timeout=60.0) -> list:
+def start_all(binary, cfgs: list[dict], dest: Path, timeout=60.0, env=None) -> list:
     """Starts a daemon per config at once (members wait for each other before they listen) and
     returns them (`liveomics_testkit.Daemon`) once each listens for frames."""
     import subprocess
@@ -80,7 +88,7 @@ def start_all(binary, cfgs: list[dict], dest: Path, timeout=60.0) -> list:
         path = dest / f"member{i}.toml"
         path.write_text(toml_text(cfg))
         procs.append(subprocess.Popen([str(binary), "run", "--config", str(path)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+                                      stderr=subprocess.PIPE, text=True, env=env))
     daemons = [Daemon(p, []) for p in procs]
 
     def until_listening(d):
@@ -100,6 +108,62 @@ def start_all(binary, cfgs: list[dict], dest: Path, timeout=60.0) -> list:
                 x.proc.kill()
             raise RuntimeError("a member did not start: " + "".join(d.lines)[-3000:])
     return daemons
+
+
+class S3Server:
+    """moto's S3 server on a free loopback port with one bucket: a real HTTP endpoint speaking
+    the S3 REST protocol (the same requests a MinIO, Ceph or AWS endpoint gets), in-process state
+    only. `env` is what a daemon and the Python readers need to reach it."""
+
+    def __init__(self, bucket="plates"):
+        import os
+        import subprocess
+        import sys
+        import urllib.request
+
+        from liveomics_testkit import free_port
+
+        self.bucket = bucket
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.proc.kill()
+                    raise RuntimeError("moto's S3 server did not start")
+                time.sleep(0.2)
+        self.env = {**os.environ, "AWS_ENDPOINT_URL": self.endpoint, "AWS_ALLOW_HTTP": "true",
+                    "AWS_ACCESS_KEY_ID": "liveomics", "AWS_SECRET_ACCESS_KEY": "liveomics",
+                    "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.fs().mkdir(bucket)
+
+    def options(self) -> dict:
+        """fsspec's (s3fs's) settings for the server."""
+        return {"key": "liveomics", "secret": "liveomics", "client_kwargs": {"endpoint_url": self.endpoint}}
+
+    def fs(self):
+        """An s3fs filesystem on the server."""
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.options(), skip_instance_cache=True)
+
+    def group(self, path: str):
+        """The zarr group at `s3://{bucket}/{path}`, read with zarr-python through s3fs."""
+        import zarr
+
+        store = zarr.storage.FsspecStore.from_url(f"s3://{self.bucket}/{path}", storage_options=self.options(),
+                                                  read_only=True)
+        return zarr.open_group(store, mode="r")
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
 
 
 def daemon_config(out: Path, port: int, channels, size: int, member: str | None, members: int,
@@ -124,11 +188,12 @@ def daemon_config(out: Path, port: int, channels, size: int, member: str | None,
     return cfg
 
 
-def readouts(plate: Path) -> dict:
-    """`{well: values}` of the well-omics readout in each well's attributes."""
+def readouts(plate) -> dict:
+    """`{well: values}` of the well-omics readout in each well's attributes of `plate` (a
+    directory or an open zarr group)."""
     import zarr
 
-    root = zarr.open_group(plate, mode="r")
+    root = plate if isinstance(plate, zarr.Group) else zarr.open_group(plate, mode="r")
     out = {}
     for w in root.attrs["ome"]["plate"]["wells"]:
         bulk = root[w["path"]].attrs["liveomics"]["bulk"]["wellomics"]

@@ -1,12 +1,14 @@
 """Three daemons share one plate (`[cluster]`): a zenoh router on a loopback port publishes a
 simulated plate's frames, one member is killed with SIGKILL mid-plate, and the plate the others
-finish is valid OME-Zarr with every field once and the same per-well readouts as one daemon
-alone gives for the same frames."""
+finish (in a local S3 server, or a directory they share) is valid OME-Zarr with every field once
+and the same per-well readouts as one daemon alone gives for the same frames."""
 
 import signal
+import threading
 import warnings
 
 import numpy as np
+import pytest
 import zarr
 
 import cluster_kit as ck
@@ -17,9 +19,8 @@ FIELDS = 3
 SIZE = 512
 
 
-def fields_in(plate) -> dict:
+def fields_in(root: zarr.Group) -> dict:
     """`{well path: [(field, timepoint), ...]}` as the wells list them, and the plate's wells."""
-    root = zarr.open_group(plate, mode="r")
     out = {}
     for w in root.attrs["ome"]["plate"]["wells"]:
         attrs = root[w["path"]].attrs
@@ -29,7 +30,15 @@ def fields_in(plate) -> dict:
     return out
 
 
-def test_three_members_share_a_plate_and_survive_one_killed(binary, tmp_path):
+@pytest.fixture(scope="module")
+def s3():
+    server = ck.S3Server()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("storage", ["s3", "shared-dir"])
+def test_three_members_share_a_plate_and_survive_one_killed(binary, tmp_path, storage, s3):
     channels, frames = ck.stage_plate(binary, tmp_path, WELLS, FIELDS, SIZE)
     want = {f"{w[0]}/{w[1:]}": [(f, 0) for f in range(FIELDS)] for w in WELLS}
 
@@ -45,24 +54,31 @@ def test_three_members_share_a_plate_and_survive_one_killed(binary, tmp_path):
             assert alone.proc.returncode == 0, err[-3000:]
     finally:
         hub.close()
-    reference = ck.readouts(tmp_path / "alone" / f"{ck.PLATE}.zarr")
-    assert fields_in(tmp_path / "alone" / f"{ck.PLATE}.zarr") == want
+    alone_plate = zarr.open_group(tmp_path / "alone" / f"{ck.PLATE}.zarr", mode="r")
+    reference = ck.readouts(alone_plate)
+    assert fields_in(alone_plate) == want
 
     port = free_port()
     hub = ck.hub(port)
-    out = tmp_path / "shared"
+    prefix = tmp_path.name
+    out = f"s3://{s3.bucket}/{prefix}" if storage == "s3" else tmp_path / "shared"
     cfgs = [ck.daemon_config(out, port, channels, SIZE, f"m{i}", 3, idle_exit_ms=4000) for i in range(3)]
-    members = ck.start_all(binary, cfgs, tmp_path)
+    members = ck.start_all(binary, cfgs, tmp_path, env=s3.env)
     logs = {}
     try:
         victim = members[1]
 
-        def kill_mid_plate(i):
-            if i == len(WELLS) * FIELDS // 3 and victim.proc.poll() is None:
-                victim.proc.send_signal(signal.SIGKILL)
+        def kill_after_its_first_field():
+            for line in victim.proc.stderr:
+                victim.lines.append(line)
+                if "field done" in line:
+                    victim.proc.send_signal(signal.SIGKILL)
 
-        # Paced so that the victim has fields in flight when it dies.
-        ck.publish(hub, frames, fields_per_s=4.0, on_field=kill_mid_plate)
+        killer = threading.Thread(target=kill_after_its_first_field)
+        killer.start()
+        # Paced so that the victim still has wells in progress when it dies.
+        ck.publish(hub, frames, fields_per_s=4.0)
+        killer.join(300)
         for i, m in enumerate(members):
             _, err = m.proc.communicate(timeout=300)
             logs[i] = "".join(m.lines) + err
@@ -79,23 +95,26 @@ def test_three_members_share_a_plate_and_survive_one_killed(binary, tmp_path):
     # Every member did some of the plate; the victim's wells went to the others.
     done = {i: logs[i].count("field done") for i in logs}
     assert all(n > 0 for n in done.values()), done
+    assert done[0] + done[2] >= len(WELLS) * FIELDS - done[1], done
     assert "took over wells" in survivors, survivors[-3000:]
 
-    plate = out / f"{ck.PLATE}.zarr"
+    if storage == "s3":
+        plate = s3.group(f"{prefix}/{ck.PLATE}.zarr")
+        assert not (tmp_path / "s3:").exists()
+    else:
+        plate = zarr.open_group(out / f"{ck.PLATE}.zarr", mode="r")
     from ome_zarr_models.v05.hcs import HCS
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        HCS.from_zarr(zarr.open_group(plate, mode="r"))
+        HCS.from_zarr(plate)
     # Every field exactly once, complete, with its raw planes as published.
     assert fields_in(plate) == want
     for well, field, channel, px in frames[:: max(1, len(frames) // 7)]:
-        arr = zarr.open_array(plate / well[0] / well[1:] / str(field) / "0", mode="r")
-        np.testing.assert_array_equal(arr[channels.index(channel)], px)
+        np.testing.assert_array_equal(plate[f"{well[0]}/{well[1:]}/{field}/0"][channels.index(channel)], px)
     for w in WELLS:
         for f in range(FIELDS):
-            labels = zarr.open_array(plate / w[0] / w[1:] / str(f) / "labels" / "nuclei" / "0", mode="r")
-            assert labels[:].max() > 0, (w, f)
+            assert plate[f"{w[0]}/{w[1:]}/{f}/labels/nuclei/0"][:].max() > 0, (w, f)
     # The per-well readouts pooled every field, whoever did them, as one daemon does.
     got = ck.readouts(plate)
     assert got.keys() == reference.keys()

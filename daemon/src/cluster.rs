@@ -19,7 +19,6 @@
 //!   learns where the wells in progress are before it takes any.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -154,7 +153,7 @@ pub struct Member {
     view: Arc<Mutex<View>>,
     changes: Receiver<Change>,
     /// The plate store, set by the zarr sink when it opens: where members read what others wrote.
-    plate_dir: OnceLock<PathBuf>,
+    plate_store: OnceLock<zarrs::storage::ReadableWritableListableStorage>,
     _token: zenoh::liveliness::LivelinessToken,
     _members: zenoh::pubsub::Subscriber<()>,
     _wells: zenoh::query::Queryable<()>,
@@ -211,7 +210,7 @@ impl Member {
             session,
             view,
             changes,
-            plate_dir: OnceLock::new(),
+            plate_store: OnceLock::new(),
             _token: token,
             _members: members,
             _wells: wells,
@@ -346,13 +345,17 @@ impl Member {
         format!("liveomics/{}/cluster/{}/done/{rest}", self.instrument, self.plate)
     }
 
-    pub fn set_plate_dir(&self, dir: PathBuf) {
-        let _ = self.plate_dir.set(dir);
+    pub fn set_plate_store(&self, store: zarrs::storage::ReadableWritableListableStorage) {
+        let _ = self.plate_store.set(store);
     }
 
-    /// The plate store, once the zarr sink opened it.
-    pub fn plate_dir(&self) -> Option<&PathBuf> {
-        self.plate_dir.get()
+    /// The attributes of `node` (`B/2`) of the plate store, once the zarr sink opened it: what
+    /// other members wrote there.
+    pub fn stored_attributes(&self, node: &str) -> Option<serde_json::Value> {
+        let key = zarrs::storage::StoreKey::new(format!("{}/zarr.json", node.trim_matches('/'))).ok()?;
+        let bytes = self.plate_store.get()?.get(&key).ok()??;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        v.get("attributes").cloned()
     }
 }
 

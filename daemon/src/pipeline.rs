@@ -208,10 +208,8 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     // The HTTP server (page, metrics, the store for viewers) binds first: a taken port fails
     // before anything is written.
     let live = Arc::clone(&opts.resources.live);
-    let plate_dir = cfg
-        .sinks
-        .zarr
-        .enabled
+    // The page serves and reads back a plate on a filesystem, not one in an object store.
+    let plate_dir = (cfg.sinks.zarr.enabled && crate::sink::zarr::node::s3_url(&cfg.sinks.zarr.output).is_none())
         .then(|| crate::sink::zarr::ZarrSink::plate_path(&cfg.sinks.zarr.output, &plan));
     let http_addr = crate::web::start(
         &cfg.telemetry.http_listen,
@@ -266,9 +264,11 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     let output = sinks.iter().find_map(|s| s.output());
     let scheduler = Arc::clone(&opts.resources.scheduler);
     // Work may only be skipped where it can be backfilled: into the plate store, by the stages.
-    let backfill_into = output
-        .clone()
-        .filter(|_| cfg.pipeline.stages.contains(&crate::component::StageName::Inference));
+    // Backfills read raw planes back from a plate on a filesystem.
+    let backfill_into = output.clone().filter(|o| {
+        cfg.pipeline.stages.contains(&crate::component::StageName::Inference)
+            && crate::sink::zarr::node::s3_url(o).is_none()
+    });
     scheduler.enable_deferral(backfill_into.is_some());
     let backfillers = if backfill_into.is_some() {
         cfg.pipeline.workers

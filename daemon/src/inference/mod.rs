@@ -381,8 +381,7 @@ impl InferenceStage {
                 };
                 let stored = cluster
                     .member()
-                    .and_then(|m| m.plate_dir())
-                    .map(|dir| stored_pool(dir, k.well, &l.name))
+                    .map(|m| stored_pool(m, k.well, &l.name))
                     .unwrap_or_default();
                 let mut wells = wells.lock().unwrap_or_else(|e| e.into_inner());
                 let st = wells.entry((k.plate.to_string(), k.well)).or_default();
@@ -426,23 +425,10 @@ impl InferenceStage {
 
 /// The fields of `well` pooled for `model` as the plate store has them (the well's
 /// `liveomics.bulk.{model}.pool`, written by whichever member last wrote the well).
-fn stored_pool(plate_dir: &std::path::Path, well: WellId, model: &str) -> Vec<FieldPool> {
-    let path = plate_dir
-        .join(well.row_name())
-        .join(well.column_name())
-        .join("zarr.json");
-    let Ok(text) = std::fs::read(&path) else {
-        return Vec::new();
-    };
-    serde_json::from_slice::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| {
-            v.pointer(&format!(
-                "/attributes/liveomics/bulk/{}/pool",
-                model.replace('~', "~0").replace('/', "~1")
-            ))
-            .cloned()
-        })
+fn stored_pool(member: &crate::cluster::Member, well: WellId, model: &str) -> Vec<FieldPool> {
+    member
+        .stored_attributes(&format!("{}/{}", well.row_name(), well.column_name()))
+        .and_then(|a| a.get("liveomics")?.get("bulk")?.get(model)?.get("pool").cloned())
         .and_then(|p| serde_json::from_value(p).ok())
         .unwrap_or_default()
 }

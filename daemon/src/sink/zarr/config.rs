@@ -90,6 +90,13 @@ impl ZarrSinkConfig {
                 format!("must be 16..=8192, got {}", self.chunk_px),
             ));
         }
+        let text = self.output.to_string_lossy();
+        if self.enabled && text.starts_with("s3://") && super::node::s3_url(&self.output).is_none() {
+            out.push(Invalid::new(
+                "output",
+                format!("{text:?}: an object store is s3://bucket/prefix"),
+            ));
+        }
         if self.enabled && self.output.as_os_str().is_empty() {
             out.push(Invalid::new("output", "must not be empty"));
         }

@@ -28,7 +28,6 @@ use liveomics_adapters::model::{AcquisitionPlan, FieldKey, PlateFormat, WellId};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 use zarrs::array::{data_type, Array};
-use zarrs::filesystem::FilesystemStore;
 
 use self::node::{io_err, store_plane, Store};
 use crate::cluster::Member;
@@ -134,17 +133,13 @@ fn parse_well_path(path: &str) -> Option<WellId> {
     })
 }
 
-/// Whether a plate directory holds nothing but, at most, the temporary metadata file a crash
-/// can leave between writing and renaming the plate's first `zarr.json`: such a directory is
-/// started afresh, not refused as someone else's.
-fn nothing_written(dir: &Path) -> bool {
-    std::fs::read_dir(dir).map_or(true, |d| d.flatten().all(|e| node::is_partial(&e.file_name())))
-}
-
 impl ZarrSink {
     /// Where the plate of `plan` goes under `output`.
     pub fn plate_path(output: &Path, plan: &AcquisitionPlan) -> PathBuf {
-        output.join(format!("{}.zarr", plan.plate))
+        match output.to_str().filter(|_| node::s3_url(output).is_some()) {
+            Some(url) => PathBuf::from(format!("{}/{}.zarr", url.trim_end_matches('/'), plan.plate)),
+            None => output.join(format!("{}.zarr", plan.plate)),
+        }
     }
 
     /// What must match for a restart to resume into an existing plate.
@@ -177,38 +172,44 @@ impl ZarrSink {
         member: Option<Arc<Member>>,
     ) -> Result<Self, SinkError> {
         let out = &cfg.output;
-        if out.exists() && !out.is_dir() {
-            return Err(SinkError::Config(format!(
-                "sinks.zarr.output {} exists and is not a directory",
-                out.display()
-            )));
-        }
-        std::fs::create_dir_all(out).map_err(io_err(out))?;
-        let probe = out.join(format!(".liveomics-probe-{}", std::process::id()));
-        std::fs::write(&probe, b"probe").map_err(io_err(&probe))?;
-        std::fs::remove_file(&probe).map_err(io_err(&probe))?;
         let plate_dir = Self::plate_path(out, &plan);
         let marker = Self::marker(cfg, &plan, &virtual_channels);
-        if plate_dir.exists() && !plate_dir.is_dir() {
-            return Err(SinkError::NotOurs {
-                path: plate_dir.display().to_string(),
-            });
-        }
-        if plate_dir.exists() && overwrite {
-            // Only a plate this program wrote (or an empty directory) is ever deleted: the path
-            // comes from config and plate names, and a typo must not remove someone's data.
-            let ours = std::fs::read_to_string(plate_dir.join("zarr.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .is_some_and(|v| v.pointer("/attributes/liveomics").is_some());
-            if !ours && !nothing_written(&plate_dir) {
+        let store = if node::s3_url(out).is_some() {
+            Store::open_object(&plate_dir, cfg)?
+        } else {
+            if out.exists() && !out.is_dir() {
+                return Err(SinkError::Config(format!(
+                    "sinks.zarr.output {} exists and is not a directory",
+                    out.display()
+                )));
+            }
+            std::fs::create_dir_all(out).map_err(io_err(out))?;
+            let probe = out.join(format!(".liveomics-probe-{}", std::process::id()));
+            std::fs::write(&probe, b"probe").map_err(io_err(&probe))?;
+            std::fs::remove_file(&probe).map_err(io_err(&probe))?;
+            if plate_dir.exists() && !plate_dir.is_dir() {
                 return Err(SinkError::NotOurs {
                     path: plate_dir.display().to_string(),
                 });
             }
-            std::fs::remove_dir_all(&plate_dir).map_err(io_err(&plate_dir))?;
+            Store::open(&plate_dir, cfg)?
+        };
+        if overwrite && !store.nothing_written() {
+            // Only a plate this program wrote (or an empty one) is ever deleted: the path
+            // comes from config and plate names, and a typo must not remove someone's data.
+            let ours = store.attributes("/").is_some_and(|a| a.contains_key("liveomics"));
+            if !ours {
+                return Err(SinkError::NotOurs {
+                    path: plate_dir.display().to_string(),
+                });
+            }
+            store.remove_all()?;
         }
-        let store = Store::open(&plate_dir, cfg)?;
+        let store = if overwrite && !store.is_object() {
+            Store::open(&plate_dir, cfg)?
+        } else {
+            store
+        };
         let mut sink = Self {
             store,
             windows: vec![RunningWindow::default(); plan.channels.len() + virtual_channels.len()],
@@ -229,15 +230,15 @@ impl ZarrSink {
         };
         // Members of a cluster start together: a plate another member is creating (a
         // directory, no metadata yet) is new here too.
-        let started = sink.member.is_none() || plate_dir.join("zarr.json").is_file();
-        if !nothing_written(&plate_dir) && started {
+        let started = sink.member.is_none() || sink.store.exists("/");
+        if !sink.store.nothing_written() && started {
             sink.load_existing(&plate_dir)?;
             sink.resume_owed();
         }
         if let Some(m) = &sink.member {
-            m.set_plate_dir(plate_dir.clone());
+            m.set_plate_store(Arc::clone(&sink.store.zarrs));
         }
-        if sink.member.is_none() || !plate_dir.join("zarr.json").is_file() {
+        if sink.member.is_none() || !sink.store.exists("/") {
             sink.write_plate()?;
         }
         Ok(sink)
@@ -362,19 +363,9 @@ impl ZarrSink {
     /// whichever member wrote them.
     fn stored_wells(&self) -> BTreeMap<WellId, BTreeSet<(u32, u32)>> {
         let mut out = BTreeMap::new();
-        let Ok(rows) = std::fs::read_dir(&self.store.root) else {
-            return out;
-        };
-        for row in rows.flatten() {
-            let Ok(cols) = std::fs::read_dir(row.path()) else {
-                continue;
-            };
-            for col in cols.flatten() {
-                let path = format!(
-                    "{}/{}",
-                    row.file_name().to_string_lossy(),
-                    col.file_name().to_string_lossy()
-                );
+        for row in self.store.children("/") {
+            for col in self.store.children(&row) {
+                let path = format!("{row}/{col}");
                 let Some(id) = parse_well_path(&path) else { continue };
                 let Some(attrs) = self.store.attributes(&path).map(Value::Object) else {
                     continue;

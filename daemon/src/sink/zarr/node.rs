@@ -1,9 +1,14 @@
-//! Zarr v3 nodes on the filesystem: metadata documents written atomically (temporary file, then
-//! rename) so a reader or a crash never sees half a `zarr.json`, and arrays with the configured
-//! chunking, sharding and compression. Chunk bytes go through zarrs.
+//! Zarr v3 nodes on the filesystem or in an S3-compatible object store: metadata documents
+//! written atomically (on a filesystem a temporary file, then a rename; in an object store a PUT,
+//! which is atomic) so a reader or a crash never sees half a `zarr.json`, and arrays with the
+//! configured chunking, sharding and compression. Chunk bytes go through zarrs, whatever the
+//! storage.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use zarrs::storage::storage_adapter::async_to_sync::{AsyncToSyncBlockOn, AsyncToSyncStorageAdapter};
+use zarrs::storage::{ReadableWritableListableStorage, ReadableWritableListableStorageTraits, StoreKey, StorePrefix};
 
 use serde_json::{json, Map, Value};
 use zarrs::array::codec::api::BytesToBytesCodecTraits;
@@ -14,10 +19,40 @@ use zarrs::filesystem::FilesystemStore;
 use super::config::{Compression, ZarrSinkConfig};
 use crate::component::SinkError;
 
-/// A plate directory and the zarrs store over it.
+/// The storage a zarrs array of the sink writes to: a directory or an object store.
+pub type Storage = dyn ReadableWritableListableStorageTraits;
+
+/// Where a plate lives.
+#[derive(Debug, Clone)]
+enum Backend {
+    Dir,
+    /// An object store, through a runtime of its own held by the zarrs adapter (its requests
+    /// are async).
+    Object,
+}
+
+/// Runs the object store's requests to completion on the sink's runtime.
+struct BlockOn(Arc<tokio::runtime::Runtime>);
+
+impl AsyncToSyncBlockOn for BlockOn {
+    fn block_on<F: core::future::Future>(&self, future: F) -> F::Output {
+        self.0.block_on(future)
+    }
+}
+
+/// `s3://bucket/prefix` → (bucket, prefix); `None` for anything else.
+pub fn s3_url(output: &Path) -> Option<(String, String)> {
+    let rest = output.to_str()?.strip_prefix("s3://")?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    (!bucket.is_empty()).then(|| (bucket.to_string(), prefix.trim_matches('/').to_string()))
+}
+
+/// A plate (a directory, or a prefix in an object store) and the zarrs store over it.
 pub struct Store {
+    /// The plate's directory, or its `s3://` URL.
     pub root: PathBuf,
-    pub zarrs: Arc<FilesystemStore>,
+    backend: Backend,
+    pub zarrs: ReadableWritableListableStorage,
     codecs: Vec<Arc<dyn BytesToBytesCodecTraits>>,
     chunk_px: u64,
     shard: bool,
@@ -32,8 +67,8 @@ impl std::fmt::Debug for Store {
 
 /// One plane of an image or label array, `(c, y, x)` or `(t, c, y, x)`: channel `channel` at
 /// `timepoint` (which a time-less array ignores). What backfills, replays and thumbnails read.
-pub fn read_plane<T: zarrs::array::ElementOwned>(
-    array: &Array<FilesystemStore>,
+pub fn read_plane<T: zarrs::array::ElementOwned, S: ?Sized + zarrs::storage::ReadableStorageTraits + 'static>(
+    array: &Array<S>,
     channel: u64,
     timepoint: u64,
 ) -> Result<Vec<T>, String> {
@@ -104,6 +139,7 @@ impl Store {
         std::fs::create_dir_all(root).map_err(io_err(root))?;
         Ok(Self {
             root: root.to_path_buf(),
+            backend: Backend::Dir,
             zarrs: Arc::new(FilesystemStore::new(root).map_err(zerr("/"))?),
             codecs: codecs(cfg, 2)?,
             chunk_px: cfg.chunk_px,
@@ -112,11 +148,110 @@ impl Store {
         })
     }
 
+    /// A plate at `url` (`s3://bucket/prefix/plate.zarr`) in an S3-compatible object store, with
+    /// the endpoint, region and credentials from the usual environment variables (`AWS_ENDPOINT_URL`,
+    /// `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`...).
+    pub fn open_object(url: &Path, cfg: &ZarrSinkConfig) -> Result<Self, SinkError> {
+        let (bucket, prefix) = s3_url(url)
+            .ok_or_else(|| SinkError::Config(format!("{} is not an s3://bucket/prefix URL", url.display())))?;
+        let s3 = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(&bucket)
+            .build()
+            .map_err(zerr("/"))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("zarr-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| SinkError::Output {
+                path: url.display().to_string(),
+                source: e,
+            })?;
+        let prefixed = object_store::prefix::PrefixStore::new(s3, prefix.as_str());
+        let store = zarrs_object_store::AsyncObjectStore::new(prefixed);
+        let zarrs: ReadableWritableListableStorage =
+            Arc::new(AsyncToSyncStorageAdapter::new(Arc::new(store), BlockOn(Arc::new(rt))));
+        Ok(Self {
+            root: url.to_path_buf(),
+            backend: Backend::Object,
+            zarrs,
+            codecs: codecs(cfg, 2)?,
+            chunk_px: cfg.chunk_px,
+            shard: cfg.shard,
+            fsync: cfg.fsync,
+        })
+    }
+
+    /// Whether the plate is in an object store (no directory to serve, read back or sync).
+    pub fn is_object(&self) -> bool {
+        matches!(self.backend, Backend::Object)
+    }
+
+    /// The key of `name` in node `node`, after the same check as [`Self::dir`].
+    fn key(&self, node: &str, name: &str) -> Result<StoreKey, SinkError> {
+        self.dir(node)?;
+        let rel = node.trim_matches('/');
+        let key = if rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{rel}/{name}")
+        };
+        StoreKey::new(key).map_err(zerr(node))
+    }
+
+    /// The names of the nodes right under `node`, from a listing of the store.
+    pub fn children(&self, node: &str) -> Vec<String> {
+        let rel = node.trim_matches('/');
+        let prefix = if rel.is_empty() {
+            String::new()
+        } else {
+            format!("{rel}/")
+        };
+        let Ok(prefix) = StorePrefix::new(prefix.clone()) else {
+            return Vec::new();
+        };
+        self.zarrs
+            .list_dir(&prefix)
+            .map(|l| {
+                l.prefixes()
+                    .iter()
+                    .filter_map(|p| {
+                        let name = p.as_str().strip_prefix(prefix.as_str())?.trim_end_matches('/');
+                        (!name.is_empty()).then(|| name.to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether nothing but, at most, a temporary metadata file a crash left is there.
+    pub fn nothing_written(&self) -> bool {
+        match self.backend {
+            Backend::Dir => {
+                std::fs::read_dir(&self.root).map_or(true, |d| d.flatten().all(|e| is_partial(&e.file_name())))
+            }
+            Backend::Object => self
+                .zarrs
+                .list_prefix(&StorePrefix::root())
+                .map_or(true, |keys| keys.is_empty()),
+        }
+    }
+
+    /// Removes the whole plate.
+    pub fn remove_all(&self) -> Result<(), SinkError> {
+        match self.backend {
+            Backend::Dir => std::fs::remove_dir_all(&self.root).map_err(io_err(&self.root)),
+            Backend::Object => self.zarrs.erase_prefix(&StorePrefix::root()).map_err(zerr("/")),
+        }
+    }
+
     /// Starts a fresh zarrs store over the same directory. zarrs' filesystem store keeps a lock
     /// for every key it has ever touched and never forgets one (about 5 kB per field of ours),
     /// so a sink that renews it per field keeps its memory flat over a night's plate.
     pub fn renew(&mut self) -> Result<(), SinkError> {
-        self.zarrs = Arc::new(FilesystemStore::new(&self.root).map_err(zerr("/"))?);
+        if let Backend::Dir = self.backend {
+            self.zarrs = Arc::new(FilesystemStore::new(&self.root).map_err(zerr("/"))?);
+        }
         Ok(())
     }
 
@@ -135,6 +270,13 @@ impl Store {
 
     /// Writes `zarr.json` of `node` atomically.
     pub fn write_metadata(&self, node: &str, doc: &Value) -> Result<(), SinkError> {
+        if let Backend::Object = self.backend {
+            let bytes = serde_json::to_vec_pretty(doc).unwrap_or_default();
+            return self
+                .zarrs
+                .set(&self.key(node, "zarr.json")?, bytes.into())
+                .map_err(zerr(node));
+        }
         let dir = self.dir(node)?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         // A name of its own per writer: members of a cluster write some groups (a row) alike.
@@ -167,8 +309,8 @@ impl Store {
 
     /// Reads a node's attributes, if the node exists and parses.
     pub fn attributes(&self, node: &str) -> Option<Map<String, Value>> {
-        let text = std::fs::read_to_string(self.dir(node).ok()?.join("zarr.json")).ok()?;
-        let v: Value = serde_json::from_str(&text).ok()?;
+        let bytes = self.zarrs.get(&self.key(node, "zarr.json").ok()?).ok()??;
+        let v: Value = serde_json::from_slice(&bytes).ok()?;
         v.get("attributes")?.as_object().cloned()
     }
 
@@ -183,7 +325,7 @@ impl Store {
         dtype: DataType,
         fill: impl Into<zarrs::array::builder::ArrayBuilderFillValue>,
         attributes: Map<String, Value>,
-    ) -> Result<Array<FilesystemStore>, SinkError> {
+    ) -> Result<Array<Storage>, SinkError> {
         let n = shape.len();
         let (ch, sh) = subchunk(shape[n - 2], self.chunk_px);
         let (cw, sw) = subchunk(shape[n - 1], self.chunk_px);
@@ -267,7 +409,12 @@ impl Store {
 
     /// Whether a node's metadata exists.
     pub fn exists(&self, node: &str) -> bool {
-        self.dir(node).is_ok_and(|d| d.join("zarr.json").is_file())
+        match self.backend {
+            Backend::Dir => self.dir(node).is_ok_and(|d| d.join("zarr.json").is_file()),
+            Backend::Object => self
+                .key(node, "zarr.json")
+                .is_ok_and(|k| self.zarrs.size_key(&k).is_ok_and(|s| s.is_some())),
+        }
     }
 
     /// Flushes every file under `node` and the directories to the disk, so that metadata listing
@@ -285,10 +432,14 @@ impl Store {
             std::fs::File::open(dir)?.sync_all()
         }
         let dir = self.dir(node)?;
-        walk(&dir).map_err(io_err(&dir))
+        match self.backend {
+            Backend::Dir => walk(&dir).map_err(io_err(&dir)),
+            // A PUT returns once the object is durable.
+            Backend::Object => Ok(()),
+        }
     }
 
-    pub fn open_array(&self, node: &str) -> Result<Array<FilesystemStore>, SinkError> {
+    pub fn open_array(&self, node: &str) -> Result<Array<Storage>, SinkError> {
         self.dir(node)?;
         Array::open(self.zarrs.clone(), node).map_err(zerr(node))
     }
@@ -296,6 +447,10 @@ impl Store {
     /// Removes a node and everything under it (a partial field being redone).
     pub fn remove(&self, node: &str) -> Result<(), SinkError> {
         let dir = self.dir(node)?;
+        if let Backend::Object = self.backend {
+            let prefix = StorePrefix::new(format!("{}/", node.trim_matches('/'))).map_err(zerr(node))?;
+            return self.zarrs.erase_prefix(&prefix).map_err(zerr(node));
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -322,7 +477,7 @@ pub fn subchunk(dim: u64, want: u64) -> (u64, u64) {
 /// one chunk (a shard per frame), it is stored as that chunk: no subset bookkeeping, and zarrs
 /// encodes its subchunks in parallel.
 pub fn store_plane<T: Element>(
-    array: &Array<FilesystemStore>,
+    array: &Array<Storage>,
     node: &str,
     prefix: &[u64],
     data: &[T],

@@ -99,7 +99,7 @@ impl ZarrSink {
         Ok(())
     }
 
-    pub(super) fn open_levels(&self, node: &str) -> Result<Vec<Array<FilesystemStore>>, SinkError> {
+    pub(super) fn open_levels(&self, node: &str) -> Result<Vec<Array<node::Storage>>, SinkError> {
         (0..self.levels())
             .map(|k| self.store.open_array(&format!("{node}/{k}")))
             .collect()
@@ -110,7 +110,7 @@ impl ZarrSink {
     pub(super) fn write_pyramid<T: zarrs::array::Element>(
         &self,
         node: &str,
-        arrays: &[Array<FilesystemStore>],
+        arrays: &[Array<node::Storage>],
         prefix: &[u64],
         full: &[T],
         halve: Halve<T>,

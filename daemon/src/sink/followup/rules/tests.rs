@@ -203,11 +203,18 @@ fn another_members_requests_start_cooldowns_spend_the_budget_and_take_field_numb
     assert!(b.field(&work("A1", 1, 5, 100), t0 + Duration::from_secs(1)).is_empty());
     let later = b.field(&work("A1", 2, 5, 100), t0 + Duration::from_secs(61));
     assert_eq!(later.len(), 1);
-    assert_eq!(later[0].body["fields"], json!([1002, 1003]), "after the other member's 1000, 1001");
+    assert_eq!(
+        later[0].body["fields"],
+        json!([1002, 1003]),
+        "after the other member's 1000, 1001"
+    );
     b.sent(&later[0], t0 + Duration::from_secs(61));
     // Two requests over the two members: the plate's budget of 2 is spent for both.
     assert!(b.field(&work("B1", 0, 9, 100), t0).is_empty());
-    assert_eq!(a.observed(&serde_json::to_vec(&later[0].body).unwrap(), t0), Some(later[0].id.clone()));
+    assert_eq!(
+        a.observed(&serde_json::to_vec(&later[0].body).unwrap(), t0),
+        Some(later[0].id.clone())
+    );
     assert!(a.field(&work("C1", 0, 9, 100), t0).is_empty());
     assert_eq!(a.observed(b"not json", t0), None);
 }
