@@ -242,16 +242,19 @@ impl Member {
         else {
             return;
         };
-        let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        // Replies first, then the view: this member's own queryable answers too, and it needs
+        // the view's lock to do so.
+        let mut known = Vec::new();
         while let Ok(reply) = replies.recv() {
             let Ok(sample) = reply.result() else { continue };
-            let Ok(owners) = serde_json::from_slice::<BTreeMap<String, String>>(&sample.payload().to_bytes()) else {
-                continue;
-            };
-            for (well, owner) in owners {
-                if Name::new(&well).is_ok() && Name::new(&owner).is_ok() {
-                    view.wells.entry(well).or_insert(owner);
-                }
+            if let Ok(owners) = serde_json::from_slice::<BTreeMap<String, String>>(&sample.payload().to_bytes()) {
+                known.extend(owners);
+            }
+        }
+        let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        for (well, owner) in known {
+            if Name::new(&well).is_ok() && Name::new(&owner).is_ok() {
+                view.wells.entry(well).or_insert(owner);
             }
         }
     }
