@@ -10,8 +10,8 @@ Member i runs on core i mod (cores), so with 2 cores the third member shares a c
 
 - **fields/s**: fields of the plate over the time from the first frame published to the last
   field done (the members' own `field done` log times);
-- **handoff**: with 2 members, the plate paced at 2 fields/s, one member SIGKILLed after its
-  third field: the time from the kill to the survivor's `took over wells` line (zenoh's
+- **handoff**: with 2 members, the plate paced at 2 fields/s, one member SIGKILLed, once it
+  has done 3 fields, right after a field of one of its wells went out: the time from the kill to the survivor's `took over wells` line (zenoh's
   detection of the lost session and the reassignment) and to the last of the taken-over fields
   done; and the readouts then equal those of the run without a kill;
 - **per field**: the bytes a member receives (every member receives every frame), and the store
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -102,6 +101,12 @@ def objects_per_field(out, s3, prefix) -> dict:
     return {"objects": len(keys), "metadata": sum(k.endswith("zarr.json") for k in keys)}
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(n, frames, channels, tmp, cores, s3, kill_after=None, rate=0.0, tag=""):
     port = free_port()
     hub = ck.hub(port)
@@ -111,23 +116,18 @@ def run(n, frames, channels, tmp, cores, s3, kill_after=None, rate=0.0, tag=""):
             for i in range(n)]
     env = s3.env if s3 else None
     procs, logs, readers = start(cfgs, tmp, cores, env)
-    killed_at = None
     try:
+        on_field = None
         if kill_after is not None:
-            victim = 1
+            class Victim:
+                proc = procs[1]
+                lines = logs[1]
 
-            def watch():
-                nonlocal killed_at
-                while procs[victim].poll() is None:
-                    if sum("field done" in x for x in logs[victim]) >= kill_after:
-                        killed_at = time.time()
-                        procs[victim].send_signal(signal.SIGKILL)
-                        return
-                    time.sleep(0.01)
-
-            threading.Thread(target=watch, daemon=True).start()
+            on_field = ck.killer(Victim, frames, [f"m{i}" for i in range(n)], "m1", min_done=kill_after)
+        s3_cpu0 = cpu_s(s3.proc.pid) if s3 else 0.0
         t0 = time.time()
-        ck.publish(hub, frames, fields_per_s=rate)
+        ck.publish(hub, frames, fields_per_s=rate, on_field=on_field)
+        killed_at = on_field.killed_at if on_field else None
         for p in procs:
             p.wait(900)
         for r in readers:
@@ -137,11 +137,15 @@ def run(n, frames, channels, tmp, cores, s3, kill_after=None, rate=0.0, tag=""):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    s3_cpu = cpu_s(s3.proc.pid) - s3_cpu0 if s3 else 0.0
     done = [t for lines in logs for t in log_times(lines, "field done")]
     fields = len(WELLS) * FIELDS
     result = {"members": n, "fields_done": len(done), "fields": fields,
               "fields_per_s": fields / (max(done) - t0) if done else 0.0,
               "plate": plate_of(out, s3, prefix), "out": out, "prefix": prefix}
+    if s3:
+        result["s3_server_cpu_s_per_field"] = s3_cpu / fields
+        result["s3_server_cpu_share"] = s3_cpu / (max(done) - t0) if done else 0.0
     if killed_at is not None:
         survivor = logs[0]
         took = log_times(survivor, "took over wells")
@@ -149,6 +153,10 @@ def run(n, frames, channels, tmp, cores, s3, kill_after=None, rate=0.0, tag=""):
         result["handoff_detect_s"] = (took[0] - killed_at) if took else None
         result["handoff_line"] = taken[0].strip()[:300] if taken else None
         result["last_done_after_kill_s"] = max(done) - killed_at
+        wells = re.findall(r'"([A-Z]+[0-9]+)"', taken[0].split("wells=", 1)[1]) if taken else []
+        redone = [t for line in survivor if "field done" in line and any(f"/{w}/f" in line for w in wells)
+                  for t in log_times([line], "field done") if took and t >= took[0]]
+        result["redone_first_s"] = (min(redone) - killed_at) if redone else float("nan")
         result["victim_done"] = sum("field done" in x for x in logs[1])
     return result
 
@@ -174,6 +182,9 @@ def main():
                 runs[n] = r
                 print(f"{n} member(s): {r['fields_done']}/{r['fields']} fields, {r['fields_per_s']:.2f} fields/s "
                       f"({r['fields_per_s'] / runs[1]['fields_per_s']:.2f}x one member)", flush=True)
+                if s3:
+                    print(f"  the S3 server used {r['s3_server_cpu_s_per_field'] * 1e3:.0f} ms CPU per field, "
+                          f"{r['s3_server_cpu_share']:.2f} cores over the run", flush=True)
             report["rate"] = {n: {k: v for k, v in r.items() if k not in ("plate", "out")} for n, r in runs.items()}
             ref = ck.readouts(runs[1]["plate"])
             for n in (2, 3):
@@ -190,6 +201,7 @@ def main():
                   f"{k['fields_done'] - k['victim_done']} fields done by the survivor; readouts differ from one "
                   f"member's by at most {k['max_readout_diff_vs_one']:.2e}")
             print(f"  {k['handoff_line']}")
+            print(f"  the first taken-over field done {k['redone_first_s']:.2f} s after the kill")
             objects = objects_per_field(runs[2]["out"], s3, runs[2]["prefix"])
             report["objects_per_field"] = objects
             print(f"per field: each member receives every frame, {per_field_bytes / 1e6:.1f} MB here; the field "

@@ -166,6 +166,46 @@ class S3Server:
         self.proc.wait()
 
 
+def weight(member: str, plate: str, well: str) -> int:
+    """`cluster::weight`: FNV-1a of `member/plate/well`, then splitmix64's finaliser."""
+    m = (1 << 64) - 1
+    h = 0xCBF29CE484222325
+    for b in f"{member}/{plate}/{well}".encode():
+        h = ((h ^ b) * 0x100000001B3) & m
+    z = (h + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def owner(members, well: str) -> str:
+    """The member a well goes to when all of `members` are live (rendezvous hashing)."""
+    return max(members, key=lambda name: (weight(name, PLATE, well), name))
+
+
+def killer(victim, frames, members, name: str, min_done: int = 1):
+    """An `on_field` callback for `publish` that SIGKILLs `victim` (member `name` of `members`, a
+    process whose log lines something appends to `victim.lines`) right after a field of one of
+    its wells went out, once it has done `min_done` fields: it dies with that field in flight.
+    Its `killed_at` holds the time."""
+    import signal
+
+    order = []
+    for well, field, _, _ in frames:
+        if not order or order[-1] != (well, field):
+            order.append((well, field))
+
+    def on_field(i):
+        if victim.proc.poll() is not None or i > len(order):
+            return
+        if sum("field done" in x for x in victim.lines) >= min_done and owner(members, order[i - 1][0]) == name:
+            victim.proc.send_signal(signal.SIGKILL)
+            on_field.killed_at = time.time()
+
+    on_field.killed_at = None
+    return on_field
+
+
 def daemon_config(out: Path, port: int, channels, size: int, member: str | None, members: int,
                   idle_exit_ms=5000, workers=1) -> dict:
     """A daemon fed by the hub's frames, classical segmentation and the reference well-omics

@@ -139,6 +139,9 @@ struct View {
     live: BTreeSet<String>,
     /// Well name → the member that owns it.
     wells: BTreeMap<String, String>,
+    /// Fields done by any member (theirs from done notices), by well name: what the plate's
+    /// writer lists between full listings of the store.
+    done: BTreeMap<String, BTreeSet<(u32, u32)>>,
 }
 
 /// This daemon as a member of its plate's cluster: held in [`crate::resources::Resources`] for
@@ -275,7 +278,7 @@ impl Member {
     /// among the live members, which it keeps from now on.
     pub fn owner(&self, well: &str) -> String {
         let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        let View { live, wells } = &mut *view;
+        let View { live, wells, .. } = &mut *view;
         live.insert(self.id.clone());
         if let Some(o) = wells.get(well).filter(|o| live.contains(*o)) {
             return o.clone();
@@ -290,7 +293,7 @@ impl Member {
     /// The wells `gone` owned, each given to its new owner; returns those now this member's.
     pub fn reassign(&self, gone: &str) -> Vec<String> {
         let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        let View { live, wells } = &mut *view;
+        let View { live, wells, .. } = &mut *view;
         live.insert(self.id.clone());
         live.remove(gone);
         let mut mine = Vec::new();
@@ -331,8 +334,23 @@ impl Member {
         }
     }
 
+    /// Records a field as done (by this member or, from its notice, another).
+    pub fn note_done(&self, well: &str, field: u32, timepoint: u32) {
+        let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        view.done
+            .entry(well.to_string())
+            .or_default()
+            .insert((field, timepoint));
+    }
+
+    /// The fields done so far by any member, by well name.
+    pub fn fields_done(&self) -> BTreeMap<String, BTreeSet<(u32, u32)>> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).done.clone()
+    }
+
     /// Tells the other members that every sink here is done with `key`.
     pub fn done(&self, key: &FieldKey) {
+        self.note_done(&key.well.name(), key.field, key.timepoint);
         let k = self.done_key(&format!("{}/{}/{}", key.well.name(), key.field, key.timepoint));
         if let Err(e) = self.session.put(&k, self.id.as_bytes().to_vec()).wait() {
             t::ClusterNoticeFailed {

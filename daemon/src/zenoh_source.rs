@@ -344,6 +344,7 @@ impl Source for ZenohSource {
                         let mut p = rest.split('/');
                         Some((p.next()?.to_string(), p.next()?.parse().ok()?, p.next()?.parse().ok()?))
                     }) {
+                        m.note_done(&id.0, id.1, id.2);
                         held.done(&id);
                     }
                 }

@@ -139,14 +139,35 @@ impl ZarrSink {
         ome::attributes(plate.as_ref(), Some(&self.marker))
     }
 
-    /// The plate's metadata: of the wells this sink wrote; in a cluster, of every well in the
-    /// store, written by one member at a time (the plate's writer), others skip it.
+    /// The plate's metadata. Alone: of the wells this sink wrote. In a cluster only the plate's
+    /// writer writes it: after each of its fields from what it wrote or loaded and what the other
+    /// members' done notices named (no listing of the store per field), and at the end from a
+    /// full listing of the store ([`Self::write_plate_listed`]).
     pub(super) fn write_plate(&self) -> Result<(), SinkError> {
-        match &self.member {
-            None => self.store.group("/", self.plate_metadata(&self.wells)),
-            Some(m) if m.writes_plate() => self.store.group("/", self.plate_metadata(&self.stored_wells())),
-            Some(_) => Ok(()),
+        self.write_plate_from(None)
+    }
+
+    pub(super) fn write_plate_listed(&self) -> Result<(), SinkError> {
+        self.write_plate_from(Some(self.stored_wells()))
+    }
+
+    fn write_plate_from(&self, listed: Option<BTreeMap<WellId, BTreeSet<(u32, u32)>>>) -> Result<(), SinkError> {
+        let Some(m) = &self.member else {
+            return self.store.group("/", self.plate_metadata(&self.wells));
+        };
+        if !m.writes_plate() {
+            return Ok(());
         }
+        let wells = listed.unwrap_or_else(|| {
+            let mut wells = self.wells.clone();
+            for (well, fields) in m.fields_done() {
+                if let Ok(id) = WellId::parse(&well, self.plan.format) {
+                    wells.entry(id).or_default().extend(fields);
+                }
+            }
+            wells
+        });
+        self.store.group("/", self.plate_metadata(&wells))
     }
 }
 

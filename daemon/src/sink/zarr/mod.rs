@@ -359,8 +359,8 @@ impl ZarrSink {
         }
     }
 
-    /// The wells the store lists, with their fields: what a cluster's plate metadata lists,
-    /// whichever member wrote them.
+    /// The wells the store lists, with their fields: what a cluster's final plate metadata
+    /// lists, whichever member wrote them.
     fn stored_wells(&self) -> BTreeMap<WellId, BTreeSet<(u32, u32)>> {
         let mut out = BTreeMap::new();
         for row in self.store.children("/") {
@@ -446,7 +446,7 @@ impl Sink for ZarrSink {
             if m.writes_plate() {
                 m.wait_alone(std::time::Duration::from_millis(m.settings.finish_wait_ms));
             }
-            self.write_plate()?;
+            self.write_plate_listed()?;
         }
         Ok(())
     }
