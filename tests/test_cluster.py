@@ -38,26 +38,50 @@ def s3():
     server.close()
 
 
-@pytest.mark.parametrize("storage", ["s3", "shared-dir"])
-def test_three_members_share_a_plate_and_survive_one_killed(binary, tmp_path, storage, s3):
-    channels, frames = ck.stage_plate(binary, tmp_path, WELLS, FIELDS, SIZE)
-    want = {f"{w[0]}/{w[1:]}": [(f, 0) for f in range(FIELDS)] for w in WELLS}
+WANT = {f"{w[0]}/{w[1:]}": [(f, 0) for f in range(FIELDS)] for w in WELLS}
 
-    # The reference: one daemon alone, the same frames.
+
+def alone(binary, dest, channels, frames, out):
+    """One plain daemon (no `[cluster]`) takes `frames` from a fresh router into `out`."""
     port = free_port()
     hub = ck.hub(port)
     try:
-        alone = Daemon.start(ck.daemon_config(tmp_path / "alone", port, channels, SIZE, None, 1,
-                                              idle_exit_ms=3000), tmp_path / "alone.toml")
-        with alone:
+        d = Daemon.start(ck.daemon_config(out, port, channels, SIZE, None, 1, idle_exit_ms=3000), dest)
+        with d:
             ck.publish(hub, frames)
-            _, err = alone.wait(300)
-            assert alone.proc.returncode == 0, err[-3000:]
+            _, err = d.wait(300)
+            assert d.proc.returncode == 0, err[-3000:]
     finally:
         hub.close()
-    alone_plate = zarr.open_group(tmp_path / "alone" / f"{ck.PLATE}.zarr", mode="r")
-    reference = ck.readouts(alone_plate)
-    assert fields_in(alone_plate) == want
+
+
+@pytest.fixture(scope="module")
+def reference(binary, tmp_path_factory):
+    """The plate's frames and one daemon's readouts of them, which every other run must give."""
+    tmp = tmp_path_factory.mktemp("reference")
+    channels, frames = ck.stage_plate(binary, tmp, WELLS, FIELDS, SIZE)
+    alone(binary, tmp / "alone.toml", channels, frames, tmp / "alone")
+    plate = zarr.open_group(tmp / "alone" / f"{ck.PLATE}.zarr", mode="r")
+    assert fields_in(plate) == WANT
+    return channels, frames, ck.readouts(plate)
+
+
+def test_a_resumed_plate_pools_the_fields_of_the_first_run(binary, tmp_path, reference):
+    channels, frames, want = reference
+    first = [f for f in frames if f[1] < FIELDS - 1]
+    rest = [f for f in frames if f[1] == FIELDS - 1]
+    alone(binary, tmp_path / "first.toml", channels, first, tmp_path / "out")
+    alone(binary, tmp_path / "rest.toml", channels, rest, tmp_path / "out")
+    got = ck.readouts(zarr.open_group(tmp_path / "out" / f"{ck.PLATE}.zarr", mode="r"))
+    for w, (n, values) in want.items():
+        assert got[w][0] == n == FIELDS, (w, got[w][0])
+        np.testing.assert_allclose(got[w][1], values, rtol=1e-5, atol=1e-5, err_msg=w)
+
+
+@pytest.mark.parametrize("storage", ["s3", "shared-dir"])
+def test_three_members_share_a_plate_and_survive_one_killed(binary, tmp_path, storage, s3, reference):
+    channels, frames, reference = reference
+    want = WANT
 
     port = free_port()
     hub = ck.hub(port)

@@ -146,7 +146,7 @@ struct View {
 
 /// This daemon as a member of its plate's cluster: held in [`crate::resources::Resources`] for
 /// the source (ownership, handoffs), the tracker (done notices), the zarr sink (who writes the
-/// plate's metadata) and the well-omics pools (what other members pooled).
+/// plate's metadata) and the follow-up sink (request ids).
 pub struct Member {
     pub id: String,
     pub settings: ClusterConfig,
@@ -155,8 +155,6 @@ pub struct Member {
     session: Session,
     view: Arc<Mutex<View>>,
     changes: Receiver<Change>,
-    /// The plate store, set by the zarr sink when it opens: where members read what others wrote.
-    plate_store: OnceLock<zarrs::storage::ReadableWritableListableStorage>,
     _token: zenoh::liveliness::LivelinessToken,
     _members: zenoh::pubsub::Subscriber<()>,
     _wells: zenoh::query::Queryable<()>,
@@ -213,7 +211,6 @@ impl Member {
             session,
             view,
             changes,
-            plate_store: OnceLock::new(),
             _token: token,
             _members: members,
             _wells: wells,
@@ -364,19 +361,6 @@ impl Member {
     /// The key of done notices under `rest` (`*/*/*` to subscribe to all of them).
     pub fn done_key(&self, rest: &str) -> String {
         format!("liveomics/{}/cluster/{}/done/{rest}", self.instrument, self.plate)
-    }
-
-    pub fn set_plate_store(&self, store: zarrs::storage::ReadableWritableListableStorage) {
-        let _ = self.plate_store.set(store);
-    }
-
-    /// The attributes of `node` (`B/2`) of the plate store, once the zarr sink opened it: what
-    /// other members wrote there.
-    pub fn stored_attributes(&self, node: &str) -> Option<serde_json::Value> {
-        let key = zarrs::storage::StoreKey::new(format!("{}/zarr.json", node.trim_matches('/'))).ok()?;
-        let bytes = self.plate_store.get()?.get(&key).ok()??;
-        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        v.get("attributes").cloned()
     }
 }
 

@@ -4,7 +4,7 @@
 //! once), and two runs in one process (tests) share nothing.
 
 use std::any::Any;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use liveomics_adapters::Invalid;
 use liveomics_kernels::gpu::{Compute, DeviceRequest};
@@ -21,6 +21,33 @@ type OpenedCompute = (DeviceRequest, Compute, Option<String>);
 /// with; any type, so that a component's loaded state stays the component's own type.
 type Loaded = (String, Arc<dyn Any + Send + Sync>);
 
+/// The plate store once the zarr sink has opened it: where a stage reads what the plate already
+/// holds (a resumed plate's well pools, or those other members of a cluster stored).
+#[derive(Clone, Default)]
+pub struct PlateStore(Arc<OnceLock<zarrs::storage::ReadableWritableListableStorage>>);
+
+impl std::fmt::Debug for PlateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlateStore")
+            .field("open", &self.0.get().is_some())
+            .finish()
+    }
+}
+
+impl PlateStore {
+    pub fn set(&self, store: zarrs::storage::ReadableWritableListableStorage) {
+        let _ = self.0.set(store);
+    }
+
+    /// The attributes of `node` (`B/2`), if the store is open and the node is there.
+    pub fn attributes(&self, node: &str) -> Option<serde_json::Value> {
+        let key = zarrs::storage::StoreKey::new(format!("{}/zarr.json", node.trim_matches('/'))).ok()?;
+        let bytes = self.0.get()?.get(&key).ok()??;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        v.get("attributes").cloned()
+    }
+}
+
 /// The shared resources of a run; clones share the same resources.
 #[derive(Debug, Clone, Default)]
 pub struct Resources {
@@ -34,6 +61,8 @@ pub struct Resources {
     pub live: Arc<Live>,
     /// This daemon's membership of its plate's cluster (`[cluster]`), joined by the pipeline.
     pub cluster: Cluster,
+    /// The plate store, set by the zarr sink when it opens.
+    pub plate: PlateStore,
 }
 
 impl Resources {

@@ -19,9 +19,9 @@ mod checks;
 pub mod config;
 pub mod instances;
 
-use crate::cluster::Cluster;
 use crate::component::{Context, Stage, StageConfig, StageError, StageName};
 use crate::field::{channel_index, prediction_column, FieldPool, FieldWork, ModelImage, WellReadout};
+use crate::resources::PlateStore;
 use crate::schedule::{Class, Decision, Scheduler};
 use crate::telemetry as t;
 use checks::description_checks;
@@ -55,8 +55,9 @@ enum Runner {
     Well {
         model: Arc<WellModel>,
         wells: Mutex<BTreeMap<(String, WellId), WellState>>,
-        /// In a cluster, what other members pooled for a well is read from the plate store.
-        cluster: Cluster,
+        /// What the plate already pooled for a well (a resumed plate, other members of a cluster)
+        /// is read from its store.
+        plate: PlateStore,
     },
 }
 
@@ -238,7 +239,7 @@ fn load_new(
         Role::WellOmics => Runner::Well {
             model: Arc::new(WellModel::load(&m.path, &opts).map_err(path_err)?),
             wells: Mutex::new(BTreeMap::new()),
-            cluster: ctx.resources.cluster.clone(),
+            plate: ctx.resources.plate.clone(),
         },
         Role::CellOmics => {
             let model = Arc::new(Model::load(&m.path, &opts).map_err(path_err)?);
@@ -365,7 +366,7 @@ impl InferenceStage {
                 });
                 Ok(panel.len() * steps)
             }
-            Runner::Well { model, wells, cluster } => {
+            Runner::Well { model, wells, plate } => {
                 let feats = model.field_features(&planes, f.width, f.height)?;
                 let mut field_pool = Pool::default();
                 field_pool.add(&feats.data, model.features);
@@ -379,10 +380,7 @@ impl InferenceStage {
                     max: max.to_vec(),
                     values: model.readout(&field_pool)?,
                 };
-                let stored = cluster
-                    .member()
-                    .map(|m| stored_pool(m, k.well, &l.name))
-                    .unwrap_or_default();
+                let stored = stored_pool(plate, k.well, &l.name);
                 let mut wells = wells.lock().unwrap_or_else(|e| e.into_inner());
                 let st = wells.entry((k.plate.to_string(), k.well)).or_default();
                 for p in stored {
@@ -424,10 +422,10 @@ impl InferenceStage {
 }
 
 /// The fields of `well` pooled for `model` as the plate store has them (the well's
-/// `liveomics.bulk.{model}.pool`, written by whichever member last wrote the well).
-fn stored_pool(member: &crate::cluster::Member, well: WellId, model: &str) -> Vec<FieldPool> {
-    member
-        .stored_attributes(&format!("{}/{}", well.row_name(), well.column_name()))
+/// `liveomics.bulk.{model}.pool`, written by the last run or member that wrote the well).
+fn stored_pool(plate: &PlateStore, well: WellId, model: &str) -> Vec<FieldPool> {
+    plate
+        .attributes(&format!("{}/{}", well.row_name(), well.column_name()))
         .and_then(|a| a.get("liveomics")?.get("bulk")?.get(model)?.get("pool").cloned())
         .and_then(|p| serde_json::from_value(p).ok())
         .unwrap_or_default()

@@ -170,6 +170,7 @@ impl ZarrSink {
         overwrite: bool,
         scheduler: Arc<Scheduler>,
         member: Option<Arc<Member>>,
+        plate: &crate::resources::PlateStore,
     ) -> Result<Self, SinkError> {
         let out = &cfg.output;
         let plate_dir = Self::plate_path(out, &plan);
@@ -235,9 +236,7 @@ impl ZarrSink {
             sink.load_existing(&plate_dir)?;
             sink.resume_owed();
         }
-        if let Some(m) = &sink.member {
-            m.set_plate_store(Arc::clone(&sink.store.zarrs));
-        }
+        plate.set(Arc::clone(&sink.store.zarrs));
         if sink.member.is_none() || !sink.store.exists("/") {
             sink.write_plate()?;
         }
@@ -424,6 +423,7 @@ impl SinkConfig for ZarrSinkConfig {
             ctx.overwrite,
             Arc::clone(&ctx.resources.scheduler),
             ctx.resources.cluster.member().cloned(),
+            &ctx.resources.plate,
         )?))
     }
 }
