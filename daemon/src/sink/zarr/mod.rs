@@ -230,14 +230,14 @@ impl ZarrSink {
             member,
         };
         // Members of a cluster start together: a plate another member is creating (a
-        // directory, no metadata yet) is new here too.
-        let started = sink.member.is_none() || sink.store.exists("/");
-        if !sink.store.nothing_written() && started {
+        // directory, no metadata yet) is new here too, and its root is the plate writer's to write.
+        let has_root = sink.store.exists("/");
+        if !sink.store.nothing_written() && (sink.member.is_none() || has_root) {
             sink.load_existing(&plate_dir)?;
             sink.resume_owed();
         }
         plate.set(Arc::clone(&sink.store.zarrs));
-        if sink.member.is_none() || !sink.store.exists("/") {
+        if sink.member.is_none() || !has_root {
             sink.write_plate()?;
         }
         Ok(sink)
