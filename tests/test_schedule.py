@@ -111,9 +111,12 @@ def test_deferred_work_is_backfilled_into_the_same_plate_and_announced(binary, t
 
 def test_a_budget_too_small_for_the_optional_model_degrades_and_backfills(binary, tmp_path):
     ref = reference_plate(binary, tmp_path)
-    # 150 ms is enough for segmentation, measurement and the cell model on 256² fields, not for
-    # them plus the virtual stain once its cost is known: fields after the first are degraded.
-    (tmp_path / "o.toml").write_text(config(tmp_path / "o", budget_ms=150))
+    # 1 ms is too little for any field: required work runs inline anyway, and the virtual stain
+    # is skipped on every field decided once its cost is learnt (from the second run on, so some
+    # worker of the two meets such a field among the six). A budget that fits the required work
+    # but not the stain would make this test depend on the machine's speed; the arithmetic of
+    # that case is unit-tested with a fake clock in daemon/src/schedule.rs.
+    (tmp_path / "o.toml").write_text(config(tmp_path / "o", budget_ms=1))
     p = run(binary, "run", "--config", tmp_path / "o.toml", timeout=600)
     assert p.returncode == 0, p.stderr
     degraded, backfilled = summary_counts(p.stdout)

@@ -456,6 +456,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                 if !work.owed.is_empty() {
                     scheduler.backlog.expect();
                 }
+                scheduler.entered_sinks(&work.field.key, now);
                 let work = Arc::new(work);
                 if txs.is_empty() {
                     let _ = done_tx.send(Done::of(&work, true));
@@ -788,7 +789,7 @@ fn track(
             continue;
         }
         if let Some(at) = d.stages_done_at {
-            scheduler.observe_tail(now.saturating_duration_since(at));
+            scheduler.observe_tail(&d.key, now.saturating_duration_since(at));
         }
         if let Some(at) = d.required_done_at {
             let _ = out

@@ -258,6 +258,11 @@ pub struct Scheduler {
     /// look too slow for every later field).
     costs: Mutex<BTreeMap<String, (u64, Ewma)>>,
     tail: Mutex<Ewma>,
+    /// Fields handed to the sinks and not yet written by every one, with when they were handed
+    /// over. The oldest one's wait is a lower bound on the tail that holds before any field has
+    /// come out of the sinks: at the start of a plate a burst of fields would otherwise all be
+    /// judged as if the sinks took no time.
+    in_sinks: Mutex<HashMap<FieldKey, Instant>>,
     can_defer: AtomicBool,
     pub backlog: Backlog,
 }
@@ -280,8 +285,36 @@ impl Scheduler {
             .unwrap_or_else(|e| e.into_inner())
             .get(model)
             .and_then(|(_, e)| e.predict());
-        let tail = self.tail.lock().unwrap_or_else(|e| e.into_inner()).predict();
-        decide(class, cost, tail.unwrap_or_default(), now, deadline, self.can_defer())
+        decide(class, cost, self.tail(now), now, deadline, self.can_defer())
+    }
+
+    /// The predicted time from the end of a field's stages to every sink having written it:
+    /// what the sinks have taken so far, or how long the oldest field still in them has waited,
+    /// whichever is longer.
+    fn tail(&self, now: Instant) -> Duration {
+        let learnt = self
+            .tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .predict()
+            .unwrap_or_default();
+        let waiting = self
+            .in_sinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|at| now.saturating_duration_since(*at))
+            .max()
+            .unwrap_or_default();
+        learnt.max(waiting)
+    }
+
+    /// A worker handed field `key` to the sinks at `at`.
+    pub fn entered_sinks(&self, key: &FieldKey, at: Instant) {
+        self.in_sinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), at);
     }
 
     /// A model ran on a field in `took`.
@@ -294,8 +327,9 @@ impl Scheduler {
         }
     }
 
-    /// A field went from the end of its stages to written by every sink in `took`.
-    pub fn observe_tail(&self, took: Duration) {
+    /// Field `key` went from the end of its stages to written by every sink in `took`.
+    pub fn observe_tail(&self, key: &FieldKey, took: Duration) {
+        self.in_sinks.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
         self.tail.lock().unwrap_or_else(|e| e.into_inner()).observe(took);
     }
 }
@@ -412,13 +446,36 @@ mod tests {
         assert_eq!(s.decide("vs", Class::InlineIfOnTime, t0, deadline), Decision::Run);
         s.observe("vs", ms(600));
         assert_eq!(s.decide("vs", Class::InlineIfOnTime, t0, deadline), Decision::Run);
-        s.observe_tail(ms(500));
+        s.observe_tail(&key(0), ms(500));
         assert!(matches!(
             s.decide("vs", Class::InlineIfOnTime, t0, deadline),
             Decision::Skip(Why::PredictedLate { .. })
         ));
         // Other models' costs are their own.
         assert_eq!(s.decide("other", Class::InlineIfOnTime, t0, deadline), Decision::Run);
+    }
+
+    #[test]
+    fn a_field_waiting_in_the_sinks_counts_before_any_has_come_out() {
+        let s = Scheduler::default();
+        s.enable_deferral(true);
+        s.observe("vs", ms(20));
+        s.observe("vs", ms(20));
+        let t0 = Instant::now();
+        let deadline = t0 + ms(150);
+        assert_eq!(s.decide("vs", Class::InlineIfOnTime, t0, deadline), Decision::Run);
+        // A field has sat in the sinks for 200 ms: the next one's sinks will take at least that.
+        s.entered_sinks(&key(0), t0);
+        let now = t0 + ms(200);
+        let Decision::Skip(Why::PredictedLate { predicted, .. }) =
+            s.decide("vs", Class::InlineIfOnTime, now, now + ms(150))
+        else {
+            panic!("a 200 ms wait in the sinks plus 20 ms of model does not fit in 150 ms");
+        };
+        assert_eq!(predicted, ms(220));
+        // Once it is out, what was learnt counts, and nothing waits.
+        s.observe_tail(&key(0), ms(10));
+        assert_eq!(s.decide("vs", Class::InlineIfOnTime, now, now + ms(150)), Decision::Run);
     }
 
     #[test]
