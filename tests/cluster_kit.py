@@ -187,18 +187,31 @@ def killer(victim, frames, members, name: str, min_done: int = 1):
     """An `on_field` callback for `publish` that SIGKILLs `victim` (member `name` of `members`, a
     process whose log lines something appends to `victim.lines`) right after a field of one of
     its wells went out, once it has done `min_done` fields: it dies with that field in flight.
-    Its `killed_at` holds the time."""
+    Once more than `min_done` of its fields are out, the publisher waits (up to 120 s) for it to
+    have done `min_done` rather than let the plate end without a kill on a slow machine. Its
+    `killed_at` holds the time."""
     import signal
 
     order = []
     for well, field, _, _ in frames:
         if not order or order[-1] != (well, field):
             order.append((well, field))
+    its = 0
+
+    def done():
+        return sum("field done" in x for x in list(victim.lines))
 
     def on_field(i):
-        if victim.proc.poll() is not None or i > len(order):
+        nonlocal its
+        if victim.proc.poll() is not None or on_field.killed_at or i > len(order):
             return
-        if sum("field done" in x for x in victim.lines) >= min_done and owner(members, order[i - 1][0]) == name:
+        if owner(members, order[i - 1][0]) != name:
+            return
+        its += 1
+        deadline = time.monotonic() + 120
+        while its > min_done and done() < min_done and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if done() >= min_done:
             victim.proc.send_signal(signal.SIGKILL)
             on_field.killed_at = time.time()
 

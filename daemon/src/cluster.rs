@@ -349,7 +349,13 @@ impl Member {
     pub fn done(&self, key: &FieldKey) {
         self.note_done(&key.well.name(), key.field, key.timepoint);
         let k = self.done_key(&format!("{}/{}/{}", key.well.name(), key.field, key.timepoint));
-        if let Err(e) = self.session.put(&k, self.id.as_bytes().to_vec()).wait() {
+        // Blocking, not dropped under load: a lost notice leaves the others holding the field's
+        // frames until the buffer evicts them, and out of the plate metadata until the end.
+        let put = self
+            .session
+            .put(&k, self.id.as_bytes().to_vec())
+            .congestion_control(zenoh::qos::CongestionControl::Block);
+        if let Err(e) = put.wait() {
             t::ClusterNoticeFailed {
                 key: &k,
                 error: &e.to_string(),
@@ -423,6 +429,8 @@ pub struct Held<T> {
     bytes: usize,
     fields: BTreeMap<FieldId, (usize, Vec<T>)>,
     order: std::collections::VecDeque<FieldId>,
+    /// Per well, the member its frames were held for.
+    owners: BTreeMap<String, String>,
 }
 
 impl<T> Held<T> {
@@ -432,12 +440,14 @@ impl<T> Held<T> {
             bytes: 0,
             fields: BTreeMap::new(),
             order: Default::default(),
+            owners: BTreeMap::new(),
         }
     }
 
-    /// Holds a frame of `field`; returns the fields dropped to stay under the limit, with
-    /// their frame counts.
-    pub fn hold(&mut self, field: FieldId, frame: T, bytes: usize) -> Vec<(FieldId, usize)> {
+    /// Holds a frame of `field` for its owner; returns the fields dropped to stay under the
+    /// limit, with their frame counts.
+    pub fn hold(&mut self, field: FieldId, owner: &str, frame: T, bytes: usize) -> Vec<(FieldId, usize)> {
+        self.owners.insert(field.0.clone(), owner.to_string());
         let entry = self.fields.entry(field.clone()).or_insert_with(|| {
             self.order.push_back(field.clone());
             (0, Vec::new())
@@ -468,6 +478,7 @@ impl<T> Held<T> {
     pub fn take_well(&mut self, well: &str) -> Vec<(FieldId, Vec<T>)> {
         let ids: Vec<FieldId> = self.order.iter().filter(|f| f.0 == well).cloned().collect();
         self.order.retain(|f| f.0 != well);
+        self.owners.remove(well);
         ids.into_iter()
             .filter_map(|id| {
                 let (b, frames) = self.fields.remove(&id)?;
@@ -479,6 +490,24 @@ impl<T> Held<T> {
 
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// The member `well`'s frames were last held for.
+    pub fn held_for(&self, well: &str) -> Option<&str> {
+        self.owners.get(well).map(String::as_str)
+    }
+
+    /// Whether any field of `well` is held.
+    pub fn has_well(&self, well: &str) -> bool {
+        self.fields
+            .range((well.to_string(), 0, 0)..)
+            .next()
+            .is_some_and(|((w, _, _), _)| w == well)
+    }
+
+    /// The wells with held fields.
+    pub fn wells(&self) -> BTreeSet<String> {
+        self.fields.keys().map(|(w, _, _)| w.clone()).collect()
     }
 }
 
@@ -530,18 +559,22 @@ mod tests {
     fn held_frames_are_bounded_released_when_done_and_taken_by_well() {
         let id = |w: &str, f: u32| (w.to_string(), f, 0);
         let mut h = Held::new(10);
-        assert!(h.hold(id("A1", 0), 1, 4).is_empty());
-        assert!(h.hold(id("A1", 0), 2, 4).is_empty());
-        assert!(h.hold(id("B2", 0), 3, 2).is_empty());
+        assert!(h.hold(id("A1", 0), "m", 1, 4).is_empty());
+        assert!(h.hold(id("A1", 0), "m", 2, 4).is_empty());
+        assert!(h.hold(id("B2", 0), "m", 3, 2).is_empty());
         // Over the limit: the oldest field goes whole.
-        assert_eq!(h.hold(id("B2", 1), 4, 3), vec![(id("A1", 0), 2)]);
+        assert_eq!(h.hold(id("B2", 1), "m", 4, 3), vec![(id("A1", 0), 2)]);
         assert_eq!(h.bytes(), 5);
         h.done(&id("B2", 0));
         assert_eq!(h.bytes(), 3);
-        assert!(h.hold(id("A1", 1), 5, 1).is_empty());
+        assert!(h.hold(id("A1", 1), "m2", 5, 1).is_empty());
+        assert_eq!(h.wells(), BTreeSet::from(["A1".to_string(), "B2".to_string()]));
+        assert!(h.has_well("A1") && !h.has_well("A") && !h.has_well("A10"));
+        assert_eq!(h.held_for("A1"), Some("m2"));
         assert_eq!(h.take_well("B2"), vec![(id("B2", 1), vec![4])]);
         assert_eq!(h.take_well("A1"), vec![(id("A1", 1), vec![5])]);
         assert_eq!(h.bytes(), 0);
+        assert!(h.wells().is_empty() && !h.has_well("A1") && h.held_for("A1").is_none());
     }
 
     #[test]

@@ -350,7 +350,11 @@ impl Source for ZenohSource {
                 }
                 for change in m.changes() {
                     let Change::Left(gone) = change else { continue };
-                    let wells = m.reassign(&gone);
+                    let mut wells: std::collections::BTreeSet<String> = m.reassign(&gone).into_iter().collect();
+                    // Also wells that `owner` already gave this member when a frame came between
+                    // the departure and now: the frames held for the dead member before it are
+                    // redone too.
+                    wells.extend(held.wells().into_iter().filter(|w| m.owner(w) == m.id));
                     let mut n = 0;
                     for w in &wells {
                         for (_, frames) in held.take_well(w) {
@@ -358,6 +362,7 @@ impl Source for ZenohSource {
                             taken.extend(frames);
                         }
                     }
+                    let wells: Vec<String> = wells.into_iter().collect();
                     if !wells.is_empty() {
                         crate::telemetry::ClusterHandoff {
                             from: &gone,
@@ -401,9 +406,27 @@ impl Source for ZenohSource {
                 if let Some(m) = &member {
                     let attachment = raw.2.as_ref().map(|a| a.to_bytes());
                     if let Some(id) = field_id(&raw.0, attachment.as_deref()) {
-                        if m.owner(&id.0) != m.id {
+                        let owner = m.owner(&id.0);
+                        if owner == m.id && held.has_well(&id.0) {
+                            // The well's owner left and this frame came before its departure was
+                            // handled above: the frames held for it go first.
+                            let from = held.held_for(&id.0).unwrap_or_default().to_string();
+                            let fields = held.take_well(&id.0);
+                            crate::telemetry::ClusterHandoff {
+                                from: &from,
+                                wells: std::slice::from_ref(&id.0),
+                                fields: fields.len(),
+                            }
+                            .emit();
+                            for (_, frames) in fields {
+                                taken.extend(frames);
+                            }
+                            taken.push_back(raw);
+                            continue;
+                        }
+                        if owner != m.id {
                             let bytes = raw.1.len();
-                            for ((w, f, t), frames) in held.hold(id, raw, bytes) {
+                            for ((w, f, t), frames) in held.hold(id, &owner, raw, bytes) {
                                 crate::telemetry::ClusterBufferEvicted {
                                     field: &format!("{w}/{f}/t{t}"),
                                     frames,
