@@ -13,7 +13,7 @@ import tifffile
 import zarr
 import zenoh
 
-from liveomics_testkit import daemon_toml, free_port, run, sim_config, sim_toml
+from liveomics_testkit import daemon_toml, free_port, run, sim_config, sim_toml, spawn_until
 
 
 def zenoh_listener(port: int, key: str):
@@ -167,10 +167,12 @@ def test_sigterm_mid_plate_drains_and_exits_zero(binary, tmp_path):
     cfg = tmp_path / "c.toml"
     sim = sim_config(plate="stop", wells=("B2", "B3", "B4"), fields=4, size=512, rate=4.0)
     cfg.write_text(daemon_toml(tmp_path / "out", "e2estop", None, sim, zenoh_enabled=False))
-    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    # Stopped once the first field is written, whatever the machine's speed: the simulated
+    # microscope has 11 more to offer over the next 2.75 s.
+    proc, lines = spawn_until(binary, cfg, "field done", timeout=120)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
+    err = "".join(lines) + err
     assert proc.returncode == 0, err[-3000:]
     assert "intake stopped early" in out, out
     acquired = int(out.split("fields acquired")[1].split()[0])

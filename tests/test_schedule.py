@@ -126,9 +126,9 @@ def test_a_budget_too_small_for_the_optional_model_degrades_and_backfills(binary
 
 
 def test_idle_gaps_in_the_acquisition_are_used_for_backfill(binary, tmp_path):
-    # 4 fields/s of 256² fields leave the two workers idle most of the time: with a 50 ms idle
+    # 2 fields/s of 256² fields leave the two workers idle most of the time: with a 50 ms idle
     # threshold the owed virtual stains are backfilled between fields, not only at the end.
-    (tmp_path / "i.toml").write_text(config(tmp_path / "i", vstain_class="deferred", rate=4.0, idle_ms=50))
+    (tmp_path / "i.toml").write_text(config(tmp_path / "i", vstain_class="deferred", rate=2.0, idle_ms=50))
     p = run(binary, "run", "--config", tmp_path / "i.toml", timeout=600)
     assert p.returncode == 0, p.stderr
     n = len(WELLS) * FIELDS

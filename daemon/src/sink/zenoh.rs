@@ -145,6 +145,7 @@ impl ZenohSink {
         self.session
             .put(format!("liveomics/{}/status", self.instrument), body)
             .encoding("application/json")
+            .congestion_control(zenoh::qos::CongestionControl::Block)
             .wait()
             .map_err(zenoh_err("cannot publish the plate status"))
     }
@@ -260,6 +261,7 @@ impl Sink for ZenohSink {
                         body,
                     )
                     .encoding("application/json")
+                    .congestion_control(zenoh::qos::CongestionControl::Block)
                     .wait()
                     .map_err(zenoh_err("cannot publish a well readout"))?;
             }
