@@ -200,6 +200,21 @@ class Daemon:
             self.proc.communicate()
 
 
+def wait_for(pred, what: str = "the condition", timeout=60.0, step=0.05):
+    """Polls `pred` until it returns something true and returns that; fails the test with `what`
+    after `timeout` seconds. Tests wait on events, never on a fixed sleep."""
+    import pytest
+
+    deadline = time.time() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.time() >= deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(step)
+
+
 def spawn_until(binary, cfg: Path, marker: str, timeout=30.0):
     """`Daemon.start` of the file `cfg` for tests that manage the process themselves."""
     d = Daemon.start(cfg, ready=marker, timeout=timeout, binary=binary)

@@ -13,7 +13,7 @@ import useq
 import zarr
 import zenoh
 
-from liveomics_testkit import demo_core, free_port, loopback_hub, start_zenoh_daemon
+from liveomics_testkit import demo_core, free_port, loopback_hub, start_zenoh_daemon, wait_for
 
 pytest.importorskip("pymmcore_plus")
 pytest.importorskip("mm_test_adapters")
@@ -69,7 +69,7 @@ def test_rule_fires_and_the_followup_is_acquired_and_written(binary, tmp_path, t
     watcher.declare_subscriber("liveomics/mm/followup/MM1/ack", lambda s: acks.append(json.loads(s.payload.to_bytes())))
     core = demo_core()
     bridge = Bridge(core, "mm", "MM1", bridge_conf, idle_s=4.0)
-    time.sleep(0.5)
+    assert bridge.wait_for_daemon()
     plan = useq.WellPlatePlan(plate=96, a1_center_xy=(0, 0), selected_wells=([0, 0], [0, 1]),
                               well_points_plan=useq.GridRowsColumns(rows=1, columns=2))
     try:
@@ -116,11 +116,13 @@ def test_malformed_requests_are_rejected_and_the_bridge_goes_on(tmp_path):
     frames = []
     hub.declare_subscriber("liveomics/mm/frames/**", lambda s: frames.append(str(s.key_expr)))
     bridge = Bridge(demo_core(), "mm", "MM2", zconf(port), idle_s=1.0)
-    time.sleep(0.5)
+    assert bridge.wait_for_daemon()
+    requests = hub.declare_publisher("liveomics/mm/followup/MM2")
+    wait_for(lambda: requests.matching_status.matching, "the bridge's follow-up subscription")
     for bad in (b"not json", b'{"id": "x"}', json.dumps({"id": "y", "well": "A1", "trigger": {"field": 0},
                                                            "events": [{"x_pos": "far"}]}).encode()):
-        hub.put("liveomics/mm/followup/MM2", bad)
-    time.sleep(0.5)
+        requests.put(bad)
+    wait_for(lambda: bridge.stats.rejected_requests == 3, "the three bad requests to be rejected")
     seq = useq.MDASequence(stage_positions=[useq.Position(x=0, y=0, name="B3_0000")], channels=["DAPI"])
     try:
         stats = bridge.run(seq)
@@ -139,7 +141,7 @@ def test_bridge_leaving_mid_plate_is_reported_and_resumed(binary, tmp_path):
     proc, _ = start_daemon(binary, tmp_path, port)
     for field in (0, 1):
         bridge = Bridge(demo_core(), "mm", "MM1", zconf(port), idle_s=0.3)
-        time.sleep(0.5)
+        assert bridge.wait_for_daemon()
         seq = useq.MDASequence(stage_positions=[useq.Position(x=field * 100.0, y=0, name=f"A1_{field:04d}")],
                                channels=["DAPI", "FITC"])
         try:
@@ -166,7 +168,7 @@ def test_a_request_the_bridge_refuses_is_acknowledged_rejected_and_closed(binary
     watcher = zenoh.open(zconf(port))
     watcher.declare_subscriber("liveomics/mm/followup/MM1/ack", lambda s: acks.append(json.loads(s.payload.to_bytes())))
     bridge = Bridge(demo_core(), "mm", "MM1", zconf(port), idle_s=2.0, limits=FollowupLimits(max_requests=0))
-    time.sleep(0.5)
+    assert bridge.wait_for_daemon()
     try:
         stats = bridge.run(useq.MDASequence(stage_positions=[useq.Position(x=0, y=0, name="A1_0000")],
                                             channels=["DAPI", "FITC"]))

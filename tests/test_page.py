@@ -9,13 +9,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from liveomics_testkit import ROOT, Daemon, free_port, inference_config, merged, sim_config, daemon_config
+from liveomics_testkit import ROOT, Daemon, free_port, inference_config, merged, sim_config, daemon_config, wait_for
 
 MODELS = ROOT / "models"
 WELLS = ("B2", "B3", "C2")
@@ -58,16 +57,6 @@ def first_events(port: int, n: int) -> list[dict]:
                 if len(out) == n:
                     return out
     return out
-
-
-def wait_for(pred, timeout=60.0, step=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError("timed out")
 
 
 def state(port: int) -> dict:

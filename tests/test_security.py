@@ -22,7 +22,7 @@ import zarr
 import zenoh
 
 from liveomics_testkit import (demo_core, free_port, loopback_hub, merged, sim_config, spawn_until,
-                               start_zenoh_daemon, toml_text)
+                               start_zenoh_daemon, toml_text, wait_for)
 from zenoh_tls import make_pki
 
 pytest.importorskip("pymmcore_plus")
@@ -146,16 +146,6 @@ def _request(rid, well="B1", field=1000, plate="S1"):
               for i, ch in enumerate(("DAPI", "FITC"))]
     return json.dumps({"id": rid, "rule": "t", "plate": plate, "well": well, "trigger": {"field": 0},
                        "fields": [field], "events": events}).encode()
-
-
-def wait_for(pred, what: str, timeout=15.0):
-    """Polls `pred` until it holds; fails the test with `what` after `timeout` seconds."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def _open(conf):

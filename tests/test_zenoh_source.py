@@ -11,7 +11,7 @@ import tifffile
 import zarr
 import zenoh
 
-from liveomics_testkit import free_port, run, sim_toml
+from liveomics_testkit import free_port, run, sim_toml, wait_for
 
 CHANNELS = ["DAPI", "Microtubules", "ER", "TOMM20"]
 
@@ -56,7 +56,8 @@ http_listen = ""
     conf.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
     conf.insert_json5("scouting/multicast/enabled", "false")
     session = zenoh.open(conf)
-    time.sleep(0.5)
+    probe = session.declare_publisher("liveomics/scopeZ/frames/Z1/B2/0/DAPI")
+    wait_for(lambda: probe.matching_status.matching, "the daemon's frame subscription")
     def header(h, w, dtype="uint16"):
         return json.dumps({"shape": [h, w], "dtype": dtype, "timepoint": 0}).encode()
     for f in manifest["files"]:
@@ -65,11 +66,17 @@ http_listen = ""
         session.put(key, px.astype("<u2").tobytes(), attachment=header(*px.shape),
                     congestion_control=zenoh.CongestionControl.BLOCK)
     bad = np.zeros((256, 256), "<u2").tobytes()
-    session.put("liveomics/scopeZ/frames/Z1/B2/0/DAPI", bad[:1000], attachment=header(256, 256))  # byte count
-    session.put("liveomics/scopeZ/frames/Z1/B2/0/GFP", bad, attachment=header(256, 256))  # channel
-    session.put("liveomics/scopeZ/frames/Z1/Z99/0/DAPI", bad, attachment=header(256, 256))  # well
-    session.put("liveomics/scopeZ/frames/Z1/B2/0/DAPI", bad)  # no header
-    session.put("liveomics/scopeZ/frames/Z1/B2/0/DAPI", bad, attachment=header(256, 256, "float64"))  # dtype
+
+    def put_bad(key, payload, attachment=None):
+        # Blocking like the good frames: under load zenoh's default drops a put.
+        session.put(f"liveomics/scopeZ/frames/Z1/{key}", payload, attachment=attachment,
+                    congestion_control=zenoh.CongestionControl.BLOCK)
+
+    put_bad("B2/0/DAPI", bad[:1000], header(256, 256))  # byte count
+    put_bad("B2/0/GFP", bad, header(256, 256))  # channel
+    put_bad("Z99/0/DAPI", bad, header(256, 256))  # well
+    put_bad("B2/0/DAPI", bad)  # no header
+    put_bad("B2/0/DAPI", bad, header(256, 256, "float64"))  # dtype
     out, err = proc.communicate(timeout=120)
     session.close()
     assert proc.returncode == 0, err[-3000:]

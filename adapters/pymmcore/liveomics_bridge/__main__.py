@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-requests-per-minute", type=float, default=30.0)
     ap.add_argument("--max-events-per-request", type=int, default=64)
     ap.add_argument("--idle-s", type=float, default=3.0)
+    ap.add_argument("--wait-for-daemon-s", type=float, default=30.0,
+                    help="seconds to wait for the daemon to subscribe before acquiring (0: start at once)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -72,6 +74,10 @@ def main(argv=None) -> int:
     seq = useq.MDASequence(stage_positions=plan, channels=args.channels.split(","))
     bridge = Bridge(core, args.instrument, args.plate, conf, idle_s=args.idle_s, limits=limits)
     try:
+        if args.wait_for_daemon_s > 0 and not bridge.wait_for_daemon(args.wait_for_daemon_s):
+            logging.error("no daemon subscribed to liveomics/%s/frames/%s/** within %.0f s: nothing acquired",
+                          args.instrument, args.plate, args.wait_for_daemon_s)
+            return 2
         stats = bridge.run(seq)
     finally:
         bridge.close()

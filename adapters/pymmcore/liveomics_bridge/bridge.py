@@ -394,6 +394,21 @@ class Bridge:
             return any(r.acquired < r.events for r in self._requests.values())
 
     # -- running ----------------------------------------------------------------------------
+    def wait_for_daemon(self, timeout_s: float = 30.0) -> bool:
+        """Waits until a subscriber to this plate's frames (the daemon) is reachable, so that an
+        acquisition started right after does not publish its first frames to nobody: zenoh
+        delivers a put only to subscriptions its session has heard of. False after `timeout_s`."""
+        probe = self.session.declare_publisher(f"liveomics/{self.instrument}/frames/{self.plate}/probe/0/probe")
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not probe.matching_status.matching:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.02)
+            return True
+        finally:
+            probe.undeclare()
+
     def run(self, sequence: useq.MDASequence) -> Stats:
         """Runs `sequence`, then whatever follow-ups arrive, until `idle_s` passes with no new
         event and no request outstanding. Follow-ups go ahead of the plan's remaining events, but
