@@ -5,6 +5,7 @@ and the same per-well readouts as one daemon alone gives for the same frames."""
 
 import re
 import signal
+import subprocess
 import threading
 import warnings
 
@@ -13,7 +14,7 @@ import pytest
 import zarr
 
 import cluster_kit as ck
-from liveomics_testkit import Daemon, free_port, run, toml_text
+from liveomics_testkit import Daemon, free_port, run, toml_text, wait_for
 
 WELLS = ["B2", "B3", "B4", "C2", "C3", "C4", "D2", "D3"]
 FIELDS = 3
@@ -147,6 +148,100 @@ def test_three_members_share_a_plate_and_survive_one_killed(binary, tmp_path, st
     # The per-well readouts pooled every field, whoever did them, as one daemon does.
     got = ck.readouts(plate)
     assert got.keys() == reference.keys()
+    for w, (n, values) in reference.items():
+        assert got[w][0] == n == FIELDS, (w, got[w][0], n)
+        np.testing.assert_allclose(got[w][1], values, rtol=1e-5, atol=1e-5, err_msg=w)
+
+
+def test_a_member_restarted_mid_plate_takes_only_wells_that_start_after_it(binary, tmp_path, reference):
+    """m1 of two is killed with a field in flight and started again: the wells it had stay with m0,
+    which redoes the unfinished field. A well that starts after the new m1 has joined but before
+    it listens for frames stays with m0 too (m1 would miss its first frames); the next well m1
+    wins after it listens is its own. Every field is written once, and the readouts are one
+    daemon's."""
+    channels, frames, reference = reference
+    port = free_port()
+    hub = ck.hub(port)
+    out = tmp_path / "shared"
+    names = ["m0", "m1"]
+    cfgs = [ck.daemon_config(out, port, channels, SIZE, name, 2, idle_exit_ms=4000) for name in names]
+    m0, m1 = ck.start_all(binary, cfgs, tmp_path)
+    order = list(dict.fromkeys((w, f) for w, f, _, _ in frames))
+    # The wells m1 wins over m0 that start after it is killed (on its second field): the first
+    # starts once the new m1 has joined, the second once it listens.
+    killed_in = [w for w in dict.fromkeys(w for w, _ in order) if ck.owner(names, w) == "m1"][0]
+    wins = [w for w in dict.fromkeys(w for w, _ in order) if ck.owner(names, w) == "m1" and w != killed_in]
+    assert len(wins) >= 2, wins
+    first = {w: next(i for i, (x, _) in enumerate(order) if x == w) for w in wins[:2]}
+    path = tmp_path / "m1-again.toml"
+    path.write_text(toml_text(cfgs[1]))
+    state = {}
+
+    def logged(d, text):
+        return any(text in x for x in list(d.lines))
+
+    def read(d):
+        for line in d.proc.stderr:
+            d.lines.append(line)
+
+    try:
+        reader = threading.Thread(target=read, args=(m1,))
+        reader.start()
+        kill = ck.killer(m1, frames, names, "m1")
+
+        def on_field(i):
+            kill(i)
+            if i == first[wins[0]]:
+                assert kill.killed_at is not None, "m1 was not killed before its next well"
+                proc = subprocess.Popen([str(binary), "run", "--config", str(path)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+                state["again"] = Daemon(proc, [])
+                state["reader"] = threading.Thread(target=read, args=(state["again"],))
+                state["reader"].start()
+                wait_for(lambda: logged(state["again"], "joined the cluster"), "the new m1 to join")
+                state["listening_before"] = logged(state["again"], "listening for frames")
+            if i == first[wins[1]]:
+                wait_for(lambda: logged(state["again"], "listening for frames"), "the new m1 to listen")
+                ready = f"liveomics/{ck.INSTRUMENT}/cluster/{ck.PLATE}/ready/m1"
+                wait_for(lambda: list(hub.liveliness().get(ready, timeout=1.0)), "m1's ready token at the router")
+
+        ck.publish(hub, frames, fields_per_s=4.0, on_field=on_field)
+        reader.join(300)
+        _, err0 = m0.proc.communicate(timeout=300)
+        again = state["again"]
+        again.proc.wait(300)
+        state["reader"].join(60)
+    finally:
+        hub.close()
+        for d in [m0, m1, state.get("again")]:
+            if d is not None and d.proc.poll() is None:
+                d.proc.kill()
+    log0 = "".join(m0.lines) + err0
+    log1 = "".join(again.lines)
+    assert m0.proc.returncode == 0, log0[-3000:]
+    assert again.proc.returncode == 0, log1[-3000:]
+    # m0 redid the field m1 died with, and did the well that started while the new m1 loaded;
+    # the new m1 did the well that started after it listened, and nothing else.
+    assert any(re.search(r"took over wells.*fields=[1-9]", x) for x in log0.splitlines()), log0[-3000:]
+    def done(log):
+        return [(w, int(f)) for w, f in re.findall(r'field done field="[^/]+/([A-Z][0-9]+)/f([0-9]+)/', log)]
+
+    done0, done1 = done(log0), done(log1)
+    # Every field done once, by one of the three processes: none twice, none lost.
+    every = sorted(done0 + done1 + done("".join(m1.lines)))
+    assert every == sorted(order), every
+    wells1 = {w for w, _ in done1}
+    assert wins[1] in wells1 and wells1 <= set(wins), (wins, wells1)
+    if not state["listening_before"]:
+        assert wins[0] not in wells1, (wins, wells1)
+    plate = zarr.open_group(out / f"{ck.PLATE}.zarr", mode="r")
+    from ome_zarr_models.v05.hcs import HCS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HCS.from_zarr(plate)
+    assert fields_in(plate) == WANT
+    got = ck.readouts(plate)
     for w, (n, values) in reference.items():
         assert got[w][0] == n == FIELDS, (w, got[w][0], n)
         np.testing.assert_allclose(got[w][1], values, rtol=1e-5, atol=1e-5, err_msg=w)

@@ -137,6 +137,9 @@ pub fn rendezvous<'a>(members: impl IntoIterator<Item = &'a String>, plate: &str
 #[derive(Debug, Default)]
 struct View {
     live: BTreeSet<String>,
+    /// Members whose source is subscribed to the plate's frames: only these are given wells, so
+    /// that a member joining mid-plate is not given a well before it can receive its frames.
+    ready: BTreeSet<String>,
     /// Well name → the member that owns it.
     wells: BTreeMap<String, String>,
     /// Fields done by any member (theirs from done notices), by well name: what the plate's
@@ -156,7 +159,9 @@ pub struct Member {
     view: Arc<Mutex<View>>,
     changes: Receiver<Change>,
     _token: zenoh::liveliness::LivelinessToken,
+    ready_token: Mutex<Option<zenoh::liveliness::LivelinessToken>>,
     _members: zenoh::pubsub::Subscriber<()>,
+    _ready: zenoh::pubsub::Subscriber<()>,
     _wells: zenoh::query::Queryable<()>,
 }
 
@@ -181,7 +186,19 @@ impl Member {
                 .liveliness()
                 .declare_subscriber(format!("{prefix}/*"))
                 .history(true)
-                .callback(move |s| on_member(&view, &tx, &prefix, s.key_expr().as_str(), s.kind()))
+                .callback(move |s| on_member(&view, &prefix, s.key_expr().as_str(), s.kind()))
+                .wait()
+                .map_err(zerr)?
+        };
+        let ready_prefix = format!("liveomics/{instrument}/cluster/{plate}/ready");
+        let ready = {
+            let view = Arc::clone(&view);
+            let prefix = ready_prefix.clone();
+            session
+                .liveliness()
+                .declare_subscriber(format!("{prefix}/*"))
+                .history(true)
+                .callback(move |s| on_ready(&view, &tx, &prefix, s.key_expr().as_str(), s.kind()))
                 .wait()
                 .map_err(zerr)?
         };
@@ -212,7 +229,9 @@ impl Member {
             view,
             changes,
             _token: token,
+            ready_token: Mutex::new(None),
             _members: members,
+            _ready: ready,
             _wells: wells,
         };
         let started = Instant::now();
@@ -259,6 +278,32 @@ impl Member {
         }
     }
 
+    /// Declares this member ready for wells: called by the source once it is subscribed to the
+    /// plate's frames and to the done notices, so that every frame of a well given to it reaches
+    /// it.
+    pub fn ready(&self) -> Result<(), ClusterError> {
+        // Wells that started while this member was opening its sinks and loading its models went
+        // to the others, which did not count it yet: it learns them again now that it receives
+        // every frame, so that it does not claim one of them at its next frame.
+        self.learn_wells(&format!("liveomics/{}/cluster/{}/wells", self.instrument, self.plate));
+        let token = self
+            .session
+            .liveliness()
+            .declare_token(format!(
+                "liveomics/{}/cluster/{}/ready/{}",
+                self.instrument, self.plate, self.id
+            ))
+            .wait()
+            .map_err(zerr)?;
+        self.view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ready
+            .insert(self.id.clone());
+        *self.ready_token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token);
+        Ok(())
+    }
+
     /// The live members, this one included.
     pub fn members(&self) -> BTreeSet<String> {
         let mut live = self.view.lock().unwrap_or_else(|p| p.into_inner()).live.clone();
@@ -271,16 +316,16 @@ impl Member {
         self.changes.try_iter().collect()
     }
 
-    /// The owner of `well`: the one it has, if that member lives; else the rendezvous choice
-    /// among the live members, which it keeps from now on.
+    /// The owner of `well`: the one it has, if that member is still ready; else the rendezvous
+    /// choice among the ready members, which it keeps from now on.
     pub fn owner(&self, well: &str) -> String {
         let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        let View { live, wells, .. } = &mut *view;
-        live.insert(self.id.clone());
-        if let Some(o) = wells.get(well).filter(|o| live.contains(*o)) {
+        let View { ready, wells, .. } = &mut *view;
+        ready.insert(self.id.clone());
+        if let Some(o) = wells.get(well).filter(|o| ready.contains(*o)) {
             return o.clone();
         }
-        let o = rendezvous(live.iter(), &self.plate, well)
+        let o = rendezvous(ready.iter(), &self.plate, well)
             .cloned()
             .unwrap_or_else(|| self.id.clone());
         wells.insert(well.to_string(), o.clone());
@@ -290,12 +335,12 @@ impl Member {
     /// The wells `gone` owned, each given to its new owner; returns those now this member's.
     pub fn reassign(&self, gone: &str) -> Vec<String> {
         let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        let View { live, wells, .. } = &mut *view;
-        live.insert(self.id.clone());
-        live.remove(gone);
+        let View { ready, wells, .. } = &mut *view;
+        ready.insert(self.id.clone());
+        ready.remove(gone);
         let mut mine = Vec::new();
         for (well, owner) in wells.iter_mut().filter(|(_, o)| o.as_str() == gone) {
-            if let Some(o) = rendezvous(live.iter(), &self.plate, well) {
+            if let Some(o) = rendezvous(ready.iter(), &self.plate, well) {
                 owner.clone_from(o);
                 if *o == self.id {
                     mine.push(well.clone());
@@ -370,32 +415,48 @@ impl Member {
     }
 }
 
-fn on_member(view: &Mutex<View>, tx: &Sender<Change>, prefix: &str, key: &str, kind: zenoh::sample::SampleKind) {
-    let Some(id) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
-        return;
-    };
-    if Name::new(id).is_err() {
-        return;
-    }
+/// The member a liveliness key under `prefix` names, if it is a valid name.
+fn member_of<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
+    key.strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('/'))
+        .filter(|id| Name::new(id).is_ok())
+}
+
+/// A membership token came or went: the members that count for the startup wait, the plate
+/// writer and the wait at the end.
+fn on_member(view: &Mutex<View>, prefix: &str, key: &str, kind: zenoh::sample::SampleKind) {
+    let Some(id) = member_of(prefix, key) else { return };
     let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
-    let change = if kind == zenoh::sample::SampleKind::Put {
-        v.live.insert(id.to_string()).then(|| Change::Joined(id.to_string()))
+    let joined = kind == zenoh::sample::SampleKind::Put;
+    let changed = if joined {
+        v.live.insert(id.to_string())
     } else {
-        v.live.remove(id).then(|| Change::Left(id.to_string()))
+        v.live.remove(id)
     };
     let members = v.live.len();
     drop(v);
-    if let Some(c) = change {
-        let (member, joined) = match &c {
-            Change::Joined(m) => (m, true),
-            Change::Left(m) => (m, false),
-        };
+    if changed {
         t::ClusterMemberChanged {
-            member,
+            member: id,
             joined,
             members,
         }
         .emit();
+    }
+}
+
+/// A ready token came or went: the members wells are given to. A ready member's departure
+/// hands its wells to the others ([`Member::changes`]).
+fn on_ready(view: &Mutex<View>, tx: &Sender<Change>, prefix: &str, key: &str, kind: zenoh::sample::SampleKind) {
+    let Some(id) = member_of(prefix, key) else { return };
+    let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
+    let change = if kind == zenoh::sample::SampleKind::Put {
+        v.ready.insert(id.to_string()).then(|| Change::Joined(id.to_string()))
+    } else {
+        v.ready.remove(id).then(|| Change::Left(id.to_string()))
+    };
+    drop(v);
+    if let Some(c) = change {
         let _ = tx.send(c);
     }
 }

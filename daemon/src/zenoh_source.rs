@@ -314,7 +314,6 @@ impl Source for ZenohSource {
         // (same host or synchronised clocks): the transport's share of the latency budget.
         let mut transit_us = hdrhistogram::Histogram::<u64>::new(3).ok();
         let mut span: Option<(Instant, Instant, u64)> = None;
-        crate::telemetry::SourceListening { key: &self.key_expr() }.emit();
         let idle = Duration::from_millis(c.idle_exit_ms);
         let mut last = Instant::now();
         let mut fields = std::collections::HashSet::new();
@@ -329,6 +328,14 @@ impl Source for ZenohSource {
             ),
             None => None,
         };
+        if let Some(m) = &member {
+            m.ready().map_err(|e| SourceError::Io {
+                context: "cluster: cannot declare this member ready".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+        // In a cluster, listening means ready: a member's wells may come with the next frame.
+        crate::telemetry::SourceListening { key: &self.key_expr() }.emit();
         let mut held: Held<RawFrame> = Held::new(
             member
                 .as_ref()
