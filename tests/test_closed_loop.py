@@ -5,6 +5,7 @@ back tagged with the follow-up id and are written as another field of the well (
 `closed_loop.followup_field_base`, 1000)."""
 
 import json
+import threading
 import time
 import urllib.request
 
@@ -72,17 +73,32 @@ def test_rule_fires_and_the_followup_is_acquired_and_written(binary, tmp_path, t
     assert bridge.wait_for_daemon()
     plan = useq.WellPlatePlan(plate=96, a1_center_xy=(0, 0), selected_wells=([0, 0], [0, 1]),
                               well_points_plan=useq.GridRowsColumns(rows=1, columns=2))
+    # The page's state is read until the daemon exits, not once after the bridge closes: the
+    # daemon exits idle_exit_ms after the last frame, however long the bridge takes to close.
+    seen = {}
+
+    def watch_page():
+        while proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{page_port}/api/state", timeout=10) as r:
+                    seen["page"] = json.loads(r.read())
+            except OSError:
+                pass
+            time.sleep(0.2)
+
+    watcher_thread = threading.Thread(target=watch_page)
+    if not tls:
+        watcher_thread.start()
     try:
         stats = bridge.run(useq.MDASequence(stage_positions=plan, channels=["DAPI", "FITC"]))
     finally:
         bridge.close()
-    page = None
-    if not tls:
-        # The daemon waits idle_exit_ms for more frames: the page is still up.
-        with urllib.request.urlopen(f"http://127.0.0.1:{page_port}/api/state", timeout=10) as r:
-            page = json.loads(r.read())
     out, err = proc.communicate(timeout=120)
     watcher.close()
+    if watcher_thread.is_alive():
+        watcher_thread.join(30)
+    page = seen.get("page")
+    assert tls or page is not None, "the plate page never answered"
     assert proc.returncode == 0, err[-3000:]
     if page is not None:
         followups = page["wells"]["A1"]["followups"]
