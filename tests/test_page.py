@@ -32,7 +32,9 @@ def page_config(out: Path, port: int, timepoints: int) -> dict:
                      extra={"timepoints": timepoints, "gene_seed": 7,
                             "proteins": [{"name": "TOMM20", "localization": "mitochondria"}]})
     cfg = merged(sim, daemon_config(out, "page", None, zenoh_enabled=False))
-    cfg = merged(cfg, inference_config(("vstain", MODELS / "virtual_stain_unet"),
+    # The stain is required here: this page is not about the scheduler, and a slow machine must
+    # not leave the virtual channels owed while the browser looks at them.
+    cfg = merged(cfg, inference_config(("vstain", MODELS / "virtual_stain_unet", {"class": "required"}),
                                        ("wellomics", MODELS / "well_omics_mil"), workers=2))
     cfg["telemetry"] = {"http_listen": f"127.0.0.1:{port}"}
     return cfg
