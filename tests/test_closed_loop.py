@@ -64,12 +64,16 @@ def test_rule_fires_and_the_followup_is_acquired_and_written(binary, tmp_path, t
         page_port = free_port()
         proc, head = start_daemon(binary, tmp_path, port, {**RULE, "telemetry": {"http_listen": f"127.0.0.1:{page_port}"}})
         watcher_conf, bridge_conf = zconf(port), zconf(port)
+    core = demo_core()
+    bridge = Bridge(core, "mm", "MM1", bridge_conf, idle_s=4.0)
+    # The acks come from the bridge itself: the watcher opens once the bridge is up, and the plate
+    # starts once the two are connected (its subscriptions go with the connection).
     requests, acks = [], []
     watcher = zenoh.open(watcher_conf)
     watcher.declare_subscriber("liveomics/mm/followup/MM1", lambda s: requests.append(json.loads(s.payload.to_bytes())))
     watcher.declare_subscriber("liveomics/mm/followup/MM1/ack", lambda s: acks.append(json.loads(s.payload.to_bytes())))
-    core = demo_core()
-    bridge = Bridge(core, "mm", "MM1", bridge_conf, idle_s=4.0)
+    bridge_zid = str(bridge.session.info.zid())
+    wait_for(lambda: bridge_zid in {str(z) for z in watcher.info.peers_zid()}, "the watcher to reach the bridge")
     assert bridge.wait_for_daemon()
     plan = useq.WellPlatePlan(plate=96, a1_center_xy=(0, 0), selected_wells=([0, 0], [0, 1]),
                               well_points_plan=useq.GridRowsColumns(rows=1, columns=2))
