@@ -159,7 +159,7 @@ pub struct Member {
     view: Arc<Mutex<View>>,
     changes: Receiver<Change>,
     _token: zenoh::liveliness::LivelinessToken,
-    ready_token: Mutex<Option<zenoh::liveliness::LivelinessToken>>,
+    ready_token: OnceLock<zenoh::liveliness::LivelinessToken>,
     _members: zenoh::pubsub::Subscriber<()>,
     _ready: zenoh::pubsub::Subscriber<()>,
     _wells: zenoh::query::Queryable<()>,
@@ -181,26 +181,12 @@ impl Member {
         let (tx, changes) = crossbeam_channel::unbounded::<Change>();
         let members = {
             let view = Arc::clone(&view);
-            let prefix = prefix.clone();
-            session
-                .liveliness()
-                .declare_subscriber(format!("{prefix}/*"))
-                .history(true)
-                .callback(move |s| on_member(&view, &prefix, s.key_expr().as_str(), s.kind()))
-                .wait()
-                .map_err(zerr)?
+            watch(&session, &prefix, move |id, joined| on_member(&view, id, joined))?
         };
-        let ready_prefix = format!("liveomics/{instrument}/cluster/{plate}/ready");
         let ready = {
             let view = Arc::clone(&view);
-            let prefix = ready_prefix.clone();
-            session
-                .liveliness()
-                .declare_subscriber(format!("{prefix}/*"))
-                .history(true)
-                .callback(move |s| on_ready(&view, &tx, &prefix, s.key_expr().as_str(), s.kind()))
-                .wait()
-                .map_err(zerr)?
+            let prefix = format!("liveomics/{instrument}/cluster/{plate}/ready");
+            watch(&session, &prefix, move |id, joined| on_ready(&view, &tx, id, joined))?
         };
         let token = session
             .liveliness()
@@ -229,7 +215,7 @@ impl Member {
             view,
             changes,
             _token: token,
-            ready_token: Mutex::new(None),
+            ready_token: OnceLock::new(),
             _members: members,
             _ready: ready,
             _wells: wells,
@@ -239,7 +225,7 @@ impl Member {
         while member.members().len() < cfg.expect_members && started.elapsed() < wait {
             std::thread::sleep(Duration::from_millis(50));
         }
-        member.learn_wells(&wells_key);
+        member.learn_wells();
         t::ClusterJoined {
             member: &member.id,
             members: &member.members(),
@@ -252,10 +238,10 @@ impl Member {
 
     /// Asks the other members which wells they know the owners of; a well some member has seen
     /// keeps that owner.
-    fn learn_wells(&self, wells_key: &str) {
+    fn learn_wells(&self) {
         let Ok(replies) = self
             .session
-            .get(format!("{wells_key}/*"))
+            .get(self.cluster_key("wells/*"))
             .timeout(Duration::from_secs(2))
             .wait()
         else {
@@ -285,14 +271,11 @@ impl Member {
         // Wells that started while this member was opening its sinks and loading its models went
         // to the others, which did not count it yet: it learns them again now that it receives
         // every frame, so that it does not claim one of them at its next frame.
-        self.learn_wells(&format!("liveomics/{}/cluster/{}/wells", self.instrument, self.plate));
+        self.learn_wells();
         let token = self
             .session
             .liveliness()
-            .declare_token(format!(
-                "liveomics/{}/cluster/{}/ready/{}",
-                self.instrument, self.plate, self.id
-            ))
+            .declare_token(self.cluster_key(&format!("ready/{}", self.id)))
             .wait()
             .map_err(zerr)?;
         self.view
@@ -300,7 +283,7 @@ impl Member {
             .unwrap_or_else(|p| p.into_inner())
             .ready
             .insert(self.id.clone());
-        *self.ready_token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token);
+        let _ = self.ready_token.set(token);
         Ok(())
     }
 
@@ -411,23 +394,45 @@ impl Member {
 
     /// The key of done notices under `rest` (`*/*/*` to subscribe to all of them).
     pub fn done_key(&self, rest: &str) -> String {
-        format!("liveomics/{}/cluster/{}/done/{rest}", self.instrument, self.plate)
+        self.cluster_key(&format!("done/{rest}"))
+    }
+
+    /// `liveomics/{instrument}/cluster/{plate}/{rest}`: the keys the members speak on.
+    fn cluster_key(&self, rest: &str) -> String {
+        format!("liveomics/{}/cluster/{}/{rest}", self.instrument, self.plate)
     }
 }
 
-/// The member a liveliness key under `prefix` names, if it is a valid name.
-fn member_of<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
-    key.strip_prefix(prefix)
-        .and_then(|r| r.strip_prefix('/'))
-        .filter(|id| Name::new(id).is_ok())
+/// Watches the liveliness tokens `{prefix}/{member}` (those already there too): `on(member,
+/// joined)` for each that comes or goes; keys that do not name a valid member are ignored.
+fn watch(
+    session: &Session,
+    prefix: &str,
+    on: impl Fn(&str, bool) + Send + Sync + 'static,
+) -> Result<zenoh::pubsub::Subscriber<()>, ClusterError> {
+    let under = format!("{prefix}/");
+    session
+        .liveliness()
+        .declare_subscriber(format!("{prefix}/*"))
+        .history(true)
+        .callback(move |s| {
+            if let Some(id) = s
+                .key_expr()
+                .as_str()
+                .strip_prefix(&under)
+                .filter(|id| Name::new(id).is_ok())
+            {
+                on(id, s.kind() == zenoh::sample::SampleKind::Put);
+            }
+        })
+        .wait()
+        .map_err(zerr)
 }
 
 /// A membership token came or went: the members that count for the startup wait, the plate
 /// writer and the wait at the end.
-fn on_member(view: &Mutex<View>, prefix: &str, key: &str, kind: zenoh::sample::SampleKind) {
-    let Some(id) = member_of(prefix, key) else { return };
+fn on_member(view: &Mutex<View>, id: &str, joined: bool) {
     let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
-    let joined = kind == zenoh::sample::SampleKind::Put;
     let changed = if joined {
         v.live.insert(id.to_string())
     } else {
@@ -447,10 +452,9 @@ fn on_member(view: &Mutex<View>, prefix: &str, key: &str, kind: zenoh::sample::S
 
 /// A ready token came or went: the members wells are given to. A ready member's departure
 /// hands its wells to the others ([`Member::changes`]).
-fn on_ready(view: &Mutex<View>, tx: &Sender<Change>, prefix: &str, key: &str, kind: zenoh::sample::SampleKind) {
-    let Some(id) = member_of(prefix, key) else { return };
+fn on_ready(view: &Mutex<View>, tx: &Sender<Change>, id: &str, joined: bool) {
     let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
-    let change = if kind == zenoh::sample::SampleKind::Put {
+    let change = if joined {
         v.ready.insert(id.to_string()).then(|| Change::Joined(id.to_string()))
     } else {
         v.ready.remove(id).then(|| Change::Left(id.to_string()))
