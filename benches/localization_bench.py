@@ -125,7 +125,7 @@ def main():
         warnings.simplefilter("ignore")
         for w in wells:
             for f in range(args.fields):
-                obs = anndata.read_zarr(plate / w[0] / w[1:] / str(f) / "tables" / "cells").obs
+                obs = anndata.read_zarr(plate / w[0] / w[1:] / str(f) / "tables" / "table").obs
                 labels = tifffile.imread(tmp / "truth" / "truth" / f"{w}_f{f}_t0_cells.tif")
                 ys = np.clip(np.round(obs["centroid_y_px"].to_numpy()).astype(int), 0, labels.shape[0] - 1)
                 xs = np.clip(np.round(obs["centroid_x_px"].to_numpy()).astype(int), 0, labels.shape[1] - 1)

@@ -192,7 +192,7 @@ def cell_omics(manifest, truth, plate, rows, genes, model):
     for well in manifest["wells"]:
         row, col = split_well(well)
         for f in range(manifest["fields_per_well"]):
-            a = anndata.read_zarr(plate.store.root / row / col / str(f) / "tables" / "cells")
+            a = anndata.read_zarr(plate.store.root / row / col / str(f) / "tables" / "table")
             cols = [f"{model}.{g}" for g in genes]
             if not set(cols) <= set(a.obs.columns):
                 continue

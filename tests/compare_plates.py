@@ -73,7 +73,7 @@ def compare(a: Path, b: Path, ignore=frozenset()) -> list[str]:
         if x.shape != y.shape or x.dtype != y.dtype:
             problems.append(f"{path}: {x.shape} {x.dtype} vs {y.shape} {y.dtype}")
             continue
-        u, v = x[...], y[...]
+        u, v = np.asarray(x[...]), np.asarray(y[...])  # a 0-d string array reads as a str
         same = np.array_equal(u, v, equal_nan=True) if u.dtype.kind == "f" else np.array_equal(u, v)
         if not same:
             problems.append(f"{path}: values differ")

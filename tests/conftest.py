@@ -20,6 +20,8 @@ def pytest_configure(config):
         missing.append("../shared/models/unet2d_nuclei_broad")
     if not (ROOT / ".cache" / "real-data" / "dsb2018_img2d.tif").exists():
         missing.append(".cache/real-data (make real-data)")
+    if not (ROOT / ".venv-bioimageio" / "bin" / "python").exists():
+        missing.append(".venv-bioimageio (make bioimageio)")
     for module in ("pymmcore_plus", "mm_test_adapters"):
         try:
             __import__(module)

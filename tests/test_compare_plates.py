@@ -16,6 +16,6 @@ def test_same_run_same_plate_and_one_changed_value_is_found(binary, tmp_path):
     assert compare(a, b) == []
     image = zarr.open_array(b / "B" / "2" / "1" / "0", mode="r+")
     image[0, 10, 10] = int(image[0, 10, 10]) + 1
-    area = zarr.open_array(b / "A" / "1" / "0" / "tables" / "cells" / "obs" / "area_px", mode="r+")
+    area = zarr.open_array(b / "A" / "1" / "0" / "tables" / "table" / "obs" / "area_px", mode="r+")
     area[0] = area[0] + 1
-    assert sorted(compare(a, b)) == ["A/1/0/tables/cells/obs/area_px: values differ", "B/2/1/0: values differ"]
+    assert sorted(compare(a, b)) == ["A/1/0/tables/table/obs/area_px: values differ", "B/2/1/0: values differ"]

@@ -155,8 +155,8 @@ def test_replaying_the_plate_reproduces_the_cell_records(binary, tmp_path):
     for well, field in [("B/2", 0), ("B/2", 1), ("B/3", 0), ("B/3", 1)]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            a = anndata.read_zarr(tmp_path / "a" / "orig.zarr" / well / str(field) / "tables" / "cells").obs
-            b = anndata.read_zarr(tmp_path / "b" / "orig.zarr" / well / str(field) / "tables" / "cells").obs
+            a = anndata.read_zarr(tmp_path / "a" / "orig.zarr" / well / str(field) / "tables" / "table").obs
+            b = anndata.read_zarr(tmp_path / "b" / "orig.zarr" / well / str(field) / "tables" / "table").obs
         assert len(a) > 5
         for col in ("label", "area_px", "centroid_x_px", "centroid_y_px", "mean_dapi", "mean_tomm20"):
             np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy(), err_msg=f"{well}/{field} {col}")

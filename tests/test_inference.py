@@ -95,7 +95,7 @@ def test_daemon_writes_per_cell_predictions_python_reproduces(binary, tmp_path):
             path = plate / well / field
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                a = anndata.read_zarr(path / "tables" / "cells")
+                a = anndata.read_zarr(path / "tables" / "table")
             cols = [f"cellnet.GENE{k}" for k in range(5)]
             assert set(cols) <= set(a.obs.columns), a.obs.columns
             img = zarr.open_array(path / "0", mode="r")[:]
@@ -155,7 +155,7 @@ def test_model_failing_at_run_time_leaves_raw_data_and_segmentation(binary, tmp_
         assert (zarr.open_array(path / "labels" / "cells" / "0", mode="r")[:] > 0).any()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            a = anndata.read_zarr(path / "tables" / "cells")
+            a = anndata.read_zarr(path / "tables" / "table")
         assert "cellnet.GENE0" in a.obs.columns and np.isfinite(a.obs["cellnet.GENE0"]).all()
 
 

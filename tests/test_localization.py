@@ -85,7 +85,7 @@ def tables(root):
         warnings.simplefilter("ignore")
         for w in WELLS:
             for f in range(FIELDS):
-                yield w, f, anndata.read_zarr(root / "out" / "loc.zarr" / w[0] / w[1:] / str(f) / "tables" / "cells").obs
+                yield w, f, anndata.read_zarr(root / "out" / "loc.zarr" / w[0] / w[1:] / str(f) / "tables" / "table").obs
 
 
 def shifts(root, well):

@@ -104,7 +104,7 @@ def test_anndata_tables_match_labels(plate):
     for well, field, path in images(plate):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            a = anndata.read_zarr(path / "tables" / "cells")
+            a = anndata.read_zarr(path / "tables" / "table")
         cells = zarr.open_array(path / "labels" / "cells" / "0", mode="r")[0]
         ids = np.unique(cells[cells > 0])
         assert a.n_obs == len(ids)
@@ -113,8 +113,72 @@ def test_anndata_tables_match_labels(plate):
         assert set(a.obs["field"]) == {int(field)}
         assert {"centroid_x_px", "area_px", "mean_dapi", "mean_tomm20"} <= set(a.obs.columns)
         assert a.obs.index.is_unique
-        attrs = zarr.open_group(path / "tables" / "cells", mode="r").attrs["spatialdata_attrs"]
-        assert attrs == {"region": "labels/cells", "region_key": "region", "instance_key": "label"}
+        keys = {"region": "cells", "region_key": "region", "instance_key": "label"}
+        assert a.uns["spatialdata_attrs"] == keys
+        attrs = zarr.open_group(path / "tables" / "table", mode="r").attrs
+        assert {k: attrs[k] for k in keys} == keys
+        assert attrs["spatialdata-encoding-type"] == "ngff:regions_table" and attrs["version"] == "0.2"
+
+
+def test_ngff_zarr_strict_schemas_pass(plate):
+    """ngff-zarr's strict schemas: the SHOULDs of the spec as requirements (a pyramid's `type` and
+    `metadata` among them) on the plate, every well, every image and every label image."""
+    from ngff_zarr.validate import validate
+
+    plate, _ = plate
+    ome = lambda p: {"ome": zarr.open_group(p, mode="r").attrs["ome"]}  # noqa: E731
+    validate(ome(plate), version="0.5", model="plate", strict=True)
+    seen = 0
+    for well, _, path in images(plate):
+        validate(ome(plate / well), version="0.5", model="well", strict=True)
+        validate(ome(path), version="0.5", model="image", strict=True)
+        assert ome(path)["ome"]["multiscales"][0]["type"] == "mean"
+        for name in ("nuclei", "cells"):
+            label = ome(path / "labels" / name)
+            validate(label, version="0.5", model="label", strict=True)
+            validate(label, version="0.5", model="image", strict=True)
+            assert label["ome"]["multiscales"][0]["type"] == "nearest"
+            assert label["ome"]["multiscales"][0]["metadata"]["method"].endswith("downsample2x_nearest")
+        seen += 1
+    assert seen == 4
+
+
+def test_spatialdata_reads_a_field_with_its_table_annotating_the_cells(plate):
+    """A field's image, cell labels and table in one SpatialData object (spatialdata 0.8): the
+    table is read by spatialdata's own reader and annotates the `cells` label element, id for id."""
+    import dask.array as da
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel, Labels2DModel
+    from spatialdata.transformations import Scale
+
+    plate, _ = plate
+    _, _, path = next(images(plate))
+    px = zarr.open_group(path, mode="r").attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][-1]
+    um = {"global": Scale([px, px], axes=("y", "x"))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = sd.read_zarr(path, selection=("tables",))["table"]
+        cells = da.from_zarr(zarr.open_array(path / "labels" / "cells" / "0", mode="r"))[0]
+        s = sd.SpatialData(
+            images={"raw": Image2DModel.parse(da.from_zarr(zarr.open_array(path / "0", mode="r")),
+                                              dims=("c", "y", "x"), transformations=um)},
+            labels={"cells": Labels2DModel.parse(cells, dims=("y", "x"), transformations=um)},
+            tables={"table": table},
+        )
+        assert sd.get_element_annotators(s, "cells") == {"table"}
+        region, region_key, instance_key = sd.models.get_table_keys(s["table"])
+        assert (region, region_key, instance_key) == ("cells", "region", "label")
+        ids = np.unique(np.asarray(cells))
+        ids = ids[ids > 0]
+        assert sorted(s["table"].obs[instance_key].tolist()) == ids.tolist()
+        # Indexed by the label ids of `cells`: each value belongs to the cell it is joined to.
+        area = sd.get_values("area_px", sdata=s, element_name="cells", table_name="table")
+    a = anndata.read_zarr(path / "tables" / "table")
+    by_label = dict(zip(a.obs["label"].tolist(), a.obs["area_px"].tolist()))
+    assert sorted(area.index.tolist()) == ids.tolist()
+    assert [by_label[i] for i in area.index] == area["area_px"].tolist()
+    counts = np.bincount(np.asarray(cells).ravel())
+    np.testing.assert_array_equal(area["area_px"].to_numpy(), counts[area.index.to_numpy()])
 
 
 def test_different_plate_in_output_is_refused_and_untouched(binary, tmp_path):
@@ -160,7 +224,7 @@ def check_complete_plate(plate: Path, truth: Path, wells, fields):
         np.testing.assert_array_equal(raw, tifffile.imread(truth / "images" / f"{well.replace('/', '')}_f{field}_t0_DAPI.tif"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            a = anndata.read_zarr(path / "tables" / "cells")
+            a = anndata.read_zarr(path / "tables" / "table")
         cells = zarr.open_array(path / "labels" / "cells" / "0", mode="r")[0]
         assert a.n_obs == len(np.unique(cells[cells > 0]))
         index.extend(a.obs.index)
@@ -266,7 +330,7 @@ def test_timepoints_get_a_time_axis(binary, tmp_path):
         np.testing.assert_array_equal(raw[t, 0], tifffile.imread(tmp_path / "truth" / "images" / f"C3_f0_t{t}_DAPI.tif"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            table = anndata.read_zarr(image / f"t{t}" / "tables" / "cells")
+            table = anndata.read_zarr(image / f"t{t}" / "tables" / "table")
         assert set(table.obs["timepoint"]) == {t}
     assert zarr.open_array(image / "labels" / "cells" / "0", mode="r").shape == (2, 1, 128, 128)
 

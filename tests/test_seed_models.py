@@ -5,6 +5,7 @@ per-cell predictions and live per-well readouts."""
 
 import json
 import re
+import subprocess
 import threading
 import time
 import warnings
@@ -31,23 +32,55 @@ SIM = {"gene_seed": 7, "proteins": [
 ]}
 
 
-@pytest.mark.parametrize("name", REFERENCE)
+# Every description liveomics ships: the reference models and the converted third-party ones.
+SHIPPED = sorted(p.parent.name for p in MODELS.glob("*/bioimageio.yaml"))
+BIOIMAGEIO_PY = ROOT / ".venv-bioimageio" / "bin" / "python"
+
+
+def test_every_shipped_model_is_checked():
+    assert {*REFERENCE, "instanseg_fluorescence"} <= set(SHIPPED), SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_description_passes_bioimageio_spec(name):
+    """With file checks, and offline as here: a description must not need GitHub to validate."""
     from bioimageio.spec import load_description
 
     d = load_description(MODELS / name / "bioimageio.yaml", perform_io_checks=True)
     assert d.validation_summary.status in ("passed", "valid-format"), d.validation_summary.format()
 
 
+def test_bioimageio_core_reproduces_every_description():
+    """bioimage.io's own runtime (bioimageio.core's test_description, in its own venv) loads each
+    description's weights and reproduces its test tensors, as any bioimage.io tool would."""
+    if not BIOIMAGEIO_PY.exists():
+        pytest.skip("skipped: no .venv-bioimageio (run `make bioimageio`)")
+    paths = [MODELS / n / "bioimageio.yaml" for n in SHIPPED]
+    p = subprocess.run([BIOIMAGEIO_PY, ROOT / "tests" / "bioimageio_core_check.py", *paths],
+                       capture_output=True, text=True, timeout=900)
+    results = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(SHIPPED), p.stdout + p.stderr[-3000:]
+    failed = [r for r in results if not r["passed"]]
+    assert not failed and p.returncode == 0, json.dumps(failed, indent=1)
+    assert all(r["core"] == "passed" for r in results), results
+
+
 def test_models_check_reproduces_python_test_tensors(binary):
     """The test outputs were computed with Python onnxruntime (models/train/train.py); `models
-    check` runs the main weights and every component in Rust and must match them to 1e-5."""
-    p = run(binary, "models", "check", "--providers", "cpu", "--runs", "1", "--tolerance", "1e-5",
-            *[MODELS / n for n in REFERENCE])
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.count("PASS") == len(REFERENCE)
+    check` runs the main weights and every component in Rust and must match them to 1e-5 of the
+    model's largest expected value. Relative, because float32 rounding grows with the values and
+    the CPU's kernels: the U-Net's outputs reach 5200, and Python onnxruntime itself differs from
+    the committed tensors by 4e-3 there on an AMD EPYC without AVX-512."""
+    out = ""
+    for n in REFERENCE:
+        scale = max(float(np.abs(np.load(f)).max()) for f in (MODELS / n).glob("test_*.npy")
+                    if "output" in f.name or f.name == "test_denoised.npy")
+        p = run(binary, "models", "check", "--providers", "cpu", "--runs", "1", "--tolerance",
+                f"{1e-5 * max(1.0, scale):.3e}", MODELS / n)
+        assert p.returncode == 0 and p.stdout.count("PASS") == 1, p.stdout + p.stderr
+        out += p.stdout
     for component in ("encoder", "decoder", "head"):
-        assert re.search(rf"{component} \d\.\d+e-?\d+", p.stdout), p.stdout
+        assert re.search(rf"{component} \d\.\d+e-?\d+", out), out
 
 
 # The third-party InstanSeg conversion is the one large model in git (its network is 20 MB).
@@ -190,7 +223,7 @@ def test_daemon_writes_virtual_channels_cell_predictions_and_live_well_readouts(
 
     import anndata
 
-    a = anndata.read_zarr(tmp_path / "out" / "seeds.zarr" / "B" / "3" / "0" / "tables" / "cells")
+    a = anndata.read_zarr(tmp_path / "out" / "seeds.zarr" / "B" / "3" / "0" / "tables" / "table")
     genes = [f"cellomics.G{i:03d}" for i in range(1, 17)]
     assert set(genes) <= set(a.obs.columns)
     assert np.isfinite(a.obs[genes].to_numpy()).all() and a.n_obs > 5

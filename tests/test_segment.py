@@ -164,7 +164,7 @@ def test_daemon_can_exclude_objects_cut_by_the_field_edge(binary, tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
         field = out / "edge.zarr" / "B" / "2" / "0"
         read = lambda k: zarr.open_array(field / "labels" / k / "0", mode="r")[:].reshape(512, 512)  # noqa: E731
-        return read("nuclei"), read("cells"), anndata.read_zarr(field / "tables" / "cells")
+        return read("nuclei"), read("cells"), anndata.read_zarr(field / "tables" / "table")
 
     nuclei, cells, table = run_with(True)
     all_nuclei, _, all_table = run_with(False)

@@ -198,6 +198,11 @@ pub struct Axis {
     pub size: AxisSize,
     /// Pixels at each border of an output that the model cannot compute correctly.
     pub halo: usize,
+    /// Physical unit of a space axis; an output's must equal the unit of the axis it refers to.
+    pub unit: Option<String>,
+    /// Physical size of one step along the axis (1 when not given); an output that refers to an
+    /// input axis has the input's scale, or bioimage.io would read it as resampled.
+    pub scale: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -288,7 +293,6 @@ struct OnnxWeights {
     #[serde(default)]
     opset_version: Option<u32>,
     #[serde(default)]
-    #[allow(dead_code)]
     parent: Option<String>,
     #[serde(default)]
     #[allow(dead_code)]
@@ -374,6 +378,18 @@ impl Description {
                 ));
             }
         };
+        // bioimage.io: `parent` names the weights these were converted from, and those must be
+        // in the description too (a conversion's origin outside the package goes in `comment`).
+        if let Some(p) = onnx.parent.as_deref().filter(|p| !raw.weights.contains_key(*p)) {
+            let have: Vec<&str> = raw.weights.keys().map(String::as_str).collect();
+            return Err(err(
+                "weights.onnx.parent",
+                format!(
+                    "is {p:?}, which is not among this description's weights ({}); name the source in `comment` instead",
+                    have.join(", ")
+                ),
+            ));
+        }
         if let Some(op) = onnx.opset_version {
             if op > 23 {
                 return Err(err(
@@ -448,17 +464,20 @@ impl Description {
         }
         for (i, o) in outputs.iter().enumerate() {
             for (j, a) in o.axes.iter().enumerate() {
-                if let AxisSize::Reference { tensor, axis, .. } = &a.size {
-                    let found = inputs
+                if let AxisSize::Reference { tensor, axis, offset } = &a.size {
+                    let key = format!("outputs[{i}].axes[{j}]");
+                    let r = inputs
                         .iter()
                         .chain(outputs.iter())
-                        .any(|t| &t.id == tensor && t.axis(axis).is_some());
-                    if !found {
-                        return Err(err(
-                            &format!("outputs[{i}].axes[{j}].size"),
-                            format!("refers to {tensor}.{axis}, which no tensor has"),
-                        ));
-                    }
+                        .find(|t| &t.id == tensor)
+                        .and_then(|t| t.axis(axis).map(|k| &t.axes[k]))
+                        .ok_or_else(|| {
+                            err(
+                                &format!("{key}.size"),
+                                format!("refers to {tensor}.{axis}, which no tensor has"),
+                            )
+                        })?;
+                    check_reference(a, r, *offset).map_err(|(k, m)| err(&format!("{key}.{k}"), m))?;
                 }
             }
         }
@@ -640,6 +659,55 @@ pub(crate) fn verify_sha256_of(model: &str, path: &Path, bytes: &[u8], expected:
     Ok(())
 }
 
+/// The rules bioimage.io's own validator applies to an output axis whose size refers to `r`:
+/// the same unit, the same scale (a different one means a resampled output, which liveomics does
+/// not run), and a halo that leaves at least one valid pixel at the smallest size. Without them a
+/// description passes here and fails in every other bioimage.io tool.
+fn check_reference(a: &Axis, r: &Axis, offset: i64) -> Result<(), (&'static str, String)> {
+    if a.kind == AxisKind::Space && a.unit != r.unit {
+        let name = |u: &Option<String>| u.clone().unwrap_or_else(|| "none".into());
+        return Err((
+            "unit",
+            format!(
+                "is {}, the unit of {} it refers to is {}: they must match",
+                name(&a.unit),
+                r.id,
+                name(&r.unit)
+            ),
+        ));
+    }
+    if a.kind == AxisKind::Space && (a.scale - r.scale).abs() > 1e-9 {
+        return Err((
+            "scale",
+            format!(
+                "is {}, {} it refers to has {}: resampling outputs is not supported",
+                a.scale, r.id, r.scale
+            ),
+        ));
+    }
+    if a.halo > 0 {
+        let smallest = match r.size {
+            AxisSize::Fixed(n) => Some(n as i64),
+            AxisSize::Parameterized { min, .. } => Some(min as i64),
+            _ => None,
+        };
+        if let Some(n) = smallest.map(|n| n + offset) {
+            if n - 2 * (a.halo as i64) < 1 {
+                return Err((
+                    "halo",
+                    format!(
+                        "{} leaves no valid pixel at the smallest size {n} of {}: raise its size.min above {}",
+                        a.halo,
+                        r.id,
+                        2 * a.halo
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn as_usize(v: &Value, what: &str) -> Result<usize, String> {
     v.as_u64()
         .map(|n| n as usize)
@@ -710,12 +778,21 @@ fn parse_axis(v: &Value, output: bool) -> Result<Axis, String> {
         Some(_) => return Err("halo is only allowed on output axes".into()),
         None => 0,
     };
-    if let Some(scale) = get("scale").and_then(Value::as_f64) {
-        if (scale - 1.0).abs() > 1e-9 && kind == AxisKind::Space && output {
-            return Err(format!("output scale {scale} (resampling outputs) is not supported"));
-        }
+    let unit = get("unit").and_then(Value::as_str).map(str::to_string);
+    let scale = get("scale").and_then(Value::as_f64).unwrap_or(1.0);
+    // An output whose size refers to an input axis is checked against that axis in `load`.
+    let referenced = matches!(size, AxisSize::Reference { .. });
+    if (scale - 1.0).abs() > 1e-9 && kind == AxisKind::Space && output && !referenced {
+        return Err(format!("output scale {scale} (resampling outputs) is not supported"));
     }
-    Ok(Axis { id, kind, size, halo })
+    Ok(Axis {
+        id,
+        kind,
+        size,
+        halo,
+        unit,
+        scale,
+    })
 }
 
 /// Whether a file named by a description stays inside its package: a downloaded description

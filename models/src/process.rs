@@ -531,6 +531,8 @@ mod tests {
                 kind: AxisKind::Batch,
                 size: AxisSize::Any,
                 halo: 0,
+                unit: None,
+                scale: 1.0,
             },
             Axis {
                 id: "channel".into(),
@@ -539,6 +541,8 @@ mod tests {
                 },
                 size: AxisSize::Fixed(3),
                 halo: 0,
+                unit: None,
+                scale: 1.0,
             },
         ];
         let raw = RawProc {

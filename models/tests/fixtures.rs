@@ -201,6 +201,30 @@ fn bad_models_fail_with_clear_errors() {
     let e = load_err(&d).to_string();
     assert!(e.contains("\"z\" is not an axis"), "{e}");
 
+    // What bioimage.io's own validator refuses is refused here too, with its key.
+    let d = broken_copy("fcn", |p| {
+        edit_yaml(p, "size: {min: 24, step: 8}", "size: {min: 16, step: 8}")
+    });
+    let e = load_err(&d).to_string();
+    assert!(
+        e.contains("outputs[0].axes[2].halo") && e.contains("smallest size 16"),
+        "{e}"
+    );
+    let d = broken_copy("fcn", |p| {
+        edit_yaml(p, "        halo: 8\n", "        halo: 8\n        unit: micrometer\n")
+    });
+    let e = load_err(&d).to_string();
+    assert!(e.contains("outputs[0].axes[2].unit") && e.contains("must match"), "{e}");
+    let d = broken_copy("fcn", |p| {
+        edit_yaml(
+            p,
+            "    opset_version: 17\n",
+            "    opset_version: 17\n    parent: torchscript\n",
+        )
+    });
+    let e = load_err(&d).to_string();
+    assert!(e.contains("weights.onnx.parent") && e.contains("torchscript"), "{e}");
+
     let Some(m) = load("sqrt") else { return };
     let e = m.check(1).unwrap_err();
     assert!(matches!(e, ModelError::NonFinite { count: 256, .. }), "{e}");

@@ -12,6 +12,7 @@ use zarrs::filesystem::FilesystemStore;
 
 use crate::field::{WellReadout, WellShift};
 use crate::live::{Live, WellView};
+use crate::sink::zarr::anndata::TABLE;
 
 /// Why a plate cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -108,9 +109,9 @@ pub fn load(dir: &Path) -> Result<Arc<Live>, PlateError> {
                     .unwrap_or_default();
             }
             let table = if attrs(dir, &format!("{image}/t{t}")).is_some() {
-                format!("{image}/t{t}/tables/cells")
+                format!("{image}/t{t}/{TABLE}")
             } else {
-                format!("{image}/tables/cells")
+                format!("{image}/{TABLE}")
             };
             let order: Vec<String> = attrs(dir, &format!("{table}/obs"))
                 .and_then(|a| a.get("column-order").cloned())

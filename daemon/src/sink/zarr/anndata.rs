@@ -1,5 +1,10 @@
 //! Per-cell tables in the AnnData on-disk format (Zarr v3), one per image at
-//! `{image}/tables/cells`, read by `anndata.read_zarr`.
+//! `{image}/tables/table`, read by `anndata.read_zarr` and, as a SpatialData table annotating the
+//! `cells` label image, by spatialdata.
+//!
+//! Why `table` and `cells`: SpatialData element names must be unique across element kinds, so
+//! the table cannot be called `cells` like the label image it annotates, and `region` names that
+//! label element (SpatialData names allow no `/`).
 //!
 //! Why per image and not one per plate: a table written with its field, before the field is listed
 //! in the well, is complete or absent exactly when the field is, so crash recovery needs no table
@@ -46,6 +51,15 @@ fn categorical(store: &Store, node: &str, value: &str, rows: usize) -> Result<()
     string_array(store, &format!("{node}/categories"), &[value.to_string()])
 }
 
+/// A 0-d string (anndata's `string` encoding), as `uns` holds SpatialData's keys.
+fn string_scalar(store: &Store, node: &str, value: &str) -> Result<(), SinkError> {
+    store.scalar_string(
+        node,
+        value,
+        attrs(json!({"encoding-type": "string", "encoding-version": "0.2.0"})),
+    )
+}
+
 fn dict(store: &Store, node: &str) -> Result<(), SinkError> {
     store.group(
         node,
@@ -53,9 +67,16 @@ fn dict(store: &Store, node: &str) -> Result<(), SinkError> {
     )
 }
 
+/// The table's node under its image group.
+pub const TABLE: &str = "tables/table";
+/// The label image the table annotates (SpatialData's `region`), under the image's `labels`.
+pub const REGION: &str = "cells";
+const REGION_KEY: &str = "region";
+const INSTANCE_KEY: &str = "label";
+
 /// Writes the cells table of one field under `image` (the image group's node path).
 pub fn write_table(store: &Store, image: &str, work: &FieldWork) -> Result<(), SinkError> {
-    let root = format!("{image}/tables/cells");
+    let root = format!("{image}/{TABLE}");
     store.remove(&root)?;
     let r = &work.records;
     let n = r.len();
@@ -107,7 +128,7 @@ pub fn write_table(store: &Store, image: &str, work: &FieldWork) -> Result<(), S
     for (name, value) in [
         ("plate", key.plate.to_string()),
         ("well", key.well.name()),
-        ("region", "labels/cells".to_string()),
+        (REGION_KEY, REGION.to_string()),
     ] {
         categorical(store, &format!("{obs}/{name}"), &value, n)?;
         order.push(name.to_string());
@@ -144,12 +165,24 @@ pub fn write_table(store: &Store, image: &str, work: &FieldWork) -> Result<(), S
     for d in ["obsm", "varm", "obsp", "varp", "layers", "uns"] {
         dict(store, &format!("{root}/{d}"))?;
     }
+    // SpatialData reads its keys from `uns` (through anndata) and its format from the flat group
+    // attributes, as its own writer puts them.
+    let sd = format!("{root}/uns/spatialdata_attrs");
+    dict(store, &sd)?;
+    for (k, v) in [
+        ("region", REGION),
+        ("region_key", REGION_KEY),
+        ("instance_key", INSTANCE_KEY),
+    ] {
+        string_scalar(store, &format!("{sd}/{k}"), v)?;
+    }
     store.group(&format!("{image}/tables"), Map::new())?;
     store.group(
         &root,
         attrs(json!({
             "encoding-type": "anndata", "encoding-version": "0.1.0",
-            "spatialdata_attrs": {"region": "labels/cells", "region_key": "region", "instance_key": "label"},
+            "spatialdata-encoding-type": "ngff:regions_table", "version": "0.2",
+            "region": REGION, "region_key": REGION_KEY, "instance_key": INSTANCE_KEY,
         })),
     )
 }

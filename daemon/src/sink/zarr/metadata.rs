@@ -43,7 +43,7 @@ impl ZarrSink {
             })
             .collect();
         let attrs = ome::LabelAttrs {
-            multiscales: self.multiscales(name),
+            multiscales: self.multiscales(name, true),
             image_label: ome::ImageLabel {
                 colors,
                 properties,
@@ -100,7 +100,7 @@ impl ZarrSink {
                 .unwrap_or_default(),
         };
         let image = ome::ImageAttrs {
-            multiscales: self.multiscales("raw"),
+            multiscales: self.multiscales("raw", false),
             omero: Some(ome::Omero {
                 channels,
                 rdefs: Map::from_iter([("model".to_string(), json!("color"))]),

@@ -3,7 +3,7 @@
 //! Layout: `{output}/{plate}.zarr/{row}/{column}/{field}/` holds the raw channels as a multiscale
 //! pyramid (`0`, `1`, … of shape `(c, y, x)`, or `(t, c, y, x)` with several timepoints), the
 //! nuclei and cell labels under `labels/` with the same pyramid, and the per-cell table under
-//! `tables/cells` (AnnData). See `docs/OUTPUT.md`.
+//! `tables/table` (AnnData). See `docs/OUTPUT.md`.
 //!
 //! Crash safety: within a field, every array, label and table is written before the image
 //! metadata, and a field is listed in its well (and the well in the plate) only after that; all

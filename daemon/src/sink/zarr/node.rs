@@ -381,6 +381,22 @@ impl Store {
         Ok(())
     }
 
+    /// Creates a 0-d string array holding `value`.
+    pub fn scalar_string(&self, node: &str, value: &str, attributes: Map<String, Value>) -> Result<(), SinkError> {
+        let mut b = ArrayBuilder::new(
+            Vec::<u64>::new(),
+            Vec::<u64>::new(),
+            zarrs::array::data_type::string(),
+            "",
+        );
+        b.attributes(attributes);
+        let array = b.build(self.zarrs.clone(), node).map_err(zerr(node))?;
+        let meta = serde_json::to_value(array.metadata()).map_err(zerr(node))?;
+        self.write_metadata(node, &meta)?;
+        array.store_chunk(&[], &[value.to_string()]).map_err(zerr(node))?;
+        Ok(())
+    }
+
     /// Creates a dense row-major 2-D float32 matrix `rows x cols` in one chunk (AnnData `X`).
     pub fn matrix(
         &self,

@@ -175,6 +175,13 @@ pub struct Multiscale {
     pub axes: Vec<Axis>,
     #[serde(default)]
     pub datasets: Vec<Dataset>,
+    /// How the lower levels were made (NGFF SHOULD; ngff-zarr's strict schema requires it), so a
+    /// reader can tell intensities averaged from labels picked.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The downsampling method and its parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

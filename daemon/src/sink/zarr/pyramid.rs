@@ -38,7 +38,9 @@ impl ZarrSink {
         axes
     }
 
-    pub(super) fn multiscales(&self, name: &str) -> Vec<ome::Multiscale> {
+    /// The pyramid of an image (`label == false`: 2×2 means) or a label image (2×2 top-left
+    /// picks, so that no level holds an id that does not exist).
+    pub(super) fn multiscales(&self, name: &str, label: bool) -> Vec<ome::Multiscale> {
         let datasets = (0..self.levels())
             .map(|k| {
                 let px = self.plan.pixel_size_um * (1u64 << k) as f64;
@@ -56,10 +58,31 @@ impl ZarrSink {
                 }
             })
             .collect();
+        let (kind, method, description) = if label {
+            (
+                "nearest",
+                "liveomics_kernels::cpu::downsample2x_nearest",
+                "each level keeps the top-left pixel of every 2x2 block of the level above",
+            )
+        } else {
+            (
+                "mean",
+                "liveomics_kernels::cpu::downsample2x_mean",
+                "each level is the rounded mean of every 2x2 block of the level above; odd edges repeat the last row or column",
+            )
+        };
+        let metadata = serde_json::json!({
+            "description": description,
+            "method": method,
+            "version": env!("CARGO_PKG_VERSION"),
+            "kwargs": {"factor": 2, "levels": self.levels()},
+        });
         vec![ome::Multiscale {
             name: name.into(),
             axes: self.axes(),
             datasets,
+            kind: Some(kind.into()),
+            metadata: metadata.as_object().cloned(),
         }]
     }
 
