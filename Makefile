@@ -51,7 +51,9 @@ browser:
 build:
 	cargo build --release --locked
 
-run: build
+# The default segmentation needs ONNX Runtime (from the test venv's onnxruntime wheel) to be
+# weighed at all; without it `auto` would fall back for want of the library, not by measurement.
+run: build python
 	$(BIN) run --overwrite
 
 fmt:

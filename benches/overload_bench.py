@@ -49,7 +49,7 @@ def write_config(base: dict, out: pathlib.Path, path: pathlib.Path, inline_all: 
     d["sinks"]["zarr"]["output"] = str(out)
     d.setdefault("telemetry", {})["http_listen"] = ""
     for m in d["inference"]["models"]:
-        m["path"] = str(ROOT / m["path"])
+        m["path"] = str((ROOT / "config" / m["path"]).resolve())  # relative to the config file
         if inline_all:
             m["class"] = "required"
     path.write_text(dump_toml(d))

@@ -77,7 +77,7 @@ def run(binary, base, tmp, page: bool):
     port = free_port()
     d.setdefault("telemetry", {})["http_listen"] = f"127.0.0.1:{port}" if page else ""
     for m in d.get("inference", {}).get("models", []):
-        m["path"] = str(ROOT / m["path"])
+        m["path"] = str((ROOT / "config" / m["path"]).resolve())  # relative to the config file
     cfg = tmp / "run.toml"
     cfg.write_text(dump_toml(d))
     stop = threading.Event()

@@ -66,10 +66,16 @@ def toml_text(cfg: dict) -> str:
     return tomli_w.dumps(plain(cfg))
 
 
+# No test binds a fixed port: the embedded defaults (zenoh on 7447, metrics on 9464) may be held
+# by a developer's daemon. Every config built here listens nowhere or on port 0.
+NO_FIXED_PORTS = {"zenoh": {"listen": []}, "telemetry": {"http_listen": "127.0.0.1:0"}}
+
+
 def sim_config(plate="e2e", wells=("B2", "B3"), fields=2, size=512, rate=0.0, seed=7, extra=None) -> dict:
     """`[source.simulator]` of a small plate whose first well is its control well, with the
-    simulator keys in `extra` added."""
-    return {"source": {"simulator": {
+    simulator keys in `extra` added; zenoh listens nowhere and the metrics endpoint takes a free
+    port (`NO_FIXED_PORTS`; a test of the defaults removes them)."""
+    return {**copy.deepcopy(NO_FIXED_PORTS), "source": {"simulator": {
         "seed": seed, "plate": plate, "wells": list(wells), "control_wells": [wells[0]],
         "fields_per_well": fields, "width_px": size, "height_px": size, "rate_fields_per_s": rate,
         **(extra or {}),

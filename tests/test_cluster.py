@@ -247,7 +247,7 @@ def test_a_member_restarted_mid_plate_takes_only_wells_that_start_after_it(binar
 
 
 def test_cluster_settings_are_checked_with_their_keys(binary, tmp_path):
-    cfg = ck.daemon_config(tmp_path / "out", 7447, ["DAPI"], 256, "bad/name", 0)
+    cfg = ck.daemon_config(tmp_path / "out", free_port(), ["DAPI"], 256, "bad/name", 0)
     cfg["source"]["kind"] = "simulator"
     cfg["pipeline"]["stages"] = ["segment", "measure", "localize"]
     (tmp_path / "c.toml").write_text(toml_text(cfg))

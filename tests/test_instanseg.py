@@ -103,6 +103,30 @@ def test_daemon_runs_instanseg_and_writes_its_labels(binary, tmp_path):
     assert nuclei.max() > 3 and set(np.unique(nuclei)) <= set(np.unique(cells))
 
 
+@pytest.mark.parametrize("budget_ms,rate,chosen", [(60000, 0.0, "instanseg"), (1, 2.0, "classical")])
+def test_auto_times_instanseg_and_keeps_it_only_where_it_sustains_the_run(binary, tmp_path, budget_ms, rate, chosen):
+    """`auto` times InstanSeg here and logs the figures either way: a minute per field fits any
+    machine, 1 ms none. The plate's labels come from the method it chose (InstanSeg's are not the
+    classical path's)."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(daemon_toml(out, "auto", None, sim_config(plate="auto", wells=("B2",), fields=1, size=256, seed=5,
+                                                              rate=rate),
+                               zenoh_enabled=False,
+                               extra={"latency_budget_ms": budget_ms,
+                                      "segmentation": {"method": "auto", "model": str(MODEL)},
+                                      "inference": {"providers": ["cpu"]}}))
+    p = run(binary, "run", "--config", cfg)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = next((ln for ln in p.stderr.splitlines() if "segmentation auto:" in ln), "")
+    assert "InstanSeg costs" in line and "per 256x256 field" in line and f'chosen="{chosen}"' in line, p.stderr[-3000:]
+    assert ("segmentation runs InstanSeg" in p.stderr) == (chosen == "instanseg")
+    assert ("too slow for this run" in p.stderr) == (chosen == "classical")
+    for name in ("nuclei", "cells"):
+        attrs = zarr.open_group(out / "auto.zarr" / "B" / "2" / "0" / "labels" / name, mode="r").attrs
+        assert attrs["liveomics"] == {"segmentation": chosen}
+
+
 def test_daemon_config_errors_name_their_keys(binary, tmp_path):
     base = sim_config(plate="bad", wells=("B2",), fields=1, size=256)
     cases = [

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import socket
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 import zarr
 import zenoh
 
-from liveomics_testkit import (demo_core, free_port, loopback_hub, merged, sim_config, spawn_until,
+from liveomics_testkit import (NO_FIXED_PORTS, demo_core, free_port, loopback_hub, merged, sim_config, spawn_until,
                                start_zenoh_daemon, toml_text, wait_for)
 from zenoh_tls import make_pki
 
@@ -63,8 +64,10 @@ def test_default_config_binds_only_loopback(binary, tmp_path):
                 pytest.skip(f"port {port} ({what}) is taken on this host")
     cfg = tmp_path / "run.toml"
     # Only the plate and the output change: [zenoh] and [telemetry] are the embedded defaults.
-    cfg.write_text(toml_text(merged(sim_config(plate="sec", wells=("A1",), fields=6, size=128, rate=2.0),
-                                    {"sinks": {"zarr": {"output": tmp_path / "out"}}})))
+    sim = sim_config(plate="sec", wells=("A1",), fields=6, size=128, rate=2.0)
+    for section in NO_FIXED_PORTS:
+        del sim[section]
+    cfg.write_text(toml_text(merged(sim, {"sinks": {"zarr": {"output": tmp_path / "out"}}})))
     proc, lines = spawn_until(binary, cfg, "acquisition starting")
     try:
         socks = _sockets(proc.pid)
@@ -283,3 +286,33 @@ def test_bridge_rejects_requests_outside_its_limits_and_says_why(tmp_path):
     assert [a["state"] for a in by_id["ok-1"]] == ["scheduled", "started", "done"]
     assert stats.requests == 2 and stats.rejected_by_reason == {
         "plate": 1, "stage": 3, "count": 1, "events": 1, "channel": 1, "field": 1, "delay": 1}
+
+
+# The tests that name a fixed port, and why none of them can collide with a developer's daemon.
+FIXED_PORT_ALLOWED = {
+    ("test_security.py", "test_default_config_binds_only_loopback"):
+        "checks the embedded defaults themselves; skips when either port is taken",
+    ("test_security.py", "test_a_zenoh_file_that_sets_the_endpoints_is_refused_with_its_key"):
+        "validate only: the config is refused before anything listens",
+    ("test_security.py", "test_the_bridge_warns_when_it_is_reachable_unprotected"):
+        "builds a session config and opens no session",
+}
+FIXED_PORT = re.compile(r"(?:127\.0\.0\.1|0\.0\.0\.0|localhost|tcp/[^:\"']*):[1-9]\d{1,4}\b|\b(?:7447|9464)\b")
+
+
+def test_no_test_binds_a_fixed_port():
+    """Every port a test listens on is 0 or taken from free_port(): a developer's machine may run a
+    daemon on the defaults. A test that names a fixed port must be in FIXED_PORT_ALLOWED with why."""
+    import ast
+
+    found = set()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and FIXED_PORT.search(ast.get_source_segment(f.read_text(), node) or ""):
+                found.add((f.name, node.name))
+    # Helpers that build configs for many tests must hold no fixed port at all.
+    helpers = {k for k in found if not k[1].startswith("test_")}
+    assert not helpers, helpers
+    assert found <= set(FIXED_PORT_ALLOWED), sorted(found - set(FIXED_PORT_ALLOWED))
+    assert ("test_security.py", "test_default_config_binds_only_loopback") in found  # the scan sees ports

@@ -285,3 +285,10 @@ def test_crop_size_the_model_does_not_accept_is_a_config_error(binary, tmp_path)
     (tmp_path / "c.toml").write_text(cfg)
     p = run(binary, "validate", tmp_path / "c.toml")
     assert p.returncode == 2 and "inference.models[0]" in p.stderr and "crop_size 64" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("name", ["models.toml", "diffusion.toml", "overload.toml", "relocalization.toml"])
+def test_a_repo_config_runs_from_any_directory(binary, tmp_path, name):
+    """Model paths in a config file resolve against its folder, not the working directory."""
+    p = run(binary, "validate", ROOT / "config" / name, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr

@@ -46,6 +46,11 @@ pub struct Context<'a> {
     pub resources: &'a Resources,
     /// Replace an existing output (`--overwrite`); not configuration.
     pub overwrite: bool,
+    /// The latency budget per field (`latency_budget_ms`).
+    pub budget_ms: u64,
+    /// How fast the source offers fields, when it has a pace of its own (a simulated microscope):
+    /// with the budget, what `segmentation.method = "auto"` must sustain.
+    pub pace_fields_per_s: Option<f64>,
 }
 
 impl<'a> Context<'a> {

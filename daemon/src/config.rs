@@ -307,8 +307,35 @@ impl Config {
                 }
             }
         };
-        let (cfg, errors) = Self::parse(&text);
+        let (mut cfg, errors) = Self::parse(&text);
+        if let (Some(cfg), Some(dir)) = (cfg.as_mut(), path.and_then(std::path::Path::parent)) {
+            cfg.resolve_inputs(dir);
+        }
         (cfg, errors, origin)
+    }
+
+    /// Relative paths of the inputs a config ships with (models, the ONNX Runtime library, the
+    /// zenoh config file) resolve against the config file's folder, so that `liveomics run
+    /// --config /repo/config/models.toml` works from any directory. A path that is not beside the
+    /// file is left as it was: relative to the working directory (configs written before this
+    /// rule), and for the segmentation model also the repository of the binary (`find_model`).
+    /// Outputs and instrument folders stay relative to the working directory.
+    pub fn resolve_inputs(&mut self, dir: &std::path::Path) {
+        let resolve = |p: &mut std::path::PathBuf| {
+            if p.as_os_str().is_empty() || p.is_absolute() {
+                return;
+            }
+            let beside = dir.join(&*p);
+            if beside.exists() {
+                *p = beside;
+            }
+        };
+        resolve(&mut self.segmentation.model);
+        resolve(&mut self.inference.ort_library);
+        resolve(&mut self.zenoh.config_file);
+        for m in &mut self.inference.models {
+            resolve(&mut m.path);
+        }
     }
 
     /// Checks of the keys this module owns (the top level and `[pipeline]`); each component
@@ -456,6 +483,36 @@ fn remove_path(value: &mut toml::Value, path: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shipped_inputs_resolve_beside_the_config_file_and_outputs_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        std::fs::create_dir_all(conf.join("m")).unwrap();
+        let file = conf.join("run.toml");
+        std::fs::write(
+            &file,
+            "[segmentation]\nmodel = \"m\"\n[zenoh]\nconfig_file = \"z.json5\"\n\
+             [[inference.models]]\nname = \"a\"\npath = \"m\"\n\
+             [[inference.models]]\nname = \"b\"\npath = \"/abs/model\"\n\
+             [sinks.zarr]\noutput = \"out\"\n",
+        )
+        .unwrap();
+        let (cfg, errors, _) = Config::read(Some(&file));
+        let cfg = cfg.unwrap_or_else(|| panic!("{errors:?}"));
+        assert_eq!(cfg.segmentation.model, conf.join("m"));
+        assert_eq!(cfg.inference.models[0].path, conf.join("m"));
+        assert_eq!(cfg.inference.models[1].path, std::path::PathBuf::from("/abs/model"));
+        // Not beside the file: left to the working directory.
+        assert_eq!(cfg.zenoh.config_file, std::path::PathBuf::from("z.json5"));
+        assert_eq!(cfg.sinks.zarr.output, std::path::PathBuf::from("out"));
+        // The embedded default resolves nothing.
+        let (cfg, _, _) = Config::read(None);
+        assert_eq!(
+            cfg.unwrap().segmentation.model,
+            std::path::PathBuf::from("models/instanseg_fluorescence")
+        );
+    }
 
     #[test]
     fn three_mistakes_three_errors_with_paths() {

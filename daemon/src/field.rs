@@ -60,6 +60,9 @@ pub struct FieldWork {
     pub stages_done_at: Option<Instant>,
     /// `plate/well/fN/tN`, for logs.
     pub name: String,
+    /// The segmentation method that made the labels (`instanseg`, `classical`, `probability`),
+    /// written with them: `auto` decides per run, so a resumed plate may hold both.
+    pub segmented_by: Option<Arc<str>>,
     /// The per-cell table, built from the records and predictions the first time a sink asks
     /// ([`FieldWork::table`]), once the stages are done with the field.
     table: OnceLock<CellTable>,
@@ -86,6 +89,7 @@ impl FieldWork {
             required_done_at: None,
             stages_done_at: None,
             name,
+            segmented_by: None,
             table: OnceLock::new(),
         }
     }

@@ -51,6 +51,11 @@ pub fn context<'a>(cfg: &'a Config, res: &'a Resources, overwrite: bool) -> Cont
         zenoh: &cfg.zenoh,
         resources: res,
         overwrite,
+        budget_ms: cfg.latency_budget_ms,
+        pace_fields_per_s: match cfg.source.kind {
+            SourceName::Simulator => Some(cfg.source.simulator.rate_fields_per_s).filter(|r| *r > 0.0),
+            _ => None,
+        },
     }
 }
 

@@ -307,6 +307,8 @@ fn instance_model(req: &SegmentRequest) -> Result<Option<InstanceModel>, Segment
         tile,
         req.seed_threshold,
         req.instanseg_cells == crate::stage::InstansegCells::Model && req.cells_out.is_some(),
+        // One image, no instrument waiting: nothing for `auto` to weigh the model against.
+        None,
     )
     .map_err(|e| match e {
         ChooseError::NoModel(p) => SegmentError::NoModel(p),

@@ -172,6 +172,8 @@ pub struct SegmentStage {
     cells: CellParams,
     exclude_border: bool,
     compute: Compute,
+    /// The method that segments this run (`auto` resolved), recorded with every field.
+    method: Arc<str>,
 }
 
 impl SegmentStage {
@@ -205,7 +207,7 @@ impl SegmentStage {
             m => m,
         };
         let instances = match method {
-            SegmentMethod::Auto | SegmentMethod::Instanseg => instance_model(s, method, ctx)?,
+            SegmentMethod::Auto | SegmentMethod::Instanseg => instance_model(s, method, ctx, plan)?,
             _ => None,
         };
         let probability = if method != SegmentMethod::Probability {
@@ -220,12 +222,13 @@ impl SegmentStage {
             ))
         };
         let model = instances.as_ref().map(|m| m.model.descr.root.display().to_string());
+        let chosen = match (&instances, &probability) {
+            (Some(_), _) => "instanseg",
+            (None, Some(_)) => "probability",
+            (None, None) => "classical",
+        };
         t::SegmentMethodChosen {
-            method: match (&instances, &probability) {
-                (Some(_), _) => "instanseg",
-                (None, Some(_)) => "probability",
-                (None, None) => "classical",
-            },
+            method: chosen,
             model: model.as_deref().unwrap_or(""),
             provider: "",
             reason: None,
@@ -245,6 +248,7 @@ impl SegmentStage {
             },
             exclude_border: s.exclude_border_objects,
             compute: ctx.compute()?,
+            method: Arc::from(chosen),
         })
     }
 }
@@ -255,6 +259,7 @@ fn instance_model(
     s: &SegmentationConfig,
     method: SegmentMethod,
     ctx: &Context,
+    plan: &AcquisitionPlan,
 ) -> Result<Option<Arc<InstanceModel>>, Invalid> {
     let inf = ctx.inference;
     let opts = inf.runtime_options();
@@ -269,6 +274,15 @@ fn instance_model(
         overlap: inf.tile_overlap_px,
         batch: 1,
     };
+    let demand = crate::inference::instances::Demand {
+        width: plan.width,
+        height: plan.height,
+        nucleus_px: s.nucleus_diameter_um / plan.pixel_size_um,
+        cells,
+        budget: std::time::Duration::from_millis(ctx.budget_ms),
+        pace_fields_per_s: ctx.pace_fields_per_s,
+    };
+    let compute = ctx.compute()?;
     let chosen = ctx.resources.loaded(&key, || {
         crate::inference::instances::choose(
             method == SegmentMethod::Auto,
@@ -277,6 +291,7 @@ fn instance_model(
             tile,
             s.seed_threshold,
             cells,
+            Some((&demand, &compute)),
         )
         .map(|m| m.map(Arc::new))
         .map_err(|e| ctx.invalid("model", t::error_chain(&e)))
@@ -328,6 +343,7 @@ impl Stage for SegmentStage {
     }
 
     fn process(&mut self, work: &mut FieldWork) -> Result<(), StageError> {
+        work.segmented_by = Some(self.method.clone());
         let f = &work.field;
         let missing = |c: usize| StageError::MissingChannel(work.plan.channels[c].name.clone());
         let dapi = f.channels[self.nuclei_channel]

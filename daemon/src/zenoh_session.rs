@@ -243,11 +243,34 @@ impl ZenohConfig {
     }
 }
 
+/// The keys of a zenoh config file that name files (certificates, keys, the password
+/// dictionary): relative ones resolve against the file's folder, where they are shipped, not
+/// against the daemon's working directory (zenoh's own rule).
+const FILE_KEYS: &[&str] = &[
+    "transport/link/tls/root_ca_certificate",
+    "transport/link/tls/listen_private_key",
+    "transport/link/tls/listen_certificate",
+    "transport/link/tls/connect_private_key",
+    "transport/link/tls/connect_certificate",
+    "transport/auth/usrpwd/dictionary_file",
+];
+
 fn load_file(path: &Path) -> Result<zenoh::Config, SessionConfigError> {
-    zenoh::Config::from_file(path).map_err(|e| SessionConfigError::File {
+    let err = |e: zenoh::Error| SessionConfigError::File {
         path: path.to_path_buf(),
         message: message(&e),
-    })
+    };
+    let mut z = zenoh::Config::from_file(path).map_err(err)?;
+    let dir = path.parent().unwrap_or(Path::new(""));
+    for key in FILE_KEYS {
+        if let Some(serde_json::Value::String(f)) = json_at(&z, key) {
+            if !f.is_empty() && Path::new(&f).is_relative() {
+                let full = serde_json::to_string(&dir.join(&f).display().to_string()).unwrap_or_default();
+                z.insert_json5(key, &full).map_err(err)?;
+            }
+        }
+    }
+    Ok(z)
 }
 
 fn json_at(z: &zenoh::Config, key: &str) -> Option<serde_json::Value> {
@@ -379,6 +402,27 @@ mod tests {
         ] {
             assert!(!is_local_endpoint(ep), "{ep}");
         }
+    }
+
+    #[test]
+    fn files_named_in_a_zenoh_file_resolve_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("z.json5");
+        std::fs::write(
+            &path,
+            r#"{ transport: { link: { tls: { root_ca_certificate: "certs/ca.pem", listen_certificate: "/abs/c.pem" } } } }"#,
+        )
+        .unwrap();
+        let z = load_file(&path).unwrap();
+        let ca = dir.path().join("certs/ca.pem").display().to_string();
+        assert_eq!(
+            json(&z, "transport/link/tls/root_ca_certificate"),
+            serde_json::json!(ca)
+        );
+        assert_eq!(
+            json(&z, "transport/link/tls/listen_certificate"),
+            serde_json::json!("/abs/c.pem")
+        );
     }
 
     #[test]

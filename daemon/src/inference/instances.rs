@@ -71,9 +71,96 @@ pub fn find_model(path: &Path) -> Option<PathBuf> {
     None
 }
 
+/// What a run asks of its segmentation, for `auto` to weigh InstanSeg's measured cost against:
+/// fields of this size, each within `budget`, arriving `pace_fields_per_s` (when the source has
+/// a pace: a simulated or paced microscope).
+#[derive(Debug, Clone)]
+pub struct Demand {
+    pub width: usize,
+    pub height: usize,
+    /// Nucleus diameter in field pixels (sets InstanSeg's resampling).
+    pub nucleus_px: f64,
+    /// Whether the network segments cells too (it then reads the cytoplasm channel as well).
+    pub cells: bool,
+    pub budget: Duration,
+    pub pace_fields_per_s: Option<f64>,
+}
+
+/// The share of a field's time InstanSeg may take: the rest of the pipeline (measurement, models,
+/// the zarr encode) needs the remainder.
+pub const AUTO_SHARE: f64 = 0.8;
+
+impl Demand {
+    /// The most one field's segmentation may cost: [`AUTO_SHARE`] of the budget, or of the time
+    /// between fields when they come faster than the budget.
+    pub fn limit(&self) -> Duration {
+        let mut limit = self.budget.as_secs_f64();
+        if let Some(p) = self.pace_fields_per_s.filter(|p| *p > 0.0) {
+            limit = limit.min(1.0 / p);
+        }
+        Duration::from_secs_f64(limit * AUTO_SHARE)
+    }
+
+    /// Whether InstanSeg at `cost` per field sustains this demand, with the figures for the log.
+    pub fn sustained_by(&self, cost: Duration) -> (bool, String) {
+        let limit = self.limit();
+        let pace = self
+            .pace_fields_per_s
+            .filter(|p| *p > 0.0)
+            .map_or("no pace".to_string(), |p| format!("{p} fields/s"));
+        let figures = format!(
+            "InstanSeg costs {:.0} ms per {}x{} field here; the run allows {:.0} ms ({:.0} % of min(budget {} ms, 1 / {pace}))",
+            cost.as_secs_f64() * 1e3,
+            self.width,
+            self.height,
+            limit.as_secs_f64() * 1e3,
+            AUTO_SHARE * 100.0,
+            self.budget.as_millis(),
+        );
+        (cost <= limit, figures)
+    }
+}
+
+/// InstanSeg's cost per field of `demand`'s size, measured warm: the network on a crop of at most
+/// 512² model pixels, run twice (the first warms the session), scaled by the field's model
+/// pixels (the network's work is linear in pixels), plus the post-processing share measured on
+/// the same crop. About 1 s on 2 CPU cores, where a whole 2160² field would take 10.
+pub fn measure(m: &InstanceModel, demand: &Demand, compute: &Compute) -> Result<Duration, StageError> {
+    let factor = m.factor(demand.nucleus_px);
+    let (mw, mh) = scale::scaled_size(demand.width, demand.height, factor);
+    let side = |model: usize, field: usize| ((512.min(model) as f64 / factor).round() as usize).clamp(16, field);
+    let (cw, ch) = (side(mw, demand.width), side(mh, demand.height));
+    // Nucleus-sized blobs over a background, so that the post-processing has objects to find.
+    let r = (demand.nucleus_px / 2.0).max(2.0);
+    let plane: Vec<u16> = (0..cw * ch)
+        .map(|i| {
+            let (x, y) = ((i % cw) as f64, (i / cw) as f64);
+            let (dx, dy) = ((x % (4.0 * r)) - 2.0 * r, (y % (4.0 * r)) - 2.0 * r);
+            if dx * dx + dy * dy < r * r {
+                2000
+            } else {
+                200 + (i * 7919 % 97) as u16
+            }
+        })
+        .collect();
+    let cells = demand.cells && m.has_cells();
+    let planes: Vec<&[u16]> = vec![plane.as_slice(); 1 + usize::from(cells)];
+    let run = || m.segment(compute, &planes, cw, ch, factor, cells);
+    run()?;
+    let t0 = Instant::now();
+    run()?;
+    let crop = t0.elapsed().as_secs_f64();
+    let (crop_w, crop_h) = scale::scaled_size(cw, ch, factor);
+    let scale = (mw * mh) as f64 / (crop_w * crop_h).max(1) as f64;
+    Ok(Duration::from_secs_f64(crop * scale))
+}
+
 /// The InstanSeg model that `auto` or `instanseg` runs, or `None` for the classical path, with
 /// the choice logged either way: `auto` falls back on any problem, `instanseg` only when ONNX
-/// Runtime is missing. `seed_threshold` replaces the model's.
+/// Runtime is missing. `seed_threshold` replaces the model's. With a `demand`, `auto` also
+/// measures InstanSeg here and keeps it only where it sustains the run (an explicit `instanseg`
+/// is always honoured).
+#[allow(clippy::too_many_arguments)]
 pub fn choose(
     auto: bool,
     model: &Path,
@@ -81,6 +168,7 @@ pub fn choose(
     tile: TileOptions,
     seed_threshold: f32,
     cells: bool,
+    demand: Option<(&Demand, &Compute)>,
 ) -> Result<Option<InstanceModel>, ChooseError> {
     let fallback = |reason: &str| {
         t::SegmentMethodChosen {
@@ -99,6 +187,25 @@ pub fn choose(
     match InstanceModel::load(&path, opts, tile, cells) {
         Ok(mut m) => {
             m.params.seed_threshold = seed_threshold;
+            if let (true, Some((demand, compute))) = (auto, demand) {
+                let verdict = measure(&m, demand, compute).map(|cost| demand.sustained_by(cost));
+                match verdict {
+                    Ok((true, figures)) => t::SegmentAutoMeasured {
+                        chosen: "instanseg",
+                        figures: &figures,
+                    }
+                    .emit(),
+                    Ok((false, figures)) => {
+                        t::SegmentAutoMeasured {
+                            chosen: "classical",
+                            figures: &figures,
+                        }
+                        .emit();
+                        return fallback(&format!("{figures}: too slow for this run"));
+                    }
+                    Err(e) => return fallback(&format!("InstanSeg failed its timing run: {}", t::error_chain(&e))),
+                }
+            }
             t::SegmentMethodChosen {
                 method: "instanseg",
                 model: &path.display().to_string(),
@@ -287,5 +394,40 @@ impl InstanceModel {
             network: t1 - t0,
             post: t1.elapsed(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demand(budget_ms: u64, pace: Option<f64>) -> Demand {
+        Demand {
+            width: 2160,
+            height: 2160,
+            nucleus_px: 17.0,
+            cells: false,
+            budget: Duration::from_millis(budget_ms),
+            pace_fields_per_s: pace,
+        }
+    }
+
+    #[test]
+    fn auto_keeps_instanseg_only_where_its_cost_fits_the_budget_and_the_pace() {
+        let ms = Duration::from_millis;
+        // 2 CPU cores on a 2160² field: about 10 s, against 2 fields/s within 2 s.
+        let (ok, figures) = demand(2000, Some(2.0)).sustained_by(ms(10_000));
+        assert!(!ok, "{figures}");
+        assert!(figures.contains("10000 ms") && figures.contains("400 ms"), "{figures}");
+        // A GPU: tens of ms.
+        assert!(demand(2000, Some(2.0)).sustained_by(ms(40)).0);
+        // The pace binds before the budget: 8 s of budget, but a field every 0.5 s.
+        assert!(!demand(8000, Some(2.0)).sustained_by(ms(1000)).0);
+        // Without a pace (a folder, the network) only the budget counts.
+        assert!(demand(8000, None).sustained_by(ms(3000)).0);
+        assert!(!demand(2000, None).sustained_by(ms(3000)).0);
+        // The rest of the pipeline keeps its share: 95 % of the budget is too much.
+        assert!(!demand(1000, None).sustained_by(ms(950)).0);
+        assert_eq!(demand(1000, None).limit(), ms(800));
     }
 }

@@ -60,6 +60,22 @@ impl SegmentMethodChosen<'_> {
     }
 }
 
+/// `segmentation.method = "auto"` timed InstanSeg on this machine against what the run asks
+/// (budget, pace) and chose: the figures are logged either way, so a user sees why. No metric of
+/// its own: it happens while the config is checked, before the recorder exists; the outcome is
+/// `liveomics_segment_method_info`, set when the stage is built.
+#[derive(Debug)]
+pub struct SegmentAutoMeasured<'a> {
+    pub chosen: &'a str,
+    pub figures: &'a str,
+}
+
+impl SegmentAutoMeasured<'_> {
+    pub fn emit(&self) {
+        info!(chosen = self.chosen, "segmentation auto: {}", self.figures);
+    }
+}
+
 /// InstanSeg's network was cut to its nuclei decoder (cells come from elsewhere), or could not be
 /// and runs whole.
 #[derive(Debug)]

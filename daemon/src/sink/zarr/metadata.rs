@@ -50,7 +50,10 @@ impl ZarrSink {
                 source: ome::LabelSource { image: "../../".into() },
             },
         };
-        ome::attributes::<_, ()>(Some(&attrs), None)
+        let liveomics = work.segmented_by.as_deref().map(|m| ome::LabelLiveomics {
+            segmentation: m.to_string(),
+        });
+        ome::attributes(Some(&attrs), liveomics.as_ref())
     }
 
     pub(super) fn image_metadata(&self, well: WellId, field: u32) -> Map<String, Value> {

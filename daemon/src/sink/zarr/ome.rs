@@ -131,6 +131,13 @@ pub struct WellLiveomics {
     pub localization: Map<String, Value>,
 }
 
+/// `liveomics` on a label image: the segmentation method that made it (`segmentation.method =
+/// "auto"` decides per run by timing InstanSeg, so the plate says which ran).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelLiveomics {
+    pub segmentation: String,
+}
+
 /// `liveomics` on an image: when each timepoint was acquired (ns since the epoch, as strings:
 /// JSON readers lose precision past 2^53).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
