@@ -123,6 +123,9 @@ pub struct RunSummary {
     /// Fields still owed work at exit (a stop signal, or a backfill that failed): a restart on
     /// the same plate does them.
     pub backlog_left: usize,
+    /// From the first field done by every sink to the last: the steady state, without the
+    /// start-up and the pipeline's filling.
+    pub done_span: Option<Duration>,
 }
 
 /// A sink finished a field (successfully or not).
@@ -413,6 +416,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         let scheduler = Arc::clone(&scheduler);
         workers.push(spawn(&format!("worker-{i}"), move || {
             let _leaving = leaving;
+            let mut first = true;
             while let Ok(field) = rx.recv() {
                 let _busy = Busy::new(&busy);
                 t::QueueDepth {
@@ -433,13 +437,16 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                         .emit();
                         continue;
                     }
+                    let elapsed = t0.elapsed();
                     t::StageCompleted {
                         stage: stage.name().as_str(),
                         field: &work.name,
-                        elapsed: t0.elapsed(),
+                        elapsed,
                     }
                     .emit();
+                    scheduler.observe_stage(stage.name().as_str(), elapsed, first);
                 }
+                first = false;
                 t::CellsMeasured {
                     field: &work.name,
                     cells: work.records.len(),
@@ -580,6 +587,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         degraded: tracked.degraded,
         backfilled: tracked.backfilled,
         backlog_left: scheduler.backlog.left(),
+        done_span: tracked.first_done.zip(tracked.last_done).map(|(a, b)| b - a),
     })
 }
 
@@ -736,6 +744,9 @@ struct Tracked {
     /// The latest readout of each well of each well-omics model: the one pooled over the most
     /// fields (workers may finish a well's fields out of order).
     well_readouts: BTreeMap<(String, String, String), WellReadout>,
+    /// When the first and the latest field were done by every sink.
+    first_done: Option<Instant>,
+    last_done: Option<Instant>,
 }
 
 /// Counts sink completions; a field (or a field's backfill) is done when every sink has
@@ -762,6 +773,8 @@ fn track(
         wells: BTreeSet::new(),
         latency_us: histogram(),
         well_readouts: BTreeMap::new(),
+        first_done: None,
+        last_done: None,
     };
     let need = n_sinks.max(1);
     for d in rx {
@@ -820,6 +833,8 @@ fn track(
             m.done(&d.key);
         }
         out.fields_done += 1;
+        out.first_done.get_or_insert(now);
+        out.last_done = Some(now);
         out.fields_failed += u64::from(!ok);
         out.cells += d.cells as u64;
         out.misses += u64::from(missed);

@@ -257,6 +257,9 @@ pub struct Scheduler {
     /// session set-up, allocations and a GPU's autotuning: learnt from, it could make a model
     /// look too slow for every later field).
     costs: Mutex<BTreeMap<String, (u64, Ewma)>>,
+    /// Per stage and per model: runs and their total time, all but each one's first run (as
+    /// `costs`), for the run's account of where the time went (`liveomics doctor`).
+    spent: Mutex<BTreeMap<String, (u64, Duration)>>,
     tail: Mutex<Ewma>,
     /// Fields handed to the sinks and not yet written by every one, with when they were handed
     /// over. The oldest one's wait is a lower bound on the tail that holds before any field has
@@ -324,7 +327,32 @@ impl Scheduler {
         *seen += 1;
         if *seen > 1 {
             cost.observe(took);
+            self.spend(&format!("model {model}"), took);
         }
+    }
+
+    /// A stage finished a field in `took` (its first field is left out, as a model's first run).
+    pub fn observe_stage(&self, stage: &str, took: Duration, first: bool) {
+        if !first {
+            self.spend(&format!("stage {stage}"), took);
+        }
+    }
+
+    fn spend(&self, what: &str, took: Duration) {
+        let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, total) = spent.entry(what.to_string()).or_default();
+        *n += 1;
+        *total += took;
+    }
+
+    /// Mean time per run of every stage (`stage {name}`) and model (`model {name}`) so far, with
+    /// the number of runs it is the mean of.
+    pub fn account(&self) -> Vec<(String, u64, Duration)> {
+        let spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        spent
+            .iter()
+            .map(|(k, &(n, total))| (k.clone(), n, total / (n.max(1) as u32)))
+            .collect()
     }
 
     /// Field `key` went from the end of its stages to written by every sink in `took`.

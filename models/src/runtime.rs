@@ -207,6 +207,17 @@ pub fn runtime(configured: Option<&Path>) -> Result<Arc<Runtime>, ModelError> {
     Ok(rt)
 }
 
+/// The execution providers this ONNX Runtime library was built with (after [`runtime`] loaded
+/// it): CPU always; CUDA and TensorRT only in `onnxruntime-gpu`. Available is not registered: a
+/// provider registers per session, where its CUDA libraries and a device must also be found.
+pub fn providers_in_library() -> Vec<(&'static str, bool)> {
+    vec![
+        ("cpu", true),
+        ("cuda", ort::ep::CUDA::is_available().unwrap_or(false)),
+        ("tensorrt", ort::ep::TensorRT::is_available().unwrap_or(false)),
+    ]
+}
+
 /// A session and the provider it runs on.
 #[derive(Debug)]
 pub struct BuiltSession {

@@ -97,6 +97,20 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:9464")]
         listen: String,
     },
+    /// What runs where on this machine (ONNX Runtime and its providers, CUDA, the kernels) and
+    /// how fast: the configured pipeline timed warm on simulated fields of the plan's size, the
+    /// fields/s it sustains against the plan's pace and the budget, and a plain verdict.
+    Doctor {
+        /// Configuration file; without it the embedded default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Simulated fields to time (the first of each stage and model is left out as warm-up).
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(3..=1000))]
+        fields: u32,
+    },
     /// Print the embedded default configuration.
     PrintConfig,
     /// Benchmark: model path overhead (tiling, batching, pre/postprocessing) against bare
@@ -176,6 +190,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Segment(req) => segment::segment(&req),
         Command::Serve { plate, listen } => run::serve(&plate, &listen),
         Command::Models { command } => models::models(command),
+        Command::Doctor { config, json, fields } => run::doctor(config.as_deref(), json, fields),
         Command::PrintConfig => {
             print!("{}", liveomics::config::DEFAULT_TOML);
             Ok(ExitCode::SUCCESS)

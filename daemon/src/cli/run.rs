@@ -30,6 +30,18 @@ pub fn validate(file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `liveomics doctor`.
+pub fn doctor(config: Option<&Path>, json: bool, fields: u32) -> anyhow::Result<ExitCode> {
+    early_logging(config);
+    let report = liveomics::doctor::doctor(config, fields)?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `liveomics simulate`.
 pub fn simulate(
     out: &Path,
