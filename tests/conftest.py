@@ -22,6 +22,8 @@ def pytest_configure(config):
         missing.append(".cache/real-data (make real-data)")
     if not (ROOT / ".venv-bioimageio" / "bin" / "python").exists():
         missing.append(".venv-bioimageio (make bioimageio)")
+    if not list((ROOT / ".venv-gpu").glob("lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*")):
+        missing.append(".venv-gpu (make gpu-env)")
     for module in ("pymmcore_plus", "mm_test_adapters"):
         try:
             __import__(module)

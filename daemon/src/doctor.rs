@@ -69,6 +69,14 @@ pub struct OrtReport {
     /// Built into the library (`onnxruntime-gpu` has CUDA and TensorRT).
     pub providers_in_library: Vec<(String, bool)>,
     pub providers_asked: Vec<String>,
+    /// Whether the CUDA provider can run, or exactly why not (no GPU build, no driver, a library
+    /// missing and where it was looked for).
+    pub cuda_provider: Result<(), String>,
+    /// The NVIDIA libraries of the library's environment that the daemon loaded for the
+    /// provider, and those that did not load (with the loader's reason).
+    pub nvidia_looked_in: Vec<String>,
+    pub nvidia_loaded: Vec<String>,
+    pub nvidia_failed: Vec<(String, String)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,6 +115,10 @@ fn ort_report(opts: &RuntimeOptions) -> OrtReport {
                 .map(|(p, a)| (p.to_string(), a))
                 .collect(),
             providers_asked: asked,
+            cuda_provider: liveomics_models::runtime::cuda_problem(&rt),
+            nvidia_looked_in: rt.nvidia.looked_in.iter().map(|p| p.display().to_string()).collect(),
+            nvidia_loaded: rt.nvidia.loaded.clone(),
+            nvidia_failed: rt.nvidia.failed.clone(),
         },
         Err(e) => OrtReport {
             library: None,
@@ -114,6 +126,10 @@ fn ort_report(opts: &RuntimeOptions) -> OrtReport {
             error: Some(crate::telemetry::error_chain(&e)),
             providers_in_library: Vec::new(),
             providers_asked: asked,
+            cuda_provider: Err("no ONNX Runtime".into()),
+            nvidia_looked_in: Vec::new(),
+            nvidia_loaded: Vec::new(),
+            nvidia_failed: Vec::new(),
         },
     }
 }
@@ -316,6 +332,18 @@ impl Report {
                     .map(|(p, a)| format!("{p} {}", if *a { "yes" } else { "no" }))
                     .collect();
                 s += &format!("  providers        in the library: {}\n", have.join(", "));
+                match &o.cuda_provider {
+                    Ok(()) => s += "  cuda provider    loads\n",
+                    Err(why) => s += &format!("  cuda provider    cannot run: {why}\n"),
+                }
+                if !o.nvidia_looked_in.is_empty() {
+                    s += &format!(
+                        "  nvidia libraries {} loaded, {} not ({})\n",
+                        o.nvidia_loaded.len(),
+                        o.nvidia_failed.len(),
+                        o.nvidia_looked_in.join(", ")
+                    );
+                }
             }
             (None, Some(e)) => s += &format!("  onnx runtime     not found: {e}\n"),
             _ => {}

@@ -10,6 +10,7 @@ pub mod error;
 pub mod instanseg;
 pub mod model;
 pub mod npy;
+pub mod nvidia;
 pub mod onnx_graph;
 pub mod process;
 pub mod runtime;

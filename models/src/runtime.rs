@@ -79,7 +79,46 @@ impl Default for RuntimeOptions {
 #[derive(Debug)]
 pub struct Runtime {
     pub library: PathBuf,
+    /// The NVIDIA libraries of the library's Python environment, loaded for its CUDA provider.
+    pub nvidia: crate::nvidia::NvidiaLibs,
     env: ort::environment::Environment,
+}
+
+/// Whether the CUDA provider can run here, checked before ORT tries it (ORT's own failure names
+/// neither the missing library's folder nor a missing driver): `Err` says why, in order: no GPU
+/// build of ORT, no NVIDIA driver (the provider needs `libcuda.so.1`, which only a driver
+/// installs: no device can be used), or a library the provider needs that is nowhere it looked.
+pub fn cuda_problem(rt: &Runtime) -> Result<(), String> {
+    let Some(provider) = crate::nvidia::cuda_provider_file(&rt.library) else {
+        return Err("this ONNX Runtime has no CUDA provider (install onnxruntime-gpu==1.31.1: `make gpu`)".into());
+    };
+    if let Err(e) = crate::nvidia::probe(Path::new("libcuda.so.1")) {
+        return Err(format!("no CUDA device: no NVIDIA driver here ({e})"));
+    }
+    if let Err(e) = crate::nvidia::probe(&provider) {
+        let looked = if rt.nvidia.looked_in.is_empty() {
+            format!(
+                "no NVIDIA libraries in {}: install onnxruntime-gpu[cuda,cudnn]==1.31.1",
+                rt.library
+                    .ancestors()
+                    .nth(3)
+                    .map(|p| p.join("nvidia/*/lib").display().to_string())
+                    .unwrap_or_default()
+            )
+        } else {
+            format!(
+                "looked in {}, LD_LIBRARY_PATH and the system's",
+                rt.nvidia
+                    .looked_in
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        return Err(format!("the CUDA provider does not load: {e} ({looked})"));
+    }
+    Ok(())
 }
 
 static RUNTIME: OnceLock<Mutex<Option<Arc<Runtime>>>> = OnceLock::new();
@@ -202,7 +241,15 @@ pub fn runtime(configured: Option<&Path>) -> Result<Arc<Runtime>, ModelError> {
         .build()
         .map_err(|e| load_err(e.to_string()))?;
     tracing::debug!(library = %library.display(), "ONNX Runtime loaded");
-    let rt = Arc::new(Runtime { library, env });
+    let nvidia = if crate::nvidia::cuda_provider_file(&library).is_some() {
+        crate::nvidia::preload(&library)
+    } else {
+        crate::nvidia::NvidiaLibs::default()
+    };
+    if !nvidia.failed.is_empty() {
+        tracing::debug!(failed = ?nvidia.failed, "NVIDIA libraries that did not load");
+    }
+    let rt = Arc::new(Runtime { library, nvidia, env });
     *slot = Some(Arc::clone(&rt));
     Ok(rt)
 }
@@ -288,8 +335,11 @@ impl Runtime {
             Provider::Cpu => None,
             Provider::Cuda { device } => {
                 if !ort::ep::CUDA::is_available().unwrap_or(false) {
-                    return Err("this ONNX Runtime has no CUDA provider (install onnxruntime-gpu==1.31.1)".into());
+                    return Err(
+                        "this ONNX Runtime has no CUDA provider (install onnxruntime-gpu==1.31.1: `make gpu`)".into(),
+                    );
                 }
+                cuda_problem(self)?;
                 Some(
                     ort::ep::CUDA::default()
                         .with_device_id(device)
