@@ -208,6 +208,21 @@ def test_overwrite_never_deletes_a_directory_liveomics_did_not_write(binary, tmp
         assert (foreign / "notes.txt").read_text() == "a user's data"
 
 
+def test_a_corrupted_plate_root_is_named_as_such_and_kept(binary, tmp_path):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(daemon_toml(tmp_path / "out", "bad", None, sim_config(plate="bad", wells=("A1",), fields=1, size=128), zenoh_enabled=False))
+    assert run(binary, "run", "--config", cfg).returncode == 0
+    root = tmp_path / "out" / "bad.zarr" / "zarr.json"
+    root.write_text('{"zarr_format": 3, "node_type": "gro')
+    for extra in ([], ["--overwrite"]):
+        proc = run(binary, "run", "--config", cfg, *extra)
+        assert proc.returncode == 1, proc.stderr
+        assert "root metadata (zarr.json) is not readable JSON" in proc.stderr, proc.stderr
+        assert "not a plate written by liveomics" not in proc.stderr
+        assert root.read_text() == '{"zarr_format": 3, "node_type": "gro'
+        assert (tmp_path / "out" / "bad.zarr" / "A" / "1" / "0" / "zarr.json").exists()
+
+
 def check_complete_plate(plate: Path, truth: Path, wells, fields):
     from ome_zarr_models.v05.hcs import HCS
 

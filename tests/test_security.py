@@ -316,3 +316,52 @@ def test_no_test_binds_a_fixed_port():
     assert not helpers, helpers
     assert found <= set(FIXED_PORT_ALLOWED), sorted(found - set(FIXED_PORT_ALLOWED))
     assert ("test_security.py", "test_default_config_binds_only_loopback") in found  # the scan sees ports
+
+
+def _get(port: int, path: str, headers=None) -> tuple[int, dict, bytes]:
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", path, headers=headers or {})
+    r = c.getresponse()
+    body = r.read()
+    c.close()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, body
+
+
+def test_the_store_serves_only_regular_files_inside_the_plate(binary, tmp_path):
+    """A symlink inside the plate (a shared output folder is writable by others) leads nowhere;
+    names the filesystem refuses are 404, not 500; a suffix range longer than the file gets the
+    whole file (RFC 9110), and a timepoint the plate does not have is 404, not t=0."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml_text(merged(sim_config(plate="sym", wells=("A1",), fields=1, size=128),
+                                    {"segmentation": {"method": "classical"},
+                                     "sinks": {"zarr": {"output": tmp_path / "out"}, "zenoh": {"enabled": False}}})))
+    assert subprocess.run([str(binary), "run", "--config", str(cfg)], capture_output=True, timeout=120).returncode == 0
+    plate = tmp_path / "out" / "sym.zarr"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the network")
+    (plate / "A" / "1" / "leak.txt").symlink_to(secret)
+    (plate / "A" / "up").symlink_to(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "serve", str(plate), "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        status, _, body = _get(port, "/zarr/sym.zarr/A/1/0/zarr.json")
+        assert status == 200 and b"multiscales" in body
+        for path in ("/zarr/sym.zarr/A/1/leak.txt", "/zarr/sym.zarr/A/up/secret.txt",
+                     "/zarr/sym.zarr/A/1/%6Ceak.txt",
+                     f"/zarr/sym.zarr/A/{'x' * 300}/zarr.json", "/zarr/sym.zarr/A/1"):
+            status, _, body = _get(port, path)
+            assert status == 404 and b"not for the network" not in body, (path, status)
+        whole = (plate / "zarr.json").read_bytes()
+        status, headers, body = _get(port, "/zarr/sym.zarr/zarr.json", {"Range": f"bytes=-{len(whole) + 100}"})
+        assert status == 200 and body == whole, (status, headers)
+        status, _, body = _get(port, "/zarr/sym.zarr/zarr.json", {"Range": "bytes=-10"})
+        assert status == 206 and body == whole[-10:]
+        assert _get(port, "/api/thumb/A/1/0/0.png")[0] == 200
+        assert _get(port, "/api/thumb/A/1/0/0.png?t=99999")[0] == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -229,6 +229,12 @@ pub enum SinkError {
          deleted, --overwrite or not: move it or choose another output"
     )]
     NotOurs { path: String },
+    #[error(
+        "{path} looks like a plate but its root metadata (zarr.json) is not readable JSON, so it \
+         cannot be resumed or told to be liveomics' own; nothing was written, and it is never \
+         deleted: repair or move it, or choose another output"
+    )]
+    UnreadableRoot { path: String },
     #[error("zarr store error at {path}")]
     Zarr {
         path: String,

@@ -210,6 +210,22 @@ impl SegmentStage {
             SegmentMethod::Auto | SegmentMethod::Instanseg => instance_model(s, method, ctx, plan)?,
             _ => None,
         };
+        if let Some(m) = &instances {
+            let factor = m.factor(s.nucleus_diameter_um / plan.pixel_size_um);
+            if factor > MAX_INSTANSEG_UPSCALE {
+                let (w, h) = (plan.width as f64 * factor, plan.height as f64 * factor);
+                return Err(ctx.invalid(
+                    "nucleus_diameter_um",
+                    format!(
+                        "{} µm is {:.1} px at {} µm/px: InstanSeg would enlarge every field {factor:.1}x to                          {w:.0}x{h:.0} px to give its nuclei the {:.0} px it segments best, a cost that grows                          with the square; at most {MAX_INSTANSEG_UPSCALE}x is allowed (is the diameter or the                          pixel size in the wrong unit?)",
+                        s.nucleus_diameter_um,
+                        s.nucleus_diameter_um / plan.pixel_size_um,
+                        plan.pixel_size_um,
+                        m.nucleus_px
+                    ),
+                ));
+            }
+        }
         let probability = if method != SegmentMethod::Probability {
             None
         } else {
@@ -252,6 +268,12 @@ impl SegmentStage {
         })
     }
 }
+
+/// The most InstanSeg may enlarge a field to give its nuclei the size it segments best: nuclei
+/// smaller than a quarter of that (3 px for the shipped model) are a unit slip or beyond what it
+/// can see, and the enlarged field's cost grows with the square of the factor (a 2 px nucleus on a
+/// 1024² field would make it 6656² px).
+const MAX_INSTANSEG_UPSCALE: f64 = 4.0;
 
 /// The InstanSeg model for `auto` and `instanseg`, loaded once per run (every worker shares the
 /// session), or `None` with the reason logged once: the classical path runs instead.

@@ -8,8 +8,9 @@
 //! closed at once), a request head within two seconds, one request per connection, no request
 //! body read, ten seconds per answer except the event stream, at most `MAX_STREAMS` event
 //! streams. Paths are matched, never joined: the store is served by `tower-http`'s `ServeDir`,
-//! which refuses `..` and anything outside the plate directory. Async for this I/O only, on a
-//! runtime of its own thread: the pipeline never waits on it.
+//! which refuses `..`, behind [`inside_plate`], which serves only regular files whose canonical
+//! path lies inside the plate (no symlink leads out). Async for this I/O only, on a runtime of
+//! its own thread: the pipeline never waits on it.
 
 pub mod plate;
 pub mod thumb;
@@ -129,10 +130,13 @@ fn router(app: App) -> Router {
             .allow_methods([Method::GET, Method::HEAD])
             .allow_headers([header::RANGE])
             .expose_headers([header::CONTENT_RANGE, header::ACCEPT_RANGES, header::CONTENT_LENGTH]);
-        answers = answers.nest_service(
-            &format!("/zarr/{name}"),
-            ServeDir::new(dir).append_index_html_on_directories(false),
-        );
+        let store: Router = Router::new()
+            .fallback_service(ServeDir::new(dir).append_index_html_on_directories(false))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(dir.clone()),
+                inside_plate,
+            ));
+        answers = answers.nest_service(&format!("/zarr/{name}"), store);
         answers = answers.layer(cors);
     }
     let answers = answers.layer(TimeoutLayer::with_status_code(
@@ -144,6 +148,44 @@ fn router(app: App) -> Router {
         .merge(answers)
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found: see / or /metrics\n") })
         .with_state(app)
+}
+
+/// The store answers a path only when its canonical form is a regular file inside the plate.
+/// `ServeDir` refuses `..` but follows symlinks, and a plate on a shared or network disk may
+/// hold one to anywhere (with CORS `*`, any page in a local browser could then read it). A name
+/// the filesystem refuses (a component over 255 bytes) is a 404 too. A suffix range longer than
+/// the file asks for all of it (RFC 9110 14.1.1): the whole file, not 416.
+async fn inside_plate(
+    State(root): State<Arc<PathBuf>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let rel = percent_encoding::percent_decode_str(req.uri().path())
+        .decode_utf8_lossy()
+        .into_owned();
+    let file = tokio::task::spawn_blocking(move || {
+        let root = std::fs::canonicalize(&*root).ok()?;
+        let path = std::fs::canonicalize(root.join(rel.trim_start_matches('/'))).ok()?;
+        let meta = std::fs::metadata(&path).ok()?;
+        (path.starts_with(&root) && meta.is_file()).then_some(meta.len())
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(len) = file else {
+        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+    };
+    let whole = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes=-"))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .is_some_and(|n| n >= len);
+    if whole {
+        req.headers_mut().remove(header::RANGE);
+    }
+    next.run(req).await
 }
 
 fn page(body: &'static str, kind: &'static str) -> Response {

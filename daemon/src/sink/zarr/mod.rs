@@ -199,6 +199,11 @@ impl ZarrSink {
             // Only a plate this program wrote (or an empty one) is ever deleted: the path
             // comes from config and plate names, and a typo must not remove someone's data.
             let ours = store.attributes("/").is_some_and(|a| a.contains_key("liveomics"));
+            if !ours && store.exists("/") && store.attributes("/").is_none() {
+                return Err(SinkError::UnreadableRoot {
+                    path: plate_dir.display().to_string(),
+                });
+            }
             if !ours {
                 return Err(SinkError::NotOurs {
                     path: plate_dir.display().to_string(),
@@ -251,7 +256,15 @@ impl ZarrSink {
         let not_ours = || SinkError::NotOurs {
             path: plate_dir.display().to_string(),
         };
-        let root = Value::Object(self.store.attributes("/").ok_or_else(not_ours)?);
+        let root = match self.store.attributes("/") {
+            Some(a) => Value::Object(a),
+            None if self.store.exists("/") => {
+                return Err(SinkError::UnreadableRoot {
+                    path: plate_dir.display().to_string(),
+                })
+            }
+            None => return Err(not_ours()),
+        };
         // Compared as JSON, so that a marker of another layout is listed key by key, not
         // refused as unreadable.
         let marker = serde_json::to_value(&self.marker).unwrap_or(Value::Null);

@@ -80,7 +80,7 @@ pub fn read_plane<T: zarrs::array::ElementOwned, S: ?Sized + zarrs::storage::Rea
     if channel >= shape[n - 3] {
         return Err(format!("no channel {channel}"));
     }
-    if n == 4 && timepoint >= shape[0] {
+    if n == 4 && timepoint >= shape[0] || n == 3 && timepoint > 0 {
         return Err(format!("no timepoint {timepoint}"));
     }
     let mut ranges = vec![channel..channel + 1, 0..shape[n - 2], 0..shape[n - 1]];
