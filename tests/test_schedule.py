@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 import zarr
 import zenoh
 
@@ -178,3 +179,27 @@ def test_a_daemon_killed_mid_backfill_finishes_it_on_restart_once_per_field(bina
     for w in WELLS:
         images = [i["path"] for i in g[f"{w[0]}/{w[1:]}"].attrs["ome"]["well"]["images"]]
         assert sorted(images) == [str(f) for f in range(FIELDS)], images
+
+
+@pytest.mark.parametrize("speed", ["max", "1000x"])
+def test_a_replay_at_max_speed_has_no_deadlines_and_a_paced_one_keeps_them(binary, tmp_path, speed):
+    """No deadline where no instrument waits (issue 38): a replay at `max` takes every model inline
+    and counts no miss whatever the budget; a paced replay, even 1000x, keeps the budget and
+    degrades under it as a live run does. Both plates equal the all-inline one."""
+    ref = reference_plate(binary, tmp_path)
+    (tmp_path / "r.toml").write_text(config(tmp_path / "r", budget_ms=1))
+    p = run(binary, "replay", ref, "--speed", speed, "--config", tmp_path / "r.toml", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    degraded, backfilled = summary_counts(p.stdout)
+    if speed == "max":
+        assert degraded == 0 and "fields had no deadline" in p.stdout, p.stdout
+        assert "field degraded" not in p.stderr
+    else:
+        assert degraded >= 1 and degraded == backfilled, p.stdout
+        assert "deadline misses  " in p.stdout and "(budget 1 ms)" in p.stdout
+    out = tmp_path / "r" / "sched.zarr"
+    assert owed_anywhere(out) == {}
+    want, got = virtual_planes(ref), virtual_planes(out)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))

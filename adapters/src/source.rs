@@ -85,6 +85,15 @@ pub trait Source: Send {
     /// Where to report inputs that were skipped; sources without such inputs ignore it.
     fn observe(&mut self, _problems: Sender<SourceProblem>) {}
 
+    /// Whether an instrument's timing stands behind the fields: a microscope (live or
+    /// simulated), a watched folder, a replay at its original pace or a multiple of it. Fields
+    /// of a source that is not paced (a replay at `max` speed) carry no deadline: nothing
+    /// waits for them, only the run's throughput counts, so they are never degraded and never
+    /// late.
+    fn paced(&self) -> bool {
+        true
+    }
+
     /// How many fields the source will deliver, when it knows (replay): drives a progress bar.
     fn expected_fields(&self) -> Option<u64> {
         None

@@ -126,6 +126,8 @@ pub struct RunSummary {
     /// From the first field done by every sink to the last: the steady state, without the
     /// start-up and the pipeline's filling.
     pub done_span: Option<Duration>,
+    /// Whether the source has a pace (`Source::paced`); without one, fields had no deadline.
+    pub paced: bool,
 }
 
 /// A sink finished a field (successfully or not).
@@ -190,6 +192,9 @@ fn join<T>(h: JoinHandle<T>, panics: &mut Vec<String>) -> Option<T> {
         }
     }
 }
+
+/// The "budget" of fields from a source without a pace: ten years, past any run.
+const UNPACED_BUDGET: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Runs the configured source through the pipeline until it ends or `opts.stop` is set, then
 /// drains and returns.
@@ -363,7 +368,14 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         })?);
     }
 
-    let budget = Duration::from_millis(cfg.latency_budget_ms);
+    // Fields no instrument waits for (a replay at max speed) carry no deadline: a budget no run
+    // reaches, so that they are never degraded and never counted late.
+    let paced = source.paced();
+    let budget = if paced {
+        Duration::from_millis(cfg.latency_budget_ms)
+    } else {
+        UNPACED_BUDGET
+    };
     let progress = match (opts.progress, source.expected_fields()) {
         (true, Some(n)) => {
             let pb = indicatif::ProgressBar::new(n);
@@ -588,6 +600,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         backfilled: tracked.backfilled,
         backlog_left: scheduler.backlog.left(),
         done_span: tracked.first_done.zip(tracked.last_done).map(|(a, b)| b - a),
+        paced,
     })
 }
 

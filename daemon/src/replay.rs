@@ -222,6 +222,10 @@ impl Source for ZarrReplay {
         &self.plan
     }
 
+    fn paced(&self) -> bool {
+        self.speed != Speed::Max
+    }
+
     fn expected_fields(&self) -> Option<u64> {
         Some(self.items.iter().filter(|i| !self.skip.contains(&i.key)).count() as u64)
     }

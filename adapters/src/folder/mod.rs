@@ -460,6 +460,10 @@ impl Source for FolderSource {
         self.problems = Problems::new(problems);
     }
 
+    fn paced(&self) -> bool {
+        self.cfg.watch || self.cfg.speed != Speed::Max
+    }
+
     fn expected_fields(&self) -> Option<u64> {
         if self.cfg.watch {
             return None;

@@ -303,10 +303,14 @@ fn print_summary(s: &RunSummary) {
         "  required work    p50 {:.0} ms, p99 {:.0} ms (first frame to the end of required work), late on {} fields",
         s.required_p50_ms, s.required_p99_ms, s.required_misses
     );
-    println!(
-        "  deadline misses  {} (budget {} ms)",
-        s.deadline_misses, s.latency_budget_ms
-    );
+    if s.paced {
+        println!(
+            "  deadline misses  {} (budget {} ms)",
+            s.deadline_misses, s.latency_budget_ms
+        );
+    } else {
+        println!("  deadline misses  none: no instrument waits for this source (max speed), fields had no deadline");
+    }
     println!(
         "  scheduler        degraded {}, backfilled {}, backlog left {}{}",
         s.degraded,
