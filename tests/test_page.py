@@ -4,7 +4,6 @@ against a running daemon (`/metrics`, the event stream for a late joiner, CORS a
 headless Chromium (Debian's, driven by Playwright) that loads the page mid-plate, waits for every
 well on the heatmap, clicks one and finds its thumbnails and its readout."""
 
-import http.client
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from liveomics_testkit import ROOT, Daemon, free_port, inference_config, merged, sim_config, daemon_config, wait_for
+from liveomics_testkit import ROOT, Daemon, http_get as get, free_port, inference_config, merged, sim_config, daemon_config, wait_for
 
 MODELS = ROOT / "models"
 WELLS = ("B2", "B3", "C2")
@@ -38,15 +37,6 @@ def page_config(out: Path, port: int, timepoints: int) -> dict:
                                        ("wellomics", MODELS / "well_omics_mil"), workers=2))
     cfg["telemetry"] = {"http_listen": f"127.0.0.1:{port}"}
     return cfg
-
-
-def get(port: int, path: str, headers=None) -> tuple[int, dict, bytes]:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    c.request("GET", path, headers=headers or {})
-    r = c.getresponse()
-    body = r.read()
-    c.close()
-    return r.status, {k.lower(): v for k, v in r.getheaders()}, body
 
 
 def first_events(port: int, n: int) -> list[dict]:

@@ -22,7 +22,7 @@ import pytest
 import zarr
 import zenoh
 
-from liveomics_testkit import (NO_FIXED_PORTS, demo_core, free_port, loopback_hub, merged, sim_config, spawn_until,
+from liveomics_testkit import (NO_FIXED_PORTS, demo_core, free_port, http_get, loopback_hub, merged, sim_config, spawn_until,
                                start_zenoh_daemon, toml_text, wait_for)
 from zenoh_tls import make_pki
 
@@ -318,17 +318,6 @@ def test_no_test_binds_a_fixed_port():
     assert ("test_security.py", "test_default_config_binds_only_loopback") in found  # the scan sees ports
 
 
-def _get(port: int, path: str, headers=None) -> tuple[int, dict, bytes]:
-    import http.client
-
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    c.request("GET", path, headers=headers or {})
-    r = c.getresponse()
-    body = r.read()
-    c.close()
-    return r.status, {k.lower(): v for k, v in r.getheaders()}, body
-
-
 def test_the_store_serves_only_regular_files_inside_the_plate(binary, tmp_path):
     """A symlink inside the plate (a shared output folder is writable by others) leads nowhere;
     names the filesystem refuses are 404, not 500; a suffix range longer than the file gets the
@@ -348,20 +337,20 @@ def test_the_store_serves_only_regular_files_inside_the_plate(binary, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "serving" in proc.stdout.readline()
-        status, _, body = _get(port, "/zarr/sym.zarr/A/1/0/zarr.json")
+        status, _, body = http_get(port, "/zarr/sym.zarr/A/1/0/zarr.json")
         assert status == 200 and b"multiscales" in body
         for path in ("/zarr/sym.zarr/A/1/leak.txt", "/zarr/sym.zarr/A/up/secret.txt",
                      "/zarr/sym.zarr/A/1/%6Ceak.txt",
                      f"/zarr/sym.zarr/A/{'x' * 300}/zarr.json", "/zarr/sym.zarr/A/1"):
-            status, _, body = _get(port, path)
+            status, _, body = http_get(port, path)
             assert status == 404 and b"not for the network" not in body, (path, status)
         whole = (plate / "zarr.json").read_bytes()
-        status, headers, body = _get(port, "/zarr/sym.zarr/zarr.json", {"Range": f"bytes=-{len(whole) + 100}"})
+        status, headers, body = http_get(port, "/zarr/sym.zarr/zarr.json", {"Range": f"bytes=-{len(whole) + 100}"})
         assert status == 200 and body == whole, (status, headers)
-        status, _, body = _get(port, "/zarr/sym.zarr/zarr.json", {"Range": "bytes=-10"})
+        status, _, body = http_get(port, "/zarr/sym.zarr/zarr.json", {"Range": "bytes=-10"})
         assert status == 206 and body == whole[-10:]
-        assert _get(port, "/api/thumb/A/1/0/0.png")[0] == 200
-        assert _get(port, "/api/thumb/A/1/0/0.png?t=99999")[0] == 404
+        assert http_get(port, "/api/thumb/A/1/0/0.png")[0] == 200
+        assert http_get(port, "/api/thumb/A/1/0/0.png?t=99999")[0] == 404
     finally:
         proc.terminate()
         proc.wait(timeout=10)
