@@ -220,12 +220,15 @@ pub fn doctor(path: Option<&Path>, fields: u32) -> Result<Report, DoctorError> {
             source,
         })?;
     let size = (plan.width, plan.height);
-    let temp = std::env::temp_dir().join(format!("liveomics-doctor-{}", std::process::id()));
-    std::fs::create_dir_all(&temp).map_err(|source| DoctorError::Temp {
-        path: temp.clone(),
-        source,
-    })?;
-    let m = measuring(&cfg, size, plan.pixel_size_um, fields.max(3), &temp);
+    // Removed when dropped, whatever happens to the run.
+    let temp = tempfile::Builder::new()
+        .prefix("liveomics-doctor-")
+        .tempdir()
+        .map_err(|source| DoctorError::Temp {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    let m = measuring(&cfg, size, plan.pixel_size_um, fields.max(3), temp.path());
     let scheduler = res.scheduler.clone();
     let summary = pipeline::run(
         &m,
@@ -237,8 +240,8 @@ pub fn doctor(path: Option<&Path>, fields: u32) -> Result<Report, DoctorError> {
             progress: false,
         },
     );
-    let segmentation = first_label_method(&temp.join("doctor.zarr")).unwrap_or_else(|| "none".into());
-    let _ = std::fs::remove_dir_all(&temp);
+    let segmentation = first_label_method(&temp.path().join("doctor.zarr")).unwrap_or_else(|| "none".into());
+    drop(temp);
     let summary = summary?;
     let span = summary.done_span.unwrap_or_default().as_secs_f64();
     if summary.fields_done < 3 || span <= 0.0 {
