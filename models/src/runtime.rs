@@ -81,6 +81,8 @@ pub struct Runtime {
     pub library: PathBuf,
     /// The NVIDIA libraries of the library's Python environment, loaded for its CUDA provider.
     pub nvidia: crate::nvidia::NvidiaLibs,
+    /// [`cuda_problem`]'s answer, found once: it probes the loader, and every session asks.
+    cuda: OnceLock<Result<(), String>>,
     env: ort::environment::Environment,
 }
 
@@ -89,6 +91,10 @@ pub struct Runtime {
 /// build of ORT, no NVIDIA driver (the provider needs `libcuda.so.1`, which only a driver
 /// installs: no device can be used), or a library the provider needs that is nowhere it looked.
 pub fn cuda_problem(rt: &Runtime) -> Result<(), String> {
+    rt.cuda.get_or_init(|| check_cuda(rt)).clone()
+}
+
+fn check_cuda(rt: &Runtime) -> Result<(), String> {
     let Some(provider) = crate::nvidia::cuda_provider_file(&rt.library) else {
         return Err("this ONNX Runtime has no CUDA provider (install onnxruntime-gpu==1.31.1: `make gpu`)".into());
     };
@@ -249,7 +255,12 @@ pub fn runtime(configured: Option<&Path>) -> Result<Arc<Runtime>, ModelError> {
     if !nvidia.failed.is_empty() {
         tracing::debug!(failed = ?nvidia.failed, "NVIDIA libraries that did not load");
     }
-    let rt = Arc::new(Runtime { library, nvidia, env });
+    let rt = Arc::new(Runtime {
+        library,
+        nvidia,
+        cuda: OnceLock::new(),
+        env,
+    });
     *slot = Some(Arc::clone(&rt));
     Ok(rt)
 }
