@@ -217,3 +217,74 @@ def test_an_incomplete_field_is_completed_when_its_file_arrives_later(binary, tm
     well = json.loads((tmp_path / "out" / "P1.zarr" / "B" / "2" / "zarr.json").read_text())["attributes"]
     assert well["liveomics"]["incomplete"] == [] and [i["path"] for i in well["ome"]["well"]["images"]] == ["0", "1"]
     check_plate(tmp_path / "out" / "P1.zarr", staged, manifest)
+
+
+def test_watching_misses_nothing(binary, tmp_path):
+    """Each way a watched folder used to lose a field silently: a directory moved in, a directory
+    created with its files written at once, a preallocated file filled 2 s later, a writer pausing
+    2 s between pieces (longer than stable_ms, and all together longer than stuck_timeout_ms); and
+    the two that must be reported: an int16 file (at once, as `dtype`) and a file changed after it
+    was read (`changed_after_read`)."""
+    staged, manifest = stage(binary, tmp_path, "phenix")
+    files = {p.name: p for p in (staged / "images").iterdir()}
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    cfg = tmp_path / "run.toml"
+    # The slow writer's field takes 7 s to complete: assembly must wait for it.
+    toml = folder_toml(watch, tmp_path / "out", "phenix", "P1", extra="rescan_ms = 500")
+    cfg.write_text(toml.replace("assembly_timeout_ms = 2000", "assembly_timeout_ms = 20000"))
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)
+
+    # B2 field 1 ("r02c02f01"): a directory moved in whole.
+    outside = tmp_path / "outside" / "moved"
+    outside.mkdir(parents=True)
+    for name in [n for n in files if n.startswith("r02c02f01")]:
+        shutil.copy(files[name], outside / name)
+    outside.rename(watch / "moved")
+    # B2 field 2: a directory created and filled at once.
+    fresh = watch / "fresh"
+    fresh.mkdir()
+    for name in [n for n in files if n.startswith("r02c02f02")]:
+        (fresh / name).write_bytes(files[name].read_bytes())
+    # C5 field 1: channel 1 preallocated (full size, pixel data zero) and filled 2 s later, as
+    # robocopy does; tifffile puts the directory before the pixels, as vendors' writers do.
+    pre = "r03c05f01p01-ch1sk1fk1fl1.tiff"
+    vendor = tmp_path / pre
+    tifffile.imwrite(vendor, tifffile.imread(files[pre]))
+    data = vendor.read_bytes()
+    with open(watch / pre, "wb") as fh:
+        fh.truncate(len(data))
+        fh.write(data[:1024])
+    # channel 2 by a slow writer: four pieces, 2 s apart (6 s in all, past stuck_timeout_ms).
+    slow = "r03c05f01p01-ch2sk1fk1fl1.tiff"
+    for name in ("r03c05f01p01-ch3sk1fk1fl1.tiff", "r03c05f01p01-ch4sk1fk1fl1.tiff"):
+        shutil.copy(files[name], watch / name)
+    # C5 field 2 whole, and a signed 16-bit image of a field that never completes.
+    for name in [n for n in files if n.startswith("r03c05f02")]:
+        shutil.copy(files[name], watch / name)
+    tifffile.imwrite(watch / "r03c05f03p01-ch1sk1fk1fl1.tiff", np.zeros((256, 256), np.int16))
+    piece = files[slow].read_bytes()
+    with open(watch / slow, "wb") as fh:
+        for k in range(4):
+            fh.write(piece[k * len(piece) // 4 : (k + 1) * len(piece) // 4])
+            fh.flush()
+            if k == 0:
+                time.sleep(1.0)
+                with open(watch / pre, "r+b") as filler:
+                    filler.write(data)
+                time.sleep(1.0)
+            elif k < 3:
+                time.sleep(2.0)
+    # A file already read, written again: reported, not ignored.
+    time.sleep(1.0)
+    replaced = watch / "r03c05f02p01-ch1sk1fk1fl1.tiff"
+    replaced.write_bytes(files["r03c05f02p01-ch2sk1fk1fl1.tiff"].read_bytes())
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "fields           4 done" in out and "frames rejected  0" in out, out
+    assert "; 0 incomplete" in out and "2 inputs skipped" in out, out
+    assert "int16 pixels" in err and "dtype" in err, err[-3000:]
+    assert "changed_after_read" in err and replaced.name in err, err[-3000:]
+    assert "unreadable" not in err, err[-3000:]
+    check_plate(tmp_path / "out" / "P1.zarr", staged, manifest)

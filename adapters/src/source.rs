@@ -62,6 +62,9 @@ pub struct SourceReport {
     pub read_time: std::time::Duration,
     /// Inputs skipped with a reported problem.
     pub problems: u64,
+    /// Inputs read after all, late, with a reported notice: files a watch event missed and a
+    /// rescan found, files read although they looked unfinished.
+    pub recovered: u64,
 }
 
 /// An input a source could not use (a corrupt file, a name that matches no layout). The daemon
@@ -73,6 +76,8 @@ pub struct SourceProblem {
     /// Short, stable reason: the metric label.
     pub reason: &'static str,
     pub detail: String,
+    /// The input was used after all (found late, read despite a doubt); false: it was skipped.
+    pub recovered: bool,
 }
 
 /// A producer of frames. `run` blocks on its own thread; sending on the bounded channel blocks when
@@ -144,9 +149,24 @@ impl Problems {
     /// Reports one skipped input and counts it in `report`.
     pub fn report(&self, report: &mut SourceReport, input: String, reason: &'static str, detail: String) {
         report.problems += 1;
+        self.send(input, reason, detail, false);
+    }
+
+    /// Reports an input that was read after all, but late or with a doubt, and counts it.
+    pub fn recovered(&self, report: &mut SourceReport, input: String, reason: &'static str, detail: String) {
+        report.recovered += 1;
+        self.send(input, reason, detail, true);
+    }
+
+    fn send(&self, input: String, reason: &'static str, detail: String, recovered: bool) {
         match &self.0 {
             Some(tx) => {
-                let _ = tx.send(SourceProblem { input, reason, detail });
+                let _ = tx.send(SourceProblem {
+                    input,
+                    reason,
+                    detail,
+                    recovered,
+                });
             }
             None => tracing::debug!(input = %input, reason, "{detail}"),
         }

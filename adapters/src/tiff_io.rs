@@ -24,6 +24,9 @@ pub enum TiffError {
     },
     #[error("{path}: unsupported sample type {kind} (supported: uint8, uint16, uint32, float32 grayscale)")]
     Unsupported { path: String, kind: String },
+    /// The file's directory names pixel data it does not hold yet: a writer is still at it.
+    #[error("{path} is not complete: {detail}")]
+    Incomplete { path: String, detail: String },
 }
 
 /// The pixels of one TIFF page.
@@ -82,10 +85,14 @@ pub struct TiffImage {
 
 /// Reads the first page and, if the file is an OME-TIFF, its pixel size and channel names.
 pub fn read_image(path: &Path) -> Result<TiffImage, TiffError> {
+    read_image_with(path, tiff::decoder::Limits::default())
+}
+
+fn read_image_with(path: &Path, limits: tiff::decoder::Limits) -> Result<TiffImage, TiffError> {
     let p = || path.display().to_string();
     let file = File::open(path).map_err(|source| TiffError::Io { path: p(), source })?;
     let fmt = |source| TiffError::Format { path: p(), source };
-    let mut dec = Decoder::new(BufReader::new(file)).map_err(fmt)?;
+    let mut dec = Decoder::new(BufReader::new(file)).map_err(fmt)?.with_limits(limits);
     let description = dec
         .get_tag_ascii_string(tiff::tags::Tag::ImageDescription)
         .unwrap_or_default();
@@ -108,6 +115,108 @@ pub fn read_image(path: &Path) -> Result<TiffImage, TiffError> {
         pixel_size_um,
         channel_names,
     })
+}
+
+/// What a file's first directory says, read without decoding a pixel: a reader checks size and
+/// sample type against its plan, and whether the data is all there, before it spends memory on
+/// decompression (a deflate bomb of a few hundred KB can name gigabytes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TiffHeader {
+    pub width: usize,
+    pub height: usize,
+    /// The sample type as a user would name it (`uint16`, `int16`, `float64`, `bool`, `rgb8`...).
+    pub sample: String,
+    /// Whether the last chunk of pixel data (the last a sequential writer fills) ends in zero
+    /// bytes: the mark of a preallocated file whose pixels are not written yet.
+    pub zero_tail: bool,
+}
+
+/// Bytes looked at at the end of the last chunk: enough that a real image (camera offset, noise,
+/// a compressed stream's checksum) is not all zero there by chance.
+const TAIL_BYTES: u64 = 512;
+
+/// Reads the first directory of `path` and checks that every chunk of pixel data it names lies
+/// inside the file (else [`TiffError::Incomplete`]).
+pub fn read_header(path: &Path) -> Result<TiffHeader, TiffError> {
+    use std::io::{Read, Seek, SeekFrom};
+    use tiff::tags::Tag;
+    let p = || path.display().to_string();
+    let mut file = File::open(path).map_err(|source| TiffError::Io { path: p(), source })?;
+    let file_len = file
+        .metadata()
+        .map_err(|source| TiffError::Io { path: p(), source })?
+        .len();
+    let fmt = |source| TiffError::Format { path: p(), source };
+    let mut dec = Decoder::new(BufReader::new(
+        file.try_clone().map_err(|source| TiffError::Io { path: p(), source })?,
+    ))
+    .map_err(fmt)?;
+    let (w, h) = dec.dimensions().map_err(fmt)?;
+    let format = dec
+        .find_tag_unsigned_vec::<u16>(Tag::SampleFormat)
+        .map_err(fmt)?
+        .and_then(|v| v.first().copied())
+        .unwrap_or(1);
+    let sample = match dec.colortype().map_err(fmt)? {
+        tiff::ColorType::Gray(1) => "bool".to_string(),
+        tiff::ColorType::Gray(bits) => match format {
+            1 => format!("uint{bits}"),
+            2 => format!("int{bits}"),
+            3 => format!("float{bits}"),
+            _ => format!("{bits}-bit sample format {format}"),
+        },
+        other => format!("{other:?}").to_lowercase(),
+    };
+    let (offsets, counts) = match dec.get_chunk_type() {
+        tiff::decoder::ChunkType::Strip => (Tag::StripOffsets, Tag::StripByteCounts),
+        tiff::decoder::ChunkType::Tile => (Tag::TileOffsets, Tag::TileByteCounts),
+    };
+    let offsets = dec
+        .find_tag_unsigned_vec::<u64>(offsets)
+        .map_err(fmt)?
+        .unwrap_or_default();
+    let counts = dec
+        .find_tag_unsigned_vec::<u64>(counts)
+        .map_err(fmt)?
+        .unwrap_or_default();
+    let mut last: Option<(u64, u64)> = None;
+    for (&o, &n) in offsets.iter().zip(&counts) {
+        let end = o.saturating_add(n);
+        if end > file_len {
+            return Err(TiffError::Incomplete {
+                path: p(),
+                detail: format!("pixel data up to byte {end}, the file has {file_len}"),
+            });
+        }
+        if n > 0 && last.is_none_or(|(lo, _)| o > lo) {
+            last = Some((o, n));
+        }
+    }
+    let zero_tail = match last {
+        Some((o, n)) => {
+            let k = n.min(TAIL_BYTES);
+            let mut buf = vec![0u8; k as usize];
+            file.seek(SeekFrom::Start(o + n - k))
+                .and_then(|_| file.read_exact(&mut buf))
+                .map_err(|source| TiffError::Io { path: p(), source })?;
+            buf.iter().all(|&b| b == 0)
+        }
+        None => false,
+    };
+    Ok(TiffHeader {
+        width: w as usize,
+        height: h as usize,
+        sample,
+        zero_tail,
+    })
+}
+
+/// [`read_image`] with decoded data capped at `max_bytes`, for files from outside.
+pub fn read_image_limited(path: &Path, max_bytes: usize) -> Result<TiffImage, TiffError> {
+    let mut limits = tiff::decoder::Limits::default();
+    limits.decoding_buffer_size = max_bytes;
+    limits.intermediate_buffer_size = max_bytes;
+    read_image_with(path, limits)
 }
 
 /// Every channel of a 2-D image file: the pages of a multi-page TIFF (how ImageJ, tifffile and
@@ -248,8 +357,47 @@ mod tests {
             assert_eq!(read_plane(&path).unwrap(), (3, 2, plane));
         }
         let junk = dir.join("junk.tif");
+        header_tells_unfinished_files(&dir);
         std::fs::write(&junk, b"not a tiff").unwrap();
         assert!(matches!(read_plane(&junk), Err(TiffError::Format { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What a watcher sees of a file a writer has not finished: pixel data past the end, a
+    /// preallocated tail of zeros; and sample types named as users name them.
+    fn header_tells_unfinished_files(dir: &Path) {
+        let path = dir.join("h.tif");
+        let pixels: Vec<u16> = (0..64 * 64).map(|i| 100 + (i % 7) as u16).collect();
+        write_plane(&path, 64, 64, &Plane::U16(pixels)).unwrap();
+        let h = read_header(&path).unwrap();
+        assert_eq!(
+            (h.width, h.height, h.sample.as_str(), h.zero_tail),
+            (64, 64, "uint16", false)
+        );
+        // The pixels come first and the directory (at the offset in bytes 4..8) last in this
+        // writer's files: zero the last
+        // 600 bytes of pixel data, as a preallocated file not yet filled would be.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let end = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+        bytes[end - 600..end].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(read_header(&path).unwrap().zero_tail);
+        let mut grown = std::fs::read(&path).unwrap();
+        grown[end - 1] = 1;
+        std::fs::write(&path, &grown).unwrap();
+        assert!(!read_header(&path).unwrap().zero_tail, "only an all-zero tail counts");
+        let signed = dir.join("i16.tif");
+        create(&signed)
+            .unwrap()
+            .write_image::<colortype::GrayI16>(4, 4, &[-1i16; 16])
+            .unwrap();
+        assert_eq!(read_header(&signed).unwrap().sample, "int16");
+        // Cut in half: its directory (written last by this writer) is not there yet.
+        let cut = dir.join("cut.tif");
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(matches!(
+            read_header(&cut),
+            Err(TiffError::Format { .. } | TiffError::Incomplete { .. })
+        ));
     }
 }

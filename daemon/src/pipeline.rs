@@ -405,12 +405,21 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     source.observe(problem_tx);
     let problems = spawn("source-problems", move || {
         for p in problem_rx {
-            t::InputRejected {
-                input: &p.input,
-                reason: p.reason,
-                detail: &p.detail,
+            if p.recovered {
+                t::InputRecovered {
+                    input: &p.input,
+                    reason: p.reason,
+                    detail: &p.detail,
+                }
+                .emit();
+            } else {
+                t::InputRejected {
+                    input: &p.input,
+                    reason: p.reason,
+                    detail: &p.detail,
+                }
+                .emit();
             }
-            .emit();
         }
     })?;
 

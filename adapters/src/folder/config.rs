@@ -60,6 +60,9 @@ pub struct FolderConfig {
     pub stable_ms: u64,
     /// A file still changing or still unreadable after this long is reported.
     pub stuck_timeout_ms: u64,
+    /// In watch mode, walk the folder this often against what was seen (0: never): a file no
+    /// event reported is read (and counted), a file changed after it was read is reported.
+    pub rescan_ms: u64,
     /// In watch mode, end when no new file arrived for this long (0: run until stopped).
     pub idle_exit_ms: u64,
     /// Replay pacing by the files' modification times.
@@ -86,6 +89,7 @@ impl Default for FolderConfig {
             poll_interval_ms: 500,
             stable_ms: 500,
             stuck_timeout_ms: 30_000,
+            rescan_ms: 2000,
             idle_exit_ms: 0,
             speed: Speed::Max,
         }

@@ -12,7 +12,7 @@ pub mod layout;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use self::layout::{Layout, LayoutKind, NameError, Parsed};
 use crate::model::{AcquisitionPlan, FieldKey, Frame, Pixels, PlateFormat};
 use crate::source::{wait_until, Problems, Source, SourceError, SourceProblem, SourceReport, StopToken};
-use crate::tiff_io::{read_image, Plane};
+use crate::tiff_io::{read_header, read_image, read_image_limited, Plane, TiffError};
 use crate::Invalid;
 pub use config::*;
 
@@ -54,9 +54,28 @@ struct Candidate {
     changed_at: Instant,
     first_seen: Instant,
     closed: bool,
-    /// Size at which decoding last failed: retried only once the file changes.
-    failed_at: Option<u64>,
+    /// The state (size, mtime) at which the last read failed, and why: tried again only once
+    /// the file changes, and given up only once it has stopped changing for `stuck_timeout_ms`.
+    failed: Option<((u64, SystemTime), Retry)>,
     reported_stuck: bool,
+}
+
+/// Why a read gave no frame this time; the file is tried again when it changes.
+#[derive(Debug, Clone, PartialEq)]
+enum Retry {
+    /// It does not decode, names data past its end, or changed while it was read.
+    Unfinished(String),
+    /// Its last pixel bytes are zero: a preallocated file whose pixels are still to come.
+    ZeroTail,
+}
+
+/// What a watched file was when it was read: a change after that is reported.
+type Stamp = (u64, SystemTime);
+
+fn stamp(p: &Path) -> Option<Stamp> {
+    let md = std::fs::metadata(p).ok()?;
+    md.is_file()
+        .then(|| (md.len(), md.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
 }
 
 /// The folder source.
@@ -78,6 +97,29 @@ fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// Records what `p` is now (size, mtime) among the files waiting to be read; a change restarts
+/// its stability clock.
+fn touch(pending: &mut BTreeMap<PathBuf, Candidate>, p: PathBuf, closed: bool) {
+    let Some((size, mtime)) = stamp(&p) else { return };
+    let now = Instant::now();
+    let c = pending.entry(p).or_insert(Candidate {
+        size,
+        mtime,
+        changed_at: now,
+        first_seen: now,
+        closed: false,
+        failed: None,
+        reported_stuck: false,
+    });
+    if c.size != size || c.mtime != mtime {
+        c.size = size;
+        c.mtime = mtime;
+        c.changed_at = now;
+        c.closed = false;
+    }
+    c.closed |= closed;
 }
 
 impl FolderSource {
@@ -152,8 +194,15 @@ impl FolderSource {
     }
 
     /// Reads one complete file into a frame. `Ok(None)`: not an image of this plate (reported).
-    /// `Err(())`: could not decode; the caller retries when the file changes.
-    fn read(&self, path: &Path, mtime: SystemTime, report: &mut SourceReport) -> Result<Option<Frame>, String> {
+    /// `Err`: not readable yet; the caller tries again when the file changes. A file whose last
+    /// pixel bytes are zero is read only with `allow_zero_tail` (once it stopped changing).
+    fn read(
+        &self,
+        path: &Path,
+        mtime: SystemTime,
+        report: &mut SourceReport,
+        allow_zero_tail: bool,
+    ) -> Result<Option<Frame>, Retry> {
         let name = file_name(path);
         let parsed: Parsed = match self.layout.parse(&name) {
             Ok(p) => layout::with_folders(self.cfg.layout, p, path),
@@ -210,15 +259,47 @@ impl FolderSource {
             return Ok(None);
         }
         let t0 = Instant::now();
-        let img = read_image(path).map_err(|e| {
+        let chain = |e: &dyn std::error::Error| {
             let mut s = e.to_string();
-            let mut src = std::error::Error::source(&e);
+            let mut src = e.source();
             while let Some(c) = src {
                 s.push_str(&format!(": {c}"));
                 src = c.source();
             }
             s
-        })?;
+        };
+        let before = stamp(path);
+        let header = match read_header(path) {
+            Ok(h) => h,
+            Err(TiffError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Retry::Unfinished(format!("{name}: gone before it was read")));
+            }
+            Err(e) => return Err(Retry::Unfinished(chain(&e))),
+        };
+        if !matches!(header.sample.as_str(), "uint8" | "uint16") {
+            let detail = format!("{name}: {} pixels; uint8 or uint16 expected", header.sample);
+            self.problem(report, path, "dtype", detail);
+            return Ok(None);
+        }
+        // Checked before a pixel is decoded: a file's directory may name gigabytes.
+        if (header.width, header.height) != (self.plan.width, self.plan.height) {
+            let detail = format!(
+                "{name}: {}x{} pixels, the plate's fields are {}x{}",
+                header.width, header.height, self.plan.width, self.plan.height
+            );
+            self.problem(report, path, "shape", detail);
+            return Ok(None);
+        }
+        if header.zero_tail && !allow_zero_tail {
+            return Err(Retry::ZeroTail);
+        }
+        let img = read_image_limited(path, self.plan.width * self.plan.height * 2 + (1 << 20))
+            .map_err(|e| Retry::Unfinished(chain(&e)))?;
+        // Re-checked after reading: a writer that went on meanwhile would leave a mix of old and
+        // new bytes, so the read is thrown away and the file tried again once it settles.
+        if stamp(path) != before {
+            return Err(Retry::Unfinished(format!("{name}: changed while it was read")));
+        }
         report.read_time += t0.elapsed();
         let pixels = match img.plane {
             Plane::U16(d) => Pixels::U16(Arc::from(d)),
@@ -276,50 +357,21 @@ impl FolderSource {
             .watch(&self.cfg.path, notify::RecursiveMode::Recursive)
             .map_err(io)?;
         let mut pending: BTreeMap<PathBuf, Candidate> = BTreeMap::new();
-        let mut done: HashSet<PathBuf> = HashSet::new();
+        let mut done: HashMap<PathBuf, Option<Stamp>> = HashMap::new();
         let mut fields: HashSet<FieldKey> = HashSet::new();
         let mut last_activity = Instant::now();
         let stable = Duration::from_millis(self.cfg.stable_ms);
         let stuck = Duration::from_millis(self.cfg.stuck_timeout_ms);
         let idle = Duration::from_millis(self.cfg.idle_exit_ms);
+        let rescan = Duration::from_millis(self.cfg.rescan_ms);
+        let mut last_rescan = Instant::now();
         let mut initial = Vec::new();
         walk(&self.cfg.path, &mut initial);
-        let touch = |pending: &mut BTreeMap<PathBuf, Candidate>, p: PathBuf, closed: bool| {
-            let Ok(md) = std::fs::metadata(&p) else { return };
-            if !md.is_file() {
-                return;
-            }
-            let (size, mtime) = (md.len(), md.modified().unwrap_or(SystemTime::UNIX_EPOCH));
-            let now = Instant::now();
-            let c = pending.entry(p).or_insert(Candidate {
-                size,
-                mtime,
-                changed_at: now,
-                first_seen: now,
-                closed: false,
-                failed_at: None,
-                reported_stuck: false,
-            });
-            if c.size != size || c.mtime != mtime {
-                c.size = size;
-                c.mtime = mtime;
-                c.changed_at = now;
-                c.closed = false;
-            }
-            c.closed |= closed;
-        };
         for p in initial {
             touch(&mut pending, p, false);
         }
         while !stop.is_stopped() {
-            if overflow.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                let mut all = Vec::new();
-                walk(&self.cfg.path, &mut all);
-                for p in all.into_iter().filter(|p| !done.contains(p)) {
-                    touch(&mut pending, p, false);
-                }
-                last_activity = Instant::now();
-            }
+            let overflowed = overflow.swap(false, std::sync::atomic::Ordering::Relaxed);
             while let Ok(ev) = rx.try_recv() {
                 let Ok(ev) = ev else { continue };
                 // The kernel's own event queue overflowed: some files were never reported.
@@ -336,10 +388,37 @@ impl FolderSource {
                         .file_name()
                         .and_then(|n| n.to_str())
                         .is_some_and(|n| n.starts_with('.'));
-                    if !hidden && !done.contains(&p) {
+                    if hidden {
+                        continue;
+                    }
+                    if p.is_dir() {
+                        // A directory created or moved in: files written into it before its own
+                        // watch was in place, or moved in with it, raise no event of their own.
+                        // (Not on access events: reading a directory, as the rescan does, raises
+                        // those.)
+                        let arrived = matches!(
+                            ev.kind,
+                            notify::EventKind::Create(_)
+                                | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+                        );
+                        if arrived {
+                            let mut inside = Vec::new();
+                            walk(&p, &mut inside);
+                            for f in inside.into_iter().filter(|f| !done.contains_key(f)) {
+                                touch(&mut pending, f, false);
+                                last_activity = Instant::now();
+                            }
+                        }
+                    } else if !done.contains_key(&p) {
                         touch(&mut pending, p, closed);
                         last_activity = Instant::now();
                     }
+                }
+            }
+            if overflowed || (!rescan.is_zero() && last_rescan.elapsed() >= rescan) {
+                last_rescan = Instant::now();
+                if self.reconcile(&mut pending, &mut done, &mut report, !overflowed) {
+                    last_activity = Instant::now();
                 }
             }
             let paths: Vec<PathBuf> = pending.keys().cloned().collect();
@@ -347,33 +426,62 @@ impl FolderSource {
                 // Polling catches size changes that produced no event (network shares).
                 touch(&mut pending, p.clone(), false);
                 let Some(c) = pending.get_mut(&p) else { continue };
-                let ready = c.size > 0 && (c.closed || c.changed_at.elapsed() >= stable) && c.failed_at != Some(c.size);
-                if !ready {
-                    if c.first_seen.elapsed() > stuck {
-                        if c.failed_at == Some(c.size) || c.changed_at.elapsed() > stuck {
-                            // Unchanged since it failed to decode (or empty) for the whole timeout.
+                let now = (c.size, c.mtime);
+                let failed_here = c.failed.as_ref().filter(|(at, _)| *at == now).map(|(_, r)| r.clone());
+                // Unchanged for the whole timeout: whatever it is now, it stays.
+                let settled = c.changed_at.elapsed() > stuck;
+                let allow_zero_tail = match failed_here {
+                    None => {
+                        let ready = c.size > 0 && (c.closed || c.changed_at.elapsed() >= stable);
+                        if ready {
+                            false
+                        } else {
+                            if c.size == 0 && settled {
+                                let detail = format!("{}: empty for {} s", file_name(&p), stuck.as_secs_f64());
+                                pending.remove(&p);
+                                self.problem(&mut report, &p, "unreadable", detail);
+                                done.insert(p, None);
+                            } else if c.first_seen.elapsed() > stuck && !settled && !c.reported_stuck {
+                                c.reported_stuck = true;
+                                let detail = format!(
+                                    "{}: still being written after {} s; read once it is complete",
+                                    file_name(&p),
+                                    stuck.as_secs_f64()
+                                );
+                                self.problems
+                                    .recovered(&mut report, p.display().to_string(), "stuck", detail);
+                            }
+                            continue;
+                        }
+                    }
+                    Some(Retry::Unfinished(e)) => {
+                        // Final only once the file has stopped changing: a slow writer that
+                        // pauses is read when it resumes and finishes.
+                        if settled {
+                            let detail = format!("{e} (unchanged for {} s: truncated or corrupt)", stuck.as_secs_f64());
+                            pending.remove(&p);
+                            self.problem(&mut report, &p, "unreadable", detail);
+                            done.insert(p, None);
+                        }
+                        continue;
+                    }
+                    Some(Retry::ZeroTail) if !settled => continue,
+                    Some(Retry::ZeroTail) => true,
+                };
+                let mtime = c.mtime;
+                match self.read(&p, mtime, &mut report, allow_zero_tail) {
+                    Ok(Some(frame)) => {
+                        if allow_zero_tail {
                             let detail = format!(
-                                "{}: unreadable or empty, unchanged for {} s (truncated or corrupt)",
+                                "{}: its last pixel bytes are zero and it has not changed for {} s; read as it is",
                                 file_name(&p),
                                 stuck.as_secs_f64()
                             );
-                            pending.remove(&p);
-                            self.problem(&mut report, &p, "unreadable", detail);
-                            done.insert(p);
-                        } else if !c.reported_stuck {
-                            c.reported_stuck = true;
-                            let detail =
-                                format!("{}: still being written after {} s", file_name(&p), stuck.as_secs_f64());
-                            self.problem(&mut report, &p, "stuck", detail);
+                            self.problems
+                                .recovered(&mut report, p.display().to_string(), "zero_tail", detail);
                         }
-                    }
-                    continue;
-                }
-                let mtime = c.mtime;
-                match self.read(&p, mtime, &mut report) {
-                    Ok(Some(frame)) => {
                         pending.remove(&p);
-                        done.insert(p);
+                        done.insert(p, Some(now));
                         last_activity = Instant::now();
                         if self.skip.contains(&frame.key) {
                             continue;
@@ -385,17 +493,11 @@ impl FolderSource {
                     }
                     Ok(None) => {
                         pending.remove(&p);
-                        done.insert(p);
+                        done.insert(p, None);
                     }
-                    Err(e) => {
+                    Err(r) => {
                         if let Some(c) = pending.get_mut(&p) {
-                            c.failed_at = Some(c.size);
-                            if c.first_seen.elapsed() > stuck {
-                                let name = file_name(&p);
-                                self.problem(&mut report, &p, "unreadable", format!("{name}: {e}"));
-                                pending.remove(&p);
-                                done.insert(p);
-                            }
+                            c.failed = Some((now, r));
                         }
                     }
                 }
@@ -407,6 +509,60 @@ impl FolderSource {
         }
         report.stopped_early = true;
         Ok(report)
+    }
+
+    /// Walks the folder against what was seen: a file no event reported is taken up (and, on
+    /// a periodic rescan, reported as found late), a file changed after it was read is reported.
+    /// Cheap: one `stat` per file. Returns whether it found anything new.
+    fn reconcile(
+        &self,
+        pending: &mut BTreeMap<PathBuf, Candidate>,
+        done: &mut HashMap<PathBuf, Option<Stamp>>,
+        report: &mut SourceReport,
+        count_missed: bool,
+    ) -> bool {
+        let mut all = Vec::new();
+        walk(&self.cfg.path, &mut all);
+        // An event may still be on its way for a file this young.
+        let young = Duration::from_millis(1000.max(2 * self.cfg.poll_interval_ms));
+        let mut found = false;
+        for p in all {
+            if pending.contains_key(&p) {
+                continue;
+            }
+            match done.get_mut(&p) {
+                Some(Some(read_as)) => {
+                    if let Some(now) = stamp(&p).filter(|s| s != read_as) {
+                        let detail = format!(
+                            "{}: changed after it was read ({} bytes then, {} now); the plate keeps the pixels read then",
+                            file_name(&p),
+                            read_as.0,
+                            now.0
+                        );
+                        *read_as = now;
+                        self.problem(report, &p, "changed_after_read", detail);
+                    }
+                }
+                Some(None) => {}
+                None => {
+                    touch(pending, p.clone(), false);
+                    found = true;
+                    let old = pending
+                        .get(&p)
+                        .and_then(|c| c.mtime.elapsed().ok())
+                        .is_some_and(|age| age > young);
+                    if count_missed && old {
+                        let detail = format!(
+                            "{}: found by the periodic rescan; no watch event reported it",
+                            file_name(&p)
+                        );
+                        self.problems
+                            .recovered(report, p.display().to_string(), "missed_event", detail);
+                    }
+                }
+            }
+        }
+        found
     }
 
     /// A finished folder, in acquisition order (modification time), paced by `speed`.
@@ -427,7 +583,7 @@ impl FolderSource {
             if let (Speed::Factor(f), Some(t0)) = (self.cfg.speed, t_first) {
                 wait_until(start + mtime.duration_since(t0).unwrap_or_default().div_f64(f), stop);
             }
-            match self.read(&p, mtime, &mut report) {
+            match self.read(&p, mtime, &mut report, true) {
                 Ok(Some(frame)) => {
                     // A stop takes effect between fields, so the last field is delivered whole.
                     if stop.is_stopped() && current.as_ref() != Some(&frame.key) {
@@ -444,7 +600,8 @@ impl FolderSource {
                     report.send(out, frame)?;
                 }
                 Ok(None) => {}
-                Err(e) => self.problem(&mut report, &p, "unreadable", format!("{}: {e}", file_name(&p))),
+                Err(Retry::Unfinished(e)) => self.problem(&mut report, &p, "unreadable", e),
+                Err(Retry::ZeroTail) => {}
             }
         }
         Ok(report)

@@ -328,10 +328,11 @@ fn print_summary(s: &RunSummary) {
     );
     if !s.source.read_time.is_zero() {
         println!(
-            "  input reading    {:.2} s ({:.0}% of elapsed), {} inputs skipped",
+            "  input reading    {:.2} s ({:.0}% of elapsed), {} inputs skipped, {} read late",
             s.source.read_time.as_secs_f64(),
             100.0 * s.source.read_time.as_secs_f64() / secs.max(1e-9),
-            s.source.problems
+            s.source.problems,
+            s.source.recovered
         );
     }
     println!("  sinks            {}", s.sinks.join(", "));

@@ -33,6 +33,7 @@ pub use schedule::*;
 pub const FRAMES_IN: &str = "liveomics_frames_in_total";
 pub const FRAMES_REJECTED: &str = "liveomics_frames_rejected_total";
 pub const INPUTS_REJECTED: &str = "liveomics_inputs_rejected_total";
+pub const INPUTS_RECOVERED: &str = "liveomics_inputs_recovered_total";
 pub const FIELDS_ASSEMBLED: &str = "liveomics_fields_assembled_total";
 pub const FIELDS_INCOMPLETE: &str = "liveomics_fields_incomplete_total";
 pub const FIELDS_DONE: &str = "liveomics_fields_done_total";
@@ -225,6 +226,10 @@ fn describe() {
     describe_counter!(
         INPUTS_REJECTED,
         "Source inputs (files) skipped, by reason; each is logged with its name"
+    );
+    describe_counter!(
+        INPUTS_RECOVERED,
+        "Source inputs (files) read late or despite a doubt, by reason; each is logged with its name"
     );
     describe_counter!(FIELDS_ASSEMBLED, "Fields assembled (complete or not)");
     describe_counter!(

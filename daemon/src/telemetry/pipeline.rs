@@ -57,6 +57,28 @@ impl InputRejected<'_> {
     }
 }
 
+/// A source read an input after all, late (an event the watcher missed) or despite a doubt (a
+/// file whose pixels end in zeros, read once it stopped changing): logged with its name, counted
+/// by reason, so a watcher that misses files shows before it misses one for good.
+#[derive(Debug)]
+pub struct InputRecovered<'a> {
+    pub input: &'a str,
+    pub reason: &'static str,
+    pub detail: &'a str,
+}
+
+impl InputRecovered<'_> {
+    pub fn emit(&self) {
+        warn!(
+            input = self.input,
+            reason = self.reason,
+            "input read late: {}",
+            self.detail
+        );
+        counter!(INPUTS_RECOVERED, "reason" => self.reason).increment(1);
+    }
+}
+
 /// A field left assembly; `missing` names channels that never came.
 #[derive(Debug)]
 pub struct FieldAssembled<'a> {
