@@ -289,6 +289,53 @@ def test_sigkill_then_restart_gives_every_field_once(binary, tmp_path, seed):
     crash_trial(binary, tmp_path, seed)
 
 
+def test_resume_verifies_what_it_skips(binary, tmp_path):
+    """Six listed fields, each damaged after the run in one of the ways a disk, a copy or a person
+    can: a truncated raw shard, a zeroed one, an invalid and a deleted field zarr.json, a deleted
+    label shard, a deleted table. A restart finds each, says which and why, takes it off the
+    listing and redoes it; the plate then equals the undamaged one."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from compare_plates import compare
+
+    wells, fields = ("B2", "B3", "C2"), 2
+    cfg = tmp_path / "c.toml"
+    sim = sim_config(plate="verify", wells=wells, fields=fields, size=256)
+    cfg.write_text(daemon_toml(tmp_path / "out", "verify", None, sim, zenoh_enabled=False))
+    assert run(binary, "run", "--config", cfg).returncode == 0
+    plate = tmp_path / "out" / "verify.zarr"
+    shutil.copytree(plate, tmp_path / "reference.zarr")
+    shard = plate / "B/2/0/0/c/0/0/0"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    zeroed = plate / "B/2/1/0/c/1/0/0"
+    zeroed.write_bytes(bytes(zeroed.stat().st_size))
+    (plate / "B/3/0/zarr.json").write_text('{"zarr_format": 3, "node_type"')
+    (plate / "B/3/1/zarr.json").unlink()
+    (plate / "C/2/0/labels/cells/0/c/0/0/0").unlink()
+    shutil.rmtree(plate / "C/2/1/tables/table")
+    again = run(binary, "run", "--config", cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stderr
+    for field, part, why in [
+        ("B2/f0", "raw", "index fails its CRC32C"),
+        ("B2/f1", "raw", "index fails its CRC32C"),
+        ("B3/f0", "metadata", "not readable JSON"),
+        ("B3/f1", "metadata", "missing"),
+        ("C2/f0", "labels", "its shard is missing"),
+        ("C2/f1", "table", "tables/table/zarr.json is missing"),
+    ]:
+        line = next((ln for ln in log.splitlines() if f"verify/{field}/t0" in ln and "failed verification" in ln), "")
+        assert f'part="{part}"' in line and why in line, (field, log[-3000:])
+    assert int(again.stdout.split("fields acquired")[1].split()[0]) == 6, again.stdout
+    truth = tmp_path / "truth"
+    assert run(binary, "simulate", "--config", cfg, "--out", truth).returncode == 0
+    check_complete_plate(plate, truth, wells, fields)
+    # Contrast windows follow the fields a run has seen; the rest must be equal.
+    assert compare(tmp_path / "reference.zarr", plate, ignore=frozenset({"window"})) == []
+
+
 def test_disk_full_stops_intake_and_keeps_complete_fields_valid(binary, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()

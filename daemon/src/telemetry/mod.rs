@@ -37,6 +37,7 @@ pub const INPUTS_RECOVERED: &str = "liveomics_inputs_recovered_total";
 pub const FIELDS_ASSEMBLED: &str = "liveomics_fields_assembled_total";
 pub const FIELDS_INCOMPLETE: &str = "liveomics_fields_incomplete_total";
 pub const FIELDS_DONE: &str = "liveomics_fields_done_total";
+pub const FIELDS_UNVERIFIED: &str = "liveomics_fields_unverified_total";
 pub const CELLS: &str = "liveomics_cells_total";
 pub const STAGE_SECONDS: &str = "liveomics_stage_seconds";
 pub const SINK_SECONDS: &str = "liveomics_sink_seconds";
@@ -237,6 +238,10 @@ fn describe() {
         "Fields passed on with missing channels after the assembly timeout"
     );
     describe_counter!(FIELDS_DONE, "Fields written by every sink");
+    describe_counter!(
+        FIELDS_UNVERIFIED,
+        "Fields a resumed plate listed that failed verification and are redone, by the part that failed"
+    );
     describe_counter!(CELLS, "Cells segmented");
     describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Time per field in each stage");
     describe_histogram!(SINK_SECONDS, Unit::Seconds, "Time per field in each sink");

@@ -310,6 +310,28 @@ impl PlateResumed<'_> {
     }
 }
 
+/// A field a resumed plate lists as complete failed verification (`sink/zarr/verify.rs`): it is
+/// taken off the listing and redone when the source brings it again; nothing of it is deleted
+/// before then, so a source that cannot (a live microscope gone on) leaves its bytes in place.
+#[derive(Debug)]
+pub struct FieldUnverified<'a> {
+    pub field: &'a str,
+    pub part: &'static str,
+    pub detail: &'a str,
+}
+
+impl FieldUnverified<'_> {
+    pub fn emit(&self) {
+        warn!(
+            field = self.field,
+            part = self.part,
+            "listed field failed verification on resume, taken off the listing to be redone: {}",
+            self.detail
+        );
+        counter!(FIELDS_UNVERIFIED, "part" => self.part).increment(1);
+    }
+}
+
 /// A field a resumed plate already holds complete came again and was not rewritten.
 #[derive(Debug)]
 pub struct FieldAlreadyWritten<'a> {

@@ -19,6 +19,7 @@ mod metadata;
 pub mod node;
 pub mod ome;
 mod pyramid;
+mod verify;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -296,7 +297,10 @@ impl ZarrSink {
         }
         for w in plate.map(|p| p.plate.wells).unwrap_or_default() {
             if let Some(id) = parse_well_path(&w.path) {
-                self.load_well(id);
+                if self.load_well(id, true) {
+                    // Its listing names fields that failed verification: list only what holds.
+                    self.write_well(id)?;
+                }
             }
         }
         crate::telemetry::PlateResumed {
@@ -310,16 +314,34 @@ impl ZarrSink {
     /// Adds what the store holds of well `id` to what the sink knows of it: its fields (complete
     /// or not), their acquisition times and owed work, and its readouts when they pooled more
     /// fields. On resume; and in a cluster before each field, since another member may have
-    /// written the well before it came here.
-    fn load_well(&mut self, id: WellId) {
+    /// written the well before it came here. With `verify` (resume), each complete field is
+    /// checked first (`verify.rs`); one that fails is reported and left out, so the source
+    /// redoes it. Returns whether any failed.
+    fn load_well(&mut self, id: WellId, verify: bool) -> bool {
         let path = format!("{}/{}", id.row_name(), id.column_name());
         let liveomics_of = |node: &str| self.store.attributes(node).map(Value::Object);
         let Some(well) = liveomics_of(&path).map(|a| ome::read::<Value, ome::WellLiveomics>(&a).1) else {
-            return;
+            return false;
         };
         let well = well.unwrap_or_default();
-        let done: BTreeSet<(u32, u32)> = well.complete.into_iter().collect();
+        let mut done: BTreeSet<(u32, u32)> = well.complete.into_iter().collect();
         let incomplete: BTreeSet<(u32, u32)> = well.incomplete.into_iter().collect();
+        let mut failed = false;
+        if verify {
+            done.retain(|&(f, t)| match self.verify_field(id, f, t) {
+                Ok(()) => true,
+                Err(e) => {
+                    crate::telemetry::FieldUnverified {
+                        field: &format!("{}/{}/f{f}/t{t}", self.plan.plate, id.name()),
+                        part: e.part,
+                        detail: &e.detail,
+                    }
+                    .emit();
+                    failed = true;
+                    false
+                }
+            });
+        }
         for &(f, _) in done.iter().chain(&incomplete) {
             if !self.images.insert((id, f)) {
                 continue;
@@ -369,6 +391,7 @@ impl ZarrSink {
                 bulk.insert(model, (r, history));
             }
         }
+        failed
     }
 
     /// The wells the store lists, with their fields: what a cluster's final plate metadata
@@ -475,7 +498,7 @@ impl Sink for ZarrSink {
         let key = &work.field.key;
         let pair = (key.field, key.timepoint);
         if self.member.is_some() {
-            self.load_well(key.well);
+            self.load_well(key.well, false);
         }
         let listed = self.wells.get(&key.well).is_some_and(|d| d.contains(&pair));
         let was_incomplete = self.incomplete.get(&key.well).is_some_and(|d| d.contains(&pair));
