@@ -288,3 +288,40 @@ def test_watching_misses_nothing(binary, tmp_path):
     assert "changed_after_read" in err and replaced.name in err, err[-3000:]
     assert "unreadable" not in err, err[-3000:]
     check_plate(tmp_path / "out" / "P1.zarr", staged, manifest)
+
+
+def peak_rss_mb(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    """Runs `cmd`, sampling its peak resident memory (VmHWM) until it exits."""
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            status = open(f"/proc/{proc.pid}/status").read()
+            peak = max(peak, int(status.split("VmHWM:")[1].split()[0]))
+        except (FileNotFoundError, IndexError):
+            pass
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    return peak / 1024, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_deflate_bombs_are_refused_from_their_directory(binary, tmp_path):
+    """Three 11000x11000 uint16 TIFFs of a few hundred KB each (zeros, deflated) named as fields of
+    the plate: refused as `shape` from their directory, before a pixel is decoded. The replay's
+    peak RSS is that of the same replay without them, within 100 MB (24 such files took 1.9 GB
+    when they were decoded first; one decoded is 242 MB)."""
+    staged, manifest = stage(binary, tmp_path, "phenix")
+    args = ["--channels", ",".join(CHANNELS), "--pixel-size-um", "0.65"]
+    clean, proc = peak_rss_mb([binary, "replay", staged / "images", *args, "--output", tmp_path / "clean"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bomb = tmp_path / "bomb.tiff"
+    tifffile.imwrite(bomb, np.zeros((11000, 11000), np.uint16), compression="zlib", rowsperstrip=11000)
+    assert bomb.stat().st_size < 2_000_000
+    for i in range(3):
+        shutil.copy(bomb, staged / "images" / f"r04c04f0{i + 1}p01-ch1sk1fk1fl1.tiff")
+    peak, proc = peak_rss_mb([binary, "replay", staged / "images", *args, "--output", tmp_path / "out"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("11000x11000 pixels, the plate's fields are 256x256") == 3, proc.stderr[-3000:]
+    assert "fields           4 done" in proc.stdout, proc.stdout
+    print(f"replay peak RSS {peak:.0f} MB with 3 deflate bombs, {clean:.0f} MB without")
+    assert peak < clean + 100, f"peak RSS {peak:.0f} MB with the bombs, {clean:.0f} MB without"

@@ -93,3 +93,70 @@ http_listen = ""
     for f in manifest["files"]:
         arr = zarr.open_array(plate / f["well"][0] / f["well"][1:] / str(f["field"]) / "0", mode="r")
         np.testing.assert_array_equal(arr[CHANNELS.index(f["channel"])], tifffile.imread(tmp_path / "staged" / f["path"]))
+
+
+def test_oversized_frames_are_dropped_before_they_cost_memory(binary, tmp_path):
+    """60 frames of 32 MB with a valid header but the wrong shape (a 4096x4096 camera sending to a
+    256x256 plate) are rejected by size before they are queued or decoded: the daemon's peak RSS
+    stays under 600 MB (it reached 1.98 GB when they were queued first), and a frame of the
+    right size but the wrong shape is rejected before decoding too."""
+    port = free_port()
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f"""
+instrument = "scopeZ"
+[source]
+kind = "zenoh"
+[source.zenoh]
+plate = "Z1"
+channels = {json.dumps(CHANNELS)}
+width_px = 256
+height_px = 256
+pixel_size_um = 0.65
+idle_exit_ms = 3000
+queue_frames = 64
+[segmentation]
+method = "classical"
+[sinks.zarr]
+output = "{tmp_path / 'out'}"
+[sinks.zenoh]
+enabled = false
+[zenoh]
+listen = ["tcp/127.0.0.1:{port}"]
+[telemetry]
+http_listen = ""
+"""
+    )
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if "listening for frames" in proc.stderr.readline():
+            break
+    conf = zenoh.Config()
+    conf.insert_json5("mode", '"peer"')
+    conf.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    session = zenoh.open(conf)
+    key = "liveomics/scopeZ/frames/Z1/B2/0/DAPI"
+    probe = session.declare_publisher(key)
+    wait_for(lambda: probe.matching_status.matching, "the daemon's frame subscription")
+    big = np.ones((4096, 4096), "<u2").tobytes()
+    header = json.dumps({"shape": [4096, 4096], "dtype": "uint16", "timepoint": 0}).encode()
+    peak = 0
+    for _ in range(60):
+        session.put(key, big, attachment=header, congestion_control=zenoh.CongestionControl.BLOCK)
+        status = open(f"/proc/{proc.pid}/status").read()
+        peak = max(peak, int(status.split("VmHWM:")[1].split()[0]))
+    wrong = json.dumps({"shape": [128, 512], "dtype": "uint16", "timepoint": 0}).encode()
+    session.put(key, np.ones((128, 512), "<u2").tobytes(), attachment=wrong,
+                congestion_control=zenoh.CongestionControl.BLOCK)
+    time.sleep(1.0)
+    status = open(f"/proc/{proc.pid}/status").read()
+    peak = max(peak, int(status.split("VmHWM:")[1].split()[0]))
+    out, err = proc.communicate(timeout=120)
+    session.close()
+    assert proc.returncode == 0, err[-3000:]
+    assert "61 inputs skipped" in out, out
+    assert "dropped before it was queued" in err and "a 128x512 frame" in err, err[-3000:]
+    print(f"daemon peak RSS {peak / 1024:.0f} MB over 60 frames of 32 MB")
+    assert peak < 600 * 1024, f"peak RSS {peak / 1024:.0f} MB"

@@ -229,6 +229,16 @@ impl ZenohSource {
             }
         }
         let [h, w] = header.shape;
+        // Before a byte is decoded: a frame of another shape could not join a field anyway.
+        if (h, w) != (self.plan.height, self.plan.width) {
+            return Err((
+                "shape",
+                format!(
+                    "{key}: a {h}x{w} frame, the plate's fields are {}x{}",
+                    self.plan.height, self.plan.width
+                ),
+            ));
+        }
         let n = h
             .checked_mul(w)
             .ok_or_else(|| ("shape", format!("{key}: shape overflows")))?;
@@ -296,9 +306,23 @@ impl Source for ZenohSource {
             context: "zenoh".into(),
             source: std::io::Error::other(crate::telemetry::error_chain(&e)),
         })?;
+        // A frame's size is checked as it arrives, on zenoh's receive path, before it is
+        // queued: one larger than a plane of the plan is dropped there and reported here, so
+        // the queue holds at most `queue_frames` planes whatever the network sends. A full
+        // queue blocks the receive path (backpressure), as zenoh's own FIFO would.
+        let max_bytes = self.plan.width * self.plan.height * 2;
+        let (sample_tx, samples) = crossbeam_channel::bounded::<Arrival>(c.queue_frames);
         let subscriber = session
             .declare_subscriber(self.key_expr())
-            .with(zenoh::handlers::FifoChannel::new(c.queue_frames))
+            .callback(move |sample: zenoh::sample::Sample| {
+                let len = sample.payload().len();
+                let arrival = if len > max_bytes {
+                    Arrival::TooLarge(sample.key_expr().as_str().to_string(), len)
+                } else {
+                    Arrival::Frame(sample)
+                };
+                let _ = sample_tx.send(arrival);
+            })
             .wait()
             .map_err(zerr)?;
         let bridge_key = format!("liveomics/{}/bridge/{}", self.instrument, self.plan.plate);
@@ -394,15 +418,24 @@ impl Source for ZenohSource {
             let (key, payload, attachment) = if let Some(raw) = taken.pop_front() {
                 raw
             } else {
-                let sample = match subscriber.recv_timeout(Duration::from_millis(100)) {
-                    Ok(Some(s)) => s,
-                    Ok(None) => {
+                let sample = match samples.recv_timeout(Duration::from_millis(100)) {
+                    Ok(Arrival::Frame(s)) => s,
+                    Ok(Arrival::TooLarge(key, len)) => {
+                        last = Instant::now();
+                        let detail = format!(
+                            "{key}: {len} bytes, more than a {}x{} uint16 plane ({max_bytes}); dropped before it was queued",
+                            self.plan.height, self.plan.width
+                        );
+                        self.problems.report(&mut report, key, "bytes", detail);
+                        continue;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                         if !idle.is_zero() && last.elapsed() > idle {
                             break;
                         }
                         continue;
                     }
-                    Err(_) => break,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 };
                 last = Instant::now();
                 let raw: RawFrame = (
@@ -495,6 +528,13 @@ impl Source for ZenohSource {
         drop(done_notices);
         Ok(report)
     }
+}
+
+/// What the subscriber's callback hands the source's loop: a frame to decode, or the key and size
+/// of one too large to queue.
+enum Arrival {
+    Frame(zenoh::sample::Sample),
+    TooLarge(String, usize),
 }
 
 /// Little-endian uint16 bytes to pixels (the wire format is little-endian whatever the host).
