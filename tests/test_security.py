@@ -354,3 +354,41 @@ def test_the_store_serves_only_regular_files_inside_the_plate(binary, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_slow_readers_cannot_take_the_server_down(binary, tmp_path):
+    """48 connections that ask for a 16 MB file and never read it hold every slot; each new
+    request still gets its answer (it takes the slot of the oldest connection of the busiest
+    address), so the page and /metrics stay up."""
+    import socket
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml_text(merged(sim_config(plate="slow", wells=("A1",), fields=1, size=128),
+                                    {"segmentation": {"method": "classical"},
+                                     "sinks": {"zarr": {"output": tmp_path / "out"}, "zenoh": {"enabled": False}}})))
+    assert subprocess.run([str(binary), "run", "--config", str(cfg)], capture_output=True, timeout=120).returncode == 0
+    plate = tmp_path / "out" / "slow.zarr"
+    (plate / "A" / "1" / "big.bin").write_bytes(bytes(16 * 1024 * 1024))
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "serve", str(plate), "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    readers = []
+    try:
+        assert "serving" in proc.stdout.readline()
+        for _ in range(48):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /zarr/slow.zarr/A/1/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            readers.append(s)
+        time.sleep(0.5)
+        answered = 0
+        for _ in range(10):
+            status, _, body = http_get(port, "/api/state")
+            answered += status == 200
+        assert answered == 10, f"{answered} of 10 answered with 48 slow readers connected"
+    finally:
+        for s in readers:
+            s.close()
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -42,8 +42,11 @@ pub const MAX_CONNECTIONS: usize = 48;
 const MAX_STREAMS: usize = 16;
 /// Time to receive the request line and headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Time for any answer but the event stream.
+/// Time for any answer but the event stream to begin.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for any answer but the event stream to be sent whole: a reader slower than a 16 MB shard
+/// in this long is cut, so it cannot hold a slot for good.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 const INDEX: &str = include_str!("page/index.html");
 const APP: &str = include_str!("page/app.js");
@@ -139,10 +142,14 @@ fn router(app: App) -> Router {
         answers = answers.nest_service(&format!("/zarr/{name}"), store);
         answers = answers.layer(cors);
     }
-    let answers = answers.layer(TimeoutLayer::with_status_code(
-        StatusCode::REQUEST_TIMEOUT,
-        ANSWER_TIMEOUT,
-    ));
+    let answers = answers
+        .layer(axum::middleware::map_response(|r: Response| async move {
+            r.map(|body| axum::body::Body::new(Deadline::new(body, BODY_TIMEOUT)))
+        }))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            ANSWER_TIMEOUT,
+        ));
     Router::new()
         .route("/api/events", get(events))
         .merge(answers)
@@ -257,30 +264,111 @@ async fn thumbnail(
     }
 }
 
+/// A response body that ends in an error, which makes hyper drop the connection, once `deadline`
+/// has passed: what a slow reader gets instead of a slot held for as long as it likes.
+struct Deadline {
+    inner: axum::body::Body,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    fn new(inner: axum::body::Body, limit: Duration) -> Self {
+        Self {
+            inner,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+}
+
+impl axum::body::HttpBody for Deadline {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if std::future::Future::poll(self.sleep.as_mut(), cx).is_ready() {
+            let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "answer not read within its time");
+            return std::task::Poll::Ready(Some(Err(axum::Error::new(e))));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The connections being served: when all slots are taken, a new connection takes the slot of
+/// the oldest connection of the address holding the most, so one client (or a flood of
+/// reconnecting ones) cannot starve `/metrics` or the page; every newcomer is served.
+#[derive(Default)]
+struct Slots {
+    next: u64,
+    held: Vec<(u64, std::net::IpAddr, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl Slots {
+    /// Registers a connection from `ip`, evicting one if all are taken; returns its id and the
+    /// receiver that says it was evicted.
+    fn take(&mut self, ip: std::net::IpAddr) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        if self.held.len() >= MAX_CONNECTIONS {
+            let mut counts: std::collections::HashMap<std::net::IpAddr, usize> = Default::default();
+            for (_, a, _) in &self.held {
+                *counts.entry(*a).or_default() += 1;
+            }
+            let busiest = counts.into_iter().max_by_key(|&(_, n)| n).map(|(a, _)| a);
+            // `held` is in arrival order: the first of the busiest address is its oldest.
+            if let Some(i) = self.held.iter().position(|(_, a, _)| Some(*a) == busiest) {
+                let (_, _, evict) = self.held.remove(i);
+                let _ = evict.send(());
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.next += 1;
+        self.held.push((self.next, ip, tx));
+        (self.next, rx)
+    }
+
+    fn give_back(&mut self, id: u64) {
+        self.held.retain(|(i, _, _)| *i != id);
+    }
+}
+
 async fn serve(listener: TcpListener, router: Router) {
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
         return;
     };
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(std::sync::Mutex::new(Slots::default()));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             // Out of descriptors, say: wait instead of spinning.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
+        let Ok((id, evicted)) = slots.lock().map(|mut s| s.take(peer.ip())) else {
+            return;
         };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let slots = Arc::clone(&slots);
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
-            let _ = conn.await;
-            drop(permit);
+            tokio::select! {
+                _ = conn => {}
+                _ = evicted => {}
+            }
+            if let Ok(mut s) = slots.lock() {
+                s.give_back(id);
+            }
         });
     }
 }
