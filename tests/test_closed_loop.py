@@ -201,3 +201,43 @@ def test_a_request_the_bridge_refuses_is_acknowledged_rejected_and_closed(binary
     assert [(a["state"], a["reason"]) for a in acks] == [("rejected", "count")]
     assert "follow-up rejected by the bridge" in err and 'reason="count"' in err, err[-3000:]
     assert "not done when the run ended" not in err
+
+
+def test_a_daemon_that_stops_reading_for_7_s_loses_nothing(binary, tmp_path):
+    """The daemon is frozen (SIGSTOP) for 7 s mid-plate, so the bridge's puts block: longer than
+    zenoh's default 5 s, after which the bridge's session used to be closed and its queued frames
+    lost without a word (shorter than the 10 s lease, after which a peer counts as gone). The
+    bridge now waits (its `block_s`), every frame is numbered, and the daemon finds no gap: every
+    field arrives complete."""
+    import signal
+
+    port = free_port()
+    proc, _ = start_daemon(binary, tmp_path, port, {"source": {"zenoh": {"width_px": 2048, "height_px": 2048}}})
+    # Plain bytes over TCP (no shared memory) and 8 MB frames, so the frames fill the link's
+    # buffers and the bridge's puts block for as long as the daemon is frozen.
+    core = demo_core()
+    core.setProperty("Camera", "OnCameraCCDXSize", 2048)
+    core.setProperty("Camera", "OnCameraCCDYSize", 2048)
+    bridge = Bridge(core, "mm", "MM1", zconf(port), idle_s=1.0, shm_bytes=0)
+    assert bridge.wait_for_daemon()
+    positions = [useq.Position(x=i * 100.0, y=0, name=f"A1_{i:04d}") for i in range(10)]
+    seq = useq.MDASequence(stage_positions=positions, channels=["DAPI", "FITC"])
+
+    def freeze():
+        wait_for(lambda: bridge.stats.frames >= 2, "the first frames out")
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(7.0)
+        proc.send_signal(signal.SIGCONT)
+
+    t = threading.Thread(target=freeze)
+    t.start()
+    try:
+        stats = bridge.run(seq)
+    finally:
+        t.join()
+        bridge.close()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert stats.frames == 20
+    assert "frames lost" not in out and "lost in transport" not in err, (out, err[-3000:])
+    assert "10 done" in out and "0 incomplete" in out, out

@@ -160,3 +160,68 @@ http_listen = ""
     assert "dropped before it was queued" in err and "a 128x512 frame" in err, err[-3000:]
     print(f"daemon peak RSS {peak / 1024:.0f} MB over 60 frames of 32 MB")
     assert peak < 600 * 1024, f"peak RSS {peak / 1024:.0f} MB"
+
+
+def test_gaps_in_the_publishers_numbers_are_counted_and_named(binary, tmp_path):
+    """A publisher numbers its frames (`stream`, `seq`, as the bridge does); two numbers never
+    arrive (dropped on purpose between publisher and daemon): the daemon counts 2 lost frames,
+    names the gaps in its log and summary, and writes the rest."""
+    sim = tmp_path / "sim.toml"
+    sim.write_text(sim_toml(plate="Z1", wells=("B2",), fields=3, size=64, seed=4))
+    assert run(binary, "simulate", "--config", sim, "--out", tmp_path / "staged").returncode == 0
+    manifest = json.loads((tmp_path / "staged" / "manifest.json").read_text())
+    port = free_port()
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f"""
+instrument = "scopeZ"
+[source]
+kind = "zenoh"
+[source.zenoh]
+plate = "Z1"
+channels = {json.dumps(CHANNELS)}
+width_px = 64
+height_px = 64
+pixel_size_um = 0.65
+idle_exit_ms = 2500
+[segmentation]
+method = "classical"
+[pipeline]
+assembly_timeout_ms = 1000
+[sinks.zarr]
+output = "{tmp_path / 'out'}"
+[sinks.zenoh]
+enabled = false
+[zenoh]
+listen = ["tcp/127.0.0.1:{port}"]
+[telemetry]
+http_listen = ""
+"""
+    )
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if "listening for frames" in proc.stderr.readline():
+            break
+    conf = zenoh.Config()
+    conf.insert_json5("mode", '"peer"')
+    conf.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    session = zenoh.open(conf)
+    probe = session.declare_publisher("liveomics/scopeZ/frames/Z1/B2/0/DAPI")
+    wait_for(lambda: probe.matching_status.matching, "the daemon's frame subscription")
+    files = sorted(manifest["files"], key=lambda f: (f["field"], CHANNELS.index(f["channel"])))
+    dropped = {5, 9}  # field 1's second channel, field 2's second channel
+    for seq, f in enumerate(files):
+        if seq in dropped:
+            continue
+        px = tifffile.imread(tmp_path / "staged" / f["path"])
+        header = {"shape": list(px.shape), "dtype": "uint16", "timepoint": 0, "stream": "bridge7", "seq": seq}
+        session.put(f"liveomics/scopeZ/frames/Z1/{f['well']}/{f['field']}/{f['channel']}", px.astype("<u2").tobytes(),
+                    attachment=json.dumps(header).encode(), congestion_control=zenoh.CongestionControl.BLOCK)
+    out, err = proc.communicate(timeout=120)
+    session.close()
+    assert proc.returncode == 0, err[-3000:]
+    assert "frames lost      2 in transport" in out, out
+    assert "1 frames lost in transport (numbers 5..5" in err and "(numbers 9..9" in err, err[-3000:]
+    assert "3 done" in out and "2 incomplete" in out, out

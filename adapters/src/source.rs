@@ -62,6 +62,8 @@ pub struct SourceReport {
     pub read_time: std::time::Duration,
     /// Inputs skipped with a reported problem.
     pub problems: u64,
+    /// Frames a publisher numbered and sent that never arrived (gaps in its sequence numbers).
+    pub lost: u64,
     /// Inputs read after all, late, with a reported notice: files a watch event missed and a
     /// rescan found, files read although they looked unfinished.
     pub recovered: u64,

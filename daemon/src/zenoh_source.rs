@@ -91,6 +91,40 @@ impl ZenohSourceConfig {
     }
 }
 
+/// The publisher's numbering of its frames (`stream`, `seq` in the header), read apart from the
+/// rest so that a frame rejected for another reason still counts as arrived.
+#[derive(Debug, Deserialize)]
+struct Numbered {
+    stream: String,
+    seq: u64,
+}
+
+/// Gaps in each publisher's frame numbers: frames a publisher sent that never arrived (its zenoh
+/// session closed on a long block, a link dropped them). A stream is one publisher's run (the
+/// bridge draws a new id when it starts), numbered from 0 without gaps; a lower number than the
+/// next expected is a resend or a duplicate, which assembly deals with.
+#[derive(Debug, Default)]
+pub struct Gaps {
+    next: std::collections::HashMap<String, u64>,
+}
+
+impl Gaps {
+    /// Streams remembered at once: publishers of one plate are few; a flood of made-up ids must
+    /// not grow the map.
+    const STREAMS: usize = 64;
+
+    /// Frame `seq` of `stream` arrived; returns the numbers `[from, to)` lost before it, if any.
+    pub fn see(&mut self, stream: &str, seq: u64) -> Option<(u64, u64)> {
+        if !self.next.contains_key(stream) && self.next.len() >= Self::STREAMS {
+            return None;
+        }
+        let next = self.next.entry(stream.to_string()).or_insert(0);
+        let lost = (seq > *next).then_some((*next, seq));
+        *next = (*next).max(seq + 1);
+        lost
+    }
+}
+
 /// The JSON header carried as the zenoh attachment of each frame.
 #[derive(Debug, Clone, Deserialize)]
 struct Header {
@@ -341,6 +375,7 @@ impl Source for ZenohSource {
         let idle = Duration::from_millis(c.idle_exit_ms);
         let mut last = Instant::now();
         let mut fields = std::collections::HashSet::new();
+        let mut gaps = Gaps::default();
         let member = self.cluster.member().cloned();
         let done_notices = match &member {
             Some(m) => Some(
@@ -443,6 +478,26 @@ impl Source for ZenohSource {
                     sample.payload().clone(),
                     sample.attachment().cloned(),
                 );
+                // Numbered as it arrives, before a cluster member holds it for another: a frame
+                // held is not lost.
+                if let Some(n) = raw
+                    .2
+                    .as_ref()
+                    .and_then(|a| serde_json::from_slice::<Numbered>(&a.to_bytes()).ok())
+                    .filter(|n| n.stream.len() <= 64)
+                {
+                    if let Some((from, to)) = gaps.see(&n.stream, n.seq) {
+                        report.lost += to - from;
+                        crate::telemetry::FramesLost {
+                            stream: &n.stream,
+                            from,
+                            to,
+                            before: &raw.0,
+                        }
+                        .emit();
+                    }
+                }
+
                 if let Some(m) = &member {
                     let attachment = raw.2.as_ref().map(|a| a.to_bytes());
                     if let Some(id) = field_id(&raw.0, attachment.as_deref()) {
@@ -551,6 +606,22 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+
+    #[test]
+    fn gaps_in_a_publishers_numbers_are_the_frames_lost() {
+        let mut g = Gaps::default();
+        assert_eq!(g.see("a", 0), None);
+        assert_eq!(g.see("a", 1), None);
+        assert_eq!(g.see("a", 4), Some((2, 4)), "2 and 3 never came");
+        assert_eq!(g.see("a", 3), None, "a late resend is no new gap");
+        assert_eq!(g.see("a", 5), None);
+        assert_eq!(g.see("b", 2), Some((0, 2)), "a stream's first frames lost too");
+        assert_eq!(g.see("a", 6), None, "streams are apart");
+        for i in 0..100 {
+            g.see(&format!("flood{i}"), 7);
+        }
+        assert!(g.next.len() <= Gaps::STREAMS);
+    }
 
     /// The key grammar both ends share: `tests/vectors/frame_keys.json`, which the Python
     /// bridge's test reads too.

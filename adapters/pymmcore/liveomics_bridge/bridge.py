@@ -7,6 +7,7 @@ import json
 import logging
 import queue
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -134,10 +135,12 @@ class Bridge:
 
     `session_config` is a `zenoh.Config`; None connects to the daemon's default loopback
     endpoint with no multicast scouting (`liveomics_bridge.session.session_config`). `limits`
-    bound what follow-up requests may ask for."""
+    bound what follow-up requests may ask for. `block_s` is how long a put may wait on a daemon
+    that pushes back before zenoh gives the session up (its default, 5 s, loses frames)."""
 
     def __init__(self, core, instrument: str, plate: str, session_config=None, queue_frames: int = 64,
-                 idle_s: float = 3.0, shm_bytes: int = 256 * 1024 * 1024, limits: FollowupLimits | None = None):
+                 idle_s: float = 3.0, shm_bytes: int = 256 * 1024 * 1024, limits: FollowupLimits | None = None,
+                 block_s: float = 3600.0):
         for chunk in (instrument, plate):
             if not NAME.match(chunk):
                 raise ValueError(f"{chunk!r} must match ^[A-Za-z0-9]+$")
@@ -152,7 +155,16 @@ class Bridge:
         except Exception:  # no such group in this configuration: the group check alone applies
             self._channel_configs = set()
         self._accepted_ns: collections.deque[int] = collections.deque()
-        self.session = zenoh.open(session_config if session_config is not None else default_session_config())
+        conf = session_config if session_config is not None else default_session_config()
+        # A put that blocks (the daemon pushing back) must not make zenoh close the session after
+        # its default 5 s: the frames queued in it would be lost and later puts go nowhere.
+        conf.insert_json5("transport/link/tx/queue/congestion_control/block/wait_before_close",
+                          str(int(block_s * 1_000_000)))
+        self.session = zenoh.open(conf)
+        # Every frame is numbered in this stream (a new id per bridge), so the daemon can count and
+        # name any that never arrive.
+        self.stream = secrets.token_hex(8)
+        self._seq = 0
         # Frames are written into zenoh shared memory: a daemon on the same host maps them instead
         # of receiving a copy over the socket; zenoh copies them onto the network otherwise.
         self._shm = None
@@ -217,7 +229,11 @@ class Bridge:
             "acquired_unix_ns": acquired_ns,
             "stage_um": [event.x_pos or 0.0, event.y_pos or 0.0, event.z_pos or 0.0],
             "event_index": {str(k): int(v) for k, v in event.index.items()},
+            "stream": self.stream,
+            "seq": self._seq,
         }
+        # Taken before the put: a frame whose put fails is a gap the daemon reports.
+        self._seq += 1
         px = self.core.getPixelSizeUm()
         if px and px > 0:
             header["pixel_size_um"] = px

@@ -326,6 +326,12 @@ fn print_summary(s: &RunSummary) {
         "  acquisition held {:.2} s by backpressure",
         s.source.blocked.as_secs_f64()
     );
+    if s.source.lost > 0 {
+        println!(
+            "  frames lost      {} in transport (gaps in the publisher's numbers; see the log)",
+            s.source.lost
+        );
+    }
     if !s.source.read_time.is_zero() {
         println!(
             "  input reading    {:.2} s ({:.0}% of elapsed), {} inputs skipped, {} read late",

@@ -32,6 +32,7 @@ pub use schedule::*;
 
 pub const FRAMES_IN: &str = "liveomics_frames_in_total";
 pub const FRAMES_REJECTED: &str = "liveomics_frames_rejected_total";
+pub const FRAMES_LOST: &str = "liveomics_frames_lost_total";
 pub const INPUTS_REJECTED: &str = "liveomics_inputs_rejected_total";
 pub const INPUTS_RECOVERED: &str = "liveomics_inputs_recovered_total";
 pub const FIELDS_ASSEMBLED: &str = "liveomics_fields_assembled_total";
@@ -224,6 +225,10 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(FRAMES_IN, "Frames received from the source, by channel");
     describe_counter!(FRAMES_REJECTED, "Frames rejected at assembly, by reason");
+    describe_counter!(
+        FRAMES_LOST,
+        "Frames a publisher numbered and sent that never arrived (gaps in its sequence numbers)"
+    );
     describe_counter!(
         INPUTS_REJECTED,
         "Source inputs (files) skipped, by reason; each is logged with its name"

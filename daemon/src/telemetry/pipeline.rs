@@ -57,6 +57,33 @@ impl InputRejected<'_> {
     }
 }
 
+/// A publisher's frame numbers jumped: frames `[from, to)` of its stream were sent and never
+/// arrived. Their fields go on incomplete after the assembly timeout; this says why.
+#[derive(Debug)]
+pub struct FramesLost<'a> {
+    pub stream: &'a str,
+    pub from: u64,
+    pub to: u64,
+    /// The key of the first frame that came after the gap.
+    pub before: &'a str,
+}
+
+impl FramesLost<'_> {
+    pub fn emit(&self) {
+        warn!(
+            stream = self.stream,
+            from = self.from,
+            to = self.to,
+            "{} frames lost in transport (numbers {}..{} of the publisher's stream never arrived; the next was {}): their fields will be incomplete",
+            self.to - self.from,
+            self.from,
+            self.to - 1,
+            self.before
+        );
+        counter!(FRAMES_LOST).increment(self.to - self.from);
+    }
+}
+
 /// A source read an input after all, late (an event the watcher missed) or despite a doubt (a
 /// file whose pixels end in zeros, read once it stopped changing): logged with its name, counted
 /// by reason, so a watcher that misses files shows before it misses one for good.
