@@ -140,6 +140,11 @@ pub struct PipelineConfig {
     /// (skipped inline to keep deadlines) is backfilled during the acquisition; one field at a
     /// time then. Whatever is still owed is backfilled at the end of the plate.
     pub backfill_after_idle_ms: u64,
+    /// After the first SIGINT/SIGTERM, how long the fields in flight may take to drain before the
+    /// daemon exits anyway (130): a field inside a long kernel must not keep an operator's Ctrl-C
+    /// waiting for minutes. The plate is crash-safe, so what was cut is unlisted and redone on
+    /// resume.
+    pub stop_grace_ms: u64,
 }
 
 impl Default for PipelineConfig {
@@ -152,6 +157,7 @@ impl Default for PipelineConfig {
             assembly_timeout_ms: 10_000,
             max_pending_mb: 2048,
             backfill_after_idle_ms: 1000,
+            stop_grace_ms: 30_000,
         }
     }
 }
@@ -406,6 +412,12 @@ impl PipelineConfig {
             out.push(Invalid::new(
                 "backfill_after_idle_ms",
                 format!("must be at most 3600000 (an hour), got {}", self.backfill_after_idle_ms),
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.stop_grace_ms) {
+            out.push(Invalid::new(
+                "stop_grace_ms",
+                format!("must be 100 to 3600000 (an hour), got {}", self.stop_grace_ms),
             ));
         }
         let mut seen: Vec<StageName> = Vec::new();

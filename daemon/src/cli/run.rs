@@ -206,7 +206,8 @@ fn replay_source(
 fn execute(cfg: Config, overwrite: bool, progress: bool, resources: Resources) -> anyhow::Result<ExitCode> {
     telemetry::init_logging(&cfg.telemetry);
     let stop = StopToken::new();
-    install_signals(&stop)?;
+    let grace = std::time::Duration::from_millis(cfg.pipeline.stop_grace_ms);
+    install_signals(&stop, Some(grace))?;
     let opts = RunOptions {
         overwrite,
         resources,
@@ -223,10 +224,11 @@ fn execute(cfg: Config, overwrite: bool, progress: bool, resources: Resources) -
     })
 }
 
-/// First SIGINT/SIGTERM: stop intake and drain. Second: exit at once with 130. Signals keep their
-/// own flag: a stop requested by the pipeline itself (storage failure) must not turn the operator's
-/// first Ctrl-C into an immediate exit.
-fn install_signals(stop: &StopToken) -> anyhow::Result<()> {
+/// First SIGINT/SIGTERM: stop intake and drain, for at most `grace` (then exit 130 anyway: a field
+/// inside a long kernel cannot be interrupted, and the plate is crash-safe). Second: exit at once
+/// with 130. Signals keep their own flag: a stop requested by the pipeline itself (storage
+/// failure) must not turn the operator's first Ctrl-C into an immediate exit.
+fn install_signals(stop: &StopToken, grace: Option<std::time::Duration>) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let signalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [SIGINT, SIGTERM] {
@@ -234,6 +236,20 @@ fn install_signals(stop: &StopToken) -> anyhow::Result<()> {
             .context("cannot install signal handler")?;
         signal_hook::flag::register(sig, signalled.clone()).context("cannot install signal handler")?;
         signal_hook::flag::register(sig, stop.flag()).context("cannot install signal handler")?;
+    }
+    if let Some(grace) = grace {
+        let flag = signalled.clone();
+        std::thread::Builder::new()
+            .name("stop-grace".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                std::thread::sleep(grace);
+                telemetry::StopOverran { grace }.emit();
+                std::process::exit(130);
+            })
+            .context("cannot start the stop watchdog")?;
     }
     Ok(())
 }
@@ -376,7 +392,7 @@ pub fn serve(plate: &std::path::Path, listen: &str) -> anyhow::Result<ExitCode> 
         plate.display()
     );
     let stop = StopToken::new();
-    install_signals(&stop)?;
+    install_signals(&stop, None)?;
     while !stop.is_stopped() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }

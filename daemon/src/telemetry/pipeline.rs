@@ -320,6 +320,22 @@ impl IntakeStopped<'_> {
     }
 }
 
+/// The fields in flight did not drain within `pipeline.stop_grace_ms` of the first stop signal
+/// (one is inside a long kernel): the daemon exits anyway.
+#[derive(Debug)]
+pub struct StopOverran {
+    pub grace: std::time::Duration,
+}
+
+impl StopOverran {
+    pub fn emit(&self) {
+        warn!(
+            grace_s = self.grace.as_secs_f64(),
+            "the fields in flight did not finish within pipeline.stop_grace_ms of the stop signal: exiting now (130); the plate lists only complete fields, and a restart redoes the rest"
+        );
+    }
+}
+
 /// The zarr sink found the plate from an earlier run and goes on with it.
 #[derive(Debug)]
 pub struct PlateResumed<'a> {
