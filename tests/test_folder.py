@@ -322,6 +322,6 @@ def test_deflate_bombs_are_refused_from_their_directory(binary, tmp_path):
     peak, proc = peak_rss_mb([binary, "replay", staged / "images", *args, "--output", tmp_path / "out"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("11000x11000 pixels, the plate's fields are 256x256") == 3, proc.stderr[-3000:]
-    assert "fields           4 done" in proc.stdout, proc.stdout
+    assert "fields           4 done" in proc.stdout and "fields acquired  4 " in proc.stdout, proc.stdout
     print(f"replay peak RSS {peak:.0f} MB with 3 deflate bombs, {clean:.0f} MB without")
     assert peak < clean + 100, f"peak RSS {peak:.0f} MB with the bombs, {clean:.0f} MB without"

@@ -139,6 +139,9 @@ def test_daemon_config_errors_name_their_keys(binary, tmp_path):
         ({"segmentation": {"method": "classical"}, "pipeline": {"stages": ["segment", "measure", "inference"]},
           "inference": {"providers": ["cpu"], "models": [{"name": "iseg", "path": str(MODEL)}]}},
          "inference.models[0].role"),
+        # Outputs it could not write (issue 37): a path through a file, a filesystem without room.
+        ({"sinks": {"zarr": {"output": "/etc/passwd/out"}}}, "sinks.zarr.output"),
+        ({"sinks": {"zarr": {"output": "/proc/liveomics"}}}, "sinks.zarr.output"),
     ]
     for extra, key in cases:
         cfg = tmp_path / "c.toml"

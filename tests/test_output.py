@@ -410,3 +410,42 @@ def test_sizes_that_are_not_chunk_multiples(binary, tmp_path, size):
     for k in range(LEVELS):
         np.testing.assert_array_equal(zarr.open_array(plate / "A" / "1" / "0" / str(k), mode="r")[0], expected)
         expected = down_mean(expected)
+
+
+def test_before_its_first_field_the_plate_is_a_marked_group(binary, tmp_path):
+    """A run that has listed no field yet (a folder still empty): the root is a readable zarr
+    group with the liveomics marker and no `ome.plate` (NGFF requires a plate to list a well)."""
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+instrument = "empty"
+[source]
+kind = "folder"
+[source.folder]
+path = "{watch}"
+plate = "E1"
+channels = ["DAPI", "ER"]
+width_px = 64
+height_px = 64
+pixel_size_um = 0.65
+[segmentation]
+method = "classical"
+[sinks.zarr]
+output = "{tmp_path / 'out'}"
+[sinks.zenoh]
+enabled = false
+[telemetry]
+http_listen = ""
+""")
+    proc = subprocess.Popen([str(binary), "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "acquisition starting" in line:
+                break
+        root = zarr.open_group(tmp_path / "out" / "E1.zarr", mode="r")
+        assert "liveomics" in root.attrs and "plate" not in root.attrs.get("ome", {}), dict(root.attrs)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

@@ -99,7 +99,43 @@ impl ZarrSinkConfig {
         }
         if self.enabled && self.output.as_os_str().is_empty() {
             out.push(Invalid::new("output", "must not be empty"));
+        } else if self.enabled && !text.starts_with("s3://") {
+            if let Some(why) = unwritable(&self.output) {
+                out.push(Invalid::new("output", why));
+            }
         }
         out
+    }
+}
+
+/// Why the plate could not be written under `output`, found before the run: the nearest part of
+/// the path that exists must be a directory this process can create a file in (checked with a
+/// probe file, removed at once: permissions alone do not tell a read-only mount or an ACL).
+fn unwritable(output: &std::path::Path) -> Option<String> {
+    let mut dir = output;
+    loop {
+        let here = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        match std::fs::metadata(here) {
+            Ok(m) if m.is_dir() => {
+                let probe = here.join(format!(".liveomics-validate-{}", std::process::id()));
+                return match std::fs::write(&probe, b"probe") {
+                    Ok(()) => {
+                        let _ = std::fs::remove_file(&probe);
+                        None
+                    }
+                    Err(e) => Some(format!(
+                        "{}: cannot create files in {}: {e}",
+                        output.display(),
+                        here.display()
+                    )),
+                };
+            }
+            Ok(_) => return Some(format!("{}: {} is not a directory", output.display(), here.display())),
+            Err(_) => dir = dir.parent()?,
+        }
     }
 }
