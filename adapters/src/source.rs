@@ -64,6 +64,9 @@ pub struct SourceReport {
     pub problems: u64,
     /// Frames a publisher numbered and sent that never arrived (gaps in its sequence numbers).
     pub lost: u64,
+    /// Of those, frames the publisher sent again when asked (they may still have joined their
+    /// field).
+    pub resent: u64,
     /// Inputs read after all, late, with a reported notice: files a watch event missed and a
     /// rescan found, files read although they looked unfinished.
     pub recovered: u64,

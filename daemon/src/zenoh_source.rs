@@ -101,27 +101,56 @@ struct Numbered {
 
 /// Gaps in each publisher's frame numbers: frames a publisher sent that never arrived (its zenoh
 /// session closed on a long block, a link dropped them). A stream is one publisher's run (the
-/// bridge draws a new id when it starts), numbered from 0 without gaps; a lower number than the
-/// next expected is a resend or a duplicate, which assembly deals with.
+/// bridge draws a new id when it starts), numbered from 0 without gaps.
 #[derive(Debug, Default)]
 pub struct Gaps {
     next: std::collections::HashMap<String, u64>,
+    /// Numbers found missing and not come since, to tell a resend from a duplicate.
+    missing: std::collections::BTreeSet<(String, u64)>,
+}
+
+/// What one arrival says about its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// The next number, or a duplicate of one seen.
+    InOrder,
+    /// Numbers `[from, to)` were skipped: lost, unless they come again.
+    Gap { from: u64, to: u64 },
+    /// A number found missing earlier: the publisher sent it again.
+    Filled,
 }
 
 impl Gaps {
     /// Streams remembered at once: publishers of one plate are few; a flood of made-up ids must
     /// not grow the map.
     const STREAMS: usize = 64;
+    /// Missing numbers remembered at once, for the same reason.
+    const MISSING: usize = 100_000;
 
-    /// Frame `seq` of `stream` arrived; returns the numbers `[from, to)` lost before it, if any.
-    pub fn see(&mut self, stream: &str, seq: u64) -> Option<(u64, u64)> {
+    pub fn see(&mut self, stream: &str, seq: u64) -> Seen {
         if !self.next.contains_key(stream) && self.next.len() >= Self::STREAMS {
-            return None;
+            return Seen::InOrder;
         }
         let next = self.next.entry(stream.to_string()).or_insert(0);
-        let lost = (seq > *next).then_some((*next, seq));
-        *next = (*next).max(seq + 1);
-        lost
+        if seq < *next {
+            return if self.missing.remove(&(stream.to_string(), seq)) {
+                Seen::Filled
+            } else {
+                Seen::InOrder
+            };
+        }
+        let from = *next;
+        *next = seq + 1;
+        if seq == from {
+            return Seen::InOrder;
+        }
+        for s in from..seq {
+            if self.missing.len() >= Self::MISSING {
+                break;
+            }
+            self.missing.insert((stream.to_string(), s));
+        }
+        Seen::Gap { from, to: seq }
     }
 }
 
@@ -376,6 +405,7 @@ impl Source for ZenohSource {
         let mut last = Instant::now();
         let mut fields = std::collections::HashSet::new();
         let mut gaps = Gaps::default();
+        let resend_key = format!("liveomics/{}/bridge/{}/resend", self.instrument, self.plan.plate);
         let member = self.cluster.member().cloned();
         let done_notices = match &member {
             Some(m) => Some(
@@ -486,15 +516,26 @@ impl Source for ZenohSource {
                     .and_then(|a| serde_json::from_slice::<Numbered>(&a.to_bytes()).ok())
                     .filter(|n| n.stream.len() <= 64)
                 {
-                    if let Some((from, to)) = gaps.see(&n.stream, n.seq) {
-                        report.lost += to - from;
-                        crate::telemetry::FramesLost {
-                            stream: &n.stream,
-                            from,
-                            to,
-                            before: &raw.0,
+                    match gaps.see(&n.stream, n.seq) {
+                        Seen::InOrder => {}
+                        Seen::Gap { from, to } => {
+                            report.lost += to - from;
+                            crate::telemetry::FramesLost {
+                                stream: &n.stream,
+                                from,
+                                to,
+                                before: &raw.0,
+                            }
+                            .emit();
+                            // The publisher may still hold them (the bridge keeps its last
+                            // frames): ask, while their fields are still being assembled.
+                            let ask = serde_json::json!({"stream": n.stream, "from": from, "to": to});
+                            let _ = session.put(&resend_key, ask.to_string()).wait();
                         }
-                        .emit();
+                        Seen::Filled => {
+                            report.resent += 1;
+                            crate::telemetry::FrameResent.emit();
+                        }
                     }
                 }
 
@@ -610,17 +651,25 @@ mod tests {
     #[test]
     fn gaps_in_a_publishers_numbers_are_the_frames_lost() {
         let mut g = Gaps::default();
-        assert_eq!(g.see("a", 0), None);
-        assert_eq!(g.see("a", 1), None);
-        assert_eq!(g.see("a", 4), Some((2, 4)), "2 and 3 never came");
-        assert_eq!(g.see("a", 3), None, "a late resend is no new gap");
-        assert_eq!(g.see("a", 5), None);
-        assert_eq!(g.see("b", 2), Some((0, 2)), "a stream's first frames lost too");
-        assert_eq!(g.see("a", 6), None, "streams are apart");
+        assert_eq!(g.see("a", 0), Seen::InOrder);
+        assert_eq!(g.see("a", 1), Seen::InOrder);
+        assert_eq!(g.see("a", 4), Seen::Gap { from: 2, to: 4 }, "2 and 3 never came");
+        assert_eq!(g.see("a", 3), Seen::Filled, "3 sent again");
+        assert_eq!(g.see("a", 3), Seen::InOrder, "a duplicate is no second fill");
+        assert_eq!(g.see("a", 1), Seen::InOrder);
+        assert_eq!(g.see("a", 5), Seen::InOrder);
+        assert_eq!(
+            g.see("b", 2),
+            Seen::Gap { from: 0, to: 2 },
+            "a stream's first frames lost too"
+        );
+        assert_eq!(g.see("a", 6), Seen::InOrder, "streams are apart");
         for i in 0..100 {
             g.see(&format!("flood{i}"), 7);
         }
         assert!(g.next.len() <= Gaps::STREAMS);
+        g.see("a", 6 + 2 * Gaps::MISSING as u64);
+        assert!(g.missing.len() <= Gaps::MISSING);
     }
 
     /// The key grammar both ends share: `tests/vectors/frame_keys.json`, which the Python

@@ -22,6 +22,7 @@ log = logging.getLogger("liveomics_bridge")
 
 NAME = re.compile(r"^[A-Za-z0-9]+$")
 _STOP = object()
+_WAKE = object()
 
 
 def well_and_field(event: useq.MDAEvent) -> tuple[str, int]:
@@ -128,6 +129,10 @@ class Stats:
     # published) and the acquisition getting to it (request received -> event started).
     decision_ms: list[float] = field(default_factory=list)
     queue_ms: list[float] = field(default_factory=list)
+    # Frames the daemon reported missing (gaps in the numbers) and this bridge sent again, and
+    # those it could not because they had left the resend buffer.
+    resent: int = 0
+    resend_gone: int = 0
 
 
 class Bridge:
@@ -136,11 +141,13 @@ class Bridge:
     `session_config` is a `zenoh.Config`; None connects to the daemon's default loopback
     endpoint with no multicast scouting (`liveomics_bridge.session.session_config`). `limits`
     bound what follow-up requests may ask for. `block_s` is how long a put may wait on a daemon
-    that pushes back before zenoh gives the session up (its default, 5 s, loses frames)."""
+    that pushes back before zenoh gives the session up (its default, 5 s, loses frames).
+    `resend_mb` bounds the frames kept for the daemon to ask for again (gaps in their numbers);
+    `stats.resent` and `stats.resend_gone` say how that went."""
 
     def __init__(self, core, instrument: str, plate: str, session_config=None, queue_frames: int = 64,
                  idle_s: float = 3.0, shm_bytes: int = 256 * 1024 * 1024, limits: FollowupLimits | None = None,
-                 block_s: float = 3600.0):
+                 block_s: float = 3600.0, resend_mb: float = 512.0):
         for chunk in (instrument, plate):
             if not NAME.match(chunk):
                 raise ValueError(f"{chunk!r} must match ^[A-Za-z0-9]+$")
@@ -184,8 +191,16 @@ class Bridge:
         self._lock = threading.Lock()
         self._requests: dict[str, _Request] = {}
         self._last_frame_ns: dict[tuple[str, int], int] = {}
+        # The last frames published, by number, for the daemon to ask for again when some never
+        # arrived (a link that dropped); bounded in bytes, oldest out first.
+        self._sent: collections.OrderedDict[int, tuple[str, bytes, bytes]] = collections.OrderedDict()
+        self._sent_bytes = 0
+        self._resend_bytes = int(resend_mb * 1024 * 1024)
+        self._resends: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._publisher = threading.Thread(target=self._publish_loop, name="liveomics-publish", daemon=True)
         self._publisher.start()
+        self._resend_sub = self.session.declare_subscriber(f"liveomics/{instrument}/bridge/{plate}/resend",
+                                                           self._on_resend)
         base = f"liveomics/{instrument}/followup/{plate}"
         self._ack_key = f"{base}/ack"
         self._sub = self.session.declare_subscriber(base, self._on_request)
@@ -206,11 +221,57 @@ class Bridge:
             self.frames.put(item)
             self.stats.blocked_s += time.perf_counter() - t0
 
+    def _on_resend(self, sample) -> None:
+        """zenoh thread: the daemon found numbers `[from, to)` of this stream missing; the publisher
+        thread sends them again before its next frame."""
+        try:
+            req = json.loads(sample.payload.to_bytes())
+            if req.get("stream") != self.stream:
+                return
+            first, end = int(req["from"]), int(req["to"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("malformed resend request ignored")
+            return
+        for seq in range(first, min(end, first + 100_000)):
+            self._resends.put(seq)
+        try:  # wake the publisher if it waits for frames; a full queue means it is busy anyway
+            self.frames.put_nowait(_WAKE)
+        except queue.Full:
+            pass
+
+    def _resend(self, seq: int) -> None:
+        with self._lock:
+            kept = self._sent.get(seq)
+        if kept is None:
+            self.stats.resend_gone += 1
+            log.warning("frame %d asked for again has left the resend buffer (%d MB): it is lost",
+                        seq, self._resend_bytes // (1024 * 1024))
+            return
+        key, data, header = kept
+        self.session.put(key, data, attachment=header, congestion_control=zenoh.CongestionControl.BLOCK)
+        self.stats.resent += 1
+
+    def _keep(self, seq: int, key: str, data: bytes, header: bytes) -> None:
+        with self._lock:
+            self._sent[seq] = (key, data, header)
+            self._sent_bytes += len(data)
+            while self._sent_bytes > self._resend_bytes and len(self._sent) > 1:
+                _, (_, old, _) = self._sent.popitem(last=False)
+                self._sent_bytes -= len(old)
+
     def _publish_loop(self) -> None:
         while True:
             item = self.frames.get()
+            while not self._resends.empty():
+                seq = self._resends.get()
+                try:
+                    self._resend(seq)
+                except Exception:  # a failed resend must not stop the stream
+                    log.exception("cannot resend frame %d", seq)
             if item is _STOP:
                 return
+            if item is _WAKE:
+                continue
             img, event, acquired_ns = item
             try:
                 self._publish(img, event, acquired_ns)
@@ -232,7 +293,8 @@ class Bridge:
             "stream": self.stream,
             "seq": self._seq,
         }
-        # Taken before the put: a frame whose put fails is a gap the daemon reports.
+        # Taken before the put: a frame whose put fails is a gap the daemon reports (and asks for).
+        seq = self._seq
         self._seq += 1
         px = self.core.getPixelSizeUm()
         if px and px > 0:
@@ -245,9 +307,11 @@ class Bridge:
             buf = self._shm.alloc(len(data), policy=self._shm_policy)
             buf[:] = data
             payload = buf
+        attachment = json.dumps(header).encode()
+        if self._resend_bytes > 0:
+            self._keep(seq, key, data, attachment)
         # BLOCK: when zenoh's queue is full the publisher waits; the default would drop the frame.
-        self.session.put(key, payload, attachment=json.dumps(header).encode(),
-                         congestion_control=zenoh.CongestionControl.BLOCK)
+        self.session.put(key, payload, attachment=attachment, congestion_control=zenoh.CongestionControl.BLOCK)
         self.stats.frames += 1
         well, fld = well_and_field(event)
         with self._lock:
@@ -477,5 +541,6 @@ class Bridge:
         self.frames.put(_STOP)
         self._publisher.join(timeout=30)
         self._sub.undeclare()
+        self._resend_sub.undeclare()
         self._token.undeclare()
         self.session.close()

@@ -344,8 +344,8 @@ fn print_summary(s: &RunSummary) {
     );
     if s.source.lost > 0 {
         println!(
-            "  frames lost      {} in transport (gaps in the publisher's numbers; see the log)",
-            s.source.lost
+            "  frames lost      {} in transport (gaps in the publisher's numbers; see the log), {} of them sent again",
+            s.source.lost, s.source.resent
         );
     }
     if !s.source.read_time.is_zero() {

@@ -33,6 +33,7 @@ pub use schedule::*;
 pub const FRAMES_IN: &str = "liveomics_frames_in_total";
 pub const FRAMES_REJECTED: &str = "liveomics_frames_rejected_total";
 pub const FRAMES_LOST: &str = "liveomics_frames_lost_total";
+pub const FRAMES_RESENT: &str = "liveomics_frames_resent_total";
 pub const INPUTS_REJECTED: &str = "liveomics_inputs_rejected_total";
 pub const INPUTS_RECOVERED: &str = "liveomics_inputs_recovered_total";
 pub const FIELDS_ASSEMBLED: &str = "liveomics_fields_assembled_total";
@@ -228,6 +229,10 @@ fn describe() {
     describe_counter!(
         FRAMES_LOST,
         "Frames a publisher numbered and sent that never arrived (gaps in its sequence numbers)"
+    );
+    describe_counter!(
+        FRAMES_RESENT,
+        "Frames found missing that the publisher sent again when asked"
     );
     describe_counter!(
         INPUTS_REJECTED,

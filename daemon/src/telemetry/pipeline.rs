@@ -74,13 +74,24 @@ impl FramesLost<'_> {
             stream = self.stream,
             from = self.from,
             to = self.to,
-            "{} frames lost in transport (numbers {}..{} of the publisher's stream never arrived; the next was {}): their fields will be incomplete",
+            "{} frames lost in transport (numbers {}..{} of the publisher's stream never arrived; the next was {}): asked the publisher to send them again; their fields go on incomplete if they do not come within the assembly timeout",
             self.to - self.from,
             self.from,
             self.to - 1,
             self.before
         );
         counter!(FRAMES_LOST).increment(self.to - self.from);
+    }
+}
+
+/// A frame found missing came again: the publisher resent it when asked.
+#[derive(Debug)]
+pub struct FrameResent;
+
+impl FrameResent {
+    pub fn emit(&self) {
+        debug!("a frame found missing was sent again by its publisher");
+        counter!(FRAMES_RESENT).increment(1);
     }
 }
 
