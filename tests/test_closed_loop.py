@@ -209,9 +209,9 @@ def test_a_daemon_that_stops_reading_for_10_s_loses_nothing(binary, tmp_path):
     zenoh's default 5 s, after which the bridge's session used to be closed and its queued frames
     lost without a word. The bridge now waits (its `block_s`), every frame is numbered, and the
     daemon finds no gap, or asks for what it misses and gets it: every field arrives complete.
-    (A frozen process sends no keepalives
-    either: the daemon's zenoh file announces a 30 s lease, so the bridge does not count it gone
-    after zenoh's default 10 s, as it would a daemon that is only slow.)"""
+    (A frozen process sends no keepalives either: both sessions take a 30 s lease, so the bridge
+    does not count the daemon gone after zenoh's default 10 s; a daemon that is only slow keeps
+    sending them.)"""
     import signal
 
     port = free_port()
@@ -226,7 +226,9 @@ def test_a_daemon_that_stops_reading_for_10_s_loses_nothing(binary, tmp_path):
     core = demo_core()
     core.setProperty("Camera", "OnCameraCCDXSize", 2048)
     core.setProperty("Camera", "OnCameraCCDYSize", 2048)
-    bridge = Bridge(core, "mm", "MM1", zconf(port), idle_s=1.0, shm_bytes=0)
+    bridge_conf = zconf(port)
+    bridge_conf.insert_json5("transport/link/tx/lease", "30000")
+    bridge = Bridge(core, "mm", "MM1", bridge_conf, idle_s=1.0, shm_bytes=0)
     assert bridge.wait_for_daemon()
     positions = [useq.Position(x=i * 100.0, y=0, name=f"A1_{i:04d}") for i in range(10)]
     seq = useq.MDASequence(stage_positions=positions, channels=["DAPI", "FITC"])

@@ -148,8 +148,10 @@ def test_unwritable_output_fails_before_acquisition(binary, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(daemon_toml(blocker / "out", "e2ebad", None, sim_config(), zenoh_enabled=False))
     proc = run(binary, "run", "--config", cfg, timeout=60)
-    assert proc.returncode == 1
-    assert "is not usable" in proc.stderr and "acquisition starting" not in proc.stderr, proc.stderr
+    # Found by the configuration's check (exit 2, with its key), before anything starts.
+    assert proc.returncode == 2, proc.stderr
+    assert "sinks.zarr.output" in proc.stderr and "is not a directory" in proc.stderr, proc.stderr
+    assert "acquisition starting" not in proc.stderr, proc.stderr
 
 
 def test_rerun_of_a_finished_plate_skips_it_and_overwrite_redoes_it(binary, tmp_path):

@@ -122,8 +122,9 @@ fn unwritable(output: &std::path::Path) -> Option<String> {
         match std::fs::metadata(here) {
             Ok(m) if m.is_dir() => {
                 let probe = here.join(format!(".liveomics-validate-{}", std::process::id()));
-                return match std::fs::write(&probe, b"probe") {
-                    Ok(()) => {
+                // Empty: a full disk is a run's condition (exit 3 when met), not the config's.
+                return match std::fs::File::create(&probe) {
+                    Ok(_) => {
                         let _ = std::fs::remove_file(&probe);
                         None
                     }
