@@ -222,3 +222,27 @@ def test_liveliness_status_and_summary_for_late_joiners(binary, tmp_path):
     status_sub.undeclare()
     sub.undeclare()
     session.close()
+
+
+def test_the_run_accounts_for_its_processor_time(binary, tmp_path):
+    """The summary's `cpu` line and `--cpu`'s table: every part of the pipeline with its
+    core-seconds, the pools as the process's time beyond its parts, and the efficiency against
+    what the cores allowed; the parts add up to the process."""
+    import re
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(daemon_toml(tmp_path / "out", "cpu", None, sim_config(wells=("A1", "A2"), fields=2, size=512),
+                               zenoh_enabled=False, extra={"segmentation": {"method": "classical"}}))
+    proc = run(binary, "run", "--config", cfg, "--cpu", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = re.search(r"cpu\s+([\d.]+) core-s of ([\d.]+) available \((\d+) cores\): efficiency (\d+)%", proc.stdout)
+    assert line, proc.stdout
+    process, available = float(line.group(1)), float(line.group(2))
+    # Printed to 0.1 core-s: the percentage is checked to within the rounding.
+    assert process > 0 and abs(int(line.group(4)) - 100 * process / available) <= 5, proc.stdout
+    rows = dict(re.findall(r"^  (\S+(?: \(rayon, ORT\))?)\s+([\d.]+)\s+\d+%", proc.stdout, re.M))
+    for part in ("stage-segment", "stage-measure", "worker", "sink-zarr", "source", "assembly", "tracker",
+                 "pools (rayon, ORT)", "process"):
+        assert part in rows, (part, proc.stdout)
+    parts = sum(float(v) for k, v in rows.items() if k != "process")
+    assert abs(parts - float(rows["process"])) < 0.05 + 0.02 * float(rows["process"]), proc.stdout

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cluster;
 pub mod component;
 pub mod config;
+pub mod cpu;
 pub mod doctor;
 pub mod field;
 pub mod inference;

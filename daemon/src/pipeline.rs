@@ -19,6 +19,7 @@ use liveomics_adapters::source::{Source, SourceError, SourceReport, StopToken};
 use crate::assembly::{Assembler, AssemblyStats};
 use crate::component::{Sink, SinkError};
 use crate::config::Config;
+use crate::cpu::{Account, Meter};
 use crate::field::{FieldWork, WellReadout};
 use crate::registry;
 use crate::resources::Resources;
@@ -128,6 +129,8 @@ pub struct RunSummary {
     pub done_span: Option<Duration>,
     /// Whether the source has a pace (`Source::paced`); without one, fields had no deadline.
     pub paced: bool,
+    /// Where the processor time went.
+    pub cpu: crate::cpu::Report,
 }
 
 /// A sink finished a field (successfully or not).
@@ -168,10 +171,22 @@ impl Done {
     }
 }
 
-fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<JoinHandle<T>, RunError> {
+/// Starts a pipeline thread whose CPU time, life and waits go to `part` of `account` when it ends.
+fn spawn<T: Send + 'static>(
+    name: &str,
+    (account, part): (&Arc<Account>, &str),
+    f: impl FnOnce(&mut Meter) -> T + Send + 'static,
+) -> Result<JoinHandle<T>, RunError> {
+    let account = Arc::clone(account);
+    let part = part.to_string();
     std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(f)
+        .spawn(move || {
+            let mut meter = Meter::start();
+            let out = f(&mut meter);
+            meter.finish(&account, &part);
+            out
+        })
         .map_err(RunError::Spawn)
 }
 
@@ -210,6 +225,8 @@ pub fn run(cfg: &Config, opts: RunOptions) -> Result<RunSummary, RunError> {
 /// entry point for sources built outside the registry, such as tests feeding malformed frames.
 pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOptions) -> Result<RunSummary, RunError> {
     let started = Instant::now();
+    let process_at_start = crate::cpu::process_time();
+    let account = Arc::new(Account::default());
     let metrics = Metrics::install()?;
     let plan = Arc::new(source.plan().clone());
 
@@ -327,9 +344,13 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         let stop = opts.stop.clone();
         let queue = format!("sink_{}", sink.name());
         let leaving = Leaving(Arc::clone(&sinks_alive));
-        handles_sinks.push(spawn(&format!("sink-{}", sink.name()), move || {
+        let part = format!("sink-{}", sink.name());
+        handles_sinks.push(spawn(&part, (&account, &part), move |meter| {
             let _leaving = leaving;
-            while let Ok(work) = rx.recv() {
+            loop {
+                let waited = Instant::now();
+                let Ok(work) = rx.recv() else { break };
+                meter.blocked(waited.elapsed());
                 t::QueueDepth {
                     queue: &queue,
                     depth: rx.len(),
@@ -391,7 +412,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     let tracker_scheduler = Arc::clone(&scheduler);
     let tracker_live = http_addr.map(|_| Arc::clone(&live));
     let tracker_member = opts.resources.cluster.member().cloned();
-    let tracker = spawn("tracker", move || {
+    let tracker = spawn("tracker", (&account, "tracker"), move |_| {
         track(
             done_rx,
             n_sinks,
@@ -403,7 +424,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     })?;
     let (problem_tx, problem_rx) = bounded::<liveomics_adapters::source::SourceProblem>(1024);
     source.observe(problem_tx);
-    let problems = spawn("source-problems", move || {
+    let problems = spawn("source-problems", (&account, "source-problems"), move |_| {
         for p in problem_rx {
             if p.recovered {
                 t::InputRecovered {
@@ -435,10 +456,15 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         let busy = Arc::clone(&busy);
         let leaving = Leaving(Arc::clone(&workers_left));
         let scheduler = Arc::clone(&scheduler);
-        workers.push(spawn(&format!("worker-{i}"), move || {
+        let account_w = Arc::clone(&account);
+        workers.push(spawn(&format!("worker-{i}"), (&account, "worker"), move |meter| {
             let _leaving = leaving;
             let mut first = true;
-            while let Ok(field) = rx.recv() {
+            loop {
+                let waited = Instant::now();
+                let Ok(field) = rx.recv() else { break };
+                meter.blocked(waited.elapsed());
+                meter.keep();
                 let _busy = Busy::new(&busy);
                 t::QueueDepth {
                     queue: "fields",
@@ -459,6 +485,12 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                         continue;
                     }
                     let elapsed = t0.elapsed();
+                    account_w.add(
+                        &format!("stage-{}", stage.name().as_str()),
+                        meter.lap(),
+                        elapsed,
+                        Duration::ZERO,
+                    );
                     t::StageCompleted {
                         stage: stage.name().as_str(),
                         field: &work.name,
@@ -489,10 +521,12 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                 if txs.is_empty() {
                     let _ = done_tx.send(Done::of(&work, true));
                 }
+                let waited = Instant::now();
                 for tx in &txs {
                     // A send only fails if the sink thread died; its panic is reported at join.
                     let _ = tx.send(work.clone());
                 }
+                meter.blocked(waited.elapsed());
             }
         })?);
     }
@@ -515,7 +549,9 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
                 idle: Duration::from_millis(p.backfill_after_idle_ms),
                 budget,
             };
-            backfill.push(spawn(&format!("backfill-{i}"), move || b.run())?);
+            backfill.push(spawn(&format!("backfill-{i}"), (&account, "backfill"), move |_| {
+                b.run()
+            })?);
         }
     }
     drop((field_rx, sink_txs, done_tx));
@@ -523,7 +559,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     let assembly_timeout = Duration::from_millis(p.assembly_timeout_ms);
     let asm_plan = plan.clone();
     let max_pending = p.max_pending_mb.saturating_mul(1 << 20);
-    let assembler = spawn("assembly", move || {
+    let assembler = spawn("assembly", (&account, "assembly"), move |_| {
         assemble(
             frame_rx,
             field_tx,
@@ -532,8 +568,11 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     })?;
 
     let stop = opts.stop.clone();
-    let source_thread = spawn("source", move || {
+    let source_thread = spawn("source", (&account, "source"), move |meter| {
         let r = source.run(&frame_tx, &stop);
+        if let Ok(report) = &r {
+            meter.blocked(report.blocked);
+        }
         drop(frame_tx);
         r
     })?;
@@ -610,6 +649,15 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         backlog_left: scheduler.backlog.left(),
         done_span: tracked.first_done.zip(tracked.last_done).map(|(a, b)| b - a),
         paced,
+        cpu: crate::cpu::Report {
+            parts: account.parts(),
+            process: crate::cpu::process_time()
+                .zip(process_at_start)
+                .map(|(b, a)| b.saturating_sub(a))
+                .unwrap_or_default(),
+            wall: started.elapsed(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
     })
 }
 

@@ -62,6 +62,9 @@ pub enum Command {
         /// Override `sinks.zarr.output`.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// After the summary, where the processor time went: a table per part of the pipeline.
+        #[arg(long)]
+        cpu: bool,
     },
     /// Check a configuration file and print every error with its key path (exit 2 if any).
     Validate { file: PathBuf },
@@ -178,7 +181,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             config,
             overwrite,
             output,
-        } => run::run(config, overwrite, output),
+            cpu,
+        } => run::run(config, overwrite, output, cpu),
         Command::Validate { file } => run::validate(&file),
         Command::Simulate {
             out,

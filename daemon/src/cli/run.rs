@@ -17,10 +17,10 @@ use liveomics_adapters::source::StopToken;
 use super::{Usage, EXIT_PARTIAL};
 
 /// `liveomics run`.
-pub fn run(config: Option<PathBuf>, overwrite: bool, output: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub fn run(config: Option<PathBuf>, overwrite: bool, output: Option<PathBuf>, cpu: bool) -> anyhow::Result<ExitCode> {
     let res = Resources::default();
     let cfg = load_with_output(config.as_deref(), output, &res)?;
-    execute(cfg, overwrite, false, res)
+    execute(cfg, overwrite, false, cpu, res)
 }
 
 /// `liveomics validate FILE`.
@@ -81,6 +81,9 @@ pub struct ReplayArgs {
     pub output: Option<PathBuf>,
     #[arg(long)]
     pub overwrite: bool,
+    /// After the summary, where the processor time went: a table per part of the pipeline.
+    #[arg(long)]
+    pub cpu: bool,
 }
 
 /// `liveomics replay PATH`.
@@ -91,7 +94,7 @@ pub fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         cfg.source.folder.pixel_size_um = px;
     }
     replay_source(&mut cfg, a.path, &a.speed, a.layout, a.channels, &res).map_err(Usage)?;
-    execute(cfg, a.overwrite, true, res)
+    execute(cfg, a.overwrite, true, a.cpu, res)
 }
 
 /// The config for a run, checked with the run's resources (models load once), with `--output`
@@ -203,7 +206,7 @@ fn replay_source(
 
 /// Runs the pipeline with signal handling and prints the summary; 3 when some field failed to
 /// write.
-fn execute(cfg: Config, overwrite: bool, progress: bool, resources: Resources) -> anyhow::Result<ExitCode> {
+fn execute(cfg: Config, overwrite: bool, progress: bool, cpu: bool, resources: Resources) -> anyhow::Result<ExitCode> {
     telemetry::init_logging(&cfg.telemetry);
     let stop = StopToken::new();
     let grace = std::time::Duration::from_millis(cfg.pipeline.stop_grace_ms);
@@ -217,6 +220,9 @@ fn execute(cfg: Config, overwrite: bool, progress: bool, resources: Resources) -
     };
     let summary = pipeline::run(&cfg, opts).context("liveomics run failed")?;
     print_summary(&summary);
+    if cpu {
+        print_cpu_table(&summary.cpu);
+    }
     Ok(if summary.fields_failed > 0 {
         ExitCode::from(EXIT_PARTIAL)
     } else {
@@ -252,6 +258,80 @@ fn install_signals(stop: &StopToken, grace: Option<std::time::Duration>) -> anyh
             .context("cannot start the stop watchdog")?;
     }
     Ok(())
+}
+
+/// One line: the process's processor time against what the cores allowed, and its main shares.
+fn print_cpu_line(c: &liveomics::cpu::Report) {
+    if c.process.is_zero() {
+        return;
+    }
+    let sum = |prefix: &str| -> f64 {
+        c.parts
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, p)| p.cpu.as_secs_f64())
+            .sum()
+    };
+    let rest = c.process.as_secs_f64() - sum("stage-") - sum("sink-") - c.pools().as_secs_f64();
+    println!(
+        "  cpu              {:.1} core-s of {:.1} available ({} cores): efficiency {:.0}%; stages {:.1}, their pools (rayon, ONNX Runtime) {:.1}, sinks {:.1}, the rest {:.1} (--cpu: per part)",
+        c.process.as_secs_f64(),
+        c.wall.as_secs_f64() * c.cores as f64,
+        c.cores,
+        100.0 * c.efficiency(),
+        sum("stage-"),
+        c.pools().as_secs_f64(),
+        sum("sink-"),
+        rest.max(0.0)
+    );
+}
+
+/// `--cpu`: per part, core-seconds, share of the process, wall time, share of it on a CPU and
+/// time waiting on a queue.
+fn print_cpu_table(c: &liveomics::cpu::Report) {
+    let total = c.process.as_secs_f64().max(1e-9);
+    println!(
+        "\nwhere the processor time went ({:.1} s wall, {} cores)",
+        c.wall.as_secs_f64(),
+        c.cores
+    );
+    println!(
+        "  {:<24} {:>9} {:>7} {:>9} {:>7} {:>9}",
+        "part", "core-s", "share", "wall s", "on cpu", "waited s"
+    );
+    let mut rows: Vec<(String, liveomics::cpu::Part)> = c.parts.clone().into_iter().collect();
+    rows.push((
+        "pools (rayon, ORT)".into(),
+        liveomics::cpu::Part {
+            cpu: c.pools(),
+            ..Default::default()
+        },
+    ));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1.cpu));
+    for (name, p) in rows {
+        let wall = p.wall.as_secs_f64();
+        let on_cpu = if wall > 0.0 {
+            format!("{:.0}%", 100.0 * p.cpu.as_secs_f64() / wall)
+        } else {
+            "-".into()
+        };
+        println!(
+            "  {:<24} {:>9.2} {:>6.0}% {:>9.2} {:>7} {:>9.2}",
+            name,
+            p.cpu.as_secs_f64(),
+            100.0 * p.cpu.as_secs_f64() / total,
+            wall,
+            on_cpu,
+            p.blocked.as_secs_f64()
+        );
+    }
+    println!(
+        "  {:<24} {:>9.2}   100%          efficiency {:.0}% of {:.1} core-s",
+        "process",
+        c.process.as_secs_f64(),
+        100.0 * c.efficiency(),
+        c.wall.as_secs_f64() * c.cores as f64
+    );
 }
 
 /// The well-omics plate readout: per model, the genes that vary most across wells, each well's
@@ -357,6 +437,7 @@ fn print_summary(s: &RunSummary) {
             s.source.recovered
         );
     }
+    print_cpu_line(&s.cpu);
     println!("  sinks            {}", s.sinks.join(", "));
     if let Some(a) = s.metrics_addr {
         println!("  metrics          http://{a}/metrics (while running)");

@@ -32,6 +32,7 @@ pub use schedule::*;
 
 pub const FRAMES_IN: &str = "liveomics_frames_in_total";
 pub const FRAMES_REJECTED: &str = "liveomics_frames_rejected_total";
+pub const CPU_US: &str = "liveomics_cpu_microseconds_total";
 pub const FRAMES_LOST: &str = "liveomics_frames_lost_total";
 pub const FRAMES_RESENT: &str = "liveomics_frames_resent_total";
 pub const INPUTS_REJECTED: &str = "liveomics_inputs_rejected_total";
@@ -226,6 +227,10 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(FRAMES_IN, "Frames received from the source, by channel");
     describe_counter!(FRAMES_REJECTED, "Frames rejected at assembly, by reason");
+    describe_counter!(
+        CPU_US,
+        "Processor time spent by each part of the pipeline's own threads (stage-*, sink-*, worker, source, assembly, tracker, backfill), in microseconds"
+    );
     describe_counter!(
         FRAMES_LOST,
         "Frames a publisher numbered and sent that never arrived (gaps in its sequence numbers)"

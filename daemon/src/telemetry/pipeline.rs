@@ -84,6 +84,20 @@ impl FramesLost<'_> {
     }
 }
 
+/// A part of the pipeline spent `cpu` of processor time (a thread ended, a stage finished a
+/// field): counted, so the account of a long run can be watched while it goes.
+#[derive(Debug)]
+pub struct CpuSpent<'a> {
+    pub part: &'a str,
+    pub cpu: std::time::Duration,
+}
+
+impl CpuSpent<'_> {
+    pub fn emit(&self) {
+        counter!(CPU_US, "part" => self.part.to_string()).increment(self.cpu.as_micros() as u64);
+    }
+}
+
 /// A frame found missing came again: the publisher resent it when asked.
 #[derive(Debug)]
 pub struct FrameResent;
