@@ -10,8 +10,9 @@ and the median ratio new / old.
     .venv/bin/python benches/regression_bench.py --old-rev 21c5e82      # builds that commit first
 
 `--old-rev` builds the commit in a git worktree under /tmp with this repo's target directory
-(dependencies are shared; only the workspace crates compile, 2-4 min on 2 cores) and copies the
-binary out before this one is rebuilt.
+(dependencies are shared; only the workspace crates compile, 2-4 min on 2 cores), copies the
+binary out, and rebuilds this checkout's (its sources touched first: cargo's fingerprints go by
+modification time, and the worktree's are newer).
 """
 
 import argparse
@@ -36,6 +37,11 @@ def build_old(rev: str, work: Path) -> Path:
         shutil.copy(ROOT / "target" / "release" / "liveomics", old)
     finally:
         subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], capture_output=True)
+    # The worktree's sources are newer than this checkout's, and cargo's fingerprints go by
+    # modification time: touch ours so that the workspace crates are built from them again.
+    for crate in ("daemon", "adapters", "models", "kernels"):
+        for f in (ROOT / crate).rglob("*.rs"):
+            f.touch()
     subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
     return old
 
