@@ -16,6 +16,15 @@ from liveomics_testkit import free_port, run, sim_toml, wait_for
 CHANNELS = ["DAPI", "Microtubules", "ER", "TOMM20"]
 
 
+def publisher(port: int):
+    """A zenoh peer of the daemon's loopback endpoint, as a microscope's publisher would be."""
+    conf = zenoh.Config()
+    conf.insert_json5("mode", '"peer"')
+    conf.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    return zenoh.open(conf)
+
+
 def test_frames_published_over_zenoh_become_the_plate(binary, tmp_path):
     sim = tmp_path / "sim.toml"
     sim.write_text(sim_toml(plate="Z1", wells=("B2", "C5"), fields=2, size=256, seed=4))
@@ -51,11 +60,7 @@ http_listen = ""
         line = proc.stderr.readline()
         if "listening for frames" in line:
             break
-    conf = zenoh.Config()
-    conf.insert_json5("mode", '"peer"')
-    conf.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
-    conf.insert_json5("scouting/multicast/enabled", "false")
-    session = zenoh.open(conf)
+    session = publisher(port)
     probe = session.declare_publisher("liveomics/scopeZ/frames/Z1/B2/0/DAPI")
     wait_for(lambda: probe.matching_status.matching, "the daemon's frame subscription")
     def header(h, w, dtype="uint16"):
@@ -132,11 +137,7 @@ http_listen = ""
     while time.time() < deadline:
         if "listening for frames" in proc.stderr.readline():
             break
-    conf = zenoh.Config()
-    conf.insert_json5("mode", '"peer"')
-    conf.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
-    conf.insert_json5("scouting/multicast/enabled", "false")
-    session = zenoh.open(conf)
+    session = publisher(port)
     key = "liveomics/scopeZ/frames/Z1/B2/0/DAPI"
     probe = session.declare_publisher(key)
     wait_for(lambda: probe.matching_status.matching, "the daemon's frame subscription")
@@ -203,11 +204,7 @@ http_listen = ""
     while time.time() < deadline:
         if "listening for frames" in proc.stderr.readline():
             break
-    conf = zenoh.Config()
-    conf.insert_json5("mode", '"peer"')
-    conf.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
-    conf.insert_json5("scouting/multicast/enabled", "false")
-    session = zenoh.open(conf)
+    session = publisher(port)
     probe = session.declare_publisher("liveomics/scopeZ/frames/Z1/B2/0/DAPI")
     wait_for(lambda: probe.matching_status.matching, "the daemon's frame subscription")
     files = sorted(manifest["files"], key=lambda f: (f["field"], CHANNELS.index(f["channel"])))

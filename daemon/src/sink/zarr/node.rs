@@ -188,7 +188,7 @@ impl Store {
     }
 
     /// The key of `name` in node `node`, after the same check as [`Self::dir`].
-    fn key(&self, node: &str, name: &str) -> Result<StoreKey, SinkError> {
+    pub fn key(&self, node: &str, name: &str) -> Result<StoreKey, SinkError> {
         self.dir(node)?;
         let rel = node.trim_matches('/');
         let key = if rel.is_empty() {
@@ -307,11 +307,15 @@ impl Store {
         )
     }
 
+    /// Reads a node's whole metadata document, if the node exists and parses.
+    pub fn metadata(&self, node: &str) -> Option<Value> {
+        let bytes = self.zarrs.get(&self.key(node, "zarr.json").ok()?).ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     /// Reads a node's attributes, if the node exists and parses.
     pub fn attributes(&self, node: &str) -> Option<Map<String, Value>> {
-        let bytes = self.zarrs.get(&self.key(node, "zarr.json").ok()?).ok()??;
-        let v: Value = serde_json::from_slice(&bytes).ok()?;
-        v.get("attributes")?.as_object().cloned()
+        self.metadata(node)?.get("attributes")?.as_object().cloned()
     }
 
     /// Creates an array of `shape` whose last two axes are y, x. With sharding, one shard holds a

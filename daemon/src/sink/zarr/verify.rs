@@ -10,7 +10,6 @@
 
 use serde_json::Value;
 use zarrs::storage::byte_range::ByteRange;
-use zarrs::storage::StoreKey;
 
 use super::{ome, ZarrSink};
 use liveomics_adapters::model::WellId;
@@ -51,21 +50,15 @@ fn index_layout(meta: &Value) -> Option<(u64, bool, bool)> {
 }
 
 impl ZarrSink {
-    fn key(&self, node: &str) -> Option<StoreKey> {
-        StoreKey::new(node.trim_start_matches('/')).ok()
-    }
-
-    fn array_meta(&self, node: &str) -> Option<Value> {
-        let bytes = self.store.zarrs.get(&self.key(&format!("{node}/zarr.json"))?).ok()??;
-        serde_json::from_slice(&bytes).ok()
-    }
-
     /// Checks one shard of `array` (whose metadata is `meta`) at chunk `index`: `Ok(false)` if it
     /// is not there.
     fn shard_holds(&self, array: &str, meta: &Value, index: &[u64]) -> Result<bool, String> {
         let coords: Vec<String> = index.iter().map(u64::to_string).collect();
         let name = format!("{array}/c/{}", coords.join("/"));
-        let key = self.key(&name).ok_or_else(|| format!("{name}: not a key"))?;
+        let key = self
+            .store
+            .key(array, &format!("c/{}", coords.join("/")))
+            .map_err(|e| format!("{name}: {e}"))?;
         let Some(size) = self.store.zarrs.size_key(&key).map_err(|e| format!("{name}: {e}"))? else {
             return Ok(false);
         };
@@ -126,7 +119,8 @@ impl ZarrSink {
         for k in 0..self.levels() {
             let array = format!("{image}/{k}");
             let meta = self
-                .array_meta(&array)
+                .store
+                .metadata(&array)
                 .ok_or_else(|| fail("raw", format!("{array}/zarr.json is missing or not readable JSON")))?;
             let sharded = index_layout(&meta).is_some();
             for c in 0..acquired {
@@ -163,7 +157,8 @@ impl ZarrSink {
             for k in 0..self.levels() {
                 let array = format!("{node}/{k}");
                 let meta = self
-                    .array_meta(&array)
+                    .store
+                    .metadata(&array)
                     .ok_or_else(|| fail("labels", format!("{array}/zarr.json is missing or not readable JSON")))?;
                 let sharded = index_layout(&meta).is_some();
                 let index: Vec<u64> = time.iter().copied().chain([0, 0, 0]).collect();
