@@ -17,7 +17,7 @@ GPU_VENV := .venv-gpu
 GPU_STAMP := $(GPU_VENV)/.installed-$(shell sha1sum tests/requirements-gpu.txt | cut -c1-12)
 BIN := target/release/liveomics
 
-.PHONY: run test build fmt lint rust-test py-test python bioimageio gpu gpu-env real-data browser clean train-env train-models import-instanseg
+.PHONY: run test build test-build fmt lint rust-test py-test python bioimageio gpu gpu-env real-data browser clean train-env train-models import-instanseg
 
 $(PY_STAMP): tests/requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; install one or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -85,10 +85,16 @@ lint: python
 	cargo clippy --release --locked --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check .
 
-rust-test: python
+# One build for both halves of `make test`: `cargo test` builds the daemon binary as well (its
+# integration tests run it), with the tests' features, and the Python tests run that binary. A
+# separate `cargo build --release` would build the daemon a second time for the features alone.
+test-build:
+	cargo test --release --locked --workspace --no-run
+
+rust-test: python test-build
 	cargo test --release --locked --workspace
 
-py-test: build python bioimageio gpu-env real-data browser
+py-test: test-build python bioimageio gpu-env real-data browser
 	cd tests && ../$(PY) -m pytest -q
 
 test: fmt lint rust-test py-test

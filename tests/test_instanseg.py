@@ -2,7 +2,7 @@
 Rust) as the segment method: on the simulator's fields beside the classical path, in the daemon
 with its config checked, and the fallback to the classical path when ONNX Runtime is missing.
 Its accuracy on real nuclei is in test_real_nuclei.py, its parity with the TorchScript original
-in daemon/tests/instanseg.rs."""
+in daemon/tests/it/instanseg.rs."""
 
 import numpy as np
 import pytest

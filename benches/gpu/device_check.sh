@@ -48,7 +48,7 @@ fi
 
 step "kernels parity" gpu-bin/kernels-tests gpu --nocapture
 step "instanseg post-processing parity" gpu-bin/kernels-tests instanseg --nocapture
-step "instanseg on its test tensors" gpu-bin/instanseg-tests cuda --nocapture
+step "instanseg on its test tensors" gpu-bin/instanseg-tests instanseg::cuda --nocapture
 doctor default
 # Absolute 1e-2: the U-Net's outputs reach 5200 (float32 rounding alone differs by 4e-3 between
 # CPUs); the errors printed per output are the figures to read.

@@ -13,7 +13,7 @@ rm -rf "$out" && mkdir -p "$out/parts"
 
 cargo build --release --locked
 kernels=$(cargo test --release --locked -p liveomics-kernels --lib --no-run 2>&1 | grep -o 'target/release/deps/liveomics_kernels-[0-9a-f]*' | tail -1)
-instanseg=$(cargo test --release --locked -p liveomics --test instanseg --no-run 2>&1 | grep -o 'target/release/deps/instanseg-[0-9a-f]*' | tail -1)
+instanseg=$(cargo test --release --locked -p liveomics --test it --no-run 2>&1 | grep -o 'target/release/deps/it-[0-9a-f]*' | tail -1)
 pack() {  # strip and compress $1 into $out/$2.zst
     cp "$1" "$out/$2" && strip "$out/$2" && zstd -q -19 -T0 --rm -f "$out/$2" -o "$out/$2.zst"
 }

@@ -139,7 +139,7 @@ pub struct CellParams {
     /// cytoplasm (reticular ER, filaments) makes intensity a poor boundary cue inside a cell, so
     /// distance dominates: boundaries between touching cells fall near the midline between
     /// nuclei, bent by the dark gaps between them (chosen on simulator seed 77; held-out
-    /// AP in daemon/tests/segmentation_ap.rs).
+    /// AP in daemon/tests/it/segmentation_ap.rs).
     pub spatial_weight: f32,
 }
 

@@ -9,10 +9,9 @@ use liveomics::component::{Sink, SinkError};
 use liveomics::field::FieldWork;
 use liveomics::pipeline::{run, RunError, RunOptions};
 
-mod common;
+use crate::common;
 
-#[path = "../../models/tests/common/mod.rs"]
-mod models_common;
+use crate::models_common;
 
 /// Panics on its second field.
 struct Panics(usize);

@@ -2,7 +2,7 @@
 //! oldest on, flagged incomplete, once the partial fields hold `pipeline.max_pending_mb`. (Its own
 //! test binary: the metrics registry is per process, and bad_frames.rs counts incomplete fields.)
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

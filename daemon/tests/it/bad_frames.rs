@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use crate::common;
 use crossbeam_channel::Sender;
-mod common;
 
 use liveomics::pipeline::{run_source, RunOptions};
 use liveomics_adapters::model::{AcquisitionPlan, Frame, Pixels};

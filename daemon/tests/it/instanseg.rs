@@ -4,8 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
 
-#[path = "../../models/tests/common/mod.rs"]
-mod common;
+use crate::models_common as common;
 
 use liveomics::inference::instances::{params, InstanceModel};
 use liveomics_kernels::gpu::Compute;
