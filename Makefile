@@ -106,9 +106,11 @@ train-env:
 	.venv-train/bin/python -m pip install --quiet --disable-pip-version-check -r models/train/requirements.txt
 
 TRAIN_PLATE ?= /tmp/liveomics-train
+CALIBRATION_PLATE ?= /tmp/liveomics-calibration
 train-models: build
 	$(BIN) simulate --config models/train/train_plate.toml --out $(TRAIN_PLATE)
-	cd models/train && ../../.venv-train/bin/python train.py --plate $(TRAIN_PLATE)
+	$(BIN) simulate --config models/train/calibration_plate.toml --out $(CALIBRATION_PLATE)
+	cd models/train && ../../.venv-train/bin/python train.py --plate $(TRAIN_PLATE) --calibration-plate $(CALIBRATION_PLATE)
 
 # The InstanSeg conversion (models/import/instanseg.py): PyPI's torch in its own venv; the
 # converted model in models/instanseg_fluorescence is committed, so `make test` needs neither.

@@ -1,4 +1,4 @@
-"""The four reference models (models/README.md) from the outside: their descriptions pass
+"""The reference models (models/README.md) from the outside: their descriptions pass
 bioimageio.spec, Rust reproduces their Python-onnxruntime test tensors, the diffusion sampler
 equals a Python reference of the same EDM Euler schedule, and the daemon writes virtual channels,
 per-cell predictions and live per-well readouts."""
@@ -21,7 +21,7 @@ from liveomics_testkit import ROOT, daemon_toml, free_port, inference_config, ru
 from test_inference import crops
 
 MODELS = ROOT / "models"
-REFERENCE = ["virtual_stain_unet", "proticelli_tiny", "cell_omics_cnn", "well_omics_mil"]
+REFERENCE = ["virtual_stain_unet", "proticelli_tiny", "cell_omics_cnn", "well_omics_mil", "cell_protein_mlp"]
 LANDMARKS = ["DAPI", "Microtubules", "ER"]
 # The simulated cell line the reference models were trained on (models/train/*.toml).
 SIM = {"gene_seed": 7, "proteins": [
@@ -287,7 +287,8 @@ def test_crop_size_the_model_does_not_accept_is_a_config_error(binary, tmp_path)
     assert p.returncode == 2 and "inference.models[0]" in p.stderr and "crop_size 64" in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("name", ["models.toml", "diffusion.toml", "overload.toml", "relocalization.toml"])
+@pytest.mark.parametrize("name", ["models.toml", "diffusion.toml", "overload.toml", "relocalization.toml",
+                                  "translation.toml"])
 def test_a_repo_config_runs_from_any_directory(binary, tmp_path, name):
     """Model paths in a config file resolve against its folder, not the working directory."""
     p = run(binary, "validate", ROOT / "config" / name, cwd=tmp_path)

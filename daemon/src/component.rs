@@ -185,6 +185,9 @@ pub enum StageError {
     MissingChannel(String),
     #[error("model {0:?} is owed to this field but is not one of this run's [[inference.models]]")]
     NotConfigured(String),
+    /// A column a cell-table model reads is absent: the model that produces it failed on this field.
+    #[error("per-cell column {0:?} is missing from this field (the model that produces it failed)")]
+    MissingColumn(String),
     #[error(transparent)]
     Kernel(#[from] liveomics_kernels::KernelError),
     #[error(transparent)]

@@ -4,7 +4,8 @@
 //! `images/{well}_f{field}_t{t}_{channel}.tif` (uint16 camera images),
 //! `truth/{well}_f{field}_t{t}_{nuclei|cells}.tif` (uint32 labels),
 //! `truth/{well}_f{field}_t{t}_{protein}_clean.tif` (float32 noise-free protein images),
-//! `truth/cells.csv` (one row per cell: latent state, gene expression and, per protein, its
+//! `truth/cells.csv` (one row per cell: latent state, gene expression, the abundance of each
+//! translated protein (`P001`…, never imaged) and, per protein channel, its
 //! relocalized share and compartment fractions) and `manifest.json`.
 
 use std::fmt::Write as _;
@@ -63,6 +64,9 @@ pub fn write_plate(
     }
     for g in &genes.names {
         let _ = write!(csv, ",{g}");
+    }
+    for t in &genes.translation {
+        let _ = write!(csv, ",{}", t.name);
     }
     for p in &cfg.proteins {
         let _ = write!(csv, ",reloc_{}", p.name);
@@ -134,7 +138,7 @@ pub fn write_plate(
                     for z in c.latent {
                         let _ = write!(csv, ",{z:.6}");
                     }
-                    for e in &c.expression {
+                    for e in c.expression.iter().chain(&c.translated) {
                         let _ = write!(csv, ",{e:.6}");
                     }
                     for (m, fractions) in c.relocalized.iter().zip(&c.localization) {
@@ -162,6 +166,12 @@ pub fn write_plate(
         "pixel_size_um": plan.pixel_size_um,
         "channels": plan.channels.iter().map(|c| json!({"name": c.name, "color": c.color})).collect::<Vec<_>>(),
         "genes": genes.names.iter().zip(&genes.visible).map(|(n, v)| json!({"name": n, "visible": v})).collect::<Vec<_>>(),
+        "translated_proteins": genes.translation.iter().map(|t| json!({
+            "name": t.name,
+            "genes": t.genes.iter().map(|&g| &genes.names[g]).collect::<Vec<_>>(),
+            "weights": t.weights, "gain": t.gain, "offset": t.offset, "noise_sd": t.noise_sd,
+            "visible": t.visible,
+        })).collect::<Vec<_>>(),
         "config": cfg,
         "files": files,
     });

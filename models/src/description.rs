@@ -30,16 +30,20 @@ pub enum Role {
     CellOmics,
     /// Field features in, pooled per well.
     WellOmics,
+    /// Named columns of the per-cell table in (other models' outputs, measurements), new
+    /// columns out: a model that reads other models, run after them on every field.
+    CellTable,
 }
 
 impl Role {
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Self::Segmentation,
         Self::InstanceSegmentation,
         Self::VirtualStain,
         Self::VirtualStainDiffusion,
         Self::CellOmics,
         Self::WellOmics,
+        Self::CellTable,
     ];
 
     /// The name a configuration and a model description spell it with.
@@ -51,6 +55,7 @@ impl Role {
             Self::VirtualStainDiffusion => "virtual-stain-diffusion",
             Self::CellOmics => "cell-omics",
             Self::WellOmics => "well-omics",
+            Self::CellTable => "cell-table",
         }
     }
 
@@ -76,6 +81,10 @@ pub struct LiveomicsConfig {
     /// Names of the output channels or features (genes, proteins).
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// Per-cell table columns feeding a cell-table model's input, in order (`cellomics.G001`,
+    /// `area_px`, or `cellomics.*` for every column with that prefix).
+    #[serde(default)]
+    pub columns: Vec<String>,
     /// Crop side in pixels for per-cell models.
     pub crop_size: Option<usize>,
     /// Protein label vocabulary of a diffusion model, in the order of its label ids.
@@ -484,9 +493,21 @@ impl Description {
         // The names in config.liveomics must fit the tensors they name, for the roles whose
         // main weights take the landmarks and give the named outputs (a diffusion denoiser takes
         // latents, a well encoder gives features: their components are checked where they load).
+        if liveomics.role == Some(Role::CellTable) {
+            let kinds: Vec<&AxisKind> = inputs[0].axes.iter().map(|a| &a.kind).collect();
+            if !matches!(
+                kinds.as_slice(),
+                [AxisKind::Batch, AxisKind::Channel { .. } | AxisKind::Index]
+            ) {
+                return Err(err(
+                    "inputs[0].axes",
+                    "a cell-table model takes (batch, channel): one vector of columns per cell".into(),
+                ));
+            }
+        }
         if matches!(
             liveomics.role,
-            Some(Role::Segmentation | Role::VirtualStain | Role::CellOmics)
+            Some(Role::Segmentation | Role::VirtualStain | Role::CellOmics | Role::CellTable)
         ) {
             // The axis the names count (channel, or index for a vector of values), found by kind.
             let fixed = |t: &TensorDescr| {
@@ -499,6 +520,15 @@ impl Description {
                     })
             };
             if let Some(n) = fixed(&inputs[0]) {
+                if !liveomics.columns.is_empty()
+                    && !liveomics.columns.iter().any(|c| c.ends_with('*'))
+                    && liveomics.columns.len() != n
+                {
+                    return Err(err(
+                        "config.liveomics.columns",
+                        format!("names {} columns; the input has {n}", liveomics.columns.len()),
+                    ));
+                }
                 if !liveomics.channels.is_empty() && liveomics.channels.len() != n {
                     return Err(err(
                         "config.liveomics.channels",

@@ -1,9 +1,10 @@
-"""Trains liveomics' four reference models on a simulated plate and exports them as bioimage.io
+"""Trains liveomics' reference models on a simulated plate and exports them as bioimage.io
 model folders (ONNX weights at IR 9 / opset 17, description, test tensors) under models/.
 
     make train-env                       # jax (CPU) + optax into .venv-train (not part of make test)
     target/release/liveomics simulate --config models/train/train_plate.toml --out /tmp/train
-    .venv-train/bin/python models/train/train.py --plate /tmp/train
+    target/release/liveomics simulate --config models/train/calibration_plate.toml --out /tmp/calibration
+    .venv-train/bin/python models/train/train.py --plate /tmp/train --calibration-plate /tmp/calibration
 
 Everything is seeded (--seed); on one machine the same command writes the same weights. What each
 model learns from is in models/README.md. Each export is checked against the jax function with
@@ -17,6 +18,7 @@ import hashlib
 import json
 import pathlib
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,7 @@ import nets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUFFIX = ""
+CALIBRATION = None  # the plate the chained per-cell model trains on (--calibration-plate)
 LANDMARKS = ["DAPI", "Microtubules", "ER"]
 VSTAIN_PROTEINS = ["CALR", "ATP1A1", "HNRNPA1"]
 VSTAIN_WIDTH = 8  # channels of the U-Net's full-resolution level (then 2x, 4x, 8x)
@@ -54,7 +57,8 @@ CELL_LINES = ["none", "sim-default"]
 CROP = 96
 TILE = 256
 # Optimiser steps per network at --steps-scale 1 (about 75 min on 2 CPU cores in all).
-STEPS = {"vstain": 5000, "autoencoder": 1500, "denoiser": 3000, "cellomics": 2000, "wellomics": 600}
+STEPS = {"vstain": 5000, "autoencoder": 1500, "denoiser": 3000, "cellomics": 2000, "wellomics": 600,
+         "cellprotein": 3000}
 EDM = {"sigma_max": 80.0, "sigma_min": 0.002, "rho": 7.0, "steps": 50, "sigma_data": 0.5}
 
 
@@ -67,6 +71,7 @@ class Plate:
         folder = pathlib.Path(folder)
         self.manifest = json.loads((folder / "manifest.json").read_text())
         self.genes = [g["name"] for g in self.manifest["genes"]]
+        self.translated = [p["name"] for p in self.manifest.get("translated_proteins", [])]
         self.visible = [g["visible"] for g in self.manifest["genes"]]
         self.proteins = [p["name"] for p in self.manifest["config"]["proteins"]]
         self.fields = []
@@ -87,7 +92,8 @@ class Plate:
                 if d is None:
                     continue
                 d["cells"].append((float(row["centroid_x"]), float(row["centroid_y"]),
-                                   np.array([float(row[g]) for g in self.genes], np.float64)))
+                                   np.array([float(row[g]) for g in self.genes], np.float64),
+                                   np.array([float(row[p]) for p in self.translated], np.float64)))
         stack = np.stack([d["landmarks"] for d in self.fields]).astype(np.float64)
         self.mean = stack.mean(axis=(0, 2, 3)).astype(np.float32)
         self.std = stack.std(axis=(0, 2, 3)).astype(np.float32)
@@ -124,7 +130,7 @@ def fit(name, loss_fn, params, batches, steps, lr):
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
-    key = jax.random.PRNGKey(hash(name) % 2**31)
+    key = jax.random.PRNGKey(zlib.crc32(name.encode()) % 2**31)  # not hash(): salted per process
     t0, recent = time.time(), []
     for i in range(steps):
         key, sub = jax.random.split(key)
@@ -580,6 +586,110 @@ def train_cellomics(plate, rng, steps):
            f"log of the abundance of {g} genes ({genes}).")
 
 
+# ---- 5. per-cell RNA -> protein (scProSpatial shape), chained on cell-omics ---------------------
+
+def description_values(folder, key):
+    """The list after `key:` in a description we wrote (bioimageio.yaml), e.g. a normalisation's
+    mean: what the daemon will apply, read back rather than recomputed."""
+    import re
+    text = (folder / "bioimageio.yaml").read_text()
+    m = re.search(rf"{key}: \[([^\]]*)\]", text)
+    return np.array([float(v) for v in m.group(1).split(",")], np.float32)
+
+
+def cellomics_predictions(plate):
+    """The committed cell-omics model's ln abundances for every cell of the plate (crops at the
+    true centroids), exactly as the daemon computes them: its description's normalisation,
+    the ONNX weights, its output scaling."""
+    folder = ROOT / "cell_omics_cnn"
+    mean, std = description_values(folder, "mean"), description_values(folder, "std")
+    gain, offset = description_values(folder, "gain"), description_values(folder, "offset")
+    sess = ort.InferenceSession(str(folder / "weights.onnx"), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    preds = []
+    for d in plate.fields:
+        if not d["cells"]:
+            continue
+        crops = crop_gather(d["landmarks"].astype(np.float32), [(c[0], c[1]) for c in d["cells"]], CROP)
+        crops = (crops - mean[None, :, None, None]) / std[None, :, None, None]
+        preds.append(sess.run(None, {name: crops.astype(np.float32)})[0] * gain + offset)
+    return np.concatenate(preds)
+
+
+def train_cellprotein(plate, rng, steps):
+    """Trained on the calibration plate (`--calibration-plate`), not the training plate: the
+    cell-omics model's predictions for cells it was trained on are better than for any new cell."""
+    plate = CALIBRATION or plate
+    if not plate.translated:
+        raise SystemExit("cell-protein: the plate has no translated proteins (translated_proteins in its config)")
+    folder = ROOT / ("cell_protein_mlp" + SUFFIX)
+    folder.mkdir(exist_ok=True)
+    x_raw = cellomics_predictions(plate).astype(np.float32)
+    y_log = np.log(np.concatenate([np.stack([c[3] for c in d["cells"]]) for d in plate.fields if d["cells"]]))
+    x_mu, x_sd = x_raw.mean(axis=0), x_raw.std(axis=0)
+    y_mu, y_sd = y_log.mean(axis=0), y_log.std(axis=0)
+    x = ((x_raw - x_mu) / x_sd).astype(np.float32)
+    y = ((y_log - y_mu) / y_sd).astype(np.float32)
+    print(f"  cell-protein: {len(x)} cells, {x.shape[1]} predicted transcripts -> {y.shape[1]} proteins")
+
+    def batches(b=256):
+        while True:
+            idx = rng.integers(0, len(x), b)
+            yield jnp.asarray(x[idx]), jnp.asarray(y[idx])
+
+    def loss(p, batch, key):
+        xb, yb = batch
+        return jnp.mean((nets.tablenet(nets.J(p), xb)[0] - yb) ** 2)
+
+    g, k = x.shape[1], y.shape[1]
+    params = fit("cell-protein", loss, nets.tablenet_init(jax.random.PRNGKey(5), g, k), batches(),
+                 steps["cellprotein"], 3e-3)
+    model = nets.export(nets.tablenet, params, [("transcripts", [None, g])], [("abundance", [None, k])],
+                        "liveomics per-cell RNA to protein")
+    raw = x_raw[:8]
+    example = [((raw - x_mu) / x_sd).astype(np.float32)]
+    out = save_onnx(model, folder / "weights.onnx", lambda v: nets.tablenet(nets.J(params), jnp.asarray(v)), example)
+    test_out = out[0] * y_sd.astype(np.float32) + y_mu.astype(np.float32)
+    genes, proteins = ", ".join(plate.genes), ", ".join(plate.translated)
+    columns = ", ".join(f"cellomics.{g}" for g in plate.genes)
+    text = header("liveomics per-cell RNA to protein",
+                  "Each cell's predicted ln transcript abundances (cell-omics outputs) to the ln abundance of "
+                  "proteins that were never imaged.",
+                  ["omics-to-omics", "single-cell", "liveomics"]) + f"""inputs:
+  - id: transcripts
+    axes:
+      - type: batch
+      - type: channel
+        channel_names: [{genes}]
+    test_tensor: {npy(folder, "test_input.npy", raw)}
+    preprocessing:
+      - id: fixed_zero_mean_unit_variance
+        kwargs: {{axis: channel, mean: {[round(float(v), 6) for v in x_mu]}, std: {[round(float(v), 6) for v in x_sd]}}}
+outputs:
+  - id: abundance
+    axes:
+      - type: batch
+      - type: channel
+        channel_names: [{proteins}]
+    test_tensor: {npy(folder, "test_output.npy", test_out)}
+    postprocessing:
+      - id: scale_linear
+        kwargs: {{axis: channel, gain: {[round(float(v), 6) for v in y_sd]}, offset: {[round(float(v), 6) for v in y_mu]}}}
+{weights(folder / "weights.onnx")}config:
+  liveomics:
+    role: cell-table
+    columns: [{columns}]
+    outputs: [{proteins}]
+"""
+    (folder / "bioimageio.yaml").write_text(text.replace(str(folder) + "/", ""))
+    readme(folder, "Per-cell RNA to protein",
+           f"Input: per cell, the ln abundance of {g} genes ({genes}) as the `cell_omics_cnn` model named "
+           f"`cellomics` predicts them (the per-cell table's `cellomics.*` columns). Output: the natural log of "
+           f"the abundance of {k} proteins ({proteins}) that are never imaged. Trained on the cell-omics model's "
+           "predictions for the training plate's cells, so it weighs each transcript by how well the images "
+           "reveal it.")
+
+
 # ---- 4. well-omics (Image2Omics shape) -----------------------------------------------------
 
 def train_wellomics(plate, rng, steps):
@@ -686,7 +796,9 @@ def train_wellomics(plate, rng, steps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plate", required=True, help="a `liveomics simulate` folder (models/train/train_plate.toml)")
-    ap.add_argument("--only", default="vstain,diffusion,cellomics,wellomics")
+    ap.add_argument("--only", default="vstain,diffusion,cellomics,wellomics,cellprotein")
+    ap.add_argument("--calibration-plate", help="a `liveomics simulate` folder of models/train/calibration_plate.toml "
+                    "(cellprotein trains on it; default: --plate)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every network's step count")
     ap.add_argument("--seed", type=int, default=20261121)
     ap.add_argument("--max-wells", type=int, help="train on the first N wells only (smoke runs)")
@@ -706,9 +818,11 @@ def main():
     globals()["VSTAIN_CELL_WEIGHT"] = args.vstain_cell_weight
     globals()["SUFFIX"] = args.out_suffix
     plate = Plate(args.plate, args.max_wells)
+    if args.calibration_plate and "cellprotein" in args.only.split(","):
+        globals()["CALIBRATION"] = Plate(args.calibration_plate, args.max_wells)
     print(f"plate {args.plate}: {len(plate.fields)} fields")
     for name, fn in [("vstain", train_vstain), ("diffusion", train_diffusion), ("cellomics", train_cellomics),
-                     ("wellomics", train_wellomics)]:
+                     ("wellomics", train_wellomics), ("cellprotein", train_cellprotein)]:
         if name in args.only.split(","):
             t0 = time.time()
             print(f"{name}:", flush=True)

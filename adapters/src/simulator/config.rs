@@ -129,6 +129,12 @@ pub struct SimulatorConfig {
     pub visible_genes: u32,
     /// Size of the per-well shift of the latent state, in units of the cell-to-cell spread.
     pub perturbation_strength: f64,
+    /// Proteins whose per-cell abundance is simulated but never imaged (`P001`, `P002`, …): each
+    /// is translated from one or two genes with a protein-specific gain and noise, the even ones
+    /// from visible genes and the odd ones from invisible genes, so a model reading per-cell
+    /// transcripts can predict the first kind and not the second. Written to `truth/cells.csv`;
+    /// 0 (the default) leaves plates as they were.
+    pub translated_proteins: u32,
     pub proteins: Vec<ProteinChannel>,
     /// Known relocalizations of proteins in some wells (none by default).
     pub relocalization: Vec<Relocalization>,
@@ -161,6 +167,7 @@ impl Default for SimulatorConfig {
             genes: 16,
             visible_genes: 8,
             perturbation_strength: 1.5,
+            translated_proteins: 0,
             proteins: vec![ProteinChannel {
                 name: "TOMM20".into(),
                 localization: Localization::Mitochondria,
@@ -280,6 +287,20 @@ impl SimulatorConfig {
         }
         if self.visible_genes > self.genes {
             bad("visible_genes", "cannot exceed genes".into());
+        }
+        if self.translated_proteins > 10_000 {
+            bad(
+                "translated_proteins",
+                format!("must be 0..=10000, got {}", self.translated_proteins),
+            );
+        }
+        if self.translated_proteins > 1 && (self.visible_genes == 0 || self.visible_genes == self.genes) {
+            bad(
+                "translated_proteins",
+                "needs both visible and invisible genes (0 < visible_genes < genes): half of the \
+                 proteins follow each kind"
+                    .into(),
+            );
         }
         if !(self.rate_fields_per_s == 0.0 || (0.001..=10_000.0).contains(&self.rate_fields_per_s)) {
             bad(

@@ -40,6 +40,23 @@ pub struct GeneModel {
     pub visible: Vec<bool>,
     pub base: Vec<f64>,
     pub weights: Vec<[f64; LATENT]>,
+    /// Proteins translated from these genes (`translated_proteins`), never imaged.
+    pub translation: Vec<Translation>,
+}
+
+/// How one unimaged protein follows its genes: `ln p = offset + gain · Σ weights · ln e + noise_sd · ε`,
+/// with `ε` drawn per cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct Translation {
+    pub name: String,
+    /// Indices of the genes it is translated from, all visible or all invisible.
+    pub genes: Vec<usize>,
+    pub weights: Vec<f64>,
+    pub gain: f64,
+    pub offset: f64,
+    pub noise_sd: f64,
+    /// Whether its genes are visible genes (so the images carry information about it).
+    pub visible: bool,
 }
 
 /// Ground truth of one simulated cell.
@@ -53,6 +70,8 @@ pub struct CellTruth {
     pub mitotic: bool,
     pub latent: [f64; LATENT],
     pub expression: Vec<f64>,
+    /// Abundance of each translated protein ([`GeneModel::translation`] order), never imaged.
+    pub translated: Vec<f64>,
     /// Per protein channel: the share of its signal drawn in a relocalization's target
     /// compartment (0 outside relocalizing wells).
     pub relocalized: Vec<f64>,
@@ -113,6 +132,7 @@ const STREAM_CELLS: u64 = 3;
 const STREAM_TEXTURE: u64 = 4;
 const STREAM_NOISE: u64 = 5;
 const STREAM_RELOCALIZATION: u64 = 6;
+const STREAM_TRANSLATION: u64 = 7;
 
 /// Per-cell sums of a protein's noise-free signal by compartment, along one row: runs of one
 /// label, so a row holds few entries.
@@ -199,6 +219,7 @@ impl Simulator {
             visible: (0..g).map(|i| i < cfg.visible_genes as usize).collect(),
             base: Vec::with_capacity(g),
             weights: Vec::with_capacity(g),
+            translation: Vec::new(),
         };
         for i in 0..g {
             m.base.push(1.0 + 1.5 * rng.random::<f64>());
@@ -213,7 +234,62 @@ impl Simulator {
             }
             m.weights.push(w);
         }
+        // Its own stream: the gene model above draws what it drew before proteins existed.
+        let mut rng = rng_for(&[cfg.gene_seed.unwrap_or(cfg.seed), STREAM_TRANSLATION]);
+        let (visible, hidden): (Vec<usize>, Vec<usize>) = (0..g).partition(|&i| m.visible[i]);
+        let width = (cfg.translated_proteins as usize).to_string().len().max(3);
+        for j in 0..cfg.translated_proteins as usize {
+            let from_visible = j % 2 == 0;
+            let pool = if from_visible { &visible } else { &hidden };
+            if pool.is_empty() {
+                break;
+            }
+            let k = if pool.len() > 1 && rng.random::<f64>() < 0.5 {
+                2
+            } else {
+                1
+            };
+            let mut genes = Vec::with_capacity(k);
+            while genes.len() < k {
+                let gi = pool[rng.random_range(0..pool.len())];
+                if !genes.contains(&gi) {
+                    genes.push(gi);
+                }
+            }
+            let weights = (0..k).map(|_| 0.5 + 0.5 * rng.random::<f64>()).collect();
+            m.translation.push(Translation {
+                name: format!("P{:0width$}", j + 1),
+                genes,
+                weights,
+                gain: 0.6 + 0.6 * rng.random::<f64>(),
+                offset: -0.5 + rng.random::<f64>(),
+                noise_sd: 0.1 + 0.15 * rng.random::<f64>(),
+                visible: from_visible,
+            });
+        }
         m
+    }
+
+    /// Each translated protein's abundance in a cell of this expression; the noise is drawn from
+    /// the cell's own stream, so nothing else a plate renders changes with it.
+    fn translate(&self, expression: &[f64], cell_stream: u64) -> Vec<f64> {
+        if self.genes.translation.is_empty() {
+            return Vec::new();
+        }
+        let mut rng = rng_for(&[self.cfg.seed, STREAM_TRANSLATION, cell_stream]);
+        self.genes
+            .translation
+            .iter()
+            .map(|t| {
+                let drive: f64 = t
+                    .genes
+                    .iter()
+                    .zip(&t.weights)
+                    .map(|(&g, w)| w * expression[g].ln())
+                    .sum();
+                (t.offset + t.gain * drive + t.noise_sd * normal(&mut rng)).exp()
+            })
+            .collect()
     }
 
     /// The perturbation of a well: zero for controls, otherwise a seeded random shift.
@@ -270,6 +346,7 @@ impl Simulator {
                     mitotic: c.mitotic,
                     latent: c.z,
                     expression: c.expression.clone(),
+                    translated: self.translate(&c.expression, c.stream),
                     relocalized: moved.iter().map(|m| m[i]).collect(),
                     localization: sums
                         .iter()

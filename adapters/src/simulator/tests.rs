@@ -232,3 +232,61 @@ fn a_relocalization_moves_the_protein_in_its_wells_only_and_the_truth_says_so() 
         assert!(keys.iter().any(|e| e.contains(k)), "{k} not in {keys:?}");
     }
 }
+
+/// Translated proteins follow their genes with their own noise, half from visible genes and half
+/// from invisible ones, and change nothing else a plate renders.
+#[test]
+fn translated_proteins_follow_their_genes_and_leave_the_images_alone() {
+    let plain = Simulator::new(small()).unwrap();
+    let with = Simulator::new(SimulatorConfig {
+        translated_proteins: 6,
+        ..small()
+    })
+    .unwrap();
+    assert_eq!(plain.genes().weights, with.genes().weights);
+    let t = &with.genes().translation;
+    assert_eq!(t.len(), 6);
+    for (j, p) in t.iter().enumerate() {
+        assert_eq!(p.visible, j % 2 == 0, "{}", p.name);
+        assert!(
+            p.genes.iter().all(|&g| with.genes().visible[g] == p.visible),
+            "{}",
+            p.name
+        );
+    }
+    let well = WellId::parse("B3", plain.plan().format).unwrap();
+    let (a, b) = (plain.render(well, 0, 0), with.render(well, 0, 0));
+    assert_eq!(a.channels, b.channels);
+    assert!(a.cells.iter().all(|c| c.translated.is_empty()));
+    // ln p is linear in its genes' ln e up to the protein's own noise: the residual of that line
+    // has the protein's noise_sd. Cells of several fields, for a stable spread.
+    let cells: Vec<_> = (0..6).flat_map(|f| with.render(well, f, 0).cells).collect();
+    for (j, p) in t.iter().enumerate() {
+        let drive: Vec<f64> = cells
+            .iter()
+            .map(|c| {
+                p.genes
+                    .iter()
+                    .zip(&p.weights)
+                    .map(|(&g, w)| w * c.expression[g].ln())
+                    .sum()
+            })
+            .collect();
+        let resid: Vec<f64> = cells
+            .iter()
+            .zip(&drive)
+            .map(|(c, d)| c.translated[j].ln() - p.offset - p.gain * d)
+            .collect();
+        let n = resid.len() as f64;
+        let mean = resid.iter().sum::<f64>() / n;
+        let sd = (resid.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(n > 60.0, "{n} cells");
+        assert!(
+            mean.abs() < 0.1 && (sd / p.noise_sd - 1.0).abs() < 0.3,
+            "{}: residual {mean} ± {sd}",
+            p.name
+        );
+    }
+    // Deterministic: the same cell gets the same abundance again.
+    assert_eq!(with.render(well, 0, 0).cells[0].translated, b.cells[0].translated);
+}

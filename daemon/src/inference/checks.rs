@@ -38,6 +38,16 @@ pub(super) fn description_checks(
     if role == Role::VirtualStainDiffusion {
         return diffusion_checks(&key, m, d, plan).map(|c| (role, c, 0));
     }
+    if role != Role::CellTable && !m.columns.is_empty() {
+        return Err(Invalid::new(
+            &format!("{key}.columns"),
+            "only cell-table models read per-cell columns; image models take channels",
+        ));
+    }
+    if role == Role::CellTable {
+        table_checks(&key, m, d, ctx)?;
+        return Ok((role, Vec::new(), 0));
+    }
     let input = &d.inputs[0];
     if d.inputs.len() != 1 || d.outputs.len() != 1 {
         return Err(Invalid::new(
@@ -173,6 +183,47 @@ pub(super) fn description_checks(
         };
     }
     Ok((role, channels, crop))
+}
+
+/// A cell-table model: one input of (batch, channel) and one output of the same layout, after
+/// the measure stage (its rows are the measured cells). Which columns it reads is the graph's
+/// business ([`super::graph`]), which sees every model.
+fn table_checks(key: &str, m: &ModelConfig, d: &Description, ctx: &Context) -> Result<(), Invalid> {
+    let pos = |s: StageName| ctx.stages.iter().position(|x| *x == s);
+    if !matches!((pos(StageName::Measure), pos(StageName::Inference)), (Some(a), Some(b)) if a < b) {
+        return Err(Invalid::new(
+            &format!("{key}.role"),
+            "a cell-table model needs the \"measure\" stage before \"inference\"",
+        ));
+    }
+    if !m.channels.is_empty() {
+        return Err(Invalid::new(
+            &format!("{key}.channels"),
+            "a cell-table model reads per-cell columns, not channels: use `columns`",
+        ));
+    }
+    let vector = |axes: &[liveomics_models::description::Axis]| {
+        matches!(
+            axes.iter().map(|a| &a.kind).collect::<Vec<_>>().as_slice(),
+            [AxisKind::Batch, AxisKind::Channel { .. } | AxisKind::Index]
+        )
+    };
+    if d.inputs.len() != 1 || d.outputs.len() != 1 || !vector(&d.inputs[0].axes) || !vector(&d.outputs[0].axes) {
+        return Err(Invalid::new(
+            &format!("{key}.role"),
+            format!(
+                "{:?} is used as cell-table: it needs one input and one output of (batch, channel)",
+                d.name
+            ),
+        ));
+    }
+    if !matches!(d.inputs[0].axes[1].size, AxisSize::Fixed(_)) {
+        return Err(Invalid::new(
+            &format!("{key}.path"),
+            format!("{:?}: the input's column axis must have a fixed length", d.name),
+        ));
+    }
+    Ok(())
 }
 
 fn plan_channels(key: &str, names: &[String], plan: &AcquisitionPlan) -> Result<Vec<usize>, Invalid> {

@@ -62,8 +62,8 @@ pub struct ModelConfig {
     pub name: String,
     /// The model's folder or its bioimageio.yaml.
     pub path: PathBuf,
-    /// `segmentation`, `virtual-stain`, `virtual-stain-diffusion`, `cell-omics` or
-    /// `well-omics`; overrides the
+    /// `segmentation`, `virtual-stain`, `virtual-stain-diffusion`, `cell-omics`, `well-omics`
+    /// or `cell-table`; overrides the
     /// description's `config.liveomics.role` (third-party models have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<Role>,
@@ -71,6 +71,12 @@ pub struct ModelConfig {
     /// description's `config.liveomics.channels`.
     #[serde(default)]
     pub channels: Vec<String>,
+    /// cell-table: the per-cell table columns feeding the model's input, in order: another
+    /// model's outputs (`cellomics.G001`), measurements (`area_px`, `mean_DAPI`), or `prefix*`
+    /// for every column with that prefix in table order. Overrides the description's
+    /// `config.liveomics.columns` (and the names of its input's channel axis).
+    #[serde(default)]
+    pub columns: Vec<String>,
     /// virtual-stain-diffusion: the proteins sampled for every field, from the description's
     /// `config.liveomics.proteins`. A full proteome cannot run live; choose a panel.
     #[serde(default)]

@@ -17,10 +17,13 @@ use liveomics_models::{
 
 mod checks;
 pub mod config;
+mod graph;
 pub mod instances;
 
 use crate::component::{Context, Stage, StageConfig, StageError, StageName};
-use crate::field::{channel_index, prediction_column, FieldPool, FieldWork, ModelImage, WellReadout};
+use crate::field::{
+    channel_index, mean_column, prediction_column, CellTable, FieldPool, FieldWork, ModelImage, Values, WellReadout,
+};
 use crate::resources::PlateStore;
 use crate::schedule::{Class, Decision, Scheduler};
 use crate::telemetry as t;
@@ -51,6 +54,8 @@ enum Runner {
         steps: usize,
         seed: u64,
     },
+    /// Columns of the per-cell table, batched across fields (`cell-table`): values per cell.
+    Table { model: Arc<Model>, batcher: Batcher },
     /// Tile features pooled per well (`well-omics`): a readout of the field's well.
     Well {
         model: Arc<WellModel>,
@@ -68,13 +73,14 @@ impl Runner {
             Runner::Cells { .. } => Role::CellOmics,
             Runner::Diffusion { .. } => Role::VirtualStainDiffusion,
             Runner::Well { .. } => Role::WellOmics,
+            Runner::Table { .. } => Role::CellTable,
         }
     }
 
     /// The network whose provider the model runs on.
     fn network(&self) -> &Model {
         match self {
-            Runner::Field { model, .. } | Runner::Cells { model, .. } => model,
+            Runner::Field { model, .. } | Runner::Cells { model, .. } | Runner::Table { model, .. } => model,
             Runner::Diffusion { diffusion, .. } => &diffusion.denoiser,
             Runner::Well { model, .. } => &model.encoder,
         }
@@ -85,6 +91,10 @@ impl Runner {
 #[derive(Debug)]
 struct Loaded {
     name: String,
+    /// `inference.models[i]`, the key its errors are filed under.
+    key: String,
+    /// A cell-table model's declared input columns (resolved by the graph at stage build).
+    reads: Option<graph::Reads>,
     /// Plan channel feeding each model input channel.
     channels: Vec<usize>,
     /// Output names: channels of an image, columns per cell, genes of a readout.
@@ -101,6 +111,8 @@ pub struct InferenceStage {
     models: Vec<Arc<Loaded>>,
     tile: TileOptions,
     scheduler: Arc<Scheduler>,
+    /// The exact columns each cell-table model reads, in its input order ([`graph::resolve`]).
+    table_inputs: BTreeMap<String, Vec<String>>,
     /// Whether this is the last stage: only then is the rest of a field's required work known
     /// when an optional model is weighed against its deadline, so only then is anything skipped.
     last: bool,
@@ -138,9 +150,11 @@ impl InferenceStage {
             return Err(errors);
         }
         models.sort_by_key(|l| l.class != Class::Required);
+        let table_inputs = order_per_cell(ctx, plan, &mut models)?;
         let inf = ctx.inference;
         Ok(Self {
             models,
+            table_inputs,
             tile: TileOptions {
                 tile: inf.tile_px,
                 overlap: inf.tile_overlap_px,
@@ -150,6 +164,64 @@ impl InferenceStage {
             last: ctx.stages.last() == Some(&StageName::Inference),
         })
     }
+}
+
+/// The columns the per-cell table has when the inference stage starts on a field: the measure
+/// stage's, and the localize stage's when it runs first.
+fn base_columns(ctx: &Context, plan: &AcquisitionPlan) -> Vec<String> {
+    let mut cols: Vec<String> = ["centroid_x_px", "centroid_y_px", "area_px", "nucleus_area_px"]
+        .into_iter()
+        .chain(["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"])
+        .map(String::from)
+        .collect();
+    cols.extend(plan.channels.iter().map(|c| mean_column(&c.name)));
+    let pos = |s: StageName| ctx.stages.iter().position(|x| *x == s);
+    if matches!((pos(StageName::Localize), pos(StageName::Inference)), (Some(a), Some(b)) if a < b) {
+        for (protein, _) in ctx.localization.real(plan) {
+            for f in liveomics_kernels::localize::FEATURES {
+                cols.push(format!("loc.{protein}.{f}"));
+            }
+        }
+    }
+    cols
+}
+
+/// Resolves the per-cell model graph and puts the per-cell models (`cell-omics`, `cell-table`)
+/// in an order where each runs after every model it reads; the other models keep their places.
+/// A chained model inherits the class of what it reads: per-cell models are all `required`
+/// (only virtual staining may wait), so a chained model never reads an output that was skipped.
+fn order_per_cell(
+    ctx: &Context,
+    plan: &AcquisitionPlan,
+    models: &mut [Arc<Loaded>],
+) -> Result<BTreeMap<String, Vec<String>>, Vec<Invalid>> {
+    let per_cell = |l: &Loaded| matches!(l.runner, Runner::Cells { .. } | Runner::Table { .. });
+    let nodes: Vec<graph::Node> = models
+        .iter()
+        .filter(|l| per_cell(l))
+        .map(|l| graph::Node {
+            name: l.name.clone(),
+            key: l.key.clone(),
+            outputs: l.outputs.iter().map(|o| prediction_column(&l.name, o)).collect(),
+            reads: l.reads.clone(),
+        })
+        .collect();
+    if nodes.iter().all(|n| n.reads.is_none()) {
+        return Ok(BTreeMap::new());
+    }
+    let resolved = graph::resolve(&base_columns(ctx, plan), &nodes)?;
+    let mut ordered: Vec<Arc<Loaded>> = resolved
+        .order
+        .iter()
+        .filter_map(|n| models.iter().find(|l| &l.name == n).cloned())
+        .collect::<Vec<_>>();
+    ordered.reverse();
+    for slot in models.iter_mut().filter(|l| per_cell(l)) {
+        if let Some(l) = ordered.pop() {
+            *slot = l;
+        }
+    }
+    Ok(resolved.inputs)
 }
 
 /// Why an instance-segmentation model is not an `[[inference.models]]` entry.
@@ -241,26 +313,14 @@ fn load_new(
             wells: Mutex::new(BTreeMap::new()),
             plate: ctx.resources.plate.clone(),
         },
+        Role::CellTable => {
+            let model = Arc::new(Model::load(&m.path, &opts).map_err(path_err)?);
+            let batcher = batcher(&model, inf, &m.name, &key)?;
+            Runner::Table { model, batcher }
+        }
         Role::CellOmics => {
             let model = Arc::new(Model::load(&m.path, &opts).map_err(path_err)?);
-            let name = m.name.clone();
-            let batcher = Batcher::new(
-                Arc::clone(&model),
-                BatchOptions {
-                    max_batch: inf.max_batch,
-                    max_queue_delay: std::time::Duration::from_millis(inf.max_queue_delay_ms),
-                },
-                move |s| {
-                    t::BatchRan {
-                        model: &name,
-                        samples: s.samples,
-                        padded_to: s.padded_to,
-                        requests: s.requests,
-                    }
-                    .emit()
-                },
-            )
-            .map_err(|e| Invalid::new(&key, t::error_chain(&e)))?;
+            let batcher = batcher(&model, inf, &m.name, &key)?;
             Runner::Cells {
                 model,
                 batcher,
@@ -301,8 +361,27 @@ fn load_new(
         Runner::Diffusion { panel, .. } => panel.iter().map(|(p, _)| p.clone()).collect(),
         _ => outputs,
     };
+    let reads = (role == Role::CellTable).then(|| graph::Reads {
+        patterns: if !m.columns.is_empty() {
+            m.columns.clone()
+        } else if !d.liveomics.columns.is_empty() {
+            d.liveomics.columns.clone()
+        } else {
+            match &d.inputs[0].axes[1].kind {
+                AxisKind::Channel { names } => names.clone(),
+                _ => Vec::new(),
+            }
+        },
+        key: format!("{key}.columns"),
+        length: match d.inputs[0].axes[1].size {
+            AxisSize::Fixed(n) => Some(n),
+            _ => None,
+        },
+    });
     Ok(Loaded {
         name: m.name.clone(),
+        key,
+        reads,
         channels,
         outputs,
         provider,
@@ -311,7 +390,57 @@ fn load_new(
     })
 }
 
+/// The batcher of a per-cell model: its crops or rows are batched across fields.
+fn batcher(model: &Arc<Model>, inf: &InferenceConfig, name: &str, key: &str) -> Result<Batcher, Invalid> {
+    let name = name.to_string();
+    Batcher::new(
+        Arc::clone(model),
+        BatchOptions {
+            max_batch: inf.max_batch,
+            max_queue_delay: std::time::Duration::from_millis(inf.max_queue_delay_ms),
+        },
+        move |s| {
+            t::BatchRan {
+                model: &name,
+                samples: s.samples,
+                padded_to: s.padded_to,
+                requests: s.requests,
+            }
+            .emit()
+        },
+    )
+    .map_err(|e| Invalid::new(key, t::error_chain(&e)))
+}
+
+/// A per-cell model's `[n, k]` output as `k` columns of the field's table.
+fn push_cell_outputs(l: &Loaded, work: &mut FieldWork, out: &Tensor, n: usize) {
+    let per = out.data.len().checked_div(n).unwrap_or(l.outputs.len());
+    for k in 0..per {
+        let name = l.outputs.get(k).cloned().unwrap_or_else(|| format!("out{k}"));
+        let values = (0..n).map(|c| out.data[c * per + k]).collect();
+        work.cell_predictions.push((prediction_column(&l.name, &name), values));
+    }
+}
+
 impl InferenceStage {
+    /// A cell-table model's input: its columns of the field's table, one row per cell.
+    fn table_rows(&self, l: &Loaded, work: &FieldWork) -> Result<Tensor, StageError> {
+        let cols = self.table_inputs.get(&l.name).map(Vec::as_slice).unwrap_or_default();
+        // Not `work.table()`: that is built once and kept for the sinks, and this model's own
+        // outputs are not in it yet.
+        let table = CellTable::of(work);
+        let (n, k) = (work.records.len(), cols.len());
+        let mut data = vec![0f32; n * k];
+        for (j, c) in cols.iter().enumerate() {
+            let col = table.get(c).ok_or_else(|| StageError::MissingColumn(c.clone()))?;
+            match &col.values {
+                Values::U32(v) => v.iter().enumerate().for_each(|(i, &x)| data[i * k + j] = x as f32),
+                Values::F32(v) => v.iter().enumerate().for_each(|(i, &x)| data[i * k + j] = x),
+            }
+        }
+        Ok(Tensor::new(vec![n, k], data))
+    }
+
     fn run_one(&self, l: &Loaded, work: &mut FieldWork) -> Result<usize, StageError> {
         let f = &work.field;
         let planes = model_planes(l, work)?;
@@ -336,12 +465,14 @@ impl InferenceStage {
                         batcher.run(Tensor::new(shape, crops), work.deadline)?
                     }
                 };
-                let per = out.data.len().checked_div(n).unwrap_or(l.outputs.len());
-                for k in 0..per {
-                    let name = l.outputs.get(k).cloned().unwrap_or_else(|| format!("out{k}"));
-                    let values = (0..n).map(|c| out.data[c * per + k]).collect();
-                    work.cell_predictions.push((prediction_column(&l.name, &name), values));
-                }
+                push_cell_outputs(l, work, &out, n);
+                Ok(n)
+            }
+            Runner::Table { batcher, .. } => {
+                let rows = self.table_rows(l, work)?;
+                let n = work.records.len();
+                let out = batcher.run(rows, work.deadline)?;
+                push_cell_outputs(l, work, &out, n);
                 Ok(n)
             }
             Runner::Diffusion {
