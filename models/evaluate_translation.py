@@ -21,6 +21,10 @@ segmented centroid). Per protein, three Pearson r against the true ln abundance:
   the bound survives the image -> transcript model before the chain sees it;
 - `true input`: the same ONNX model fed the true ln abundance of all genes instead of predictions.
 
+It also prints, per protein, the ceiling of a chain that would read the cells' measurements too
+(ln of `area_px`, `nucleus_area_px` and the landmark channel means, besides the predictions): what
+a cell-table model could gain from columns the daemon already has.
+
 Must show: proteins translated from visible genes at >= 0.9 x their bound; proteins from invisible
 genes at |r| < 0.1.
 """
@@ -95,7 +99,8 @@ def main():
     coef, *_ = np.linalg.lstsq(design(train), target_train, rcond=None)
 
     index = {(r["well"], int(r["field"]), int(r["label"])): r for r in rows}
-    pred, inputs, matched = [], [], []
+    measured = ["area_px", "nucleus_area_px", "mean_dapi", "mean_microtubules", "mean_er"]
+    pred, inputs, extra, matched = [], [], [], []
     for well in manifest["wells"]:
         row, col = well[0], str(int(well[1:]))
         for f in range(manifest["fields_per_well"]):
@@ -109,17 +114,21 @@ def main():
             xs = np.clip(np.round(a.obs["centroid_x_px"].to_numpy()).astype(int), 0, labels.shape[1] - 1)
             values = a.obs[cols].to_numpy()
             read = a.obs[[f"{args.cell_model}.{g}" for g in genes]].to_numpy()
+            more = np.log(np.maximum(a.obs[measured].to_numpy(np.float64), 1e-3))
             for i, (y, x) in enumerate(zip(ys, xs)):
                 t = index.get((well, f, int(labels[y, x])))
                 if t is not None:
                     pred.append(values[i])
                     inputs.append(read[i])
+                    extra.append(more[i])
                     matched.append(t)
     pred = np.array(pred)
     want = np.log([[float(t[p]) for p in names] for t in matched])
     bound = design(matched) @ coef
     x_in = np.column_stack([np.ones(len(inputs)), np.array(inputs, np.float64)])
     ceiling = x_in @ np.linalg.lstsq(x_in, want, rcond=None)[0]
+    x_more = np.column_stack([x_in, np.array(extra)])
+    ceiling_more = x_more @ np.linalg.lstsq(x_more, want, rcond=None)[0]
     fed_true = run_model(args.folder, np.log([[float(t[g]) for g in genes] for t in matched]).astype(np.float32))
 
     report = {"cells": len(matched), "proteins": {}}
@@ -150,6 +159,13 @@ def main():
         print(f"  {p['name']:8s} {'+'.join(p['genes']):10s} {'visible' if p['visible'] else 'invisible':9s} "
               f"{r_chain:+7.3f} {r_bound:+7.3f} {ratio:6.3f} {r_ceiling:+8.3f} {of_ceiling:7.3f} {r_true:+10.3f}  "
               f"{rule}: {'ok' if good else 'FAIL'}")
+    print(f"  ceiling with the measurements too ({', '.join(measured)}), and as a share of the bound:")
+    print("  " + "  ".join(
+        f"{p['name']} {pearson(ceiling_more[:, i], want[:, i]):+.3f}"
+        + (f" ({pearson(ceiling_more[:, i], want[:, i]) / pearson(bound[:, i], want[:, i]):.2f})" if p["visible"] else "")
+        for i, p in enumerate(proteins)))
+    for i, p in enumerate(proteins):
+        report["proteins"][p["name"]]["ceiling_with_measurements_r"] = pearson(ceiling_more[:, i], want[:, i])
     print("  per gene, the cell-omics predictions the chain reads: Pearson r against the true ln abundance")
     print("  " + "  ".join(f"{g} {pearson(np.array(inputs)[:, j], np.log([float(t[g]) for t in matched])):+.2f}"
                            for j, g in enumerate(genes)))
