@@ -94,8 +94,11 @@ test-build:
 rust-test: python test-build
 	cargo test --release --locked --workspace
 
+# Tests in PYTEST_WORKERS processes (pytest-xdist): most of a daemon test's wall time is waiting
+# (zenoh leases, idle timeouts, paced simulators), so 2 processes on 2 cores take 6 min, not 10.
+PYTEST_WORKERS ?= 2
 py-test: test-build python bioimageio gpu-env real-data browser
-	cd tests && ../$(PY) -m pytest -q
+	cd tests && ../$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 test: fmt lint rust-test py-test
 
