@@ -33,34 +33,25 @@ import argparse
 import csv
 import json
 import pathlib
-import re
 import sys
 
 import anndata
 import numpy as np
 import onnxruntime as ort
 import tifffile
+import yaml
+from evaluate import pearson
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def pearson(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if len(a) < 3 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def description_list(folder, key):
-    text = (folder / "bioimageio.yaml").read_text()
-    m = re.search(rf"{key}: \[([^\]]*)\]", text)
-    return np.array([float(v) for v in m.group(1).split(",")], np.float32)
-
-
 def run_model(folder, x):
-    """The model as the daemon runs it: input normalisation, ONNX, output scaling."""
-    mean, std = description_list(folder, "mean"), description_list(folder, "std")
-    gain, offset = description_list(folder, "gain"), description_list(folder, "offset")
+    """The model as the daemon runs it: its description's input normalisation, ONNX, output scaling."""
+    d = yaml.safe_load((folder / "bioimageio.yaml").read_text())
+    pre = d["inputs"][0]["preprocessing"][0]["kwargs"]
+    post = d["outputs"][0]["postprocessing"][0]["kwargs"]
+    mean, std = np.float32(pre["mean"]), np.float32(pre["std"])
+    gain, offset = np.float32(post["gain"]), np.float32(post["offset"])
     sess = ort.InferenceSession(str(folder / "weights.onnx"), providers=["CPUExecutionProvider"])
     z = ((x - mean) / std).astype(np.float32)
     return sess.run(None, {sess.get_inputs()[0].name: z})[0] * gain + offset

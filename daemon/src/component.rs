@@ -82,6 +82,13 @@ impl<'a> Context<'a> {
     pub fn runs(&self, stage: StageName) -> bool {
         self.stages.contains(&stage)
     }
+
+    /// Whether `first` and `then` both run, `first` earlier: a stage reads what earlier stages
+    /// added to the field, and nothing of later ones.
+    pub fn runs_before(&self, first: StageName, then: StageName) -> bool {
+        let pos = |s: StageName| self.stages.iter().position(|x| *x == s);
+        matches!((pos(first), pos(then)), (Some(a), Some(b)) if a < b)
+    }
 }
 
 /// The stages the registry knows (`pipeline.stages`), so that an unknown name is an error at

@@ -146,8 +146,7 @@ pub(super) fn description_checks(
     }
     let mut crop = 0;
     if role == Role::CellOmics {
-        let pos = |s: StageName| ctx.stages.iter().position(|x| *x == s);
-        if !matches!((pos(StageName::Measure), pos(StageName::Inference)), (Some(a), Some(b)) if a < b) {
+        if !ctx.runs_before(StageName::Measure, StageName::Inference) {
             return Err(Invalid::new(
                 &format!("{key}.role"),
                 "a cell-omics model needs the \"measure\" stage before \"inference\"",
@@ -189,8 +188,7 @@ pub(super) fn description_checks(
 /// the measure stage (its rows are the measured cells). Which columns it reads is the graph's
 /// business ([`super::graph`]), which sees every model.
 fn table_checks(key: &str, m: &ModelConfig, d: &Description, ctx: &Context) -> Result<(), Invalid> {
-    let pos = |s: StageName| ctx.stages.iter().position(|x| *x == s);
-    if !matches!((pos(StageName::Measure), pos(StageName::Inference)), (Some(a), Some(b)) if a < b) {
+    if !ctx.runs_before(StageName::Measure, StageName::Inference) {
         return Err(Invalid::new(
             &format!("{key}.role"),
             "a cell-table model needs the \"measure\" stage before \"inference\"",

@@ -23,6 +23,7 @@ pub mod instances;
 use crate::component::{Context, Stage, StageConfig, StageError, StageName};
 use crate::field::{
     channel_index, mean_column, prediction_column, CellTable, FieldPool, FieldWork, ModelImage, Values, WellReadout,
+    GEOMETRY_MEASURES,
 };
 use crate::resources::PlateStore;
 use crate::schedule::{Class, Decision, Scheduler};
@@ -169,14 +170,14 @@ impl InferenceStage {
 /// The columns the per-cell table has when the inference stage starts on a field: the measure
 /// stage's, and the localize stage's when it runs first.
 fn base_columns(ctx: &Context, plan: &AcquisitionPlan) -> Vec<String> {
-    let mut cols: Vec<String> = ["centroid_x_px", "centroid_y_px", "area_px", "nucleus_area_px"]
+    let mut cols: Vec<String> = ["centroid_x_px", "centroid_y_px"]
         .into_iter()
+        .chain(GEOMETRY_MEASURES)
         .chain(["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"])
         .map(String::from)
         .collect();
     cols.extend(plan.channels.iter().map(|c| mean_column(&c.name)));
-    let pos = |s: StageName| ctx.stages.iter().position(|x| *x == s);
-    if matches!((pos(StageName::Localize), pos(StageName::Inference)), (Some(a), Some(b)) if a < b) {
+    if ctx.runs_before(StageName::Localize, StageName::Inference) {
         for (protein, _) in ctx.localization.real(plan) {
             for f in liveomics_kernels::localize::FEATURES {
                 cols.push(format!("loc.{protein}.{f}"));
@@ -210,16 +211,13 @@ fn order_per_cell(
         return Ok(BTreeMap::new());
     }
     let resolved = graph::resolve(&base_columns(ctx, plan), &nodes)?;
-    let mut ordered: Vec<Arc<Loaded>> = resolved
+    let ordered: Vec<Arc<Loaded>> = resolved
         .order
         .iter()
         .filter_map(|n| models.iter().find(|l| &l.name == n).cloned())
-        .collect::<Vec<_>>();
-    ordered.reverse();
-    for slot in models.iter_mut().filter(|l| per_cell(l)) {
-        if let Some(l) = ordered.pop() {
-            *slot = l;
-        }
+        .collect();
+    for (slot, l) in models.iter_mut().filter(|l| per_cell(l)).zip(ordered) {
+        *slot = l;
     }
     Ok(resolved.inputs)
 }
