@@ -117,13 +117,22 @@ def test_a_budget_too_small_for_the_optional_model_degrades_and_backfills(binary
     # worker of the two meets such a field among the six). A budget that fits the required work
     # but not the stain would make this test depend on the machine's speed; the arithmetic of
     # that case is unit-tested with a fake clock in daemon/src/schedule.rs.
-    (tmp_path / "o.toml").write_text(config(tmp_path / "o", budget_ms=1))
+    # The simulated microscope is paced (a positive rate): its fields have deadlines.
+    (tmp_path / "o.toml").write_text(config(tmp_path / "o", budget_ms=1, rate=1000.0))
     p = run(binary, "run", "--config", tmp_path / "o.toml", timeout=600)
     assert p.returncode == 0, p.stderr
     degraded, backfilled = summary_counts(p.stdout)
     assert degraded >= 1 and degraded == backfilled, p.stdout
     assert "predicted" in p.stderr and "before the deadline" in p.stderr
     assert compare(ref, tmp_path / "o" / "sched.zarr", WINDOW) == []
+    # At rate 0 nothing waits on a field (as fast as the pipeline takes them): the same 1 ms
+    # budget is no deadline, nothing is degraded and nothing counts as late.
+    (tmp_path / "u.toml").write_text(config(tmp_path / "u", budget_ms=1, rate=0.0))
+    p = run(binary, "run", "--config", tmp_path / "u.toml", timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert summary_counts(p.stdout) == (0, 0), p.stdout
+    assert "fields had no deadline" in p.stdout, p.stdout
+    assert compare(ref, tmp_path / "u" / "sched.zarr", WINDOW) == []
 
 
 def test_idle_gaps_in_the_acquisition_are_used_for_backfill(binary, tmp_path):

@@ -138,7 +138,7 @@ pub struct SimulatorConfig {
     pub proteins: Vec<ProteinChannel>,
     /// Known relocalizations of proteins in some wells (none by default).
     pub relocalization: Vec<Relocalization>,
-    /// Fields per second; 0 acquires as fast as the pipeline accepts frames.
+    /// Fields per second; 0 acquires as fast as the pipeline accepts frames, with no deadline.
     pub rate_fields_per_s: f64,
     pub camera: CameraConfig,
 }

@@ -730,6 +730,12 @@ impl Source for Simulator {
         &self.plan
     }
 
+    /// A simulated microscope waits between fields only at a positive rate; at 0 it delivers as
+    /// fast as the pipeline takes them, like a replay at `max` speed, and nothing waits on a field.
+    fn paced(&self) -> bool {
+        self.cfg.rate_fields_per_s > 0.0
+    }
+
     fn skip(&mut self, done: &[FieldKey]) {
         self.skip.extend(done.iter().cloned());
     }

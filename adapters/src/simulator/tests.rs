@@ -290,3 +290,16 @@ fn translated_proteins_follow_their_genes_and_leave_the_images_alone() {
     // Deterministic: the same cell gets the same abundance again.
     assert_eq!(with.render(well, 0, 0).cells[0].translated, b.cells[0].translated);
 }
+
+#[test]
+fn only_a_positive_rate_is_a_pace_that_gives_fields_deadlines() {
+    let at = |rate_fields_per_s| {
+        let cfg = SimulatorConfig {
+            rate_fields_per_s,
+            ..small()
+        };
+        Simulator::new(cfg).unwrap().paced()
+    };
+    assert!(!at(0.0));
+    assert!(at(2.0));
+}
