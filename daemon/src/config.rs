@@ -145,6 +145,20 @@ pub struct PipelineConfig {
     /// waiting for minutes. The plate is crash-safe, so what was cut is unlisted and redone on
     /// resume.
     pub stop_grace_ms: u64,
+    /// What a paced acquisition does when the workers fall behind it (the queue in front of
+    /// them is full): `lag` writes the field's raw planes to the plate at once and owes its
+    /// analysis, done from the plate when workers are free, so the microscope never waits for
+    /// analysis; `hold` keeps backpressure on the source, for experiments that need every
+    /// decision before the microscope moves on.
+    pub when_behind: WhenBehind,
+}
+
+/// `pipeline.when_behind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenBehind {
+    Lag,
+    Hold,
 }
 
 impl Default for PipelineConfig {
@@ -158,6 +172,7 @@ impl Default for PipelineConfig {
             max_pending_mb: 2048,
             backfill_after_idle_ms: 1000,
             stop_grace_ms: 30_000,
+            when_behind: WhenBehind::Lag,
         }
     }
 }

@@ -54,6 +54,9 @@ pub struct FieldWork {
     /// `Some(models)` when this is not a new field but the backfill of an already written one:
     /// it carries the raw planes and those models' outputs only, and sinks add them to the field.
     pub backfill: Option<Vec<String>>,
+    /// The analysis of a field whose raw planes the plate already holds (it lagged): sinks
+    /// treat it as a new field, except that the plate store leaves the raw planes as they are.
+    pub raw_stored: bool,
     /// When the field's required work ended (its stages, less skipped or optional models).
     pub required_done_at: Option<Instant>,
     /// When the field left its worker for the sinks.
@@ -86,12 +89,26 @@ impl FieldWork {
             localization: Vec::new(),
             owed: Vec::new(),
             backfill: None,
+            raw_stored: false,
             required_done_at: None,
             stages_done_at: None,
             name,
             segmented_by: None,
             table: OnceLock::new(),
         }
+    }
+
+    /// A field acquired while every worker was busy (`pipeline.when_behind = "lag"`): only its
+    /// raw planes, to be written to the plate at once and analysed from there later.
+    pub fn lagged(field: Field, plan: Arc<AcquisitionPlan>, deadline: Instant) -> Self {
+        let mut work = Self::new(field, plan, deadline);
+        work.owed = vec![OWED_ANALYSIS.to_string()];
+        work
+    }
+
+    /// Whether this is a lagged field's raw planes, owed all its analysis.
+    pub fn is_lagged(&self) -> bool {
+        self.owed.iter().any(|m| m == OWED_ANALYSIS)
     }
 
     /// The field's per-cell table: what the Arrow records, the AnnData table, the label
@@ -146,6 +163,10 @@ pub struct CellTable {
     pub rows: usize,
     pub columns: Vec<Column>,
 }
+
+/// The owed entry (`liveomics.owed`, the backlog) of a field whose whole analysis is owed: it
+/// lagged behind the acquisition, and only its raw planes are in the plate.
+pub const OWED_ANALYSIS: &str = "analysis";
 
 /// Per-cell measures every field has, besides channel means and model outputs.
 pub const GEOMETRY_MEASURES: [&str; 2] = ["area_px", "nucleus_area_px"];

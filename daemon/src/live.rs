@@ -226,7 +226,7 @@ impl Live {
 
     /// A field reached the sinks with its cells, readouts and whether it was degraded.
     pub fn field(&self, work: &FieldWork) {
-        if work.backfill.is_some() {
+        if work.backfill.is_some() || work.is_lagged() {
             return;
         }
         let k = &work.field.key;

@@ -121,6 +121,9 @@ pub struct RunSummary {
     /// has since written.
     pub degraded: u64,
     pub backfilled: u64,
+    /// Fields the analysis lagged behind (`pipeline.when_behind = "lag"`): written raw at once,
+    /// analysed from the plate later (they count in `fields_done` once analysed).
+    pub lagged: u64,
     /// Fields still owed work at exit (a stop signal, or a backfill that failed): a restart on
     /// the same plate does them.
     pub backlog_left: usize,
@@ -148,6 +151,8 @@ struct Done {
     degraded: bool,
     /// This is the backfill of these models into an already written field.
     backfill: Option<Vec<String>>,
+    /// These were a lagged field's raw planes only; its analysis comes later as a field.
+    lagged: bool,
     stages_done_at: Option<Instant>,
     required_done_at: Option<Instant>,
 }
@@ -165,6 +170,7 @@ impl Done {
             well_readouts: work.well_readouts.clone(),
             degraded: !work.owed.is_empty(),
             backfill: work.backfill.clone(),
+            lagged: work.is_lagged(),
             stages_done_at: work.stages_done_at,
             required_done_at: work.required_done_at,
         }
@@ -288,13 +294,18 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
     let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
     let output = sinks.iter().find_map(|s| s.output());
     let scheduler = Arc::clone(&opts.resources.scheduler);
-    // Work may only be skipped where it can be backfilled: into the plate store, by the stages.
-    // Backfills read raw planes back from a plate on a filesystem.
-    let backfill_into = output.clone().filter(|o| {
-        cfg.pipeline.stages.contains(&crate::component::StageName::Inference)
-            && crate::sink::zarr::node::s3_url(o).is_none()
-    });
-    scheduler.enable_deferral(backfill_into.is_some());
+    // Work may only be owed where it can be done later: read back from a plate on a filesystem.
+    // Optional models may be skipped where the inference stage runs; a field the workers have
+    // no room for is written raw and analysed later where an instrument waits for the
+    // acquisition (`pipeline.when_behind = "lag"`). Backfill threads run where either can
+    // happen, and then also do the owed work a resumed plate lists.
+    let local_plate = output.clone().filter(|o| crate::sink::zarr::node::s3_url(o).is_none());
+    let can_defer = local_plate.is_some() && cfg.pipeline.stages.contains(&crate::component::StageName::Inference);
+    scheduler.enable_deferral(can_defer);
+    let lag_into = local_plate
+        .clone()
+        .filter(|_| cfg.pipeline.when_behind == crate::config::WhenBehind::Lag && source.paced());
+    let backfill_into = local_plate.filter(|_| can_defer || lag_into.is_some());
     let backfillers = if backfill_into.is_some() {
         cfg.pipeline.workers
     } else {
@@ -554,6 +565,12 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
             })?);
         }
     }
+    let lag = lag_into.map(|_| Lag {
+        txs: sink_txs.clone(),
+        plan: plan.clone(),
+        budget,
+        scheduler: Arc::clone(&scheduler),
+    });
     drop((field_rx, sink_txs, done_tx));
 
     let assembly_timeout = Duration::from_millis(p.assembly_timeout_ms);
@@ -564,6 +581,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
             frame_rx,
             field_tx,
             Assembler::new(asm_plan, assembly_timeout, max_pending),
+            lag,
         )
     })?;
 
@@ -646,6 +664,7 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
         required_misses: tracked.required_misses,
         degraded: tracked.degraded,
         backfilled: tracked.backfilled,
+        lagged: tracked.lagged,
         backlog_left: scheduler.backlog.left(),
         done_span: tracked.first_done.zip(tracked.last_done).map(|(a, b)| b - a),
         paced,
@@ -779,6 +798,10 @@ impl Backfill {
                 return false;
             }
         };
+        if owed.models.iter().any(|m| m == crate::field::OWED_ANALYSIS) {
+            self.analyse(field);
+            return true;
+        }
         let mut work = FieldWork::new(field, self.plan.clone(), Instant::now() + self.budget);
         for stage in self.stages.iter_mut() {
             if let Err(e) = stage.run_owed(&mut work, &owed.models) {
@@ -800,6 +823,38 @@ impl Backfill {
     }
 }
 
+impl Backfill {
+    /// A lagged field, read back from the plate: every stage runs on it as on a live field, and
+    /// it goes to the sinks as a field (the plate store leaves its raw planes as they are). It
+    /// gets a budget of its own from now, so that its optional models are decided as a live
+    /// field's are; its latency still counts from when it was acquired.
+    fn analyse(&mut self, field: Field) {
+        let mut work = FieldWork::new(field, self.plan.clone(), Instant::now() + self.budget);
+        work.raw_stored = true;
+        for stage in self.stages.iter_mut() {
+            if let Err(e) = stage.process(&mut work) {
+                t::ErrorOccurred {
+                    kind: stage.name().as_str(),
+                    field: Some(&work.name),
+                    error: &e,
+                }
+                .emit();
+            }
+        }
+        let now = Instant::now();
+        work.required_done_at.get_or_insert(now);
+        work.stages_done_at = Some(now);
+        if !work.owed.is_empty() {
+            self.scheduler.backlog.expect();
+        }
+        self.scheduler.entered_sinks(&work.field.key, now);
+        let work = Arc::new(work);
+        for tx in &self.txs {
+            let _ = tx.send(work.clone());
+        }
+    }
+}
+
 struct Tracked {
     fields_done: u64,
     fields_failed: u64,
@@ -808,6 +863,7 @@ struct Tracked {
     required_misses: u64,
     degraded: u64,
     backfilled: u64,
+    lagged: u64,
     required_us: hdrhistogram::Histogram<u64>,
     wells: BTreeSet<WellId>,
     latency_us: hdrhistogram::Histogram<u64>,
@@ -839,6 +895,7 @@ fn track(
         required_misses: 0,
         degraded: 0,
         backfilled: 0,
+        lagged: 0,
         required_us: histogram(),
         wells: BTreeSet::new(),
         latency_us: histogram(),
@@ -869,6 +926,14 @@ fn track(
             if !ok {
                 scheduler.backlog.not_written();
             }
+            continue;
+        }
+        if d.lagged {
+            // Its raw planes are in the plate: its analysis is owed from now on, and the field
+            // counts as done when that analysis has reached every sink.
+            out.lagged += 1;
+            scheduler.backlog.arrived(&d.key);
+            scheduler.backlog.report();
             continue;
         }
         if let Some(at) = d.stages_done_at {
@@ -926,9 +991,52 @@ fn track(
     out
 }
 
+/// Where assembly sends a field the workers have no room for (`pipeline.when_behind = "lag"`):
+/// its raw planes straight to the sinks, the plate store first among them, its analysis owed.
+struct Lag {
+    txs: Vec<Sender<Arc<FieldWork>>>,
+    plan: Arc<liveomics_adapters::model::AcquisitionPlan>,
+    budget: Duration,
+    scheduler: Arc<crate::schedule::Scheduler>,
+}
+
+impl Lag {
+    /// Hands `field` to the workers, or, when their queue is full and the field is complete,
+    /// its raw planes to the sinks: only a full disk (a sink's queue) can hold the acquisition
+    /// then. An incomplete field waits for the workers as before: its missing planes could not
+    /// be told from zeros once read back. Whether the field got anywhere.
+    fn send(&self, tx: &Sender<Field>, field: Field) -> bool {
+        let field = match tx.try_send(field) {
+            Ok(()) => return true,
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => return false,
+            Err(crossbeam_channel::TrySendError::Full(field)) => field,
+        };
+        if !field.missing_channels().is_empty() {
+            return tx.send(field).is_ok();
+        }
+        let deadline = field.received_at + self.budget;
+        let work = Arc::new(FieldWork::lagged(field, self.plan.clone(), deadline));
+        t::FieldLagged {
+            field: &work.name,
+            queued: tx.len(),
+        }
+        .emit();
+        self.scheduler.backlog.expect();
+        for sink in &self.txs {
+            // A send only fails if the sink thread died; its panic is reported at join.
+            let _ = sink.send(work.clone());
+        }
+        true
+    }
+}
+
 /// Runs the assembler on its thread: frames in, fields out, with a clock tick so a field
 /// missing channels goes on after the timeout even when no frame arrives.
-fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, mut asm: Assembler) -> AssemblyStats {
+fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, mut asm: Assembler, lag: Option<Lag>) -> AssemblyStats {
+    let send = |field: Field| match &lag {
+        Some(lag) => lag.send(&tx, field),
+        None => tx.send(field).is_ok(),
+    };
     let tick = Duration::from_millis(100).min(asm.timeout());
     loop {
         let out = match rx.recv_timeout(tick) {
@@ -951,14 +1059,14 @@ fn assemble(rx: Receiver<Frame>, tx: Sender<Field>, mut asm: Assembler) -> Assem
             Err(RecvTimeoutError::Disconnected) => break,
         };
         for field in out {
-            if tx.send(field).is_err() {
+            if !send(field) {
                 return asm.stats();
             }
         }
     }
     // Intake is over: whatever is still pending goes on as it is; nothing that arrived is lost.
     for field in asm.finish() {
-        if tx.send(field).is_err() {
+        if !send(field) {
             break;
         }
     }

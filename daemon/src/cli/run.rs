@@ -407,6 +407,12 @@ fn print_summary(s: &RunSummary) {
     } else {
         println!("  deadline misses  none: no instrument waits for this source (max speed), fields had no deadline");
     }
+    if s.lagged > 0 {
+        println!(
+            "  lagged           {} fields written raw while every worker was busy, analysed from the plate later (pipeline.when_behind = \"lag\")",
+            s.lagged
+        );
+    }
     println!(
         "  scheduler        degraded {}, backfilled {}, backlog left {}{}",
         s.degraded,

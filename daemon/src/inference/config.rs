@@ -163,6 +163,15 @@ impl InferenceConfig {
                     format!("{:?} is used twice", m.name),
                 ));
             }
+            if m.name == crate::field::OWED_ANALYSIS {
+                out.push(Invalid::new(
+                    &format!("{key}.name"),
+                    format!(
+                        "{:?} is reserved: the plate lists a lagged field as owed its {0:?}",
+                        m.name
+                    ),
+                ));
+            }
             if !(m.crop_scale.is_finite() && m.crop_scale > 0.0) {
                 out.push(Invalid::new(
                     &format!("{key}.crop_scale"),

@@ -36,6 +36,15 @@ pub fn field_metadata(work: &FieldWork, instrument: &str) -> HashMap<String, Str
         ("segmented".into(), work.nuclei.is_some().to_string()),
         ("failed_models".into(), work.failed_models.join(",")),
         ("owed_models".into(), work.owed.join(",")),
+        // A field analysed from the plate after it lagged behind the acquisition, and how long
+        // after it arrived its analysis ended.
+        ("late".into(), work.raw_stored.to_string()),
+        (
+            "analysis_lag_ms".into(),
+            work.stages_done_at
+                .map_or(0, |at| at.saturating_duration_since(f.received_at).as_millis())
+                .to_string(),
+        ),
         (
             "channels".into(),
             work.plan

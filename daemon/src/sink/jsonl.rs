@@ -142,6 +142,7 @@ impl JsonlSink {
             "means": means,
             "failed_models": work.failed_models,
             "owed": work.owed,
+            "late": work.raw_stored,
             "well_readouts": readouts,
             "localization": work.localization,
         })
@@ -154,6 +155,10 @@ impl Sink for JsonlSink {
     }
 
     fn write(&mut self, work: &FieldWork) -> Result<(), SinkError> {
+        // A lagged field's raw planes: its line is written when its analysis arrives.
+        if work.is_lagged() {
+            return Ok(());
+        }
         let mut line = serde_json::to_vec(&self.line(work)).map_err(|e| SinkError::Output {
             path: self.path.display().to_string(),
             source: e.into(),

@@ -156,8 +156,11 @@ impl ZenohSink {
     /// (docs/PROTOCOL.md).
     fn publish_field_state(&self, work: &FieldWork) -> Result<(), SinkError> {
         let k = &work.field.key;
+        let analysis = [crate::field::OWED_ANALYSIS.to_string()];
         let (version, owed, backfilled): (u32, &[String], &[String]) = match &work.backfill {
             Some(models) => (2, &[], models),
+            // A lagged field, now analysed (its cells follow).
+            None if work.raw_stored => (2, &work.owed, &analysis),
             None => (1, &work.owed, &[]),
         };
         let body = serde_json::json!({
@@ -200,10 +203,11 @@ impl Sink for ZenohSink {
     }
 
     fn write(&mut self, work: &FieldWork) -> Result<(), SinkError> {
-        if work.backfill.is_some() {
+        // A lagged field's raw planes only: announced owed its analysis, cells when it has them.
+        if work.backfill.is_some() || work.is_lagged() {
             return self.publish_field_state(work);
         }
-        if !work.owed.is_empty() {
+        if !work.owed.is_empty() || work.raw_stored {
             self.publish_field_state(work)?;
         }
         let payload = cells_arrow::encode(work, &self.instrument).map_err(SinkError::Encode)?;

@@ -60,6 +60,7 @@ pub const FOLLOWUPS: &str = "liveomics_followups_total";
 pub const FOLLOWUP_ACKS_REJECTED: &str = "liveomics_followup_acks_rejected_total";
 pub const DEGRADED: &str = "liveomics_work_deferred_total";
 pub const BACKFILLED: &str = "liveomics_fields_backfilled_total";
+pub const LAGGED: &str = "liveomics_fields_lagged_total";
 pub const BACKFILL_LOST: &str = "liveomics_backfill_failures_total";
 pub const BACKLOG_FIELDS: &str = "liveomics_backlog_fields";
 pub const BACKLOG_AGE_SECONDS: &str = "liveomics_backlog_oldest_seconds";

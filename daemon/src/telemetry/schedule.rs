@@ -7,7 +7,8 @@ use metrics::{counter, gauge, histogram};
 use tracing::{error, info};
 
 use super::{
-    BACKFILLED, BACKFILL_LOST, BACKLOG_AGE_SECONDS, BACKLOG_FIELDS, DEGRADED, REQUIRED_LATENCY_SECONDS, REQUIRED_MISSES,
+    BACKFILLED, BACKFILL_LOST, BACKLOG_AGE_SECONDS, BACKLOG_FIELDS, DEGRADED, LAGGED, REQUIRED_LATENCY_SECONDS,
+    REQUIRED_MISSES,
 };
 
 /// Optional work was skipped inline on a field, and is owed to it.
@@ -29,6 +30,26 @@ impl WorkDeferred<'_> {
             "field degraded: model skipped inline, owed for backfill"
         );
         counter!(DEGRADED, "model" => self.model.to_string(), "class" => self.class.to_string()).increment(1);
+    }
+}
+
+/// Every worker was busy when a field was acquired (`pipeline.when_behind = "lag"`): its raw
+/// planes go to the plate at once and its analysis is owed, so the acquisition does not wait.
+#[derive(Debug)]
+pub struct FieldLagged<'a> {
+    pub field: &'a str,
+    /// Fields waiting for a worker at that moment.
+    pub queued: usize,
+}
+
+impl FieldLagged<'_> {
+    pub fn emit(&self) {
+        info!(
+            field = self.field,
+            queued = self.queued,
+            "field lagged: workers busy, raw planes written now, analysis owed"
+        );
+        counter!(LAGGED).increment(1);
     }
 }
 

@@ -299,8 +299,9 @@ impl Sink for FollowupSink {
 
     fn write(&mut self, work: &FieldWork) -> Result<(), SinkError> {
         self.drain_acks();
-        // Rules fired on the field when it was first written; a backfill adds images only.
-        if work.backfill.is_some() {
+        // Rules fired on the field when it was first written; a backfill adds images only. A
+        // lagged field's rules fire when its analysis arrives.
+        if work.backfill.is_some() || work.is_lagged() {
             return Ok(());
         }
         let now = Instant::now();

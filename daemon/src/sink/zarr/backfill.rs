@@ -28,7 +28,7 @@ pub fn read_field(
 ) -> Result<Field, SinkError> {
     let node = format!("/{}/{}/{}/0", key.well.row_name(), key.well.column_name(), key.field);
     let store = Arc::new(FilesystemStore::new(plate_dir).map_err(zerr("/"))?);
-    let array = Array::open(store, &node).map_err(zerr(&node))?;
+    let array = Array::open(store.clone(), &node).map_err(zerr(&node))?;
     let shape = array.shape();
     let n = shape.len();
     if n < 2 || shape[n - 1] as usize != plan.width || shape[n - 2] as usize != plan.height {
@@ -48,10 +48,26 @@ pub fn read_field(
         width: plan.width,
         height: plan.height,
         channels,
-        acquired_at: SystemTime::now(),
+        acquired_at: acquired_at(&store, key).unwrap_or_else(SystemTime::now),
         received_at,
         origin: Default::default(),
     })
+}
+
+/// When the field was acquired, as its image records it (`liveomics.acquired_unix_ns`): a field
+/// analysed late is published with the time it was acquired, not the time it was read back.
+fn acquired_at(store: &Arc<FilesystemStore>, key: &FieldKey) -> Option<SystemTime> {
+    let node = format!("/{}/{}/{}", key.well.row_name(), key.well.column_name(), key.field);
+    let group = zarrs::group::Group::open(store.clone(), &node).ok()?;
+    let ns: u64 = group
+        .attributes()
+        .get("liveomics")?
+        .get("acquired_unix_ns")?
+        .get(key.timepoint.to_string())?
+        .as_str()?
+        .parse()
+        .ok()?;
+    Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
 }
 
 impl ZarrSink {

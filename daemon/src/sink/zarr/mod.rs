@@ -502,7 +502,7 @@ impl Sink for ZarrSink {
         }
         let listed = self.wells.get(&key.well).is_some_and(|d| d.contains(&pair));
         let was_incomplete = self.incomplete.get(&key.well).is_some_and(|d| d.contains(&pair));
-        if listed && !was_incomplete {
+        if listed && !was_incomplete && !work.raw_stored {
             crate::telemetry::FieldAlreadyWritten { field: &work.name }.emit();
             return Ok(());
         }
@@ -516,16 +516,23 @@ impl Sink for ZarrSink {
             let channels = self.plan.channels.len() + self.virtual_channels.len();
             self.create_pyramid(&image, channels as u64, false)?;
         }
-        for (c, px) in work.field.channels.iter().enumerate() {
-            if let Some(px) = px {
-                self.windows[c].update(px);
+        if !work.raw_stored {
+            for (c, px) in work.field.channels.iter().enumerate() {
+                if let Some(px) = px {
+                    self.windows[c].update(px);
+                }
             }
         }
         let virtual_planes = self.virtual_planes(work);
         for (c, px) in &virtual_planes {
             self.windows[*c].update(px);
         }
-        self.write_raw(&image, work, &virtual_planes)?;
+        if work.raw_stored {
+            // A lagged field's analysis: its raw planes went in when it was acquired.
+            self.write_planes(&image, key.timepoint, &virtual_planes)?;
+        } else {
+            self.write_raw(&image, work, &virtual_planes)?;
+        }
         let labels: Vec<(&str, &Vec<u32>)> = LABEL_NAMES
             .iter()
             .zip([&work.nuclei, &work.cells])
@@ -566,10 +573,12 @@ impl Sink for ZarrSink {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        self.acquired
-            .entry((key.well, key.field))
-            .or_default()
-            .insert(key.timepoint, ns);
+        if !work.raw_stored {
+            self.acquired
+                .entry((key.well, key.field))
+                .or_default()
+                .insert(key.timepoint, ns);
+        }
         self.note_owed(work);
         self.store.group(&image, self.image_metadata(key.well, key.field))?;
         self.images.insert((key.well, key.field));
