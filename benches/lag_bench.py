@@ -1,7 +1,7 @@
 """The microscope never waits (issue 35): the README's default config at a common HCS rate
-(2160² fields, 4 channels, 2 fields/s) with InstanSeg forced on (the segmentation that cannot
-keep up on 2 CPU cores; `auto` would take the classical path here), run twice in this script on
-the same plate, `pipeline.when_behind = "hold"` and then `"lag"`:
+(24 fields of 1024², 4 channels, 2 fields/s) with InstanSeg forced on (the segmentation that
+cannot keep up on 2 CPU cores; `auto` would take the classical path here), run twice in this
+script on the same plate, `pipeline.when_behind = "hold"` and then `"lag"`:
 
 - how long the simulated microscope was held by backpressure, and so how long the acquisition
   took (the plate's fields at its rate plus that hold);
@@ -11,7 +11,10 @@ the same plate, `pipeline.when_behind = "hold"` and then `"lag"`:
 - how many fields lagged, and whether the two plates are equal (tests/compare_plates.py, display
   windows aside).
 
-    .venv/bin/python benches/lag_bench.py [--wells 4] [--fields 3] [--size 2160] [--rate 2]
+    .venv/bin/python benches/lag_bench.py [--wells 8] [--fields 3] [--size 1024] [--rate 2]
+
+With fewer fields than the queues hold (frames and fields, about 14 here) nothing is held either
+way: the plate must be longer than that to show the difference.
 """
 
 import argparse
@@ -93,9 +96,9 @@ def run(args, work: pathlib.Path, when_behind: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--wells", type=int, default=4)
+    ap.add_argument("--wells", type=int, default=8)
     ap.add_argument("--fields", type=int, default=3)
-    ap.add_argument("--size", type=int, default=2160)
+    ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--rate", type=float, default=2.0)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
