@@ -37,6 +37,9 @@ pub struct WellView {
     pub localization: BTreeMap<String, WellShift>,
     pub deadline_misses: u64,
     pub degraded: u64,
+    /// Fields of the well written raw while the workers were busy and not analysed yet
+    /// (`pipeline.when_behind = "lag"`): acquired = `fields` + this.
+    pub lagging: u64,
     pub followups: Vec<FollowupView>,
     /// Running sums behind `means`.
     #[serde(skip)]
@@ -115,6 +118,12 @@ pub struct Header {
     pub latency_p99_ms: f64,
     pub deadline_misses: u64,
     pub backlog: usize,
+    /// Fields acquired and written raw whose analysis is still owed (they lagged).
+    pub lagging: u64,
+    /// The longest a lagged field waited for its analysis, arrival to the end of its stages.
+    pub worst_lag_ms: f64,
+    /// When the owed analysis will be done at the rate fields are being done, if any is owed.
+    pub eta_s: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -226,13 +235,35 @@ impl Live {
 
     /// A field reached the sinks with its cells, readouts and whether it was degraded.
     pub fn field(&self, work: &FieldWork) {
-        if work.backfill.is_some() || work.is_lagged() {
+        if work.backfill.is_some() {
             return;
         }
         let k = &work.field.key;
         let well = k.well.name();
+        if work.is_lagged() {
+            let mut s = self.lock();
+            s.header.lagging += 1;
+            let view = s.wells.entry(well.clone()).or_default();
+            view.lagging += 1;
+            let view = view.clone();
+            let header = Self::with_eta(&mut s.header);
+            drop(s);
+            self.send(json!({"type": "header", "data": header}));
+            self.well_event(&well, &view);
+            return;
+        }
         let table = work.table();
         let mut s = self.lock();
+        if work.raw_stored {
+            let lag = work.stages_done_at.map_or(0.0, |at| {
+                at.saturating_duration_since(work.field.received_at).as_secs_f64() * 1e3
+            });
+            let h = &mut s.header;
+            h.lagging = h.lagging.saturating_sub(1);
+            h.worst_lag_ms = h.worst_lag_ms.max(lag);
+            let v = s.wells.entry(well.clone()).or_default();
+            v.lagging = v.lagging.saturating_sub(1);
+        }
         let view = s.wells.entry(well.clone()).or_default();
         view.fields.push((k.field, k.timepoint));
         view.add_columns(
@@ -286,7 +317,7 @@ impl Live {
             0.0
         };
         h.backlog = backlog;
-        let header = h.clone();
+        let header = Self::with_eta(h);
         let well_view = if missed {
             let v = s.wells.entry(well.to_string()).or_default();
             v.deadline_misses += 1;
@@ -299,6 +330,13 @@ impl Live {
         if let Some(v) = well_view {
             self.well_event(well, &v);
         }
+    }
+
+    /// The header with its estimate of when the owed analysis is done: the fields owed at the
+    /// rate fields are being done so far.
+    fn with_eta(h: &mut Header) -> Header {
+        h.eta_s = (h.lagging > 0 && h.fields_per_s > 0.0).then(|| h.lagging as f64 / h.fields_per_s);
+        h.clone()
     }
 
     /// A follow-up request was sent for `well`, or the bridge acknowledged one.
@@ -365,6 +403,44 @@ mod tests {
         let ev: Value = serde_json::from_str(&rx.try_recv().unwrap()).unwrap();
         assert_eq!(ev["data"]["followups"][0]["state"], "done");
         assert_eq!(ev["data"]["followups"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_lagged_field_counts_as_owed_until_its_analysis_arrives() {
+        use liveomics_adapters::model::{Field, FieldKey, WellId};
+        use std::sync::Arc;
+        use std::time::SystemTime;
+        let channels = ["DAPI".to_string()];
+        let plan = Arc::new(AcquisitionPlan::open_ended("P1", 96, &channels, (1, 1), 1.0, 1).unwrap());
+        let field = Field {
+            key: FieldKey {
+                plate: plan.plate.clone(),
+                well: WellId::parse("B2", plan.format).unwrap(),
+                field: 0,
+                timepoint: 0,
+            },
+            width: 1,
+            height: 1,
+            channels: vec![None],
+            acquired_at: SystemTime::now(),
+            received_at: Instant::now() - Duration::from_millis(1500),
+            origin: Default::default(),
+        };
+        let live = Live::default();
+        live.field(&FieldWork::lagged(field.clone(), plan.clone(), Instant::now()));
+        let snapshot: Value = serde_json::from_str(&live.snapshot()).unwrap();
+        assert_eq!(snapshot["header"]["lagging"], 1);
+        assert_eq!(snapshot["wells"]["B2"]["lagging"], 1);
+        assert_eq!(snapshot["wells"]["B2"]["fields"].as_array().unwrap().len(), 0);
+        let mut analysed = FieldWork::new(field, plan, Instant::now());
+        analysed.raw_stored = true;
+        analysed.stages_done_at = Some(Instant::now());
+        live.field(&analysed);
+        let snapshot: Value = serde_json::from_str(&live.snapshot()).unwrap();
+        assert_eq!(snapshot["header"]["lagging"], 0);
+        assert_eq!(snapshot["wells"]["B2"]["lagging"], 0);
+        assert_eq!(snapshot["wells"]["B2"]["fields"].as_array().unwrap().len(), 1);
+        assert!(snapshot["header"]["worst_lag_ms"].as_f64().unwrap() >= 1500.0);
     }
 
     #[test]

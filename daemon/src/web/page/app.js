@@ -56,6 +56,9 @@ function renderHeader() {
   $("h-latency").textContent = h.fields_done ? `${Math.round(h.latency_p50_ms)} / ${Math.round(h.latency_p99_ms)} ms` : "–";
   $("h-misses").textContent = h.deadline_misses ?? 0;
   $("h-backlog").textContent = h.backlog ?? 0;
+  // Fields written raw while the workers were busy, still to be analysed, and when they will be.
+  $("h-lagging").textContent = (h.lagging ?? 0) + (h.eta_s != null ? `, done in ~${Math.round(h.eta_s)} s` : "");
+  $("h-lag").textContent = h.worst_lag_ms ? `${(h.worst_lag_ms / 1000).toFixed(1)} s` : "–";
   if (state.zarr) {
     const a = $("viewer");
     a.hidden = false;
@@ -118,7 +121,8 @@ function renderWell() {
   $("well-panel").hidden = false;
   $("well-name").textContent = selected;
   $("well-summary").textContent = `${new Set(w.fields.map((f) => f[0])).size} fields, ${w.cells} cells, ` +
-    `${w.deadline_misses} deadline misses, ${w.degraded} degraded`;
+    `${w.deadline_misses} deadline misses, ${w.degraded} degraded` +
+    (w.lagging ? `; ${w.lagging} more acquired, analysis owed` : "");
   const fields = $("fields");
   // Each field at its latest timepoint written.
   const latest = new Map();

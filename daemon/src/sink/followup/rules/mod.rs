@@ -371,13 +371,19 @@ impl Rules {
                 Action::Revisit { delay_s } => unix_ns() + Duration::from_secs_f64(delay_s).as_nanos(),
                 _ => 0,
             };
+            // A lagged field's analysis came after the acquisition moved on: the request says
+            // how late, and the bridge revisits the well all the same.
+            let lag_ms = work.stages_done_at.map_or(0, |at| {
+                at.saturating_duration_since(work.field.received_at).as_millis() as u64
+            });
             let request = json!({
                 "id": id,
                 "rule": rule.name,
                 "plate": self.plate,
                 "well": key.well.name(),
                 "trigger": {"field": key.field, "timepoint": key.timepoint, "metric": rule.metric,
-                            "value": if value.is_finite() { json!(value) } else { Value::Null }, "cells": n},
+                            "value": if value.is_finite() { json!(value) } else { Value::Null }, "cells": n,
+                            "late": work.raw_stored, "lag_ms": lag_ms},
                 "fields": fields,
                 "not_before_unix_ns": not_before_unix_ns.to_string(),
                 "requested_unix_ns": unix_ns().to_string(),

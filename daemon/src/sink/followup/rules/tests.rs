@@ -105,6 +105,22 @@ fn a_field_rule_fires_with_events_then_honours_cooldown_threshold_and_budget() {
 }
 
 #[test]
+fn a_rule_fires_on_a_field_analysed_late_and_says_how_late() {
+    let mut r = rules(MORE);
+    let mut w = work("A1", 0, 5, 100);
+    w.field.received_at = Instant::now() - Duration::from_secs(30);
+    w.stages_done_at = Some(Instant::now());
+    w.raw_stored = true;
+    let fired = r.field(&w, Instant::now());
+    assert_eq!(fired.len(), 1);
+    let trigger = &fired[0].body["trigger"];
+    assert_eq!(trigger["late"], json!(true));
+    assert!(trigger["lag_ms"].as_u64().unwrap() >= 30_000, "{trigger}");
+    let live = r.field(&work("B1", 0, 5, 100), Instant::now());
+    assert_eq!(live[0].body["trigger"]["late"], json!(false));
+}
+
+#[test]
 fn a_well_rule_pools_the_fields_of_the_well() {
     let mut r = rules(
         r#"
