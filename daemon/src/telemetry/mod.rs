@@ -182,9 +182,11 @@ pub struct Metrics {
 impl Metrics {
     pub fn install() -> Result<Self, TelemetryError> {
         // One recorder per process: a second run in the same process (tests, embedding) shares it,
-        // and its endpoint serves the same registry.
-        static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
-        let handle = match HANDLE.get() {
+        // and its endpoint serves the same registry. Built and installed under one lock, so two
+        // runs starting together cannot each build one and serve the one not installed.
+        static HANDLE: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
+        let mut slot = HANDLE.lock().unwrap_or_else(|e| e.into_inner());
+        let handle = match slot.as_ref() {
             Some(h) => h.clone(),
             None => {
                 let recorder = PrometheusBuilder::new()
@@ -193,7 +195,7 @@ impl Metrics {
                     ])
                     .map_err(TelemetryError::Recorder)?
                     .build_recorder();
-                let handle = HANDLE.get_or_init(|| recorder.handle()).clone();
+                let handle = recorder.handle();
                 // Fails only if another recorder was installed first; ours then stays unused.
                 if metrics::set_global_recorder(recorder).is_ok() {
                     describe();
@@ -208,6 +210,7 @@ impl Metrics {
                         })
                         .map_err(TelemetryError::Upkeep)?;
                 }
+                *slot = Some(handle.clone());
                 handle
             }
         };
