@@ -115,6 +115,10 @@ pub struct RunSummary {
     /// First frame to the end of the field's required work.
     pub required_p50_ms: f64,
     pub required_p99_ms: f64,
+    /// First frame to the field's raw planes written by every sink: with the analysis for a
+    /// field analysed on arrival, without it for one that lagged.
+    pub raw_p50_ms: f64,
+    pub raw_p99_ms: f64,
     /// Fields whose required work ended past their deadline.
     pub required_misses: u64,
     /// Fields written without optional work (owed), and fields whose owed work every sink
@@ -153,6 +157,8 @@ struct Done {
     backfill: Option<Vec<String>>,
     /// These were a lagged field's raw planes only; its analysis comes later as a field.
     lagged: bool,
+    /// This is a lagged field's analysis: its raw planes were written before.
+    raw_stored: bool,
     stages_done_at: Option<Instant>,
     required_done_at: Option<Instant>,
 }
@@ -171,6 +177,7 @@ impl Done {
             degraded: !work.owed.is_empty(),
             backfill: work.backfill.clone(),
             lagged: work.is_lagged(),
+            raw_stored: work.raw_stored,
             stages_done_at: work.stages_done_at,
             required_done_at: work.required_done_at,
         }
@@ -661,6 +668,8 @@ pub fn run_source(cfg: &Config, mut source: Box<dyn Source>, mut opts: RunOption
             .collect(),
         required_p50_ms: tracked.required_us.value_at_quantile(0.5) as f64 / 1e3,
         required_p99_ms: tracked.required_us.value_at_quantile(0.99) as f64 / 1e3,
+        raw_p50_ms: tracked.raw_us.value_at_quantile(0.5) as f64 / 1e3,
+        raw_p99_ms: tracked.raw_us.value_at_quantile(0.99) as f64 / 1e3,
         required_misses: tracked.required_misses,
         degraded: tracked.degraded,
         backfilled: tracked.backfilled,
@@ -865,6 +874,7 @@ struct Tracked {
     backfilled: u64,
     lagged: u64,
     required_us: hdrhistogram::Histogram<u64>,
+    raw_us: hdrhistogram::Histogram<u64>,
     wells: BTreeSet<WellId>,
     latency_us: hdrhistogram::Histogram<u64>,
     /// The latest readout of each well of each well-omics model: the one pooled over the most
@@ -897,6 +907,7 @@ fn track(
         backfilled: 0,
         lagged: 0,
         required_us: histogram(),
+        raw_us: histogram(),
         wells: BTreeSet::new(),
         latency_us: histogram(),
         well_readouts: BTreeMap::new(),
@@ -931,6 +942,9 @@ fn track(
         if d.lagged {
             // Its raw planes are in the plate: its analysis is owed from now on, and the field
             // counts as done when that analysis has reached every sink.
+            let _ = out
+                .raw_us
+                .record(now.saturating_duration_since(d.received_at).as_micros() as u64);
             out.lagged += 1;
             scheduler.backlog.arrived(&d.key);
             scheduler.backlog.report();
@@ -951,6 +965,9 @@ fn track(
             scheduler.backlog.report();
         }
         let latency = now - d.received_at;
+        if !d.raw_stored {
+            let _ = out.raw_us.record(latency.as_micros() as u64);
+        }
         let missed = now > d.deadline;
         t::FieldDone {
             field: &d.name,

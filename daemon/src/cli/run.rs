@@ -407,6 +407,10 @@ fn print_summary(s: &RunSummary) {
     } else {
         println!("  deadline misses  none: no instrument waits for this source (max speed), fields had no deadline");
     }
+    println!(
+        "  raw on disk      p50 {:.0} ms, p99 {:.0} ms (first frame to the raw planes written by every sink)",
+        s.raw_p50_ms, s.raw_p99_ms
+    );
     if s.lagged > 0 {
         println!(
             "  lagged           {} fields written raw while every worker was busy, analysed from the plate later (pipeline.when_behind = \"lag\")",

@@ -502,7 +502,15 @@ impl Sink for ZarrSink {
         }
         let listed = self.wells.get(&key.well).is_some_and(|d| d.contains(&pair));
         let was_incomplete = self.incomplete.get(&key.well).is_some_and(|d| d.contains(&pair));
-        if listed && !was_incomplete && !work.raw_stored {
+        // A listed field still owed its analysis (it lagged) is written again when it arrives
+        // analysed: from this daemon's backlog, or from the frames another member held for a
+        // member that died before it analysed the field (docs/SCALING.md).
+        let owes_analysis = self
+            .owed
+            .get(&(key.well, key.field))
+            .and_then(|t| t.get(&key.timepoint))
+            .is_some_and(|models| models.iter().any(|m| m == crate::field::OWED_ANALYSIS));
+        if listed && !was_incomplete && !work.raw_stored && !owes_analysis {
             crate::telemetry::FieldAlreadyWritten { field: &work.name }.emit();
             return Ok(());
         }
